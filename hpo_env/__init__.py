@@ -1,0 +1,54 @@
+"""hpo_env: a Gymnasium environment for learning to schedule hyperparameters during training.
+
+Importing the package registers ``hpo_env/HPO-v0`` (the default meta-training distribution) and
+``hpo_env/HPOToy-v0`` (a fast synthetic task for tests and demos).
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+
+from hpo_env.actions import CONTROLLABLE, DEFAULT_HYPERPARAMETERS, ActionDecoder, HyperparameterSpec
+from hpo_env.core import EpisodeBatch
+from hpo_env.data import DataSplits, build_splits
+from hpo_env.envs import HPOEnv, make_distribution
+from hpo_env.features import FEATURE_SET_VERSION, OBS_BOUND, ObservationBuilder
+from hpo_env.tasks import FAMILIES, SPLITS, TaskDistribution, TaskSpec, ToyTaskDistribution
+from hpo_env.trainer import HPARAM_NAMES, BatchedTrainer, ChunkResult
+from hpo_env.vec_env import HPOVecEnv
+
+__all__ = [
+    "CONTROLLABLE",
+    "DEFAULT_HYPERPARAMETERS",
+    "FAMILIES",
+    "FEATURE_SET_VERSION",
+    "HPARAM_NAMES",
+    "OBS_BOUND",
+    "SPLITS",
+    "ActionDecoder",
+    "BatchedTrainer",
+    "ChunkResult",
+    "DataSplits",
+    "EpisodeBatch",
+    "HPOEnv",
+    "HPOVecEnv",
+    "HyperparameterSpec",
+    "ObservationBuilder",
+    "TaskDistribution",
+    "TaskSpec",
+    "ToyTaskDistribution",
+    "build_splits",
+    "make_distribution",
+]
+
+__version__ = "0.1.0"
+
+
+def _register() -> None:
+    if "hpo_env/HPO-v0" not in gym.registry:
+        gym.register("hpo_env/HPO-v0", entry_point="hpo_env.envs:HPOEnv", kwargs={"task_distribution": "train"})
+    if "hpo_env/HPOToy-v0" not in gym.registry:
+        gym.register("hpo_env/HPOToy-v0", entry_point="hpo_env.envs:HPOEnv", kwargs={"task_distribution": "toy"})
+
+
+_register()

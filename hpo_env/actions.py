@@ -1,0 +1,201 @@
+"""Actions: bounded multiplicative changes of the controlled hyperparameters.
+
+An action is a vector ``a`` in ``[-1, 1]^k``, one entry per controlled hyperparameter. Each entry moves
+its hyperparameter in log space by at most ``max_log10_change`` decades, then clips it into bounds::
+
+    lr <- clip(lr * 10 ** (a * max_log10_change), lower, upper)
+
+``momentum`` moves ``1 - momentum`` instead (so it can approach 1 smoothly), with a positive action
+still meaning *more* momentum. :class:`ActionDecoder` is the one implementation of this mapping; the
+environment and the deployed :class:`~agents.PolicyScheduler` both call it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+__all__ = ["CONTROLLABLE", "DEFAULT_HYPERPARAMETERS", "ActionDecoder", "HyperparameterSpec"]
+
+#: Hyperparameters an action can control (``momentum`` is Adam's beta1 for Adam-type optimisers).
+CONTROLLABLE = ("lr", "weight_decay", "momentum")
+
+
+@dataclass(frozen=True)
+class HyperparameterSpec:
+    """One controlled hyperparameter.
+
+    Attributes:
+        name: ``"lr"``, ``"weight_decay"`` or ``"momentum"``.
+        lower, upper: bounds of the value (``0 <= lower < upper < 1`` for momentum, else ``0 < lower < upper``).
+        max_log10_change: the largest change one action makes, in decades of the (transformed) value.
+    """
+
+    name: str
+    lower: float
+    upper: float
+    max_log10_change: float
+
+    def __post_init__(self) -> None:
+        if self.name not in CONTROLLABLE:
+            raise ValueError(f"unknown hyperparameter {self.name!r}; controllable ones are {list(CONTROLLABLE)}")
+        lo, hi = float(self.lower), float(self.upper)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"bounds of {self.name!r} must be finite, got ({lo}, {hi})")
+        if self.name == "momentum":
+            if not 0 <= lo < hi < 1:
+                raise ValueError(f"momentum bounds must satisfy 0 <= lower < upper < 1, got ({lo}, {hi})")
+        elif not 0 < lo < hi:
+            raise ValueError(
+                f"bounds of {self.name!r} must be positive and ordered (0 < lower < upper), got ({lo}, {hi}); "
+                "actions are multiplicative, so a bound of 0 cannot be reached"
+            )
+        if not (self.max_log10_change > 0 and math.isfinite(self.max_log10_change)):
+            raise ValueError(f"max_log10_change of {self.name!r} must be positive, got {self.max_log10_change}")
+
+    @property
+    def is_momentum(self) -> bool:
+        return self.name == "momentum"
+
+    def to_log(self, value: np.ndarray) -> np.ndarray:
+        """Value in the space actions move it in: log10(v), or -log10(1 - v) for momentum."""
+        value = np.asarray(value, dtype=np.float64)
+        return -np.log10(1.0 - value) if self.is_momentum else np.log10(value)
+
+    def from_log(self, u: np.ndarray) -> np.ndarray:
+        return 1.0 - 10.0 ** (-u) if self.is_momentum else 10.0**u
+
+    def clip(self, value: np.ndarray) -> np.ndarray:
+        return np.clip(value, self.lower, self.upper)
+
+
+#: Default bounds and step sizes of every controllable hyperparameter.
+DEFAULT_HYPERPARAMETERS: dict[str, HyperparameterSpec] = {
+    "lr": HyperparameterSpec("lr", 1e-5, 1.0, 0.25),
+    "weight_decay": HyperparameterSpec("weight_decay", 1e-6, 0.3, 0.5),
+    "momentum": HyperparameterSpec("momentum", 0.0, 0.99, 0.25),
+}
+
+
+class ActionDecoder:
+    """Maps normalised actions to new hyperparameter values (the environment's and the scheduler's).
+
+    Args:
+        hyperparameters: names of the controlled hyperparameters, in action order.
+        bounds: optional ``{name: (lower, upper)}`` overriding :data:`DEFAULT_HYPERPARAMETERS`.
+        max_log10_change: optional step size, one number for all or ``{name: value}``.
+
+    Raises:
+        ValueError: unknown or repeated names, bounds that are not positive or not ordered.
+    """
+
+    def __init__(
+        self,
+        hyperparameters: Sequence[str] = ("lr", "weight_decay"),
+        bounds: Mapping[str, tuple[float, float]] | None = None,
+        max_log10_change: float | Mapping[str, float] | None = None,
+    ) -> None:
+        if isinstance(hyperparameters, str):
+            hyperparameters = (hyperparameters,)
+        names = tuple(hyperparameters)
+        if not names:
+            raise ValueError("at least one hyperparameter must be controlled")
+        unknown = [n for n in names if n not in DEFAULT_HYPERPARAMETERS]
+        if unknown:
+            raise ValueError(
+                f"unknown hyperparameters {unknown}; controllable ones are {list(DEFAULT_HYPERPARAMETERS)}"
+            )
+        if len(set(names)) != len(names):
+            raise ValueError(f"hyperparameters must not repeat, got {list(names)}")
+        bounds = dict(bounds or {})
+        extra = set(bounds) - set(names)
+        if extra:
+            raise ValueError(f"bounds given for {sorted(extra)}, which are not controlled ({list(names)})")
+        if isinstance(max_log10_change, Mapping):
+            steps = dict(max_log10_change)
+            extra = set(steps) - set(names)
+            if extra:
+                raise ValueError(f"max_log10_change given for {sorted(extra)}, which are not controlled")
+        else:
+            steps = {n: max_log10_change for n in names} if max_log10_change is not None else {}
+        specs = []
+        for n in names:
+            base = DEFAULT_HYPERPARAMETERS[n]
+            lo, hi = bounds.get(n, (base.lower, base.upper))
+            specs.append(HyperparameterSpec(n, float(lo), float(hi), float(steps.get(n, base.max_log10_change))))
+        self.specs: tuple[HyperparameterSpec, ...] = tuple(specs)
+        self.names: tuple[str, ...] = names
+
+    @property
+    def num_actions(self) -> int:
+        return len(self.specs)
+
+    def clip(self, values: np.ndarray) -> np.ndarray:
+        """Clip ``(..., k)`` hyperparameter values into their bounds."""
+        values = np.asarray(values, dtype=np.float64)
+        return np.stack([s.clip(values[..., j]) for j, s in enumerate(self.specs)], axis=-1)
+
+    def decode(self, actions: np.ndarray, current: np.ndarray) -> np.ndarray:
+        """New values ``(..., k)`` from actions in ``[-1, 1]`` and the current values ``(..., k)``.
+
+        Actions outside ``[-1, 1]`` are clipped (policies with Gaussian heads sample beyond).
+
+        Raises:
+            ValueError: a non-finite action, or a shape that does not end in ``k``.
+        """
+        actions = np.asarray(actions, dtype=np.float64)
+        current = np.asarray(current, dtype=np.float64)
+        if actions.shape[-1:] != (self.num_actions,) or actions.shape != current.shape:
+            raise ValueError(
+                f"actions of shape {actions.shape} do not match {self.num_actions} controlled "
+                f"hyperparameters {list(self.names)} with current values of shape {current.shape}"
+            )
+        if not np.all(np.isfinite(actions)):
+            raise ValueError(f"actions must be finite, got {actions}")
+        actions = np.clip(actions, -1.0, 1.0)
+        out = np.empty_like(current)
+        for j, s in enumerate(self.specs):
+            u = s.to_log(s.clip(current[..., j])) + actions[..., j] * s.max_log10_change
+            out[..., j] = s.clip(s.from_log(u))
+        return out
+
+    def position(self, values: np.ndarray) -> np.ndarray:
+        """Where each value lies between its bounds, in log space, mapped to ``[-1, 1]``."""
+        values = self.clip(values)
+        cols = []
+        for j, s in enumerate(self.specs):
+            lo, hi = s.to_log(s.lower), s.to_log(s.upper)
+            cols.append(2.0 * (s.to_log(values[..., j]) - lo) / (hi - lo) - 1.0)
+        return np.stack(cols, axis=-1)
+
+    def log_change(self, values: np.ndarray, initial: np.ndarray) -> np.ndarray:
+        """Decades each value moved from its initial value (in the action's log space)."""
+        values, initial = self.clip(values), self.clip(initial)
+        return np.stack(
+            [s.to_log(values[..., j]) - s.to_log(initial[..., j]) for j, s in enumerate(self.specs)], axis=-1
+        )
+
+    # -- serialisation (policy bundles) ---------------------------------------------------------
+    def to_config(self) -> dict:
+        return {"hyperparameters": [asdict(s) for s in self.specs]}
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> ActionDecoder:
+        try:
+            specs = config["hyperparameters"]
+            return cls(
+                [s["name"] for s in specs],
+                bounds={s["name"]: (s["lower"], s["upper"]) for s in specs},
+                max_log10_change={s["name"]: s["max_log10_change"] for s in specs},
+            )
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"malformed action-decoder config {config!r}: {err}") from err
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ActionDecoder) and self.specs == other.specs
+
+    def __repr__(self) -> str:
+        return f"ActionDecoder({list(self.specs)})"

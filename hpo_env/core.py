@@ -1,0 +1,188 @@
+"""Episode logic for N concurrent inner training runs.
+
+:class:`EpisodeBatch` turns a :class:`~hpo_env.trainer.BatchedTrainer` into N episodes: it applies
+actions through the :class:`~hpo_env.actions.ActionDecoder`, builds observations with the
+:class:`~hpo_env.features.ObservationBuilder`, computes rewards and detects the end of episodes.
+:class:`~hpo_env.HPOEnv` is the N = 1 case and :class:`~hpo_env.HPOVecEnv` the N-slot one, so both
+follow exactly the same protocol (see :mod:`hpo_env.features`).
+
+Reward: ``r_t = log(L_{t-1}) - log(L_t)`` on validation loss, which sums to ``log(L_1 / L_T)`` over
+an episode. A divergence (non-finite loss or weights, or an exploded validation loss) ends the
+episode with ``r = log(L_{t-1} / L_1) - divergence_penalty``, so a diverged episode returns exactly
+``-divergence_penalty`` however far it had got: diverging is never better than a run that ended
+``divergence_penalty`` nats worse than its first interval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from hpo_env.actions import ActionDecoder
+from hpo_env.features import ObservationBuilder
+from hpo_env.tasks import TaskSpec
+from hpo_env.trainer import HPARAM_NAMES, BatchedTrainer
+
+__all__ = ["EpisodeBatch"]
+
+
+@dataclass
+class _Episode:
+    spec: TaskSpec
+    decision: int = 0  # completed intervals t
+    first_val: float = np.nan  # L_1
+    last_val: float = np.nan
+    initial_val: float = np.nan  # L_0, before any training (for reporting only)
+    diverged_at_start: bool = False
+    done: bool = False
+
+
+class EpisodeBatch:
+    """N episodes of inner training, stepped together.
+
+    Args:
+        n: number of slots.
+        decoder: the action decoder (controlled hyperparameters and bounds).
+        device: torch device of the inner models.
+        divergence_penalty: return of a diverged episode is ``-divergence_penalty``.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        decoder: ActionDecoder,
+        *,
+        device: str = "cpu",
+        divergence_penalty: float = 1.0,
+    ) -> None:
+        if not divergence_penalty >= 0:
+            raise ValueError(f"divergence_penalty must be >= 0, got {divergence_penalty}")
+        self.n = n
+        self.decoder = decoder
+        self.trainer = BatchedTrainer(n, device=device)
+        self.features = ObservationBuilder(decoder, n)
+        self.divergence_penalty = float(divergence_penalty)
+        self._cols = [HPARAM_NAMES.index(h) for h in decoder.names]
+        self.episodes: list[_Episode | None] = [None] * n
+
+    @property
+    def obs_dim(self) -> int:
+        return self.features.dim
+
+    def controlled(self, slot: int) -> np.ndarray:
+        return self.trainer.hparams(slot)[self._cols]
+
+    # ------------------------------------------------------------------------------------------
+    def start(self, slots: Sequence[int], specs: Sequence[TaskSpec]) -> tuple[np.ndarray, list[dict]]:
+        """Load tasks into ``slots``, run their first interval; returns observations and infos."""
+        slots = list(slots)
+        for s, spec in zip(slots, specs):
+            self.trainer.load(s, spec)
+            hp = self.trainer.hparams(s)
+            # Initial values outside the controlled bounds are clipped in, as any later value is.
+            hp[self._cols] = self.decoder.clip(hp[self._cols])
+            self.trainer.set_hparams(s, hp)
+            self.episodes[s] = _Episode(spec)
+        l0, _ = self.trainer.evaluate(slots)
+        res = self.trainer.train_chunk(slots)
+        hps = np.stack([self.controlled(s) for s in slots])
+        progress = np.array([1.0 / self.episodes[s].spec.num_decisions for s in slots])
+        obs = self.features.reset(slots, res.val_loss, res.train_loss, hps, progress)
+        infos = []
+        for j, s in enumerate(slots):
+            ep = self.episodes[s]
+            ep.decision, ep.initial_val = 1, float(l0[j])
+            ep.first_val = ep.last_val = float(res.val_loss[j])
+            # Interval 1 runs before any decision; if it already diverged, the first step ends
+            # the episode with the penalty instead of training on.
+            ep.diverged_at_start = bool(res.diverged[j])
+            infos.append(self._info(s, res.train_loss[j], res.val_loss[j], res.val_accuracy[j], False))
+        return obs, infos
+
+    def step(self, slots: Sequence[int], actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
+        """Apply ``actions`` (``(len(slots), k)``) and run one interval in each slot."""
+        slots = list(slots)
+        actions = np.asarray(actions, dtype=np.float64).reshape(len(slots), self.decoder.num_actions)
+        for s in slots:
+            ep = self.episodes[s]
+            if ep is None or ep.done:
+                raise RuntimeError(f"slot {s} has no running episode; reset it before stepping")
+        obs = np.zeros((len(slots), self.obs_dim), dtype=np.float32)
+        rewards = np.zeros(len(slots))
+        terminated = np.zeros(len(slots), dtype=bool)
+        infos: list[dict] = [{} for _ in slots]
+        live = [j for j, s in enumerate(slots) if not self.episodes[s].diverged_at_start]
+        for j, s in enumerate(slots):
+            if self.episodes[s].diverged_at_start:
+                ep = self.episodes[s]
+                ep.done = True
+                terminated[j], rewards[j] = True, -self.divergence_penalty
+                obs[j] = self.features.update(
+                    [s],
+                    [np.inf],
+                    [np.inf],
+                    self.controlled(s)[None],
+                    actions[j : j + 1],
+                    [ep.decision / ep.spec.num_decisions],
+                )[0]
+                infos[j] = self._info(s, np.nan, np.nan, np.nan, True)
+        if not live:
+            return obs, rewards, terminated, infos
+        live_slots = [slots[j] for j in live]
+        for j in live:
+            s = slots[j]
+            hp = self.trainer.hparams(s)
+            hp[self._cols] = self.decoder.decode(actions[j], hp[self._cols])
+            self.trainer.set_hparams(s, hp)
+        res = self.trainer.train_chunk(live_slots)
+        hps = np.stack([self.controlled(s) for s in live_slots])
+        for ep_slot in live_slots:
+            self.episodes[ep_slot].decision += 1
+        progress = np.array([self.episodes[s].decision / self.episodes[s].spec.num_decisions for s in live_slots])
+        obs[live] = self.features.update(live_slots, res.val_loss, res.train_loss, hps, actions[live], progress)
+        finished = []
+        for i, (j, s) in enumerate(zip(live, live_slots)):
+            ep = self.episodes[s]
+            if res.diverged[i]:
+                rewards[j] = np.log(ep.last_val / ep.first_val) - self.divergence_penalty
+                terminated[j] = True
+            else:
+                rewards[j] = np.log(ep.last_val) - np.log(res.val_loss[i])
+                ep.last_val = float(res.val_loss[i])
+                terminated[j] = ep.decision >= ep.spec.num_decisions
+                if terminated[j]:
+                    finished.append(j)
+            ep.done = bool(terminated[j])
+            infos[j] = self._info(s, res.train_loss[i], res.val_loss[i], res.val_accuracy[i], bool(res.diverged[i]))
+        if finished:
+            test_loss, test_acc = self.trainer.evaluate([slots[j] for j in finished], split="test")
+            for j, tl, ta in zip(finished, test_loss, test_acc):
+                infos[j]["test_loss"] = float(tl)
+                if self.episodes[slots[j]].spec.task_type == "classification":
+                    infos[j]["test_accuracy"] = float(ta)
+        for j in np.flatnonzero(terminated):
+            ep = self.episodes[slots[j]]
+            infos[j]["final_val_loss"] = ep.last_val if not infos[j]["diverged"] else float("nan")
+        return obs, rewards, terminated, infos
+
+    def _info(self, s: int, train: float, val: float, acc: float, diverged: bool) -> dict:
+        ep = self.episodes[s]
+        hp = self.trainer.hparams(s)
+        info = {
+            "val_loss": float(val),
+            "train_loss": float(train),
+            "hparams": {name: float(v) for name, v in zip(HPARAM_NAMES, hp)},
+            "task_family": ep.spec.family,
+            "task_id": ep.spec.task_id,
+            "diverged": diverged,
+            "decision": ep.decision,
+            "num_decisions": ep.spec.num_decisions,
+            "inner_step": self.trainer.steps_done(s),
+            "initial_val_loss": ep.initial_val,
+            "first_val_loss": ep.first_val,
+        }
+        if ep.spec.task_type == "classification":
+            info["val_accuracy"] = float(acc)
+        return info

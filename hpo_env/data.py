@@ -1,0 +1,327 @@
+"""Offline datasets and their preprocessing.
+
+Every dataset here is available without a network: scikit-learn's bundled sets, procedurally
+generated teacher-network tasks, and character-level text taken from the docstrings of Python's own
+standard library. Raw datasets are loaded once per process and cached in memory; the processed
+splits of a task are cached too (keyed by the data part of its :class:`~hpo_env.tasks.TaskSpec`).
+
+Preprocessing, in order: drop rows with non-finite values, (optionally) subsample and add label
+noise, split into train/validation/test (stratified for classification, contiguous for text so that
+no window of text leaks across splits), standardise features (and regression targets) with
+statistics fitted on the training split only, and cap the evaluation splits so that evaluating a
+model every decision stays cheap.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import re
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from hpo_env.tasks import TaskSpec
+
+__all__ = [
+    "CHAR_VOCAB",
+    "TABULAR_DATASETS",
+    "DataSplits",
+    "build_splits",
+    "python_text_corpus",
+]
+
+#: Datasets bundled with scikit-learn, with their task type.
+TABULAR_DATASETS: dict[str, str] = {
+    "wine": "classification",
+    "breast_cancer": "classification",
+    "iris": "classification",
+    "diabetes": "regression",
+}
+
+#: Characters the text tasks model; everything else maps to a space.
+CHAR_VOCAB = "abcdefghijklmnopqrstuvwxyz0123456789 .,;:'\"!?-()\n"
+_CHAR_INDEX = {c: i for i, c in enumerate(CHAR_VOCAB)}
+
+# Pure-Python standard-library modules whose docstrings make the text corpus. They ship with every
+# CPython, so the corpus needs no download (its exact text can differ slightly between versions).
+_TEXT_MODULES = (
+    "argparse",
+    "textwrap",
+    "difflib",
+    "collections",
+    "functools",
+    "json",
+    "statistics",
+    "fractions",
+    "string",
+    "random",
+    "pathlib",
+    "subprocess",
+    "logging",
+    "dataclasses",
+    "enum",
+    "typing",
+    "inspect",
+    "shutil",
+)
+
+_MAX_VAL = 512
+_MAX_TEST = 1024
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """The train/validation/test splits of one task, as CPU tensors.
+
+    Attributes:
+        x_train, x_val, x_test: inputs. Float ``(n, d)`` for vectors, ``(n, 1, 8, 8)`` for images,
+            long ``(n, context)`` token ids for text.
+        y_train, y_val, y_test: long class ids ``(n,)`` (classification) or float ``(n, out)``
+            standardised targets (regression).
+        task_type: ``"classification"`` or ``"regression"``.
+        n_outputs: number of classes, or of regression targets.
+    """
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    task_type: str
+    n_outputs: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+# --------------------------------------------------------------------------------------------------
+# raw sources (cached once per process)
+
+
+@functools.cache
+def _sklearn_dataset(name: str) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn import datasets
+
+    loaders = {
+        "wine": datasets.load_wine,
+        "breast_cancer": datasets.load_breast_cancer,
+        "iris": datasets.load_iris,
+        "diabetes": datasets.load_diabetes,
+        "digits": datasets.load_digits,
+    }
+    if name not in loaders:
+        raise ValueError(f"unknown bundled dataset {name!r}; expected one of {sorted(loaders)}")
+    bunch = loaders[name]()
+    return np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target)
+
+
+@functools.cache
+def python_text_corpus() -> np.ndarray:
+    """Token ids of the docstring corpus of Python's standard library (about 0.3M characters)."""
+    pieces: list[str] = []
+    for module_name in _TEXT_MODULES:
+        module = importlib.import_module(module_name)
+        seen: set[int] = set()
+        objects = [module] + [getattr(module, a) for a in sorted(vars(module)) if not a.startswith("_")]
+        for obj in objects:
+            if id(obj) in seen or getattr(obj, "__module__", module_name) != module_name:
+                continue
+            seen.add(id(obj))
+            with warnings.catch_warnings():  # typing.io/typing.re warn when touched
+                warnings.simplefilter("ignore", DeprecationWarning)
+                doc = inspect.getdoc(obj)
+            if doc:
+                pieces.append(doc)
+    text = "\n".join(pieces).lower()
+    text = re.sub(r"[ \t]+", " ", text)
+    text = re.sub(r"\n\s*\n+", "\n", text)
+    ids = np.fromiter((_CHAR_INDEX.get(c, _CHAR_INDEX[" "]) for c in text), dtype=np.int64)
+    return ids
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _finite_rows(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    keep = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if y.dtype.kind == "f":
+        keep &= np.isfinite(y.reshape(len(y), -1)).all(axis=1)
+    return x[keep], y[keep]
+
+
+def _split_indices(
+    n: int, labels: np.ndarray | None, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """60/20/20 split; stratified by ``labels`` when every class can be spread over the splits."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(n)
+    stratify = None
+    if labels is not None:
+        _, counts = np.unique(labels, return_counts=True)
+        if counts.min() >= 5:
+            stratify = labels
+    seed = int(rng.integers(2**31 - 1))
+    train, rest = train_test_split(idx, test_size=0.4, random_state=seed, stratify=stratify)
+    rest_strat = None if stratify is None else labels[rest]
+    val, test = train_test_split(rest, test_size=0.5, random_state=seed + 1, stratify=rest_strat)
+    return np.sort(train), np.sort(val), np.sort(test)
+
+
+def _standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    flat = train.reshape(len(train), -1)
+    mean = flat.mean(axis=0)
+    std = flat.std(axis=0)
+    std = np.where(std > 1e-8, std, 1.0)
+    return [((a.reshape(len(a), -1) - mean) / std).reshape(a.shape) for a in (train, *others)]
+
+
+def _cap(x: np.ndarray, y: np.ndarray, cap: int, rng: np.random.Generator):
+    if len(x) <= cap:
+        return x, y
+    keep = np.sort(rng.choice(len(x), size=cap, replace=False))
+    return x[keep], y[keep]
+
+
+def _noisy_labels(y: np.ndarray, n_classes: int, rate: float, rng: np.random.Generator) -> np.ndarray:
+    if rate <= 0:
+        return y
+    y = y.copy()
+    flip = rng.random(len(y)) < rate
+    y[flip] = rng.integers(0, n_classes, size=int(flip.sum()))
+    return y
+
+
+def _teacher(spec: TaskSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, str, int]:
+    """Inputs ~ N(0, I) through a random two-layer tanh network."""
+    n, d = spec.n_samples, spec.n_features
+    classification = spec.family == "teacher_classification"
+    out = spec.n_classes if classification else 1
+    width = 32
+    w1 = rng.normal(0, 1.5 / np.sqrt(d), size=(d, width))
+    w2 = rng.normal(0, 1.0 / np.sqrt(width), size=(width, out))
+    x = rng.normal(size=(n, d))
+    f = np.tanh(x @ w1) @ w2
+    if classification:
+        y = np.argmax(f + 0.1 * rng.gumbel(size=f.shape), axis=1)
+        return x, _noisy_labels(y, out, spec.label_noise, rng), "classification", out
+    y = f + spec.label_noise * f.std() * rng.normal(size=f.shape)
+    return x, y, "regression", 1
+
+
+def _make_classification(spec: TaskSpec, rng: np.random.Generator):
+    from sklearn.datasets import make_classification
+
+    n_informative = max(2, spec.n_features // 2)
+    x, y = make_classification(
+        n_samples=spec.n_samples,
+        n_features=spec.n_features,
+        n_informative=n_informative,
+        n_redundant=min(2, spec.n_features - n_informative),
+        n_classes=spec.n_classes,
+        n_clusters_per_class=2,
+        flip_y=spec.label_noise,
+        class_sep=0.8,
+        random_state=int(rng.integers(2**31 - 1)),
+    )
+    return x, y, "classification", spec.n_classes
+
+
+def _subset(x: np.ndarray, y: np.ndarray, fraction: float, rng: np.random.Generator):
+    if fraction >= 1.0:
+        return x, y
+    keep = np.sort(rng.choice(len(x), size=max(30, int(round(fraction * len(x)))), replace=False))
+    return x[keep], y[keep]
+
+
+def _tabular(spec: TaskSpec, rng: np.random.Generator):
+    x, y = _sklearn_dataset(spec.dataset)
+    x, y = _subset(x, y, spec.subset_fraction, rng)
+    if TABULAR_DATASETS[spec.dataset] == "classification":
+        n_classes = int(y.max()) + 1
+        return x, _noisy_labels(y.astype(np.int64), n_classes, spec.label_noise, rng), "classification", n_classes
+    return x, y.reshape(-1, 1), "regression", 1
+
+
+def _digits(spec: TaskSpec, rng: np.random.Generator):
+    x, y = _sklearn_dataset("digits")
+    x, y = _subset(x, y, spec.subset_fraction, rng)
+    if spec.permute_pixels:
+        x = x[:, rng.permutation(x.shape[1])]
+    x = x.reshape(-1, 1, 8, 8) / 16.0
+    return x, _noisy_labels(y.astype(np.int64), 10, spec.label_noise, rng), "classification", 10
+
+
+def _text_splits(spec: TaskSpec, rng: np.random.Generator) -> DataSplits:
+    corpus = python_text_corpus()
+    length = min(len(corpus), spec.n_samples + spec.context_length)
+    start = int(rng.integers(0, len(corpus) - length + 1))
+    ids = corpus[start : start + length]
+    windows = np.lib.stride_tricks.sliding_window_view(ids, spec.context_length + 1)
+    x, y = windows[:, :-1], windows[:, -1]
+    # Contiguous splits with a gap of one context, so no training window overlaps an evaluation one.
+    n = len(x)
+    a, b = int(0.8 * n), int(0.9 * n)
+    gap = spec.context_length
+    parts = [(x[: a - gap], y[: a - gap]), (x[a : b - gap], y[a : b - gap]), (x[b:], y[b:])]
+    (xtr, ytr), (xva, yva), (xte, yte) = parts
+    xva, yva = _cap(xva, yva, _MAX_VAL, rng)
+    xte, yte = _cap(xte, yte, _MAX_TEST, rng)
+    t = lambda a: torch.as_tensor(np.array(a), dtype=torch.long)  # noqa: E731
+    return DataSplits(t(xtr), t(ytr), t(xva), t(yva), t(xte), t(yte), "classification", len(CHAR_VOCAB))
+
+
+_BUILDERS = {
+    "teacher_regression": _teacher,
+    "teacher_classification": _teacher,
+    "make_classification": _make_classification,
+    "tabular": _tabular,
+    "digits_mlp": _digits,
+    "digits_cnn": _digits,
+}
+
+
+@functools.lru_cache(maxsize=256)
+def _build_splits_cached(key: tuple) -> DataSplits:
+    spec = key[0]
+    rng = np.random.default_rng(spec.data_seed)
+    if spec.family == "charlm":
+        return _text_splits(spec, rng)
+    x, y, task_type, n_outputs = _BUILDERS[spec.family](spec, rng)
+    x, y = _finite_rows(np.asarray(x, dtype=np.float64), np.asarray(y))
+    if len(x) < 30:
+        raise ValueError(f"task {spec.task_id} keeps only {len(x)} finite rows; at least 30 are needed")
+    labels = y if task_type == "classification" else None
+    tr, va, te = _split_indices(len(x), labels, rng)
+    x_tr, x_va, x_te = _standardise(x[tr], x[va], x[te])
+    y_tr, y_va, y_te = y[tr], y[va], y[te]
+    if task_type == "regression":
+        y_tr, y_va, y_te = _standardise(y_tr, y_va, y_te)
+    x_va, y_va = _cap(x_va, y_va, _MAX_VAL, rng)
+    x_te, y_te = _cap(x_te, y_te, _MAX_TEST, rng)
+    if spec.family == "digits_mlp":
+        x_tr, x_va, x_te = (a.reshape(len(a), -1) for a in (x_tr, x_va, x_te))
+
+    def fx(a: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)
+
+    def fy(a: np.ndarray) -> torch.Tensor:
+        if task_type == "classification":
+            return torch.as_tensor(a, dtype=torch.long)
+        return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)
+
+    return DataSplits(fx(x_tr), fy(y_tr), fx(x_va), fy(y_va), fx(x_te), fy(y_te), task_type, n_outputs)
+
+
+def build_splits(spec: TaskSpec) -> DataSplits:
+    """Build (or fetch from the in-memory cache) the preprocessed splits of a task's dataset."""
+    return _build_splits_cached((spec.data_key,))

@@ -1,0 +1,131 @@
+"""The Gymnasium environment: one whole inner training run per episode."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from hpo_env.actions import ActionDecoder
+from hpo_env.core import EpisodeBatch
+from hpo_env.features import OBS_BOUND
+from hpo_env.tasks import SPLITS, TaskDistribution, TaskSpec, ToyTaskDistribution
+
+__all__ = ["HPOEnv", "make_distribution"]
+
+
+def make_distribution(task_distribution: TaskDistribution | str | None) -> TaskDistribution:
+    """A :class:`TaskDistribution` from an instance, a split name (``"train"``, ``"test"``, ``"all"``) or ``"toy"``."""
+    if task_distribution is None:
+        return TaskDistribution.default("train")
+    if isinstance(task_distribution, TaskDistribution):
+        return task_distribution
+    if task_distribution == "toy":
+        return ToyTaskDistribution()
+    if isinstance(task_distribution, str) and task_distribution in SPLITS:
+        return TaskDistribution.default(task_distribution)
+    raise ValueError(
+        f"task_distribution must be a TaskDistribution or one of {[*SPLITS, 'toy']}, got {task_distribution!r}"
+    )
+
+
+class HPOEnv(gym.Env):
+    """Schedule the hyperparameters of an inner training run.
+
+    Each episode trains one inner model on one task (sampled from ``task_distribution`` at reset, or
+    given as ``reset(options={"task": spec})``) for its whole step budget. ``reset`` runs the first
+    decision interval with the task's initial hyperparameters; each ``step(action)`` changes the
+    controlled hyperparameters multiplicatively (see :class:`~hpo_env.actions.ActionDecoder`), runs
+    ``steps_per_action`` inner optimiser steps and returns the validation gain
+    ``log(L_{t-1}) - log(L_t)`` as reward. The episode terminates when the budget is spent, or at a
+    divergence, with a penalty and ``info["diverged"] = True``.
+
+    Args:
+        task_distribution: where tasks come from: a :class:`TaskDistribution`, a split name
+            (``"train"``, ``"test"``, ``"all"``) or ``"toy"``. Default: the training split.
+        hyperparameters: the controlled hyperparameters, in action order.
+        bounds: ``{name: (lower, upper)}`` overriding the default bounds.
+        max_log10_change: largest change per action in decades (one number, or per name).
+        divergence_penalty: the return of a diverged episode is ``-divergence_penalty``.
+        device: torch device of the inner model.
+        render_mode: ``None`` or ``"ansi"``.
+
+    Example:
+        >>> import gymnasium as gym, hpo_env
+        >>> env = gym.make("hpo_env/HPOToy-v0")
+        >>> obs, info = env.reset(seed=0)
+        >>> obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+
+    def __init__(
+        self,
+        task_distribution: TaskDistribution | str | None = None,
+        *,
+        hyperparameters: Sequence[str] = ("lr", "weight_decay"),
+        bounds: Mapping[str, tuple[float, float]] | None = None,
+        max_log10_change: float | Mapping[str, float] | None = None,
+        divergence_penalty: float = 1.0,
+        device: str = "cpu",
+        render_mode: str | None = None,
+    ) -> None:
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
+        self.task_distribution = make_distribution(task_distribution)
+        self.decoder = ActionDecoder(hyperparameters, bounds, max_log10_change)
+        self._batch = EpisodeBatch(1, self.decoder, device=device, divergence_penalty=divergence_penalty)
+        self.render_mode = render_mode
+        k = self.decoder.num_actions
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (k,), np.float32)
+        self.observation_space = gym.spaces.Box(-OBS_BOUND, OBS_BOUND, (self._batch.obs_dim,), np.float32)
+        self._last_info: dict[str, Any] = {}
+        self._last_reward = 0.0
+
+    @property
+    def feature_names(self) -> list[str]:
+        return self._batch.features.feature_names()
+
+    @property
+    def task(self) -> TaskSpec | None:
+        ep = self._batch.episodes[0]
+        return None if ep is None else ep.spec
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        options = options or {}
+        unknown = set(options) - {"task"}
+        if unknown:
+            raise ValueError(f"unknown reset options {sorted(unknown)}; supported: ['task']")
+        spec = options.get("task")
+        if spec is None:
+            spec = self.task_distribution.sample(self.np_random)
+        elif not isinstance(spec, TaskSpec):
+            raise TypeError(f"options['task'] must be a TaskSpec, got {type(spec).__name__}")
+        obs, infos = self._batch.start([0], [spec])
+        self._last_info, self._last_reward = infos[0], 0.0
+        return obs[0], infos[0]
+
+    def step(self, action):
+        if self._batch.episodes[0] is None:
+            raise RuntimeError("call reset() before step()")
+        obs, rewards, terminated, infos = self._batch.step([0], np.asarray(action)[None])
+        self._last_info, self._last_reward = infos[0], float(rewards[0])
+        return obs[0], float(rewards[0]), bool(terminated[0]), False, infos[0]
+
+    def render(self) -> str | None:
+        if self.render_mode != "ansi":
+            return None
+        info = self._last_info
+        if not info:
+            return "HPOEnv: call reset() first\n"
+        hp = ", ".join(f"{k}={info['hparams'][k]:.3g}" for k in self.decoder.names)
+        acc = f" val_acc={info['val_accuracy']:.3f}" if "val_accuracy" in info else ""
+        flag = " DIVERGED" if info["diverged"] else ""
+        return (
+            f"[{info['task_id']}] decision {info['decision']}/{info['num_decisions']} "
+            f"step {info['inner_step']}: {hp} | train={info['train_loss']:.4g} val={info['val_loss']:.4g}"
+            f"{acc} reward={self._last_reward:+.4f}{flag}\n"
+        )

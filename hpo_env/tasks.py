@@ -1,0 +1,445 @@
+"""Task specifications, task families and the task distribution.
+
+A *task* is one inner training problem: a dataset (and its variation), a model architecture, an
+optimiser with its initial hyperparameters, a batch size and a step budget. :class:`TaskSpec`
+describes one task completely (so a spec plus the inner trainer reproduces a run bit for bit), and
+:class:`TaskDistribution` samples specs from a set of *families* with a caller-provided generator.
+
+Families are split into meta-training and held-out (evaluation) families, so evaluation measures
+generalisation to kinds of problems the meta-agent never trained on::
+
+    >>> import numpy as np
+    >>> dist = TaskDistribution.default(split="train")
+    >>> spec = dist.sample(np.random.default_rng(0))
+    >>> spec.family in dist.families
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from hpo_env.data import CHAR_VOCAB, TABULAR_DATASETS
+
+__all__ = [
+    "ARCHITECTURES",
+    "FAMILIES",
+    "OPTIMIZERS",
+    "SPLITS",
+    "TaskDistribution",
+    "TaskSpec",
+]
+
+#: Inner optimisers the trainer implements (with PyTorch's update rules).
+OPTIMIZERS = ("sgd", "adamw")
+#: Inner model architectures.
+ARCHITECTURES = ("mlp", "cnn", "charmlp")
+ACTIVATIONS = ("relu", "tanh", "gelu")
+
+# family -> (allowed datasets, allowed architectures)
+_FAMILY_DATA: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "teacher_regression": (("teacher",), ("mlp",)),
+    "teacher_classification": (("teacher",), ("mlp",)),
+    "make_classification": (("make_classification",), ("mlp",)),
+    "tabular": (tuple(TABULAR_DATASETS), ("mlp",)),
+    "digits_mlp": (("digits",), ("mlp",)),
+    "digits_cnn": (("digits",), ("cnn",)),
+    "charlm": (("python_text",), ("charmlp",)),
+}
+#: All task families.
+FAMILIES: tuple[str, ...] = tuple(_FAMILY_DATA)
+#: Families per split. Whole families are held out of meta-training for evaluation.
+SPLITS: dict[str, tuple[str, ...]] = {
+    "train": ("teacher_regression", "teacher_classification", "make_classification", "digits_mlp", "charlm"),
+    "test": ("tabular", "digits_cnn"),
+    "all": FAMILIES,
+}
+
+# Default initial hyperparameters of each optimiser (PyTorch's defaults where it has sensible ones).
+DEFAULT_HPARAMS: dict[str, dict[str, float]] = {
+    "sgd": {"lr": 0.01, "weight_decay": 1e-4, "momentum": 0.9},
+    "adamw": {"lr": 1e-3, "weight_decay": 1e-2, "momentum": 0.9},
+}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Complete description of one inner training problem.
+
+    Attributes:
+        family: task family (one of :data:`FAMILIES`).
+        dataset: dataset within the family (``"teacher"``, ``"wine"``, ``"digits"``, ...).
+        data_seed: seed of everything random about the data (teacher weights, subsets, noise, splits).
+        n_samples: number of samples to generate (synthetic), or characters of text (charlm).
+        n_features: input features of synthetic data.
+        n_classes: classes of synthetic classification data.
+        label_noise: label-flip rate (classification) or relative target noise (regression).
+        subset_fraction: fraction of a bundled dataset to keep.
+        permute_pixels: apply a fixed random pixel permutation to images (a harder vision variant).
+        context_length: characters of context for text tasks.
+        arch: model architecture (one of :data:`ARCHITECTURES`).
+        hidden: hidden layer widths (MLP and char model) or conv channels (CNN, two entries).
+        activation: hidden activation, ``"relu"``, ``"tanh"`` or ``"gelu"``.
+        embedding_dim: character embedding width (charmlp).
+        optimizer: ``"sgd"`` (with momentum) or ``"adamw"``.
+        lr, weight_decay, momentum: initial hyperparameters. ``momentum`` is Adam's beta1 for AdamW.
+        batch_size: minibatch size.
+        total_steps: inner optimiser steps of the whole run.
+        steps_per_action: inner steps between two decisions; must divide ``total_steps``.
+        seed: seed of the model initialisation and the minibatch order.
+    """
+
+    family: str
+    dataset: str
+    data_seed: int
+    arch: str
+    hidden: tuple[int, ...]
+    optimizer: str
+    lr: float
+    batch_size: int
+    total_steps: int
+    steps_per_action: int
+    seed: int
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    activation: str = "relu"
+    embedding_dim: int = 0
+    n_samples: int = 0
+    n_features: int = 0
+    n_classes: int = 0
+    label_noise: float = 0.0
+    subset_fraction: float = 1.0
+    permute_pixels: bool = False
+    context_length: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(field: str, value: object, expected: str) -> ValueError:
+            return ValueError(f"TaskSpec.{field}={value!r} is invalid: expected {expected}")
+
+        if self.family not in _FAMILY_DATA:
+            raise bad("family", self.family, f"one of {list(FAMILIES)}")
+        datasets, archs = _FAMILY_DATA[self.family]
+        if self.dataset not in datasets:
+            raise bad("dataset", self.dataset, f"one of {list(datasets)} for family {self.family!r}")
+        if self.arch not in archs:
+            raise bad("arch", self.arch, f"one of {list(archs)} for family {self.family!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", self.optimizer, f"one of {list(OPTIMIZERS)}")
+        if self.activation not in ACTIVATIONS:
+            raise bad("activation", self.activation, f"one of {list(ACTIVATIONS)}")
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        if not self.hidden or min(self.hidden) < 1:
+            raise bad("hidden", self.hidden, "a non-empty tuple of positive widths")
+        if self.arch == "cnn" and len(self.hidden) != 2:
+            raise bad("hidden", self.hidden, "two conv channel counts (c1, c2) for the CNN")
+        for name in ("batch_size", "total_steps", "steps_per_action"):
+            if getattr(self, name) < 1:
+                raise bad(name, getattr(self, name), "a positive integer")
+        if self.total_steps % self.steps_per_action:
+            raise bad(
+                "total_steps",
+                self.total_steps,
+                f"a multiple of steps_per_action={self.steps_per_action} (one decision covers "
+                "steps_per_action inner steps)",
+            )
+        if self.total_steps // self.steps_per_action < 2:
+            raise bad("total_steps", self.total_steps, "at least two decisions (2 * steps_per_action)")
+        if not (self.lr > 0 and np.isfinite(self.lr)):
+            raise bad("lr", self.lr, "a positive finite learning rate")
+        if not self.weight_decay >= 0:
+            raise bad("weight_decay", self.weight_decay, "a non-negative number")
+        if not 0 <= self.momentum < 1:
+            raise bad("momentum", self.momentum, "a number in [0, 1)")
+        if not 0 <= self.label_noise <= 1:
+            raise bad("label_noise", self.label_noise, "a number in [0, 1]")
+        if not 0 < self.subset_fraction <= 1:
+            raise bad("subset_fraction", self.subset_fraction, "a fraction in (0, 1]")
+        if self.dataset in ("teacher", "make_classification"):
+            if self.n_samples < 50 or self.n_features < 2:
+                raise bad("n_samples/n_features", (self.n_samples, self.n_features), ">= 50 samples, >= 2 features")
+            if self.family != "teacher_regression" and self.n_classes < 2:
+                raise bad("n_classes", self.n_classes, ">= 2 classes for classification")
+        if self.arch == "charmlp" and (self.context_length < 1 or self.embedding_dim < 1 or self.n_samples < 500):
+            raise bad(
+                "context_length/embedding_dim/n_samples",
+                (self.context_length, self.embedding_dim, self.n_samples),
+                "context_length >= 1, embedding_dim >= 1 and n_samples >= 500 for text tasks",
+            )
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def num_decisions(self) -> int:
+        """Decisions (environment steps plus the initial chunk) in one run: total / per-action."""
+        return self.total_steps // self.steps_per_action
+
+    @property
+    def task_type(self) -> str:
+        if self.family == "teacher_regression" or self.dataset == "diabetes":
+            return "regression"
+        return "classification"
+
+    @property
+    def task_id(self) -> str:
+        """A short, stable identifier: family, dataset and a hash of every field."""
+        digest = hashlib.sha1(repr(dataclasses.astuple(self)).encode()).hexdigest()[:10]
+        return f"{self.family}/{self.dataset}/{digest}"
+
+    @property
+    def data_key(self) -> TaskSpec:
+        """This spec with everything but the data fields reset: specs sharing data share a cache entry."""
+        return dataclasses.replace(
+            self,
+            arch=_FAMILY_DATA[self.family][1][0],
+            hidden=(1, 1),
+            optimizer="sgd",
+            lr=1.0,
+            batch_size=1,
+            total_steps=2,
+            steps_per_action=1,
+            seed=0,
+            weight_decay=0.0,
+            momentum=0.0,
+            activation="relu",
+            embedding_dim=self.embedding_dim and 1,
+        )
+
+    def replace(self, **changes: object) -> TaskSpec:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TaskSpec:
+        data = dict(data)
+        data["hidden"] = tuple(data["hidden"])
+        return cls(**data)
+
+
+# --------------------------------------------------------------------------------------------------
+# family samplers: (rng, optimizer) -> TaskSpec
+
+
+def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    return float(np.exp(rng.uniform(np.log(low), np.log(high))))
+
+
+def _int_log_uniform(rng: np.random.Generator, low: int, high: int) -> int:
+    return int(round(_log_uniform(rng, low, high)))
+
+
+def _common(rng: np.random.Generator, optimizer: str) -> dict:
+    defaults = DEFAULT_HPARAMS[optimizer]
+    decisions = int(rng.choice([10, 15, 20, 25, 30]))
+    steps_per_action = int(rng.choice([10, 20]))
+    return dict(
+        optimizer=optimizer,
+        # Initial hyperparameters vary around the optimiser's default, as users' starting points do.
+        lr=float(defaults["lr"] * 10 ** rng.uniform(-0.5, 0.5)),
+        weight_decay=float(defaults["weight_decay"] * 10 ** rng.uniform(-1, 0.5)),
+        momentum=float(rng.uniform(0.8, 0.95)) if optimizer == "sgd" else 0.9,
+        batch_size=int(rng.choice([32, 64, 128])),
+        total_steps=decisions * steps_per_action,
+        steps_per_action=steps_per_action,
+        seed=int(rng.integers(2**31 - 1)),
+        data_seed=int(rng.integers(2**31 - 1)),
+        activation=str(rng.choice(["relu", "tanh", "gelu"])),
+    )
+
+
+def _mlp_hidden(rng: np.random.Generator, widths: Sequence[int] = (16, 32, 64, 128)) -> tuple[int, ...]:
+    depth = int(rng.integers(1, 3))
+    return tuple(int(rng.choice(widths)) for _ in range(depth))
+
+
+def _teacher_regression(rng, optimizer):
+    return TaskSpec(
+        family="teacher_regression",
+        dataset="teacher",
+        arch="mlp",
+        hidden=_mlp_hidden(rng),
+        n_samples=_int_log_uniform(rng, 300, 3000),
+        n_features=int(rng.integers(4, 33)),
+        label_noise=float(rng.uniform(0.0, 0.3)),
+        **_common(rng, optimizer),
+    )
+
+
+def _teacher_classification(rng, optimizer):
+    return TaskSpec(
+        family="teacher_classification",
+        dataset="teacher",
+        arch="mlp",
+        hidden=_mlp_hidden(rng),
+        n_samples=_int_log_uniform(rng, 300, 3000),
+        n_features=int(rng.integers(4, 33)),
+        n_classes=int(rng.integers(2, 11)),
+        label_noise=float(rng.uniform(0.0, 0.2)),
+        **_common(rng, optimizer),
+    )
+
+
+def _make_classification(rng, optimizer):
+    return TaskSpec(
+        family="make_classification",
+        dataset="make_classification",
+        arch="mlp",
+        hidden=_mlp_hidden(rng),
+        n_samples=_int_log_uniform(rng, 300, 3000),
+        n_features=int(rng.integers(5, 41)),
+        n_classes=int(rng.integers(2, 7)),
+        label_noise=float(rng.uniform(0.0, 0.1)),
+        **_common(rng, optimizer),
+    )
+
+
+def _tabular(rng, optimizer):
+    return TaskSpec(
+        family="tabular",
+        dataset=str(rng.choice(list(TABULAR_DATASETS))),
+        arch="mlp",
+        hidden=_mlp_hidden(rng),
+        subset_fraction=float(rng.uniform(0.5, 1.0)),
+        label_noise=float(rng.uniform(0.0, 0.1)),
+        **_common(rng, optimizer),
+    )
+
+
+def _digits_mlp(rng, optimizer):
+    return TaskSpec(
+        family="digits_mlp",
+        dataset="digits",
+        arch="mlp",
+        hidden=_mlp_hidden(rng, (32, 64, 128)),
+        subset_fraction=float(rng.uniform(0.3, 1.0)),
+        label_noise=float(rng.uniform(0.0, 0.2)),
+        **_common(rng, optimizer),
+    )
+
+
+def _digits_cnn(rng, optimizer):
+    return TaskSpec(
+        family="digits_cnn",
+        dataset="digits",
+        arch="cnn",
+        hidden=(int(rng.choice([4, 8, 16])), int(rng.choice([8, 16, 32]))),
+        subset_fraction=float(rng.uniform(0.3, 1.0)),
+        label_noise=float(rng.uniform(0.0, 0.2)),
+        permute_pixels=bool(rng.random() < 0.3),
+        **_common(rng, optimizer),
+    )
+
+
+def _charlm(rng, optimizer):
+    return TaskSpec(
+        family="charlm",
+        dataset="python_text",
+        arch="charmlp",
+        hidden=(int(rng.choice([64, 128])),),
+        embedding_dim=int(rng.choice([8, 16])),
+        context_length=int(rng.choice([4, 8])),
+        n_samples=_int_log_uniform(rng, 5000, 40000),
+        **_common(rng, optimizer),
+    )
+
+
+_SAMPLERS: dict[str, Callable[[np.random.Generator, str], TaskSpec]] = {
+    "teacher_regression": _teacher_regression,
+    "teacher_classification": _teacher_classification,
+    "make_classification": _make_classification,
+    "tabular": _tabular,
+    "digits_mlp": _digits_mlp,
+    "digits_cnn": _digits_cnn,
+    "charlm": _charlm,
+}
+assert set(_SAMPLERS) == set(FAMILIES)
+assert len(CHAR_VOCAB) > 0
+
+
+class TaskDistribution:
+    """A distribution over tasks: a uniform choice of family, then that family's own sampler.
+
+    Args:
+        families: the families to sample from (see :data:`FAMILIES`).
+        optimizers: inner optimisers to sample from (see :data:`OPTIMIZERS`).
+        name: a label for logs and bundle configs.
+
+    Raises:
+        ValueError: an unknown family or optimiser, or an empty list.
+    """
+
+    def __init__(
+        self,
+        families: Sequence[str] = SPLITS["train"],
+        *,
+        optimizers: Sequence[str] = OPTIMIZERS,
+        name: str = "custom",
+    ) -> None:
+        families = tuple(families)
+        optimizers = tuple(optimizers)
+        unknown = [f for f in families if f not in _SAMPLERS]
+        if not families or unknown:
+            raise ValueError(f"unknown or empty task families {unknown or families!r}; choose from {list(FAMILIES)}")
+        bad_opt = [o for o in optimizers if o not in OPTIMIZERS]
+        if not optimizers or bad_opt:
+            raise ValueError(f"unknown or empty optimizers {bad_opt or optimizers!r}; choose from {list(OPTIMIZERS)}")
+        self.families = families
+        self.optimizers = optimizers
+        self.name = name
+
+    @classmethod
+    def default(cls, split: str = "train") -> TaskDistribution:
+        """The built-in distribution of a split: ``"train"``, ``"test"`` (held-out families) or ``"all"``."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+        return cls(SPLITS[split], name=split)
+
+    def sample(self, rng: np.random.Generator) -> TaskSpec:
+        """Draw one task. All randomness comes from ``rng``."""
+        family = self.families[int(rng.integers(len(self.families)))]
+        optimizer = self.optimizers[int(rng.integers(len(self.optimizers)))]
+        return _SAMPLERS[family](rng, optimizer)
+
+    def sample_family(self, family: str, rng: np.random.Generator, optimizer: str | None = None) -> TaskSpec:
+        """Draw one task of a given family (used by benchmarks for per-family tables)."""
+        if family not in _SAMPLERS:
+            raise ValueError(f"unknown task family {family!r}; choose from {list(FAMILIES)}")
+        optimizer = optimizer or self.optimizers[int(rng.integers(len(self.optimizers)))]
+        return _SAMPLERS[family](rng, optimizer)
+
+    def __repr__(self) -> str:
+        return f"TaskDistribution(name={self.name!r}, families={self.families}, optimizers={self.optimizers})"
+
+
+class ToyTaskDistribution(TaskDistribution):
+    """A fast synthetic regression task (for tests and demos): small teacher data and a small MLP."""
+
+    def __init__(self) -> None:
+        super().__init__(("teacher_regression",), optimizers=("sgd",), name="toy")
+
+    def sample(self, rng: np.random.Generator) -> TaskSpec:
+        return TaskSpec(
+            family="teacher_regression",
+            dataset="teacher",
+            arch="mlp",
+            hidden=(32,),
+            n_samples=400,
+            n_features=8,
+            label_noise=0.1,
+            optimizer="sgd",
+            lr=float(0.02 * 10 ** rng.uniform(-0.3, 0.3)),
+            weight_decay=1e-4,
+            momentum=0.9,
+            batch_size=32,
+            total_steps=60,
+            steps_per_action=6,
+            seed=int(rng.integers(2**31 - 1)),
+            data_seed=int(rng.integers(2**31 - 1)),
+            activation="tanh",
+        )

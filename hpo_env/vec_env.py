@@ -1,0 +1,139 @@
+"""An SB3 ``VecEnv`` whose N slots are stepped together by the batched inner trainer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.utils import seeding
+from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices
+
+from hpo_env.actions import ActionDecoder
+from hpo_env.core import EpisodeBatch
+from hpo_env.envs import make_distribution
+from hpo_env.features import OBS_BOUND
+from hpo_env.tasks import TaskDistribution, TaskSpec
+
+__all__ = ["HPOVecEnv"]
+
+
+class HPOVecEnv(VecEnv):
+    """N :class:`~hpo_env.HPOEnv` episodes trained as one batched program.
+
+    Slot ``i`` behaves exactly like an ``HPOEnv`` reset with seed ``seed + i`` (SB3's seeding
+    convention): it samples its own tasks from its own generator, so the same seed gives the same
+    tasks whether the slots run here or as N separate environments. Finished slots reset
+    automatically (SB3 semantics): ``infos[i]["terminal_observation"]`` holds the last observation
+    of the finished episode and the returned observation is the first of the next one.
+
+    Args:
+        num_envs: number of slots N.
+        task_distribution, hyperparameters, bounds, max_log10_change, divergence_penalty, device:
+            as for :class:`~hpo_env.HPOEnv`.
+        seed: seeds slot ``i`` with ``seed + i`` at the first reset (or use :meth:`seed`).
+    """
+
+    def __init__(
+        self,
+        num_envs: int,
+        task_distribution: TaskDistribution | str | None = None,
+        *,
+        hyperparameters: Sequence[str] = ("lr", "weight_decay"),
+        bounds: Mapping[str, tuple[float, float]] | None = None,
+        max_log10_change: float | Mapping[str, float] | None = None,
+        divergence_penalty: float = 1.0,
+        device: str = "cpu",
+        seed: int | None = None,
+    ) -> None:
+        if int(num_envs) < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        self.task_distribution = make_distribution(task_distribution)
+        self.decoder = ActionDecoder(hyperparameters, bounds, max_log10_change)
+        self._batch = EpisodeBatch(int(num_envs), self.decoder, device=device, divergence_penalty=divergence_penalty)
+        k = self.decoder.num_actions
+        observation_space = gym.spaces.Box(-OBS_BOUND, OBS_BOUND, (self._batch.obs_dim,), np.float32)
+        action_space = gym.spaces.Box(-1.0, 1.0, (k,), np.float32)
+        self.render_mode = None
+        super().__init__(int(num_envs), observation_space, action_space)
+        self._rngs = [seeding.np_random(None)[0] for _ in range(self.num_envs)]
+        self._actions: np.ndarray | None = None
+        if seed is not None:
+            self.seed(seed)
+
+    @property
+    def feature_names(self) -> list[str]:
+        return self._batch.features.feature_names()
+
+    @property
+    def trainer(self):
+        """The :class:`~hpo_env.trainer.BatchedTrainer` behind the slots."""
+        return self._batch.trainer
+
+    def tasks(self) -> list[TaskSpec | None]:
+        """The task currently running in each slot."""
+        return [None if ep is None else ep.spec for ep in self._batch.episodes]
+
+    # ------------------------------------------------------------------------------------------
+    def _next_task(self, i: int) -> TaskSpec:
+        seed = self._seeds[i]
+        if seed is not None:
+            self._rngs[i] = seeding.np_random(seed)[0]
+        task = self._options[i].get("task") if self._options[i] else None
+        unknown = set(self._options[i] or {}) - {"task"}
+        if unknown:
+            raise ValueError(f"unknown reset options {sorted(unknown)}; supported: ['task']")
+        if task is not None and not isinstance(task, TaskSpec):
+            raise TypeError(f"options['task'] must be a TaskSpec, got {type(task).__name__}")
+        return task if task is not None else self.task_distribution.sample(self._rngs[i])
+
+    def reset(self) -> np.ndarray:
+        slots = list(range(self.num_envs))
+        specs = [self._next_task(i) for i in slots]
+        obs, infos = self._batch.start(slots, specs)
+        self.reset_infos = infos
+        # Seeds and options apply to one reset only (SB3 convention).
+        self._reset_seeds()
+        self._reset_options()
+        return obs
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._actions = np.asarray(actions)
+
+    def step_wait(self):
+        if self._actions is None:
+            raise RuntimeError("step_async() must be called before step_wait()")
+        slots = list(range(self.num_envs))
+        actions = self._actions.reshape(self.num_envs, -1)
+        self._actions = None
+        obs, rewards, terminated, infos = self._batch.step(slots, actions)
+        done = np.flatnonzero(terminated)
+        if len(done):
+            for j in done:
+                infos[j]["terminal_observation"] = obs[j].copy()
+                infos[j]["TimeLimit.truncated"] = False
+            new_obs, reset_infos = self._batch.start(done.tolist(), [self._next_task(int(j)) for j in done])
+            obs[done] = new_obs
+            for j, info in zip(done, reset_infos):
+                self.reset_infos[j] = info
+        return obs, rewards.astype(np.float32), terminated.copy(), infos
+
+    def close(self) -> None:
+        pass
+
+    # -- the VecEnv attribute protocol (one object stands for every slot) ----------------------
+    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        return [getattr(self, attr_name) for _ in self._get_indices(indices)]
+
+    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        setattr(self, attr_name, value)
+
+    def env_method(self, method_name: str, *method_args, indices: VecEnvIndices = None, **method_kwargs) -> list[Any]:
+        return [getattr(self, method_name)(*method_args, **method_kwargs) for _ in self._get_indices(indices)]
+
+    def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
+        return [False for _ in self._get_indices(indices)]
+
+    def get_images(self) -> Sequence[np.ndarray | None]:
+        return [None for _ in range(self.num_envs)]

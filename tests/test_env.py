@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import hpo_env  # noqa: F401  (registers the ids)
+from hpo_env import FAMILIES, HPOEnv, TaskDistribution
+
+
+@pytest.mark.parametrize("env_id", ["hpo_env/HPOToy-v0", "hpo_env/HPO-v0"])
+def test_check_env(env_id):
+    env = gym.make(env_id)
+    check_env(env.unwrapped, skip_render_check=True)
+    check_env(gym.make(env_id, render_mode="ansi").unwrapped)
+
+
+def _rollout(env, seed, actions):
+    obs, info = env.reset(seed=seed)
+    out = [(obs, 0.0, info["val_loss"])]
+    for a in actions:
+        obs, r, term, trunc, info = env.step(a)
+        out.append((obs, r, info["val_loss"]))
+        if term:
+            break
+    return out
+
+
+def test_same_seed_same_actions_same_trajectory():
+    actions = np.random.default_rng(0).uniform(-1, 1, size=(12, 2)).astype(np.float32)
+    a = _rollout(HPOEnv("toy"), 5, actions)
+    b = _rollout(HPOEnv("toy"), 5, actions)
+    assert len(a) == len(b) == 10
+    for (oa, ra, la), (ob, rb, lb) in zip(a, b):
+        np.testing.assert_array_equal(oa, ob)
+        assert ra == rb and la == lb
+
+
+def test_different_seeds_different_tasks():
+    env = HPOEnv()
+    ids = {env.reset(seed=s)[1]["task_id"] for s in range(8)}
+    assert len(ids) == 8
+
+
+def test_reward_telescopes_to_log_loss_ratio():
+    env = HPOEnv("toy")
+    _, info = env.reset(seed=0)
+    first, total, done = info["val_loss"], 0.0, False
+    while not done:
+        _, r, done, _, info = env.step(np.zeros(2, np.float32))
+        total += r
+    assert total == pytest.approx(np.log(first / info["final_val_loss"]), rel=1e-6)
+    assert np.isfinite(info["test_loss"])
+
+
+def test_huge_learning_rate_diverges_with_a_penalty_not_an_exception():
+    env = HPOEnv("toy", bounds={"lr": (1e-5, 1e4)}, max_log10_change=2.0, divergence_penalty=1.5)
+    env.reset(seed=0)
+    total, steps = 0.0, 0
+    while True:
+        obs, r, term, trunc, info = env.step(np.array([1.0, 0.0], np.float32))
+        total, steps = total + r, steps + 1
+        assert np.isfinite(r) and np.all(np.isfinite(obs))
+        assert env.observation_space.contains(obs)
+        if term:
+            break
+    assert info["diverged"] and steps < 9
+    assert total == pytest.approx(-1.5), "a diverged episode returns exactly -divergence_penalty"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_runs_a_full_episode(family):
+    env = HPOEnv("all", hyperparameters=("lr", "weight_decay", "momentum"))
+    spec = TaskDistribution.default("all").sample_family(family, np.random.default_rng(1))
+    obs, info = env.reset(seed=0, options={"task": spec})
+    assert info["task_family"] == family
+    n, done = 0, False
+    while not done:
+        obs, r, done, trunc, info = env.step(env.action_space.sample())
+        n += 1
+        assert env.observation_space.contains(obs) and np.isfinite(r)
+    assert info["diverged"] or n == spec.num_decisions - 1
+    assert set(info["hparams"]) == {"lr", "weight_decay", "momentum"}
+    assert ("val_accuracy" in info) == (spec.task_type == "classification")
+
+
+def test_ansi_render():
+    env = HPOEnv("toy", render_mode="ansi")
+    env.reset(seed=0)
+    env.step(env.action_space.sample())
+    text = env.render()
+    assert "decision 2/10" in text and "lr=" in text and "val=" in text
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"hyperparameters": ("lr", "dropout")}, "unknown hyperparameters"),
+        ({"hyperparameters": ("lr", "lr")}, "must not repeat"),
+        ({"hyperparameters": ()}, "at least one"),
+        ({"bounds": {"lr": (0.0, 1.0)}}, "positive and ordered"),
+        ({"bounds": {"lr": (1.0, 0.1)}}, "positive and ordered"),
+        ({"hyperparameters": ("lr", "momentum"), "bounds": {"momentum": (0.5, 1.0)}}, "momentum bounds"),
+        ({"bounds": {"momentum": (0.5, 0.9)}}, "not controlled"),
+        ({"max_log10_change": 0.0}, "max_log10_change"),
+        ({"task_distribution": "imagenet"}, "task_distribution must be"),
+        ({"divergence_penalty": -1.0}, "divergence_penalty"),
+        ({"render_mode": "human"}, "render_mode"),
+    ],
+)
+def test_bad_configuration_raises_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HPOEnv(**kwargs)
+
+
+def test_bad_reset_options():
+    env = HPOEnv("toy")
+    with pytest.raises(ValueError, match="unknown reset options"):
+        env.reset(options={"tsk": 1})
+    with pytest.raises(TypeError, match="TaskSpec"):
+        env.reset(options={"task": "wine"})
+
+
+def test_non_finite_action_is_rejected():
+    env = HPOEnv("toy")
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="finite"):
+        env.step(np.array([np.nan, 0.0], np.float32))

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hpo_env import FAMILIES, SPLITS, TaskDistribution, TaskSpec, build_splits
+from hpo_env.data import CHAR_VOCAB
+
+
+def test_splits_partition_families():
+    train, test = set(SPLITS["train"]), set(SPLITS["test"])
+    assert train and test
+    assert not train & test, "held-out families must not be trained on"
+    assert train | test == set(FAMILIES) == set(SPLITS["all"])
+
+
+@pytest.mark.parametrize("split", ["train", "test", "all"])
+def test_distribution_samples_only_its_families(split):
+    dist = TaskDistribution.default(split)
+    rng = np.random.default_rng(0)
+    seen = {dist.sample(rng).family for _ in range(200)}
+    assert seen == set(SPLITS[split])
+
+
+def test_sampling_is_reproducible_and_varied():
+    dist = TaskDistribution.default("all")
+    a = [dist.sample(np.random.default_rng(7)) for _ in range(2)]
+    assert a[0] == a[1]
+    specs = [dist.sample(np.random.default_rng(s)) for s in range(20)]
+    assert len({s.task_id for s in specs}) == 20
+
+
+def test_task_spec_round_trips_through_dict(small_mlp_spec):
+    assert TaskSpec.from_dict(small_mlp_spec.to_dict()) == small_mlp_spec
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"family": "nope"}, "family"),
+        ({"dataset": "mnist"}, "dataset"),
+        ({"arch": "cnn"}, "arch"),
+        ({"optimizer": "lion"}, "optimizer"),
+        ({"total_steps": 0}, "total_steps"),
+        ({"steps_per_action": 0}, "steps_per_action"),
+        ({"total_steps": 42}, "multiple of steps_per_action"),
+        ({"total_steps": 5}, "at least two decisions"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"lr": -1.0}, "lr"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"hidden": ()}, "hidden"),
+    ],
+)
+def test_bad_task_specs_raise_clear_errors(small_mlp_spec, changes, match):
+    with pytest.raises(ValueError, match=match):
+        small_mlp_spec.replace(**changes)
+
+
+def test_bad_distributions_raise():
+    with pytest.raises(ValueError, match="unknown or empty task families"):
+        TaskDistribution(["imagenet"])
+    with pytest.raises(ValueError, match="unknown or empty optimizers"):
+        TaskDistribution(["tabular"], optimizers=["lion"])
+    with pytest.raises(ValueError, match="unknown split"):
+        TaskDistribution.default("validation")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_builds_clean_standardised_splits(family):
+    spec = TaskDistribution.default("all").sample_family(family, np.random.default_rng(3))
+    data = build_splits(spec)
+    assert len(data.x_train) > len(data.x_val) > 0 and len(data.x_test) > 0
+    assert build_splits(spec) is data, "splits are cached in memory"
+    if family == "charlm":
+        assert data.x_train.dtype == torch.long
+        assert int(data.x_train.max()) < len(CHAR_VOCAB)
+        return
+    for x in (data.x_train, data.x_val, data.x_test):
+        assert torch.isfinite(x).all()
+    flat = data.x_train.reshape(len(data.x_train), -1)
+    assert flat.mean(0).abs().max() < 1e-4, "standardised with training statistics"
+    if data.task_type == "classification":
+        train_share = torch.bincount(data.y_train, minlength=data.n_outputs) / len(data.y_train)
+        val_share = torch.bincount(data.y_val, minlength=data.n_outputs) / len(data.y_val)
+        assert (train_share - val_share).abs().max() < 0.1, "splits are stratified"
+
+
+def test_tabular_covers_all_bundled_datasets():
+    dist = TaskDistribution.default("test")
+    rng = np.random.default_rng(0)
+    names = {dist.sample_family("tabular", rng).dataset for _ in range(60)}
+    assert names == {"wine", "breast_cancer", "iris", "diabetes"}

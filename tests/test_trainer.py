@@ -1,0 +1,119 @@
+"""The batched trainer against plain PyTorch, alone against batched, and divergence handling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hpo_env import BatchedTrainer, TaskDistribution, build_splits
+
+
+def _torch_reference(spec, steps: int) -> torch.Tensor:
+    """Train spec's MLP with torch.nn and torch.optim on the trainer's init and minibatches."""
+    trainer = BatchedTrainer(1)
+    trainer.load(0, spec)
+    params = trainer.parameters(0)
+    data = build_splits(spec)
+    gen = torch.Generator().manual_seed(spec.seed)
+    from hpo_env.models import ModelLayout, init_params
+
+    init_params(ModelLayout.build(spec, data), gen)  # advance the generator past the initialisation
+    layers = []
+    for i in range(0, len(params), 2):
+        lin = torch.nn.Linear(*params[i].shape)
+        with torch.no_grad():
+            lin.weight.copy_(params[i].T)
+            lin.bias.copy_(params[i + 1])
+        layers += [lin, torch.nn.Tanh()]
+    model = torch.nn.Sequential(*layers[:-1])
+    if spec.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    else:
+        opt = torch.optim.AdamW(
+            model.parameters(), lr=spec.lr, betas=(spec.momentum, 0.999), weight_decay=spec.weight_decay
+        )
+    idx = torch.randint(len(data.x_train), (steps, spec.batch_size), generator=gen)
+    for k in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(data.x_train[idx[k]]), data.y_train[idx[k]])
+        loss.backward()
+        opt.step()
+    return torch.cat(
+        [torch.cat([lin.weight.T.reshape(-1), lin.bias]) for lin in model if isinstance(lin, torch.nn.Linear)]
+    )
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_matches_torch_optim(small_mlp_spec, optimizer):
+    spec = small_mlp_spec.replace(
+        optimizer=optimizer, activation="tanh", hidden=(16, 8), lr=0.05 if optimizer == "sgd" else 3e-3
+    )
+    trainer = BatchedTrainer(1)
+    trainer.load(0, spec)
+    trainer.train_chunk([0], steps=spec.steps_per_action)
+    ours = torch.cat([p.reshape(-1) for p in trainer.parameters(0)])
+    reference = _torch_reference(spec, spec.steps_per_action)
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+
+
+def _padded_group(small_mlp_spec):
+    """Tasks of one stack key that differ in width, input features and classes (so padding is used)."""
+    return [
+        small_mlp_spec.replace(hidden=(16,), n_features=6, n_classes=3, seed=1, data_seed=1),
+        small_mlp_spec.replace(hidden=(32,), n_features=9, n_classes=5, seed=2, data_seed=2, lr=0.02),
+        small_mlp_spec.replace(hidden=(8,), n_features=4, n_classes=2, seed=3, data_seed=3, optimizer="sgd"),
+    ]
+
+
+def test_batched_equals_alone(small_mlp_spec):
+    specs = _padded_group(small_mlp_spec)
+    together = BatchedTrainer(len(specs))
+    for i, s in enumerate(specs):
+        together.load(i, s)
+    results = [together.train_chunk([0, 1, 2]) for _ in range(3)]
+    for i, s in enumerate(specs):
+        alone = BatchedTrainer(1)
+        alone.load(0, s)
+        for r in results:
+            a = alone.train_chunk([0])
+            np.testing.assert_allclose(a.val_loss[0], r.val_loss[i], rtol=1e-5)
+            np.testing.assert_allclose(a.train_loss[0], r.train_loss[i], rtol=1e-5)
+        for p, q in zip(alone.parameters(0), together.parameters(i)):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["digits_cnn", "charlm", "tabular"])
+def test_batched_equals_alone_other_architectures(family):
+    dist = TaskDistribution.default("all")
+    base = dist.sample_family(family, np.random.default_rng(0), optimizer="adamw")
+    widths = [(8, 16), (4, 8)] if family == "digits_cnn" else [(64,), (32,)]
+    specs = [
+        base.replace(hidden=widths[0], total_steps=40, steps_per_action=10),
+        base.replace(
+            hidden=widths[1], seed=base.seed + 1, data_seed=base.data_seed + 1, total_steps=40, steps_per_action=10
+        ),
+    ]
+    together = BatchedTrainer(2)
+    for i, s in enumerate(specs):
+        together.load(i, s)
+    r = together.train_chunk([0, 1])
+    for i, s in enumerate(specs):
+        alone = BatchedTrainer(1)
+        alone.load(0, s)
+        np.testing.assert_allclose(alone.train_chunk([0]).val_loss[0], r.val_loss[i], rtol=1e-4)
+
+
+def test_divergence_is_reported_per_model_and_contained(small_mlp_spec):
+    specs = _padded_group(small_mlp_spec)
+    trainer = BatchedTrainer(3)
+    for i, s in enumerate(specs):
+        trainer.load(i, s)
+    trainer.set_hparams(1, np.array([1e6, 0.0, 0.9]))  # explodes
+    reference = BatchedTrainer(1)
+    reference.load(0, specs[0])
+    for _ in range(3):
+        r = trainer.train_chunk([0, 1, 2])
+        ref = reference.train_chunk([0])
+    assert r.diverged.tolist() == [False, True, False]
+    np.testing.assert_allclose(r.val_loss[0], ref.val_loss[0], rtol=1e-5)
