@@ -1,0 +1,1 @@
+"""training: meta-training, evaluation and benchmarks of hpo-meta policies."""
