@@ -89,7 +89,8 @@ class EpisodeBatch:
         res = self.trainer.train_chunk(slots)
         hps = np.stack([self.controlled(s) for s in slots])
         progress = np.array([1.0 / self.episodes[s].spec.num_decisions for s in slots])
-        obs = self.features.reset(slots, res.val_loss, res.train_loss, hps, progress)
+        adaptive = np.array([self.episodes[s].spec.optimizer != "sgd" for s in slots])
+        obs = self.features.reset(slots, res.val_loss, res.train_loss, hps, progress, adaptive=adaptive)
         infos = []
         for j, s in enumerate(slots):
             ep = self.episodes[s]

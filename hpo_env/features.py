@@ -18,7 +18,8 @@ deployed :class:`~agents.PolicyScheduler`):
 Features (all clipped to ``[-OBS_BOUND, OBS_BOUND]``), named by :meth:`ObservationBuilder.feature_names`:
 progress; log validation and training loss relative to ``L_1``; their last change; short-minus-long
 EMA trends of both; the train-validation gap; how far validation sits above its best so far; a flag
-saying whether a training loss was given; per controlled hyperparameter its log change since the
+saying whether a training loss was given; a flag for an adaptive (Adam-type) optimiser, whose
+sensible learning rates are an order of magnitude below SGD's; per controlled hyperparameter its log change since the
 start, its position within its bounds, and the previous action.
 """
 
@@ -47,6 +48,7 @@ _BASE_FEATURES = (
     "train_val_gap",
     "val_above_best",
     "has_train_loss",
+    "adaptive_optimizer",
 )
 
 
@@ -70,6 +72,7 @@ class ObservationBuilder:
         self._best = np.zeros(n)
         self._h0 = np.ones((n, k))
         self._prev_action = np.zeros((n, k))
+        self._adaptive = np.zeros(n)
 
     def feature_names(self) -> list[str]:
         names = list(_BASE_FEATURES)
@@ -92,8 +95,19 @@ class ObservationBuilder:
         train_loss: np.ndarray | None,
         hparams: np.ndarray,
         progress: np.ndarray,
+        *,
+        adaptive: np.ndarray | bool,
     ) -> np.ndarray:
-        """Start runs in ``slots`` from the first interval's losses; returns their observations."""
+        """Start runs in ``slots`` from the first interval's losses; returns their observations.
+
+        Args:
+            slots: rows to start.
+            val_loss: validation loss after the first interval, per slot.
+            train_loss: mean training loss of the first interval, or None if unknown.
+            hparams: ``(len(slots), k)`` controlled hyperparameters used in the first interval.
+            progress: ``1 / T`` per slot.
+            adaptive: whether each run's optimiser is Adam-type (AdamW, Adam, ...) rather than SGD.
+        """
         slots = np.asarray(slots, dtype=np.intp)
         val = np.asarray(val_loss, np.float64)
         ref = np.where(np.isfinite(val) & (val > 0), val, 1.0)
@@ -105,6 +119,7 @@ class ObservationBuilder:
         self._best[slots] = x_val
         self._h0[slots] = self.decoder.clip(hparams)
         self._prev_action[slots] = 0.0
+        self._adaptive[slots] = np.broadcast_to(np.asarray(adaptive, dtype=np.float64), slots.shape)
         return self._features(
             slots, x_val, x_tr, np.zeros_like(x_val), np.zeros_like(x_tr), train_loss is not None, hparams, progress
         )
@@ -150,6 +165,7 @@ class ObservationBuilder:
                 x_tr - x_val,
                 x_val - self._best[slots],
                 np.full_like(x_val, float(has_train)),
+                self._adaptive[slots],
             ],
             axis=-1,
         )
@@ -168,7 +184,7 @@ class ObservationBuilder:
     def state_dict(self) -> dict:
         return {
             k: getattr(self, k).copy()
-            for k in ("_ref", "_last_val", "_last_train", "_ema", "_best", "_h0", "_prev_action")
+            for k in ("_ref", "_last_val", "_last_train", "_ema", "_best", "_h0", "_prev_action", "_adaptive")
         }
 
     def load_state_dict(self, state: dict) -> None:
