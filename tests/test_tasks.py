@@ -91,3 +91,15 @@ def test_tabular_covers_all_bundled_datasets():
     rng = np.random.default_rng(0)
     names = {dist.sample_family("tabular", rng).dataset for _ in range(60)}
     assert names == {"wine", "breast_cancer", "iris", "diabetes"}
+
+
+def test_preprocessing_drops_non_finite_rows():
+    from hpo_env.data import _finite_rows
+
+    x = np.array([[1.0, 2.0], [np.nan, 1.0], [3.0, np.inf], [4.0, 5.0]])
+    y = np.array([0, 1, 0, 1])
+    xf, yf = _finite_rows(x, y)
+    np.testing.assert_array_equal(xf, [[1.0, 2.0], [4.0, 5.0]])
+    np.testing.assert_array_equal(yf, [0, 1])
+    xr, yr = _finite_rows(np.ones((3, 1)), np.array([[1.0], [np.nan], [2.0]]))
+    assert len(xr) == len(yr) == 2

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hpo_env import OBS_BOUND, ActionDecoder, ObservationBuilder
+
+
+def test_actions_are_bounded_multiplicative_changes():
+    dec = ActionDecoder(("lr", "weight_decay", "momentum"), max_log10_change=0.5)
+    cur = np.array([[1e-2, 1e-4, 0.9]])
+    up = dec.decode(np.array([[1.0, 1.0, 1.0]]), cur)
+    np.testing.assert_allclose(up[0, :2], cur[0, :2] * 10**0.5)
+    assert 0.9 < up[0, 2] < 0.99, "positive action means more momentum"
+    np.testing.assert_allclose(dec.decode(np.zeros((1, 3)), cur), cur)
+    np.testing.assert_allclose(
+        dec.decode(np.array([[5.0, -5.0, 0.0]]), cur), dec.decode(np.array([[1.0, -1.0, 0.0]]), cur)
+    )
+    huge = dec.decode(np.full((1, 3), 1.0), np.array([[0.99, 0.29, 0.985]]))
+    assert huge[0, 0] == 1.0 and huge[0, 1] == 0.3 and huge[0, 2] == 0.99, "clipped into bounds"
+
+
+def test_decoder_config_round_trip_and_errors():
+    dec = ActionDecoder(("lr", "momentum"), bounds={"lr": (1e-4, 0.5)}, max_log10_change={"lr": 0.1})
+    assert ActionDecoder.from_config(dec.to_config()) == dec
+    with pytest.raises(ValueError, match="malformed"):
+        ActionDecoder.from_config({"nope": 1})
+    with pytest.raises(ValueError, match="do not match"):
+        dec.decode(np.zeros((1, 3)), np.ones((1, 2)) * 0.5)
+
+
+def test_observations_are_scale_invariant_and_bounded():
+    dec = ActionDecoder()
+    a, b = ObservationBuilder(dec), ObservationBuilder(dec)
+    hp = np.array([[1e-2, 1e-4]])
+    oa = a.reset([0], [2.0], [2.1], hp, [0.1], adaptive=False)
+    ob = b.reset([0], [200.0], [210.0], hp, [0.1], adaptive=False)
+    np.testing.assert_allclose(oa, ob, atol=1e-6)
+    act = np.array([[0.5, -0.5]])
+    oa = a.update([0], [1.0], [1.2], dec.decode(act, hp), act, [0.2])
+    ob = b.update([0], [100.0], [120.0], dec.decode(act, hp), act, [0.2])
+    np.testing.assert_allclose(oa, ob, atol=1e-6)
+    names = a.feature_names()
+    assert len(names) == a.dim == oa.shape[1]
+    assert oa[0, names.index("log_val_loss")] == pytest.approx(np.log(0.5))
+    assert oa[0, names.index("lr_prev_action")] == pytest.approx(0.5)
+    bad = a.update([0], [np.nan], [np.inf], hp, act, [0.3])
+    assert np.all(np.isfinite(bad)) and np.all(np.abs(bad) <= OBS_BOUND)
+
+
+def test_missing_train_loss_is_flagged():
+    b = ObservationBuilder(ActionDecoder())
+    obs = b.reset([0], [2.0], None, np.array([[1e-3, 1e-2]]), [0.1], adaptive=True)
+    names = b.feature_names()
+    assert obs[0, names.index("has_train_loss")] == 0.0
+    assert obs[0, names.index("adaptive_optimizer")] == 1.0
+
+
+def test_builder_state_round_trip():
+    dec = ActionDecoder()
+    a = ObservationBuilder(dec)
+    hp = np.array([[1e-2, 1e-4]])
+    a.reset([0], [2.0], [2.0], hp, [0.1], adaptive=False)
+    a.update([0], [1.5], [1.4], hp, np.zeros((1, 2)), [0.2])
+    b = ObservationBuilder(dec)
+    b.load_state_dict(a.state_dict())
+    args = ([0], [1.2], [1.1], hp, np.ones((1, 2)) * 0.3, [0.3])
+    np.testing.assert_array_equal(a.update(*args), b.update(*args))
+    with pytest.raises(ValueError, match="shape"):
+        ObservationBuilder(ActionDecoder(("lr",))).load_state_dict(a.state_dict())
