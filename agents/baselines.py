@@ -60,10 +60,11 @@ _MIN_LOG10_FACTOR = -OBS_BOUND
 
 
 def schedule_decoder(decoder: ActionDecoder, max_log10_change: float = EXACT_MAX_LOG10_CHANGE) -> ActionDecoder:
-    """A decoder with the bounds of ``decoder`` but a learning-rate step of ``max_log10_change`` decades.
+    """A decoder with the hyperparameters and bounds of ``decoder`` but steps of ``max_log10_change`` decades.
 
     Schedule baselines run through it so that they follow their curves exactly instead of at the
-    environment's bounded pace; the other hyperparameters keep their settings (schedules hold them).
+    environment's bounded pace (schedules hold every hyperparameter but the learning rate with action
+    0, which means "no change" whatever the step; :class:`ReplaySchedule` moves them all).
 
     Raises:
         TypeError: ``decoder`` is not an :class:`~hpo_env.ActionDecoder`.
@@ -75,9 +76,7 @@ def schedule_decoder(decoder: ActionDecoder, max_log10_change: float = EXACT_MAX
     return ActionDecoder(
         decoder.names,
         bounds={s.name: (s.lower, s.upper) for s in decoder.specs},
-        max_log10_change={
-            s.name: (float(max_log10_change) if s.name == "lr" else s.max_log10_change) for s in decoder.specs
-        },
+        max_log10_change=float(max_log10_change),
     )
 
 
@@ -387,62 +386,96 @@ class ReduceLROnPlateau(LRSchedule):
 class ReplaySchedule(LRSchedule):
     """Shape: whatever it is given. Replays an average schedule as a function of progress, open loop.
 
-    The control for a learned policy: if replaying the policy's *average* learning-rate curve does as
-    well as the policy, the policy learned a schedule, not state-dependent control. The curve is given
-    as points ``(progress, log10(lr / lr_0))`` and interpolated linearly (held flat beyond its ends).
+    The control for a learned policy: if replaying the policy's *average* schedule does as well as
+    the policy, the policy learned a schedule, not state-dependent control. The curve is given as
+    points ``(progress, decades moved since the start)`` and interpolated linearly (held flat beyond
+    its ends). ``log10_change`` of shape ``(m,)`` drives the learning rate only (others held); of
+    shape ``(m, k)`` it drives every controlled hyperparameter, in the decoder's log space
+    (``-log10(1 - momentum)`` for momentum), as :meth:`from_records` builds it.
 
     Args:
         decoder: see :class:`LRSchedule`.
         progress: increasing progress points in ``[0, 1]``.
-        log10_change: the target decades moved since the start at each point.
+        log10_change: the target decades moved since the start at each point, ``(m,)`` or ``(m, k)``.
     """
 
     def __init__(self, decoder: ActionDecoder, progress: Sequence[float], log10_change: Sequence[float]) -> None:
         super().__init__(decoder)
         p = np.asarray(progress, np.float64).reshape(-1)
-        y = np.asarray(log10_change, np.float64).reshape(-1)
-        if p.shape != y.shape or len(p) < 1:
+        y = np.asarray(log10_change, np.float64)
+        if y.ndim == 1:
+            y = np.where(np.arange(decoder.num_actions) == self._lr, y[:, None], 0.0)
+        if y.ndim != 2 or y.shape != (len(p), decoder.num_actions) or len(p) < 1:
             raise ValueError(
-                f"progress and log10_change must be equal-length non-empty sequences, got {p.shape} and {y.shape}"
+                f"log10_change must have shape ({len(p)},) or ({len(p)}, {decoder.num_actions}) for "
+                f"{len(p)} progress points and hyperparameters {list(decoder.names)}, got {np.shape(log10_change)}"
             )
         if not (np.all(np.isfinite(p)) and np.all(np.isfinite(y))):
             raise ValueError("progress and log10_change must be finite")
         if np.any(np.diff(p) <= 0) or p[0] < 0 or p[-1] > 1:
             raise ValueError(f"progress must increase strictly within [0, 1], got {p.tolist()}")
         self.progress, self.log10_change = p, y
+        names = ObservationBuilder(decoder).feature_names()
+        self._change_cols = [names.index(f"{h}_log_change") for h in decoder.names]
 
     @classmethod
     def from_records(cls, decoder: ActionDecoder, records: Sequence[Any], grid: int = 21) -> ReplaySchedule:
-        """The average learning-rate curve of finished runs, e.g. a learned policy's.
+        """The average schedule of finished runs (e.g. a learned policy's), for every controlled hyperparameter.
 
-        Each record (a :class:`training.rollout.EpisodeRecord` or anything with ``hparams["lr"]``
-        and ``task.num_decisions``) gives ``log10(lr_i / lr_0)`` at progress ``i / T`` for its
-        intervals ``i``; each run is interpolated onto ``grid`` points in ``[0, 1]`` and the runs are
-        averaged in log space. Diverged runs (which stop early) count up to where they stopped.
+        Each record (a :class:`training.rollout.EpisodeRecord`, or anything with ``hparams[name]``
+        lists and ``task.num_decisions``) gives the decades each hyperparameter moved since the start
+        at progress ``i / T`` for its intervals ``i``; each run is interpolated onto ``grid`` points in
+        ``[0, 1]`` and the runs are averaged in log space. Diverged runs (which stop early) count up
+        to where they stopped.
 
         Raises:
-            ValueError: no record has a learning-rate trajectory.
+            ValueError: no record holds a trajectory of every controlled hyperparameter.
         """
         if int(grid) < 2:
             raise ValueError(f"grid must have at least 2 points, got {grid!r}")
         points = np.linspace(0.0, 1.0, int(grid))
-        total, count = np.zeros(len(points)), np.zeros(len(points))
+        total = np.zeros((len(points), decoder.num_actions))
+        count = np.zeros(len(points))
         for rec in records:
-            lrs = np.asarray(rec.hparams.get("lr", []), np.float64)
-            if len(lrs) == 0 or not np.all(lrs > 0):
+            try:
+                values = np.stack([np.asarray(rec.hparams[h], np.float64) for h in decoder.names], axis=-1)
+            except (KeyError, ValueError):
                 continue
-            x = np.arange(len(lrs)) / rec.task.num_decisions
-            y = np.log10(lrs / lrs[0])
-            covered = points <= x[-1] + 1e-9 if len(lrs) < rec.task.num_decisions else np.ones(len(points), bool)
-            total[covered] += np.interp(points[covered], x, y)
+            if len(values) == 0:
+                continue
+            logs = np.stack([s.to_log(s.clip(values[:, j])) for j, s in enumerate(decoder.specs)], axis=-1)
+            x = np.arange(len(values)) / rec.task.num_decisions
+            covered = np.ones(len(points), bool)
+            if len(values) < rec.task.num_decisions:
+                covered = points <= x[-1] + 1e-9
+            for j in range(decoder.num_actions):
+                total[covered, j] += np.interp(points[covered], x, logs[:, j] - logs[0, j])
             count[covered] += 1
         if not count.any():
-            raise ValueError("no record holds a learning-rate trajectory to replay")
+            raise ValueError(f"no record holds a trajectory of {list(decoder.names)} to replay")
         keep = count > 0
-        return cls(decoder, points[keep], total[keep] / count[keep])
+        return cls(decoder, points[keep], total[keep] / count[keep, None])
 
     def log10_factor(self, progress: np.ndarray | float) -> np.ndarray:
-        return np.interp(np.asarray(progress, np.float64), self.progress, self.log10_change)
+        """The learning-rate curve (decades since the start) at ``progress``."""
+        return np.interp(np.asarray(progress, np.float64), self.progress, self.log10_change[:, self._lr])
+
+    def predict(
+        self,
+        observation: np.ndarray,
+        state: Any = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, Any]:
+        """Actions ``(n, k)`` moving every hyperparameter to its replayed value."""
+        obs, single = self._as_batch(observation)
+        p = obs[:, self._progress_col].astype(np.float64)
+        actions = np.zeros((len(obs), self.decoder.num_actions), dtype=np.float32)
+        for j, spec in enumerate(self.decoder.specs):
+            target = np.interp(p, self.progress, self.log10_change[:, j])
+            delta = target - obs[:, self._change_cols[j]].astype(np.float64)
+            actions[:, j] = np.clip(delta / spec.max_log10_change, -1.0, 1.0)
+        return (actions[0] if single else actions), state
 
 
 class RandomPolicy:

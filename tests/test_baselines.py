@@ -43,8 +43,7 @@ def _progress(record) -> np.ndarray:
 
 def test_schedule_decoder_keeps_bounds_and_widens_lr_step():
     assert [(s.name, s.lower, s.upper) for s in EXACT.specs] == [(s.name, s.lower, s.upper) for s in DECODER.specs]
-    assert EXACT.specs[0].max_log10_change == 3.0
-    assert EXACT.specs[1].max_log10_change == DECODER.specs[1].max_log10_change
+    assert [s.max_log10_change for s in EXACT.specs] == [3.0, 3.0]
     with pytest.raises(ValueError, match="controls 'lr'"):
         schedule_decoder(ActionDecoder(("weight_decay",)))
     with pytest.raises(TypeError, match="ActionDecoder"):
@@ -184,12 +183,22 @@ def test_replay_of_an_average_schedule(tasks):
     np.testing.assert_allclose(replay.progress, np.linspace(0, 1, 11))
     # Toy tasks have T = 10: the grid points up to 0.9 are the cosine's own values.
     np.testing.assert_allclose(
-        replay.log10_change[:10], CosineSchedule(EXACT).log10_factor(replay.progress[:10]), atol=1e-5
+        replay.log10_change[:10, 0], CosineSchedule(EXACT).log10_factor(replay.progress[:10]), atol=1e-5
     )
+    np.testing.assert_allclose(replay.log10_change[:, 1], 0.0, atol=1e-12)  # weight decay was held
     rec = run_episodes(replay, tasks[:1], EXACT)[0]
     np.testing.assert_allclose(_log_lr(rec), _log_lr(records[0]), atol=1e-4)
+    # A replay of several hyperparameters moves each to its curve.
+    both = ReplaySchedule(EXACT, [0.0, 1.0], [[0.0, 0.0], [-1.0, 1.0]])
+    rec = run_episodes(both, tasks[:1], EXACT)[0]
+    p = _progress(rec)
+    np.testing.assert_allclose(_log_lr(rec), -p, atol=1e-5)
+    wd = np.asarray(rec.hparams["weight_decay"])
+    np.testing.assert_allclose(np.log10(wd / wd[0]), p, atol=1e-5)
     with pytest.raises(ValueError, match="increase"):
         ReplaySchedule(EXACT, [0.5, 0.2], [0.0, 0.0])
+    with pytest.raises(ValueError, match="shape"):
+        ReplaySchedule(EXACT, [0.0, 0.5], [[0.0, 0.0, 0.0]] * 2)
     with pytest.raises(ValueError, match="no record"):
         ReplaySchedule.from_records(EXACT, [])
 
