@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -221,7 +222,9 @@ def _teacher(spec: TaskSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.n
 def _make_classification(spec: TaskSpec, rng: np.random.Generator):
     from sklearn.datasets import make_classification
 
-    n_informative = max(2, spec.n_features // 2)
+    # sklearn needs n_classes * n_clusters_per_class <= 2**n_informative; raise n_informative where
+    # half the features are too few for the class count (it never exceeds n_features: >= 5 here).
+    n_informative = min(spec.n_features, max(2, spec.n_features // 2, math.ceil(math.log2(2 * spec.n_classes))))
     x, y = make_classification(
         n_samples=spec.n_samples,
         n_features=spec.n_features,
