@@ -16,8 +16,10 @@ from agents.baselines import (
     schedule_decoder,
 )
 from agents.bundle import BUNDLE_FORMAT_VERSION, BundleError, PolicyBundle, load_bundle, save_bundle
+from agents.factory import ALGORITHMS, PRESETS, MetaAgentConfig, get_preset, make_meta_agent, make_meta_env
 
 __all__ = [
+    "ALGORITHMS",
     "BASELINE_SCHEDULES",
     "BUNDLE_FORMAT_VERSION",
     "BundleError",
@@ -25,13 +27,18 @@ __all__ = [
     "CosineSchedule",
     "LRSchedule",
     "LinearDecay",
+    "MetaAgentConfig",
     "OneCycle",
+    "PRESETS",
     "PolicyBundle",
     "RandomPolicy",
     "ReduceLROnPlateau",
     "ReplaySchedule",
     "StepDecay",
+    "get_preset",
     "load_bundle",
+    "make_meta_agent",
+    "make_meta_env",
     "save_bundle",
     "schedule_decoder",
 ]

@@ -1,0 +1,271 @@
+"""The meta-agent factory: RecurrentPPO (and a frame-stacked MLP PPO control) over :class:`~hpo_env.HPOVecEnv`.
+
+Two functions build everything meta-training needs, from one frozen :class:`MetaAgentConfig`::
+
+    from agents import get_preset, make_meta_env, make_meta_agent
+
+    config = get_preset("quick")                       # or get_preset("full", n_envs=8, ...)
+    env = make_meta_env(config, seed=0)                 # HPOVecEnv -> VecMonitor -> VecNormalize
+    model = make_meta_agent(env, config, seed=0)        # RecurrentPPO("MlpLstmPolicy", ...)
+    model.learn(10_000)
+
+The environment stack is ``HPOVecEnv -> VecMonitor -> VecNormalize(norm_obs=True)`` and, for the
+``"framestack"`` control, ``-> VecFrameStack(n_stack)``: frames are stacked *after* normalisation, the
+order :class:`~agents.PolicyBundle` reproduces at deployment. Rewards are left unnormalised: they
+telescope to ``log(L_1 / L_T)``, already a task-independent scale.
+
+Why these defaults (see :data:`PRESETS`):
+
+* ``n_steps`` is at least the longest episode (29 decisions on the default distribution), so every
+  rollout holds whole inner training runs and the LSTM learns from complete sequences.
+* ``gamma = 0.995`` and ``gae_lambda = 0.95``: the reward telescopes, so a discount close to 1 makes
+  the return track the *final* validation loss (short horizons bias towards tiny learning rates).
+* A 64-unit LSTM and few large minibatches keep the PPO update cheap next to the inner training (a
+  256-unit LSTM was 6-15x slower per timestep on this project's 2-core reference machine).
+* ``log_std_init = -0.5``: exploration noise of about 0.6 in a ``[-1, 1]`` action, i.e. a random walk
+  of well under a decade over a run, instead of SB3's default std of 1 that mostly hits the clip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from stable_baselines3.common.vec_env import VecEnv, VecFrameStack, VecMonitor, VecNormalize, unwrap_vec_normalize
+
+from hpo_env import HPOVecEnv, TaskDistribution
+from hpo_env.features import OBS_BOUND
+
+__all__ = [
+    "ALGORITHMS",
+    "PRESETS",
+    "MetaAgentConfig",
+    "get_preset",
+    "frame_stack_of",
+    "get_vec_normalize",
+    "make_meta_agent",
+    "make_meta_env",
+]
+
+#: Meta-agent kinds: ``"recurrent"`` (RecurrentPPO with an LSTM) and ``"framestack"`` (MLP PPO control).
+ALGORITHMS = ("recurrent", "framestack")
+
+
+@dataclass(frozen=True)
+class MetaAgentConfig:
+    """Everything that defines a meta-agent and the vectorised environment it trains on.
+
+    Attributes:
+        algorithm: ``"recurrent"`` (``sb3_contrib.RecurrentPPO``, ``"MlpLstmPolicy"``) or
+            ``"framestack"`` (``stable_baselines3.PPO``, ``"MlpPolicy"`` over stacked observations).
+        n_envs: parallel inner training runs (slots of the batched :class:`~hpo_env.HPOVecEnv`).
+        n_steps: decisions per slot per rollout; a rollout holds ``n_envs * n_steps`` timesteps.
+        batch_size: timesteps per PPO minibatch (RecurrentPPO cuts them into whole sequences).
+        n_epochs: passes over each rollout.
+        learning_rate: Adam learning rate of the meta-agent, constant.
+        gamma: discount factor.
+        gae_lambda: GAE smoothing.
+        clip_range: PPO's ratio clip.
+        ent_coef: entropy bonus.
+        vf_coef: value-loss weight.
+        max_grad_norm: gradient clipping of the meta-agent.
+        target_kl: stop an update's epochs early beyond this KL (None: never).
+        lstm_hidden_size: LSTM units (recurrent only).
+        net_arch: hidden layers of the actor and critic heads (after the LSTM, or of the MLP).
+        log_std_init: initial log standard deviation of the Gaussian actions.
+        frame_stack: observations stacked for the ``"framestack"`` control (ignored for recurrent).
+        norm_obs: normalise observations with running statistics (``VecNormalize``).
+        norm_reward: normalise rewards too (off: the telescoping reward is already well scaled).
+        clip_obs: clip normalised observations to ``[-clip_obs, clip_obs]``.
+        task_distribution: meta-training tasks: ``"train"``, ``"all"``, ``"toy"`` or ``"test"``.
+        hyperparameters: the controlled hyperparameters, in action order.
+        divergence_penalty: return of a diverged inner run.
+    """
+
+    algorithm: str = "recurrent"
+    n_envs: int = 16
+    n_steps: int = 32
+    batch_size: int = 256
+    n_epochs: int = 4
+    learning_rate: float = 3e-4
+    gamma: float = 0.995
+    gae_lambda: float = 0.95
+    clip_range: float = 0.2
+    ent_coef: float = 0.0
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    target_kl: float | None = None
+    lstm_hidden_size: int = 64
+    net_arch: tuple[int, ...] = (64,)
+    log_std_init: float = -0.5
+    frame_stack: int = 4
+    norm_obs: bool = True
+    norm_reward: bool = False
+    clip_obs: float = OBS_BOUND
+    task_distribution: str = "train"
+    hyperparameters: tuple[str, ...] = ("lr", "weight_decay")
+    divergence_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {list(ALGORITHMS)}, got {self.algorithm!r}")
+        for name in ("n_envs", "n_steps", "batch_size", "n_epochs", "lstm_hidden_size", "frame_stack"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"MetaAgentConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_steps < 2:
+            raise ValueError(f"MetaAgentConfig.n_steps must be >= 2 (GAE needs a next step), got {self.n_steps}")
+        for name in ("learning_rate", "clip_range", "clip_obs"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"MetaAgentConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0 < self.gamma <= 1 or not 0 < self.gae_lambda <= 1:
+            raise ValueError(f"gamma and gae_lambda must lie in (0, 1], got {self.gamma} and {self.gae_lambda}")
+        object.__setattr__(self, "net_arch", tuple(int(w) for w in self.net_arch))
+        object.__setattr__(self, "hyperparameters", tuple(self.hyperparameters))
+        if isinstance(self.task_distribution, TaskDistribution):
+            raise TypeError("MetaAgentConfig.task_distribution is a name; pass a TaskDistribution to make_meta_env")
+
+    @property
+    def rollout_size(self) -> int:
+        """Timesteps collected per rollout (``n_envs * n_steps``)."""
+        return self.n_envs * self.n_steps
+
+    def replace(self, **changes: Any) -> MetaAgentConfig:
+        """A copy with some fields changed (validated again); ``None`` values are ignored."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown MetaAgentConfig fields {sorted(unknown)}")
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+#: Named configurations. ``quick``: about 3 minutes of meta-training on 2 CPU cores (with the
+#: training script's budget); ``full``: about an hour. Both train on the ``"train"`` families.
+PRESETS: dict[str, MetaAgentConfig] = {
+    "quick": MetaAgentConfig(n_envs=16, n_steps=32, batch_size=256, n_epochs=4, learning_rate=5e-4),
+    "full": MetaAgentConfig(n_envs=32, n_steps=64, batch_size=1024, n_epochs=5, learning_rate=3e-4),
+}
+
+
+def get_preset(name: str, **overrides: Any) -> MetaAgentConfig:
+    """A preset's :class:`MetaAgentConfig`, with ``overrides`` applied (``None`` values are ignored).
+
+    Raises:
+        ValueError: an unknown preset or field.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
+    return PRESETS[name].replace(**overrides)
+
+
+def make_meta_env(
+    config: MetaAgentConfig,
+    *,
+    seed: int | None = None,
+    task_distribution: TaskDistribution | str | None = None,
+    device: str = "cpu",
+    vec_normalize_path: str | os.PathLike | None = None,
+) -> VecEnv:
+    """The vectorised meta-training environment for ``config``.
+
+    Args:
+        config: the agent configuration (number of slots, hyperparameters, normalisation...).
+        seed: slot ``i`` samples its tasks from a generator seeded with ``seed + i``.
+        task_distribution: overrides ``config.task_distribution`` (a name or a :class:`TaskDistribution`).
+        device: torch device of the inner models.
+        vec_normalize_path: a ``VecNormalize`` saved with ``.save()`` (a checkpoint's): its running
+            statistics and settings replace fresh ones, to resume training.
+
+    Returns:
+        ``HPOVecEnv -> VecMonitor -> VecNormalize`` (``-> VecFrameStack`` for the framestack control).
+    """
+    if not isinstance(config, MetaAgentConfig):
+        raise TypeError(f"config must be a MetaAgentConfig, got {type(config).__name__}")
+    venv: VecEnv = HPOVecEnv(
+        config.n_envs,
+        config.task_distribution if task_distribution is None else task_distribution,
+        hyperparameters=config.hyperparameters,
+        divergence_penalty=config.divergence_penalty,
+        device=device,
+        seed=seed,
+    )
+    venv = VecMonitor(venv)
+    if vec_normalize_path is not None:
+        venv = VecNormalize.load(str(vec_normalize_path), venv)
+        venv.training = True
+    else:
+        venv = VecNormalize(
+            venv,
+            norm_obs=config.norm_obs,
+            norm_reward=config.norm_reward,
+            clip_obs=config.clip_obs,
+            gamma=config.gamma,
+        )
+    if config.algorithm == "framestack" and config.frame_stack > 1:
+        venv = VecFrameStack(venv, config.frame_stack)
+    return venv
+
+
+def make_meta_agent(
+    env: VecEnv,
+    config: MetaAgentConfig,
+    *,
+    seed: int | None = None,
+    device: str = "auto",
+    verbose: int = 0,
+    policy_kwargs: dict[str, Any] | None = None,
+) -> Any:
+    """A fresh ``RecurrentPPO`` (or ``PPO`` for the framestack control) over ``env``.
+
+    Args:
+        env: the environment from :func:`make_meta_env` (any SB3 ``VecEnv`` with a Box action space).
+        config: the agent configuration.
+        seed: seeds SB3's random generators (policy initialisation and action sampling).
+        device: torch device of the policy: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        verbose: SB3's verbosity.
+        policy_kwargs: extra arguments of the policy, merged over the config's.
+    """
+    if not isinstance(config, MetaAgentConfig):
+        raise TypeError(f"config must be a MetaAgentConfig, got {type(config).__name__}")
+    net_arch = list(config.net_arch)
+    kwargs: dict[str, Any] = {"net_arch": {"pi": net_arch, "vf": net_arch}, "log_std_init": config.log_std_init}
+    common = dict(
+        learning_rate=config.learning_rate,
+        n_steps=config.n_steps,
+        batch_size=config.batch_size,
+        n_epochs=config.n_epochs,
+        gamma=config.gamma,
+        gae_lambda=config.gae_lambda,
+        clip_range=config.clip_range,
+        ent_coef=config.ent_coef,
+        vf_coef=config.vf_coef,
+        max_grad_norm=config.max_grad_norm,
+        target_kl=config.target_kl,
+        seed=seed,
+        device=device,
+        verbose=verbose,
+    )
+    if config.algorithm == "recurrent":
+        from sb3_contrib import RecurrentPPO
+
+        kwargs.update(lstm_hidden_size=config.lstm_hidden_size, n_lstm_layers=1, enable_critic_lstm=True)
+        kwargs.update(policy_kwargs or {})
+        return RecurrentPPO("MlpLstmPolicy", env, policy_kwargs=kwargs, **common)
+    from stable_baselines3 import PPO
+
+    kwargs.update(policy_kwargs or {})
+    return PPO("MlpPolicy", env, policy_kwargs=kwargs, **common)
+
+
+def get_vec_normalize(env: VecEnv) -> VecNormalize | None:
+    """The ``VecNormalize`` inside a wrapper stack (None if there is none)."""
+    return unwrap_vec_normalize(env)
+
+
+def frame_stack_of(config: MetaAgentConfig) -> int:
+    """Frames the policy sees per decision: ``config.frame_stack`` for the control, 1 for recurrent."""
+    return config.frame_stack if config.algorithm == "framestack" else 1
