@@ -82,7 +82,11 @@ class PolicyBundle:
         obs = np.asarray(obs, dtype=np.float32)
         if self.obs_mean is None:
             return obs
-        out = (obs - self.obs_mean) / np.sqrt(self.obs_var + self.epsilon)
+        # float64 statistics, as VecNormalize keeps them: the result is bit-identical to what the
+        # policy saw in training (float32 statistics shift the last bits and so the actions).
+        mean = np.asarray(self.obs_mean, dtype=np.float64)
+        var = np.asarray(self.obs_var, dtype=np.float64)
+        out = (obs - mean) / np.sqrt(var + self.epsilon)
         return np.clip(out, -self.clip_obs, self.clip_obs).astype(np.float32)
 
     def initial_state(self, n_envs: int = 1) -> Any:
@@ -193,7 +197,9 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> PolicyBundle:
     """
     path = Path(path)
     if not path.is_dir():
-        raise BundleError(f"no policy bundle at {str(path)!r}: expected a directory holding {MODEL_FILE}, {NORM_FILE} and {CONFIG_FILE}")
+        raise BundleError(
+            f"no policy bundle at {str(path)!r}: expected a directory holding {MODEL_FILE}, {NORM_FILE} and {CONFIG_FILE}"
+        )
     for name in (CONFIG_FILE, MODEL_FILE, NORM_FILE):
         if not (path / name).is_file():
             raise BundleError(f"policy bundle {str(path)!r} is missing {name}; re-save it with agents.save_bundle")
@@ -223,8 +229,8 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> PolicyBundle:
     clip_obs, epsilon = OBS_BOUND, 1e-8
     if norm is not None:
         try:
-            obs_mean = np.asarray(norm["mean"], dtype=np.float32)
-            obs_var = np.asarray(norm["var"], dtype=np.float32)
+            obs_mean = np.asarray(norm["mean"], dtype=np.float64)
+            obs_var = np.asarray(norm["var"], dtype=np.float64)
             clip_obs, epsilon = float(norm["clip_obs"]), float(norm["epsilon"])
         except (KeyError, TypeError, ValueError) as err:
             raise BundleError(f"{path / NORM_FILE} is corrupted: {err}") from err
