@@ -1,0 +1,603 @@
+"""Meta-train a hyperparameter-scheduling agent: ``hpo-train`` / ``python -m training.train``.
+
+A whole run, top to bottom (:func:`train`):
+
+1. settings: a preset (``quick``: about 3 minutes on 2 CPU cores; ``full``: about an hour) plus any
+   option given on the command line (:class:`TrainSettings`, one documented field per option);
+2. the environment: ``HPOVecEnv`` slots training inner models on tasks sampled from the meta-training
+   families, wrapped in ``VecMonitor`` and ``VecNormalize`` (:func:`agents.make_meta_env`);
+3. the agent: ``RecurrentPPO("MlpLstmPolicy")``, or a frame-stacked MLP ``PPO`` control
+   (:func:`agents.make_meta_agent`);
+4. ``model.learn`` with a progress bar and three callbacks (:mod:`training.callbacks`): per-episode
+   TensorBoard scalars, periodic evaluation on held-out task families against the constant schedule
+   and the random policy (the best policy bundle is kept), and atomic checkpoints;
+5. the final policy bundle and a summary saying where everything is.
+
+Everything of a run lives in one folder, ``<logdir>/<run_name>/``::
+
+    settings.json        the resolved settings (``--resume`` reads them back)
+    events.out.tfevents.*  TensorBoard logs (tags documented in training/callbacks.py)
+    progress*.csv        the same scalars as CSV
+    checkpoints/         step_<timesteps>/ (model, VecNormalize statistics, RNG state), latest.json
+    best_bundle/         the policy bundle with the best held-out evaluation
+    bundle/              the policy bundle at the end of training
+
+Examples::
+
+    hpo-train                                   # the quick preset
+    hpo-train --preset full --seed 1 --run-name full-s1
+    hpo-train --algorithm framestack            # the MLP control
+    hpo-train --resume runs/full-s1             # continue a killed run from its last checkpoint
+    tensorboard --logdir runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import os
+import shlex
+import sys
+import textwrap
+import time
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+__all__ = [
+    "BUDGETS",
+    "RunBudget",
+    "RunFolderError",
+    "TrainResult",
+    "TrainSettings",
+    "build_parser",
+    "main",
+    "parse_settings",
+    "train",
+]
+
+#: Seed of the held-out evaluation tasks: fixed, so every run is evaluated on the same tasks.
+EVAL_TASK_SEED = 20240
+
+
+class RunFolderError(ValueError):
+    """A run folder cannot be used: it already exists, or has nothing to resume from."""
+
+
+@dataclass(frozen=True)
+class RunBudget:
+    """How long a preset trains and how often it evaluates and checkpoints (in timesteps = decisions)."""
+
+    total_timesteps: int
+    eval_freq: int
+    checkpoint_freq: int
+    eval_tasks: int
+    eval_seeds: int
+
+
+#: Budgets of the presets (the agent settings are :data:`agents.PRESETS`).
+BUDGETS: dict[str, RunBudget] = {
+    "quick": RunBudget(total_timesteps=12_288, eval_freq=6_144, checkpoint_freq=4_096, eval_tasks=4, eval_seeds=1),
+    "full": RunBudget(total_timesteps=262_144, eval_freq=32_768, checkpoint_freq=16_384, eval_tasks=8, eval_seeds=2),
+}
+
+
+@dataclass
+class TrainSettings:
+    """Meta-train a RecurrentPPO agent that schedules hyperparameters while networks train."""
+
+    preset: Literal["quick", "full"] = "quick"
+    """Named defaults: quick (about 3 minutes on 2 CPU cores) or full (about an hour)."""
+    algorithm: Literal["recurrent", "framestack"] = "recurrent"
+    """recurrent: RecurrentPPO with an LSTM policy; framestack: MLP PPO over stacked observations (the control)."""
+    total_timesteps: int | None = None
+    """Meta-training timesteps, i.e. decisions, summed over all slots (default: the preset's)."""
+    n_envs: int | None = None
+    """Inner training runs stepped in parallel, batched (default: the preset's)."""
+    seed: int = 0
+    """Seed of the agent and of the task stream (slot i draws tasks from seed + i)."""
+    logdir: str = "runs"
+    """Folder holding one subfolder per run; point TensorBoard at it."""
+    run_name: str | None = None
+    """Name of the run folder (default: <algorithm>__<preset>__<seed>__<unix time>)."""
+    device: str = "auto"
+    """Torch device of the meta-agent: auto, cpu, cuda, cuda:1..."""
+    env_device: str = "cpu"
+    """Torch device of the inner models being trained."""
+    resume: str | None = None
+    """Continue the run in this folder from its last checkpoint (its settings are reused)."""
+    task_distribution: Literal["train", "all", "toy"] | None = None
+    """Meta-training tasks: train (the meta-training families), all, or toy (tests) (default: train)."""
+    hyperparameters: tuple[str, ...] | None = None
+    """Controlled hyperparameters, in action order (default: lr weight_decay)."""
+    eval_freq: int | None = None
+    """Timesteps between held-out evaluations; 0 evaluates only at the end (default: the preset's)."""
+    eval_distribution: Literal["test", "train", "all", "toy"] = "test"
+    """Where evaluation tasks come from: test (the held-out families), train, all, or toy (tests)."""
+    eval_tasks: int | None = None
+    """Held-out tasks in each evaluation, cycling through the held-out families (default: the preset's)."""
+    eval_seeds: int | None = None
+    """Runs per held-out task, with different initialisation seeds (default: the preset's)."""
+    checkpoint_freq: int | None = None
+    """Timesteps between checkpoints, rounded up to whole rollouts; 0: only at the end (default: the preset's)."""
+    learning_rate: float | None = None
+    """Adam learning rate of the meta-agent (default: the preset's)."""
+    n_steps: int | None = None
+    """Decisions per slot per rollout (default: the preset's; at least one whole episode)."""
+    batch_size: int | None = None
+    """PPO minibatch size in timesteps (default: the preset's)."""
+    n_epochs: int | None = None
+    """PPO epochs per rollout (default: the preset's)."""
+    lstm_hidden_size: int | None = None
+    """LSTM units of the recurrent policy (default: the preset's)."""
+    frame_stack: int | None = None
+    """Observations stacked for the framestack control (default: the preset's)."""
+    threads: int = 1
+    """torch CPU threads. One is fastest here: the agent's and the inner models' tensors are small."""
+    progress_bar: bool = True
+    """Show a progress bar (tqdm + rich)."""
+    verbose: int = 1
+    """0: quiet; 1: a line per evaluation and the final summary."""
+
+    def __post_init__(self) -> None:
+        for name in ("total_timesteps", "n_envs", "eval_tasks", "eval_seeds", "n_steps", "batch_size", "n_epochs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{_flag(name)} must be >= 1, got {value}")
+        for name in ("eval_freq", "checkpoint_freq"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"--{_flag(name)} must be >= 0 timesteps, got {value}")
+        if self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        if self.run_name is not None and (not self.run_name or os.sep in self.run_name or self.run_name in (".", "..")):
+            raise ValueError(f"--run-name must be a plain folder name, got {self.run_name!r}")
+        if self.hyperparameters is not None:
+            self.hyperparameters = tuple(self.hyperparameters)
+
+    @property
+    def budget(self) -> RunBudget:
+        """The preset's budget with this run's overrides."""
+        base = BUDGETS[self.preset]
+        changes = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(RunBudget) if getattr(self, f.name) is not None
+        }
+        return dataclasses.replace(base, **changes)
+
+    def agent_config(self) -> Any:
+        """The :class:`agents.MetaAgentConfig` of this run: the preset plus overrides."""
+        from agents.factory import get_preset
+
+        return get_preset(
+            self.preset,
+            algorithm=self.algorithm,
+            n_envs=self.n_envs,
+            task_distribution=self.task_distribution,
+            hyperparameters=self.hyperparameters,
+            learning_rate=self.learning_rate,
+            n_steps=self.n_steps,
+            batch_size=self.batch_size,
+            n_epochs=self.n_epochs,
+            lstm_hidden_size=self.lstm_hidden_size,
+            frame_stack=self.frame_stack,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+#: Options that may change when resuming (the others are the run's identity and come from settings.json).
+RESUMABLE_OVERRIDES = frozenset(
+    {"total_timesteps", "device", "env_device", "threads", "progress_bar", "verbose", "eval_freq", "checkpoint_freq"}
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# the command line, generated from TrainSettings
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (attribute docstrings, as CleanRL/tyro read them)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):  # pragma: no cover - source unavailable (frozen apps)
+        return {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def build_parser(prog: str = "hpo-train") -> argparse.ArgumentParser:
+    """An ``argparse`` parser with one option per :class:`TrainSettings` field (help from its docstring).
+
+    Options not given on the command line are absent from the parsed namespace, so a resumed run can
+    tell what the user asked to change.
+    """
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(TrainSettings.__doc__ or "").strip(),
+        epilog="Example: hpo-train --preset quick --seed 0, then: tensorboard --logdir runs",
+        argument_default=argparse.SUPPRESS,
+    )
+    hints = typing.get_type_hints(TrainSettings)
+    docs = _field_docs(TrainSettings)
+    for f in dataclasses.fields(TrainSettings):
+        kind, optional = _unwrap_optional(hints[f.name])
+        text = docs.get(f.name, "") + ("" if f.default is None else f" (default: {_show(f.default)})")
+        kwargs: dict[str, Any] = {"help": text.replace("%", "%%")}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is Literal:
+            choices = typing.get_args(kind)
+            kwargs.update(choices=choices, type=type(choices[0]), metavar="{" + ",".join(map(str, choices)) + "}")
+        elif typing.get_origin(kind) is tuple:
+            kwargs.update(nargs="+", type=typing.get_args(kind)[0], metavar="NAME")
+        else:
+            kwargs.update(type=kind, metavar=f.name.upper() if kind is not str else _metavar(f.name))
+        parser.add_argument(f"--{_flag(f.name)}", **kwargs)
+    return parser
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def _metavar(name: str) -> str:
+    return {"logdir": "DIR", "resume": "RUN_DIR", "run_name": "NAME", "device": "DEVICE", "env_device": "DEVICE"}.get(
+        name, name.upper()
+    )
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def parse_settings(argv: list[str] | None = None, prog: str = "hpo-train") -> TrainSettings:
+    """Parse a command line into :class:`TrainSettings` (exits with a usage message on bad input).
+
+    With ``--resume RUN_DIR`` the run's saved settings are loaded and only the options in
+    :data:`RESUMABLE_OVERRIDES` may be changed.
+    """
+    parser = build_parser(prog)
+    given = vars(parser.parse_args(argv))
+    try:
+        if "resume" in given and given["resume"] is not None:
+            return _resumed_settings(Path(given["resume"]), given)
+        return TrainSettings(**given)
+    except (ValueError, TypeError) as err:
+        parser.error(str(err))
+        raise  # pragma: no cover - parser.error exits
+
+
+def _resumed_settings(run_dir: Path, given: dict[str, Any]) -> TrainSettings:
+    file = run_dir / "settings.json"
+    if not file.is_file():
+        raise ValueError(f"--resume {str(run_dir)!r}: no settings.json there; is it a run folder made by hpo-train?")
+    try:
+        saved = json.loads(file.read_text())
+    except ValueError as err:
+        raise ValueError(f"--resume {str(run_dir)!r}: settings.json is unreadable ({err})") from err
+    fixed = sorted(k for k in given if k not in RESUMABLE_OVERRIDES | {"resume"} and given[k] != saved.get(k))
+    if fixed:
+        raise ValueError(
+            f"--resume continues a run with its own settings; these cannot change: "
+            f"{', '.join('--' + _flag(k) for k in fixed)}. Changeable: "
+            f"{', '.join('--' + _flag(k) for k in sorted(RESUMABLE_OVERRIDES))}"
+        )
+    known = {f.name for f in dataclasses.fields(TrainSettings)}
+    values = {k: v for k, v in saved.items() if k in known}
+    values.update({k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES})
+    values["resume"] = str(run_dir)
+    if isinstance(values.get("hyperparameters"), list):
+        values["hyperparameters"] = tuple(values["hyperparameters"])
+    return TrainSettings(**values)
+
+
+# --------------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    run_dir: Path
+    bundle_path: Path
+    best_bundle_path: Path | None
+    num_timesteps: int
+    wall_time_s: float
+    evaluation: dict[str, Any]
+    resumed_from: int | None = None
+
+
+def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
+    """Run (or resume) meta-training as described by ``settings``; see the module docstring."""
+    import torch
+    from sb3_contrib import RecurrentPPO
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.callbacks import CallbackList
+    from stable_baselines3.common.logger import CSVOutputFormat, Logger
+
+    from agents.bundle import save_bundle
+    from agents.factory import frame_stack_of, get_vec_normalize, make_meta_agent, make_meta_env
+    from hpo_env import __version__ as hpo_version
+    from training.callbacks import (
+        CHECKPOINT_MODEL,
+        CHECKPOINT_VECNORM,
+        CheckpointCallback,
+        HeldOutEvalCallback,
+        HPOEpisodeLogger,
+        PurgingTensorBoardFormat,
+        find_latest_checkpoint,
+        make_eval_tasks,
+        read_checkpoint_state,
+        record_settings,
+        restore_rng_state,
+    )
+
+    t_start = time.perf_counter()
+    # Small tensors everywhere (a 64-unit LSTM, inner models of a few thousand weights): extra
+    # threads cost more in synchronisation than they save. Set here, in the script, never in a library.
+    torch.set_num_threads(settings.threads)
+    command = command or shlex.join(["hpo-train", *sys.argv[1:]])
+    config = settings.agent_config()
+    budget = settings.budget
+    checkpoint = None
+    if settings.resume:
+        run_dir = Path(settings.resume)
+        checkpoint = find_latest_checkpoint(run_dir / "checkpoints")
+        if checkpoint is None:
+            raise RunFolderError(
+                f"--resume {str(run_dir)!r}: no complete checkpoint under {run_dir / 'checkpoints'} (the run was "
+                "stopped before its first one); start it again without --resume"
+            )
+    else:
+        name = settings.run_name or f"{settings.algorithm}__{settings.preset}__{settings.seed}__{int(time.time())}"
+        run_dir = Path(settings.logdir) / name
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise RunFolderError(
+                f"run folder {str(run_dir)!r} already exists: continue it with --resume {run_dir}, or pick another --run-name"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved = {**settings.to_dict(), "run_name": name, "resume": None}
+        tmp = run_dir / ".settings.json.tmp"
+        tmp.write_text(json.dumps(saved, indent=2))
+        os.replace(tmp, run_dir / "settings.json")
+
+    # -- environment and agent ------------------------------------------------------------------
+    state: dict[str, Any] = {}
+    if checkpoint is not None:
+        state = read_checkpoint_state(checkpoint)
+        done = int(state["num_timesteps"])
+        # A fresh task stream for the resumed segment, derived from (seed, timesteps): reproducible,
+        # and not a replay of the tasks the run has already seen.
+        env_seed = int(np.random.SeedSequence([settings.seed, done]).generate_state(1)[0] % (2**31 - 1))
+        vecnorm_file = checkpoint / CHECKPOINT_VECNORM
+        env = make_meta_env(
+            config,
+            seed=env_seed,
+            device=settings.env_device,
+            vec_normalize_path=vecnorm_file if vecnorm_file.is_file() else None,
+        )
+        algo = RecurrentPPO if config.algorithm == "recurrent" else PPO
+        model = algo.load(checkpoint / CHECKPOINT_MODEL, env=env, device=settings.device)
+        restore_rng_state(checkpoint)  # after load, which reseeds the global RNGs with the original seed
+        if model.num_timesteps != done:
+            raise ValueError(
+                f"checkpoint {checkpoint} is inconsistent: model at {model.num_timesteps} timesteps, state at {done}"
+            )
+    else:
+        env_seed = settings.seed
+        env = make_meta_env(config, seed=env_seed, device=settings.env_device)
+        model = make_meta_agent(env, config, seed=settings.seed, device=settings.device)
+    start_timesteps = int(model.num_timesteps)
+    segments = [*state.get("segments", []), {"start": start_timesteps, "env_seed": env_seed, "command": command}]
+
+    suffix = "" if checkpoint is None else f".from_{start_timesteps}"
+    logger = Logger(
+        str(run_dir),
+        [
+            PurgingTensorBoardFormat(str(run_dir), purge_step=start_timesteps if checkpoint is not None else None),
+            CSVOutputFormat(str(run_dir / f"progress{suffix}.csv")),
+        ],
+    )
+    model.set_logger(logger)
+    record_settings(
+        logger,
+        {**settings.to_dict(), "run_dir": str(run_dir), **{f"agent.{k}": v for k, v in config.to_dict().items()}},
+        step=start_timesteps,
+        metrics=("eval/mean_return", "rollout/ep_rew_mean"),
+    )
+
+    decoder = env.unwrapped.decoder
+    frame_stack = frame_stack_of(config)
+
+    def bundle_config() -> dict[str, Any]:
+        return {
+            "env": {
+                "task_distribution": config.task_distribution,
+                "hyperparameters": list(config.hyperparameters),
+                "divergence_penalty": config.divergence_penalty,
+            },
+            "training": {
+                "command": command,
+                "seed": settings.seed,
+                "timesteps": int(model.num_timesteps),
+                "preset": settings.preset,
+                "algorithm": settings.algorithm,
+                "run_dir": str(run_dir),
+                "agent_config": config.to_dict(),
+                "hpo_meta_version": hpo_version,
+                "torch_version": torch.__version__,
+            },
+        }
+
+    eval_tasks = make_eval_tasks(
+        budget.eval_tasks, n_seeds=budget.eval_seeds, split=settings.eval_distribution, seed=EVAL_TASK_SEED
+    )
+    evaluator = HeldOutEvalCallback(
+        eval_tasks,
+        decoder,
+        eval_freq=budget.eval_freq,
+        frame_stack=frame_stack,
+        best_bundle_path=run_dir / "best_bundle",
+        bundle_config=bundle_config,
+        device=settings.env_device,
+        best_mean_return=float(state.get("best_eval_mean_return", -np.inf)),
+        verbose=settings.verbose,
+    )
+    evaluator.last_summary = state.get("last_eval") or None
+    checkpointer = CheckpointCallback(
+        run_dir / "checkpoints",
+        budget.checkpoint_freq,
+        state_fn=lambda: {
+            "best_eval_mean_return": evaluator.best_mean_return,
+            "last_eval": evaluator.last_summary or {},
+            "seed": settings.seed,
+            "segments": segments,
+        },
+    )
+    callbacks = CallbackList([HPOEpisodeLogger(config.hyperparameters), evaluator, checkpointer])
+
+    remaining = budget.total_timesteps - start_timesteps
+    if settings.verbose:
+        what = f"resuming {run_dir} at {start_timesteps:,} timesteps" if checkpoint is not None else f"run {run_dir}"
+        print(
+            f"hpo-train: {what}; {config.algorithm} agent, {config.n_envs} slots x {config.n_steps} steps per rollout, "
+            f"{budget.total_timesteps:,} timesteps; held-out evaluation on {len(eval_tasks)} tasks every "
+            f"{budget.eval_freq:,}",
+            flush=True,
+        )
+    if remaining > 0:
+        try:
+            model.learn(
+                total_timesteps=remaining,
+                callback=callbacks,
+                progress_bar=settings.progress_bar,
+                reset_num_timesteps=checkpoint is None,
+            )
+        except KeyboardInterrupt:
+            last = find_latest_checkpoint(run_dir / "checkpoints")
+            hint = (
+                f"last checkpoint {last}; continue with: hpo-train --resume {run_dir}" if last else "no checkpoint yet"
+            )
+            print(f"\ninterrupted ({hint})", file=sys.stderr)
+            raise
+    elif settings.verbose:
+        print(f"{run_dir} already has {start_timesteps:,} of {budget.total_timesteps:,} timesteps; nothing to train")
+
+    vecnorm = get_vec_normalize(env)
+    final_config = bundle_config()
+    final_config["evaluation"] = _jsonable(evaluator.last_summary or {})
+    bundle_path = save_bundle(
+        run_dir / "bundle",
+        model,
+        decoder,
+        obs_rms=vecnorm.obs_rms if vecnorm is not None and vecnorm.norm_obs else None,
+        clip_obs=vecnorm.clip_obs if vecnorm is not None else config.clip_obs,
+        epsilon=vecnorm.epsilon if vecnorm is not None else 1e-8,
+        frame_stack=frame_stack,
+        config=final_config,
+    )
+    logger.close()
+    env.close()
+    wall = time.perf_counter() - t_start
+    best = run_dir / "best_bundle"
+    result = TrainResult(
+        run_dir=run_dir,
+        bundle_path=bundle_path,
+        best_bundle_path=best if best.is_dir() else None,
+        num_timesteps=int(model.num_timesteps),
+        wall_time_s=wall,
+        evaluation=dict(evaluator.last_summary or {}),
+        resumed_from=start_timesteps if checkpoint is not None else None,
+    )
+    if settings.verbose:
+        print(_summary(result, settings, evaluator, start_timesteps))
+    return result
+
+
+def _summary(result: TrainResult, settings: TrainSettings, evaluator: Any, start: int) -> str:
+    ev = result.evaluation
+    trained = result.num_timesteps - start
+    lines = [
+        "",
+        f"Meta-training done: {result.num_timesteps:,} timesteps"
+        + (f" ({trained:,} in this session, resumed at {start:,})" if result.resumed_from is not None else "")
+        + f" in {_duration(result.wall_time_s)} ({trained / max(result.wall_time_s, 1e-9):.0f} timesteps/s incl. "
+        f"{_duration(evaluator.eval_seconds)} of evaluation).",
+    ]
+    if ev:
+        n = len(evaluator.tasks)
+        lines.append(
+            f"  held-out evaluation ({n} runs, families {', '.join(ev['family_mean_return'])}): mean return "
+            f"policy {ev['mean_return']:+.3f} | constant {ev['constant_mean_return']:+.3f} | random "
+            f"{ev['random_mean_return']:+.3f}; wins vs constant {ev['win_rate_vs_constant']:.0%}, "
+            f"vs random {ev['win_rate_vs_random']:.0%}"
+        )
+    lines.append(f"  policy bundle:  {result.bundle_path}")
+    if result.best_bundle_path is not None:
+        lines.append(
+            f"  best bundle:    {result.best_bundle_path}  (best held-out mean return {evaluator.best_mean_return:+.3f})"
+        )
+    lines.append(
+        f"  checkpoints:    {result.run_dir / 'checkpoints'}  (continue or extend: hpo-train --resume {result.run_dir})"
+    )
+    lines.append(f"  settings:       {result.run_dir / 'settings.json'}")
+    lines.append(f"  TensorBoard:    tensorboard --logdir {shlex.quote(str(result.run_dir.parent))}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _jsonable(value: Any) -> Any:
+    from training.callbacks import _jsonable as convert
+
+    return convert(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``hpo-train`` and ``python -m training.train``."""
+    settings = parse_settings(argv)
+    command = shlex.join(["hpo-train", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        train(settings, command=command)
+    except RunFolderError as err:
+        print(f"hpo-train: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
