@@ -17,6 +17,7 @@ from agents.baselines import (
 )
 from agents.bundle import BUNDLE_FORMAT_VERSION, BundleError, PolicyBundle, load_bundle, save_bundle
 from agents.factory import ALGORITHMS, PRESETS, MetaAgentConfig, get_preset, make_meta_agent, make_meta_env
+from agents.scheduler import PolicyScheduler, default_policy_path
 
 __all__ = [
     "ALGORITHMS",
@@ -31,10 +32,12 @@ __all__ = [
     "OneCycle",
     "PRESETS",
     "PolicyBundle",
+    "PolicyScheduler",
     "RandomPolicy",
     "ReduceLROnPlateau",
     "ReplaySchedule",
     "StepDecay",
+    "default_policy_path",
     "get_preset",
     "load_bundle",
     "make_meta_agent",

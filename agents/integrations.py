@@ -1,0 +1,209 @@
+"""Use a :class:`~agents.PolicyScheduler` from PyTorch Lightning or the Hugging Face ``Trainer``.
+
+Neither library is a dependency of hpo-meta: nothing here imports them at module level, so
+``import agents`` never needs them. What each helper relies on:
+
+**PyTorch Lightning** (``lightning`` 2.x or ``pytorch_lightning``). Lightning steps a custom
+scheduler through ``LightningModule.lr_scheduler_step(scheduler, metric)`` and passes the monitored
+metric when the scheduler config says ``"reduce_on_plateau": True``. :class:`PolicySchedulerMixin`
+provides that hook and :func:`lightning_scheduler_config` builds the config dict::
+
+    class Model(PolicySchedulerMixin, L.LightningModule):
+        def validation_step(self, batch, i):
+            self.log("val_loss", loss)
+        def training_step(self, batch, i):
+            self.log("train_loss", loss, on_step=False, on_epoch=True)  # shown to the policy too
+            return loss
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(self.parameters(), lr=1e-3)
+            sched = PolicyScheduler.from_pretrained("default", opt, total_steps=self.trainer.max_epochs)
+            return {"optimizer": opt, "lr_scheduler": lightning_scheduler_config(sched, monitor="val_loss")}
+
+Lightning saves and restores the scheduler's ``state_dict`` in its checkpoints.
+
+**Hugging Face ``transformers.Trainer``.** :func:`hf_trainer_callback` returns a
+``transformers.TrainerCallback`` that builds the scheduler around the Trainer's optimiser when
+training begins, calls ``step(eval_loss, train_loss)`` after every evaluation (the decision
+interval is the evaluation interval), and re-writes its hyperparameters at the start of every
+optimiser step, because the Trainer's own learning-rate scheduler (``lr_scheduler_type``, use
+``"constant"``) overwrites ``param_groups[*]["lr"]`` after each step. The Trainer's logged
+``learning_rate`` is therefore its own scheduler's value, not the policy's; the callback adds
+``policy_lr`` to the evaluation metrics. Resuming a Trainer checkpoint restarts the policy's
+memory (the callback's state is not saved).
+
+These integrations follow the libraries' documented hooks but are **not exercised by hpo-meta's
+test suite** unless the libraries happen to be installed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Any
+
+from agents.scheduler import PolicyScheduler
+
+__all__ = ["PolicySchedulerMixin", "hf_trainer_callback", "lightning_scheduler_config"]
+
+
+# -- PyTorch Lightning -----------------------------------------------------------------------------
+def lightning_scheduler_config(
+    scheduler: PolicyScheduler,
+    monitor: str = "val_loss",
+    *,
+    interval: str = "epoch",
+    frequency: int = 1,
+    strict: bool = True,
+    name: str | None = "policy",
+) -> dict[str, Any]:
+    """Lightning's ``lr_scheduler`` config dict for a :class:`PolicyScheduler`.
+
+    Args:
+        scheduler: the scheduler (its ``total_steps`` must count Lightning's scheduler calls:
+            epochs with ``interval="epoch"``, ``max_steps // frequency`` with ``"step"``).
+        monitor: the logged validation metric passed to ``scheduler.step``.
+        interval, frequency: when Lightning steps the scheduler.
+        strict: fail if ``monitor`` was not logged (Lightning's option).
+        name: label for Lightning's ``LearningRateMonitor``.
+
+    Raises:
+        TypeError: ``scheduler`` is not a :class:`PolicyScheduler`.
+        ValueError: ``interval`` is not ``"epoch"`` or ``"step"``, or ``frequency < 1``.
+    """
+    if not isinstance(scheduler, PolicyScheduler):
+        raise TypeError(f"scheduler must be a PolicyScheduler, got {type(scheduler).__name__}")
+    if interval not in ("epoch", "step"):
+        raise ValueError(f"interval must be 'epoch' or 'step', got {interval!r}")
+    if int(frequency) < 1:
+        raise ValueError(f"frequency must be >= 1, got {frequency}")
+    return {
+        "scheduler": scheduler,
+        "interval": interval,
+        "frequency": int(frequency),
+        "monitor": monitor,
+        "strict": strict,
+        # Makes Lightning pass the monitored value to lr_scheduler_step.
+        "reduce_on_plateau": True,
+        "name": name,
+    }
+
+
+class PolicySchedulerMixin:
+    """Mix into a ``LightningModule`` (before it) to step :class:`PolicyScheduler` s with the metric.
+
+    Other schedulers are stepped as Lightning would. If the module logs the mean training loss of
+    the interval under :attr:`policy_train_loss_key` (e.g. ``self.log("train_loss", loss,
+    on_epoch=True)``), it is shown to the policy too, as in meta-training.
+    """
+
+    #: ``trainer.callback_metrics`` key of the mean training loss (None: do not pass one).
+    policy_train_loss_key: str | None = "train_loss"
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        if isinstance(scheduler, PolicyScheduler):
+            if metric is None:
+                raise ValueError(
+                    "PolicyScheduler needs the validation loss: configure it with "
+                    "agents.integrations.lightning_scheduler_config(scheduler, monitor='val_loss')"
+                )
+            train_loss = None
+            trainer = getattr(self, "trainer", None)
+            if self.policy_train_loss_key and trainer is not None:
+                train_loss = trainer.callback_metrics.get(self.policy_train_loss_key)
+            scheduler.step(metric, train_loss=train_loss)
+        else:
+            super().lr_scheduler_step(scheduler, metric)  # type: ignore[misc]
+
+
+# -- Hugging Face transformers ---------------------------------------------------------------------
+def _decisions_from_args(args: Any, state: Any) -> int:
+    """Evaluations in a Trainer run: the scheduler's ``total_steps``."""
+    strategy = getattr(args, "eval_strategy", None) or getattr(args, "evaluation_strategy", None)
+    strategy = str(getattr(strategy, "value", strategy))
+    if strategy == "steps":
+        every = args.eval_steps if args.eval_steps is not None else args.logging_steps
+        if every < 1:  # a fraction of the run (transformers' convention)
+            every = math.ceil(state.max_steps * every)
+        return max(1, state.max_steps // int(every))
+    if strategy == "epoch":
+        return max(1, math.ceil(args.num_train_epochs))
+    raise ValueError(
+        f"the policy decides after every evaluation, but eval_strategy is {strategy!r}: set "
+        "eval_strategy='steps' (with eval_steps) or 'epoch' in TrainingArguments, or pass total_steps"
+    )
+
+
+@functools.cache
+def _hf_callback_class() -> type:
+    from transformers import TrainerCallback
+
+    class PolicySchedulerCallback(TrainerCallback):
+        """A ``transformers.TrainerCallback`` running a :class:`PolicyScheduler` (see :func:`hf_trainer_callback`)."""
+
+        def __init__(
+            self,
+            policy: str | os.PathLike | Any = "default",
+            *,
+            total_steps: int | None = None,
+            metric: str = "eval_loss",
+            **scheduler_kwargs: Any,
+        ) -> None:
+            self.policy = policy
+            self.total_steps = total_steps
+            self.metric = metric
+            self.scheduler_kwargs = scheduler_kwargs
+            self.scheduler: PolicyScheduler | None = None
+            self._log_index = 0
+
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            if optimizer is None:
+                raise ValueError("the Trainer passed no optimizer to on_train_begin; cannot build the PolicyScheduler")
+            total = self.total_steps if self.total_steps is not None else _decisions_from_args(args, state)
+            if isinstance(self.policy, (str, os.PathLike)):
+                self.scheduler = PolicyScheduler.from_pretrained(self.policy, optimizer, total, **self.scheduler_kwargs)
+            else:
+                self.scheduler = PolicyScheduler(optimizer, self.policy, total, **self.scheduler_kwargs)
+            self._log_index = len(state.log_history)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.scheduler is not None:
+                self.scheduler._write()  # undo the Trainer's own lr scheduler
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if self.scheduler is None or not metrics or self.metric not in metrics:
+                return
+            losses = [e["loss"] for e in state.log_history[self._log_index :] if "loss" in e]
+            self._log_index = len(state.log_history)
+            train_loss = sum(losses) / len(losses) if losses else None
+            self.scheduler.step(metrics[self.metric], train_loss=train_loss)
+            metrics["policy_lr"] = self.scheduler.get_last_lr()[0]
+
+    return PolicySchedulerCallback
+
+
+def hf_trainer_callback(
+    policy: str | os.PathLike | Any = "default",
+    *,
+    total_steps: int | None = None,
+    metric: str = "eval_loss",
+    **scheduler_kwargs: Any,
+) -> Any:
+    """A ``transformers.TrainerCallback`` that tunes the Trainer's optimiser with a policy.
+
+    Args:
+        policy: a bundle directory, a shipped policy name (``"default"``) or a loaded
+            :class:`~agents.PolicyBundle`.
+        total_steps: number of evaluations in the run; default: derived from ``TrainingArguments``
+            (``max_steps // eval_steps``, or the number of epochs with ``eval_strategy="epoch"``).
+        metric: the evaluation metric shown to the policy as the validation loss.
+        **scheduler_kwargs: ``deterministic``, ``writer``, ``adaptive`` for :class:`PolicyScheduler`.
+
+    Raises:
+        ImportError: ``transformers`` is not installed.
+    """
+    try:
+        cls = _hf_callback_class()
+    except ImportError as err:
+        raise ImportError("hf_trainer_callback needs the `transformers` package: pip install transformers") from err
+    return cls(policy, total_steps=total_steps, metric=metric, **scheduler_kwargs)

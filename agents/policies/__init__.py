@@ -1,0 +1,1 @@
+"""Policy bundles shipped with hpo-meta (package data); ``"default"`` is what ``from_pretrained("default")`` loads."""

@@ -1,0 +1,466 @@
+"""Deploy a trained meta-agent as a learning-rate scheduler inside any PyTorch training loop.
+
+:class:`PolicyScheduler` feels like ``torch.optim.lr_scheduler.ReduceLROnPlateau``: the training
+loop calls ``scheduler.step(val_loss)`` once per *decision interval* (every K optimiser steps, or
+every epoch), and the scheduler writes the policy's new hyperparameters into the optimiser's
+``param_groups``. Observations are built by :class:`~hpo_env.ObservationBuilder` and actions applied
+by :class:`~hpo_env.ActionDecoder`, the very objects the environment uses, following the decision
+protocol written down in :mod:`hpo_env.features`; ``tests/test_scheduler.py`` replays one
+trajectory through both and checks that they agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, SupportsFloat
+
+import numpy as np
+import torch
+
+from hpo_env import ActionDecoder, ObservationBuilder
+
+__all__ = ["PolicyScheduler", "default_policy_path"]
+
+#: Name of the policy bundle shipped inside the package (``agents/policies/default``).
+DEFAULT_POLICY = "default"
+_STATE_VERSION = 1
+
+
+def default_policy_path(name: str = DEFAULT_POLICY) -> Path:
+    """Directory of a policy bundle shipped with hpo-meta (``agents/policies/<name>``).
+
+    Raises:
+        ValueError: no shipped policy has that name.
+    """
+    root = resources.files("agents") / "policies"
+    path = Path(str(root / name))
+    if not (path / "config.json").is_file():
+        shipped = sorted(p.name for p in Path(str(root)).iterdir() if (p / "config.json").is_file())
+        raise ValueError(f"no policy named {name!r} ships with hpo-meta (shipped: {shipped})")
+    return path
+
+
+def _to_float(value: SupportsFloat, what: str) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
+        raise TypeError(f"{what} must be a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}")
+    try:
+        return float(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{what} must be a real number (anything float() accepts), got {value!r}") from err
+
+
+def _copy_state(state: Any, to_torch: bool) -> Any:
+    """Deep copy of a policy state (None, an array, or nested tuples/lists of arrays).
+
+    With ``to_torch`` the arrays become tensors, so the state dict loads with
+    ``torch.load(weights_only=True)``; otherwise tensors become numpy arrays again.
+    """
+    if state is None:
+        return None
+    if isinstance(state, (tuple, list)):
+        return type(state)(_copy_state(s, to_torch) for s in state)
+    if to_torch:
+        return torch.from_numpy(np.array(state, copy=True))
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu().numpy().copy()
+    return np.array(state, copy=True)
+
+
+class PolicyScheduler:
+    """Sets an optimiser's hyperparameters with a trained meta-agent, one decision per ``step()``.
+
+    Call ``step(val_loss)`` after every decision interval: every K optimiser steps or every epoch,
+    whatever you choose, as long as ``total_steps`` counts those calls. The first call comes after
+    the first interval, which runs with the optimiser's initial hyperparameters; call ``t`` shows the
+    policy its progress ``t / total_steps`` and sets the hyperparameters of interval ``t + 1`` (the
+    last call, ``t = total_steps``, only observes: no interval follows). This is exactly the
+    protocol of the environment the policy was trained in (see :mod:`hpo_env.features`).
+
+    The scheduler owns the controlled hyperparameters (those of ``bundle.decoder``, e.g. ``lr`` and
+    ``weight_decay``) and writes them at every step; others are left alone. ``momentum`` is SGD's
+    ``momentum`` or, for Adam-type optimisers, ``betas[0]``.
+
+    **Several parameter groups.** Group 0 is the base: the policy sees and moves its values. Every
+    other group keeps its initial ratio to group 0 in the space the action moves the value in: its
+    learning rate and weight decay stay ``initial_g / initial_0`` times group 0's (a group created
+    with ``weight_decay=0`` keeps 0), and its ``1 - momentum`` stays proportional to group 0's.
+    Only group 0 is clipped to the policy's bounds.
+
+    **Initial values.** Group 0's initial values outside the policy's bounds are clipped into them
+    at construction (with a warning), as the environment does at the start of every episode.
+
+    **Divergence.** A NaN or infinite ``metrics`` (or ``train_loss``) is treated as divergence: a
+    warning is issued, the policy is *not* shown the value (it never saw a diverged run continue in
+    training), and the learning rate takes the largest decrease one decision allows (action -1 on
+    ``lr``, other hyperparameters held). The next finite loss is shown to the policy as usual, with
+    that decrease as the previous action. The scheduler never raises on a non-finite loss; whether
+    to stop or restore a checkpoint is the training loop's decision.
+
+    **Too many calls.** ``step()`` after the ``total_steps``-th call warns and holds the
+    hyperparameters.
+
+    Args:
+        optimizer: a ``torch.optim.Optimizer`` whose ``param_groups`` carry the controlled keys.
+        bundle: a :class:`~agents.PolicyBundle` (from :func:`~agents.load_bundle`), or any object with
+            the same ``decoder`` attribute and ``predict(obs, state, episode_start, deterministic)``
+            method on raw observations.
+        total_steps: number of ``step()`` calls (decision intervals) in the whole run, >= 1.
+        deterministic: use the policy's mean action (True) or sample from it.
+        writer: optional ``torch.utils.tensorboard.SummaryWriter``; logs ``scheduler/<hparam>``
+            (group 0's value for the next interval), ``scheduler/val_loss``, ``scheduler/train_loss``,
+            ``scheduler/action_<hparam>`` and ``scheduler/diverged``, at global step ``t``.
+        adaptive: whether the optimiser is Adam-type (an observed feature). Default: True unless the
+            optimiser is a ``torch.optim.SGD``.
+
+    Raises:
+        TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``, ``bundle`` has no ``decoder``
+            and ``predict``, or ``total_steps`` is not an integer.
+        ValueError: ``total_steps < 1``, or a parameter group lacks a hyperparameter the policy
+            controls (e.g. a policy trained for momentum on an optimiser without one).
+
+    Example:
+        >>> import torch
+        >>> from agents import PolicyScheduler
+        >>> model = torch.nn.Linear(4, 1)
+        >>> x, y = torch.randn(64, 4), torch.randn(64, 1)
+        >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        >>> scheduler = PolicyScheduler.from_pretrained("default", optimizer, total_steps=20)
+        >>> for epoch in range(20):
+        ...     for _ in range(10):
+        ...         optimizer.zero_grad()
+        ...         loss = torch.nn.functional.mse_loss(model(x), y)
+        ...         loss.backward()
+        ...         optimizer.step()
+        ...     with torch.no_grad():
+        ...         val_loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     scheduler.step(val_loss)
+        >>> len(scheduler.get_last_lr())
+        1
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        bundle: Any,
+        total_steps: int,
+        *,
+        deterministic: bool = True,
+        writer: Any = None,
+        adaptive: bool | None = None,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        decoder = getattr(bundle, "decoder", None)
+        if not isinstance(decoder, ActionDecoder) or not callable(getattr(bundle, "predict", None)):
+            raise TypeError(
+                f"bundle must be a PolicyBundle (agents.load_bundle(path)) or have a `decoder` (ActionDecoder) "
+                f"and a `predict` method, got {type(bundle).__name__}"
+            )
+        if isinstance(total_steps, bool) or not isinstance(total_steps, (int, np.integer)):
+            raise TypeError(f"total_steps must be an int (the number of step() calls), got {total_steps!r}")
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1 (the number of step() calls in the run), got {total_steps}")
+        self.optimizer = optimizer
+        self.bundle = bundle
+        self.decoder: ActionDecoder = decoder
+        self.total_steps = int(total_steps)
+        self.deterministic = bool(deterministic)
+        self.writer = writer
+        self.adaptive = (not isinstance(optimizer, torch.optim.SGD)) if adaptive is None else bool(adaptive)
+        self._keys = self._resolve_keys(optimizer, decoder)
+        self.features = ObservationBuilder(decoder, 1)
+        expected_dim = getattr(bundle, "obs_dim", self.features.dim)
+        if expected_dim != self.features.dim:
+            raise ValueError(
+                f"the policy expects {expected_dim} observation features, this hpo-meta builds "
+                f"{self.features.dim} for {list(decoder.names)}: retrain or re-save the bundle"
+            )
+
+        # Group 0 is the base; other groups keep their ratio to it (in the action's log space).
+        values = self._read()  # (groups, k)
+        base = decoder.clip(values[0])
+        for name, old, new in zip(decoder.names, values[0], base):
+            if old != new:
+                spec = self.decoder.specs[self.decoder.names.index(name)]
+                warnings.warn(
+                    f"initial {name}={old:g} of param group 0 is outside the policy's bounds "
+                    f"[{spec.lower:g}, {spec.upper:g}]; clipped to {new:g}, as in meta-training",
+                    stacklevel=2,
+                )
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios = self._distance(values) / self._distance(base)[None]
+        self._ratios = np.nan_to_num(ratios, nan=1.0, posinf=1.0)
+        self._ratios[0] = 1.0
+        self._initial_base = base.copy()
+        self.reset()
+
+    # -- construction helpers -------------------------------------------------------------------
+    @staticmethod
+    def _resolve_keys(optimizer: torch.optim.Optimizer, decoder: ActionDecoder) -> list[list[str]]:
+        """Per group, the key holding each controlled hyperparameter (``"betas"`` for Adam's momentum)."""
+        keys = []
+        for g, group in enumerate(optimizer.param_groups):
+            row = []
+            for name in decoder.names:
+                if name == "momentum" and "momentum" not in group and "betas" in group:
+                    row.append("betas")
+                elif name in group:
+                    row.append(name)
+                else:
+                    wanted = "'momentum' or 'betas'" if name == "momentum" else repr(name)
+                    raise ValueError(
+                        f"the policy controls {list(decoder.names)}, but param group {g} of "
+                        f"{type(optimizer).__name__} has no {wanted} (it has {sorted(k for k in group if k != 'params')}); "
+                        "use an optimizer that has them, or a policy trained to control only what this optimizer has"
+                    )
+            keys.append(row)
+        return keys
+
+    def _distance(self, values: np.ndarray) -> np.ndarray:
+        """The quantity each hyperparameter scales: the value, or ``1 - momentum``."""
+        values = np.asarray(values, dtype=np.float64)
+        out = values.copy()
+        for j, spec in enumerate(self.decoder.specs):
+            if spec.is_momentum:
+                out[..., j] = 1.0 - values[..., j]
+        return out
+
+    def _group_values(self, base: np.ndarray) -> np.ndarray:
+        """Every group's values from group 0's ``base`` and the stored ratios."""
+        dist = self._distance(base)[None] * self._ratios
+        values = dist.copy()
+        for j, spec in enumerate(self.decoder.specs):
+            if spec.is_momentum:
+                values[:, j] = np.clip(1.0 - dist[:, j], 0.0, None)
+        values[0] = base  # exactly the decoder's value, no round trip
+        return values
+
+    def _read(self) -> np.ndarray:
+        out = np.empty((len(self.optimizer.param_groups), self.decoder.num_actions))
+        for g, (group, keys) in enumerate(zip(self.optimizer.param_groups, self._keys)):
+            for j, key in enumerate(keys):
+                out[g, j] = float(group["betas"][0]) if key == "betas" else float(group[key])
+        return out
+
+    def _write(self) -> None:
+        """Write the current hyperparameters into the optimiser (also undoes outside changes)."""
+        values = self._group_values(self._base)
+        for group, keys, row in zip(self.optimizer.param_groups, self._keys, values):
+            for key, v in zip(keys, row):
+                v = float(v)
+                if key == "betas":
+                    betas = group["betas"]
+                    group["betas"] = type(betas)((v, *betas[1:])) if isinstance(betas, (tuple, list)) else (v, betas[1])
+                elif isinstance(group[key], torch.Tensor):
+                    group[key].fill_(v)
+                else:
+                    group[key] = v
+        self._last_values = values
+
+    # -- public API -----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_name: str | os.PathLike,
+        optimizer: torch.optim.Optimizer,
+        total_steps: int,
+        *,
+        device: str = "cpu",
+        **kwargs: Any,
+    ) -> PolicyScheduler:
+        """Load a policy bundle and wrap ``optimizer``.
+
+        Args:
+            path_or_name: a bundle directory, or the name of a policy shipped with hpo-meta
+                (``"default"``).
+            optimizer, total_steps: as for :class:`PolicyScheduler`.
+            device: torch device of the policy network.
+            **kwargs: ``deterministic``, ``writer``, ``adaptive``.
+
+        Raises:
+            agents.BundleError: the bundle is missing, corrupted or incompatible (a ``ValueError``).
+        """
+        from agents.bundle import load_bundle
+
+        path = Path(path_or_name)
+        plain_name = isinstance(path_or_name, str) and "/" not in path_or_name and os.sep not in path_or_name
+        if not path.exists() and plain_name:
+            try:
+                path = default_policy_path(path_or_name)
+            except ValueError as err:
+                raise ValueError(f"{path_or_name!r} is not a policy bundle directory, and {err}") from None
+        return cls(optimizer, load_bundle(path, device=device), total_steps, **kwargs)
+
+    @property
+    def last_step(self) -> int:
+        """Number of ``step()`` calls so far (``t``)."""
+        return self._t
+
+    @property
+    def last_observation(self) -> np.ndarray | None:
+        """The raw observation shown to the policy at the last step (None before the first)."""
+        return None if self._last_obs is None else self._last_obs.copy()
+
+    def reset(self) -> None:
+        """Start a new run: restore the initial hyperparameters (group 0 clipped) and forget the past."""
+        self._t = 0
+        self._started = False
+        self._base = self._initial_base.copy()
+        self._last_action = np.zeros(self.decoder.num_actions)
+        self.features = ObservationBuilder(self.decoder, 1)
+        init = getattr(self.bundle, "initial_state", None)
+        self._policy_state = init(1) if callable(init) else None
+        self._episode_start = True
+        self._last_obs: np.ndarray | None = None
+        self._write()
+
+    def step(self, metrics: SupportsFloat, train_loss: SupportsFloat | None = None) -> None:
+        """Observe the interval that just ended and set the hyperparameters of the next one.
+
+        Args:
+            metrics: validation loss after the interval (a float, a 0-dim tensor, ...).
+            train_loss: optional mean training loss over the interval.
+        """
+        val = _to_float(metrics, "metrics")
+        train = None if train_loss is None else _to_float(train_loss, "train_loss")
+        if self._t >= self.total_steps:
+            warnings.warn(
+                f"PolicyScheduler.step() called more than total_steps={self.total_steps} times; "
+                "the hyperparameters are held at their last values",
+                stacklevel=2,
+            )
+            self._t += 1
+            self._write()
+            return
+        self._t += 1
+        t, k = self._t, self.decoder.num_actions
+        progress = np.array([t / self.total_steps])
+        diverged = not math.isfinite(val) or (train is not None and not math.isfinite(train))
+        action = None
+        if diverged:
+            warnings.warn(
+                f"non-finite loss at scheduler step {t} (val={val}, train={train}) is treated as divergence: "
+                "the learning rate is decreased by the largest step the policy may take",
+                stacklevel=2,
+            )
+            if t < self.total_steps:
+                action = np.zeros(k)
+                if "lr" in self.decoder.names:
+                    action[self.decoder.names.index("lr")] = -1.0
+        else:
+            tr = None if train is None else np.array([train])
+            hp = self._base[None]
+            if not self._started:
+                obs = self.features.reset([0], np.array([val]), tr, hp, progress, adaptive=np.array([self.adaptive]))
+                self._started = True
+            else:
+                obs = self.features.update([0], np.array([val]), tr, hp, self._last_action[None], progress)
+            self._last_obs = obs[0]
+            if t < self.total_steps:  # the last observation has no interval left to act on
+                raw, self._policy_state = self.bundle.predict(
+                    obs,
+                    state=self._policy_state,
+                    episode_start=np.array([self._episode_start]),
+                    deterministic=self.deterministic,
+                )
+                self._episode_start = False
+                action = np.asarray(raw, dtype=np.float64).reshape(k)
+        if action is not None:
+            self._base = self.decoder.decode(action, self._base)
+            self._last_action = action
+        self._write()
+        if self.writer is not None:
+            self._log(t, val, train, diverged, action)
+
+    def _log(self, t: int, val: float, train: float | None, diverged: bool, action: np.ndarray | None) -> None:
+        w = self.writer
+        if math.isfinite(val):
+            w.add_scalar("scheduler/val_loss", val, t)
+        if train is not None and math.isfinite(train):
+            w.add_scalar("scheduler/train_loss", train, t)
+        for j, name in enumerate(self.decoder.names):
+            w.add_scalar(f"scheduler/{name}", float(self._base[j]), t)
+            if action is not None:
+                w.add_scalar(f"scheduler/action_{name}", float(action[j]), t)
+        w.add_scalar("scheduler/diverged", float(diverged), t)
+
+    def get_last_lr(self) -> list[float]:
+        """The learning rate of every param group, as last set by the scheduler."""
+        return self.get_last_hparams().get("lr", [float(g["lr"]) for g in self.optimizer.param_groups])
+
+    def get_last_hparams(self) -> dict[str, list[float]]:
+        """Every controlled hyperparameter as last set, one value per param group: ``{"lr": [...], ...}``."""
+        return {name: [float(v) for v in self._last_values[:, j]] for j, name in enumerate(self.decoder.names)}
+
+    # -- checkpointing --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume, except the optimiser and the policy (torch schedulers' convention).
+
+        Arrays are stored as tensors, so ``torch.save``/``torch.load(weights_only=True)`` round-trip it.
+        """
+        feats = {k: torch.from_numpy(v.copy()) for k, v in self.features.state_dict().items()}
+        return {
+            "version": _STATE_VERSION,
+            "decoder": self.decoder.to_config(),
+            "total_steps": self.total_steps,
+            "t": self._t,
+            "started": self._started,
+            "episode_start": self._episode_start,
+            "adaptive": self.adaptive,
+            "deterministic": self.deterministic,
+            "base": torch.from_numpy(self._base.copy()),
+            "initial_base": torch.from_numpy(self._initial_base.copy()),
+            "ratios": torch.from_numpy(self._ratios.copy()),
+            "last_action": torch.from_numpy(self._last_action.copy()),
+            "last_obs": None if self._last_obs is None else torch.from_numpy(self._last_obs.copy()),
+            "features": feats,
+            "policy_state": _copy_state(self._policy_state, to_torch=True),
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` and write its hyperparameters into the optimiser.
+
+        Raises:
+            ValueError: the state was saved for another policy (controlled hyperparameters or
+                bounds), another number of param groups, or is malformed.
+        """
+        required = {"version", "decoder", "total_steps", "t", "base", "ratios", "features", "policy_state"}
+        missing = required - set(state_dict)
+        if missing:
+            raise ValueError(f"not a PolicyScheduler state dict: missing {sorted(missing)}")
+        if state_dict["version"] != _STATE_VERSION:
+            raise ValueError(f"scheduler state version {state_dict['version']!r}, expected {_STATE_VERSION}")
+        if ActionDecoder.from_config(state_dict["decoder"]) != self.decoder:
+            raise ValueError(
+                f"the state was saved for a policy controlling {state_dict['decoder']}, this scheduler's policy "
+                f"controls {self.decoder.to_config()}"
+            )
+        ratios = np.asarray(state_dict["ratios"], dtype=np.float64)
+        if ratios.shape != self._ratios.shape:
+            raise ValueError(
+                f"the state was saved for {ratios.shape[0]} param groups, the optimizer has {self._ratios.shape[0]}"
+            )
+        self.features.load_state_dict({k: np.asarray(v) for k, v in state_dict["features"].items()})
+        self.total_steps = int(state_dict["total_steps"])
+        self._t = int(state_dict["t"])
+        self._started = bool(state_dict.get("started", self._t > 0))
+        self._episode_start = bool(state_dict.get("episode_start", self._t == 0))
+        self.adaptive = bool(state_dict.get("adaptive", self.adaptive))
+        self.deterministic = bool(state_dict.get("deterministic", self.deterministic))
+        self._base = np.asarray(state_dict["base"], dtype=np.float64).copy()
+        self._initial_base = np.asarray(state_dict.get("initial_base", self._base), dtype=np.float64).copy()
+        self._ratios = ratios.copy()
+        self._last_action = np.asarray(state_dict.get("last_action", np.zeros(self.decoder.num_actions)), np.float64)
+        last_obs = state_dict.get("last_obs")
+        self._last_obs = None if last_obs is None else np.asarray(last_obs, dtype=np.float32).copy()
+        self._policy_state = _copy_state(state_dict["policy_state"], to_torch=False)
+        self._write()
+
+    def __repr__(self) -> str:
+        hp = ", ".join(f"{n}={v:.3g}" for n, v in zip(self.decoder.names, self._base))
+        return f"PolicyScheduler(step {self._t}/{self.total_steps}, {hp}, optimizer={type(self.optimizer).__name__})"

@@ -1,0 +1,465 @@
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from agents import PolicyScheduler, default_policy_path, load_bundle
+from hpo_env import ActionDecoder, HPOEnv
+from training.rollout import run_episodes
+
+
+class ReplayPolicy:
+    """Replays fixed actions and records the raw observations it is shown (SB3 ``predict`` protocol)."""
+
+    def __init__(self, decoder: ActionDecoder, actions) -> None:
+        self.decoder = decoder
+        self.actions = np.asarray(actions, dtype=np.float32)
+        self.seen: list[np.ndarray] = []
+
+    def predict(self, observation, state=None, episode_start=None, deterministic=False):
+        self.seen.append(np.array(observation, copy=True))
+        action = self.actions[min(len(self.seen) - 1, len(self.actions) - 1)]
+        return action[None], state
+
+
+def _optimizer(kind: str, lr: float, weight_decay: float, momentum: float, groups: int = 1):
+    model = torch.nn.Sequential(*[torch.nn.Linear(3, 3) for _ in range(groups)])
+    params = [{"params": m.parameters()} for m in model]
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(momentum, 0.999))
+
+
+@pytest.fixture(scope="module")
+def default_bundle():
+    return load_bundle(default_policy_path())
+
+
+# -- one source of truth ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "optimizer, hyperparameters",
+    [("sgd", ("lr", "weight_decay")), ("adamw", ("lr", "weight_decay", "momentum"))],
+)
+def test_env_and_scheduler_agree_on_observations_and_hyperparameters(small_mlp_spec, optimizer, hyperparameters):
+    spec = small_mlp_spec.replace(optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 3e-3)
+    env = HPOEnv(hyperparameters=hyperparameters)
+    k = len(hyperparameters)
+    actions = np.random.default_rng(3).uniform(-1.2, 1.2, size=(spec.num_decisions - 1, k)).astype(np.float32)
+    actions[0] = 1.0  # push against the bounds too
+    obs, info = env.reset(seed=0, options={"task": spec})
+    env_obs, env_hparams, losses = [obs], [info["hparams"]], [(info["val_loss"], info["train_loss"])]
+    for a in actions:
+        obs, _, terminated, _, info = env.step(a)
+        env_obs.append(obs)
+        env_hparams.append(info["hparams"])
+        losses.append((info["val_loss"], info["train_loss"]))
+    assert terminated and len(losses) == spec.num_decisions
+
+    opt = _optimizer(optimizer, spec.lr, spec.weight_decay, spec.momentum)
+    policy = ReplayPolicy(env.decoder, actions)
+    sched = PolicyScheduler(opt, policy, total_steps=spec.num_decisions)
+    for t, (val, train) in enumerate(losses):
+        sched.step(torch.tensor(val, dtype=torch.float64), train_loss=train)
+        np.testing.assert_array_equal(sched.last_observation, env_obs[t])
+        if t + 1 < len(env_hparams):  # hyperparameters of the next interval
+            for name in hyperparameters:
+                assert sched.get_last_hparams()[name] == [env_hparams[t + 1][name]], (t, name)
+    # The policy saw exactly the environment's observations and was not asked after the last one.
+    assert len(policy.seen) == spec.num_decisions - 1
+    for seen, expected in zip(policy.seen, env_obs):
+        np.testing.assert_array_equal(seen[0], expected)
+    group = opt.param_groups[0]
+    assert group["lr"] == env_hparams[-1]["lr"]
+    if optimizer == "adamw":
+        assert group["betas"] == (env_hparams[-1]["momentum"], 0.999)
+
+
+def test_scheduler_reproduces_run_episodes_with_a_real_recurrent_policy(small_mlp_spec, default_bundle):
+    """The shipped LSTM policy, driven through the project's evaluation loop and through the scheduler."""
+    (record,) = run_episodes(default_bundle, [small_mlp_spec], default_bundle.decoder, deterministic=True)
+    opt = _optimizer("sgd", small_mlp_spec.lr, small_mlp_spec.weight_decay, small_mlp_spec.momentum)
+    sched = PolicyScheduler(opt, default_bundle, total_steps=small_mlp_spec.num_decisions)
+    for t, (val, train) in enumerate(zip(record.val_loss, record.train_loss)):
+        sched.step(val, train_loss=train)
+        if t + 1 < len(record.val_loss):
+            np.testing.assert_allclose(sched._last_action, record.actions[t], rtol=0, atol=0)
+            for name in default_bundle.decoder.names:
+                assert sched.get_last_hparams()[name][0] == record.hparams[name][t + 1]
+
+
+# -- checkpointing ---------------------------------------------------------------------------------
+def _losses(n: int) -> list[tuple[float, float]]:
+    rng = np.random.default_rng(0)
+    return [(2.0 * 0.9**t + 0.05 * rng.random(), 2.1 * 0.88**t) for t in range(n)]
+
+
+def test_state_dict_round_trip_mid_run_gives_identical_subsequent_hyperparameters(default_bundle):
+    total, cut = 12, 5
+    losses = _losses(total)
+    opt = _optimizer("adamw", 1e-3, 1e-2, 0.9, groups=2)
+    sched = PolicyScheduler(opt, default_bundle, total_steps=total)
+    for val, train in losses[:cut]:
+        sched.step(val, train)
+    buffer = io.BytesIO()
+    torch.save({"scheduler": sched.state_dict(), "optimizer": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+
+    expected = []
+    for val, train in losses[cut:]:
+        sched.step(val, train)
+        expected.append(sched.get_last_hparams())
+
+    # A fresh process: new optimizer (at its initial values) and scheduler, then the checkpoint.
+    opt2 = _optimizer("adamw", 1e-3, 1e-2, 0.9, groups=2)
+    sched2 = PolicyScheduler(opt2, load_bundle(default_policy_path()), total_steps=total)
+    sched2.load_state_dict(checkpoint["scheduler"])
+    assert sched2.last_step == cut
+    resumed = []
+    for val, train in losses[cut:]:
+        sched2.step(val, train)
+        resumed.append(sched2.get_last_hparams())
+    assert resumed == expected
+    assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
+    # The recurrent state really matters: resuming without it gives another schedule.
+    amnesic = dict(checkpoint["scheduler"], policy_state=None, episode_start=True)
+    opt3 = _optimizer("adamw", 1e-3, 1e-2, 0.9, groups=2)
+    sched3 = PolicyScheduler(opt3, default_bundle, total_steps=total)
+    sched3.load_state_dict(amnesic)
+    forgetful = []
+    for val, train in losses[cut:]:
+        sched3.step(val, train)
+        forgetful.append(sched3.get_last_hparams())
+    assert forgetful != expected
+
+
+def test_load_state_dict_rejects_other_policy_or_groups(default_bundle):
+    sched = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), default_bundle, total_steps=4)
+    state = sched.state_dict()
+    other = ReplayPolicy(ActionDecoder(("lr",)), np.zeros((3, 1)))
+    with pytest.raises(ValueError, match="controlling"):
+        PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), other, total_steps=4).load_state_dict(state)
+    with pytest.raises(ValueError, match="param groups"):
+        PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9, groups=2), default_bundle, 4).load_state_dict(state)
+    with pytest.raises(ValueError, match="missing"):
+        sched.load_state_dict({"t": 3})
+
+
+def test_reset_restores_initial_values_and_replays_the_same_schedule(default_bundle):
+    opt = _optimizer("sgd", 0.1, 1e-4, 0.9)
+    sched = PolicyScheduler(opt, default_bundle, total_steps=6)
+    first = []
+    for val, train in _losses(6):
+        sched.step(val, train)
+        first.append(sched.get_last_lr())
+    sched.reset()
+    assert sched.get_last_lr() == [0.1] and opt.param_groups[0]["lr"] == 0.1 and sched.last_step == 0
+    second = []
+    for val, train in _losses(6):
+        sched.step(val, train)
+        second.append(sched.get_last_lr())
+    assert first == second
+
+
+# -- optimisers and param groups -------------------------------------------------------------------
+def test_param_groups_keep_their_relative_scale_and_zero_weight_decay():
+    decoder = ActionDecoder(("lr", "weight_decay", "momentum"))
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    opt = torch.optim.SGD(
+        [
+            {"params": model[0].parameters()},
+            {"params": model[1].parameters(), "lr": 0.01, "weight_decay": 0.0, "momentum": 0.8},
+        ],
+        lr=0.1,
+        weight_decay=1e-3,
+        momentum=0.9,
+    )
+    actions = np.array([[1.0, 1.0, 1.0], [-1.0, 0.5, -1.0], [0.3, -0.2, 0.4]])
+    sched = PolicyScheduler(opt, ReplayPolicy(decoder, actions), total_steps=4)
+    for val in (1.0, 0.9, 0.8):
+        sched.step(val)
+        g0, g1 = opt.param_groups
+        assert g1["lr"] == pytest.approx(g0["lr"] * 0.1, rel=1e-12)
+        assert g1["weight_decay"] == 0.0
+        assert 1 - g1["momentum"] == pytest.approx((1 - g0["momentum"]) * 2.0, rel=1e-12)
+    hp = sched.get_last_hparams()
+    assert hp["lr"] == sched.get_last_lr() == [g["lr"] for g in opt.param_groups]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 10 ** (0.25 * (1 - 1 + 0.3)))
+
+
+def test_adam_momentum_is_beta1_and_beta2_is_kept():
+    decoder = ActionDecoder(("lr", "momentum"))
+    opt = torch.optim.Adam(torch.nn.Linear(2, 2).parameters(), lr=1e-3, betas=(0.9, 0.95))
+    sched = PolicyScheduler(opt, ReplayPolicy(decoder, [[0.0, 1.0]]), total_steps=3)
+    sched.step(1.0)
+    beta1, beta2 = opt.param_groups[0]["betas"]
+    assert beta1 == pytest.approx(1 - 0.1 * 10**-0.25) and beta2 == 0.95
+    assert sched.adaptive
+
+
+def test_initial_values_outside_bounds_are_clipped_with_a_warning():
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=5.0)
+    with pytest.warns(UserWarning, match="outside the policy's bounds"):
+        sched = PolicyScheduler(opt, ReplayPolicy(ActionDecoder(("lr",)), [[0.0]]), total_steps=3)
+    assert opt.param_groups[0]["lr"] == 1.0 and sched.get_last_lr() == [1.0]
+
+
+def test_the_optimizer_trains_with_the_written_values(default_bundle):
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = PolicyScheduler.from_pretrained("default", opt, total_steps=5)
+    for _ in range(5):
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        with torch.no_grad():
+            sched.step(torch.nn.functional.mse_loss(model(x), y))
+    assert sched.last_step == 5 and math.isfinite(sched.get_last_lr()[0])
+
+
+# -- bad input -------------------------------------------------------------------------------------
+def test_bad_arguments_raise_clear_errors(default_bundle):
+    opt = _optimizer("sgd", 0.1, 1e-4, 0.9)
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        PolicyScheduler(torch.nn.Linear(2, 2), default_bundle, 5)
+    with pytest.raises(TypeError, match="PolicyBundle"):
+        PolicyScheduler(opt, object(), 5)
+    with pytest.raises(ValueError, match="total_steps must be >= 1"):
+        PolicyScheduler(opt, default_bundle, 0)
+    with pytest.raises(TypeError, match="total_steps must be an int"):
+        PolicyScheduler(opt, default_bundle, 2.5)
+    with pytest.raises(ValueError, match="is not a policy bundle directory"):
+        PolicyScheduler.from_pretrained("no-such-policy", opt, 5)
+    sched = PolicyScheduler(opt, default_bundle, 5)
+    with pytest.raises(TypeError, match="metrics must be a real number"):
+        sched.step("low")
+    with pytest.raises(TypeError, match="one-element tensor"):
+        sched.step(torch.ones(3))
+
+
+def test_missing_hyperparameter_names_what_is_missing():
+    momentum_policy = ReplayPolicy(ActionDecoder(("lr", "momentum")), [[0.0, 0.0]])
+    with pytest.raises(ValueError, match=r"Adagrad has no 'momentum' or 'betas'"):
+        PolicyScheduler(torch.optim.Adagrad(torch.nn.Linear(2, 2).parameters()), momentum_policy, 5)
+
+    class PlainSGD(torch.optim.Optimizer):
+        def __init__(self, params, lr=0.1):
+            super().__init__(params, {"lr": lr})
+
+    wd_policy = ReplayPolicy(ActionDecoder(("lr", "weight_decay")), [[0.0, 0.0]])
+    with pytest.raises(ValueError, match=r"no 'weight_decay'"):
+        PolicyScheduler(PlainSGD(torch.nn.Linear(2, 2).parameters()), wd_policy, 5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), torch.tensor(float("nan"))])
+def test_non_finite_loss_is_divergence_with_a_warning_and_a_smaller_lr(bad):
+    decoder = ActionDecoder(("lr", "weight_decay"))
+    policy = ReplayPolicy(decoder, np.full((10, 2), 0.5))
+    opt = _optimizer("sgd", 0.1, 1e-4, 0.9)
+    sched = PolicyScheduler(opt, policy, total_steps=6)
+    sched.step(1.0)
+    lr, wd = opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"]
+    with pytest.warns(UserWarning, match="divergence"):
+        sched.step(bad)
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr * 10**-0.25)
+    assert opt.param_groups[0]["weight_decay"] == wd
+    assert len(policy.seen) == 1  # the policy never sees a diverged loss
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched.step(0.9, train_loss=0.8)
+    obs = sched.last_observation
+    assert np.all(np.isfinite(obs))
+    names = sched.features.feature_names()
+    assert obs[names.index("lr_prev_action")] == -1.0 and obs[names.index("progress")] == pytest.approx(3 / 6)
+
+
+def test_non_finite_first_loss_starts_the_features_at_the_next_finite_one():
+    policy = ReplayPolicy(ActionDecoder(("lr",)), np.zeros((5, 1)))
+    sched = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), policy, total_steps=4)
+    with pytest.warns(UserWarning, match="divergence"):
+        sched.step(1.0, train_loss=float("nan"))
+    assert sched.last_observation is None
+    sched.step(2.0)
+    names = sched.features.feature_names()
+    assert sched.last_observation[names.index("log_val_loss")] == 0.0  # 2.0 is the reference loss
+
+
+def test_steps_beyond_total_steps_warn_and_hold():
+    policy = ReplayPolicy(ActionDecoder(("lr",)), [[1.0], [1.0], [1.0]])
+    opt = _optimizer("sgd", 0.1, 1e-4, 0.9)
+    sched = PolicyScheduler(opt, policy, total_steps=2)
+    sched.step(1.0)
+    sched.step(0.9)  # the last decision only observes
+    lr = opt.param_groups[0]["lr"]
+    assert lr == pytest.approx(0.1 * 10**0.25) and len(policy.seen) == 1
+    with pytest.warns(UserWarning, match="more than total_steps=2"):
+        sched.step(0.8)
+    assert opt.param_groups[0]["lr"] == lr and len(policy.seen) == 1
+
+
+# -- logging ---------------------------------------------------------------------------------------
+class _RecordingWriter:
+    def __init__(self) -> None:
+        self.scalars: dict[str, list[tuple[int, float]]] = {}
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.setdefault(tag, []).append((step, value))
+
+
+def test_tensorboard_tags(tmp_path):
+    writer = _RecordingWriter()
+    policy = ReplayPolicy(ActionDecoder(("lr", "weight_decay")), np.zeros((3, 2)))
+    sched = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), policy, total_steps=3, writer=writer)
+    for val in (1.0, 0.5, 0.25):
+        sched.step(val, train_loss=val)
+    assert [v for _, v in writer.scalars["scheduler/val_loss"]] == [1.0, 0.5, 0.25]
+    assert [s for s, _ in writer.scalars["scheduler/lr"]] == [1, 2, 3]
+    assert {"scheduler/train_loss", "scheduler/weight_decay", "scheduler/action_lr", "scheduler/diverged"} <= set(
+        writer.scalars
+    )
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(tmp_path) as tb:
+        sched = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), policy, total_steps=2, writer=tb)
+        sched.step(1.0)
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+# -- integrations ----------------------------------------------------------------------------------
+def test_lightning_config_and_mixin_without_lightning():
+    from agents.integrations import PolicySchedulerMixin, lightning_scheduler_config
+
+    policy = ReplayPolicy(ActionDecoder(("lr", "weight_decay")), np.full((3, 2), 0.5))
+    opt = _optimizer("sgd", 0.1, 1e-4, 0.9)
+    sched = PolicyScheduler(opt, policy, total_steps=3)
+    config = lightning_scheduler_config(sched, monitor="val_loss")
+    assert config["scheduler"] is sched and config["reduce_on_plateau"] and config["monitor"] == "val_loss"
+    with pytest.raises(TypeError, match="PolicyScheduler"):
+        lightning_scheduler_config(torch.optim.lr_scheduler.StepLR(opt, 1))
+    with pytest.raises(ValueError, match="interval"):
+        lightning_scheduler_config(sched, interval="batch")
+
+    class _Trainer:
+        callback_metrics = {"train_loss": torch.tensor(0.7)}
+
+    class Base:
+        def lr_scheduler_step(self, scheduler, metric):
+            scheduler.step()
+
+    class Module(PolicySchedulerMixin, Base):
+        trainer = _Trainer()
+
+    Module().lr_scheduler_step(sched, torch.tensor(1.0))
+    names = sched.features.feature_names()
+    assert sched.last_step == 1 and sched.last_observation[names.index("has_train_loss")] == 1.0
+    other = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    opt.step()  # (no gradients: a no-op that keeps torch's call-order check quiet)
+    Module().lr_scheduler_step(other, None)  # non-policy schedulers are stepped as Lightning would
+    assert other.last_epoch == 1
+    with pytest.raises(ValueError, match="monitor"):
+        Module().lr_scheduler_step(sched, None)
+
+
+def test_hf_eval_count_from_training_arguments():
+    from types import SimpleNamespace
+
+    from agents.integrations import _decisions_from_args
+
+    state = SimpleNamespace(max_steps=100)
+    assert _decisions_from_args(SimpleNamespace(eval_strategy="steps", eval_steps=10, logging_steps=5), state) == 10
+    assert _decisions_from_args(SimpleNamespace(eval_strategy="steps", eval_steps=0.25, logging_steps=5), state) == 4
+    assert _decisions_from_args(SimpleNamespace(eval_strategy="epoch", num_train_epochs=3.0), state) == 3
+    with pytest.raises(ValueError, match="eval_strategy"):
+        _decisions_from_args(SimpleNamespace(eval_strategy="no"), state)
+
+
+def test_lightning_trainer_end_to_end():
+    pl = pytest.importorskip("lightning.pytorch")
+    from agents.integrations import PolicySchedulerMixin, lightning_scheduler_config
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    data = torch.utils.data.TensorDataset(x, y)
+
+    class Model(PolicySchedulerMixin, pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, i):
+            loss = torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+            self.log("train_loss", loss, on_step=False, on_epoch=True)
+            return loss
+
+        def validation_step(self, batch, i):
+            self.log("val_loss", torch.nn.functional.mse_loss(self.net(batch[0]), batch[1]))
+
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(self.parameters(), lr=1e-3)
+            self.policy = PolicyScheduler.from_pretrained("default", opt, total_steps=self.trainer.max_epochs)
+            return {"optimizer": opt, "lr_scheduler": lightning_scheduler_config(self.policy, monitor="val_loss")}
+
+    model = Model()
+    trainer = pl.Trainer(
+        max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    loader = torch.utils.data.DataLoader(data, batch_size=16)
+    trainer.fit(model, loader, loader)
+    assert model.policy.last_step == 4
+    assert model.policy.get_last_lr() == [trainer.optimizers[0].param_groups[0]["lr"]]
+
+
+def test_hf_trainer_end_to_end(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from agents.integrations import hf_trainer_callback
+
+    class Regressor(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(4, 1)
+
+        def forward(self, x, labels=None):
+            out = self.net(x)
+            return {"loss": torch.nn.functional.mse_loss(out, labels), "logits": out}
+
+    gen = torch.Generator().manual_seed(0)
+    data = [{"x": torch.randn(4, generator=gen), "labels": torch.randn(1, generator=gen)} for _ in range(64)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=20,
+        per_device_train_batch_size=8,
+        eval_strategy="steps",
+        eval_steps=5,
+        logging_steps=5,
+        learning_rate=1e-3,
+        lr_scheduler_type="linear",  # the callback must win against the Trainer's own schedule
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+    )
+    callback = hf_trainer_callback("default")
+    seen_lrs = []
+
+    class Spy(transformers.TrainerCallback):
+        def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
+            seen_lrs.append(optimizer.param_groups[0]["lr"])
+
+    trainer = transformers.Trainer(
+        model=Regressor(), args=args, train_dataset=data, eval_dataset=data[:16], callbacks=[callback, Spy()]
+    )
+    trainer.train()
+    sched = callback.scheduler
+    assert sched.total_steps == 4 and sched.last_step == 4
+    # Every optimiser step ran with the policy's learning rate of its interval, not the linear decay.
+    lrs = [seen_lrs[i * 5 : (i + 1) * 5] for i in range(4)]
+    assert all(len(set(chunk)) == 1 for chunk in lrs)
+    assert lrs[0][0] == pytest.approx(1e-3)
