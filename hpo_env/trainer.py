@@ -295,6 +295,29 @@ class BatchedTrainer:
                     self._reference_loss[m] = l_g[i] if np.isfinite(l_g[i]) else np.nan
         return loss, acc
 
+    @torch.no_grad()
+    def predictions(self, slots: list[int], split: str = "test") -> list[np.ndarray]:
+        """Each slot's predictions on a split: class ids ``(n,)``, or regression outputs ``(n, out)``.
+
+        For metrics that need more than the mean loss and accuracy of :meth:`evaluate` (macro-F1).
+        """
+        if split not in ("val", "test"):
+            raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+        out: list[np.ndarray] = []
+        for slot in slots:
+            s = self._get(slot)
+            data = s.data
+            x = getattr(data, f"x_{split}")
+            if s.group is not None:  # use the stacked values without breaking the stack up
+                g, i = s.group, s.index
+                unpad = [tuple(slice(0, d) for d in true) for true in s.layout.shapes]
+                params = [v[i][sl] for v, sl in zip(g.views(g.flat), unpad)]
+            else:
+                params = s.params
+            y = forward(s.layout.arch, s.layout.activation, [p.unsqueeze(0) for p in params], x.unsqueeze(0))[0]
+            out.append((y.argmax(-1) if data.task_type == "classification" else y).cpu().numpy())
+        return out
+
     def _eval_group(self, g: _Group, split: str) -> tuple[np.ndarray, np.ndarray]:
         x, y, valid, count = (g.data[f"{k}_{split}"] for k in ("x", "y", "valid", "n"))
         out = forward(g.arch, g.activation, g.views(g.flat), x)

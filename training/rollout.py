@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from hpo_env import ActionDecoder, EpisodeBatch, TaskSpec
+from hpo_env import ActionDecoder, EpisodeBatch, TaskSpec, build_splits
 
 __all__ = ["EpisodeRecord", "run_episodes"]
 
@@ -41,6 +41,7 @@ class EpisodeRecord:
     final_val_loss: float = float("nan")
     test_loss: float = float("nan")
     test_accuracy: float = float("nan")
+    test_macro_f1: float = float("nan")
     diverged: bool = False
 
     @property
@@ -106,7 +107,18 @@ def run_episodes(
                 rec.final_val_loss = info.get("final_val_loss", float("nan"))
                 rec.test_loss = info.get("test_loss", float("nan"))
                 rec.test_accuracy = info.get("test_accuracy", float("nan"))
+                if rec.task.task_type == "classification" and not rec.diverged:
+                    rec.test_macro_f1 = _macro_f1(batch, s)
     return records
+
+
+def _macro_f1(batch: EpisodeBatch, slot: int) -> float:
+    """Macro-averaged F1 of a finished classification run on its test split."""
+    from sklearn.metrics import f1_score
+
+    pred = batch.trainer.predictions([slot], split="test")[0]
+    labels = build_splits(batch.trainer.spec(slot)).y_test.cpu().numpy()  # cached: no rebuild
+    return float(f1_score(labels, pred, average="macro"))
 
 
 def _record(rec: EpisodeRecord, info: dict, decoder: ActionDecoder) -> None:

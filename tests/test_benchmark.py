@@ -1,0 +1,270 @@
+"""The benchmark end to end on a tiny configuration, its statistics, store and reference runners."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from agents.baselines import ConstantSchedule, schedule_decoder
+from hpo_env import ActionDecoder, BatchedTrainer, TaskDistribution, ToyTaskDistribution
+from training import benchmark as bench
+from training.hypergradient import run_hypergradient
+from training.rollout import run_episodes
+from training.stats import (
+    bootstrap_ci,
+    divergence_rate,
+    loss_ratios,
+    median_ratio,
+    paired_comparison,
+    win_indicators,
+    win_rate,
+)
+from training.store import ResultStore, RunKey, RunResult
+
+DECODER = ActionDecoder(("lr", "weight_decay"))
+
+
+# -- statistics ----------------------------------------------------------------------------------
+
+
+def test_win_rate_counts_ties_half_and_divergence_as_a_loss():
+    policy = [1.0, 2.0, 3.0, np.nan, np.inf, 5.0]
+    baseline = [2.0, 2.0, 1.0, 1.0, np.nan, np.nan]
+    np.testing.assert_array_equal(win_indicators(policy, baseline), [1, 0.5, 0, 0, 0.5, 1])
+    assert win_rate(policy, baseline) == pytest.approx(3 / 6)
+    np.testing.assert_array_equal(loss_ratios(policy, baseline), [0.5, 1.0, 3.0, np.inf, 1.0, 0.0])
+    assert median_ratio(policy, baseline) == pytest.approx(1.0)
+    assert divergence_rate([True, False, False, False]) == 0.25
+    with pytest.raises(ValueError, match="equally many"):
+        win_rate([1.0], [1.0, 2.0])
+
+
+def test_bootstrap_interval_covers_the_true_median_about_95_percent_of_the_time():
+    rng = np.random.default_rng(0)
+    true_median = math.exp(0.3)  # of a lognormal(0.3, 0.5)
+    hits = 0
+    reps = 200
+    for _ in range(reps):
+        sample = rng.lognormal(0.3, 0.5, size=60)
+        lo, hi = bootstrap_ci(sample, rng=rng, n_boot=400)
+        hits += lo <= true_median <= hi
+    assert 0.89 <= hits / reps <= 0.99
+
+
+def test_bootstrap_is_reproducible_and_resamples_whole_groups():
+    values = np.array([1.0, 1.1, 5.0, 5.2, 9.0, 9.1])
+    a = bootstrap_ci(values, rng=np.random.default_rng(1), groups=["a", "a", "b", "b", "c", "c"], n_boot=300)
+    b = bootstrap_ci(values, rng=np.random.default_rng(1), groups=["a", "a", "b", "b", "c", "c"], n_boot=300)
+    assert a == b
+    # One group: every resample is that group, so the interval collapses onto its statistic.
+    assert bootstrap_ci([1.0, 3.0], rng=np.random.default_rng(0), groups=["t", "t"]) == (2.0, 2.0)
+    # Unequal groups take the general path.
+    lo, hi = bootstrap_ci([1.0, 2.0, 3.0], rng=np.random.default_rng(0), groups=[0, 0, 1], n_boot=200)
+    assert 1.0 <= lo <= hi <= 3.0
+    with pytest.raises(TypeError, match="Generator"):
+        bootstrap_ci(values, rng=0)
+    with pytest.raises(ValueError, match="label every value"):
+        bootstrap_ci(values, rng=np.random.default_rng(0), groups=[1, 2])
+    stats = paired_comparison([1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0], rng=np.random.default_rng(0), n_boot=50)
+    assert stats["win_rate"] == stats["win_rate_low"] == stats["win_rate_high"] == 1.0
+    assert stats["median_ratio"] == 0.5 and stats["pairs"] == 4
+
+
+# -- store -----------------------------------------------------------------------------------------
+
+
+def test_store_round_trip_missing_and_replace(tmp_path):
+    path = tmp_path / "sub" / "runs.sqlite"
+    keys = [RunKey("task/a", "cosine@lr=0.01", s, "v1") for s in range(3)]
+    with ResultStore(path) as store:
+        assert store.missing(keys + keys[:1]) == keys
+        result = RunResult("tabular", final_val_loss=0.5, val_loss=[1.0, 0.5], hparams={"lr": [0.01, 0.005]})
+        store.put_many([(keys[0], result), (keys[1], RunResult("tabular", diverged=True))])
+        assert store.missing(keys) == [keys[2]]
+        assert len(store) == 2 and keys[0] in store
+    with ResultStore(path) as store:  # persisted
+        back = store.get(keys[0])
+        assert back.to_json() == result.to_json()  # NaN fields included
+        assert math.isnan(store.get(keys[1]).final_val_loss) and store.get(keys[1]).diverged
+        store.put_many([(keys[0], RunResult("tabular", final_val_loss=0.25))])
+        assert store.get(keys[0]).final_val_loss == 0.25 and len(store) == 2
+        assert store.get(RunKey("task/a", "cosine@lr=0.01", 0, "v2")) is None  # another code version
+        with pytest.raises(TypeError, match="RunKey"):
+            store.put_many([(("a", "b", 0, "v"), result)])
+    (tmp_path / "junk.sqlite").write_text("not a database " * 100)
+    with pytest.raises(ValueError, match="not a usable SQLite"):
+        ResultStore(tmp_path / "junk.sqlite").keys()
+
+
+# -- reference runners and predictions ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family, optimizer", [("tabular", "sgd"), ("teacher_regression", "adamw")])
+def test_trainer_predictions_agree_with_evaluate(family, optimizer):
+    spec = TaskDistribution.default("all").sample_family(family, np.random.default_rng(3), optimizer=optimizer)
+    spec = spec.replace(total_steps=20, steps_per_action=10)
+    trainer = BatchedTrainer(2)
+    trainer.load(0, spec)
+    trainer.load(1, spec.replace(seed=spec.seed + 1))
+    trainer.train_chunk([0, 1])  # both live in one stack now
+    loss, acc = trainer.evaluate([0, 1], split="test")
+    from hpo_env import build_splits
+
+    y = build_splits(spec).y_test.numpy()
+    for slot, pred in enumerate(trainer.predictions([0, 1], split="test")):
+        if spec.task_type == "classification":
+            assert pred.shape == y.shape
+            assert np.mean(pred == y) == pytest.approx(acc[slot], abs=1e-6)
+        else:
+            assert np.mean(np.sum((pred - y) ** 2, axis=-1) / y.shape[-1]) == pytest.approx(loss[slot], rel=1e-5)
+    with pytest.raises(ValueError, match="split"):
+        trainer.predictions([0], split="train")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_hypergradient_with_beta_zero_reproduces_the_environment(optimizer):
+    spec = TaskDistribution.default("all").sample_family("tabular", np.random.default_rng(5), optimizer=optimizer)
+    spec = spec.replace(total_steps=30, steps_per_action=10)
+    exact = schedule_decoder(DECODER)
+    env_run = run_episodes(ConstantSchedule(exact), [spec], exact)[0]
+    hd0 = run_hypergradient(spec, exact, beta=0.0)
+    np.testing.assert_allclose(hd0.val_loss, env_run.val_loss, rtol=1e-5)
+    assert hd0.test_loss == pytest.approx(env_run.test_loss, rel=1e-5)
+    assert hd0.test_macro_f1 == pytest.approx(env_run.test_macro_f1, abs=1e-9)
+    assert hd0.episode_return == pytest.approx(env_run.episode_return, abs=1e-5)
+    hd = run_hypergradient(spec, exact, beta=1e-2 if optimizer == "sgd" else 1e-5)
+    assert not np.allclose(hd.hparams["lr"], hd.hparams["lr"][0])  # the rate adapts
+    assert all(1e-5 <= lr <= 1.0 for lr in hd.hparams["lr"])
+    with pytest.raises(ValueError, match="beta"):
+        run_hypergradient(spec, exact, beta=-1.0)
+
+
+def test_rollout_records_macro_f1_for_classification_only():
+    spec = TaskDistribution.default("all").sample_family("tabular", np.random.default_rng(0))
+    cls_spec = spec.replace(dataset="wine", total_steps=20, steps_per_action=10)
+    reg_spec = ToyTaskDistribution().sample(np.random.default_rng(0))
+    recs = run_episodes(ConstantSchedule(DECODER), [cls_spec, reg_spec], DECODER)
+    assert 0.0 <= recs[0].test_macro_f1 <= 1.0 and math.isnan(recs[1].test_macro_f1)
+
+
+# -- the benchmark ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    """A RecurrentPPO policy trained for one short rollout on the toy task: a real, loadable bundle."""
+    from sb3_contrib import RecurrentPPO
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    from agents import save_bundle
+    from hpo_env import HPOVecEnv
+
+    env = VecNormalize(HPOVecEnv(4, "toy", seed=0), norm_reward=False)
+    model = RecurrentPPO(
+        "MlpLstmPolicy", env, n_steps=16, batch_size=32, n_epochs=1, seed=0,
+        policy_kwargs=dict(lstm_hidden_size=8, net_arch=[8]), device="cpu",
+    )  # fmt: skip
+    model.learn(64)
+    return save_bundle(tmp_path_factory.mktemp("bundle") / "tiny", model, env.venv.decoder, obs_rms=env.obs_rms)
+
+
+def _tiny_config(bundle, out, **kw) -> bench.BenchmarkConfig:
+    settings = dict(
+        policy=str(bundle), families=("tabular", "digits_cnn"), tasks_per_family=1, seeds=2, grid_size=2,
+        total_steps=20, steps_per_action=5, out=str(out), chunk_size=8, bootstrap=200, progress=False,
+    )  # fmt: skip
+    settings.update(kw)
+    return bench.BenchmarkConfig(**settings)
+
+
+def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_path, monkeypatch, capsys):
+    config = _tiny_config(tiny_bundle, tmp_path / "out")
+    tasks = bench.make_tasks(config)
+    assert [t.family for t in tasks] == ["tabular", "digits_cnn"] and all(t.total_steps == 20 for t in tasks)
+
+    # An interruption after two batches keeps what finished.
+    calls = {"n": 0}
+    real = bench.run_episodes
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_episodes", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_benchmark(config)
+    monkeypatch.setattr(bench, "run_episodes", real)
+    with ResultStore(config.store_path) as store:
+        stored_after_interrupt = len(store)
+    assert stored_after_interrupt == 4 + 4  # the policy's and the random policy's batches
+
+    # Resuming computes only what is missing.
+    result = bench.run_benchmark(config)
+    # 2 tasks x 2 seeds x (policy, 2 defaults, fixed rule, 2x2 grid, 4 schedules, HD, random, replay);
+    # on a 2-point grid no rate coincides with the default, so every key is distinct.
+    total = 2 * 2 * (1 + 3 + 4 + 4 + 1 + 1 + 1)
+    assert result.computed == total - stored_after_interrupt and result.reused == stored_after_interrupt
+    with ResultStore(config.store_path) as store:
+        assert len(store) == total
+        schedules = {k.schedule for k in store.keys()}
+    assert any(s.startswith("policy@") for s in schedules) and any(s.startswith("replay@") for s in schedules)
+
+    summary = json.loads(result.json_path.read_text())  # strict JSON: no NaN tokens
+    names = [r["name"] for r in summary["rows"]]
+    assert names == [r.name for r in bench.rows(2)]
+    for row in summary["rows"]:
+        assert row["all"]["pairs"] == 4 and row["runs"] == 4
+        assert 0.0 <= row["all"]["win_rate_low"] <= row["all"]["win_rate"] <= row["all"]["win_rate_high"] <= 1.0
+        assert row["all"]["median_ratio_low"] <= row["all"]["median_ratio_high"]
+    tuned = {r["name"]: r for r in summary["rows"]}["cosine_tuned"]
+    assert tuned["cost_runs_per_task_seed"] == 2
+    assert set(summary["oracle_lr"]["cosine_tuned"]) == {t.task_id for t in tasks}
+    tabular = summary["per_run"]["policy"][0]
+    assert tabular["family"] == "tabular" and 0 <= tabular["test_macro_f1"] <= 1
+    assert summary["policy"]["divergence_rate"] is not None
+    report = result.report_path.read_text()
+    assert "## Targets" in report and "cosine, tuned oracle (K=2)" in report and "## digits_cnn" in report
+    assert {p.name for p in result.plot_paths} == {"curves_tabular.png", "curves_digits_cnn.png", "win_rates.png"}
+    assert all(p.stat().st_size > 10_000 for p in result.plot_paths)
+
+    # A rerun (through the command line) computes nothing and reports the same numbers.
+    argv = ["--policy", str(tiny_bundle), "--families", "tabular,digits_cnn", "--tasks-per-family", "1",
+            "--seeds", "2", "-K", "2", "--total-steps", "20", "--steps-per-action", "5", "--out", config.out,
+            "--chunk-size", "8", "--bootstrap", "200", "--no-progress", "--no-plots"]  # fmt: skip
+    assert bench.main(argv) == 0
+    assert "0 runs computed" in capsys.readouterr().out
+    again = json.loads(result.json_path.read_text())
+    assert again["rows"] == summary["rows"] and again["run"]["computed_runs"] == 0
+
+
+def test_benchmark_rejects_bad_settings(tiny_bundle, tmp_path, capsys):
+    with pytest.raises(ValueError, match="split"):
+        _tiny_config(tiny_bundle, tmp_path, split="holdout")
+    with pytest.raises(ValueError, match="seeds"):
+        _tiny_config(tiny_bundle, tmp_path, seeds=0)
+    with pytest.raises(ValueError, match="multiple of the sampled steps_per_action"):
+        bench.make_tasks(_tiny_config(tiny_bundle, tmp_path, total_steps=21, steps_per_action=None))
+    assert bench.main(["--policy", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "no policy bundle" in capsys.readouterr().err
+
+
+def test_store_file_is_plain_sqlite(tmp_path):
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        store.put_many([(RunKey("t", "s", 0, "v"), RunResult("tabular", final_val_loss=1.0))])
+    rows = sqlite3.connect(tmp_path / "r.sqlite").execute("SELECT task_id, schedule, seed, code_version FROM runs")
+    assert list(rows) == [("t", "s", 0, "v")]
+
+
+def test_command_line_help():
+    out = subprocess.run(
+        [sys.executable, "-m", "training.benchmark", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "--policy" in out and "--grid-size" in out

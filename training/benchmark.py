@@ -1,0 +1,936 @@
+"""The benchmark: a learned policy against tuned and hand-designed baselines on held-out tasks.
+
+Runs the protocol of the design notes (section 4) at equal inner step budgets::
+
+    hpo-bench --policy runs/my_run/best_bundle                 # held-out families, 5 seeds, K = 8
+    python -m training.benchmark --policy BUNDLE --split train --seeds 3 --out bench_train
+
+For every task of the chosen families (``--tasks-per-family`` sampled with ``--task-seed``) and every
+seed (seed ``s`` replaces the task's ``seed`` by ``seed + s``: a different initialisation and
+minibatch order, the same data), it trains the task's model once per *arm*:
+
+* ``policy``: the learned policy (one run);
+* untuned defaults: constant and cosine at the optimiser's default learning rate
+  (:data:`hpo_env.tasks.DEFAULT_HPARAMS`), and the fixed rule "cosine decay from 3x the default";
+* tuned oracles: constant and cosine at each of ``K`` log-spaced learning rates around the default
+  (``K`` runs); per task, the rate with the lowest mean log final validation loss over the seeds is
+  chosen (with hindsight, on the very losses that are compared: an oracle, not a tuning procedure);
+* step decay, linear decay, OneCycle and ReduceLROnPlateau from the task's own initial learning
+  rate (as the policy starts), and hypergradient descent (:mod:`training.hypergradient`);
+* controls: the random policy and the replay of the policy's average schedule (over all its runs
+  of this benchmark, every controlled hyperparameter).
+
+Learned and random policies act through the bundle's :class:`~hpo_env.ActionDecoder`; schedules
+through :func:`agents.baselines.schedule_decoder` (same bounds, steps large enough to follow their
+curves exactly). All episode-level runs go through :func:`training.rollout.run_episodes`, many at once.
+
+Every inner run is stored in a SQLite :class:`~training.store.ResultStore` keyed by (task id,
+schedule with its parameters, seed, code version): a rerun computes only what is missing, and an
+interrupted benchmark resumes (at most one batch of runs is lost). The policy's key holds a hash of
+the bundle's files, so a new policy reuses every baseline run.
+
+Outputs in ``--out``: ``report.md`` (tables, target checks, costs), ``benchmark.json`` (everything,
+including per-run values), ``plots/`` (schedules and validation curves per family, win rates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agents.baselines import (
+    ConstantSchedule,
+    CosineSchedule,
+    LinearDecay,
+    OneCycle,
+    RandomPolicy,
+    ReduceLROnPlateau,
+    ReplaySchedule,
+    StepDecay,
+    schedule_decoder,
+)
+from agents.bundle import load_bundle
+from hpo_env import FEATURE_SET_VERSION, SPLITS, ActionDecoder, TaskDistribution, TaskSpec
+from hpo_env import __version__ as HPO_VERSION
+from hpo_env.tasks import DEFAULT_HPARAMS
+from training.hypergradient import DEFAULT_HYPERGRADIENT_LR, run_hypergradient
+from training.rollout import EpisodeRecord, run_episodes
+from training.stats import divergence_rate, paired_comparison, win_indicators
+from training.store import ResultStore, RunKey, RunResult
+
+__all__ = ["BENCHMARK_VERSION", "BenchmarkConfig", "main", "run_benchmark"]
+
+#: Bumped whenever a stored run would mean something else (protocol, arms' definitions).
+BENCHMARK_VERSION = "1"
+_SEED_MODULUS = 2**31 - 1
+
+
+@dataclass
+class BenchmarkConfig:
+    """Settings of one benchmark (the command-line flags mirror these fields)."""
+
+    policy: str
+    """Path of the policy bundle under test (see :func:`agents.load_bundle`)."""
+    split: str = "test"
+    """Task families: ``"test"`` (held out of meta-training), ``"train"`` or ``"all"``."""
+    families: tuple[str, ...] = ()
+    """Explicit families (overrides ``split``)."""
+    tasks_per_family: int = 4
+    """Tasks sampled per family."""
+    seeds: int = 5
+    """Seeds per task (initialisation and minibatch order)."""
+    grid_size: int = 8
+    """K: learning rates in the tuned oracles' log grid (K runs per task and seed, per oracle)."""
+    grid_decades: float = 1.5
+    """The grid spans ``default_lr * 10 ** [-grid_decades, +grid_decades]``."""
+    task_seed: int = 0
+    """Seed of the generator that samples the tasks."""
+    total_steps: int | None = None
+    """Override every task's inner step budget (None: the sampled budgets)."""
+    steps_per_action: int | None = None
+    """Override every task's steps per decision (None: the sampled ones)."""
+    out: str = "benchmark"
+    """Output folder (report.md, benchmark.json, plots/)."""
+    store: str | None = None
+    """SQLite results store (default: ``<out>/results.sqlite``)."""
+    chunk_size: int = 32
+    """Runs trained together in one batched call (and written to the store together)."""
+    device: str = "cpu"
+    """Torch device of the inner models."""
+    hd_beta_sgd: float = DEFAULT_HYPERGRADIENT_LR["sgd"]
+    """Hypergradient learning rate of SGD-HD."""
+    hd_beta_adamw: float = DEFAULT_HYPERGRADIENT_LR["adamw"]
+    """Hypergradient learning rate of Adam-HD."""
+    bootstrap: int = 2000
+    """Bootstrap resamples for the confidence intervals."""
+    seed: int = 0
+    """Seed of the random policy's and the bootstrap's generators."""
+    code_version: str | None = None
+    """Version label of stored runs (default: package, feature-set and benchmark versions)."""
+    progress: bool = True
+    """Show a progress bar."""
+    plots: bool = True
+    """Write PNG plots."""
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {list(SPLITS)}, got {self.split!r}")
+        self.families = tuple(self.families)
+        for name in ("tasks_per_family", "seeds", "grid_size", "chunk_size", "bootstrap"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (self.grid_decades >= 0 and math.isfinite(self.grid_decades)):
+            raise ValueError(f"grid_decades must be a finite number >= 0, got {self.grid_decades!r}")
+        for name in ("hd_beta_sgd", "hd_beta_adamw"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("total_steps", "steps_per_action"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+
+    @property
+    def store_path(self) -> Path:
+        return Path(self.store) if self.store else Path(self.out) / "results.sqlite"
+
+
+def default_code_version() -> str:
+    """The label stored runs carry: runs of another package, feature set or protocol are not reused."""
+    return f"hpo-meta {HPO_VERSION}, features {FEATURE_SET_VERSION}, benchmark {BENCHMARK_VERSION}"
+
+
+def bundle_fingerprint(path: str | Path) -> str:
+    """A short hash of a bundle's files: results of a retrained policy are never mixed up."""
+    digest = hashlib.sha1()
+    for name in ("model.zip", "obs_norm.json", "config.json"):
+        digest.update(name.encode())
+        digest.update((Path(path) / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+# ------------------------------------------------------------------------------------------------
+# tasks and arms
+
+
+def make_tasks(config: BenchmarkConfig) -> list[TaskSpec]:
+    """The benchmark's tasks (seed index 0), family by family, from ``config.task_seed``."""
+    families = config.families or SPLITS[config.split]
+    dist = TaskDistribution(families, name="benchmark")
+    rng = np.random.default_rng(config.task_seed)
+    tasks = []
+    for family in families:
+        for _ in range(config.tasks_per_family):
+            spec = dist.sample_family(family, rng)
+            changes: dict[str, int] = {}
+            if config.total_steps is not None:
+                changes["total_steps"] = config.total_steps
+            if config.steps_per_action is not None:
+                changes["steps_per_action"] = config.steps_per_action
+            elif config.total_steps is not None and config.total_steps % spec.steps_per_action:
+                raise ValueError(
+                    f"total_steps={config.total_steps} is not a multiple of the sampled steps_per_action="
+                    f"{spec.steps_per_action}; pass steps_per_action as well"
+                )
+            tasks.append(spec.replace(**changes) if changes else spec)
+    return tasks
+
+
+def seeded(spec: TaskSpec, seed_index: int) -> TaskSpec:
+    """The task run with seed index ``seed_index`` (0 is the task itself)."""
+    return spec if seed_index == 0 else spec.replace(seed=(spec.seed + seed_index) % _SEED_MODULUS)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way of training a task: a schedule (with its parameters) and an initial learning rate."""
+
+    key: str  # the schedule part of the store key
+    row: str  # the report row it feeds
+    kind: str  # "policy", "schedule", "random", "hypergradient" or "replay"
+    lr: float | None = None  # initial learning rate; None: the task's own
+    make: Callable[[], Any] | None = None  # builds the policy object (schedules)
+
+
+@dataclass(frozen=True)
+class Row:
+    """A line of the report."""
+
+    name: str
+    label: str
+    cost: int  # full training runs per (task, seed)
+
+
+def rows(grid_size: int) -> list[Row]:
+    """The report's baselines, in order (the policy itself is not a row)."""
+    return [
+        Row("constant_default", "constant, default LR", 1),
+        Row("cosine_default", "cosine, default LR", 1),
+        Row("cosine_3x_default", "cosine from 3x default LR (fixed rule)", 1),
+        Row("constant_tuned", f"constant, tuned oracle (K={grid_size})", grid_size),
+        Row("cosine_tuned", f"cosine, tuned oracle (K={grid_size})", grid_size),
+        Row("step_decay", "step decay (x0.1 at 50%, 75%)", 1),
+        Row("linear_decay", "linear decay to 0", 1),
+        Row("one_cycle", "OneCycle (10x peak at 30%)", 1),
+        Row("plateau", "ReduceLROnPlateau (x0.1, patience 2)", 1),
+        Row("hypergradient", "hypergradient descent (SGD-HD / Adam-HD)", 1),
+        Row("random", "random policy (control)", 1),
+        Row("replay", "replay of the policy's average schedule (control)", 1),
+    ]
+
+
+def grid_lrs(spec: TaskSpec, config: BenchmarkConfig) -> list[float]:
+    """The tuned oracles' K learning rates for a task's optimiser."""
+    default = DEFAULT_HPARAMS[spec.optimizer]["lr"]
+    if config.grid_size == 1:
+        return [default]
+    return [float(default * 10**e) for e in np.linspace(-config.grid_decades, config.grid_decades, config.grid_size)]
+
+
+def _fmt_lr(lr: float) -> str:
+    return f"{lr:.4g}"
+
+
+def task_arms(spec: TaskSpec, config: BenchmarkConfig, exact: ActionDecoder, policy_hash: str) -> list[Arm]:
+    """Every arm except the replay (which needs the policy's runs first)."""
+    default = DEFAULT_HPARAMS[spec.optimizer]["lr"]
+    arms = [
+        Arm(f"policy@{policy_hash}", "policy", "policy"),
+        Arm(
+            f"constant@lr={_fmt_lr(default)}", "constant_default", "schedule", default, lambda: ConstantSchedule(exact)
+        ),
+        Arm(f"cosine@lr={_fmt_lr(default)}", "cosine_default", "schedule", default, lambda: CosineSchedule(exact)),
+        Arm(
+            f"cosine@lr={_fmt_lr(3 * default)}",
+            "cosine_3x_default",
+            "schedule",
+            3 * default,
+            lambda: CosineSchedule(exact),
+        ),
+    ]
+    for lr in grid_lrs(spec, config):
+        arms.append(
+            Arm(f"constant@lr={_fmt_lr(lr)}", "constant_tuned", "schedule", lr, lambda: ConstantSchedule(exact))
+        )
+        arms.append(Arm(f"cosine@lr={_fmt_lr(lr)}", "cosine_tuned", "schedule", lr, lambda: CosineSchedule(exact)))
+    arms += [
+        Arm("step_decay(0.5,0.75;x0.1)@lr=task", "step_decay", "schedule", None, lambda: StepDecay(exact)),
+        Arm("linear_decay(to 0)@lr=task", "linear_decay", "schedule", None, lambda: LinearDecay(exact)),
+        Arm("one_cycle(10x,30%,/100)@lr=task", "one_cycle", "schedule", None, lambda: OneCycle(exact)),
+        Arm("plateau(x0.1,p2)@lr=task", "plateau", "schedule", None, lambda: ReduceLROnPlateau(exact)),
+        Arm(_hd_key(spec, config), "hypergradient", "hypergradient"),
+        Arm(f"random@seed={config.seed}", "random", "random"),
+    ]
+    return arms
+
+
+def _hd_key(spec: TaskSpec, config: BenchmarkConfig) -> str:
+    beta = config.hd_beta_sgd if spec.optimizer == "sgd" else config.hd_beta_adamw
+    return f"hypergradient@beta={beta:.3g}@lr=task"
+
+
+@dataclass
+class _Job:
+    task_index: int
+    seed_index: int
+    arm: Arm
+    key: RunKey
+    spec: TaskSpec
+
+
+class _RowPolicies:
+    """One SB3-style policy per row of a batch: rows sharing an object are served by one call."""
+
+    def __init__(self, policies: Sequence[Any]) -> None:
+        self.groups: dict[int, tuple[Any, np.ndarray]] = {}
+        for i, p in enumerate(policies):
+            _, idx = self.groups.get(id(p), (p, []))
+            self.groups[id(p)] = (p, [*idx, i])
+        self.groups = {k: (p, np.asarray(idx)) for k, (p, idx) in self.groups.items()}
+        self.n = len(policies)
+
+    def initial_state(self, n: int) -> dict[int, Any]:
+        return {k: getattr(p, "initial_state", lambda m: None)(len(idx)) for k, (p, idx) in self.groups.items()}
+
+    def predict(self, obs, state=None, episode_start=None, deterministic=True):
+        state = state if state is not None else self.initial_state(self.n)
+        starts = np.ones(self.n, bool) if episode_start is None else np.asarray(episode_start, bool)
+        actions = None
+        new_state = {}
+        for k, (policy, idx) in self.groups.items():
+            a, new_state[k] = policy.predict(
+                obs[idx], state=state[k], episode_start=starts[idx], deterministic=deterministic
+            )
+            a = np.asarray(a, dtype=np.float32).reshape(len(idx), -1)
+            if actions is None:
+                actions = np.zeros((self.n, a.shape[1]), dtype=np.float32)
+            actions[idx] = a
+        return actions, new_state
+
+
+def _to_result(rec: EpisodeRecord, wall_s: float) -> RunResult:
+    return RunResult(
+        family=rec.task.family,
+        final_val_loss=float(rec.final_val_loss),
+        test_loss=float(rec.test_loss),
+        test_accuracy=float(rec.test_accuracy),
+        test_macro_f1=float(rec.test_macro_f1),
+        initial_val_loss=float(rec.initial_val_loss),
+        diverged=bool(rec.diverged),
+        episode_return=float(rec.episode_return),
+        num_decisions=rec.task.num_decisions,
+        val_loss=[float(v) for v in rec.val_loss],
+        val_accuracy=[float(v) for v in rec.val_accuracy],
+        hparams={k: [float(x) for x in v] for k, v in rec.hparams.items()},
+        wall_s=float(wall_s),
+        spec=rec.task.to_dict(),
+    )
+
+
+def _random_seed(task_id: str, seed_index: int, seed: int) -> int:
+    """A random policy's seed from the run's identity, so it never depends on how runs are batched."""
+    return int(hashlib.sha1(f"{task_id}|{seed_index}|{seed}".encode()).hexdigest()[:8], 16)
+
+
+# ------------------------------------------------------------------------------------------------
+# running
+
+
+@dataclass
+class BenchmarkResult:
+    """What :func:`run_benchmark` returns: the summary (also in benchmark.json) and output paths."""
+
+    summary: dict
+    report_path: Path
+    json_path: Path
+    plot_paths: list[Path] = field(default_factory=list)
+    computed: int = 0
+    reused: int = 0
+
+
+def run_benchmark(config: BenchmarkConfig) -> BenchmarkResult:
+    """Run (or resume) the benchmark and write its report, JSON and plots.
+
+    Raises:
+        agents.BundleError: the policy bundle is missing or invalid.
+        ValueError: inconsistent settings.
+    """
+    started = time.perf_counter()
+    bundle = load_bundle(config.policy, device=config.device)
+    policy_hash = bundle_fingerprint(config.policy)
+    decoder = bundle.decoder
+    exact = schedule_decoder(decoder)
+    code_version = config.code_version or default_code_version()
+    tasks = make_tasks(config)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    jobs: list[_Job] = []
+    arms_by_task = [task_arms(spec, config, exact, policy_hash) for spec in tasks]
+    for ti, (spec, arms) in enumerate(zip(tasks, arms_by_task)):
+        for si in range(config.seeds):
+            for arm in arms:
+                run_spec = seeded(spec.replace(lr=arm.lr) if arm.lr is not None else spec, si)
+                jobs.append(_Job(ti, si, arm, RunKey(spec.task_id, arm.key, si, code_version), run_spec))
+
+    from tqdm.auto import tqdm
+
+    computed = 0
+    with ResultStore(config.store_path) as store:
+        todo_keys = set(store.missing([j.key for j in jobs]))
+        todo, queued = [], set()
+        for j in jobs:  # one job per distinct key (a grid point may equal the default rate)
+            if j.key in todo_keys and j.key not in queued:
+                todo.append(j)
+                queued.add(j.key)
+        reused = len({j.key for j in jobs}) - len(todo)
+        bar = tqdm(total=len(todo), unit="run", desc="hpo-bench", disable=not config.progress, dynamic_ncols=True)
+        try:
+            # The policy first: the replay control is built from its runs.
+            order = {"policy": 0, "random": 1, "schedule": 2, "hypergradient": 3}
+            todo.sort(key=lambda j: (order[j.arm.kind], j.task_index, j.seed_index))
+            for kind in ("policy", "random", "schedule"):
+                batch = [j for j in todo if j.arm.kind == kind]
+                dec = exact if kind == "schedule" else decoder
+                computed += _run_chunks(batch, dec, bundle, config, store, bar)
+            for j in (j for j in todo if j.arm.kind == "hypergradient"):
+                computed += _run_hypergradient_job(j, decoder, config, store, bar)
+
+            # The replay of the policy's average schedule over all its runs of this benchmark.
+            policy_keys = [j.key for j in jobs if j.arm.kind == "policy"]
+            policy_runs = store.get_many(policy_keys)
+            replay = _replay_from_results(exact, list(policy_runs.values()), tasks)
+            curve = hashlib.sha1(np.round(replay.log10_change, 6).tobytes()).hexdigest()[:8]
+            replay_arm = Arm(f"replay@{policy_hash}:{curve}", "replay", "replay", None, lambda: replay)
+            replay_jobs = []
+            for ti, spec in enumerate(tasks):
+                arms_by_task[ti] = [*arms_by_task[ti], replay_arm]
+                for si in range(config.seeds):
+                    replay_jobs.append(
+                        _Job(
+                            ti, si, replay_arm, RunKey(spec.task_id, replay_arm.key, si, code_version), seeded(spec, si)
+                        )
+                    )
+            jobs += replay_jobs
+            missing = set(store.missing([j.key for j in replay_jobs]))
+            replay_todo = [j for j in replay_jobs if j.key in missing]
+            reused += len(replay_jobs) - len(replay_todo)
+            bar.total += len(replay_todo)
+            bar.refresh()
+            computed += _run_chunks(replay_todo, exact, bundle, config, store, bar)
+        finally:
+            bar.close()
+        results = store.get_many([j.key for j in jobs])
+
+    summary = summarise(config, tasks, arms_by_task, results, code_version, policy_hash, replay)
+    summary["run"] = {
+        "computed_runs": computed,
+        "reused_runs": reused,
+        "wall_s": time.perf_counter() - started,
+        "store": str(config.store_path),
+    }
+    plot_paths = make_plots(summary, out / "plots") if config.plots else []
+    json_path = out / "benchmark.json"
+    json_path.write_text(json.dumps(_jsonable(summary), indent=1, allow_nan=False))
+    report_path = out / "report.md"
+    report_path.write_text(render_report(summary, plot_paths, out))
+    return BenchmarkResult(summary, report_path, json_path, plot_paths, computed, reused)
+
+
+def _run_chunks(jobs: list[_Job], decoder: ActionDecoder, bundle: Any, config: BenchmarkConfig, store, bar) -> int:
+    done = 0
+    for start in range(0, len(jobs), config.chunk_size):
+        chunk = jobs[start : start + config.chunk_size]
+        policies = []
+        for j in chunk:
+            if j.arm.kind == "policy":
+                policies.append(bundle)
+            elif j.arm.kind == "random":
+                policies.append(RandomPolicy(decoder, seed=_random_seed(j.key.task_id, j.seed_index, config.seed)))
+            else:
+                policies.append(j.arm.make())
+        t0 = time.perf_counter()
+        records = run_episodes(
+            _RowPolicies(policies),
+            [j.spec for j in chunk],
+            decoder,
+            device=config.device,
+            seed_indices=[j.seed_index for j in chunk],
+        )
+        share = (time.perf_counter() - t0) / len(chunk)
+        store.put_many([(j.key, _to_result(r, share)) for j, r in zip(chunk, records)])
+        done += len(chunk)
+        bar.update(len(chunk))
+    return done
+
+
+def _run_hypergradient_job(job: _Job, decoder: ActionDecoder, config: BenchmarkConfig, store, bar) -> int:
+    beta = config.hd_beta_sgd if job.spec.optimizer == "sgd" else config.hd_beta_adamw
+    t0 = time.perf_counter()
+    rec = run_hypergradient(job.spec, decoder, beta=beta, seed_index=job.seed_index, device=config.device)
+    store.put_many([(job.key, _to_result(rec, time.perf_counter() - t0))])
+    bar.update(1)
+    return 1
+
+
+def _replay_from_results(decoder: ActionDecoder, results: list[RunResult], tasks: list[TaskSpec]) -> ReplaySchedule:
+    class _Task:  # what ReplaySchedule.from_records reads of a record
+        def __init__(self, num_decisions: int) -> None:
+            self.num_decisions = num_decisions
+
+    class _Rec:
+        def __init__(self, r: RunResult) -> None:
+            self.hparams = r.hparams
+            self.task = _Task(r.num_decisions)
+
+    return ReplaySchedule.from_records(decoder, [_Rec(r) for r in results])
+
+
+# ------------------------------------------------------------------------------------------------
+# statistics
+
+
+def _losses(results: list[RunResult]) -> np.ndarray:
+    return np.array([r.final_val_loss if not r.diverged else np.inf for r in results], dtype=np.float64)
+
+
+def summarise(
+    config: BenchmarkConfig,
+    tasks: list[TaskSpec],
+    arms_by_task: list[list[Arm]],
+    results: dict[RunKey, RunResult],
+    code_version: str,
+    policy_hash: str,
+    replay: ReplaySchedule,
+) -> dict:
+    """Per-row results per (task, seed), the oracle choices, paired statistics and costs."""
+    seeds = range(config.seeds)
+    table: dict[str, list[RunResult]] = {}  # row -> results in (task, seed) order
+    oracle_choice: dict[str, list[float]] = {"constant_tuned": [], "cosine_tuned": []}
+    pairs = [(ti, si) for ti in range(len(tasks)) for si in seeds]
+
+    def result(ti: int, si: int, arm: Arm) -> RunResult:
+        return results[RunKey(tasks[ti].task_id, arm.key, si, code_version)]
+
+    chosen: list[dict[str, Arm]] = []  # per task: row -> the arm that represents it
+    for ti, arms in enumerate(arms_by_task):
+        chosen.append({})
+        by_row: dict[str, list[Arm]] = {}
+        for arm in arms:
+            by_row.setdefault(arm.row, []).append(arm)
+        for row, candidates in by_row.items():
+            if row in oracle_choice:
+                # The oracle: the grid rate with the lowest mean log final validation loss over seeds.
+                scores = []
+                for arm in candidates:
+                    losses = _losses([result(ti, si, arm) for si in seeds])
+                    scores.append(np.mean(np.log(losses)) if np.all(np.isfinite(losses)) else np.inf)
+                best = candidates[int(np.argmin(scores))]
+                oracle_choice[row].append(float(best.lr))
+                candidates = [best]
+            (arm,) = candidates
+            chosen[ti][row] = arm
+            table.setdefault(row, []).extend(result(ti, si, arm) for si in seeds)
+
+    groups = [tasks[ti].task_id for ti, _ in pairs]
+    families = [tasks[ti].family for ti, _ in pairs]
+    rng = np.random.default_rng(config.seed)
+    policy = table["policy"]
+    report_rows = []
+    for row in rows(config.grid_size):
+        base = table[row.name]
+        entry = {
+            "name": row.name,
+            "label": row.label,
+            "cost_runs_per_task_seed": row.cost,
+            "wall_s_per_run": float(np.nanmean([r.wall_s for r in base])),
+            **_describe(base),
+            "all": paired_comparison(_losses(policy), _losses(base), rng=rng, groups=groups, n_boot=config.bootstrap),
+            "by_family": {},
+        }
+        for fam in dict.fromkeys(families):
+            idx = [i for i, f in enumerate(families) if f == fam]
+            entry["by_family"][fam] = {
+                **_describe([base[i] for i in idx]),
+                **paired_comparison(
+                    _losses([policy[i] for i in idx]),
+                    _losses([base[i] for i in idx]),
+                    rng=rng,
+                    groups=[groups[i] for i in idx],
+                    n_boot=config.bootstrap,
+                ),
+            }
+        report_rows.append(entry)
+
+    policy_entry = {
+        "name": "policy",
+        "label": "learned policy",
+        "cost_runs_per_task_seed": 1,
+        "wall_s_per_run": float(np.nanmean([r.wall_s for r in policy])),
+        **_describe(policy),
+        "by_family": {
+            fam: _describe([policy[i] for i, f in enumerate(families) if f == fam]) for fam in dict.fromkeys(families)
+        },
+    }
+    p_losses = _losses(policy)
+    beats_both = (win_indicators(p_losses, _losses(table["constant_default"])) == 1) & (
+        win_indicators(p_losses, _losses(table["cosine_default"])) == 1
+    )
+    by_name = {r["name"]: r for r in report_rows}
+    targets = {
+        "seeds_per_task": config.seeds,
+        "beats_both_untuned_defaults": float(beats_both.mean()),
+        "beats_both_untuned_defaults_target": 0.8,
+        "median_ratio_vs_cosine_tuned": by_name["cosine_tuned"]["all"]["median_ratio"],
+        "median_ratio_vs_cosine_tuned_target": 1.0,
+        "win_rate_vs_random": by_name["random"]["all"]["win_rate"],
+        "win_rate_vs_replay": by_name["replay"]["all"]["win_rate"],
+        "policy_divergence_rate": policy_entry["divergence_rate"],
+        "policy_divergence_rate_target": 0.01,
+    }
+    targets["met"] = {
+        "beats_both_untuned_defaults": targets["beats_both_untuned_defaults"] >= 0.8,
+        "median_ratio_vs_cosine_tuned": targets["median_ratio_vs_cosine_tuned"] <= 1.0,
+        "beats_random": targets["win_rate_vs_random"] > 0.5,
+        "beats_replay": targets["win_rate_vs_replay"] > 0.5,
+        "divergence": targets["policy_divergence_rate"] <= 0.01,
+        "at_least_5_seeds": config.seeds >= 5,
+    }
+    curves = _example_curves(tasks, chosen, results, code_version)
+    return {
+        "config": dataclasses.asdict(config),
+        "code_version": code_version,
+        "policy_fingerprint": policy_hash,
+        "tasks": [{"task_id": t.task_id, **t.to_dict()} for t in tasks],
+        "policy": policy_entry,
+        "rows": report_rows,
+        "targets": targets,
+        "oracle_lr": {row: dict(zip([t.task_id for t in tasks], lrs)) for row, lrs in oracle_choice.items()},
+        "replay_schedule": {
+            "progress": replay.progress.tolist(),
+            "log10_change": replay.log10_change.tolist(),
+            "hyperparameters": list(replay.decoder.names),
+        },  # fmt: skip
+        "per_run": {
+            row: [
+                {
+                    "task_id": tasks[ti].task_id,
+                    "family": tasks[ti].family,
+                    "seed": si,
+                    "final_val_loss": r.final_val_loss,
+                    "test_loss": r.test_loss,
+                    "test_accuracy": r.test_accuracy,
+                    "test_macro_f1": r.test_macro_f1,
+                    "diverged": r.diverged,
+                }  # fmt: skip
+                for (ti, si), r in zip(pairs, res)
+            ]
+            for row, res in table.items()
+        },
+        "curves": curves,
+    }
+
+
+def _describe(results: list[RunResult]) -> dict:
+    losses = _losses(results)
+    finite = losses[np.isfinite(losses)]
+
+    def mean(values: list[float]) -> float:
+        v = np.asarray(values, dtype=np.float64)
+        v = v[np.isfinite(v)]
+        return float(v.mean()) if v.size else float("nan")
+
+    return {
+        "runs": len(results),
+        "median_final_val_loss": float(np.median(losses)) if losses.size else float("nan"),
+        "mean_final_val_loss": float(finite.mean()) if finite.size else float("nan"),
+        "mean_test_loss": mean([r.test_loss for r in results]),
+        "mean_test_accuracy": mean([r.test_accuracy for r in results]),
+        "mean_test_macro_f1": mean([r.test_macro_f1 for r in results]),
+        "divergence_rate": divergence_rate([r.diverged for r in results]),
+    }
+
+
+_PLOTTED = ("policy", "constant_default", "cosine_default", "cosine_3x_default", "cosine_tuned", "step_decay",
+            "one_cycle", "plateau", "hypergradient", "random", "replay")  # fmt: skip
+
+
+def _example_curves(tasks: list[TaskSpec], chosen: list[dict[str, Arm]], results, code_version: str) -> dict:
+    """Learning rate and validation loss per interval, for the first task of each family (seed 0)."""
+    curves: dict[str, dict] = {}
+    for ti, spec in enumerate(tasks):
+        if spec.family in curves:
+            continue
+        entry = {}
+        for row in _PLOTTED:
+            r = results[RunKey(spec.task_id, chosen[ti][row].key, 0, code_version)]
+            entry[row] = {"lr": r.hparams.get("lr", []), "val_loss": r.val_loss, "num_decisions": r.num_decisions}
+        curves[spec.family] = {"task_id": spec.task_id, "optimizer": spec.optimizer, "arms": entry}
+    return curves
+
+
+# ------------------------------------------------------------------------------------------------
+# outputs
+
+
+def _jsonable(x: Any) -> Any:
+    """JSON without NaN/inf (written as null), numpy scalars as Python numbers."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def make_plots(summary: dict, folder: Path) -> list[Path]:
+    """Schedules and validation curves per family, and the win-rate chart; returns the PNG paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    labels = {r["name"]: r["label"] for r in summary["rows"]} | {"policy": "learned policy"}
+    colours = plt.get_cmap("tab20").colors
+    for family, info in summary["curves"].items():
+        fig, (ax_lr, ax_val) = plt.subplots(1, 2, figsize=(14, 4.8))
+        for k, (name, c) in enumerate(info["arms"].items()):
+            t = c["num_decisions"] or 1
+            style = dict(lw=2.5, color="black", zorder=5) if name == "policy" else dict(lw=1.3, color=colours[k % 20])
+            label = labels.get(name, name)
+            if c["lr"]:  # interval i runs from i/T to (i+1)/T
+                ax_lr.step(np.arange(len(c["lr"]) + 1) / t, [*c["lr"], c["lr"][-1]], where="post", label=label, **style)
+            if c["val_loss"]:
+                ax_val.plot(np.arange(1, len(c["val_loss"]) + 1) / t, c["val_loss"], label=label, **style)
+        ax_lr.set(
+            yscale="log", xlabel="progress", ylabel="learning rate", title=f"{family}: schedules (first task, seed 0)"
+        )
+        ax_val.set(yscale="log", xlabel="progress", ylabel="validation loss", title=f"{family}: validation loss")
+        ax_val.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        fig.tight_layout()
+        path = folder / f"curves_{family}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+
+    rows_ = summary["rows"]
+    fig, (ax_w, ax_r) = plt.subplots(1, 2, figsize=(13, 0.45 * len(rows_) + 1.5), sharey=True)
+    y = np.arange(len(rows_))[::-1]
+    win = np.array([r["all"]["win_rate"] for r in rows_])
+    win_err = np.array([[w - r["all"]["win_rate_low"], r["all"]["win_rate_high"] - w] for w, r in zip(win, rows_)]).T
+    ax_w.barh(y, win, xerr=win_err, color=["tab:green" if w > 0.5 else "tab:red" for w in win], capsize=3)
+    ax_w.axvline(0.5, color="k", lw=1, ls="--")
+    ax_w.set(xlim=(0, 1), xlabel="win rate of the policy (95% CI)", yticks=y, yticklabels=[r["label"] for r in rows_])
+    ratio = np.array([r["all"]["median_ratio"] for r in rows_], dtype=float)
+    lo = np.array([r["all"]["median_ratio_low"] for r in rows_], dtype=float)
+    hi = np.array([r["all"]["median_ratio_high"] for r in rows_], dtype=float)
+    finite = np.isfinite(ratio) & np.isfinite(lo) & np.isfinite(hi) & (ratio > 0) & (lo > 0)
+    ax_r.errorbar(ratio[finite], y[finite], xerr=np.stack([ratio - lo, hi - ratio])[:, finite], fmt="o", capsize=3)
+    ax_r.axvline(1.0, color="k", lw=1, ls="--")
+    ax_r.set(xscale="log", xlabel="median ratio of final validation loss, policy / baseline (95% CI)")
+    fig.tight_layout()
+    path = folder / "win_rates.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+    return paths
+
+
+def _f(x: float | None, digits: int = 3) -> str:
+    """A number for the report: n/a for missing or NaN, inf for a divergence."""
+    if x is None or math.isnan(x):
+        return "n/a"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:.{digits}g}"
+
+
+def _pct(x: float) -> str:
+    return "n/a" if not math.isfinite(x) else f"{100 * x:.0f}%"
+
+
+def render_report(summary: dict, plot_paths: Sequence[Path], out: Path) -> str:
+    """The markdown report."""
+    cfg, t, pol = summary["config"], summary["targets"], summary["policy"]
+    n_tasks = len(summary["tasks"])
+    families = sorted({task["family"] for task in summary["tasks"]})
+    lines = [
+        "# hpo-meta benchmark",
+        "",
+        f"- Policy: `{cfg['policy']}` (fingerprint `{summary['policy_fingerprint']}`)",
+        f"- Families: {', '.join(families)} (split `{cfg['split']}`{'; explicit list' if cfg['families'] else ''}); "
+        f"{n_tasks} tasks x {cfg['seeds']} seeds = {n_tasks * cfg['seeds']} (task, seed) pairs; task seed {cfg['task_seed']}",
+        f"- Tuned oracles: K = {cfg['grid_size']} learning rates, default x 10^[-{cfg['grid_decades']}, +{cfg['grid_decades']}], "
+        "chosen per task on the mean log final validation loss over its seeds (hindsight: an oracle)",
+        "- Schedules without 'default'/'tuned' in their name start from the task's own initial learning rate, like the policy.",
+        f"- Code version: `{summary['code_version']}`; runs computed now: {summary['run']['computed_runs']}, "
+        f"reused from the store: {summary['run']['reused_runs']}; wall time {summary['run']['wall_s']:.1f} s",
+        "",
+        "Win rate: fraction of (task, seed) pairs where the policy's final validation loss is lower (ties half, a "
+        "divergence loses). Ratio: median over pairs of policy / baseline final validation loss (below 1: the "
+        "policy is better). Intervals: 95% percentile bootstrap resampling whole tasks.",
+        "",
+        "## All families",
+        "",
+        "| baseline | cost (runs) | policy win rate [95% CI] | median ratio policy/baseline [95% CI] | divergence | test acc | macro-F1 | s/run |",
+        "|---|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for r in summary["rows"]:
+        a = r["all"]
+        lines.append(
+            f"| {r['label']} | {r['cost_runs_per_task_seed']} | {_pct(a['win_rate'])} [{_pct(a['win_rate_low'])}, "
+            f"{_pct(a['win_rate_high'])}] | {_f(a['median_ratio'])} [{_f(a['median_ratio_low'])}, "
+            f"{_f(a['median_ratio_high'])}] | {_pct(r['divergence_rate'])} | {_f(r['mean_test_accuracy'])} | "
+            f"{_f(r['mean_test_macro_f1'])} | {_f(r['wall_s_per_run'], 2)} |"
+        )
+    lines.append(
+        f"| **learned policy** | 1 | | | {_pct(pol['divergence_rate'])} | {_f(pol['mean_test_accuracy'])} | "
+        f"{_f(pol['mean_test_macro_f1'])} | {_f(pol['wall_s_per_run'], 2)} |"
+    )
+    lines += [
+        "",
+        "Cost: full inner training runs per (task, seed). s/run: wall seconds per run on this machine (episode-level "
+        "runs are trained batched; their time is the batch's share).",
+        "",
+        "## Targets",
+        "",
+        "| target | value | met |",
+        "|---|---|---|",
+        f"| beats both untuned defaults on >= 80% of pairs | {_pct(t['beats_both_untuned_defaults'])} | "
+        f"{'yes' if t['met']['beats_both_untuned_defaults'] else 'no'} |",
+        f"| median ratio to the K={cfg['grid_size']} cosine oracle <= 1.00 | {_f(t['median_ratio_vs_cosine_tuned'])} | "
+        f"{'yes' if t['met']['median_ratio_vs_cosine_tuned'] else 'no'} |",
+        f"| beats the random policy (win rate > 50%) | {_pct(t['win_rate_vs_random'])} | {'yes' if t['met']['beats_random'] else 'no'} |",
+        f"| beats the replay of its average schedule | {_pct(t['win_rate_vs_replay'])} | {'yes' if t['met']['beats_replay'] else 'no'} |",
+        f"| diverges in <= 1% of runs | {_pct(t['policy_divergence_rate'])} | {'yes' if t['met']['divergence'] else 'no'} |",
+        f"| at least 5 seeds per task | {cfg['seeds']} | {'yes' if t['met']['at_least_5_seeds'] else 'no'} |",
+    ]
+    for fam in families:
+        p = pol["by_family"][fam]
+        lines += [
+            "",
+            f"## {fam}",
+            "",
+            f"Learned policy: median final validation loss {_f(p['median_final_val_loss'], 4)}, mean test loss "
+            f"{_f(p['mean_test_loss'], 4)}, test accuracy {_f(p['mean_test_accuracy'])}, macro-F1 "
+            f"{_f(p['mean_test_macro_f1'])}, divergence {_pct(p['divergence_rate'])}.",
+            "",
+            "| baseline | median final val loss | mean test loss | test acc | macro-F1 | divergence | policy win rate | median ratio [95% CI] |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in summary["rows"]:
+            b = r["by_family"][fam]
+            lines.append(
+                f"| {r['label']} | {_f(b['median_final_val_loss'], 4)} | {_f(b['mean_test_loss'], 4)} | "
+                f"{_f(b['mean_test_accuracy'])} | {_f(b['mean_test_macro_f1'])} | {_pct(b['divergence_rate'])} | "
+                f"{_pct(b['win_rate'])} | {_f(b['median_ratio'])} [{_f(b['median_ratio_low'])}, {_f(b['median_ratio_high'])}] |"
+            )
+    if plot_paths:
+        lines += ["", "## Plots", ""]
+        for path in plot_paths:
+            rel = Path(path).relative_to(out) if Path(path).is_relative_to(out) else Path(path)
+            lines.append(f"![{rel.stem}]({rel.as_posix()})")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = BenchmarkConfig(policy="")
+    p = argparse.ArgumentParser(
+        prog="hpo-bench",
+        description="Benchmark a learned hyperparameter policy against tuned and hand-designed baselines "
+        "on held-out task families. Resumable: rerun the same command after an interruption.",
+    )
+    p.add_argument("--policy", required=True, help="policy bundle directory (from hpo-train)")
+    p.add_argument("--split", choices=list(SPLITS), default=d.split, help="task families (default: held-out 'test')")
+    p.add_argument("--families", default="", help="comma-separated families, overriding --split")
+    p.add_argument("--tasks-per-family", type=int, default=d.tasks_per_family, help="tasks sampled per family")
+    p.add_argument("--seeds", type=int, default=d.seeds, help="seeds per task")
+    p.add_argument("--grid-size", "-K", type=int, default=d.grid_size, help="K, learning rates in the oracles' grid")
+    p.add_argument("--grid-decades", type=float, default=d.grid_decades, help="grid spans default LR x 10^[-d, +d]")
+    p.add_argument("--task-seed", type=int, default=d.task_seed, help="seed of the task sampler")
+    p.add_argument("--total-steps", type=int, default=None, help="override every task's inner step budget")
+    p.add_argument("--steps-per-action", type=int, default=None, help="override every task's steps per decision")
+    p.add_argument("--out", default=d.out, help="output folder (report.md, benchmark.json, plots/)")
+    p.add_argument("--store", default=None, help="SQLite results store (default: OUT/results.sqlite)")
+    p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="runs trained together in one batch")
+    p.add_argument("--device", default=d.device, help="torch device of the inner models")
+    p.add_argument("--hd-beta-sgd", type=float, default=d.hd_beta_sgd, help="SGD-HD hypergradient learning rate")
+    p.add_argument("--hd-beta-adamw", type=float, default=d.hd_beta_adamw, help="Adam-HD hypergradient learning rate")
+    p.add_argument("--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the random policy and the bootstrap")
+    p.add_argument("--code-version", default=None, help="label of stored runs (default: package/protocol versions)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plots", action="store_true", help="no PNG plots")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``hpo-bench`` and ``python -m training.benchmark``."""
+    args = build_parser().parse_args(argv)
+    try:
+        config = BenchmarkConfig(
+            policy=args.policy,
+            split=args.split,
+            families=tuple(f for f in args.families.split(",") if f),
+            tasks_per_family=args.tasks_per_family,
+            seeds=args.seeds,
+            grid_size=args.grid_size,
+            grid_decades=args.grid_decades,
+            task_seed=args.task_seed,
+            total_steps=args.total_steps,
+            steps_per_action=args.steps_per_action,
+            out=args.out,
+            store=args.store,
+            chunk_size=args.chunk_size,
+            device=args.device,
+            hd_beta_sgd=args.hd_beta_sgd,
+            hd_beta_adamw=args.hd_beta_adamw,
+            bootstrap=args.bootstrap,
+            seed=args.seed,
+            code_version=args.code_version,
+            progress=not args.no_progress,
+            plots=not args.no_plots,
+        )
+        result = run_benchmark(config)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished runs are in the store; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except ValueError as err:  # includes BundleError
+        print(f"hpo-bench: error: {err}", file=sys.stderr)
+        return 2
+    t = result.summary["targets"]
+    print(
+        f"benchmark done: {result.computed} runs computed, {result.reused} reused\n"
+        f"  report: {result.report_path}\n  json:   {result.json_path}\n"
+        f"  policy beats both untuned defaults on {_pct(t['beats_both_untuned_defaults'])} of pairs; "
+        f"median ratio to the tuned cosine oracle {_f(t['median_ratio_vs_cosine_tuned'])}; "
+        f"win rate vs random {_pct(t['win_rate_vs_random'])}, vs replay {_pct(t['win_rate_vs_replay'])}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""Paired comparisons of final losses: win rates, loss ratios and bootstrap confidence intervals.
+
+The benchmark compares a policy with a baseline on the same (task, seed) pairs. A diverged run
+counts as an infinitely bad loss: it loses to any finished run and ties another diverged one.
+Intervals come from a percentile bootstrap that resamples whole *groups* (tasks, whose seeds are
+correlated) when groups are given, always from an explicit ``numpy.random.Generator``::
+
+    >>> import numpy as np
+    >>> policy, baseline = np.array([1.0, 2.0, np.nan]), np.array([2.0, 2.0, 1.0])
+    >>> win_rate(policy, baseline)  # one win, one tie, one divergence
+    0.5
+    >>> float(median_ratio(policy, baseline))
+    1.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "as_losses",
+    "bootstrap_ci",
+    "divergence_rate",
+    "loss_ratios",
+    "median_ratio",
+    "paired_comparison",
+    "win_indicators",
+    "win_rate",
+]
+
+
+def as_losses(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Losses as a float array with every non-finite value (a divergence) turned into ``+inf``."""
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    return np.where(np.isfinite(x), x, np.inf)
+
+
+def _paired(policy, baseline) -> tuple[np.ndarray, np.ndarray]:
+    p, b = as_losses(policy), as_losses(baseline)
+    if p.shape != b.shape:
+        raise ValueError(f"paired comparisons need equally many values, got {p.size} and {b.size}")
+    if p.size == 0:
+        raise ValueError("paired comparisons need at least one pair, got none")
+    return p, b
+
+
+def win_indicators(policy, baseline) -> np.ndarray:
+    """Per pair: 1 where the policy's loss is lower, 0.5 on a tie (two divergences included), else 0."""
+    p, b = _paired(policy, baseline)
+    return np.where(p < b, 1.0, np.where(p == b, 0.5, 0.0))
+
+
+def win_rate(policy, baseline) -> float:
+    """Fraction of pairs the policy wins (ties count half)."""
+    return float(win_indicators(policy, baseline).mean())
+
+
+def loss_ratios(policy, baseline) -> np.ndarray:
+    """Per-pair ``policy / baseline`` final losses: ``inf`` where only the policy diverged, 0 where only
+    the baseline did, 1 where both did."""
+    p, b = _paired(policy, baseline)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = p / b
+    both = np.isinf(p) & np.isinf(b)
+    r[both] = 1.0
+    r[np.isnan(r)] = 1.0  # 0 / 0: both reached a zero loss
+    return r
+
+
+def median_ratio(policy, baseline) -> float:
+    """Median over pairs of ``policy / baseline`` final losses (below 1: the policy ends lower)."""
+    return float(np.median(loss_ratios(policy, baseline)))
+
+
+def divergence_rate(diverged: Sequence[bool] | np.ndarray) -> float:
+    """Fraction of runs that diverged (NaN for no runs)."""
+    d = np.asarray(diverged, dtype=bool).reshape(-1)
+    return float(d.mean()) if d.size else float("nan")
+
+
+def _median(x: np.ndarray) -> np.ndarray:
+    return np.median(x, axis=-1)
+
+
+def _mean(x: np.ndarray) -> np.ndarray:
+    return np.mean(x, axis=-1)
+
+
+def bootstrap_ci(
+    values: Sequence[float] | np.ndarray,
+    statistic: Callable[[np.ndarray], np.ndarray] = _median,
+    *,
+    rng: np.random.Generator,
+    groups: Sequence[object] | np.ndarray | None = None,
+    n_boot: int = 2000,
+    confidence: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of ``statistic(values)``.
+
+    Args:
+        values: one value per observation (a per-pair ratio, a win indicator...).
+        statistic: reduces the last axis of a ``(n_boot, m)`` array to ``(n_boot,)``, like
+            ``lambda x: np.median(x, axis=-1)`` (the default).
+        rng: the generator that draws the resamples (required: no hidden global state).
+        groups: optional group label per value; whole groups are resampled (a cluster bootstrap),
+            so correlated values (seeds of one task) are not counted as independent evidence.
+        n_boot: number of resamples.
+        confidence: coverage of the interval, in ``(0, 1)``.
+
+    Returns:
+        ``(low, high)``.
+
+    Raises:
+        TypeError: ``rng`` is not a ``numpy.random.Generator``.
+        ValueError: no values, mismatched groups, or a bad ``n_boot`` or ``confidence``.
+    """
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    if x.size == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    if int(n_boot) < 1:
+        raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+    n_boot = int(n_boot)
+    if groups is None:
+        samples = x[rng.integers(0, x.size, size=(n_boot, x.size))]
+        stats = np.asarray(statistic(samples), dtype=np.float64)
+    else:
+        labels = np.asarray(groups, dtype=object).reshape(-1)
+        if labels.size != x.size:
+            raise ValueError(f"groups must label every value: got {labels.size} labels for {x.size} values")
+        _, inverse = np.unique(labels.astype(str), return_inverse=True)
+        members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
+        picks = rng.integers(0, len(members), size=(n_boot, len(members)))
+        sizes = {len(m) for m in members}
+        if len(sizes) == 1:  # equal groups: one vectorised gather
+            table = np.stack(members)
+            samples = x[table[picks].reshape(n_boot, -1)]
+            stats = np.asarray(statistic(samples), dtype=np.float64)
+        else:
+            stats = np.array([statistic(x[np.concatenate([members[g] for g in row])][None])[0] for row in picks])
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(stats, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def paired_comparison(
+    policy,
+    baseline,
+    *,
+    rng: np.random.Generator,
+    groups: Sequence[object] | None = None,
+    n_boot: int = 2000,
+    confidence: float = 0.95,
+) -> dict[str, float]:
+    """Win rate and median loss ratio of ``policy`` against ``baseline``, each with its interval."""
+    wins = win_indicators(policy, baseline)
+    ratios = loss_ratios(policy, baseline)
+    kw = dict(rng=rng, groups=groups, n_boot=n_boot, confidence=confidence)
+    win_lo, win_hi = bootstrap_ci(wins, _mean, **kw)
+    ratio_lo, ratio_hi = bootstrap_ci(ratios, _median, **kw)
+    return {
+        "pairs": int(wins.size),
+        "win_rate": float(wins.mean()),
+        "win_rate_low": win_lo,
+        "win_rate_high": win_hi,
+        "median_ratio": float(np.median(ratios)),
+        "median_ratio_low": ratio_lo,
+        "median_ratio_high": ratio_hi,
+    }
