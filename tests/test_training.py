@@ -1,0 +1,311 @@
+"""Meta-training: the hpo-train script end to end, its TensorBoard tags, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sb3_contrib import RecurrentPPO
+from stable_baselines3 import PPO
+from stable_baselines3.common.vec_env import VecFrameStack, VecMonitor, VecNormalize
+
+import training.callbacks as callbacks_module
+from agents import PRESETS, MetaAgentConfig, get_preset, load_bundle, make_meta_agent, make_meta_env
+from hpo_env import HPOVecEnv, TaskDistribution
+from training.callbacks import (
+    find_latest_checkpoint,
+    make_eval_tasks,
+    read_checkpoint_state,
+    save_checkpoint,
+    summarize_episodes,
+)
+from training.rollout import EpisodeRecord
+from training.train import BUDGETS, RESUMABLE_OVERRIDES, TrainSettings, _field_docs, parse_settings
+
+# A toy run: 4 slots x 16 decisions = 64 timesteps per rollout; toy episodes are 9 decisions long.
+TINY = [
+    "--task-distribution", "toy", "--eval-distribution", "toy", "--n-envs", "4", "--n-steps", "16",
+    "--batch-size", "32", "--n-epochs", "2", "--eval-tasks", "2", "--no-progress-bar",
+]  # fmt: skip
+
+
+def _hpo_train() -> list[str]:
+    script = Path(sys.executable).with_name("hpo-train")
+    # The console script, as a user runs it (falls back to the module where the package is not installed).
+    return [str(script)] if script.exists() else [sys.executable, "-m", "training.train"]
+
+
+def _documented_tags() -> set[str]:
+    """Concrete tags listed in training/callbacks.py's docstring (families and names filled in for the toy run)."""
+    tags = set()
+    for tag in re.findall(r"``([a-z_]+/[a-z0-9_/<>]+)``", callbacks_module.__doc__):
+        tag = tag.replace("<family>", "teacher_regression").replace("<name>", "lr")
+        tags.add(tag)
+    return tags
+
+
+def _read_events(run_dir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_tiny_run_writes_bundle_and_documented_tensorboard_tags(tmp_path):
+    proc = subprocess.run(
+        [
+            *_hpo_train(),
+            *TINY,
+            "--total-timesteps",
+            "256",
+            "--eval-freq",
+            "128",
+            "--logdir",
+            str(tmp_path),
+            "--run-name",
+            "tiny",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "tiny"
+    # the summary says where everything is
+    assert f"tensorboard --logdir {tmp_path}" in proc.stdout
+    assert str(run / "bundle") in proc.stdout
+    bundle = load_bundle(run / "bundle")
+    assert bundle.is_recurrent and bundle.obs_mean is not None
+    training = bundle.config["training"]
+    assert training["timesteps"] == 256 and training["seed"] == 0 and training["command"].startswith("hpo-train ")
+    assert bundle.config["evaluation"]["timesteps"] == 256
+    best = load_bundle(run / "best_bundle")
+    assert best.config["evaluation"]["mean_return"] == pytest.approx(
+        max(e.value for e in _read_events(run).Scalars("eval/mean_return")), rel=1e-5
+    )
+    # every documented tag was written, read back with TensorBoard's own reader
+    acc = _read_events(run)
+    tags = acc.Tags()
+    written = set(tags["scalars"]) | set(tags["images"]) | {t.removesuffix("/text_summary") for t in tags["tensors"]}
+    missing = _documented_tags() - written
+    assert not missing, f"documented but not written: {sorted(missing)}"
+    for tag in ("rollout/ep_rew_mean", "train/value_loss", "train/approx_kl", "time/fps"):
+        assert tag in written
+    assert [e.step for e in acc.Scalars("eval/mean_return")] == [128, 256]
+    assert acc.Images("eval/schedules")[-1].width > 100
+    settings = json.loads((run / "settings.json").read_text())
+    assert settings["run_name"] == "tiny" and settings["total_timesteps"] == 256
+
+
+def test_killed_run_resumes_to_the_full_timestep_count(tmp_path):
+    run = tmp_path / "killed"
+    args = [*TINY, "--total-timesteps", "1024", "--eval-freq", "0", "--checkpoint-freq", "64"]
+    proc = subprocess.Popen(
+        [*_hpo_train(), *args, "--logdir", str(tmp_path), "--run-name", "killed"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 240
+    try:
+        while find_latest_checkpoint(run / "checkpoints") is None:
+            assert proc.poll() is None, f"the run ended before its first checkpoint: {proc.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # kill -9: no chance to clean up
+    finally:
+        proc.wait(timeout=60)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    checkpoint = find_latest_checkpoint(run / "checkpoints")
+    done = read_checkpoint_state(checkpoint)["num_timesteps"]
+    assert 64 <= done < 1024
+    assert not (run / "bundle").exists()
+    # nothing already written is corrupted: every complete checkpoint loads
+    for step_dir in sorted((run / "checkpoints").glob("step_*")):
+        RecurrentPPO.load(step_dir / "model.zip", device="cpu")
+
+    resumed = subprocess.run(
+        [*_hpo_train(), "--resume", str(run), "--no-progress-bar"], capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed at {done:,}" in resumed.stdout
+    final = find_latest_checkpoint(run / "checkpoints")
+    state = read_checkpoint_state(final)
+    assert state["num_timesteps"] == 1024
+    assert [s["start"] for s in state["segments"]] == [0, done]
+    assert load_bundle(run / "bundle").config["training"]["timesteps"] == 1024
+    steps = [e.step for e in _read_events(run).Scalars("rollout/ep_rew_mean")]
+    assert max(steps) == 1024
+
+
+def test_resume_refuses_to_change_the_run_identity(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "settings.json").write_text(json.dumps({**TrainSettings().to_dict(), "run_name": "run", "seed": 3}))
+    settings = parse_settings(["--resume", str(run), "--total-timesteps", "99", "--threads", "2"])
+    assert (settings.seed, settings.total_timesteps, settings.threads) == (3, 99, 2)
+    with pytest.raises(SystemExit):
+        parse_settings(["--resume", str(run), "--seed", "4"])
+    with pytest.raises(SystemExit):
+        parse_settings(["--resume", str(tmp_path / "not-a-run")])
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+    from training.train import main
+
+    run = tmp_path / "empty"
+    run.mkdir()
+    (run / "settings.json").write_text(json.dumps({**TrainSettings().to_dict(), "run_name": "empty"}))
+    assert main(["--resume", str(run)]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path, capsys):
+    from training.train import main
+
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "settings.json").write_text("{}")
+    assert main([*TINY, "--logdir", str(tmp_path), "--run-name", "taken"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+# -- settings and command line ----------------------------------------------------------------------
+
+
+def test_every_setting_is_documented_and_a_cli_option():
+    from training.train import build_parser
+
+    docs = _field_docs(TrainSettings)
+    fields = TrainSettings.__dataclass_fields__
+    assert set(docs) == set(fields)
+    help_text = build_parser().format_help()
+    for name in fields:
+        assert f"--{name.replace('_', '-')}" in help_text
+    assert RESUMABLE_OVERRIDES <= set(fields)
+
+
+def test_parse_settings_types_and_validation():
+    s = parse_settings(
+        ["--preset", "full", "--n-envs", "8", "--hyperparameters", "lr", "momentum", "--no-progress-bar"]
+    )
+    assert s.preset == "full" and s.n_envs == 8 and s.hyperparameters == ("lr", "momentum") and s.progress_bar is False
+    assert s.budget == BUDGETS["full"]
+    assert s.agent_config().n_envs == 8 and s.agent_config().hyperparameters == ("lr", "momentum")
+    defaults = parse_settings([])
+    assert defaults == TrainSettings() and defaults.logdir == "runs" and defaults.device == "auto"
+    for bad in (["--preset", "huge"], ["--n-envs", "0"], ["--total-timesteps", "x"], ["--eval-freq", "-1"]):
+        with pytest.raises(SystemExit):
+            parse_settings(bad)
+
+
+def test_quick_budget_is_whole_rollouts():
+    for name, budget in BUDGETS.items():
+        config = PRESETS[name]
+        assert budget.total_timesteps % config.rollout_size == 0
+        assert config.n_steps >= 29  # the longest episode of the default distribution fits in one rollout
+        assert 0.99 <= config.gamma <= 0.995
+
+
+# -- factory ------------------------------------------------------------------------------------------
+
+
+def test_factory_builds_the_documented_stacks():
+    config = get_preset("quick", task_distribution="toy", n_envs=2, n_steps=8, batch_size=16)
+    env = make_meta_env(config, seed=0)
+    assert isinstance(env, VecNormalize) and isinstance(env.venv, VecMonitor) and isinstance(env.unwrapped, HPOVecEnv)
+    assert env.norm_obs and not env.norm_reward
+    model = make_meta_agent(env, config, seed=0, device="cpu")
+    assert isinstance(model, RecurrentPPO) and model.policy.lstm_actor.hidden_size == config.lstm_hidden_size
+    assert model.gamma == config.gamma and model.n_steps == 8
+
+    control = config.replace(algorithm="framestack", frame_stack=3)
+    env = make_meta_env(control, seed=0)
+    assert isinstance(env, VecFrameStack) and env.observation_space.shape == (
+        3 * env.unwrapped.observation_space.shape[0],
+    )
+    assert type(make_meta_agent(env, control, device="cpu")) is PPO
+
+
+def test_factory_rejects_bad_configuration():
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        get_preset("huge")
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        MetaAgentConfig(algorithm="dqn")
+    with pytest.raises(ValueError, match="n_envs must be a positive integer"):
+        MetaAgentConfig(n_envs=0)
+    with pytest.raises(ValueError, match="gamma"):
+        MetaAgentConfig(gamma=1.5)
+    with pytest.raises(ValueError, match="unknown MetaAgentConfig fields"):
+        get_preset("quick", n_env=3)
+    with pytest.raises(TypeError, match="MetaAgentConfig"):
+        make_meta_env({"n_envs": 2})
+
+
+# -- evaluation and checkpoints -------------------------------------------------------------------------
+
+
+def test_eval_tasks_are_fixed_and_cover_the_held_out_families():
+    tasks = make_eval_tasks(4, n_seeds=2)
+    assert tasks == make_eval_tasks(4, n_seeds=2)
+    assert len(tasks) == 8 and {t.family for t in tasks} == set(TaskDistribution.default("test").families)
+    # seeds of one task share its data and differ in initialisation
+    assert tasks[0].data_key == tasks[1].data_key and tasks[0].seed != tasks[1].seed
+    with pytest.raises(ValueError, match="n_tasks"):
+        make_eval_tasks(0)
+
+
+def _record(task, final: float, ret: float, diverged: bool = False) -> EpisodeRecord:
+    return EpisodeRecord(task, 0, rewards=[ret], final_val_loss=final, diverged=diverged)
+
+
+def test_summarize_episodes_compares_with_references():
+    tasks = make_eval_tasks(4)
+    policy = [_record(t, f, r) for t, f, r in zip(tasks, [1.0, 2.0, 3.0, float("nan")], [1.0, 0.5, 0.2, -1.0])]
+    policy[3].diverged = True
+    constant = [_record(t, f, r) for t, f, r in zip(tasks, [2.0, 1.0, 4.0, 1.0], [0.4, 0.6, 0.1, 0.3])]
+    s = summarize_episodes(policy, {"constant": constant})
+    assert s["mean_return"] == pytest.approx(0.175)
+    assert s["constant_mean_return"] == pytest.approx(0.35)
+    assert s["return_minus_constant"] == pytest.approx(-0.175)
+    assert s["win_rate_vs_constant"] == 0.5  # a diverged run loses
+    assert s["divergence_rate"] == 0.25
+    assert set(s["family_mean_return"]) == {t.family for t in tasks}
+    with pytest.raises(ValueError, match="reference 'constant' has 1 episodes"):
+        summarize_episodes(policy, {"constant": constant[:1]})
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path):
+    config = get_preset("quick", task_distribution="toy", n_envs=2, n_steps=8, batch_size=16)
+    env = make_meta_env(config, seed=0)
+    model = make_meta_agent(env, config, seed=0, device="cpu")
+    root = tmp_path / "checkpoints"
+    assert find_latest_checkpoint(root) is None
+    paths = []
+    for steps in (16, 32, 48):
+        model.num_timesteps = steps
+        paths.append(save_checkpoint(root, model, state={"best_eval_mean_return": 0.5}, keep=2))
+    assert sorted(p.name for p in root.glob("step_*")) == [paths[1].name, paths[2].name]
+    assert find_latest_checkpoint(root) == paths[2]
+    assert json.loads((root / "latest.json").read_text())["checkpoint"] == paths[2].name
+    state = read_checkpoint_state(paths[2])
+    assert state["num_timesteps"] == 48 and state["best_eval_mean_return"] == 0.5
+    # a half-written checkpoint of a killed run (a temp dir, or a dir without state.json) is never chosen
+    (root / ".tmp_step_000000000064_1").mkdir()
+    broken = root / "step_000000000080"
+    broken.mkdir()
+    (broken / "model.zip").write_bytes(b"partial")
+    assert find_latest_checkpoint(root) == paths[2]
+    loaded = RecurrentPPO.load(paths[2] / "model.zip", device="cpu")
+    assert loaded.num_timesteps == 48
+    vecnorm = VecNormalize.load(str(paths[2] / "vecnormalize.pkl"), HPOVecEnv(2, "toy"))
+    np.testing.assert_array_equal(vecnorm.obs_rms.mean, env.obs_rms.mean)
+    assert os.path.getsize(paths[2] / "rng_state.pt") > 0
