@@ -7,6 +7,7 @@ import math
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,8 +264,9 @@ def test_store_file_is_plain_sqlite(tmp_path):
     assert list(rows) == [("t", "s", 0, "v")]
 
 
-def test_command_line_help():
-    out = subprocess.run(
-        [sys.executable, "-m", "training.benchmark", "--help"], capture_output=True, text=True, check=True
-    ).stdout
-    assert "--policy" in out and "--grid-size" in out
+def test_console_script_help():
+    """``hpo-bench`` is installed next to the interpreter by ``pip install -e .``."""
+    script = Path(sys.executable).parent / "hpo-bench"
+    assert script.exists(), "hpo-bench is not installed: run pip install -e . -c constraints.txt"
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--policy" in out and "--grid-size" in out and "Resumable" in out
