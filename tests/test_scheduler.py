@@ -202,6 +202,15 @@ def test_adam_momentum_is_beta1_and_beta2_is_kept():
     assert sched.adaptive
 
 
+def test_tensor_learning_rate_is_updated_in_place():
+    opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=torch.tensor(1e-3), foreach=False)
+    lr_tensor = opt.param_groups[0]["lr"]
+    sched = PolicyScheduler(opt, ReplayPolicy(ActionDecoder(("lr", "weight_decay")), [[1.0, 0.0]]), total_steps=3)
+    sched.step(1.0)
+    assert opt.param_groups[0]["lr"] is lr_tensor
+    assert float(lr_tensor) == pytest.approx(1e-3 * 10**0.25, rel=1e-6)
+
+
 def test_initial_values_outside_bounds_are_clipped_with_a_warning():
     opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=5.0)
     with pytest.warns(UserWarning, match="outside the policy's bounds"):
@@ -463,3 +472,40 @@ def test_hf_trainer_end_to_end(tmp_path):
     lrs = [seen_lrs[i * 5 : (i + 1) * 5] for i in range(4)]
     assert all(len(set(chunk)) == 1 for chunk in lrs)
     assert lrs[0][0] == pytest.approx(1e-3)
+
+
+# -- the example and the benchmark run (tiny budgets) ----------------------------------------------
+def _load_script(relative: str, monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / relative
+    name = f"_script_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_script_runs_and_writes_its_plot(tmp_path, capsys, monkeypatch):
+    example = _load_script("examples/deploy_policy.py", monkeypatch)
+    threads = torch.get_num_threads()
+    try:
+        runs = example.main(
+            ["--problems", "digits", "--seeds", "1", "--decisions", "3", "--lr-grid", "1", "3", "--out", str(tmp_path)]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert {r.schedule for r in runs} == {"policy", "constant", "cosine", "constant x3", "cosine x3"}
+    assert all(len(r.val_loss) == 3 and len(r.lr) == 60 for r in runs)
+    assert (tmp_path / "deploy_policy.png").is_file()
+    assert "policy wins" in capsys.readouterr().out
+
+
+def test_benchmark_script_reports_a_median(tmp_path, monkeypatch):
+    bench = _load_script("benchmarks/scheduler_step.py", monkeypatch)
+    results = bench.main(["--calls", "30", "--warmup", "5", "--json", str(tmp_path / "r.json")])
+    assert 0 < results["policy_scheduler_step_median_ms"] < 1000
+    assert (tmp_path / "r.json").is_file()
