@@ -171,7 +171,9 @@ class PolicyScheduler:
         self.total_steps = int(total_steps)
         self.deterministic = bool(deterministic)
         self.writer = writer
-        self.adaptive = (not isinstance(optimizer, torch.optim.SGD)) if adaptive is None else bool(adaptive)
+        if adaptive is None:  # look through wrappers such as accelerate's AcceleratedOptimizer
+            adaptive = not isinstance(getattr(optimizer, "optimizer", optimizer), torch.optim.SGD)
+        self.adaptive = bool(adaptive)
         self._keys = self._resolve_keys(optimizer, decoder)
         self.features = ObservationBuilder(decoder, 1)
         expected_dim = getattr(bundle, "obs_dim", self.features.dim)
@@ -402,6 +404,8 @@ class PolicyScheduler:
         """Everything needed to resume, except the optimiser and the policy (torch schedulers' convention).
 
         Arrays are stored as tensors, so ``torch.save``/``torch.load(weights_only=True)`` round-trip it.
+        A resumed run repeats the uninterrupted one exactly with ``deterministic=True``; sampled
+        actions (``deterministic=False``) draw from torch's global generator, which is not saved here.
         """
         feats = {k: torch.from_numpy(v.copy()) for k, v in self.features.state_dict().items()}
         return {
