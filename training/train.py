@@ -84,7 +84,7 @@ class RunBudget:
 
 #: Budgets of the presets (the agent settings are :data:`agents.PRESETS`).
 BUDGETS: dict[str, RunBudget] = {
-    "quick": RunBudget(total_timesteps=12_288, eval_freq=6_144, checkpoint_freq=4_096, eval_tasks=4, eval_seeds=1),
+    "quick": RunBudget(total_timesteps=16_384, eval_freq=8_192, checkpoint_freq=4_096, eval_tasks=4, eval_seeds=1),
     "full": RunBudget(total_timesteps=262_144, eval_freq=32_768, checkpoint_freq=16_384, eval_tasks=8, eval_seeds=2),
 }
 
@@ -377,6 +377,10 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
                 f"--resume {str(run_dir)!r}: no complete checkpoint under {run_dir / 'checkpoints'} (the run was "
                 "stopped before its first one); start it again without --resume"
             )
+        # Keep what this session changed (e.g. a longer --total-timesteps) for the next --resume.
+        _write_settings(
+            run_dir, {**json.loads((run_dir / "settings.json").read_text()), **settings.to_dict(), "resume": None}
+        )
     else:
         name = settings.run_name or f"{settings.algorithm}__{settings.preset}__{settings.seed}__{int(time.time())}"
         run_dir = Path(settings.logdir) / name
@@ -385,10 +389,7 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
                 f"run folder {str(run_dir)!r} already exists: continue it with --resume {run_dir}, or pick another --run-name"
             )
         run_dir.mkdir(parents=True, exist_ok=True)
-        saved = {**settings.to_dict(), "run_name": name, "resume": None}
-        tmp = run_dir / ".settings.json.tmp"
-        tmp.write_text(json.dumps(saved, indent=2))
-        os.replace(tmp, run_dir / "settings.json")
+        _write_settings(run_dir, {**settings.to_dict(), "run_name": name, "resume": None})
 
     # -- environment and agent ------------------------------------------------------------------
     state: dict[str, Any] = {}
@@ -541,6 +542,12 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
     if settings.verbose:
         print(_summary(result, settings, evaluator, start_timesteps))
     return result
+
+
+def _write_settings(run_dir: Path, values: dict[str, Any]) -> None:
+    tmp = run_dir / ".settings.json.tmp"
+    tmp.write_text(json.dumps(values, indent=2))
+    os.replace(tmp, run_dir / "settings.json")
 
 
 def _summary(result: TrainResult, settings: TrainSettings, evaluator: Any, start: int) -> str:
