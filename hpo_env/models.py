@@ -6,12 +6,15 @@ a forward function over parameters stacked along a leading model dimension. Mode
 input features or class counts differ share a stack by zero-padding: a padded unit has zero weights
 in and out and an activation with ``f(0) = 0``, so it outputs zero, receives zero gradient and stays
 zero under SGD and AdamW; padded classes are masked out of the softmax. The stacked result therefore
-equals training each model alone (up to floating-point summation order).
+equals training each model alone (up to floating-point summation order). Models with different
+activations share a stack too: :class:`StackActivation` applies each model's own function to its own
+slice (by selection, so every value is exactly what that function gives alone).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from hpo_env.data import DataSplits
 from hpo_env.tasks import TaskSpec
 
-__all__ = ["ModelLayout", "forward", "init_params"]
+__all__ = ["ModelLayout", "StackActivation", "forward", "init_params", "step_flops"]
 
 _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "gelu": F.gelu}
 
@@ -42,9 +45,12 @@ class ModelLayout:
 
     @property
     def stack_key(self) -> tuple:
-        """Structure that cannot be padded: architecture, depth, activation and fixed dimensions."""
+        """Structure that cannot be padded: architecture, depth and fixed dimensions.
+
+        The activation is not part of it: :class:`StackActivation` mixes activations in one stack.
+        """
         fixed = self.input_shape if self.arch != "mlp" else ()
-        return (self.arch, self.activation, len(self.names), fixed)
+        return (self.arch, len(self.names), fixed)
 
     @classmethod
     def build(cls, spec: TaskSpec, data: DataSplits) -> ModelLayout:
@@ -97,9 +103,55 @@ def _fan_in(layout: ModelLayout, name: str) -> int:
     return math.prod(shape[:-1])  # linear stored as (in..., out)
 
 
-def forward(arch: str, activation: str, params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Outputs ``(N, B, n_outputs)`` of N stacked models on their own inputs ``x`` of shape ``(N, B, ...)``."""
-    act = _ACTIVATIONS[activation]
+class StackActivation:
+    """The hidden activation of N stacked models, each with its own function.
+
+    The stack is cut into runs of consecutive models sharing a function; each run gets its own
+    function and the results are concatenated, so every value and gradient is exactly what that
+    model computes alone. Order the models by activation to keep the runs few.
+
+    Args:
+        names: one activation name per model (``"relu"``, ``"tanh"``, ``"gelu"``).
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        names = tuple(names)
+        unknown = sorted(set(names) - set(_ACTIVATIONS))
+        if not names or unknown:
+            raise ValueError(f"activations must be a non-empty list of {sorted(_ACTIVATIONS)}, got {names!r}")
+        self.names = names
+        self.runs: list[tuple[Callable, int]] = []
+        for name in names:
+            if self.runs and self.runs[-1][0] is _ACTIVATIONS[name]:
+                self.runs[-1] = (self.runs[-1][0], self.runs[-1][1] + 1)
+            else:
+                self.runs.append((_ACTIVATIONS[name], 1))
+        self.uniform = len(self.runs) == 1
+
+    def __call__(self, h: torch.Tensor, model_dim: int = 0) -> torch.Tensor:
+        if self.uniform:
+            return self.runs[0][0](h)
+        parts = h.split([length for _, length in self.runs], dim=model_dim)
+        return torch.cat([fn(part) for (fn, _), part in zip(self.runs, parts)], dim=model_dim)
+
+
+def _as_activation(activation: str | Sequence[str] | Callable) -> Callable:
+    if isinstance(activation, str):
+        return _ACTIVATIONS[activation]
+    if callable(activation):
+        return activation
+    return StackActivation(activation)
+
+
+def forward(
+    arch: str, activation: str | Sequence[str] | Callable, params: list[torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
+    """Outputs ``(N, B, n_outputs)`` of N stacked models on their own inputs ``x`` of shape ``(N, B, ...)``.
+
+    ``activation`` is one name for all models, one name per model, or a :class:`StackActivation`.
+    """
+    act = _as_activation(activation)
+    mixed = isinstance(act, StackActivation) and not act.uniform
     n, b = x.shape[:2]
     if arch == "mlp":
         h = x
@@ -115,9 +167,9 @@ def forward(arch: str, activation: str, params: list[torch.Tensor], x: torch.Ten
         # Grouped convolution: model i's channels form group i, so the N models stay independent.
         h = x.transpose(0, 1).reshape(b, n, 8, 8)
         h = F.conv2d(h, c1w.reshape(n * c1, 1, 3, 3), c1b.reshape(n * c1), padding=1, groups=n)
-        h = F.max_pool2d(act(h), 2)
+        h = F.max_pool2d(_act_grouped(act, h, n) if mixed else act(h), 2)
         h = F.conv2d(h, c2w.reshape(n * c2, c1, 3, 3), c2b.reshape(n * c2), padding=1, groups=n)
-        h = F.max_pool2d(act(h), 2)  # (B, N*c2, 2, 2)
+        h = F.max_pool2d(_act_grouped(act, h, n) if mixed else act(h), 2)  # (B, N*c2, 2, 2)
         h = h.reshape(b, n, c2 * 4).transpose(0, 1)
         return torch.baddbmm(fb.unsqueeze(1), h, fw.reshape(n, c2 * 4, -1))
     if arch == "charmlp":
@@ -133,3 +185,35 @@ def forward(arch: str, activation: str, params: list[torch.Tensor], x: torch.Ten
                 h = act(h)
         return h
     raise AssertionError(arch)  # pragma: no cover
+
+
+def _act_grouped(act: StackActivation, h: torch.Tensor, n: int) -> torch.Tensor:
+    """A mixed activation on grouped-conv features ``(B, N*C, H, W)``: model i owns channels block i."""
+    b, nc, hh, ww = h.shape
+    return act(h.reshape(b, n, nc // n, hh, ww), model_dim=1).reshape(b, nc, hh, ww)
+
+
+def step_flops(arch: str, shapes: Sequence[tuple[int, ...]], batch: int) -> int:
+    """Multiply-add FLOPs (x2) of one optimiser step of one model: forward plus backward.
+
+    The backward pass computes every weight gradient and every input gradient except the first
+    layer's when its input is data (MLP, CNN), so a layer costs 3x its forward FLOPs, that one 2x.
+    Elementwise work (activations, loss, optimiser) and the embedding lookup are not counted.
+
+    Args:
+        arch: ``"mlp"``, ``"cnn"`` or ``"charmlp"``.
+        shapes: parameter shapes in :class:`ModelLayout` order (possibly padded).
+        batch: minibatch size (possibly padded).
+    """
+    if arch == "cnn":
+        (c1, _, kh, kw), _, (c2, *_), _, (_, cells, out), _ = shapes
+        layers = [64 * c1 * kh * kw, 16 * c2 * c1 * kh * kw, c2 * cells * out]
+    elif arch == "mlp":
+        layers = [math.prod(s) for s in shapes[0::2]]
+    elif arch == "charmlp":
+        layers = [math.prod(s) for s in shapes[1::2]]  # w0 (ctx, emb, h), then (h, out)...; the lookup is free
+    else:
+        raise ValueError(f"unknown arch {arch!r}")
+    forward_flops = 2 * batch * sum(layers)
+    data_input = 0 if arch == "charmlp" else 2 * batch * layers[0]
+    return 3 * forward_flops - data_input

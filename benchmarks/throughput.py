@@ -1,0 +1,422 @@
+"""Meta-training throughput benchmark: how close the inner trainer and PPO get to the machine's limit.
+
+Measures, side by side in one process (the machine is shared, so ratios matter more than absolutes):
+
+* the dense float32 matmul peak (GFLOP/s) with 1 and 2 torch threads, the reference ceiling;
+* inner optimiser steps per second of :class:`~hpo_env.HPOVecEnv` at several slot counts N, per task
+  family, against the naive reference (N separate :class:`~hpo_env.HPOEnv` in SB3's ``DummyVecEnv``),
+  and the ratio batched/naive;
+* the achieved GFLOP/s of the inner training (forward+backward matmul FLOPs of the padded stacks,
+  :func:`hpo_env.models.step_flops`) as a fraction of the peak, and the useful (unpadded) fraction;
+* the share of an env step spent outside the tensor work (features, rewards, Python, grouping, resets);
+* the same on a wide benchmark task (wide MLPs and batches), where matmuls can dominate;
+* end-to-end meta-training timesteps/s (sb3_contrib RecurrentPPO over ``VecNormalize(HPOVecEnv)``) and
+  the share of wall time in the environments, in PPO's rollout-side inference and in the PPO update,
+  for torch threads, LSTM size, batch size and n_envs.
+
+It prints a table last and writes every number as JSON (``--out``)::
+
+    python benchmarks/throughput.py             # the default sweep, a few minutes on 2 cores
+    python benchmarks/throughput.py --quick     # a smaller sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hpo_env import HPOEnv, HPOVecEnv, TaskDistribution, TaskSpec
+from hpo_env.tasks import FAMILIES
+from hpo_env.trainer import TrainerStats
+
+DEFAULT_OUT = Path(__file__).parent / "results" / "throughput.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# the ceiling
+
+
+def matmul_peak(threads: int, size: int = 2048, seconds: float = 1.0) -> float:
+    """Best GFLOP/s of a dense float32 ``size x size`` matmul with ``threads`` torch threads."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * size**3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+# --------------------------------------------------------------------------------------------------
+# inner training throughput
+
+
+class WideTaskDistribution(TaskDistribution):
+    """A benchmark-only task: teacher classification with wide MLPs and large batches."""
+
+    def __init__(self, width: int = 256, batch: int = 256) -> None:
+        super().__init__(("teacher_classification",), name=f"wide{width}")
+        self.width, self.batch = width, batch
+
+    def sample(self, rng: np.random.Generator) -> TaskSpec:
+        return TaskSpec(
+            family="teacher_classification",
+            dataset="teacher",
+            arch="mlp",
+            hidden=(self.width, self.width),
+            n_samples=4000,
+            n_features=64,
+            n_classes=10,
+            optimizer=str(rng.choice(["sgd", "adamw"])),
+            lr=1e-3,
+            weight_decay=1e-2,
+            batch_size=self.batch,
+            total_steps=400,
+            steps_per_action=20,
+            seed=int(rng.integers(2**31 - 1)),
+            data_seed=int(rng.integers(2**31 - 1)),
+            activation="relu",
+        )
+
+
+@dataclass
+class EnvResult:
+    mode: str  # "batched" or "naive"
+    family: str
+    n: int
+    env_steps: int
+    seconds: float
+    inner_steps_per_s: float
+    env_steps_per_s: float
+    gflops: float  # padded-stack FLOPs per second of wall time spent in inner training
+    useful_fraction: float  # unpadded / padded FLOPs
+    train_share: float  # of wall time: inner steps + validation
+    group_share: float  # of wall time: (re)stacking groups
+    eval_share: float  # of wall time: initial / test evaluations at resets
+    outside_share: float  # 1 - train - eval: everything but tensor work (grouping, features, Python, resets)
+
+
+def _sum_stats(stats: list[TrainerStats]) -> TrainerStats:
+    total = TrainerStats()
+    for s in stats:
+        for f in total.__dataclass_fields__:
+            setattr(total, f, getattr(total, f) + getattr(s, f))
+    return total
+
+
+def measure_env(
+    mode: str, family: str, dist: TaskDistribution, n: int, seconds: float, seed: int, min_steps: int = 2
+) -> EnvResult:
+    """Step a batched or naive vec env with random actions for ``seconds``; count the inner work."""
+    if mode == "batched":
+        venv = HPOVecEnv(n, dist, seed=seed)
+        trainers = [venv.trainer]
+    else:
+        from stable_baselines3.common.vec_env import DummyVecEnv
+
+        venv = DummyVecEnv([lambda: HPOEnv(dist) for _ in range(n)])
+        venv.seed(seed)
+        trainers = [e.unwrapped._batch.trainer for e in venv.envs]
+    rng = np.random.default_rng(seed)
+    act_dim = venv.action_space.shape[0]
+
+    def step() -> None:
+        venv.step(rng.uniform(-1, 1, (n, act_dim)).astype(np.float32))
+
+    venv.reset()
+    step()  # warm-up: first stacks, allocator
+    for t in trainers:
+        t.stats.reset()
+    steps, start = 0, time.perf_counter()
+    while steps < min_steps or time.perf_counter() - start < seconds:
+        step()
+        steps += 1
+    wall = time.perf_counter() - start
+    st = _sum_stats([t.stats for t in trainers])
+    venv.close()
+    return EnvResult(
+        mode=mode,
+        family=family,
+        n=n,
+        env_steps=steps,
+        seconds=wall,
+        inner_steps_per_s=st.model_steps / wall,
+        env_steps_per_s=steps * n / wall,
+        gflops=st.flops / max(st.train_seconds, 1e-9) / 1e9,
+        useful_fraction=st.model_flops / max(st.flops, 1.0),
+        train_share=st.train_seconds / wall,
+        group_share=st.group_seconds / wall,
+        eval_share=st.eval_seconds / wall,
+        outside_share=1.0 - (st.train_seconds + st.eval_seconds) / wall,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# end to end
+
+
+@dataclass
+class PPOConfig:
+    threads: int
+    lstm: int
+    batch_size: int
+    n_envs: int
+    n_steps: int
+    n_epochs: int = 10
+
+
+@dataclass
+class PPOResult:
+    config: PPOConfig
+    timesteps: int
+    seconds: float
+    timesteps_per_s: float
+    env_share: float  # HPOVecEnv.step (inner training, features, resets)
+    rollout_policy_share: float  # policy inference and buffer work while collecting
+    update_share: float  # PPO's gradient epochs
+    ppo_share: float  # everything but the environments
+
+
+def measure_ppo(cfg: PPOConfig, seed: int, rollouts: int = 1) -> PPOResult:
+    """RecurrentPPO over VecNormalize(HPOVecEnv) on the default distribution; time shares per part."""
+    from sb3_contrib import RecurrentPPO
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.vec_env import VecEnvWrapper, VecNormalize
+
+    torch.set_num_threads(cfg.threads)
+
+    class TimedVecEnv(VecEnvWrapper):
+        def __init__(self, venv):
+            super().__init__(venv)
+            self.seconds = 0.0
+
+        def reset(self):
+            return self.venv.reset()
+
+        def step_wait(self):
+            t = time.perf_counter()
+            out = self.venv.step_wait()
+            self.seconds += time.perf_counter() - t
+            return out
+
+    class RolloutTimer(BaseCallback):
+        def __init__(self):
+            super().__init__()
+            self.seconds, self._t = 0.0, 0.0
+
+        def _on_rollout_start(self) -> None:
+            self._t = time.perf_counter()
+
+        def _on_rollout_end(self) -> None:
+            self.seconds += time.perf_counter() - self._t
+
+        def _on_step(self) -> bool:
+            return True
+
+    timed = TimedVecEnv(HPOVecEnv(cfg.n_envs, "train", seed=seed))
+    venv = VecNormalize(timed, gamma=0.99)
+    model = RecurrentPPO(
+        "MlpLstmPolicy",
+        venv,
+        n_steps=cfg.n_steps,
+        batch_size=cfg.batch_size,
+        n_epochs=cfg.n_epochs,
+        seed=seed,
+        device="cpu",
+        policy_kwargs={"lstm_hidden_size": cfg.lstm},
+    )
+    total = cfg.n_envs * cfg.n_steps * rollouts
+    timer = RolloutTimer()
+    start = time.perf_counter()
+    model.learn(total, callback=timer)
+    wall = time.perf_counter() - start
+    env = timed.seconds
+    return PPOResult(
+        config=cfg,
+        timesteps=model.num_timesteps,
+        seconds=wall,
+        timesteps_per_s=model.num_timesteps / wall,
+        env_share=env / wall,
+        rollout_policy_share=(timer.seconds - env) / wall,
+        update_share=(wall - timer.seconds) / wall,
+        ppo_share=(wall - env) / wall,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _fmt_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = "  ".join(h.rjust(w) for h, w in zip(header, widths))
+    out = [line, "-" * len(line)]
+    out += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
+    parser.add_argument("--quick", action="store_true", help="a smaller sweep (about a minute)")
+    parser.add_argument("--families", nargs="+", default=None, help=f"task families (default: all of {FAMILIES})")
+    parser.add_argument("--sizes", nargs="+", type=int, default=None, help="slot counts N (default 1 8 32 128)")
+    parser.add_argument("--seconds", type=float, default=None, help="measuring time per env measurement")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the env measurements")
+    parser.add_argument("--wide", nargs="+", type=int, default=None, help="widths of the wide task (default 256 512)")
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive reference")
+    parser.add_argument("--no-ppo", action="store_true", help="skip the end-to-end RecurrentPPO runs")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    quick = args.quick
+    families = args.families or (["teacher_classification", "digits_mlp", "charlm"] if quick else list(FAMILIES))
+    sizes = args.sizes or ([1, 32] if quick else [1, 8, 32, 128])
+    seconds = args.seconds or (1.0 if quick else 2.0)
+    wide = args.wide or ([256] if quick else [256, 512])
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        parser.error(f"unknown families {unknown}; choose from {list(FAMILIES)}")
+
+    t0 = time.perf_counter()
+    report: dict = {
+        "command": "python benchmarks/throughput.py" + (" --quick" if quick else ""),
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "cpus": torch.get_num_threads()},
+    }
+    peak = {t: matmul_peak(t) for t in (1, 2)}
+    report["matmul_peak_gflops"] = peak
+    env_peak = peak[args.threads] if args.threads in peak else matmul_peak(args.threads)
+
+    torch.set_num_threads(args.threads)
+    env_results: list[EnvResult] = []
+    for family in families:
+        dist = TaskDistribution([family], name=family)
+        for n in sizes:
+            env_results.append(measure_env("batched", family, dist, n, seconds, args.seed))
+            if not args.no_naive:
+                env_results.append(measure_env("naive", family, dist, n, seconds, args.seed))
+            print(f"[{time.perf_counter() - t0:6.0f}s] {family} N={n} done", flush=True)
+    for width in wide:
+        dist = WideTaskDistribution(width, batch=256)
+        for n in [32]:
+            env_results.append(measure_env("batched", dist.name, dist, n, seconds, args.seed))
+            if not args.no_naive:
+                env_results.append(measure_env("naive", dist.name, dist, n, seconds, args.seed))
+            print(f"[{time.perf_counter() - t0:6.0f}s] {dist.name} N={n} done", flush=True)
+    report["env"] = [asdict(r) for r in env_results]
+
+    ppo_results: list[PPOResult] = []
+    if not args.no_ppo:
+        # Two torch threads make every small op of the inner trainer slower on this shared 2-core machine
+        # (OpenMP spin-waits), so the 2-thread configurations run a short rollout only.
+        if quick:
+            configs = [PPOConfig(2, 256, 128, 16, 16), PPOConfig(1, 64, 512, 16, 32)]
+        else:
+            configs = [
+                PPOConfig(2, 256, 128, 16, 16),  # SB3-like batch, 256-unit LSTM, torch's default threads
+                PPOConfig(1, 256, 128, 16, 16),  # the same with one thread
+                PPOConfig(1, 64, 128, 32, 32),
+                PPOConfig(1, 256, 1024, 32, 32),
+                PPOConfig(1, 64, 1024, 32, 32),
+                PPOConfig(1, 64, 2048, 64, 32),
+            ]
+        for cfg in configs:
+            ppo_results.append(measure_ppo(cfg, args.seed))
+            print(f"[{time.perf_counter() - t0:6.0f}s] PPO {cfg} done", flush=True)
+        torch.set_num_threads(args.threads)
+    report["ppo"] = [asdict(r) for r in ppo_results]
+    report["seconds"] = time.perf_counter() - t0
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+
+    # ---- the table, last
+    by_key = {(r.mode, r.family, r.n): r for r in env_results}
+    rows = []
+    for r in env_results:
+        if r.mode != "batched":
+            continue
+        naive = by_key.get(("naive", r.family, r.n))
+        rows.append(
+            [
+                r.family,
+                str(r.n),
+                f"{r.inner_steps_per_s:,.0f}",
+                f"{naive.inner_steps_per_s:,.0f}" if naive else "-",
+                f"{r.inner_steps_per_s / naive.inner_steps_per_s:.1f}x" if naive else "-",
+                f"{r.gflops:.1f}",
+                f"{100 * r.gflops / env_peak:.0f}%",
+                f"{100 * r.useful_fraction:.0f}%",
+                f"{100 * r.outside_share:.0f}%",
+                f"{100 * r.group_share:.0f}%",
+            ]
+        )
+    print()
+    print(
+        f"matmul peak: {peak[1]:.1f} GFLOP/s (1 thread), {peak[2]:.1f} GFLOP/s (2 threads); "
+        f"env runs use {args.threads} thread(s); {seconds:g} s per measurement"
+    )
+    print(
+        _fmt_table(
+            [
+                "family",
+                "N",
+                "batched steps/s",
+                "naive steps/s",
+                "ratio",
+                "GFLOP/s",
+                "%peak",
+                "useful",
+                "outside",
+                "grouping",
+            ],
+            rows,
+        )
+    )
+    if ppo_results:
+        print()
+        print(
+            _fmt_table(
+                [
+                    "threads",
+                    "lstm",
+                    "batch",
+                    "n_envs",
+                    "n_steps",
+                    "timesteps/s",
+                    "env",
+                    "rollout policy",
+                    "update",
+                    "PPO side",
+                ],
+                [
+                    [
+                        str(p.config.threads),
+                        str(p.config.lstm),
+                        str(p.config.batch_size),
+                        str(p.config.n_envs),
+                        str(p.config.n_steps),
+                        f"{p.timesteps_per_s:,.0f}",
+                        f"{100 * p.env_share:.0f}%",
+                        f"{100 * p.rollout_policy_share:.0f}%",
+                        f"{100 * p.update_share:.0f}%",
+                        f"{100 * p.ppo_share:.0f}%",
+                    ]
+                    for p in ppo_results
+                ],
+            )
+        )
+    print(f"\n{report['seconds']:.0f} s in all; full numbers in {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
