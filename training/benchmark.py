@@ -787,7 +787,8 @@ def render_report(summary: dict, plot_paths: Sequence[Path], out: Path) -> str:
         "",
         "Win rate: fraction of (task, seed) pairs where the policy's final validation loss is lower (ties half, a "
         "divergence loses). Ratio: median over pairs of policy / baseline final validation loss (below 1: the "
-        "policy is better). Intervals: 95% percentile bootstrap resampling whole tasks.",
+        "policy is better). Intervals: 95% percentile bootstrap resampling whole tasks (a family with one task "
+        "gets a point interval).",
         "",
         "## All families",
         "",
