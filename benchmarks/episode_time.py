@@ -1,0 +1,73 @@
+"""Wall time of one whole episode per task family, and HPOVecEnv inner steps/s on a distribution.
+
+    python benchmarks/episode_time.py                      # 5 tasks per family; N = 1, 8, 32
+    python benchmarks/episode_time.py --tasks 3 --slots 1 8
+
+Episodes run with the constant schedule (action 0) through ``HPOEnv``; the vectorised numbers step
+``HPOVecEnv`` with random actions for a fixed number of environment steps (auto-resets included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from hpo_env import FAMILIES, HPOEnv, HPOVecEnv, TaskDistribution
+
+
+def episode_times(tasks_per_family: int, seed: int) -> list[tuple[str, float, float, float]]:
+    rows = []
+    dist = TaskDistribution.default("all")
+    for family in FAMILIES:
+        rng = np.random.default_rng(seed)
+        times, steps = [], []
+        for _ in range(tasks_per_family):
+            spec = dist.sample_family(family, rng)
+            env = HPOEnv("all")
+            start = time.perf_counter()
+            env.reset(seed=seed, options={"task": spec})
+            done = False
+            while not done:
+                _, _, done, _, _ = env.step(np.zeros(env.action_space.shape, np.float32))
+            times.append(time.perf_counter() - start)
+            steps.append(spec.total_steps)
+        rows.append((family, float(np.median(times)), float(np.mean(steps)), float(np.sum(steps) / np.sum(times))))
+    return rows
+
+
+def vec_throughput(n: int, split: str, env_steps: int, seed: int) -> float:
+    vec = HPOVecEnv(n, split, seed=seed)
+    vec.reset()
+    rng = np.random.default_rng(seed)
+    before = vec.trainer.stats.model_steps
+    start = time.perf_counter()
+    for _ in range(env_steps):
+        vec.step(rng.uniform(-1, 1, size=(n, vec.action_space.shape[0])).astype(np.float32))
+    return (vec.trainer.stats.model_steps - before) / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=int, default=5, help="tasks per family")
+    parser.add_argument("--slots", type=int, nargs="+", default=[1, 8, 32], help="HPOVecEnv sizes N")
+    parser.add_argument("--split", default="train", help="distribution of the HPOVecEnv runs")
+    parser.add_argument("--env-steps", type=int, default=30, help="vectorised env steps per measurement")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"torch threads: {args.threads}")
+    print(f"{'family':>24}  {'median episode s':>16}  {'mean inner steps':>16}  {'inner steps/s':>13}")
+    for family, median, steps, rate in episode_times(args.tasks, args.seed):
+        print(f"{family:>24}  {median:16.2f}  {steps:16.0f}  {rate:13.0f}")
+    print(f"\nHPOVecEnv on the {args.split!r} distribution, random actions, {args.env_steps} env steps:")
+    print(f"{'N':>5}  {'inner steps/s':>13}")
+    for n in args.slots:
+        print(f"{n:>5}  {vec_throughput(n, args.split, args.env_steps, args.seed):13.0f}")
+
+
+if __name__ == "__main__":
+    main()
