@@ -127,3 +127,16 @@ def test_non_finite_action_is_rejected():
     env.reset(seed=0)
     with pytest.raises(ValueError, match="finite"):
         env.step(np.array([np.nan, 0.0], np.float32))
+
+
+def test_divergence_in_the_first_interval_ends_the_first_step():
+    """The first interval runs before any decision; if it diverges, reset still returns a valid
+    observation and the first step terminates with the penalty, without training further."""
+    env = HPOEnv("toy", bounds={"lr": (1e-5, 1e6)}, divergence_penalty=2.0)
+    spec = env.task_distribution.sample(np.random.default_rng(0)).replace(lr=1e5)
+    obs, info = env.reset(seed=0, options={"task": spec})
+    assert env.observation_space.contains(obs)
+    steps_before = info["inner_step"]
+    obs, r, term, trunc, info = env.step(np.zeros(2, np.float32))
+    assert term and info["diverged"] and r == -2.0
+    assert info["inner_step"] == steps_before and env.observation_space.contains(obs)
