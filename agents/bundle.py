@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import uuid
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -159,7 +159,9 @@ def save_bundle(
         "action_decoder": decoder.to_config(),
         **dict(config or {}),
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    # mkdir (not tempfile.mkdtemp, which makes the folder private) so the bundle gets the usual permissions.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp.mkdir()
     try:
         model.save(tmp / MODEL_FILE)
         norm = None
@@ -197,8 +199,15 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> PolicyBundle:
     """
     path = Path(path)
     if not path.is_dir():
+        previous = path.with_name(f".{path.name}.old")
+        hint = (
+            f"; a save was interrupted while replacing it, and the previous bundle is intact at {str(previous)!r}"
+            if previous.is_dir()
+            else ""
+        )
         raise BundleError(
-            f"no policy bundle at {str(path)!r}: expected a directory holding {MODEL_FILE}, {NORM_FILE} and {CONFIG_FILE}"
+            f"no policy bundle at {str(path)!r}: expected a directory holding {MODEL_FILE}, {NORM_FILE} and "
+            f"{CONFIG_FILE}{hint}"
         )
     for name in (CONFIG_FILE, MODEL_FILE, NORM_FILE):
         if not (path / name).is_file():

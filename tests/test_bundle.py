@@ -171,3 +171,15 @@ def test_unknown_algorithm(bundle_copy):
     _edit_json(bundle_copy / "config.json", algorithm="DQN")
     with pytest.raises(BundleError, match="unknown algorithm 'DQN'"):
         load_bundle(bundle_copy)
+
+
+def test_saved_bundle_is_readable_by_others(good_bundle, tmp_path):
+    bundle = load_bundle(good_bundle)
+    path = save_bundle(tmp_path / "shared", bundle.model, bundle.decoder)
+    assert path.stat().st_mode & 0o055 == 0o055, "not a private temp folder: group/others can read and enter"
+
+
+def test_interrupted_replacement_points_at_the_previous_bundle(bundle_copy):
+    bundle_copy.rename(bundle_copy.with_name(f".{bundle_copy.name}.old"))
+    with pytest.raises(BundleError, match="previous bundle is intact"):
+        load_bundle(bundle_copy)
