@@ -144,7 +144,7 @@ class MetaAgentConfig:
 
 
 #: Named configurations. ``quick``: about 3 minutes of meta-training on 2 CPU cores (with the
-#: training script's budget); ``full``: about an hour. Both train on the ``"train"`` families.
+#: training script's budget); ``full``: about 45 minutes. Both train on the ``"train"`` families.
 PRESETS: dict[str, MetaAgentConfig] = {
     "quick": MetaAgentConfig(n_envs=16, n_steps=32, batch_size=256, n_epochs=4, learning_rate=5e-4),
     "full": MetaAgentConfig(n_envs=32, n_steps=64, batch_size=1024, n_epochs=5, learning_rate=3e-4),
