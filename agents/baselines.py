@@ -180,17 +180,6 @@ class ConstantSchedule(LRSchedule):
     def log10_factor(self, progress: np.ndarray | float) -> np.ndarray:
         return np.zeros_like(np.asarray(progress, np.float64))
 
-    def predict(
-        self,
-        observation: np.ndarray,
-        state: Any = None,
-        episode_start: np.ndarray | None = None,
-        deterministic: bool = False,
-    ) -> tuple[np.ndarray, Any]:
-        obs, single = self._as_batch(observation)
-        actions = np.zeros((len(obs), self.decoder.num_actions), dtype=np.float32)
-        return (actions[0] if single else actions), state
-
 
 class CosineSchedule(LRSchedule):
     """Shape: half a cosine from ``lr_0`` down towards ``min_factor * lr_0`` (PyTorch's ``CosineAnnealingLR``).

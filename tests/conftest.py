@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from hpo_env import TaskSpec
+from hpo_env import BatchedTrainer, TaskSpec
 
 
 @pytest.fixture
@@ -32,3 +33,21 @@ def small_mlp_spec() -> TaskSpec:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(12345)
+
+
+@pytest.fixture
+def assert_trains_like_alone():
+    """Check that slot i of a batched trainer trained exactly like ``specs[i]`` trained alone."""
+
+    def check(together: BatchedTrainer, specs: list[TaskSpec], results: list) -> None:
+        for i, s in enumerate(specs):
+            alone = BatchedTrainer(1)
+            alone.load(0, s)
+            for r in results:
+                a = alone.train_chunk([0])
+                np.testing.assert_allclose(a.val_loss[0], r.val_loss[i], rtol=1e-5)
+                np.testing.assert_allclose(a.train_loss[0], r.train_loss[i], rtol=1e-5)
+            for p, q in zip(alone.parameters(0), together.parameters(i)):
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+    return check

@@ -20,7 +20,7 @@ def _mixed_specs(small_mlp_spec):
     ]
 
 
-def test_mixed_stack_equals_alone(small_mlp_spec):
+def test_mixed_stack_equals_alone(small_mlp_spec, assert_trains_like_alone):
     specs = _mixed_specs(small_mlp_spec)
     together = BatchedTrainer(len(specs), group_overhead_flops=1e12)  # force one stack
     for i, s in enumerate(specs):
@@ -30,15 +30,7 @@ def test_mixed_stack_equals_alone(small_mlp_spec):
     assert len(groups) == 1, "the cost model was told to merge everything"
     g = together._slots[0].group
     assert g.n_sgd == 2 and g.batch == 32 and len(g.act.runs) >= 3
-    for i, s in enumerate(specs):
-        alone = BatchedTrainer(1)
-        alone.load(0, s)
-        for r in results:
-            a = alone.train_chunk([0])
-            np.testing.assert_allclose(a.val_loss[0], r.val_loss[i], rtol=1e-5)
-            np.testing.assert_allclose(a.train_loss[0], r.train_loss[i], rtol=1e-5)
-        for p, q in zip(alone.parameters(0), together.parameters(i)):
-            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert_trains_like_alone(together, specs, results)
 
 
 def test_regrouping_keeps_optimizer_state(small_mlp_spec):

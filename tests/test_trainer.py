@@ -66,21 +66,13 @@ def _padded_group(small_mlp_spec):
     ]
 
 
-def test_batched_equals_alone(small_mlp_spec):
+def test_batched_equals_alone(small_mlp_spec, assert_trains_like_alone):
     specs = _padded_group(small_mlp_spec)
     together = BatchedTrainer(len(specs))
     for i, s in enumerate(specs):
         together.load(i, s)
     results = [together.train_chunk([0, 1, 2]) for _ in range(3)]
-    for i, s in enumerate(specs):
-        alone = BatchedTrainer(1)
-        alone.load(0, s)
-        for r in results:
-            a = alone.train_chunk([0])
-            np.testing.assert_allclose(a.val_loss[0], r.val_loss[i], rtol=1e-5)
-            np.testing.assert_allclose(a.train_loss[0], r.train_loss[i], rtol=1e-5)
-        for p, q in zip(alone.parameters(0), together.parameters(i)):
-            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert_trains_like_alone(together, specs, results)
 
 
 @pytest.mark.parametrize("family", ["digits_cnn", "charlm", "tabular"])
