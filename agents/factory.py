@@ -82,6 +82,8 @@ class MetaAgentConfig:
         task_distribution: meta-training tasks: ``"train"``, ``"all"``, ``"toy"`` or ``"test"``.
         hyperparameters: the controlled hyperparameters, in action order.
         divergence_penalty: return of a diverged inner run.
+        lr_step: largest learning-rate change per decision, in decades (None: the environment's
+            default, :data:`hpo_env.DEFAULT_HYPERPARAMETERS`); ignored when ``"lr"`` is not controlled.
     """
 
     algorithm: str = "recurrent"
@@ -107,6 +109,7 @@ class MetaAgentConfig:
     task_distribution: str = "train"
     hyperparameters: tuple[str, ...] = ("lr", "weight_decay")
     divergence_penalty: float = 1.0
+    lr_step: float | None = None
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -124,8 +127,17 @@ class MetaAgentConfig:
             raise ValueError(f"gamma and gae_lambda must lie in (0, 1], got {self.gamma} and {self.gae_lambda}")
         object.__setattr__(self, "net_arch", tuple(int(w) for w in self.net_arch))
         object.__setattr__(self, "hyperparameters", tuple(self.hyperparameters))
+        if self.lr_step is not None and not (0 < self.lr_step <= 3):
+            raise ValueError(f"MetaAgentConfig.lr_step must lie in (0, 3] decades per decision, got {self.lr_step!r}")
         if isinstance(self.task_distribution, TaskDistribution):
             raise TypeError("MetaAgentConfig.task_distribution is a name; pass a TaskDistribution to make_meta_env")
+
+    @property
+    def max_log10_change(self) -> dict[str, float] | None:
+        """The ``max_log10_change`` argument of the environment (only what differs from its default)."""
+        if self.lr_step is None or "lr" not in self.hyperparameters:
+            return None
+        return {"lr": float(self.lr_step)}
 
     @property
     def rollout_size(self) -> int:
@@ -190,6 +202,7 @@ def make_meta_env(
         config.task_distribution if task_distribution is None else task_distribution,
         hyperparameters=config.hyperparameters,
         divergence_penalty=config.divergence_penalty,
+        max_log10_change=config.max_log10_change,
         device=device,
         seed=seed,
     )

@@ -235,6 +235,15 @@ def test_factory_builds_the_documented_stacks():
     assert type(make_meta_agent(env, control, device="cpu")) is PPO
 
 
+def test_lr_step_reaches_the_environment_and_the_cli():
+    config = get_preset("quick", task_distribution="toy", n_envs=2, lr_step=0.75)
+    decoder = make_meta_env(config, seed=0).unwrapped.decoder
+    assert decoder.specs[0].name == "lr" and decoder.specs[0].max_log10_change == 0.75
+    assert decoder.specs[1].max_log10_change == 0.5  # weight decay keeps its default step
+    assert parse_settings(["--lr-step", "0.5"]).agent_config().lr_step == 0.5
+    assert get_preset("quick", hyperparameters=("weight_decay",), lr_step=0.75).max_log10_change is None
+
+
 def test_factory_rejects_bad_configuration():
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         get_preset("huge")
@@ -244,6 +253,8 @@ def test_factory_rejects_bad_configuration():
         MetaAgentConfig(n_envs=0)
     with pytest.raises(ValueError, match="gamma"):
         MetaAgentConfig(gamma=1.5)
+    with pytest.raises(ValueError, match=r"lr_step must lie in \(0, 3\]"):
+        MetaAgentConfig(lr_step=0.0)
     with pytest.raises(ValueError, match="unknown MetaAgentConfig fields"):
         get_preset("quick", n_env=3)
     with pytest.raises(TypeError, match="MetaAgentConfig"):

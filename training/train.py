@@ -117,6 +117,8 @@ class TrainSettings:
     """Meta-training tasks: train (the meta-training families), all, or toy (tests) (default: train)."""
     hyperparameters: tuple[str, ...] | None = None
     """Controlled hyperparameters, in action order (default: lr weight_decay)."""
+    lr_step: float | None = None
+    """Largest learning-rate change per decision, in decades (default: the preset's, else 0.25)."""
     eval_freq: int | None = None
     """Timesteps between held-out evaluations; 0 evaluates only at the end (default: the preset's)."""
     eval_distribution: Literal["test", "train", "all", "toy"] = "test"
@@ -181,6 +183,7 @@ class TrainSettings:
             n_envs=self.n_envs,
             task_distribution=self.task_distribution,
             hyperparameters=self.hyperparameters,
+            lr_step=self.lr_step,
             learning_rate=self.learning_rate,
             n_steps=self.n_steps,
             batch_size=self.batch_size,
