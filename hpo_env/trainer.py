@@ -1,14 +1,16 @@
 """The batched inner trainer: N inner models trained as one tensor program.
 
 :class:`BatchedTrainer` owns N *slots*. Each slot holds one task (data, model, optimiser state and
-its own hyperparameter values). ``train_chunk`` runs K optimiser steps for many slots at once: slots
-whose models share a structure (:attr:`ModelLayout.stack_key`: architecture and depth; the task type
-and K) are stacked along a leading model dimension, zero-padded to the widest member, and trained
-together with batched matmuls and grouped convolutions. Within a stack, models may differ in widths,
-inputs, classes, activation (:class:`~hpo_env.models.StackActivation`), minibatch size (padded
-samples get zero weight in the loss) and optimiser (rows are ordered SGD first, AdamW after, and each
-range gets its own update). The optimisers (SGD with momentum, AdamW) are written out with
-PyTorch's exact update rules, with per-model hyperparameter tensors.
+its own hyperparameter values). ``train_chunk`` runs each slot's K optimiser steps for many slots at
+once: slots whose models share a structure (:attr:`ModelLayout.stack_key`: architecture and depth;
+and the task type) are stacked along a leading model dimension, zero-padded to the widest member, and
+trained together with batched matmuls and grouped convolutions. Within a stack, models may differ in
+widths, inputs, classes, activation (:class:`~hpo_env.models.StackActivation`), minibatch size
+(padded samples get zero weight in the loss), optimiser and steps per chunk K. Rows are ordered by
+(K, optimiser, activation): each run of rows sharing an optimiser gets its own update, and once the
+rows with the smallest K are done, the stack goes on as its tail of rows (a view, no copy), so a
+model never takes a step it would not take alone. The optimisers (SGD with momentum, AdamW) are
+written out with PyTorch's exact update rules, with per-model hyperparameter tensors.
 
 Which slots share a stack is a cost decision: padding a small model up to a large one wastes FLOPs,
 a separate stack costs a fixed per-step overhead (``group_overhead_flops``). Slots of one key are
@@ -88,8 +90,11 @@ class _Slot:
 
     @property
     def group_key(self) -> tuple:
-        s = self.spec
-        return (*self.layout.stack_key, s.steps_per_action, self.data.task_type)
+        return (*self.layout.stack_key, self.data.task_type)
+
+    @property
+    def row_order(self) -> tuple:
+        return (self.spec.steps_per_action, self.spec.optimizer != "sgd", self.layout.activation)
 
     @property
     def flops(self) -> int:
@@ -104,10 +109,10 @@ class _Slot:
 class _Group:
     """A stack of slots trained as one program; the source of truth for its members' values."""
 
-    members: tuple[int, ...]  # SGD slots first, then AdamW
+    members: tuple[int, ...]  # ordered by (K, optimiser, activation)
     arch: str
     act: StackActivation
-    n_sgd: int  # rows [0, n_sgd) use SGD, the rest AdamW
+    optimizer_runs: list[tuple[str, int, int]]  # (optimizer, first row, end row): contiguous runs
     task_type: str
     shapes: list[tuple[int, ...]]  # padded per-parameter shapes
     offsets: list[int]
@@ -118,10 +123,26 @@ class _Group:
     flops: int = 0  # per inner step, padded
     model_flops: int = 0  # per inner step, true shapes
     data: dict[str, torch.Tensor] = field(default_factory=dict)
+    _tails: dict[int, _Group] = field(default_factory=dict, repr=False)
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         n = flat.shape[0]
         return [flat[:, a : a + math.prod(s)].view(n, *s) for a, s in zip(self.offsets, self.shapes)]
+
+    def tail(self, start: int) -> _Group:
+        """The stack of rows ``[start, N)``: its tensors are views of this group's, so updates are shared."""
+        if start == 0:
+            return self
+        if start not in self._tails:
+            n = len(self.members)
+            self._tails[start] = _Group(
+                self.members[start:], self.arch, StackActivation(self.act.names[start:]),
+                [(o, max(a, start) - start, b - start) for o, a, b in self.optimizer_runs if b > start],
+                self.task_type, self.shapes, self.offsets, self.batch, self.flat[start:],
+                [buf[start:] for buf in self.opt_flat], self.steps[start:],
+                data={k: v[start:] for k, v in self.data.items() if v.dim() > 0 and v.shape[0] == n},
+            )  # fmt: skip
+        return self._tails[start]
 
 
 def _pad_to(t: torch.Tensor, shape: tuple[int, ...], fill: float = 0.0) -> torch.Tensor:
@@ -272,12 +293,9 @@ class BatchedTrainer:
                 mem, shapes, batch, _ = bins[best]
                 shapes, batch = _max_shapes(shapes, s.layout.shapes), max(batch, s.spec.batch_size)
                 bins[best] = ([*mem, m], shapes, batch, _step_cost(arch, shapes, batch))
-        # SGD rows first, so each optimiser updates one contiguous range of the stack; then by
-        # activation, so each activation runs on few contiguous slices.
-        return [
-            sorted(mem, key=lambda m: (slots[m].spec.optimizer != "sgd", slots[m].layout.activation, m))
-            for mem, *_ in bins
-        ]
+        # By K, so the rows still training after the shortest chunks end are the stack's tail; then
+        # by optimiser, so each optimiser updates few contiguous ranges; then by activation.
+        return [sorted(mem, key=lambda m: (*slots[m].row_order, m)) for mem, *_ in bins]
 
     def _build_group(self, members: list[int]) -> _Group:
         start = time.perf_counter()
@@ -302,12 +320,16 @@ class BatchedTrainer:
         n_buffers = max(len(s.opt_state) for s in slots)
         opt_flat = [stack([s.opt_state[b] if b < len(s.opt_state) else [] for s in slots]) for b in range(n_buffers)]
         steps = torch.tensor([[float(s.steps_done)] for s in slots], device=self.device)
-        n_sgd = sum(s.spec.optimizer == "sgd" for s in slots)
-        assert all((s.spec.optimizer == "sgd") == (i < n_sgd) for i, s in enumerate(slots)), "SGD rows first"
+        runs: list[tuple[str, int, int]] = []
+        for i, s in enumerate(slots):
+            if runs and runs[-1][0] == s.spec.optimizer:
+                runs[-1] = (s.spec.optimizer, runs[-1][1], i + 1)
+            else:
+                runs.append((s.spec.optimizer, i, i + 1))
         batch = max(s.spec.batch_size for s in slots)
         g = _Group(
             tuple(members), ref.layout.arch, StackActivation([s.layout.activation for s in slots]),
-            n_sgd, ref.data.task_type, shapes, [int(o) for o in offsets], batch, flat, opt_flat, steps,
+            runs, ref.data.task_type, shapes, [int(o) for o in offsets], batch, flat, opt_flat, steps,
             flops=n * step_flops(ref.layout.arch, shapes, batch), model_flops=sum(s.flops for s in slots),
         )  # fmt: skip
         sizes_b = torch.tensor([[s.spec.batch_size] for s in slots], device=self.device)
@@ -439,19 +461,19 @@ class BatchedTrainer:
         res = ChunkResult(np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, bool))
         pos = {s: k for k, s in enumerate(slots)}
         for g, members in self._groups_for(list(slots)):
-            k_steps = steps or self._slots[members[0]].spec.steps_per_action
+            ks = [steps or self._slots[m].spec.steps_per_action for m in members]  # ascending (row order)
             start = time.perf_counter()
-            tr, va, acc, div = self._train_group(g, k_steps)
+            tr, va, acc, div = self._train_group(g, ks)
             st = self.stats
             st.train_seconds += time.perf_counter() - start
-            st.model_steps += len(members) * k_steps
-            st.group_steps += k_steps
-            st.flops += g.flops * k_steps
-            st.model_flops += g.model_flops * k_steps
+            st.model_steps += sum(ks)
+            st.group_steps += ks[-1]
+            st.flops += g.flops / len(members) * sum(ks)
+            st.model_flops += sum(self._slots[m].flops * k for m, k in zip(members, ks))
             for i, m in enumerate(members):
                 j = pos[m]
                 res.train_loss[j], res.val_loss[j], res.val_accuracy[j], res.diverged[j] = tr[i], va[i], acc[i], div[i]
-                self._slots[m].steps_done += k_steps
+                self._slots[m].steps_done += ks[i]
         # A validation loss that exploded relative to the first one counts as divergence too.
         for j, m in enumerate(slots):
             ref = self._reference_loss[m]
@@ -461,84 +483,100 @@ class BatchedTrainer:
                 res.diverged[j] = True
         return res
 
-    def _train_group(self, g: _Group, k_steps: int):
+    def _train_group(self, g: _Group, ks: list[int]):
+        """Train a stack's rows for ``ks`` steps each (ascending, as the rows are ordered)."""
         slots = [self._slots[m] for m in g.members]
-        n, dev = len(slots), self.device
+        n, dev, k_max = len(slots), self.device, ks[-1]
         # Minibatch indices from each slot's own generator: identical alone or in any batch. Padded
-        # samples (beyond a slot's own batch size) point at sample 0 and get zero loss weight.
-        idx = torch.zeros(n, k_steps, g.batch, dtype=torch.long)
-        for i, s in enumerate(slots):
+        # samples (beyond a slot's own batch size or its K) point at sample 0 and get zero loss weight.
+        idx = torch.zeros(n, k_max, g.batch, dtype=torch.long)
+        for i, (s, k) in enumerate(zip(slots, ks)):
             b = s.spec.batch_size
-            idx[i, :, :b] = torch.randint(int(s.data.x_train.shape[0]), (k_steps, b), generator=s.generator)
+            idx[i, :k, :b] = torch.randint(int(s.data.x_train.shape[0]), (k, b), generator=s.generator)
         idx = idx.to(dev, non_blocking=True)
         rows = torch.arange(n, device=dev).view(n, 1, 1)
         xs, ys = g.data["x_train"][rows, idx], g.data["y_train"][rows, idx]  # (N, K, B, ...)
-        weight = g.data["batch_weight"]
         hp = torch.tensor(np.stack([s.hparams for s in slots]), dtype=torch.float32, device=dev)
-        losses = torch.empty(k_steps, n, device=dev)
-        flat = g.flat
-        grad = torch.empty_like(flat)
-        update = self._optimizer_update(g, flat, grad, hp)
-        for k in range(k_steps):
-            leaves = [v.detach().requires_grad_() for v in g.views(flat)]
-            out = forward(g.arch, g.act, leaves, xs[:, k])
-            per_model = (self._per_sample_loss(g, out, ys[:, k], correctness=False)[0] * weight).sum(1)
+        losses = torch.zeros(k_max, n, device=dev)
+        grad = torch.empty_like(g.flat)
+        first = 0  # rows [first, N) still take steps
+        for k in range(k_max):
+            if k == 0 or ks[first] <= k:
+                while ks[first] <= k:
+                    first += 1
+                sub = g.tail(first)
+                sub_grad, weight = grad[first:], sub.data["batch_weight"]
+                update = self._optimizer_update(sub, sub.flat, sub_grad, hp[first:])
+            leaves = [v.detach().requires_grad_() for v in sub.views(sub.flat)]
+            out = forward(sub.arch, sub.act, leaves, xs[first:, k])
+            per_model = (self._per_sample_loss(sub, out, ys[first:, k], correctness=False)[0] * weight).sum(1)
             grads = torch.autograd.grad(per_model.sum(), leaves)
             with torch.no_grad():
-                torch.cat([gr.reshape(n, -1) for gr in grads], dim=1, out=grad)
-                losses[k] = per_model
+                torch.cat([gr.reshape(n - first, -1) for gr in grads], dim=1, out=sub_grad)
+                losses[k, first:] = per_model
                 update()
         with torch.no_grad():
             val, acc = self._eval_group(g, "val")
-            finite = torch.stack([torch.isfinite(losses).all(0), torch.isfinite(flat).all(1)]).all(0)
-            stats = torch.stack([losses.mean(0), finite.to(losses.dtype)]).cpu().numpy().astype(np.float64)
+            mean_loss = losses.sum(0) / torch.tensor(ks, dtype=losses.dtype, device=dev)
+            finite = torch.stack([torch.isfinite(losses).all(0), torch.isfinite(g.flat).all(1)]).all(0)
+            stats = torch.stack([mean_loss, finite.to(losses.dtype)]).cpu().numpy().astype(np.float64)
         return stats[0], val, acc, ~stats[1].astype(bool)
 
     @staticmethod
     def _optimizer_update(g: _Group, flat: torch.Tensor, grad: torch.Tensor, hp: torch.Tensor):
-        """A closure doing one optimiser step on the stack; rows ``[0, n_sgd)`` SGD, the rest AdamW.
+        """A closure doing one optimiser step on the stack, one update per run of rows (SGD or AdamW).
 
         PyTorch's SGD (momentum, coupled L2 decay) and AdamW (decoupled decay) rules, with per-model
         hyperparameter tensors ``hp`` ``(N, 3)`` = lr, weight decay, momentum (Adam's beta1).
         """
-        a, n = g.n_sgd, flat.shape[0]
         lr, wd, mom = (hp[:, j : j + 1] for j in range(3))
         parts = []
-        if a > 0:
-            p_s, g_s, buf = flat[:a], grad[:a], g.opt_flat[0][:a]
-            lr_s, wd_s, mom_s = lr[:a], wd[:a], mom[:a]
-
-            def sgd() -> None:
-                g_s.addcmul_(p_s, wd_s)
-                buf.mul_(mom_s).add_(g_s)
-                p_s.addcmul_(buf, lr_s, value=-1.0)
-
-            parts.append(sgd)
-        if a < n:
-            p_a, g_a = flat[a:], grad[a:]
-            exp_avg, exp_avg_sq, steps = g.opt_flat[0][a:], g.opt_flat[1][a:], g.steps[a:]
-            lr_a, beta1 = lr[a:], mom[a:]
-            decay = 1 - lr_a * wd[a:]
-
-            def adamw() -> None:
-                steps.add_(1)
-                p_a.mul_(decay)
-                exp_avg.lerp_(g_a, 1 - beta1)
-                exp_avg_sq.mul_(_ADAM_BETA2).addcmul_(g_a, g_a, value=1 - _ADAM_BETA2)
-                step_size = lr_a / (1 - beta1**steps)
-                bias_correction2_sqrt = (1 - _ADAM_BETA2**steps).sqrt()
-                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(_ADAM_EPS)
-                p_a.addcdiv_(exp_avg * step_size, denom, value=-1.0)
-
-            parts.append(adamw)
+        for optimizer, a, b in g.optimizer_runs:
+            if optimizer == "sgd":
+                parts.append(_sgd_update(flat[a:b], grad[a:b], g.opt_flat[0][a:b], lr[a:b], wd[a:b], mom[a:b]))
+            else:
+                parts.append(
+                    _adamw_update(
+                        flat[a:b], grad[a:b], g.opt_flat[0][a:b], g.opt_flat[1][a:b], g.steps[a:b], lr[a:b], wd[a:b],
+                        mom[a:b],
+                    )
+                )  # fmt: skip
         if len(parts) == 1:
             return parts[0]
 
-        def both() -> None:
+        def every_run() -> None:
             for part in parts:
                 part()
 
-        return both
+        return every_run
+
+
+def _sgd_update(p_s, g_s, buf, lr_s, wd_s, mom_s):
+    """torch.optim.SGD's step (momentum, dampening 0, coupled weight decay) on rows of a stack."""
+
+    def sgd() -> None:
+        g_s.addcmul_(p_s, wd_s)
+        buf.mul_(mom_s).add_(g_s)
+        p_s.addcmul_(buf, lr_s, value=-1.0)
+
+    return sgd
+
+
+def _adamw_update(p_a, g_a, exp_avg, exp_avg_sq, steps, lr_a, wd_a, beta1):
+    """torch.optim.AdamW's step (decoupled weight decay, bias correction) on rows of a stack."""
+    decay = 1 - lr_a * wd_a
+
+    def adamw() -> None:
+        steps.add_(1)
+        p_a.mul_(decay)
+        exp_avg.lerp_(g_a, 1 - beta1)
+        exp_avg_sq.mul_(_ADAM_BETA2).addcmul_(g_a, g_a, value=1 - _ADAM_BETA2)
+        step_size = lr_a / (1 - beta1**steps)
+        bias_correction2_sqrt = (1 - _ADAM_BETA2**steps).sqrt()
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(_ADAM_EPS)
+        p_a.addcdiv_(exp_avg * step_size, denom, value=-1.0)
+
+    return adamw
 
 
 #: Cost of one elementwise element per inner step (activations, their gradients, the optimiser's

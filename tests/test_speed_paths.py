@@ -11,7 +11,7 @@ from hpo_env.models import StackActivation, forward, step_flops
 
 
 def _mixed_specs(small_mlp_spec):
-    """One group key (MLP, depth 1, classification, K) but every other knob different."""
+    """One group key (MLP, depth 1, classification) but every other knob different."""
     return [
         small_mlp_spec.replace(activation="relu", optimizer="adamw", lr=3e-3, batch_size=16, seed=1, data_seed=1),
         small_mlp_spec.replace(activation="tanh", optimizer="sgd", batch_size=32, hidden=(24,), seed=2, data_seed=2),
@@ -29,7 +29,24 @@ def test_mixed_stack_equals_alone(small_mlp_spec, assert_trains_like_alone):
     groups = {id(together._slots[i].group) for i in range(len(specs))}
     assert len(groups) == 1, "the cost model was told to merge everything"
     g = together._slots[0].group
-    assert g.n_sgd == 2 and g.batch == 32 and len(g.act.runs) >= 3
+    assert [o for o, *_ in g.optimizer_runs] == ["sgd", "adamw"] and g.batch == 32 and len(g.act.runs) >= 3
+    assert_trains_like_alone(together, specs, results)
+
+
+def test_stack_of_different_steps_per_chunk_equals_alone(small_mlp_spec, assert_trains_like_alone):
+    """Slots with different K share a stack: the rows with the smallest K stop first, the tail goes on."""
+    base = _mixed_specs(small_mlp_spec)
+    specs = [s.replace(steps_per_action=k) for s, k in zip(base + base[:2], (20, 5, 10, 5, 10, 20))]
+    together = BatchedTrainer(len(specs), group_overhead_flops=1e12)
+    for i, s in enumerate(specs):
+        together.load(i, s)
+    results = [together.train_chunk(list(range(len(specs)))) for _ in range(2)]
+    g = together._slots[0].group
+    assert all(together._slots[i].group is g for i in range(len(specs))), "one stack for every K"
+    assert [together._slots[m].spec.steps_per_action for m in g.members] == [5, 5, 10, 10, 20, 20]
+    assert [together.steps_done(i) for i in range(len(specs))] == [2 * s.steps_per_action for s in specs]
+    assert together.stats.model_steps == 2 * sum(s.steps_per_action for s in specs)
+    assert together.stats.group_steps == 2 * 20
     assert_trains_like_alone(together, specs, results)
 
 
