@@ -270,3 +270,15 @@ def test_console_script_help():
     assert script.exists(), "hpo-bench is not installed: run pip install -e . -c constraints.txt"
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True).stdout
     assert "--policy" in out and "--grid-size" in out and "Resumable" in out
+
+
+def test_random_policy_runs_are_stored_per_action_space():
+    """A policy with other step sizes or hyperparameters gets its own random-policy control runs."""
+    default = bench._decoder_tag(ActionDecoder(("lr", "weight_decay")))
+    assert default == ""  # the default action space keeps the plain key (stores stay valid)
+    tags = {
+        bench._decoder_tag(ActionDecoder(("lr", "weight_decay"), max_log10_change={"lr": 0.5})),
+        bench._decoder_tag(ActionDecoder(("lr",))),
+        bench._decoder_tag(ActionDecoder(("lr", "weight_decay", "momentum"))),
+    }
+    assert len(tags) == 3 and "" not in tags

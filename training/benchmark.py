@@ -243,8 +243,10 @@ def _fmt_lr(lr: float) -> str:
     return f"{lr:.4g}"
 
 
-def task_arms(spec: TaskSpec, config: BenchmarkConfig, exact: ActionDecoder, policy_hash: str) -> list[Arm]:
-    """Every arm except the replay (which needs the policy's runs first)."""
+def task_arms(
+    spec: TaskSpec, config: BenchmarkConfig, exact: ActionDecoder, policy_hash: str, decoder: ActionDecoder
+) -> list[Arm]:
+    """Every arm except the replay (which needs the policy's runs first); ``decoder`` is the policy's."""
     default = DEFAULT_HPARAMS[spec.optimizer]["lr"]
     arms = [
         Arm(f"policy@{policy_hash}", "policy", "policy"),
@@ -271,9 +273,17 @@ def task_arms(spec: TaskSpec, config: BenchmarkConfig, exact: ActionDecoder, pol
         Arm("one_cycle(10x,30%,/100)@lr=task", "one_cycle", "schedule", None, lambda: OneCycle(exact)),
         Arm("plateau(x0.1,p2)@lr=task", "plateau", "schedule", None, lambda: ReduceLROnPlateau(exact)),
         Arm(_hd_key(spec, config), "hypergradient", "hypergradient"),
-        Arm(f"random@seed={config.seed}", "random", "random"),
+        Arm(f"random@seed={config.seed}{_decoder_tag(decoder)}", "random", "random"),
     ]
     return arms
+
+
+def _decoder_tag(decoder: ActionDecoder) -> str:
+    """How the random policy's stored runs tell action spaces apart: empty for the default one."""
+    config = decoder.to_config()
+    if config == ActionDecoder(("lr", "weight_decay")).to_config():
+        return ""
+    return "@decoder=" + hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _hd_key(spec: TaskSpec, config: BenchmarkConfig) -> str:
@@ -378,7 +388,7 @@ def run_benchmark(config: BenchmarkConfig) -> BenchmarkResult:
     out.mkdir(parents=True, exist_ok=True)
 
     jobs: list[_Job] = []
-    arms_by_task = [task_arms(spec, config, exact, policy_hash) for spec in tasks]
+    arms_by_task = [task_arms(spec, config, exact, policy_hash, decoder) for spec in tasks]
     for ti, (spec, arms) in enumerate(zip(tasks, arms_by_task)):
         for si in range(config.seeds):
             for arm in arms:
