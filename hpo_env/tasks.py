@@ -226,12 +226,6 @@ class TaskSpec:
 # family samplers: (rng, optimizer) -> TaskSpec
 
 
-#: Fewest samples of a synthetic task (log-uniform up to 3000): down to ~50 training rows, so the
-#: meta-training families include the small, overfitting regime of real tabular data (where the best
-#: learning rate is often below the default and the end of a run needs a decay).
-SMALL_DATA_SAMPLES = 80
-
-
 def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
     return float(np.exp(rng.uniform(np.log(low), np.log(high))))
 
@@ -270,7 +264,7 @@ def _teacher_regression(rng, optimizer):
         dataset="teacher",
         arch="mlp",
         hidden=_mlp_hidden(rng),
-        n_samples=_int_log_uniform(rng, SMALL_DATA_SAMPLES, 3000),
+        n_samples=_int_log_uniform(rng, 300, 3000),
         n_features=int(rng.integers(4, 33)),
         label_noise=float(rng.uniform(0.0, 0.3)),
         **_common(rng, optimizer),
@@ -283,7 +277,7 @@ def _teacher_classification(rng, optimizer):
         dataset="teacher",
         arch="mlp",
         hidden=_mlp_hidden(rng),
-        n_samples=_int_log_uniform(rng, SMALL_DATA_SAMPLES, 3000),
+        n_samples=_int_log_uniform(rng, 300, 3000),
         n_features=int(rng.integers(4, 33)),
         n_classes=int(rng.integers(2, 11)),
         label_noise=float(rng.uniform(0.0, 0.2)),
@@ -297,7 +291,7 @@ def _make_classification(rng, optimizer):
         dataset="make_classification",
         arch="mlp",
         hidden=_mlp_hidden(rng),
-        n_samples=_int_log_uniform(rng, SMALL_DATA_SAMPLES, 3000),
+        n_samples=_int_log_uniform(rng, 300, 3000),
         n_features=int(rng.integers(5, 41)),
         n_classes=int(rng.integers(2, 7)),
         label_noise=float(rng.uniform(0.0, 0.1)),
