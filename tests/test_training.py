@@ -241,6 +241,7 @@ def test_lr_step_reaches_the_environment_and_the_cli():
     assert decoder.specs[0].name == "lr" and decoder.specs[0].max_log10_change == 0.75
     assert decoder.specs[1].max_log10_change == 0.5  # weight decay keeps its default step
     assert parse_settings(["--lr-step", "0.5"]).agent_config().lr_step == 0.5
+    assert parse_settings([]).agent_config().lr_step == 0.5  # the presets' choice (benchmarks/reports/levers.md)
     assert get_preset("quick", hyperparameters=("weight_decay",), lr_step=0.75).max_log10_change is None
 
 

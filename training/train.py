@@ -118,7 +118,7 @@ class TrainSettings:
     hyperparameters: tuple[str, ...] | None = None
     """Controlled hyperparameters, in action order (default: lr weight_decay)."""
     lr_step: float | None = None
-    """Largest learning-rate change per decision, in decades (default: the preset's, else 0.25)."""
+    """Largest learning-rate change per decision, in decades (default: the preset's, 0.5)."""
     eval_freq: int | None = None
     """Timesteps between held-out evaluations; 0 evaluates only at the end (default: the preset's)."""
     eval_distribution: Literal["test", "train", "all", "toy"] = "test"
