@@ -105,6 +105,17 @@ def _check_fraction(name: str, value: float, *, open_low: bool = False, open_hig
     return value
 
 
+def _raw_batch(policy: Any, observation: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Raw observations as ``(n, obs_dim)`` float32, and whether a single one was given."""
+    obs = np.asarray(observation, dtype=np.float32)
+    if obs.shape[-1:] != (policy.obs_dim,) or obs.ndim > 2:
+        raise ValueError(
+            f"{type(policy).__name__} expects raw observations of shape (n, {policy.obs_dim}) built by "
+            f"ObservationBuilder for {list(policy.decoder.names)}, got shape {obs.shape}"
+        )
+    return obs.reshape(-1, policy.obs_dim), obs.ndim == 1
+
+
 class LRSchedule:
     """Base class: a learning-rate schedule relative to the initial rate, as an SB3-style policy.
 
@@ -160,14 +171,7 @@ class LRSchedule:
         return (actions[0] if single else actions), state
 
     def _as_batch(self, observation: np.ndarray) -> tuple[np.ndarray, bool]:
-        obs = np.asarray(observation, dtype=np.float32)
-        single = obs.ndim == 1
-        if obs.shape[-1:] != (self.obs_dim,) or obs.ndim > 2:
-            raise ValueError(
-                f"{type(self).__name__} expects raw observations of shape (n, {self.obs_dim}) built by "
-                f"ObservationBuilder for {list(self.decoder.names)}, got shape {obs.shape}"
-            )
-        return obs.reshape(-1, self.obs_dim), single
+        return _raw_batch(self, observation)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "decoder")
@@ -500,12 +504,9 @@ class RandomPolicy:
         episode_start: np.ndarray | None = None,
         deterministic: bool = False,
     ) -> tuple[np.ndarray, Any]:
-        obs = np.asarray(observation, dtype=np.float32)
-        if obs.shape[-1:] != (self.obs_dim,) or obs.ndim > 2:
-            raise ValueError(f"RandomPolicy expects observations of shape (n, {self.obs_dim}), got {obs.shape}")
-        n = 1 if obs.ndim == 1 else len(obs)
-        actions = self.rng.uniform(-1.0, 1.0, size=(n, self.decoder.num_actions)).astype(np.float32)
-        return (actions[0] if obs.ndim == 1 else actions), state
+        obs, single = _raw_batch(self, observation)
+        actions = self.rng.uniform(-1.0, 1.0, size=(len(obs), self.decoder.num_actions)).astype(np.float32)
+        return (actions[0] if single else actions), state
 
     def __repr__(self) -> str:
         return f"RandomPolicy(seed={self.seed!r})"

@@ -280,10 +280,9 @@ def task_arms(
 
 def _decoder_tag(decoder: ActionDecoder) -> str:
     """How the random policy's stored runs tell action spaces apart: empty for the default one."""
-    config = decoder.to_config()
-    if config == ActionDecoder(("lr", "weight_decay")).to_config():
+    if decoder == ActionDecoder():
         return ""
-    return "@decoder=" + hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
+    return "@decoder=" + hashlib.sha1(json.dumps(decoder.to_config(), sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _hd_key(spec: TaskSpec, config: BenchmarkConfig) -> str:
