@@ -26,6 +26,8 @@ Why these defaults (see :data:`PRESETS`):
   often 10-30x the optimiser's default and runs are only 10-30 decisions long; 0.5 beat the old 0.25
   on the held-out benchmark, and 1.0 learned zig-zag schedules that failed a deployment example
   (benchmarks/reports/levers.md).
+* ``action_change_penalty = 0`` (off): a training-only cost on how much the action moves between
+  decisions, a lever against zig-zag schedules (benchmarks/reports/levers.md).
 * ``log_std_init = -0.5``: exploration noise of about 0.6 in a ``[-1, 1]`` action, instead of SB3's
   default std of 1 that mostly hits the clip.
 """
@@ -37,13 +39,22 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from stable_baselines3.common.vec_env import VecEnv, VecFrameStack, VecMonitor, VecNormalize, unwrap_vec_normalize
+import numpy as np
+from stable_baselines3.common.vec_env import (
+    VecEnv,
+    VecEnvWrapper,
+    VecFrameStack,
+    VecMonitor,
+    VecNormalize,
+    unwrap_vec_normalize,
+)
 
 from hpo_env import HPOVecEnv, TaskDistribution
 from hpo_env.features import OBS_BOUND
 
 __all__ = [
     "ALGORITHMS",
+    "ActionChangePenalty",
     "PRESETS",
     "MetaAgentConfig",
     "get_preset",
@@ -89,6 +100,10 @@ class MetaAgentConfig:
         lr_step: largest learning-rate change per decision, in decades (None: the environment's
             default of 0.25, :data:`hpo_env.DEFAULT_HYPERPARAMETERS`); ignored when ``"lr"`` is not
             controlled.
+        action_change_penalty: training-time reward shaping: each decision after an episode's first
+            costs ``action_change_penalty * sum(|a_t - a_{t-1}|)`` (clipped actions), which discourages
+            zig-zag schedules. 0 turns it off. Only the agent's reward is shaped: the environment's
+            reward, the monitored returns and every evaluation stay the validation gain.
     """
 
     algorithm: str = "recurrent"
@@ -115,6 +130,7 @@ class MetaAgentConfig:
     hyperparameters: tuple[str, ...] = ("lr", "weight_decay")
     divergence_penalty: float = 1.0
     lr_step: float | None = 0.5
+    action_change_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -134,6 +150,11 @@ class MetaAgentConfig:
         object.__setattr__(self, "hyperparameters", tuple(self.hyperparameters))
         if self.lr_step is not None and not (0 < self.lr_step <= 3):
             raise ValueError(f"MetaAgentConfig.lr_step must lie in (0, 3] decades per decision, got {self.lr_step!r}")
+        if not 0 <= self.action_change_penalty < 1:
+            raise ValueError(
+                "MetaAgentConfig.action_change_penalty must lie in [0, 1) (reward units per unit of action"
+                f" change; 0.01 is a mild setting), got {self.action_change_penalty!r}"
+            )
         if isinstance(self.task_distribution, TaskDistribution):
             raise TypeError("MetaAgentConfig.task_distribution is a name; pass a TaskDistribution to make_meta_env")
 
@@ -198,7 +219,8 @@ def make_meta_env(
             statistics and settings replace fresh ones, to resume training.
 
     Returns:
-        ``HPOVecEnv -> VecMonitor -> VecNormalize`` (``-> VecFrameStack`` for the framestack control).
+        ``HPOVecEnv -> VecMonitor [-> ActionChangePenalty] -> VecNormalize`` (``-> VecFrameStack`` for
+        the framestack control); the penalty wrapper only when ``config.action_change_penalty > 0``.
     """
     if not isinstance(config, MetaAgentConfig):
         raise TypeError(f"config must be a MetaAgentConfig, got {type(config).__name__}")
@@ -212,6 +234,8 @@ def make_meta_env(
         seed=seed,
     )
     venv = VecMonitor(venv)
+    if config.action_change_penalty > 0:
+        venv = ActionChangePenalty(venv, config.action_change_penalty)
     if vec_normalize_path is not None:
         venv = VecNormalize.load(str(vec_normalize_path), venv)
         venv.training = True
@@ -277,6 +301,43 @@ def make_meta_agent(
 
     kwargs.update(policy_kwargs or {})
     return PPO("MlpPolicy", env, policy_kwargs=kwargs, **common)
+
+
+class ActionChangePenalty(VecEnvWrapper):
+    """Reward shaping for training: ``r_t - penalty * sum(|a_t - a_{t-1}|)`` after an episode's first decision.
+
+    Sits above ``VecMonitor``, so monitored episode returns stay the unshaped validation gain.
+    Actions are clipped to the action space first (what the environment applies).
+    """
+
+    def __init__(self, venv: VecEnv, penalty: float) -> None:
+        super().__init__(venv)
+        if not penalty >= 0:
+            raise ValueError(f"penalty must be >= 0, got {penalty!r}")
+        self.penalty = float(penalty)
+        space = venv.action_space
+        self._low, self._high = space.low, space.high
+        self._prev: np.ndarray | None = None
+        self._has_prev = np.zeros(venv.num_envs, dtype=bool)
+        self._actions: np.ndarray | None = None
+
+    def reset(self) -> np.ndarray:
+        self._has_prev[:] = False
+        return self.venv.reset()
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._actions = np.clip(np.asarray(actions, dtype=np.float64).reshape(self.num_envs, -1), self._low, self._high)
+        self.venv.step_async(actions)
+
+    def step_wait(self):
+        obs, rewards, dones, infos = self.venv.step_wait()
+        a = self._actions
+        if self._prev is not None:
+            change = np.abs(a - self._prev).sum(axis=1)
+            rewards = rewards - self.penalty * np.where(self._has_prev, change, 0.0).astype(rewards.dtype)
+        self._prev = a
+        self._has_prev = ~np.asarray(dones, dtype=bool)
+        return obs, rewards, dones, infos
 
 
 def get_vec_normalize(env: VecEnv) -> VecNormalize | None:

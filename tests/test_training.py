@@ -19,6 +19,7 @@ from stable_baselines3.common.vec_env import VecFrameStack, VecMonitor, VecNorma
 
 import training.callbacks as callbacks_module
 from agents import PRESETS, MetaAgentConfig, get_preset, load_bundle, make_meta_agent, make_meta_env
+from agents.factory import ActionChangePenalty
 from hpo_env import HPOVecEnv, TaskDistribution
 from training.callbacks import (
     find_latest_checkpoint,
@@ -245,6 +246,37 @@ def test_lr_step_reaches_the_environment_and_the_cli():
     assert get_preset("quick", hyperparameters=("weight_decay",), lr_step=0.75).max_log10_change is None
 
 
+def test_action_change_penalty_shapes_only_the_agents_reward():
+    config = get_preset("quick", task_distribution="toy", n_envs=2, action_change_penalty=0.1)
+    assert parse_settings(["--action-change-penalty", "0.1"]).agent_config().action_change_penalty == 0.1
+    env = make_meta_env(config, seed=0)
+    shaped = env.venv
+    assert isinstance(shaped, ActionChangePenalty) and isinstance(shaped.venv, VecMonitor)
+    plain = make_meta_env(config.replace(action_change_penalty=0.0), seed=0)
+    assert not isinstance(plain.venv, ActionChangePenalty)
+    env.reset(), plain.reset()
+    n_decisions = {t.num_decisions for t in env.unwrapped.tasks()}
+    assert len(n_decisions) == 1
+    (n_dec,) = n_decisions
+    # Mostly downward learning-rate moves, so that no toy run diverges and both episodes run to the end.
+    actions = [np.array([[-0.5, 0.0], [-0.5, 0.0]]), np.array([[0.5, 0.0], [-0.5, 0.0]]),
+               np.array([[-3.0, 0.0], [-0.5, 0.2]])]  # fmt: skip
+    expected = [np.zeros(2), np.array([1.0, 0.0]), np.array([1.5, 0.2])]  # |a_t - a_{t-1}|, clipped to [-1, 1]
+    for a, change in zip(actions, expected):
+        _, r_shaped, _, _ = env.step(a)
+        _, r_plain, _, _ = plain.step(a)
+        np.testing.assert_allclose(r_plain - r_shaped, 0.1 * change, rtol=1e-5, atol=1e-6)
+    # No cost for the first decision of the next episode: the previous action belonged to another run.
+    for _ in range(n_dec - 5):  # an episode takes n_dec - 1 steps (reset runs the first interval)
+        env.step(actions[0]), plain.step(actions[0])
+    _, r_shaped, d_shaped, _ = env.step(actions[1])
+    _, r_plain, d_plain, _ = plain.step(actions[1])
+    assert d_shaped.all() and d_plain.all()
+    _, r_shaped, _, _ = env.step(actions[0])
+    _, r_plain, _, _ = plain.step(actions[0])
+    np.testing.assert_allclose(r_shaped, r_plain, rtol=1e-5, atol=1e-6)
+
+
 def test_factory_rejects_bad_configuration():
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         get_preset("huge")
@@ -256,6 +288,8 @@ def test_factory_rejects_bad_configuration():
         MetaAgentConfig(gamma=1.5)
     with pytest.raises(ValueError, match=r"lr_step must lie in \(0, 3\]"):
         MetaAgentConfig(lr_step=0.0)
+    with pytest.raises(ValueError, match=r"action_change_penalty must lie in \[0, 1\)"):
+        MetaAgentConfig(action_change_penalty=-0.1)
     with pytest.raises(ValueError, match="unknown MetaAgentConfig fields"):
         get_preset("quick", n_env=3)
     with pytest.raises(TypeError, match="MetaAgentConfig"):

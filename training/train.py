@@ -119,6 +119,8 @@ class TrainSettings:
     """Controlled hyperparameters, in action order (default: lr weight_decay)."""
     lr_step: float | None = None
     """Largest learning-rate change per decision, in decades (default: the preset's, 0.5)."""
+    action_change_penalty: float | None = None
+    """Training-only reward cost per unit of action change between decisions; 0 is off (default: the preset's)."""
     eval_freq: int | None = None
     """Timesteps between held-out evaluations; 0 evaluates only at the end (default: the preset's)."""
     eval_distribution: Literal["test", "train", "all", "toy"] = "test"
@@ -184,6 +186,7 @@ class TrainSettings:
             task_distribution=self.task_distribution,
             hyperparameters=self.hyperparameters,
             lr_step=self.lr_step,
+            action_change_penalty=self.action_change_penalty,
             learning_rate=self.learning_rate,
             n_steps=self.n_steps,
             batch_size=self.batch_size,
