@@ -7,7 +7,8 @@ A whole run, top to bottom (:func:`train`):
 2. the environment: ``HPOVecEnv`` slots training inner models on tasks sampled from the meta-training
    families, wrapped in ``VecMonitor`` and ``VecNormalize`` (:func:`agents.make_meta_env`);
 3. the agent: ``RecurrentPPO("MlpLstmPolicy")``, or a frame-stacked MLP ``PPO`` control
-   (:func:`agents.make_meta_agent`);
+   (:func:`agents.make_meta_agent`); with ``--imitation-tasks N``, first cloned from a grid-tuned
+   cosine schedule on N meta-training tasks (:mod:`training.imitation`, summary in ``imitation.json``);
 4. ``model.learn`` with a progress bar and three callbacks (:mod:`training.callbacks`): per-episode
    TensorBoard scalars, periodic evaluation on held-out task families against the constant schedule
    and the random policy (the best policy bundle is kept), and atomic checkpoints;
@@ -27,6 +28,7 @@ Examples::
     hpo-train                                   # the quick preset
     hpo-train --preset full --seed 1 --run-name full-s1
     hpo-train --algorithm framestack            # the MLP control
+    hpo-train --preset full --imitation-tasks 256   # warm start by imitation of a tuned schedule
     hpo-train --resume runs/full-s1             # continue a killed run from its last checkpoint
     tensorboard --logdir runs
 """
@@ -121,6 +123,8 @@ class TrainSettings:
     """Largest learning-rate change per decision, in decades (default: the preset's, 0.5)."""
     action_change_penalty: float | None = None
     """Training-only reward cost per unit of action change between decisions; 0 is off (default: the preset's)."""
+    imitation_tasks: int = 0
+    """Warm start: before PPO, clone a grid-tuned cosine schedule on this many meta-training tasks (9 inner runs each; 0: off)."""
     eval_freq: int | None = None
     """Timesteps between held-out evaluations; 0 evaluates only at the end (default: the preset's)."""
     eval_distribution: Literal["test", "train", "all", "toy"] = "test"
@@ -155,6 +159,10 @@ class TrainSettings:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{_flag(name)} must be >= 1, got {value}")
+        if self.imitation_tasks < 0:
+            raise ValueError(f"--imitation-tasks must be >= 0 (0 turns the warm start off), got {self.imitation_tasks}")
+        if self.imitation_tasks and self.algorithm != "recurrent":
+            raise ValueError("--imitation-tasks clones into the recurrent policy; use it with --algorithm recurrent")
         for name in ("eval_freq", "checkpoint_freq"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -309,7 +317,11 @@ def _resumed_settings(run_dir: Path, given: dict[str, Any]) -> TrainSettings:
         saved = json.loads(file.read_text())
     except ValueError as err:
         raise ValueError(f"--resume {str(run_dir)!r}: settings.json is unreadable ({err})") from err
-    fixed = sorted(k for k in given if k not in RESUMABLE_OVERRIDES | {"resume"} and given[k] != saved.get(k))
+    # A setting added after the run was made reads as its default.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
+    fixed = sorted(
+        k for k in given if k not in RESUMABLE_OVERRIDES | {"resume"} and given[k] != saved.get(k, defaults.get(k))
+    )
     if fixed:
         raise ValueError(
             f"--resume continues a run with its own settings; these cannot change: "
@@ -501,6 +513,23 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
             f"{budget.eval_freq:,}",
             flush=True,
         )
+    if checkpoint is None and settings.imitation_tasks > 0:
+        from training.imitation import warm_start
+
+        summary = warm_start(
+            model,
+            get_vec_normalize(env),
+            decoder,
+            n_tasks=settings.imitation_tasks,
+            seed=settings.seed,
+            gamma=config.gamma,
+            distribution=config.task_distribution,
+            log=print if settings.verbose else (lambda *a, **k: None),
+        )
+        (run_dir / "imitation.json").write_text(json.dumps(summary, indent=2))
+        for key, value in summary.items():
+            logger.record(f"imitation/{key}", value)
+        logger.dump(0)
     if remaining > 0:
         try:
             model.learn(
