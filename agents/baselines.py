@@ -50,6 +50,7 @@ __all__ = [
     "ReduceLROnPlateau",
     "ReplaySchedule",
     "StepDecay",
+    "lr_grid",
     "schedule_decoder",
 ]
 
@@ -78,6 +79,22 @@ def schedule_decoder(decoder: ActionDecoder, max_log10_change: float = EXACT_MAX
         bounds={s.name: (s.lower, s.upper) for s in decoder.specs},
         max_log10_change=float(max_log10_change),
     )
+
+
+def lr_grid(optimizer: str, size: int, decades: float) -> list[float]:
+    """The tuned oracles' learning rates: the optimiser's default times ``10 ** linspace(-decades, decades, size)``.
+
+    One point is the default itself. Used by the benchmark's grid-tuned baselines and by the
+    imitation warm start's teacher (:mod:`training.imitation`).
+    """
+    from hpo_env.tasks import DEFAULT_HPARAMS
+
+    if optimizer not in DEFAULT_HPARAMS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {sorted(DEFAULT_HPARAMS)}")
+    default = DEFAULT_HPARAMS[optimizer]["lr"]
+    if size == 1:
+        return [default]
+    return [float(default * 10**e) for e in np.linspace(-decades, decades, size)]
 
 
 def _lr_index(decoder: ActionDecoder) -> int:

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from agents import get_preset, make_meta_agent, make_meta_env
+from agents.baselines import lr_grid
 from agents.factory import get_vec_normalize
 from hpo_env import ActionDecoder, TaskDistribution
-from training.imitation import OracleCosine, clone, demonstrations, grid_lrs, grid_search, warm_start
+from training.imitation import OracleCosine, clone, demonstrations, grid_search, warm_start
 from training.rollout import run_episodes
 from training.train import parse_settings
 
@@ -26,7 +27,7 @@ def test_grid_search_keeps_each_tasks_best_rate(toy_tasks):
     from agents.baselines import CosineSchedule, schedule_decoder
 
     for task, lr in zip(toy_tasks, best):
-        grid = grid_lrs(task, 3, 1.0)
+        grid = lr_grid(task.optimizer, 3, 1.0)
         assert lr in grid
         runs = run_episodes(
             CosineSchedule(schedule_decoder(decoder)), [task.replace(lr=float(x)) for x in grid], decoder

@@ -58,6 +58,7 @@ from agents.baselines import (
     ReduceLROnPlateau,
     ReplaySchedule,
     StepDecay,
+    lr_grid,
     schedule_decoder,
 )
 from agents.bundle import load_bundle
@@ -233,10 +234,7 @@ def rows(grid_size: int) -> list[Row]:
 
 def grid_lrs(spec: TaskSpec, config: BenchmarkConfig) -> list[float]:
     """The tuned oracles' K learning rates for a task's optimiser."""
-    default = DEFAULT_HPARAMS[spec.optimizer]["lr"]
-    if config.grid_size == 1:
-        return [default]
-    return [float(default * 10**e) for e in np.linspace(-config.grid_decades, config.grid_decades, config.grid_size)]
+    return lr_grid(spec.optimizer, config.grid_size, config.grid_decades)
 
 
 def _fmt_lr(lr: float) -> str:

@@ -5,7 +5,7 @@ at the best learning rate of a K-point grid, which costs K full runs per task. T
 oracle into a teacher for meta-training:
 
 1. :func:`grid_search`: on ``N`` meta-training tasks (never the held-out families), run cosine
-   schedules at K learning rates, the optimiser default times ``10 ** linspace(-decades, +decades, K)``,
+   schedules at the benchmark oracle's K learning rates (:func:`agents.baselines.lr_grid`),
    batched, and keep each task's best final validation loss.
 2. :func:`demonstrations`: run the teacher, :class:`OracleCosine`, *through the policy's own action
    space*: from the task's initial learning rate it moves (at most ``lr_step`` decades per decision)
@@ -30,19 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.baselines import CosineSchedule, schedule_decoder
+from agents.baselines import CosineSchedule, lr_grid, schedule_decoder
 from hpo_env import ActionDecoder, TaskDistribution, TaskSpec
 from hpo_env.envs import make_distribution
 from hpo_env.tasks import DEFAULT_HPARAMS
 from training.rollout import EpisodeRecord, run_episodes
 
 __all__ = ["Demonstrations", "OracleCosine", "clone", "demonstrations", "grid_search", "warm_start"]
-
-
-def grid_lrs(spec: TaskSpec, grid_size: int, decades: float) -> np.ndarray:
-    """The grid of learning rates for a task: its optimiser's default times ``10 ** linspace(-d, d, K)``."""
-    default = DEFAULT_HPARAMS[spec.optimizer]["lr"]
-    return default * 10 ** np.linspace(-decades, decades, grid_size)
 
 
 def grid_search(
@@ -53,7 +47,7 @@ def grid_search(
     All ``len(tasks) * grid_size`` runs train as slots of one batch.
     """
     tasks = list(tasks)
-    lrs = np.stack([grid_lrs(t, grid_size, decades) for t in tasks])  # (n, K)
+    lrs = np.array([lr_grid(t.optimizer, grid_size, decades) for t in tasks])  # (n, K)
     runs = [t.replace(lr=float(lr)) for t, row in zip(tasks, lrs) for lr in row]
     records = run_episodes(CosineSchedule(schedule_decoder(decoder)), runs, decoder)
     if progress is not None:
