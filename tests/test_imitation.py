@@ -83,3 +83,11 @@ def test_warm_start_summary_and_cli_checks():
         parse_settings(["--imitation-tasks", "-1"])
     with pytest.raises(SystemExit):
         parse_settings(["--imitation-tasks", "8", "--algorithm", "framestack"])
+
+
+def test_warm_start_refuses_a_policy_without_an_lstm():
+    config = get_preset("quick", task_distribution="toy", n_envs=2, algorithm="framestack", batch_size=64)
+    env = make_meta_env(config, seed=0)
+    model = make_meta_agent(env, config, seed=0, device="cpu")
+    with pytest.raises(ValueError, match="clones into an LSTM policy"):
+        warm_start(model, None, env.unwrapped.decoder, n_tasks=1, seed=0, gamma=0.99, distribution="toy")

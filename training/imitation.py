@@ -40,7 +40,7 @@ __all__ = ["Demonstrations", "OracleCosine", "clone", "demonstrations", "grid_se
 
 
 def grid_search(
-    tasks: Sequence[TaskSpec], decoder: ActionDecoder, *, grid_size: int = 8, decades: float = 1.5, progress=None
+    tasks: Sequence[TaskSpec], decoder: ActionDecoder, *, grid_size: int = 8, decades: float = 1.5
 ) -> np.ndarray:
     """Best cosine-schedule learning rate per task (the lowest final validation loss; diverged runs lose).
 
@@ -50,8 +50,6 @@ def grid_search(
     lrs = np.array([lr_grid(t.optimizer, grid_size, decades) for t in tasks])  # (n, K)
     runs = [t.replace(lr=float(lr)) for t, row in zip(tasks, lrs) for lr in row]
     records = run_episodes(CosineSchedule(schedule_decoder(decoder)), runs, decoder)
-    if progress is not None:
-        progress(len(runs))
     final = np.array([np.inf if r.diverged or not np.isfinite(r.final_val_loss) else r.final_val_loss for r in records])
     return lrs[np.arange(len(tasks)), final.reshape(len(tasks), grid_size).argmin(axis=1)]
 
@@ -162,7 +160,12 @@ def clone(
             features = policy.extract_features(obs_t[idx].reshape(n * t_max, d))
             pi_f, vf_f = (features, features) if policy.share_features_extractor else features
             latent_pi, _ = policy._process_sequence(pi_f, states.pi, starts, policy.lstm_actor)
-            latent_vf, _ = policy._process_sequence(vf_f, states.vf, starts, policy.lstm_critic)
+            if policy.lstm_critic is not None:
+                latent_vf, _ = policy._process_sequence(vf_f, states.vf, starts, policy.lstm_critic)
+            elif policy.shared_lstm:
+                latent_vf = latent_pi.detach()
+            else:
+                latent_vf = policy.critic(vf_f)
             mean = policy.action_net(policy.mlp_extractor.forward_actor(latent_pi)).reshape(n, t_max, -1)
             values = policy.value_net(policy.mlp_extractor.forward_critic(latent_vf)).reshape(n, t_max)
             m = mask_t[idx]
@@ -193,8 +196,10 @@ def warm_start(
     log=print,
 ) -> dict[str, float]:
     """Grid search, demonstrations and cloning on ``n_tasks`` meta-training tasks; returns a summary."""
-    if model.policy.__class__.__name__ != "RecurrentActorCriticPolicy" and not hasattr(model.policy, "lstm_actor"):
-        raise ValueError("imitation warm start needs the recurrent agent (algorithm 'recurrent')")
+    if not hasattr(model.policy, "lstm_actor"):
+        raise ValueError(
+            f"imitation warm start clones into an LSTM policy (RecurrentPPO), got {type(model.policy).__name__}"
+        )
     if not (isinstance(n_tasks, int) and n_tasks >= 1):
         raise ValueError(f"n_tasks must be a positive integer, got {n_tasks!r}")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 7919]))
