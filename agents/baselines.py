@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from hpo_env import OBS_BOUND, ActionDecoder, HyperparameterSpec, ObservationBuilder
+from hpo_env.tasks import DEFAULT_HPARAMS
 
 __all__ = [
     "BASELINE_SCHEDULES",
@@ -87,8 +88,6 @@ def lr_grid(optimizer: str, size: int, decades: float) -> list[float]:
     One point is the default itself. Used by the benchmark's grid-tuned baselines and by the
     imitation warm start's teacher (:mod:`training.imitation`).
     """
-    from hpo_env.tasks import DEFAULT_HPARAMS
-
     if optimizer not in DEFAULT_HPARAMS:
         raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {sorted(DEFAULT_HPARAMS)}")
     default = DEFAULT_HPARAMS[optimizer]["lr"]

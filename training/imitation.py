@@ -131,8 +131,6 @@ def clone(
     The mean action is fitted to the teacher's actions (squared error; the policy's exploration
     noise is left as it was) and the value head to the discounted returns.
     """
-    from sb3_contrib.common.recurrent.type_aliases import RNNStates
-
     policy = model.policy
     if vec_normalize is not None and getattr(vec_normalize, "norm_obs", False):
         vec_normalize.obs_rms.update(demos.obs[demos.mask].astype(np.float64))
@@ -155,19 +153,11 @@ def clone(
             # Zero initial states and no resets inside a sequence: each row is one whole episode.
             lstm = policy.lstm_actor
             zeros = torch.zeros(lstm.num_layers, n, lstm.hidden_size, device=dev)
-            states = RNNStates((zeros, zeros), (zeros, zeros))
             starts = torch.zeros(n * t_max, device=dev)
-            features = policy.extract_features(obs_t[idx].reshape(n * t_max, d))
-            pi_f, vf_f = (features, features) if policy.share_features_extractor else features
-            latent_pi, _ = policy._process_sequence(pi_f, states.pi, starts, policy.lstm_actor)
-            if policy.lstm_critic is not None:
-                latent_vf, _ = policy._process_sequence(vf_f, states.vf, starts, policy.lstm_critic)
-            elif policy.shared_lstm:
-                latent_vf = latent_pi.detach()
-            else:
-                latent_vf = policy.critic(vf_f)
-            mean = policy.action_net(policy.mlp_extractor.forward_actor(latent_pi)).reshape(n, t_max, -1)
-            values = policy.value_net(policy.mlp_extractor.forward_critic(latent_vf)).reshape(n, t_max)
+            flat_obs = obs_t[idx].reshape(n * t_max, d)
+            dist, _ = policy.get_distribution(flat_obs, (zeros, zeros), starts)
+            mean = dist.distribution.mean.reshape(n, t_max, -1)
+            values = policy.predict_values(flat_obs, (zeros, zeros), starts).reshape(n, t_max)
             m = mask_t[idx]
             bc_loss = (((mean - act_t[idx]) ** 2).sum(-1) * m).sum() / m.sum()
             value_loss = (((values - ret_t[idx]) ** 2) * m).sum() / m.sum()
