@@ -50,8 +50,9 @@ from stable_baselines3.common.vec_env import (
     unwrap_vec_normalize,
 )
 
-from hpo_env import HPOVecEnv, TaskDistribution
+from hpo_env import SPLITS, HPOVecEnv, TaskDistribution, make_distribution
 from hpo_env.features import OBS_BOUND
+from hpo_env.tasks import DEFAULT_LR_SPREAD
 
 __all__ = [
     "ALGORITHMS",
@@ -101,6 +102,10 @@ class MetaAgentConfig:
         lr_step: largest learning-rate change per decision, in decades (None: the environment's
             default of 0.25, :data:`hpo_env.DEFAULT_HYPERPARAMETERS`); ignored when ``"lr"`` is not
             controlled.
+        init_lr_spread: meta-training tasks start from the optimiser's default learning rate times
+            ``10 ** U(-init_lr_spread, init_lr_spread)`` (decades). The default, 0.5, is the spread of
+            every built-in split and so of the benchmark's held-out tasks; a wider one shows the agent
+            more runs that start too high (and must be cut) or too low.
         action_change_penalty: training-time reward shaping: each decision after an episode's first
             costs ``action_change_penalty * sum(|a_t - a_{t-1}|)`` (clipped actions), which discourages
             zig-zag schedules. 0 turns it off. Only the agent's reward is shaped: the environment's
@@ -132,6 +137,7 @@ class MetaAgentConfig:
     divergence_penalty: float = 1.0
     lr_step: float | None = 0.5
     action_change_penalty: float = 0.0
+    init_lr_spread: float = DEFAULT_LR_SPREAD
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -158,6 +164,26 @@ class MetaAgentConfig:
             )
         if isinstance(self.task_distribution, TaskDistribution):
             raise TypeError("MetaAgentConfig.task_distribution is a name; pass a TaskDistribution to make_meta_env")
+        if not 0 <= self.init_lr_spread <= 3:
+            raise ValueError(
+                "MetaAgentConfig.init_lr_spread must lie in [0, 3] decades around the optimiser's default"
+                f" learning rate (0.5 is the benchmark's), got {self.init_lr_spread!r}"
+            )
+        if self.init_lr_spread != DEFAULT_LR_SPREAD and self.task_distribution == "toy":
+            raise ValueError(
+                "the 'toy' task distribution has its own fixed learning rates; init_lr_spread applies to"
+                " the built-in splits ('train', 'all', 'test') only"
+            )
+
+    def meta_task_distribution(self, override: TaskDistribution | str | None = None) -> TaskDistribution:
+        """The meta-training :class:`TaskDistribution`: ``override`` (an instance is used as is) or
+        ``task_distribution``, a split name, with this config's ``init_lr_spread``."""
+        name = self.task_distribution if override is None else override
+        if isinstance(name, TaskDistribution) or self.init_lr_spread == DEFAULT_LR_SPREAD:
+            return make_distribution(name)
+        if name not in SPLITS:
+            raise ValueError(f"init_lr_spread needs a built-in split ({list(SPLITS)}), got task distribution {name!r}")
+        return TaskDistribution.default(name, lr_spread=self.init_lr_spread)
 
     @property
     def max_log10_change(self) -> dict[str, float] | None:
@@ -214,7 +240,8 @@ def make_meta_env(
     Args:
         config: the agent configuration (number of slots, hyperparameters, normalisation...).
         seed: slot ``i`` samples its tasks from a generator seeded with ``seed + i``.
-        task_distribution: overrides ``config.task_distribution`` (a name or a :class:`TaskDistribution`).
+        task_distribution: overrides ``config.task_distribution`` (a name, given ``config.init_lr_spread``,
+            or a :class:`TaskDistribution`, used as is).
         device: torch device of the inner models.
         vec_normalize_path: a ``VecNormalize`` saved with ``.save()`` (a checkpoint's): its running
             statistics and settings replace fresh ones, to resume training.
@@ -227,7 +254,7 @@ def make_meta_env(
         raise TypeError(f"config must be a MetaAgentConfig, got {type(config).__name__}")
     venv: VecEnv = HPOVecEnv(
         config.n_envs,
-        config.task_distribution if task_distribution is None else task_distribution,
+        config.meta_task_distribution(task_distribution),
         hyperparameters=config.hyperparameters,
         divergence_penalty=config.divergence_penalty,
         max_log10_change=config.max_log10_change,

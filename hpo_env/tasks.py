@@ -28,6 +28,7 @@ from hpo_env.data import TABULAR_DATASETS
 
 __all__ = [
     "ARCHITECTURES",
+    "DEFAULT_LR_SPREAD",
     "FAMILIES",
     "OPTIMIZERS",
     "SPLITS",
@@ -40,6 +41,9 @@ OPTIMIZERS = ("sgd", "adamw")
 #: Inner model architectures.
 ARCHITECTURES = ("mlp", "cnn", "charmlp")
 ACTIVATIONS = ("relu", "tanh", "gelu")
+#: A task's initial learning rate is the optimiser's default times ``10 ** U(-spread, spread)``; the
+#: built-in splits (and so every benchmark task) use this spread, meta-training may widen it.
+DEFAULT_LR_SPREAD = 0.5
 
 # family -> (allowed datasets, allowed architectures)
 _FAMILY_DATA: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -234,14 +238,14 @@ def _int_log_uniform(rng: np.random.Generator, low: int, high: int) -> int:
     return int(round(_log_uniform(rng, low, high)))
 
 
-def _common(rng: np.random.Generator, optimizer: str) -> dict:
+def _common(rng: np.random.Generator, optimizer: str, lr_spread: float = DEFAULT_LR_SPREAD) -> dict:
     defaults = DEFAULT_HPARAMS[optimizer]
     decisions = int(rng.choice([10, 15, 20, 25, 30]))
     steps_per_action = int(rng.choice([10, 20]))
     return dict(
         optimizer=optimizer,
         # Initial hyperparameters vary around the optimiser's default, as users' starting points do.
-        lr=float(defaults["lr"] * 10 ** rng.uniform(-0.5, 0.5)),
+        lr=float(defaults["lr"] * 10 ** rng.uniform(-lr_spread, lr_spread)),
         weight_decay=float(defaults["weight_decay"] * 10 ** rng.uniform(-1, 0.5)),
         momentum=float(rng.uniform(0.8, 0.95)) if optimizer == "sgd" else 0.9,
         batch_size=int(rng.choice([32, 64, 128])),
@@ -258,7 +262,7 @@ def _mlp_hidden(rng: np.random.Generator, widths: Sequence[int] = (16, 32, 64, 1
     return tuple(int(rng.choice(widths)) for _ in range(depth))
 
 
-def _teacher_regression(rng, optimizer):
+def _teacher_regression(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
     return TaskSpec(
         family="teacher_regression",
         dataset="teacher",
@@ -267,11 +271,11 @@ def _teacher_regression(rng, optimizer):
         n_samples=_int_log_uniform(rng, 300, 3000),
         n_features=int(rng.integers(4, 33)),
         label_noise=float(rng.uniform(0.0, 0.3)),
-        **_common(rng, optimizer),
+        **_common(rng, optimizer, lr_spread),
     )
 
 
-def _teacher_classification(rng, optimizer):
+def _teacher_classification(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
     return TaskSpec(
         family="teacher_classification",
         dataset="teacher",
@@ -281,11 +285,11 @@ def _teacher_classification(rng, optimizer):
         n_features=int(rng.integers(4, 33)),
         n_classes=int(rng.integers(2, 11)),
         label_noise=float(rng.uniform(0.0, 0.2)),
-        **_common(rng, optimizer),
+        **_common(rng, optimizer, lr_spread),
     )
 
 
-def _make_classification(rng, optimizer):
+def _make_classification(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
     return TaskSpec(
         family="make_classification",
         dataset="make_classification",
@@ -295,11 +299,11 @@ def _make_classification(rng, optimizer):
         n_features=int(rng.integers(5, 41)),
         n_classes=int(rng.integers(2, 7)),
         label_noise=float(rng.uniform(0.0, 0.1)),
-        **_common(rng, optimizer),
+        **_common(rng, optimizer, lr_spread),
     )
 
 
-def _tabular(rng, optimizer):
+def _tabular(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
     return TaskSpec(
         family="tabular",
         dataset=str(rng.choice(list(TABULAR_DATASETS))),
@@ -307,11 +311,11 @@ def _tabular(rng, optimizer):
         hidden=_mlp_hidden(rng),
         subset_fraction=float(rng.uniform(0.5, 1.0)),
         label_noise=float(rng.uniform(0.0, 0.1)),
-        **_common(rng, optimizer),
+        **_common(rng, optimizer, lr_spread),
     )
 
 
-def _digits_mlp(rng, optimizer):
+def _digits_mlp(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
     return TaskSpec(
         family="digits_mlp",
         dataset="digits",
@@ -319,11 +323,11 @@ def _digits_mlp(rng, optimizer):
         hidden=_mlp_hidden(rng, (32, 64, 128)),
         subset_fraction=float(rng.uniform(0.3, 1.0)),
         label_noise=float(rng.uniform(0.0, 0.2)),
-        **_common(rng, optimizer),
+        **_common(rng, optimizer, lr_spread),
     )
 
 
-def _digits_cnn(rng, optimizer):
+def _digits_cnn(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
     return TaskSpec(
         family="digits_cnn",
         dataset="digits",
@@ -332,11 +336,11 @@ def _digits_cnn(rng, optimizer):
         subset_fraction=float(rng.uniform(0.3, 1.0)),
         label_noise=float(rng.uniform(0.0, 0.2)),
         permute_pixels=bool(rng.random() < 0.3),
-        **_common(rng, optimizer),
+        **_common(rng, optimizer, lr_spread),
     )
 
 
-def _charlm(rng, optimizer):
+def _charlm(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
     return TaskSpec(
         family="charlm",
         dataset="python_text",
@@ -345,11 +349,11 @@ def _charlm(rng, optimizer):
         embedding_dim=int(rng.choice([8, 16])),
         context_length=int(rng.choice([4, 8])),
         n_samples=_int_log_uniform(rng, 5000, 40000),
-        **_common(rng, optimizer),
+        **_common(rng, optimizer, lr_spread),
     )
 
 
-_SAMPLERS: dict[str, Callable[[np.random.Generator, str], TaskSpec]] = {
+_SAMPLERS: dict[str, Callable[[np.random.Generator, str, float], TaskSpec]] = {
     "teacher_regression": _teacher_regression,
     "teacher_classification": _teacher_classification,
     "make_classification": _make_classification,
@@ -368,9 +372,12 @@ class TaskDistribution:
         families: the families to sample from (see :data:`FAMILIES`).
         optimizers: inner optimisers to sample from (see :data:`OPTIMIZERS`).
         name: a label for logs and bundle configs.
+        lr_spread: initial learning rates are the optimiser's default times ``10 ** U(-lr_spread,
+            lr_spread)`` (decades; default :data:`DEFAULT_LR_SPREAD`). A wider spread in meta-training
+            shows the agent more runs that start too high or too low.
 
     Raises:
-        ValueError: an unknown family or optimiser, or an empty list.
+        ValueError: an unknown family or optimiser, an empty list, or a spread outside ``[0, 3]``.
     """
 
     def __init__(
@@ -379,6 +386,7 @@ class TaskDistribution:
         *,
         optimizers: Sequence[str] = OPTIMIZERS,
         name: str = "custom",
+        lr_spread: float = DEFAULT_LR_SPREAD,
     ) -> None:
         families = tuple(families)
         optimizers = tuple(optimizers)
@@ -388,32 +396,39 @@ class TaskDistribution:
         bad_opt = [o for o in optimizers if o not in OPTIMIZERS]
         if not optimizers or bad_opt:
             raise ValueError(f"unknown or empty optimizers {bad_opt or optimizers!r}; choose from {list(OPTIMIZERS)}")
+        lr_spread = float(lr_spread)
+        if not 0 <= lr_spread <= 3:
+            raise ValueError(
+                f"lr_spread must lie in [0, 3] decades around the optimiser's default learning rate, got {lr_spread}"
+            )
         self.families = families
         self.optimizers = optimizers
         self.name = name
+        self.lr_spread = lr_spread
 
     @classmethod
-    def default(cls, split: str = "train") -> TaskDistribution:
+    def default(cls, split: str = "train", *, lr_spread: float = DEFAULT_LR_SPREAD) -> TaskDistribution:
         """The built-in distribution of a split: ``"train"``, ``"test"`` (held-out families) or ``"all"``."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
-        return cls(SPLITS[split], name=split)
+        return cls(SPLITS[split], name=split, lr_spread=lr_spread)
 
     def sample(self, rng: np.random.Generator) -> TaskSpec:
         """Draw one task. All randomness comes from ``rng``."""
         family = self.families[int(rng.integers(len(self.families)))]
         optimizer = self.optimizers[int(rng.integers(len(self.optimizers)))]
-        return _SAMPLERS[family](rng, optimizer)
+        return _SAMPLERS[family](rng, optimizer, self.lr_spread)
 
     def sample_family(self, family: str, rng: np.random.Generator, optimizer: str | None = None) -> TaskSpec:
         """Draw one task of a given family (used by benchmarks for per-family tables)."""
         if family not in _SAMPLERS:
             raise ValueError(f"unknown task family {family!r}; choose from {list(FAMILIES)}")
         optimizer = optimizer or self.optimizers[int(rng.integers(len(self.optimizers)))]
-        return _SAMPLERS[family](rng, optimizer)
+        return _SAMPLERS[family](rng, optimizer, self.lr_spread)
 
     def __repr__(self) -> str:
-        return f"TaskDistribution(name={self.name!r}, families={self.families}, optimizers={self.optimizers})"
+        spread = "" if self.lr_spread == DEFAULT_LR_SPREAD else f", lr_spread={self.lr_spread}"
+        return f"TaskDistribution(name={self.name!r}, families={self.families}, optimizers={self.optimizers}{spread})"
 
 
 class ToyTaskDistribution(TaskDistribution):

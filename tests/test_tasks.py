@@ -6,6 +6,7 @@ import torch
 
 from hpo_env import FAMILIES, SPLITS, TaskDistribution, TaskSpec, build_splits
 from hpo_env.data import CHAR_VOCAB
+from hpo_env.tasks import DEFAULT_HPARAMS, DEFAULT_LR_SPREAD
 
 
 def test_splits_partition_families():
@@ -55,6 +56,24 @@ def test_task_spec_round_trips_through_dict(small_mlp_spec):
 def test_bad_task_specs_raise_clear_errors(small_mlp_spec, changes, match):
     with pytest.raises(ValueError, match=match):
         small_mlp_spec.replace(**changes)
+
+
+def test_lr_spread_widens_only_the_initial_learning_rate():
+    def decades(dist, n=400):
+        rng = np.random.default_rng(3)
+        specs = [dist.sample(rng) for _ in range(n)]
+        return specs, np.array([np.log10(s.lr / DEFAULT_HPARAMS[s.optimizer]["lr"]) for s in specs])
+
+    base, d_base = decades(TaskDistribution.default("train"))
+    same, _ = decades(TaskDistribution.default("train", lr_spread=DEFAULT_LR_SPREAD))
+    assert same == base  # the default spread draws exactly the tasks the benchmark has always used
+    wide, d_wide = decades(TaskDistribution.default("train", lr_spread=1.5))
+    assert np.abs(d_base).max() <= 0.5 and np.abs(d_wide).max() <= 1.5 and np.abs(d_wide).max() > 1.2
+    # Same random stream: everything but the learning rate is unchanged.
+    assert [s.replace(lr=1.0) for s in wide] == [s.replace(lr=1.0) for s in base]
+    assert "lr_spread=1.5" in repr(TaskDistribution.default("train", lr_spread=1.5))
+    with pytest.raises(ValueError, match=r"lr_spread must lie in \[0, 3\]"):
+        TaskDistribution.default("train", lr_spread=-1)
 
 
 def test_bad_distributions_raise():

@@ -277,6 +277,19 @@ def test_action_change_penalty_shapes_only_the_agents_reward():
     np.testing.assert_allclose(r_shaped, r_plain, rtol=1e-5, atol=1e-6)
 
 
+def test_init_lr_spread_reaches_the_meta_training_tasks_only():
+    config = parse_settings(["--init-lr-spread", "1.5"]).agent_config()
+    assert config.init_lr_spread == 1.5
+    dist = config.meta_task_distribution()
+    assert dist.name == "train" and dist.lr_spread == 1.5
+    assert config.meta_task_distribution("all").lr_spread == 1.5
+    custom = TaskDistribution(["tabular"])
+    assert config.meta_task_distribution(custom) is custom  # an instance is used as given
+    env = make_meta_env(config.replace(n_envs=2), seed=0)
+    assert env.unwrapped.task_distribution.lr_spread == 1.5
+    assert get_preset("quick").meta_task_distribution().lr_spread == 0.5  # the benchmark's spread
+
+
 def test_factory_rejects_bad_configuration():
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         get_preset("huge")
@@ -290,6 +303,10 @@ def test_factory_rejects_bad_configuration():
         MetaAgentConfig(lr_step=0.0)
     with pytest.raises(ValueError, match=r"action_change_penalty must lie in \[0, 1\)"):
         MetaAgentConfig(action_change_penalty=-0.1)
+    with pytest.raises(ValueError, match=r"init_lr_spread must lie in \[0, 3\]"):
+        MetaAgentConfig(init_lr_spread=4.0)
+    with pytest.raises(ValueError, match="'toy' task distribution has its own fixed learning rates"):
+        MetaAgentConfig(task_distribution="toy", init_lr_spread=1.0)
     with pytest.raises(ValueError, match="unknown MetaAgentConfig fields"):
         get_preset("quick", n_env=3)
     with pytest.raises(TypeError, match="MetaAgentConfig"):

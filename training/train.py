@@ -123,6 +123,8 @@ class TrainSettings:
     """Largest learning-rate change per decision, in decades (default: the preset's, 0.5)."""
     action_change_penalty: float | None = None
     """Training-only reward cost per unit of action change between decisions; 0 is off (default: the preset's)."""
+    init_lr_spread: float | None = None
+    """Meta-training tasks start from the optimiser's default LR times 10**U(-s, s); s in decades (default: the preset's, 0.5, as the benchmark's tasks)."""
     imitation_tasks: int = 0
     """Warm start: before PPO, clone a grid-tuned cosine schedule on this many meta-training tasks (9 inner runs each; 0: off)."""
     eval_freq: int | None = None
@@ -195,6 +197,7 @@ class TrainSettings:
             hyperparameters=self.hyperparameters,
             lr_step=self.lr_step,
             action_change_penalty=self.action_change_penalty,
+            init_lr_spread=self.init_lr_spread,
             learning_rate=self.learning_rate,
             n_steps=self.n_steps,
             batch_size=self.batch_size,
@@ -461,6 +464,7 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
         return {
             "env": {
                 "task_distribution": config.task_distribution,
+                "init_lr_spread": config.init_lr_spread,
                 "hyperparameters": list(config.hyperparameters),
                 "divergence_penalty": config.divergence_penalty,
             },
@@ -523,7 +527,7 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
             n_tasks=settings.imitation_tasks,
             seed=settings.seed,
             gamma=config.gamma,
-            distribution=config.task_distribution,
+            distribution=config.meta_task_distribution(),
             log=print if settings.verbose else (lambda *a, **k: None),
         )
         (run_dir / "imitation.json").write_text(json.dumps(summary, indent=2))
