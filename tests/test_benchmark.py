@@ -227,12 +227,27 @@ def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_pat
         assert row["all"]["median_ratio_low"] <= row["all"]["median_ratio_high"]
     tuned = {r["name"]: r for r in summary["rows"]}["cosine_tuned"]
     assert tuned["cost_runs_per_task_seed"] == 2
+
+    # "Beats both untuned defaults" for every row, from the per-run losses (the defaults themselves: None).
+    def final(row):
+        return [np.inf if r["diverged"] else r["final_val_loss"] for r in summary["per_run"][row]]
+
+    const, cos = final("constant_default"), final("cosine_default")
+    for row in summary["rows"]:
+        if row["name"] in bench.UNTUNED_DEFAULTS:
+            assert row["beats_both_untuned_defaults"] is None
+            continue
+        expected = np.mean([x < a and x < b for x, a, b in zip(final(row["name"]), const, cos)])
+        assert row["beats_both_untuned_defaults"] == pytest.approx(expected)
+    expected = np.mean([x < a and x < b for x, a, b in zip(final("policy"), const, cos)])
+    assert summary["targets"]["beats_both_untuned_defaults"] == pytest.approx(expected)
     assert set(summary["oracle_lr"]["cosine_tuned"]) == {t.task_id for t in tasks}
     tabular = summary["per_run"]["policy"][0]
     assert tabular["family"] == "tabular" and 0 <= tabular["test_macro_f1"] <= 1
     assert summary["policy"]["divergence_rate"] is not None
     report = result.report_path.read_text()
     assert "## Targets" in report and "cosine, tuned oracle (K=2)" in report and "## digits_cnn" in report
+    assert "| beats both defaults |" in report
     assert {p.name for p in result.plot_paths} == {"curves_tabular.png", "curves_digits_cnn.png", "win_rates.png"}
     assert all(p.stat().st_size > 10_000 for p in result.plot_paths)
 
