@@ -29,6 +29,9 @@ Why these defaults (see :data:`PRESETS`):
 * ``action_change_penalty = 0`` (off): a training-only cost on how much the action moves between
   decisions, a lever against zig-zag schedules; 0.01 hurt on the held-out benchmark, most on small
   overfitting datasets (benchmarks/reports/levers.md).
+* ``init_lr_spread = 0.5``: meta-training tasks start within 10**±0.5 of the default learning rate,
+  like the benchmark's tasks; widening it to 10**±1 (more runs that must cut an initial rate that is
+  too high) gave mixed results on the held-out benchmark (benchmarks/reports/levers.md).
 * ``log_std_init = -0.5``: exploration noise of about 0.6 in a ``[-1, 1]`` action, instead of SB3's
   default std of 1 that mostly hits the clip.
 """
