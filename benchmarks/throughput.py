@@ -18,6 +18,8 @@ It prints a table last and writes every number as JSON (``--out``)::
 
     python benchmarks/throughput.py             # the default sweep, a few minutes on 2 cores
     python benchmarks/throughput.py --quick     # a smaller sweep
+    python benchmarks/throughput.py --families teacher_regression --sizes 32 --no-ppo --profile 32
+                                                # ... and where the time of a batched step goes
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ class EnvResult:
     group_share: float  # of wall time: (re)stacking groups
     eval_share: float  # of wall time: initial / test evaluations at resets
     outside_share: float  # 1 - train - eval: everything but tensor work (grouping, features, Python, resets)
+    models_per_stack_step: float  # model steps per batched step: how many of the N slots one stack holds
 
 
 def _sum_stats(stats: list[TrainerStats]) -> TrainerStats:
@@ -157,7 +160,35 @@ def measure_env(
         group_share=st.group_seconds / wall,
         eval_share=st.eval_seconds / wall,
         outside_share=1.0 - (st.train_seconds + st.eval_seconds) / wall,
+        models_per_stack_step=st.model_steps / max(st.group_steps, 1),
     )
+
+
+def profile_env(family: str, dist: TaskDistribution, n: int, env_steps: int, seed: int, top: int = 15) -> list[dict]:
+    """torch.profiler's top operators (by self CPU time) over ``env_steps`` steps of a batched env."""
+    from torch.profiler import ProfilerActivity, profile
+
+    venv = HPOVecEnv(n, dist, seed=seed)
+    rng = np.random.default_rng(seed)
+    act_dim = venv.action_space.shape[0]
+    venv.reset()
+    venv.step(rng.uniform(-1, 1, (n, act_dim)).astype(np.float32))  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(env_steps):
+            venv.step(rng.uniform(-1, 1, (n, act_dim)).astype(np.float32))
+    venv.close()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return [
+        {
+            "op": e.key,
+            "self_ms": e.self_cpu_time_total / 1e3,
+            "share": e.self_cpu_time_total / total,
+            "calls": e.count,
+            "us_per_call": e.self_cpu_time_total / max(e.count, 1),
+        }
+        for e in events[:top]
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,6 +306,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-naive", action="store_true", help="skip the naive reference")
     parser.add_argument("--no-ppo", action="store_true", help="skip the end-to-end RecurrentPPO runs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also profile the batched env at N slots per family (torch.profiler's top operators); 0: off",
+    )
     args = parser.parse_args(argv)
 
     quick = args.quick
@@ -312,6 +350,11 @@ def main(argv: list[str] | None = None) -> dict:
                 env_results.append(measure_env("naive", dist.name, dist, n, seconds, args.seed))
             print(f"[{time.perf_counter() - t0:6.0f}s] {dist.name} N={n} done", flush=True)
     report["env"] = [asdict(r) for r in env_results]
+    if args.profile:
+        report["profile"] = {
+            family: profile_env(family, TaskDistribution([family], name=family), args.profile, 3, args.seed)
+            for family in families
+        }
 
     ppo_results: list[PPOResult] = []
     if not args.no_ppo:
@@ -357,6 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{100 * r.useful_fraction:.0f}%",
                 f"{100 * r.outside_share:.0f}%",
                 f"{100 * r.group_share:.0f}%",
+                f"{r.models_per_stack_step:.1f}",
             ]
         )
     print()
@@ -377,10 +421,19 @@ def main(argv: list[str] | None = None) -> dict:
                 "useful",
                 "outside",
                 "grouping",
+                "models/stack",
             ],
             rows,
         )
     )
+    for family, ops in report.get("profile", {}).items():
+        print(f"\nwhere a batched env step goes: {family}, N = {args.profile} (self CPU time, torch.profiler)")
+        print(
+            _fmt_table(
+                ["operator", "share", "calls", "us/call"],
+                [[o["op"], f"{100 * o['share']:.1f}%", str(o["calls"]), f"{o['us_per_call']:.1f}"] for o in ops],
+            )
+        )
     if ppo_results:
         print()
         print(
