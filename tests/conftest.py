@@ -1,8 +1,15 @@
 from __future__ import annotations
 
-import numpy as np
-import pytest
-import torch
+import os
+
+# The tests train tiny models, which run fastest on one thread; with torch's default (one per core),
+# OpenMP threads spin-wait against anything else running on the machine and the suite gets ~8x
+# slower on a busy 2-core box. Set before torch is imported, so subprocesses (hpo-train) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from hpo_env import BatchedTrainer, TaskSpec
 
