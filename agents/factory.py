@@ -53,7 +53,7 @@ from stable_baselines3.common.vec_env import (
     unwrap_vec_normalize,
 )
 
-from hpo_env import SPLITS, HPOVecEnv, TaskDistribution, make_distribution
+from hpo_env import HPOVecEnv, TaskDistribution, make_distribution
 from hpo_env.features import OBS_BOUND
 from hpo_env.tasks import DEFAULT_LR_SPREAD
 
@@ -182,11 +182,7 @@ class MetaAgentConfig:
         """The meta-training :class:`TaskDistribution`: ``override`` (an instance is used as is) or
         ``task_distribution``, a split name, with this config's ``init_lr_spread``."""
         name = self.task_distribution if override is None else override
-        if isinstance(name, TaskDistribution) or self.init_lr_spread == DEFAULT_LR_SPREAD:
-            return make_distribution(name)
-        if name not in SPLITS:
-            raise ValueError(f"init_lr_spread needs a built-in split ({list(SPLITS)}), got task distribution {name!r}")
-        return TaskDistribution.default(name, lr_spread=self.init_lr_spread)
+        return make_distribution(name, lr_spread=self.init_lr_spread)
 
     @property
     def max_log10_change(self) -> dict[str, float] | None:

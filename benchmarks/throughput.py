@@ -116,6 +116,19 @@ def _sum_stats(stats: list[TrainerStats]) -> TrainerStats:
     return total
 
 
+def _random_stepper(venv, n: int, seed: int):
+    """Reset ``venv``, take one warm-up step (first stacks, allocator); returns a random-action stepper."""
+    rng = np.random.default_rng(seed)
+    act_dim = venv.action_space.shape[0]
+
+    def step() -> None:
+        venv.step(rng.uniform(-1, 1, (n, act_dim)).astype(np.float32))
+
+    venv.reset()
+    step()
+    return step
+
+
 def measure_env(
     mode: str, family: str, dist: TaskDistribution, n: int, seconds: float, seed: int, min_steps: int = 2
 ) -> EnvResult:
@@ -129,14 +142,7 @@ def measure_env(
         venv = DummyVecEnv([lambda: HPOEnv(dist) for _ in range(n)])
         venv.seed(seed)
         trainers = [e.unwrapped._batch.trainer for e in venv.envs]
-    rng = np.random.default_rng(seed)
-    act_dim = venv.action_space.shape[0]
-
-    def step() -> None:
-        venv.step(rng.uniform(-1, 1, (n, act_dim)).astype(np.float32))
-
-    venv.reset()
-    step()  # warm-up: first stacks, allocator
+    step = _random_stepper(venv, n, seed)
     for t in trainers:
         t.stats.reset()
     steps, start = 0, time.perf_counter()
@@ -169,13 +175,10 @@ def profile_env(family: str, dist: TaskDistribution, n: int, env_steps: int, see
     from torch.profiler import ProfilerActivity, profile
 
     venv = HPOVecEnv(n, dist, seed=seed)
-    rng = np.random.default_rng(seed)
-    act_dim = venv.action_space.shape[0]
-    venv.reset()
-    venv.step(rng.uniform(-1, 1, (n, act_dim)).astype(np.float32))  # warm-up
+    step = _random_stepper(venv, n, seed)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(env_steps):
-            venv.step(rng.uniform(-1, 1, (n, act_dim)).astype(np.float32))
+            step()
     venv.close()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events) or 1.0

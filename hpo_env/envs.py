@@ -11,21 +11,29 @@ import numpy as np
 from hpo_env.actions import ActionDecoder
 from hpo_env.core import EpisodeBatch
 from hpo_env.features import OBS_BOUND
-from hpo_env.tasks import SPLITS, TaskDistribution, TaskSpec, ToyTaskDistribution
+from hpo_env.tasks import DEFAULT_LR_SPREAD, SPLITS, TaskDistribution, TaskSpec, ToyTaskDistribution
 
 __all__ = ["HPOEnv", "make_distribution"]
 
 
-def make_distribution(task_distribution: TaskDistribution | str | None) -> TaskDistribution:
-    """A :class:`TaskDistribution` from an instance, a split name (``"train"``, ``"test"``, ``"all"``) or ``"toy"``."""
+def make_distribution(
+    task_distribution: TaskDistribution | str | None, *, lr_spread: float = DEFAULT_LR_SPREAD
+) -> TaskDistribution:
+    """A :class:`TaskDistribution` from an instance (used as is), a split name (``"train"``, ``"test"``,
+    ``"all"``; with initial learning rates spread by ``lr_spread`` decades) or ``"toy"``."""
     if task_distribution is None:
-        return TaskDistribution.default("train")
+        task_distribution = "train"
     if isinstance(task_distribution, TaskDistribution):
         return task_distribution
     if task_distribution == "toy":
+        if lr_spread != DEFAULT_LR_SPREAD:
+            raise ValueError(
+                "the 'toy' task distribution has its own fixed learning rates; lr_spread applies to the"
+                f" built-in splits {list(SPLITS)} only"
+            )
         return ToyTaskDistribution()
     if isinstance(task_distribution, str) and task_distribution in SPLITS:
-        return TaskDistribution.default(task_distribution)
+        return TaskDistribution.default(task_distribution, lr_spread=lr_spread)
     raise ValueError(
         f"task_distribution must be a TaskDistribution or one of {[*SPLITS, 'toy']}, got {task_distribution!r}"
     )
