@@ -15,7 +15,7 @@ decision). The observation made after interval ``t`` carries ``progress = t / T`
 of the interval the action sets.
 
 The action that moves the learning rate to the target is
-``clip((f(p) - lr_log_change) / max_log10_change, -1, 1)``, where ``lr_log_change`` is the observed
+``clip((f(p) - lr_log_change) / max_log10_change, -1, 1)`` (:meth:`HyperparameterSpec.action_for`), where ``lr_log_change`` is the observed
 number of decades moved since the start. With the environment's default step (0.25 decades per
 decision) sharp schedules are followed with lag; :func:`schedule_decoder` builds a decoder with the
 same bounds and a large step so that the schedules are exact (the benchmark runs them through it)::
@@ -183,7 +183,7 @@ class LRSchedule:
         target = np.clip(np.nan_to_num(np.asarray(target, np.float64), nan=0.0), _MIN_LOG10_FACTOR, OBS_BOUND)
         actions = np.zeros((n, self.decoder.num_actions), dtype=np.float32)
         delta = target - obs[:, self._lr_change_col].astype(np.float64)
-        actions[:, self._lr] = np.clip(delta / self.lr_spec.max_log10_change, -1.0, 1.0)
+        actions[:, self._lr] = self.lr_spec.action_for(delta)
         return (actions[0] if single else actions), state
 
     def _as_batch(self, observation: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -483,7 +483,7 @@ class ReplaySchedule(LRSchedule):
         for j, spec in enumerate(self.decoder.specs):
             target = np.interp(p, self.progress, self.log10_change[:, j])
             delta = target - obs[:, self._change_cols[j]].astype(np.float64)
-            actions[:, j] = np.clip(delta / spec.max_log10_change, -1.0, 1.0)
+            actions[:, j] = spec.action_for(delta)
         return (actions[0] if single else actions), state
 
 

@@ -105,6 +105,9 @@ class MetaAgentConfig:
         lr_step: largest learning-rate change per decision, in decades (None: the environment's
             default of 0.25, :data:`hpo_env.DEFAULT_HYPERPARAMETERS`); ignored when ``"lr"`` is not
             controlled.
+        lr_step_up: largest learning-rate *increase* per decision, in decades, if it differs from
+            ``lr_step`` (None: the same). A smaller one makes a cautious controller: it raises the
+            rate gradually but can still cut it by ``lr_step`` when a run goes wrong.
         init_lr_spread: meta-training tasks start from the optimiser's default learning rate times
             ``10 ** U(-init_lr_spread, init_lr_spread)`` (decades). The default, 0.5, is the spread of
             every built-in split and so of the benchmark's held-out tasks; a wider one shows the agent
@@ -139,6 +142,7 @@ class MetaAgentConfig:
     hyperparameters: tuple[str, ...] = ("lr", "weight_decay")
     divergence_penalty: float = 1.0
     lr_step: float | None = 0.5
+    lr_step_up: float | None = None
     action_change_penalty: float = 0.0
     init_lr_spread: float = DEFAULT_LR_SPREAD
 
@@ -160,6 +164,12 @@ class MetaAgentConfig:
         object.__setattr__(self, "hyperparameters", tuple(self.hyperparameters))
         if self.lr_step is not None and not (0 < self.lr_step <= 3):
             raise ValueError(f"MetaAgentConfig.lr_step must lie in (0, 3] decades per decision, got {self.lr_step!r}")
+        if self.lr_step_up is not None and not (0 < self.lr_step_up <= 3):
+            raise ValueError(
+                f"MetaAgentConfig.lr_step_up must lie in (0, 3] decades per decision, got {self.lr_step_up!r}"
+            )
+        if self.lr_step_up is not None and "lr" not in self.hyperparameters:
+            raise ValueError(f"MetaAgentConfig.lr_step_up is set but 'lr' is not controlled ({list(self.hyperparameters)})")
         if not 0 <= self.action_change_penalty < 1:
             raise ValueError(
                 "MetaAgentConfig.action_change_penalty must lie in [0, 1) (reward units per unit of action"
@@ -190,6 +200,13 @@ class MetaAgentConfig:
         if self.lr_step is None or "lr" not in self.hyperparameters:
             return None
         return {"lr": float(self.lr_step)}
+
+    @property
+    def max_log10_increase(self) -> dict[str, float] | None:
+        """The ``max_log10_increase`` argument of the environment (None: increases as large as decreases)."""
+        if self.lr_step_up is None or "lr" not in self.hyperparameters:
+            return None
+        return {"lr": float(self.lr_step_up)}
 
     @property
     def rollout_size(self) -> int:
@@ -257,6 +274,7 @@ def make_meta_env(
         hyperparameters=config.hyperparameters,
         divergence_penalty=config.divergence_penalty,
         max_log10_change=config.max_log10_change,
+        max_log10_increase=config.max_log10_increase,
         device=device,
         seed=seed,
     )

@@ -5,6 +5,9 @@ its hyperparameter in log space by at most ``max_log10_change`` decades, then cl
 
     lr <- clip(lr * 10 ** (a * max_log10_change), lower, upper)
 
+A hyperparameter may move up more slowly than down (``max_log10_increase``, for positive actions):
+a cautious policy that can cut a learning rate fast when a run goes wrong but raises it gradually.
+
 ``momentum`` moves ``1 - momentum`` instead (so it can approach 1 smoothly), with a positive action
 still meaning *more* momentum. :class:`ActionDecoder` is the one implementation of this mapping; the
 environment and the deployed :class:`~agents.PolicyScheduler` both call it.
@@ -32,12 +35,15 @@ class HyperparameterSpec:
         name: ``"lr"``, ``"weight_decay"`` or ``"momentum"``.
         lower, upper: bounds of the value (``0 <= lower < upper < 1`` for momentum, else ``0 < lower < upper``).
         max_log10_change: the largest change one action makes, in decades of the (transformed) value.
+        max_log10_increase: the largest *increase* one action makes (positive actions), if it differs
+            from ``max_log10_change`` (None: the same; decreases always use ``max_log10_change``).
     """
 
     name: str
     lower: float
     upper: float
     max_log10_change: float
+    max_log10_increase: float | None = None
 
     def __post_init__(self) -> None:
         if self.name not in CONTROLLABLE:
@@ -55,6 +61,25 @@ class HyperparameterSpec:
             )
         if not (self.max_log10_change > 0 and math.isfinite(self.max_log10_change)):
             raise ValueError(f"max_log10_change of {self.name!r} must be positive, got {self.max_log10_change}")
+        up = self.max_log10_increase
+        if up is not None and not (up > 0 and math.isfinite(up)):
+            raise ValueError(f"max_log10_increase of {self.name!r} must be positive or None, got {up}")
+
+    @property
+    def max_log10_up(self) -> float:
+        """The largest increase one action makes, in decades."""
+        return self.max_log10_change if self.max_log10_increase is None else self.max_log10_increase
+
+    def log_step(self, actions: np.ndarray) -> np.ndarray:
+        """Decades moved by actions in ``[-1, 1]``."""
+        a = np.asarray(actions, dtype=np.float64)
+        return np.where(a > 0, a * self.max_log10_up, a * self.max_log10_change)
+
+    def action_for(self, log_change: np.ndarray) -> np.ndarray:
+        """The action in ``[-1, 1]`` that moves the value by ``log_change`` decades (the inverse of
+        :meth:`log_step`, clipped where the change is larger than one action allows)."""
+        d = np.asarray(log_change, dtype=np.float64)
+        return np.clip(np.where(d > 0, d / self.max_log10_up, d / self.max_log10_change), -1.0, 1.0)
 
     @property
     def is_momentum(self) -> bool:
@@ -87,6 +112,8 @@ class ActionDecoder:
         hyperparameters: names of the controlled hyperparameters, in action order.
         bounds: optional ``{name: (lower, upper)}`` overriding :data:`DEFAULT_HYPERPARAMETERS`.
         max_log10_change: optional step size, one number for all or ``{name: value}``.
+        max_log10_increase: optional step size of increases only, ``{name: value}`` (default: the
+            same as ``max_log10_change``).
 
     Raises:
         ValueError: unknown or repeated names, bounds that are not positive or not ordered.
@@ -97,6 +124,7 @@ class ActionDecoder:
         hyperparameters: Sequence[str] = ("lr", "weight_decay"),
         bounds: Mapping[str, tuple[float, float]] | None = None,
         max_log10_change: float | Mapping[str, float] | None = None,
+        max_log10_increase: Mapping[str, float] | None = None,
     ) -> None:
         if isinstance(hyperparameters, str):
             hyperparameters = (hyperparameters,)
@@ -121,11 +149,17 @@ class ActionDecoder:
                 raise ValueError(f"max_log10_change given for {sorted(extra)}, which are not controlled")
         else:
             steps = {n: max_log10_change for n in names} if max_log10_change is not None else {}
+        ups = dict(max_log10_increase or {})
+        extra = set(ups) - set(names)
+        if extra:
+            raise ValueError(f"max_log10_increase given for {sorted(extra)}, which are not controlled ({list(names)})")
         specs = []
         for n in names:
             base = DEFAULT_HYPERPARAMETERS[n]
             lo, hi = bounds.get(n, (base.lower, base.upper))
-            specs.append(HyperparameterSpec(n, float(lo), float(hi), float(steps.get(n, base.max_log10_change))))
+            up = ups.get(n)
+            step = float(steps.get(n, base.max_log10_change))
+            specs.append(HyperparameterSpec(n, float(lo), float(hi), step, None if up is None else float(up)))
         self.specs: tuple[HyperparameterSpec, ...] = tuple(specs)
         self.names: tuple[str, ...] = names
 
@@ -158,7 +192,7 @@ class ActionDecoder:
         actions = np.clip(actions, -1.0, 1.0)
         out = np.empty_like(current)
         for j, s in enumerate(self.specs):
-            u = s.to_log(s.clip(current[..., j])) + actions[..., j] * s.max_log10_change
+            u = s.to_log(s.clip(current[..., j])) + s.log_step(actions[..., j])
             out[..., j] = s.clip(s.from_log(u))
         return out
 
@@ -180,7 +214,9 @@ class ActionDecoder:
 
     # -- serialisation (policy bundles) ---------------------------------------------------------
     def to_config(self) -> dict:
-        return {"hyperparameters": [asdict(s) for s in self.specs]}
+        # max_log10_increase only where set, so symmetric decoders keep the config (and hash) they had
+        specs = [{k: v for k, v in asdict(s).items() if k != "max_log10_increase" or v is not None} for s in self.specs]
+        return {"hyperparameters": specs}
 
     @classmethod
     def from_config(cls, config: Mapping) -> ActionDecoder:
@@ -190,6 +226,9 @@ class ActionDecoder:
                 [s["name"] for s in specs],
                 bounds={s["name"]: (s["lower"], s["upper"]) for s in specs},
                 max_log10_change={s["name"]: s["max_log10_change"] for s in specs},
+                max_log10_increase={
+                    s["name"]: s["max_log10_increase"] for s in specs if s.get("max_log10_increase") is not None
+                },
             )
         except (KeyError, TypeError) as err:
             raise ValueError(f"malformed action-decoder config {config!r}: {err}") from err

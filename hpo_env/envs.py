@@ -56,6 +56,7 @@ class HPOEnv(gym.Env):
         hyperparameters: the controlled hyperparameters, in action order.
         bounds: ``{name: (lower, upper)}`` overriding the default bounds.
         max_log10_change: largest change per action in decades (one number, or per name).
+        max_log10_increase: largest increase per action, per name, where it differs (``{"lr": 0.25}``).
         divergence_penalty: the return of a diverged episode is ``-divergence_penalty``.
         device: torch device of the inner model.
         render_mode: ``None`` or ``"ansi"``.
@@ -76,6 +77,7 @@ class HPOEnv(gym.Env):
         hyperparameters: Sequence[str] = ("lr", "weight_decay"),
         bounds: Mapping[str, tuple[float, float]] | None = None,
         max_log10_change: float | Mapping[str, float] | None = None,
+        max_log10_increase: Mapping[str, float] | None = None,
         divergence_penalty: float = 1.0,
         device: str = "cpu",
         render_mode: str | None = None,
@@ -83,7 +85,7 @@ class HPOEnv(gym.Env):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
         self.task_distribution = make_distribution(task_distribution)
-        self.decoder = ActionDecoder(hyperparameters, bounds, max_log10_change)
+        self.decoder = ActionDecoder(hyperparameters, bounds, max_log10_change, max_log10_increase)
         self._batch = EpisodeBatch(1, self.decoder, device=device, divergence_penalty=divergence_penalty)
         self.render_mode = render_mode
         k = self.decoder.num_actions

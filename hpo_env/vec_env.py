@@ -30,7 +30,8 @@ class HPOVecEnv(VecEnv):
 
     Args:
         num_envs: number of slots N.
-        task_distribution, hyperparameters, bounds, max_log10_change, divergence_penalty, device:
+        task_distribution, hyperparameters, bounds, max_log10_change, max_log10_increase,
+            divergence_penalty, device:
             as for :class:`~hpo_env.HPOEnv`.
         seed: seeds slot ``i`` with ``seed + i`` at the first reset (or use :meth:`seed`).
     """
@@ -43,6 +44,7 @@ class HPOVecEnv(VecEnv):
         hyperparameters: Sequence[str] = ("lr", "weight_decay"),
         bounds: Mapping[str, tuple[float, float]] | None = None,
         max_log10_change: float | Mapping[str, float] | None = None,
+        max_log10_increase: Mapping[str, float] | None = None,
         divergence_penalty: float = 1.0,
         device: str = "cpu",
         seed: int | None = None,
@@ -50,7 +52,7 @@ class HPOVecEnv(VecEnv):
         if int(num_envs) < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         self.task_distribution = make_distribution(task_distribution)
-        self.decoder = ActionDecoder(hyperparameters, bounds, max_log10_change)
+        self.decoder = ActionDecoder(hyperparameters, bounds, max_log10_change, max_log10_increase)
         self._batch = EpisodeBatch(int(num_envs), self.decoder, device=device, divergence_penalty=divergence_penalty)
         k = self.decoder.num_actions
         observation_space = gym.spaces.Box(-OBS_BOUND, OBS_BOUND, (self._batch.obs_dim,), np.float32)

@@ -20,6 +20,25 @@ def test_actions_are_bounded_multiplicative_changes():
     assert huge[0, 0] == 1.0 and huge[0, 1] == 0.3 and huge[0, 2] == 0.99, "clipped into bounds"
 
 
+def test_increases_may_be_slower_than_decreases():
+    dec = ActionDecoder(("lr", "weight_decay"), max_log10_change=0.5, max_log10_increase={"lr": 0.25})
+    cur = np.array([[1e-2, 1e-4]])
+    np.testing.assert_allclose(dec.decode(np.array([[1.0, 1.0]]), cur), [[1e-2 * 10**0.25, 1e-4 * 10**0.5]])
+    np.testing.assert_allclose(dec.decode(np.array([[-1.0, -1.0]]), cur), [[1e-2 * 10**-0.5, 1e-4 * 10**-0.5]])
+    np.testing.assert_allclose(dec.decode(np.array([[0.4, 0.0]]), cur)[0, 0], 1e-2 * 10**0.1)
+    lr = dec.specs[0]
+    for a in (-1.0, -0.3, 0.0, 0.6, 1.0):  # action_for inverts the step, both ways
+        assert lr.action_for(lr.log_step(a)) == pytest.approx(a)
+    assert lr.action_for(1.0) == 1.0 and lr.action_for(-1.0) == -1.0  # clipped to one action
+    # the setting survives a bundle's config; a symmetric decoder's config has no such key (stable hashes)
+    assert ActionDecoder.from_config(dec.to_config()) == dec
+    assert "max_log10_increase" not in ActionDecoder(("lr",)).to_config()["hyperparameters"][0]
+    with pytest.raises(ValueError, match="not controlled"):
+        ActionDecoder(("lr",), max_log10_increase={"momentum": 0.1})
+    with pytest.raises(ValueError, match="max_log10_increase of 'lr' must be positive"):
+        ActionDecoder(("lr",), max_log10_increase={"lr": 0.0})
+
+
 def test_decoder_config_round_trip_and_errors():
     dec = ActionDecoder(("lr", "momentum"), bounds={"lr": (1e-4, 0.5)}, max_log10_change={"lr": 0.1})
     assert ActionDecoder.from_config(dec.to_config()) == dec

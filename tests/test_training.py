@@ -246,6 +246,16 @@ def test_lr_step_reaches_the_environment_and_the_cli():
     assert get_preset("quick", hyperparameters=("weight_decay",), lr_step=0.75).max_log10_change is None
 
 
+def test_lr_step_up_makes_increases_slower_in_the_environment():
+    config = parse_settings(["--lr-step-up", "0.25", "--task-distribution", "toy", "--n-envs", "2"]).agent_config()
+    assert config.lr_step_up == 0.25 and config.lr_step == 0.5
+    lr = make_meta_env(config, seed=0).unwrapped.decoder.specs[0]
+    assert (lr.max_log10_change, lr.max_log10_up) == (0.5, 0.25)
+    assert get_preset("quick").max_log10_increase is None  # off by default: symmetric steps
+    with pytest.raises(ValueError, match="lr_step_up is set but 'lr' is not controlled"):
+        MetaAgentConfig(hyperparameters=("weight_decay",), lr_step_up=0.25)
+
+
 def test_action_change_penalty_shapes_only_the_agents_reward():
     config = get_preset("quick", task_distribution="toy", n_envs=2, action_change_penalty=0.1)
     assert parse_settings(["--action-change-penalty", "0.1"]).agent_config().action_change_penalty == 0.1

@@ -121,6 +121,8 @@ class TrainSettings:
     """Controlled hyperparameters, in action order (default: lr weight_decay)."""
     lr_step: float | None = None
     """Largest learning-rate change per decision, in decades (default: the preset's, 0.5)."""
+    lr_step_up: float | None = None
+    """Largest learning-rate *increase* per decision, in decades, if smaller or larger than --lr-step (default: the same)."""
     action_change_penalty: float | None = None
     """Training-only reward cost per unit of action change between decisions; 0 is off (default: the preset's)."""
     init_lr_spread: float | None = None
@@ -196,6 +198,7 @@ class TrainSettings:
             task_distribution=self.task_distribution,
             hyperparameters=self.hyperparameters,
             lr_step=self.lr_step,
+            lr_step_up=self.lr_step_up,
             action_change_penalty=self.action_change_penalty,
             init_lr_spread=self.init_lr_spread,
             learning_rate=self.learning_rate,
