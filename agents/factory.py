@@ -169,12 +169,10 @@ class MetaAgentConfig:
             raise ValueError(f"gamma and gae_lambda must lie in (0, 1], got {self.gamma} and {self.gae_lambda}")
         object.__setattr__(self, "net_arch", tuple(int(w) for w in self.net_arch))
         object.__setattr__(self, "hyperparameters", tuple(self.hyperparameters))
-        if self.lr_step is not None and not (0 < self.lr_step <= 3):
-            raise ValueError(f"MetaAgentConfig.lr_step must lie in (0, 3] decades per decision, got {self.lr_step!r}")
-        if self.lr_step_up is not None and not (0 < self.lr_step_up <= 3):
-            raise ValueError(
-                f"MetaAgentConfig.lr_step_up must lie in (0, 3] decades per decision, got {self.lr_step_up!r}"
-            )
+        for name in ("lr_step", "lr_step_up"):
+            value = getattr(self, name)
+            if value is not None and not (0 < value <= 3):
+                raise ValueError(f"MetaAgentConfig.{name} must lie in (0, 3] decades per decision, got {value!r}")
         if self.lr_step_up is not None and "lr" not in self.hyperparameters:
             raise ValueError(f"MetaAgentConfig.lr_step_up is set but 'lr' is not controlled ({list(self.hyperparameters)})")
         if not 0 <= self.action_change_penalty < 1:
@@ -211,9 +209,7 @@ class MetaAgentConfig:
     @property
     def max_log10_increase(self) -> dict[str, float] | None:
         """The ``max_log10_increase`` argument of the environment (None: increases as large as decreases)."""
-        if self.lr_step_up is None or "lr" not in self.hyperparameters:
-            return None
-        return {"lr": float(self.lr_step_up)}
+        return None if self.lr_step_up is None else {"lr": float(self.lr_step_up)}
 
     @property
     def rollout_size(self) -> int:

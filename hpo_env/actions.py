@@ -138,21 +138,19 @@ class ActionDecoder:
             )
         if len(set(names)) != len(names):
             raise ValueError(f"hyperparameters must not repeat, got {list(names)}")
-        bounds = dict(bounds or {})
-        extra = set(bounds) - set(names)
-        if extra:
-            raise ValueError(f"bounds given for {sorted(extra)}, which are not controlled ({list(names)})")
-        if isinstance(max_log10_change, Mapping):
-            steps = dict(max_log10_change)
-            extra = set(steps) - set(names)
+
+        def per_name(arg: str, values: Mapping | None) -> dict:
+            extra = sorted(set(values or {}) - set(names))
             if extra:
-                raise ValueError(f"max_log10_change given for {sorted(extra)}, which are not controlled")
+                raise ValueError(f"{arg} given for {extra}, which are not controlled ({list(names)})")
+            return dict(values or {})
+
+        bounds = per_name("bounds", bounds)
+        if isinstance(max_log10_change, Mapping):
+            steps = per_name("max_log10_change", max_log10_change)
         else:
             steps = {n: max_log10_change for n in names} if max_log10_change is not None else {}
-        ups = dict(max_log10_increase or {})
-        extra = set(ups) - set(names)
-        if extra:
-            raise ValueError(f"max_log10_increase given for {sorted(extra)}, which are not controlled ({list(names)})")
+        ups = per_name("max_log10_increase", max_log10_increase)
         specs = []
         for n in names:
             base = DEFAULT_HYPERPARAMETERS[n]

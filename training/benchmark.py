@@ -559,7 +559,7 @@ def summarise(
     families = [tasks[ti].family for ti, _ in pairs]
     rng = np.random.default_rng(config.seed)
     policy = table["policy"]
-    untuned = [_losses(table["constant_default"]), _losses(table["cosine_default"])]
+    untuned = [_losses(table[name]) for name in UNTUNED_DEFAULTS]
 
     def beats_both(results_: list[RunResult]) -> float:
         """Share of pairs where these runs beat both untuned defaults (the policy's first target)."""
