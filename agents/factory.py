@@ -91,7 +91,9 @@ class MetaAgentConfig:
         n_steps: decisions per slot per rollout; a rollout holds ``n_envs * n_steps`` timesteps.
         batch_size: timesteps per PPO minibatch (RecurrentPPO cuts them into whole sequences).
         n_epochs: passes over each rollout.
-        learning_rate: Adam learning rate of the meta-agent, constant.
+        learning_rate: Adam learning rate of the meta-agent (at the start, if ``learning_rate_end`` is set).
+        learning_rate_end: if set, the learning rate decays linearly from ``learning_rate`` to this value
+            over the run (SB3's ``LinearSchedule`` of the remaining progress); None keeps it constant.
         gamma: discount factor.
         gae_lambda: GAE smoothing.
         clip_range: PPO's ratio clip.
@@ -131,6 +133,7 @@ class MetaAgentConfig:
     batch_size: int = 256
     n_epochs: int = 4
     learning_rate: float = 3e-4
+    learning_rate_end: float | None = None
     gamma: float = 0.995
     gae_lambda: float = 0.95
     clip_range: float = 0.2
@@ -165,6 +168,11 @@ class MetaAgentConfig:
         for name in ("learning_rate", "clip_range", "clip_obs"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"MetaAgentConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.learning_rate_end is not None and not 0 <= self.learning_rate_end <= self.learning_rate:
+            raise ValueError(
+                f"MetaAgentConfig.learning_rate_end must lie in [0, learning_rate = {self.learning_rate}] (a decay), "
+                f"got {self.learning_rate_end!r}; use None for a constant learning rate"
+            )
         if not 0 < self.gamma <= 1 or not 0 < self.gae_lambda <= 1:
             raise ValueError(f"gamma and gae_lambda must lie in (0, 1], got {self.gamma} and {self.gae_lambda}")
         object.__setattr__(self, "net_arch", tuple(int(w) for w in self.net_arch))
@@ -323,8 +331,13 @@ def make_meta_agent(
         raise TypeError(f"config must be a MetaAgentConfig, got {type(config).__name__}")
     net_arch = list(config.net_arch)
     kwargs: dict[str, Any] = {"net_arch": {"pi": net_arch, "vf": net_arch}, "log_std_init": config.log_std_init}
+    learning_rate: Any = config.learning_rate
+    if config.learning_rate_end is not None:
+        from stable_baselines3.common.utils import LinearSchedule
+
+        learning_rate = LinearSchedule(config.learning_rate, config.learning_rate_end, end_fraction=1.0)
     common = dict(
-        learning_rate=config.learning_rate,
+        learning_rate=learning_rate,
         n_steps=config.n_steps,
         batch_size=config.batch_size,
         n_epochs=config.n_epochs,

@@ -141,6 +141,8 @@ class TrainSettings:
     """Timesteps between checkpoints, rounded up to whole rollouts; 0: only at the end (default: the preset's)."""
     learning_rate: float | None = None
     """Adam learning rate of the meta-agent (default: the preset's)."""
+    learning_rate_end: float | None = None
+    """Decay the meta-agent's learning rate linearly from --learning-rate to this over the run (default: the preset's, constant)."""
     n_steps: int | None = None
     """Decisions per slot per rollout (default: the preset's; at least one whole episode)."""
     batch_size: int | None = None
@@ -202,6 +204,7 @@ class TrainSettings:
             action_change_penalty=self.action_change_penalty,
             init_lr_spread=self.init_lr_spread,
             learning_rate=self.learning_rate,
+            learning_rate_end=self.learning_rate_end,
             n_steps=self.n_steps,
             batch_size=self.batch_size,
             n_epochs=self.n_epochs,
