@@ -7,6 +7,10 @@ import os
 # slower on a busy 2-core box. Set before torch is imported, so subprocesses (hpo-train) inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -58,3 +62,18 @@ def assert_trains_like_alone():
                 torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
     return check
+
+
+@pytest.fixture
+def load_script(monkeypatch):
+    """Import a script of the repository (``benchmarks/*.py``, ``examples/*.py``) as a module."""
+
+    def load(relative: str):
+        path = Path(__file__).resolve().parents[1] / relative
+        spec = importlib.util.spec_from_file_location(f"_script_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+        spec.loader.exec_module(module)
+        return module
+
+    return load

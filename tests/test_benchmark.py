@@ -184,7 +184,7 @@ def _tiny_config(bundle, out, **kw) -> bench.BenchmarkConfig:
     return bench.BenchmarkConfig(**settings)
 
 
-def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_path, monkeypatch, capsys):
+def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_path, monkeypatch, capsys, load_script):
     config = _tiny_config(tiny_bundle, tmp_path / "out")
     tasks = bench.make_tasks(config)
     assert [t.family for t in tasks] == ["tabular", "digits_cnn"] and all(t.total_steps == 20 for t in tasks)
@@ -259,6 +259,25 @@ def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_pat
     assert "0 runs computed" in capsys.readouterr().out
     again = json.loads(result.json_path.read_text())
     assert again["rows"] == summary["rows"] and again["run"]["computed_runs"] == 0
+
+    # Pooling reports (benchmarks/pool_reports.py): a report pooled with itself keeps its statistics and
+    # doubles its pairs; the two copies count as different tasks in the cluster bootstrap.
+    pool = load_script("benchmarks/pool_reports.py")
+    pooled = pool.main([f"twice={config.out},{config.out}", "--json", str(tmp_path / "pooled.json")])["twice"]
+    rows_by_name = {r["name"]: r for r in summary["rows"]}
+    assert pooled["pairs"] == 8
+    assert pooled["beats_both_untuned_defaults"] == pytest.approx(summary["targets"]["beats_both_untuned_defaults"])
+    assert pooled["median_ratio_vs_cosine_tuned"] == pytest.approx(rows_by_name["cosine_tuned"]["all"]["median_ratio"])
+    assert pooled["win_rate_vs_random"] == pytest.approx(rows_by_name["random"]["all"]["win_rate"])
+    low, high = pooled["median_ratio_vs_cosine_tuned_ci95"]
+    assert low <= pooled["median_ratio_vs_cosine_tuned"] <= high
+    assert set(pooled["median_ratio_vs_cosine_tuned_by_family"]) == {"tabular", "digits_cnn"}
+    assert json.loads((tmp_path / "pooled.json").read_text())["twice"]["pairs"] == 8
+    assert "twice  pairs    8" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="hpo-bench --out"):
+        pool.pooled_summary([tmp_path])
+    with pytest.raises(SystemExit):
+        pool.main(["no-folders"])
 
 
 def test_benchmark_rejects_bad_settings(tiny_bundle, tmp_path, capsys):

@@ -475,22 +475,8 @@ def test_hf_trainer_end_to_end(tmp_path):
 
 
 # -- the example and the benchmark run (tiny budgets) ----------------------------------------------
-def _load_script(relative: str, monkeypatch):
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / relative
-    name = f"_script_{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_example_script_runs_and_writes_its_plot(tmp_path, capsys, monkeypatch):
-    example = _load_script("examples/deploy_policy.py", monkeypatch)
+def test_example_script_runs_and_writes_its_plot(tmp_path, capsys, load_script):
+    example = load_script("examples/deploy_policy.py")
     threads = torch.get_num_threads()
     try:
         runs = example.main(
@@ -504,8 +490,8 @@ def test_example_script_runs_and_writes_its_plot(tmp_path, capsys, monkeypatch):
     assert "policy wins" in capsys.readouterr().out
 
 
-def test_benchmark_script_reports_a_median(tmp_path, monkeypatch):
-    bench = _load_script("benchmarks/scheduler_step.py", monkeypatch)
+def test_benchmark_script_reports_a_median(tmp_path, load_script):
+    bench = load_script("benchmarks/scheduler_step.py")
     results = bench.main(["--calls", "30", "--warmup", "5", "--json", str(tmp_path / "r.json")])
     assert 0 < results["policy_scheduler_step_median_ms"] < 1000
     assert (tmp_path / "r.json").is_file()
