@@ -182,7 +182,9 @@ class MetaAgentConfig:
             if value is not None and not (0 < value <= 3):
                 raise ValueError(f"MetaAgentConfig.{name} must lie in (0, 3] decades per decision, got {value!r}")
         if self.lr_step_up is not None and "lr" not in self.hyperparameters:
-            raise ValueError(f"MetaAgentConfig.lr_step_up is set but 'lr' is not controlled ({list(self.hyperparameters)})")
+            raise ValueError(
+                f"MetaAgentConfig.lr_step_up is set but 'lr' is not controlled ({list(self.hyperparameters)})"
+            )
         if not 0 <= self.action_change_penalty < 1:
             raise ValueError(
                 "MetaAgentConfig.action_change_penalty must lie in [0, 1) (reward units per unit of action"

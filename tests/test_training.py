@@ -257,13 +257,30 @@ def test_lr_step_up_makes_increases_slower_in_the_environment():
 
 
 def test_learning_rate_end_decays_the_agents_learning_rate_linearly():
-    config = parse_settings(["--learning-rate", "1e-3", "--learning-rate-end", "1e-4", "--task-distribution", "toy",
-                             "--n-envs", "2", "--n-steps", "8", "--batch-size", "16"]).agent_config()
+    config = parse_settings(
+        [
+            "--learning-rate",
+            "1e-3",
+            "--learning-rate-end",
+            "1e-4",
+            "--task-distribution",
+            "toy",
+            "--n-envs",
+            "2",
+            "--n-steps",
+            "8",
+            "--batch-size",
+            "16",
+        ]
+    ).agent_config()
     assert (config.learning_rate, config.learning_rate_end) == (1e-3, 1e-4)
     model = make_meta_agent(make_meta_env(config, seed=0), config, seed=0, device="cpu")
     assert [model.lr_schedule(p) for p in (1.0, 0.5, 0.0)] == pytest.approx([1e-3, 5.5e-4, 1e-4])
-    constant = make_meta_agent(make_meta_env(get_preset("quick", task_distribution="toy", n_envs=2), seed=0),
-                               get_preset("quick", task_distribution="toy", n_envs=2), device="cpu")
+    constant = make_meta_agent(
+        make_meta_env(get_preset("quick", task_distribution="toy", n_envs=2), seed=0),
+        get_preset("quick", task_distribution="toy", n_envs=2),
+        device="cpu",
+    )
     assert constant.lr_schedule(0.0) == constant.lr_schedule(1.0) == PRESETS["quick"].learning_rate
     with pytest.raises(ValueError, match=r"learning_rate_end must lie in \[0, learning_rate"):
         MetaAgentConfig(learning_rate=1e-4, learning_rate_end=1e-3)
