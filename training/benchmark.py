@@ -67,7 +67,7 @@ from hpo_env import __version__ as HPO_VERSION
 from hpo_env.tasks import DEFAULT_HPARAMS
 from training.hypergradient import DEFAULT_HYPERGRADIENT_LR, run_hypergradient
 from training.rollout import EpisodeRecord, run_episodes
-from training.stats import divergence_rate, paired_comparison, win_indicators
+from training.stats import beats_all_rate, divergence_rate, paired_comparison
 from training.store import ResultStore, RunKey, RunResult
 
 __all__ = ["BENCHMARK_VERSION", "BenchmarkConfig", "main", "run_benchmark"]
@@ -563,8 +563,7 @@ def summarise(
 
     def beats_both(results_: list[RunResult]) -> float:
         """Share of pairs where these runs beat both untuned defaults (the policy's first target)."""
-        losses = _losses(results_)
-        return float(np.mean((win_indicators(losses, untuned[0]) == 1) & (win_indicators(losses, untuned[1]) == 1)))
+        return beats_all_rate(_losses(results_), untuned)
 
     report_rows = []
     for row in rows(config.grid_size):

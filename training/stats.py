@@ -21,6 +21,7 @@ import numpy as np
 
 __all__ = [
     "as_losses",
+    "beats_all_rate",
     "bootstrap_ci",
     "divergence_rate",
     "loss_ratios",
@@ -55,6 +56,14 @@ def win_indicators(policy, baseline) -> np.ndarray:
 def win_rate(policy, baseline) -> float:
     """Fraction of pairs the policy wins (ties count half)."""
     return float(win_indicators(policy, baseline).mean())
+
+
+def beats_all_rate(policy, baselines: Sequence) -> float:
+    """Fraction of pairs where the policy's loss is strictly lower than every baseline's (no ties)."""
+    wins = [win_indicators(policy, b) == 1 for b in baselines]
+    if not wins:
+        raise ValueError("beats_all_rate needs at least one baseline")
+    return float(np.mean(np.logical_and.reduce(wins)))
 
 
 def loss_ratios(policy, baseline) -> np.ndarray:
