@@ -15,7 +15,15 @@ from agents.baselines import (
     StepDecay,
     schedule_decoder,
 )
-from agents.bundle import BUNDLE_FORMAT_VERSION, BundleError, PolicyBundle, load_bundle, save_bundle
+from agents.bundle import (
+    BUNDLE_FORMAT_VERSION,
+    BundleError,
+    EnsembleBundle,
+    PolicyBundle,
+    load_bundle,
+    save_bundle,
+    save_ensemble,
+)
 from agents.factory import ALGORITHMS, PRESETS, MetaAgentConfig, get_preset, make_meta_agent, make_meta_env
 from agents.scheduler import PolicyScheduler, default_policy_path
 
@@ -25,6 +33,7 @@ __all__ = [
     "BUNDLE_FORMAT_VERSION",
     "BundleError",
     "ConstantSchedule",
+    "EnsembleBundle",
     "CosineSchedule",
     "LRSchedule",
     "LinearDecay",
@@ -43,5 +52,6 @@ __all__ = [
     "make_meta_agent",
     "make_meta_env",
     "save_bundle",
+    "save_ensemble",
     "schedule_decoder",
 ]

@@ -14,16 +14,29 @@ leaves half a bundle. :func:`load_bundle` validates it and raises :class:`Bundle
 feature-set/format mismatch. :meth:`PolicyBundle.predict` follows SB3's protocol and applies the
 bundle's normalisation (and frame stacking) itself, so callers pass raw observations from
 :class:`~hpo_env.ObservationBuilder`.
+
+An *ensemble bundle* (:func:`save_ensemble`, or ``hpo-ensemble OUT MEMBER MEMBER ...``) holds several
+bundles trained on the same action decoder and feature set and acts with the mean of their actions::
+
+    my_ensemble/
+        config.json    "kind": "ensemble", the members' relative paths, the shared decoder
+        members/0/     a complete bundle (model.zip, obs_norm.json, config.json)
+        members/1/     ...
+
+:func:`load_bundle` reads both kinds; an :class:`EnsembleBundle` has the same ``decoder``, ``config``,
+``initial_state`` and ``predict`` as a :class:`PolicyBundle`, so every consumer (the
+:class:`~agents.PolicyScheduler`, ``hpo-bench``, the training callbacks' evaluation) takes either.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
 import uuid
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,12 +46,22 @@ import numpy as np
 from hpo_env import FEATURE_SET_VERSION, OBS_BOUND, ActionDecoder, ObservationBuilder
 from hpo_env import __version__ as HPO_VERSION
 
-__all__ = ["BUNDLE_FORMAT_VERSION", "BundleError", "PolicyBundle", "load_bundle", "save_bundle"]
+__all__ = [
+    "BUNDLE_FORMAT_VERSION",
+    "BundleError",
+    "EnsembleBundle",
+    "PolicyBundle",
+    "load_bundle",
+    "save_bundle",
+    "save_ensemble",
+]
 
 BUNDLE_FORMAT_VERSION = 1
 MODEL_FILE = "model.zip"
 NORM_FILE = "obs_norm.json"
 CONFIG_FILE = "config.json"
+MEMBERS_DIR = "members"
+ENSEMBLE_KIND = "ensemble"
 
 
 class BundleError(ValueError):
@@ -124,6 +147,94 @@ class PolicyBundle:
         return (action[0] if single else action), new_state
 
 
+@dataclass
+class EnsembleBundle:
+    """Several policies acting as one: the mean of their actions (in the decoder's [-1, 1] space).
+
+    Every member sees the same raw observations (each with its own normalisation) and keeps its own
+    LSTM state; the state of the ensemble is the list of its members' states. With
+    ``deterministic=False`` each member samples and the samples are averaged, which narrows the
+    exploration noise by about ``sqrt(len(members))``.
+
+    Attributes:
+        members: the member bundles (at least two), all with the same decoder.
+        config: the ensemble's JSON config.
+        path: where it was loaded from (None if built in memory).
+    """
+
+    members: list[PolicyBundle]
+    config: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.members) < 2:
+            raise BundleError(f"an ensemble needs at least two member policies, got {len(self.members)}")
+        first = self.members[0].decoder
+        for i, member in enumerate(self.members[1:], start=1):
+            if member.decoder != first:
+                raise BundleError(
+                    f"ensemble member {i} controls {member.decoder.to_config()}, member 0 controls "
+                    f"{first.to_config()}: members must be trained with the same hyperparameters and bounds"
+                )
+
+    @property
+    def decoder(self) -> ActionDecoder:
+        return self.members[0].decoder
+
+    @property
+    def obs_dim(self) -> int:
+        return self.members[0].obs_dim
+
+    @property
+    def is_recurrent(self) -> bool:
+        return any(m.is_recurrent for m in self.members)
+
+    def initial_state(self, n_envs: int = 1) -> list[Any]:
+        """The members' initial states, as a list."""
+        return [m.initial_state(n_envs) for m in self.members]
+
+    def predict(
+        self,
+        observation: np.ndarray,
+        state: Any = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, list[Any]]:
+        """SB3's ``predict`` on raw observations: the members' mean action, and their new states."""
+        states = [None] * len(self.members) if state is None else list(state)
+        if len(states) != len(self.members):
+            raise ValueError(f"ensemble state has {len(states)} entries, the ensemble has {len(self.members)} members")
+        actions, new_states = [], []
+        for member, member_state in zip(self.members, states):
+            action, new_state = member.predict(observation, member_state, episode_start, deterministic)
+            actions.append(action)
+            new_states.append(new_state)
+        return np.mean(actions, axis=0, dtype=np.float64).astype(np.float32), new_states
+
+
+def _write_atomically(path: Path, fill: Callable[[Path], None]) -> Path:
+    """Build a directory with ``fill(tmp)`` in a temporary sibling, then swap it in for ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # mkdir (not tempfile.mkdtemp, which makes the folder private) so the bundle gets the usual permissions.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            path.rename(old)
+        tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
 def save_bundle(
     path: str | os.PathLike,
     model: Any,
@@ -147,7 +258,6 @@ def save_bundle(
         config: extra JSON-serialisable settings (environment, training command, seed, timesteps...).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     full_config = {
         "format_version": BUNDLE_FORMAT_VERSION,
         "feature_set_version": FEATURE_SET_VERSION,
@@ -159,10 +269,8 @@ def save_bundle(
         "action_decoder": decoder.to_config(),
         **dict(config or {}),
     }
-    # mkdir (not tempfile.mkdtemp, which makes the folder private) so the bundle gets the usual permissions.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    tmp.mkdir()
-    try:
+
+    def fill(tmp: Path) -> None:
         model.save(tmp / MODEL_FILE)
         norm = None
         if obs_rms is not None:
@@ -174,24 +282,69 @@ def save_bundle(
                 "epsilon": float(epsilon),
             }
         (tmp / NORM_FILE).write_text(json.dumps(norm, indent=1))
-        (tmp / CONFIG_FILE).write_text(json.dumps(full_config, indent=2, sort_keys=True, default=str))
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            path.rename(old)
-        tmp.rename(path)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+        _write_config(tmp, full_config)
+
+    return _write_atomically(path, fill)
 
 
-def load_bundle(path: str | os.PathLike, device: str = "cpu") -> PolicyBundle:
-    """Load and validate a bundle directory.
+def save_ensemble(
+    path: str | os.PathLike, members: Sequence[str | os.PathLike], *, config: Mapping[str, Any] | None = None
+) -> Path:
+    """Write an ensemble bundle of saved bundles (copied into it) atomically; returns its path.
+
+    Args:
+        path: the ensemble directory (replaced if it exists; must not be one of the members).
+        members: at least two bundle directories with the same controlled hyperparameters, bounds
+            and feature set (each is loaded and validated first).
+        config: extra JSON-serialisable settings (description, benchmark summary...).
+
+    Raises:
+        BundleError: fewer than two members, a member is invalid or is itself an ensemble, or the
+            members control different hyperparameters.
+    """
+    path = Path(path)
+    sources = [Path(m) for m in members]
+    if len(sources) < 2:
+        raise BundleError(f"an ensemble needs at least two member bundles, got {len(sources)}")
+    for src in sources:
+        if src.resolve() == path.resolve():
+            raise BundleError(f"the ensemble {str(path)!r} cannot be written over its own member {str(src)!r}")
+    loaded = [load_bundle(src) for src in sources]
+    for src, member in zip(sources, loaded):
+        if isinstance(member, EnsembleBundle):
+            raise BundleError(f"{str(src)!r} is an ensemble; list its members instead of nesting ensembles")
+    ensemble = EnsembleBundle(loaded)  # checks that the members share one decoder
+    names = [f"{MEMBERS_DIR}/{i}" for i in range(len(sources))]
+    full_config = {
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "kind": ENSEMBLE_KIND,
+        "feature_set_version": FEATURE_SET_VERSION,
+        "hpo_meta_version": HPO_VERSION,
+        "combine": "mean_action",
+        "members": names,
+        "member_sources": [str(src) for src in sources],
+        "obs_dim": ensemble.obs_dim,
+        "action_decoder": ensemble.decoder.to_config(),
+        **dict(config or {}),
+    }
+
+    def fill(tmp: Path) -> None:
+        for src, name in zip(sources, names):
+            dest = tmp / name
+            dest.mkdir(parents=True)
+            for file in (MODEL_FILE, NORM_FILE, CONFIG_FILE):
+                shutil.copyfile(src / file, dest / file)
+        _write_config(tmp, full_config)
+
+    return _write_atomically(path, fill)
+
+
+def _write_config(directory: Path, config: Mapping[str, Any]) -> None:
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+
+
+def load_bundle(path: str | os.PathLike, device: str = "cpu") -> PolicyBundle | EnsembleBundle:
+    """Load and validate a bundle directory (a single policy, or an ensemble of saved bundles).
 
     Raises:
         BundleError: the directory or a file is missing, a file is corrupted, or the bundle was
@@ -209,23 +362,17 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> PolicyBundle:
             f"no policy bundle at {str(path)!r}: expected a directory holding {MODEL_FILE}, {NORM_FILE} and "
             f"{CONFIG_FILE}{hint}"
         )
-    for name in (CONFIG_FILE, MODEL_FILE, NORM_FILE):
-        if not (path / name).is_file():
-            raise BundleError(f"policy bundle {str(path)!r} is missing {name}; re-save it with agents.save_bundle")
+    if not (path / CONFIG_FILE).is_file():
+        raise BundleError(f"policy bundle {str(path)!r} is missing {CONFIG_FILE}; re-save it with agents.save_bundle")
     config = _read_json(path / CONFIG_FILE)
     if not isinstance(config, dict):
         raise BundleError(f"{path / CONFIG_FILE} must hold a JSON object, got {type(config).__name__}")
-    if config.get("format_version") != BUNDLE_FORMAT_VERSION:
-        raise BundleError(
-            f"policy bundle {str(path)!r} has format version {config.get('format_version')!r}, this hpo-meta "
-            f"reads version {BUNDLE_FORMAT_VERSION}"
-        )
-    if str(config.get("feature_set_version")) != FEATURE_SET_VERSION:
-        raise BundleError(
-            f"policy bundle {str(path)!r} was trained on feature set {config.get('feature_set_version')!r}, "
-            f"but this hpo-meta builds feature set {FEATURE_SET_VERSION!r}: retrain the policy or install "
-            f"hpo-meta {config.get('hpo_meta_version', '?')}"
-        )
+    _check_versions(path, config)
+    if config.get("kind") == ENSEMBLE_KIND:
+        return _load_ensemble(path, config, device)
+    for name in (MODEL_FILE, NORM_FILE):
+        if not (path / name).is_file():
+            raise BundleError(f"policy bundle {str(path)!r} is missing {name}; re-save it with agents.save_bundle")
     try:
         decoder = ActionDecoder.from_config(config["action_decoder"])
     except (KeyError, ValueError) as err:
@@ -258,6 +405,50 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> PolicyBundle:
     return PolicyBundle(model, decoder, config, obs_mean, obs_var, clip_obs, epsilon, frame_stack, path)
 
 
+def _check_versions(path: Path, config: Mapping[str, Any]) -> None:
+    if config.get("format_version") != BUNDLE_FORMAT_VERSION:
+        raise BundleError(
+            f"policy bundle {str(path)!r} has format version {config.get('format_version')!r}, this hpo-meta "
+            f"reads version {BUNDLE_FORMAT_VERSION}"
+        )
+    if str(config.get("feature_set_version")) != FEATURE_SET_VERSION:
+        raise BundleError(
+            f"policy bundle {str(path)!r} was trained on feature set {config.get('feature_set_version')!r}, "
+            f"but this hpo-meta builds feature set {FEATURE_SET_VERSION!r}: retrain the policy or install "
+            f"hpo-meta {config.get('hpo_meta_version', '?')}"
+        )
+
+
+def _load_ensemble(path: Path, config: dict, device: str) -> EnsembleBundle:
+    names = config.get("members")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise BundleError(f"{path / CONFIG_FILE} is an ensemble but has no list of 'members' (relative paths)")
+    members = []
+    for name in names:
+        member_path = (path / name).resolve()
+        if path.resolve() not in member_path.parents:
+            raise BundleError(f"{path / CONFIG_FILE} names member {name!r} outside the ensemble's directory")
+        if not member_path.is_dir():
+            raise BundleError(
+                f"ensemble {str(path)!r} is missing its member {name!r}; re-save it with agents.save_ensemble"
+            )
+        member = load_bundle(member_path, device=device)
+        if isinstance(member, EnsembleBundle):
+            raise BundleError(f"ensemble {str(path)!r} nests another ensemble at {name!r}; ensembles do not nest")
+        members.append(member)
+    ensemble = EnsembleBundle(members, config, path)
+    try:
+        declared = ActionDecoder.from_config(config["action_decoder"])
+    except (KeyError, ValueError) as err:
+        raise BundleError(f"{path / CONFIG_FILE} has no valid 'action_decoder': {err}") from err
+    if declared != ensemble.decoder:
+        raise BundleError(
+            f"{path / CONFIG_FILE} declares {declared.to_config()}, but its members control "
+            f"{ensemble.decoder.to_config()}; re-save it with agents.save_ensemble"
+        )
+    return ensemble
+
+
 def _read_json(file: Path) -> Any:
     try:
         return json.loads(file.read_text())
@@ -276,3 +467,28 @@ def _load_model(file: Path, algorithm: str, device: str) -> Any:
         return classes[algorithm].load(file, device=device)
     except (zipfile.BadZipFile, EOFError, KeyError, ValueError, RuntimeError, OSError) as err:
         raise BundleError(f"{file} is corrupted and cannot be loaded as a {algorithm} model: {err}") from err
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``hpo-ensemble OUT MEMBER MEMBER ...``: combine saved bundles into one ensemble bundle."""
+    parser = argparse.ArgumentParser(
+        prog="hpo-ensemble",
+        description="Combine policy bundles (same hyperparameters and bounds) into one ensemble bundle that "
+        "acts with the mean of its members' actions. Use the result anywhere a bundle goes: "
+        "PolicyScheduler.from_pretrained(OUT, ...), hpo-bench --policy OUT.",
+    )
+    parser.add_argument("out", help="the ensemble bundle directory to write (replaced if it exists)")
+    parser.add_argument("members", nargs="+", help="two or more policy bundle directories")
+    parser.add_argument("--description", default=None, help="a line saying what the ensemble is")
+    args = parser.parse_args(argv)
+    config = {} if args.description is None else {"description": args.description}
+    try:
+        path = save_ensemble(args.out, args.members, config=config)
+    except BundleError as err:
+        parser.exit(2, f"hpo-ensemble: error: {err}\n")
+    print(f"wrote an ensemble of {len(args.members)} policies to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from agents import BundleError, get_preset, load_bundle, make_meta_agent, make_meta_env, save_bundle
+from agents import (
+    BundleError,
+    EnsembleBundle,
+    PolicyScheduler,
+    get_preset,
+    load_bundle,
+    make_meta_agent,
+    make_meta_env,
+    save_bundle,
+    save_ensemble,
+)
+from agents.bundle import main as ensemble_main
 from agents.factory import frame_stack_of, get_vec_normalize
 from hpo_env import ActionDecoder, ObservationBuilder
+from training.benchmark import bundle_fingerprint
 
 
 def _trained(algorithm: str, seed: int = 0):
@@ -185,3 +199,115 @@ def test_interrupted_replacement_points_at_the_previous_bundle(bundle_copy):
     bundle_copy.rename(bundle_copy.with_name(f".{bundle_copy.name}.old"))
     with pytest.raises(BundleError, match="previous bundle is intact"):
         load_bundle(bundle_copy)
+
+
+# -- ensembles ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def second_bundle(tmp_path_factory) -> Path:
+    config, env, model = _trained("recurrent", seed=1)
+    return _save(tmp_path_factory.mktemp("bundles") / "second", config, env, model)
+
+
+@pytest.fixture
+def ensemble(good_bundle, second_bundle, tmp_path) -> Path:
+    return save_ensemble(tmp_path / "ensemble", [good_bundle, second_bundle], config={"description": "two seeds"})
+
+
+def test_ensemble_acts_with_the_mean_of_its_members_actions(ensemble, good_bundle, second_bundle):
+    loaded = load_bundle(ensemble)
+    assert isinstance(loaded, EnsembleBundle) and len(loaded.members) == 2
+    assert loaded.config["description"] == "two seeds" and loaded.config["kind"] == "ensemble"
+    assert loaded.decoder == load_bundle(good_bundle).decoder and loaded.is_recurrent
+    members = [load_bundle(good_bundle), load_bundle(second_bundle)]
+    rng = np.random.default_rng(0)
+    state = loaded.initial_state(3)
+    member_states = [m.initial_state(3) for m in members]
+    differs = False
+    for t in range(12):
+        obs = rng.normal(size=(3, loaded.obs_dim)).astype(np.float32)
+        starts = np.array([t == 0, t % 5 == 0, False])  # episode starts reset each member's LSTM
+        action, state = loaded.predict(obs, state, starts, deterministic=True)
+        alone = []
+        for i, member in enumerate(members):
+            a, member_states[i] = member.predict(obs, member_states[i], starts, deterministic=True)
+            alone.append(a)
+        np.testing.assert_array_equal(action, ((alone[0].astype(np.float64) + alone[1]) / 2).astype(np.float32))
+        differs |= not np.array_equal(alone[0], alone[1])
+    assert differs, "the two members should disagree somewhere, or the test shows nothing"
+    single, _ = loaded.predict(obs[0], None, None, deterministic=True)  # one unbatched observation
+    assert single.shape == (loaded.decoder.num_actions,)
+
+
+def test_ensemble_drives_a_scheduler_and_resumes_from_its_state_dict(ensemble):
+    def make():
+        net = torch.nn.Linear(3, 2)
+        return torch.optim.SGD(net.parameters(), lr=0.05, weight_decay=1e-4, momentum=0.9)
+
+    losses = [2.0 * 0.9**t for t in range(10)]
+    opt = make()
+    sched = PolicyScheduler.from_pretrained(ensemble, opt, total_steps=10)
+    for val in losses[:4]:
+        sched.step(val)
+    buffer = io.BytesIO()
+    torch.save(sched.state_dict(), buffer)
+    buffer.seek(0)
+    expected = []
+    for val in losses[4:]:
+        sched.step(val)
+        expected.append(sched.get_last_lr())
+    resumed = PolicyScheduler.from_pretrained(ensemble, make(), total_steps=10)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    got = []
+    for val in losses[4:]:
+        resumed.step(val)
+        got.append(resumed.get_last_lr())
+    assert got == expected
+
+
+def test_ensemble_fingerprint_covers_its_members(ensemble, good_bundle, tmp_path):
+    fingerprint = bundle_fingerprint(ensemble)
+    assert fingerprint == bundle_fingerprint(shutil.copytree(ensemble, tmp_path / "moved"))
+    assert fingerprint not in {bundle_fingerprint(good_bundle), bundle_fingerprint(ensemble / "members" / "0")}
+    _edit_json(ensemble / "members" / "1" / "obs_norm.json", count=1.0)
+    assert bundle_fingerprint(ensemble) != fingerprint
+
+
+def test_ensemble_command_writes_a_loadable_bundle(good_bundle, second_bundle, tmp_path, capsys):
+    assert ensemble_main([str(tmp_path / "ens"), str(good_bundle), str(second_bundle), "--description", "cli"]) == 0
+    assert "ensemble of 2 policies" in capsys.readouterr().out
+    assert load_bundle(tmp_path / "ens").config["description"] == "cli"
+    with pytest.raises(SystemExit) as exc:
+        ensemble_main([str(tmp_path / "one"), str(good_bundle)])
+    assert exc.value.code == 2
+    assert "at least two member bundles, got 1" in capsys.readouterr().err
+    assert not (tmp_path / "one").exists()
+
+
+def test_ensemble_errors(ensemble, good_bundle, tmp_path):
+    # members trained for other hyperparameters
+    other = tmp_path / "other"
+    shutil.copytree(good_bundle, other)
+    data = json.loads((other / "config.json").read_text())
+    data["action_decoder"]["hyperparameters"][0]["upper"] = 0.5
+    (other / "config.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="member 1 controls .*same hyperparameters and bounds"):
+        save_ensemble(tmp_path / "mixed", [good_bundle, other])
+    with pytest.raises(BundleError, match="is an ensemble; list its members"):
+        save_ensemble(tmp_path / "nested", [ensemble, good_bundle])
+    with pytest.raises(BundleError, match="cannot be written over its own member"):
+        save_ensemble(good_bundle, [good_bundle, ensemble / "members" / "1"])
+    # a damaged ensemble directory
+    shutil.rmtree(ensemble / "members" / "1")
+    with pytest.raises(BundleError, match="missing its member 'members/1'"):
+        load_bundle(ensemble)
+    _edit_json(ensemble / "config.json", members=["members/0", "../../elsewhere"])
+    with pytest.raises(BundleError, match="outside the ensemble's directory"):
+        load_bundle(ensemble)
+    _edit_json(ensemble / "config.json", members="members/0")
+    with pytest.raises(BundleError, match="no list of 'members'"):
+        load_bundle(ensemble)
+    _edit_json(ensemble / "config.json", members=["members/0"])
+    with pytest.raises(BundleError, match="at least two member policies, got 1"):
+        load_bundle(ensemble)

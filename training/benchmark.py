@@ -154,11 +154,21 @@ def default_code_version() -> str:
 
 
 def bundle_fingerprint(path: str | Path) -> str:
-    """A short hash of a bundle's files: results of a retrained policy are never mixed up."""
+    """A short hash of a bundle's files: results of a retrained policy are never mixed up.
+
+    An ensemble's hash covers its config and its members' hashes (in order).
+    """
+    path = Path(path)
+    config = (path / "config.json").read_bytes()
     digest = hashlib.sha1()
+    if json.loads(config).get("kind") == "ensemble":
+        digest.update(b"ensemble" + config)
+        for name in json.loads(config)["members"]:
+            digest.update(bundle_fingerprint(path / name).encode())
+        return digest.hexdigest()[:12]
     for name in ("model.zip", "obs_norm.json", "config.json"):
         digest.update(name.encode())
-        digest.update((Path(path) / name).read_bytes())
+        digest.update((path / name).read_bytes())
     return digest.hexdigest()[:12]
 
 
