@@ -17,10 +17,12 @@ from agents.baselines import (
 )
 from agents.bundle import (
     BUNDLE_FORMAT_VERSION,
+    ENSEMBLE_FORMAT_VERSION,
     BundleError,
     EnsembleBundle,
     PolicyBundle,
     load_bundle,
+    policy_signature,
     save_bundle,
     save_ensemble,
 )
@@ -31,6 +33,7 @@ __all__ = [
     "ALGORITHMS",
     "BASELINE_SCHEDULES",
     "BUNDLE_FORMAT_VERSION",
+    "ENSEMBLE_FORMAT_VERSION",
     "BundleError",
     "ConstantSchedule",
     "EnsembleBundle",
@@ -49,6 +52,7 @@ __all__ = [
     "default_policy_path",
     "get_preset",
     "load_bundle",
+    "policy_signature",
     "make_meta_agent",
     "make_meta_env",
     "save_bundle",

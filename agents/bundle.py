@@ -49,18 +49,22 @@ from hpo_env import __version__ as HPO_VERSION
 __all__ = [
     "BUNDLE_FORMAT_VERSION",
     "BundleError",
+    "ENSEMBLE_FORMAT_VERSION",
     "EnsembleBundle",
     "PolicyBundle",
     "load_bundle",
+    "policy_signature",
     "save_bundle",
     "save_ensemble",
 ]
 
-BUNDLE_FORMAT_VERSION = 1
+BUNDLE_FORMAT_VERSION = 1  # a single policy
+ENSEMBLE_FORMAT_VERSION = 2  # an ensemble (older hpo-meta refuses it by this version, clearly)
 MODEL_FILE = "model.zip"
 NORM_FILE = "obs_norm.json"
 CONFIG_FILE = "config.json"
 MEMBERS_DIR = "members"
+POLICY_KIND = "policy"
 ENSEMBLE_KIND = "ensemble"
 
 
@@ -201,9 +205,16 @@ class EnsembleBundle:
         deterministic: bool = False,
     ) -> tuple[np.ndarray, list[Any]]:
         """SB3's ``predict`` on raw observations: the members' mean action, and their new states."""
-        states = [None] * len(self.members) if state is None else list(state)
-        if len(states) != len(self.members):
-            raise ValueError(f"ensemble state has {len(states)} entries, the ensemble has {len(self.members)} members")
+        if state is None:
+            states = [None] * len(self.members)
+        elif isinstance(state, list) and len(state) == len(self.members):
+            states = state
+        else:
+            raise ValueError(
+                f"an ensemble of {len(self.members)} policies needs its state as a list of {len(self.members)} "
+                f"member states (from its initial_state or predict), got {type(state).__name__}"
+                + (f" of length {len(state)}" if isinstance(state, (list, tuple)) else "")
+            )
         actions, new_states = [], []
         for member, member_state in zip(self.members, states):
             action, new_state = member.predict(observation, member_state, episode_start, deterministic)
@@ -212,8 +223,29 @@ class EnsembleBundle:
         return np.mean(actions, axis=0, dtype=np.float64).astype(np.float32), new_states
 
 
+def policy_signature(policy: Any) -> str:
+    """What kind of policy state ``policy`` keeps, as a string (e.g. ``"ensemble[recurrent, recurrent]"``).
+
+    A saved policy state (:meth:`PolicyScheduler.state_dict`) only fits a policy of the same signature.
+    """
+    if isinstance(policy, EnsembleBundle):
+        return "ensemble[" + ", ".join(policy_signature(m) for m in policy.members) + "]"
+    if isinstance(policy, PolicyBundle):
+        return "recurrent" if policy.is_recurrent else f"mlp over {policy.frame_stack} frames"
+    return type(policy).__name__
+
+
 def _write_atomically(path: Path, fill: Callable[[Path], None]) -> Path:
-    """Build a directory with ``fill(tmp)`` in a temporary sibling, then swap it in for ``path``."""
+    """Build a directory with ``fill(tmp)`` in a temporary sibling, then swap it in for ``path``.
+
+    Only a bundle (a directory with a config.json) or an empty directory is ever replaced, so a
+    mistyped output path cannot delete a folder of other work.
+    """
+    if path.exists() and not (path.is_dir() and ((path / CONFIG_FILE).is_file() or not any(path.iterdir()))):
+        raise BundleError(
+            f"{str(path)!r} exists and is not a policy bundle (no {CONFIG_FILE}); refusing to replace it: "
+            "choose a new directory, or remove it yourself"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     # mkdir (not tempfile.mkdtemp, which makes the folder private) so the bundle gets the usual permissions.
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
@@ -260,6 +292,7 @@ def save_bundle(
     path = Path(path)
     full_config = {
         "format_version": BUNDLE_FORMAT_VERSION,
+        "kind": POLICY_KIND,
         "feature_set_version": FEATURE_SET_VERSION,
         "hpo_meta_version": HPO_VERSION,
         "algorithm": type(model).__name__,
@@ -307,8 +340,10 @@ def save_ensemble(
     if len(sources) < 2:
         raise BundleError(f"an ensemble needs at least two member bundles, got {len(sources)}")
     for src in sources:
-        if src.resolve() == path.resolve():
-            raise BundleError(f"the ensemble {str(path)!r} cannot be written over its own member {str(src)!r}")
+        if src.resolve() == path.resolve() or path.resolve() in src.resolve().parents:
+            raise BundleError(
+                f"the ensemble {str(path)!r} would replace its own member {str(src)!r}: write it to another directory"
+            )
     loaded = [load_bundle(src) for src in sources]
     for src, member in zip(sources, loaded):
         if isinstance(member, EnsembleBundle):
@@ -316,7 +351,7 @@ def save_ensemble(
     ensemble = EnsembleBundle(loaded)  # checks that the members share one decoder
     names = [f"{MEMBERS_DIR}/{i}" for i in range(len(sources))]
     full_config = {
-        "format_version": BUNDLE_FORMAT_VERSION,
+        "format_version": ENSEMBLE_FORMAT_VERSION,
         "kind": ENSEMBLE_KIND,
         "feature_set_version": FEATURE_SET_VERSION,
         "hpo_meta_version": HPO_VERSION,
@@ -367,8 +402,14 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> PolicyBundle | 
     config = _read_json(path / CONFIG_FILE)
     if not isinstance(config, dict):
         raise BundleError(f"{path / CONFIG_FILE} must hold a JSON object, got {type(config).__name__}")
-    _check_versions(path, config)
-    if config.get("kind") == ENSEMBLE_KIND:
+    kind = config.get("kind", POLICY_KIND)
+    readable = {POLICY_KIND: BUNDLE_FORMAT_VERSION, ENSEMBLE_KIND: ENSEMBLE_FORMAT_VERSION}
+    if kind not in readable:
+        raise BundleError(
+            f"{path / CONFIG_FILE} has an unknown bundle kind {kind!r}; this hpo-meta reads {sorted(readable)}"
+        )
+    _check_versions(path, config, readable[kind])
+    if kind == ENSEMBLE_KIND:
         return _load_ensemble(path, config, device)
     for name in (MODEL_FILE, NORM_FILE):
         if not (path / name).is_file():
@@ -405,11 +446,11 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> PolicyBundle | 
     return PolicyBundle(model, decoder, config, obs_mean, obs_var, clip_obs, epsilon, frame_stack, path)
 
 
-def _check_versions(path: Path, config: Mapping[str, Any]) -> None:
-    if config.get("format_version") != BUNDLE_FORMAT_VERSION:
+def _check_versions(path: Path, config: Mapping[str, Any], format_version: int) -> None:
+    if config.get("format_version") != format_version:
         raise BundleError(
             f"policy bundle {str(path)!r} has format version {config.get('format_version')!r}, this hpo-meta "
-            f"reads version {BUNDLE_FORMAT_VERSION}"
+            f"reads version {format_version} for a bundle of kind {config.get('kind', POLICY_KIND)!r}"
         )
     if str(config.get("feature_set_version")) != FEATURE_SET_VERSION:
         raise BundleError(
@@ -430,9 +471,15 @@ def _load_ensemble(path: Path, config: dict, device: str) -> EnsembleBundle:
             raise BundleError(f"{path / CONFIG_FILE} names member {name!r} outside the ensemble's directory")
         if not member_path.is_dir():
             raise BundleError(
-                f"ensemble {str(path)!r} is missing its member {name!r}; re-save it with agents.save_ensemble"
+                f"ensemble {str(path)!r} is missing its member {name!r}; rebuild it with hpo-ensemble "
+                "(agents.save_ensemble)"
             )
-        member = load_bundle(member_path, device=device)
+        try:
+            member = load_bundle(member_path, device=device)
+        except BundleError as err:
+            raise BundleError(
+                f"ensemble {str(path)!r}, member {name!r}: {err} (or rebuild the ensemble with hpo-ensemble)"
+            ) from err
         if isinstance(member, EnsembleBundle):
             raise BundleError(f"ensemble {str(path)!r} nests another ensemble at {name!r}; ensembles do not nest")
         members.append(member)

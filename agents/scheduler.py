@@ -22,6 +22,7 @@ from typing import Any, SupportsFloat
 import numpy as np
 import torch
 
+from agents.bundle import policy_signature
 from hpo_env import ActionDecoder, ObservationBuilder
 
 __all__ = ["PolicyScheduler", "default_policy_path"]
@@ -424,6 +425,7 @@ class PolicyScheduler:
             "last_obs": None if self._last_obs is None else torch.from_numpy(self._last_obs.copy()),
             "features": feats,
             "policy_state": _copy_state(self._policy_state, to_torch=True),
+            "policy_kind": policy_signature(self.bundle),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -443,6 +445,12 @@ class PolicyScheduler:
             raise ValueError(
                 f"the state was saved for a policy controlling {state_dict['decoder']}, this scheduler's policy "
                 f"controls {self.decoder.to_config()}"
+            )
+        saved_kind, kind = state_dict.get("policy_kind"), policy_signature(self.bundle)
+        if saved_kind is not None and saved_kind != kind:
+            raise ValueError(
+                f"the state was saved with a {saved_kind} policy, this scheduler runs a {kind} policy, whose "
+                "state it cannot continue: load it into a scheduler of the same bundle"
             )
         ratios = np.asarray(state_dict["ratios"], dtype=np.float64)
         if ratios.shape != self._ratios.shape:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from agents import (
     load_bundle,
     make_meta_agent,
     make_meta_env,
+    policy_signature,
     save_bundle,
     save_ensemble,
 )
@@ -195,6 +197,19 @@ def test_saved_bundle_is_readable_by_others(good_bundle, tmp_path):
     assert path.stat().st_mode & 0o777 == expected, "not a private temp folder"
 
 
+def test_saving_never_replaces_a_folder_that_is_not_a_bundle(good_bundle, tmp_path):
+    bundle = load_bundle(good_bundle)
+    work = tmp_path / "runs"
+    (work / "other_run").mkdir(parents=True)
+    (work / "notes.txt").write_text("keep me")
+    with pytest.raises(BundleError, match="exists and is not a policy bundle .*refusing to replace it"):
+        save_bundle(work, bundle.model, bundle.decoder)
+    assert (work / "notes.txt").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()
+    assert load_bundle(save_bundle(tmp_path / "empty", bundle.model, bundle.decoder)).config["kind"] == "policy"
+    save_bundle(tmp_path / "empty", bundle.model, bundle.decoder)  # a bundle is replaced
+
+
 def test_interrupted_replacement_points_at_the_previous_bundle(bundle_copy):
     bundle_copy.rename(bundle_copy.with_name(f".{bundle_copy.name}.old"))
     with pytest.raises(BundleError, match="previous bundle is intact"):
@@ -210,17 +225,25 @@ def second_bundle(tmp_path_factory) -> Path:
     return _save(tmp_path_factory.mktemp("bundles") / "second", config, env, model)
 
 
+@pytest.fixture(scope="module")
+def framestack_bundle(tmp_path_factory) -> Path:
+    config, env, model = _trained("framestack", seed=2)
+    return _save(tmp_path_factory.mktemp("bundles") / "framestack", config, env, model)
+
+
 @pytest.fixture
-def ensemble(good_bundle, second_bundle, tmp_path) -> Path:
-    return save_ensemble(tmp_path / "ensemble", [good_bundle, second_bundle], config={"description": "two seeds"})
+def ensemble(good_bundle, framestack_bundle, tmp_path) -> Path:
+    """A recurrent and a frame-stacked member: both kinds of policy state in one ensemble."""
+    return save_ensemble(tmp_path / "ensemble", [good_bundle, framestack_bundle], config={"description": "mixed"})
 
 
-def test_ensemble_acts_with_the_mean_of_its_members_actions(ensemble, good_bundle, second_bundle):
+def test_ensemble_acts_with_the_mean_of_its_members_actions(ensemble, good_bundle, framestack_bundle):
     loaded = load_bundle(ensemble)
     assert isinstance(loaded, EnsembleBundle) and len(loaded.members) == 2
-    assert loaded.config["description"] == "two seeds" and loaded.config["kind"] == "ensemble"
+    assert loaded.config["description"] == "mixed" and loaded.config["kind"] == "ensemble"
     assert loaded.decoder == load_bundle(good_bundle).decoder and loaded.is_recurrent
-    members = [load_bundle(good_bundle), load_bundle(second_bundle)]
+    assert policy_signature(loaded) == "ensemble[recurrent, mlp over 4 frames]"
+    members = [load_bundle(good_bundle), load_bundle(framestack_bundle)]
     rng = np.random.default_rng(0)
     state = loaded.initial_state(3)
     member_states = [m.initial_state(3) for m in members]
@@ -238,6 +261,28 @@ def test_ensemble_acts_with_the_mean_of_its_members_actions(ensemble, good_bundl
     assert differs, "the two members should disagree somewhere, or the test shows nothing"
     single, _ = loaded.predict(obs[0], None, None, deterministic=True)  # one unbatched observation
     assert single.shape == (loaded.decoder.num_actions,)
+    sampled, sampled_state = loaded.predict(obs, state, None, deterministic=False)
+    assert sampled.shape == action.shape and np.all(np.abs(sampled) <= 1.0) and len(sampled_state) == 2
+
+
+def test_ensemble_state_must_be_its_list_of_member_states(ensemble):
+    loaded = load_bundle(ensemble)
+    obs = np.zeros((1, loaded.obs_dim), np.float32)
+    _, state = loaded.predict(obs, loaded.initial_state(1), None, deterministic=True)
+    lstm_state = state[0]  # a member's (h, c) pair is not the ensemble's state
+    with pytest.raises(ValueError, match="list of 2 member states .*got tuple of length 2"):
+        loaded.predict(obs, lstm_state, None)
+
+
+def test_scheduler_state_of_another_kind_of_policy_is_refused(ensemble, good_bundle):
+    opt = torch.optim.SGD(torch.nn.Linear(3, 2).parameters(), lr=0.05, weight_decay=1e-4)
+    sched = PolicyScheduler.from_pretrained(ensemble, opt, total_steps=6)
+    sched.step(1.0)
+    single = PolicyScheduler.from_pretrained(good_bundle, opt, total_steps=6)
+    with pytest.raises(ValueError, match=r"saved with a ensemble\[recurrent, mlp over 4 frames\] policy.*recurrent"):
+        single.load_state_dict(sched.state_dict())
+    with pytest.raises(ValueError, match=r"saved with a recurrent policy, this scheduler runs a ensemble"):
+        sched.load_state_dict(single.state_dict())
 
 
 def test_ensemble_drives_a_scheduler_and_resumes_from_its_state_dict(ensemble):
@@ -270,6 +315,10 @@ def test_ensemble_fingerprint_covers_its_members(ensemble, good_bundle, tmp_path
     fingerprint = bundle_fingerprint(ensemble)
     assert fingerprint == bundle_fingerprint(shutil.copytree(ensemble, tmp_path / "moved"))
     assert fingerprint not in {bundle_fingerprint(good_bundle), bundle_fingerprint(ensemble / "members" / "0")}
+    # Rebuilt from the same members named another way, or re-described: the same policy, the same hash.
+    members = [ensemble / "members" / "0", os.path.relpath(ensemble / "members" / "1")]
+    rebuilt = save_ensemble(tmp_path / "rebuilt", members, config={"description": "another text"})
+    assert bundle_fingerprint(rebuilt) == fingerprint
     _edit_json(ensemble / "members" / "1" / "obs_norm.json", count=1.0)
     assert bundle_fingerprint(ensemble) != fingerprint
 
@@ -296,8 +345,24 @@ def test_ensemble_errors(ensemble, good_bundle, tmp_path):
         save_ensemble(tmp_path / "mixed", [good_bundle, other])
     with pytest.raises(BundleError, match="is an ensemble; list its members"):
         save_ensemble(tmp_path / "nested", [ensemble, good_bundle])
-    with pytest.raises(BundleError, match="cannot be written over its own member"):
+    with pytest.raises(BundleError, match="would replace its own member"):
         save_ensemble(good_bundle, [good_bundle, ensemble / "members" / "1"])
+    with pytest.raises(BundleError, match="would replace its own member"):  # a folder holding a member
+        save_ensemble(ensemble.parent, [good_bundle, ensemble / "members" / "1"])
+    assert (ensemble / "members" / "1" / "model.zip").is_file()
+    # what an older hpo-meta, or a damaged config, would present
+    old = tmp_path / "old"
+    shutil.copytree(ensemble, old)
+    _edit_json(old / "config.json", format_version=1)
+    with pytest.raises(BundleError, match="format version 1, this hpo-meta reads version 2 .*'ensemble'"):
+        load_bundle(old)
+    _edit_json(old / "config.json", kind="ensembel")
+    with pytest.raises(BundleError, match="unknown bundle kind 'ensembel'"):
+        load_bundle(old)
+    damaged = shutil.copytree(ensemble, tmp_path / "damaged")
+    (damaged / "members" / "0" / "obs_norm.json").write_text("{")
+    with pytest.raises(BundleError, match="member 'members/0': .*obs_norm.json is corrupted.*rebuild the ensemble"):
+        load_bundle(damaged)
     # a damaged ensemble directory
     shutil.rmtree(ensemble / "members" / "1")
     with pytest.raises(BundleError, match="missing its member 'members/1'"):

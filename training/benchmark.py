@@ -156,14 +156,16 @@ def default_code_version() -> str:
 def bundle_fingerprint(path: str | Path) -> str:
     """A short hash of a bundle's files: results of a retrained policy are never mixed up.
 
-    An ensemble's hash covers its config and its members' hashes (in order).
+    An ensemble's hash covers how it combines, its decoder and its members' hashes (in order), not
+    its description or where its members were copied from.
     """
     path = Path(path)
-    config = (path / "config.json").read_bytes()
+    config = json.loads((path / "config.json").read_bytes())
     digest = hashlib.sha1()
-    if json.loads(config).get("kind") == "ensemble":
-        digest.update(b"ensemble" + config)
-        for name in json.loads(config)["members"]:
+    if config.get("kind") == "ensemble":
+        parts = {"combine": config.get("combine"), "action_decoder": config.get("action_decoder")}
+        digest.update(b"ensemble" + json.dumps(parts, sort_keys=True).encode())
+        for name in config["members"]:
             digest.update(bundle_fingerprint(path / name).encode())
         return digest.hexdigest()[:12]
     for name in ("model.zip", "obs_norm.json", "config.json"):
