@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agents import load_bundle
 from agents.baselines import ConstantSchedule, schedule_decoder
 from hpo_env import ActionDecoder, BatchedTrainer, TaskDistribution, ToyTaskDistribution
 from training import benchmark as bench
@@ -316,3 +317,36 @@ def test_random_policy_runs_are_stored_per_action_space():
         bench._decoder_tag(ActionDecoder(("lr", "weight_decay", "momentum"))),
     }
     assert len(tags) == 3 and "" not in tags
+
+
+def test_feature_ablation_holds_features_and_compares_on_the_same_pairs(tiny_bundle, tmp_path, load_script, capsys):
+    ablation = load_script("benchmarks/feature_ablation.py")
+    bundle = load_bundle(tiny_bundle)
+    held = ablation.HeldFeatures(bundle, ("log_val_loss", "log_train_loss"))
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(3, bundle.obs_dim)).astype(np.float32)
+    other = obs.copy()
+    other[:, held.index] += 5.0  # only the held features differ: the policy cannot tell
+    a, _ = held.predict(obs, None, None, deterministic=True)
+    b, _ = held.predict(other, None, None, deterministic=True)
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="needs a policy_hash"):
+        bench.run_benchmark(_tiny_config(tiny_bundle, tmp_path / "x"), policy=held)
+
+    out = tmp_path / "ablation"
+    argv = ["--policy", str(tiny_bundle), "--families", "tabular,digits_cnn", "--tasks-per-family", "1",
+            "--seeds", "2", "-K", "2", "--total-steps", "20", "--steps-per-action", "5", "--out", str(out),
+            "--chunk-size", "8", "--bootstrap", "200", "--no-progress", "--no-plots",
+            "--groups", "loss_level", "hp_position"]  # fmt: skip
+    results = ablation.main(argv)
+    assert list(results) == ["intact", "loss_level", "hp_position"]
+    assert results["hp_position"]["features_held"] == ["lr_position", "weight_decay_position"]
+    for label, s in results.items():
+        assert s["pairs"] == 4 and (s["intact_win_rate"] is None) == (label == "intact")
+    assert "intact wins" in capsys.readouterr().out
+    with ResultStore(out / "results.sqlite") as store:  # one store: baselines once, one policy key per row
+        policies = {k.schedule for k in store.keys() if k.schedule.startswith("policy@")}
+        assert len(policies) == 3 and len(store) == 3 * 2 * 2 + 2 * 2 * (3 + 4 + 4 + 1 + 1) + 3 * 2 * 2
+    assert json.loads((out / "ablation.json").read_text())["loss_level"]["pairs"] == 4
+    with pytest.raises(SystemExit):
+        ablation.main([*argv[:-2], "no_such_group"])

@@ -383,16 +383,28 @@ class BenchmarkResult:
     reused: int = 0
 
 
-def run_benchmark(config: BenchmarkConfig) -> BenchmarkResult:
+def run_benchmark(config: BenchmarkConfig, policy: Any = None, policy_hash: str | None = None) -> BenchmarkResult:
     """Run (or resume) the benchmark and write its report, JSON and plots.
+
+    Args:
+        config: the benchmark settings; ``config.policy`` is loaded unless ``policy`` is given.
+        policy: an in-memory policy to benchmark instead (anything with a ``decoder`` and SB3's
+            ``predict``, e.g. a wrapper around a loaded bundle); ``config.policy`` still labels it.
+        policy_hash: required with ``policy``: the key its runs are stored under, which must change
+            whenever its behaviour does (a rerun reuses every run stored under it).
 
     Raises:
         agents.BundleError: the policy bundle is missing or invalid.
         ValueError: inconsistent settings.
     """
     started = time.perf_counter()
-    bundle = load_bundle(config.policy, device=config.device)
-    policy_hash = bundle_fingerprint(config.policy)
+    if policy is None:
+        bundle = load_bundle(config.policy, device=config.device)
+        policy_hash = bundle_fingerprint(config.policy)
+    elif not policy_hash:
+        raise ValueError("run_benchmark(policy=...) needs a policy_hash naming that policy's stored runs")
+    else:
+        bundle = policy
     decoder = bundle.decoder
     exact = schedule_decoder(decoder)
     code_version = config.code_version or default_code_version()
@@ -922,30 +934,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``hpo-bench`` and ``python -m training.benchmark``."""
     args = build_parser().parse_args(argv)
     try:
-        config = BenchmarkConfig(
-            policy=args.policy,
-            split=args.split,
-            families=tuple(f for f in args.families.split(",") if f),
-            tasks_per_family=args.tasks_per_family,
-            seeds=args.seeds,
-            grid_size=args.grid_size,
-            grid_decades=args.grid_decades,
-            task_seed=args.task_seed,
-            total_steps=args.total_steps,
-            steps_per_action=args.steps_per_action,
-            out=args.out,
-            store=args.store,
-            chunk_size=args.chunk_size,
-            device=args.device,
-            hd_beta_sgd=args.hd_beta_sgd,
-            hd_beta_adamw=args.hd_beta_adamw,
-            bootstrap=args.bootstrap,
-            seed=args.seed,
-            code_version=args.code_version,
-            progress=not args.no_progress,
-            plots=not args.no_plots,
-        )
-        result = run_benchmark(config)
+        result = run_benchmark(config_from_args(args))
     except KeyboardInterrupt:
         print("\ninterrupted: finished runs are in the store; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -961,6 +950,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"win rate vs random {_pct(t['win_rate_vs_random'])}, vs replay {_pct(t['win_rate_vs_replay'])}"
     )
     return 0
+
+
+def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
+    """The :class:`BenchmarkConfig` of parsed :func:`build_parser` arguments (ValueError if invalid)."""
+    return BenchmarkConfig(
+        policy=args.policy,
+        split=args.split,
+        families=tuple(f for f in args.families.split(",") if f),
+        tasks_per_family=args.tasks_per_family,
+        seeds=args.seeds,
+        grid_size=args.grid_size,
+        grid_decades=args.grid_decades,
+        task_seed=args.task_seed,
+        total_steps=args.total_steps,
+        steps_per_action=args.steps_per_action,
+        out=args.out,
+        store=args.store,
+        chunk_size=args.chunk_size,
+        device=args.device,
+        hd_beta_sgd=args.hd_beta_sgd,
+        hd_beta_adamw=args.hd_beta_adamw,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+        code_version=args.code_version,
+        progress=not args.no_progress,
+        plots=not args.no_plots,
+    )
 
 
 if __name__ == "__main__":

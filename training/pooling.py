@@ -1,0 +1,72 @@
+"""Pool the ``benchmark.json`` reports of one policy over several task sets (or compare reports pair by pair).
+
+One task set of 40-80 pairs is noisy, so meta-training levers are compared on the pairs of several
+task sets at once; tasks are told apart by set, so the cluster bootstrap resamples whole (set, task)
+groups, as ``hpo-bench`` does within one set. ``benchmarks/pool_reports.py`` is the command line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from training.benchmark import UNTUNED_DEFAULTS
+from training.stats import beats_all_rate, bootstrap_ci, loss_ratios, median_ratio, win_rate
+
+__all__ = ["load_pairs", "pooled_summary"]
+
+
+def load_pairs(folders: list[str | Path]) -> dict[str, dict]:
+    """Per row (``policy``, ``cosine_tuned``...), pooled losses, families and (set, task) groups.
+
+    Raises:
+        FileNotFoundError: a folder without ``benchmark.json``.
+        ValueError: the reports do not hold the same rows, or a report is not an ``hpo-bench`` one.
+    """
+    pooled: dict[str, dict] = {}
+    for k, folder in enumerate(folders):
+        path = Path(folder) / "benchmark.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: pass folders written by `hpo-bench --out FOLDER`")
+        per_run = json.loads(path.read_text()).get("per_run")
+        if not isinstance(per_run, dict) or "policy" not in per_run:
+            raise ValueError(f"{path} has no per-run results of a policy; is it an hpo-bench report?")
+        if pooled and set(per_run) != set(pooled):
+            raise ValueError(f"{path} holds rows {sorted(per_run)}, the first report {sorted(pooled)}")
+        for row, runs in per_run.items():
+            entry = pooled.setdefault(row, {"losses": [], "families": [], "groups": []})
+            for r in runs:
+                entry["losses"].append(np.inf if r["diverged"] else float(r["final_val_loss"]))
+                entry["families"].append(r["family"])
+                entry["groups"].append(f"{k}:{r['task_id']}")
+    for row, entry in pooled.items():
+        if entry["groups"] != pooled["policy"]["groups"]:
+            raise ValueError(f"row {row!r} does not cover the policy's (task, seed) pairs in the same order")
+        entry["losses"] = np.asarray(entry["losses"], dtype=np.float64)
+    return pooled
+
+
+def pooled_summary(folders: list[str | Path], *, seed: int = 0, n_boot: int = 2000) -> dict:
+    """The pooled headline numbers of one policy's reports (see the module docstring)."""
+    rows = load_pairs(folders)
+    policy = rows["policy"]["losses"]
+    groups, families = rows["policy"]["groups"], np.asarray(rows["policy"]["families"])
+    ratios = loss_ratios(policy, rows["cosine_tuned"]["losses"])
+    low, high = bootstrap_ci(ratios, rng=np.random.default_rng(seed), groups=groups, n_boot=n_boot)
+    return {
+        "reports": [str(f) for f in folders],
+        "pairs": int(policy.size),
+        "beats_both_untuned_defaults": beats_all_rate(policy, [rows[name]["losses"] for name in UNTUNED_DEFAULTS]),
+        "median_ratio_vs_cosine_tuned": float(np.median(ratios)),
+        "median_ratio_vs_cosine_tuned_ci95": [low, high],
+        "geomean_ratio_vs_cosine_tuned": float(np.exp(np.mean(np.log(ratios)))),
+        "median_ratio_vs_cosine_tuned_by_family": {
+            fam: float(np.median(ratios[families == fam])) for fam in dict.fromkeys(families.tolist())
+        },
+        "median_ratio_vs_constant_tuned": median_ratio(policy, rows["constant_tuned"]["losses"]),
+        "win_rate_vs_random": win_rate(policy, rows["random"]["losses"]),
+        "win_rate_vs_replay": win_rate(policy, rows["replay"]["losses"]),
+        "policy_divergence_rate": float(np.isinf(policy).mean()),
+    }
