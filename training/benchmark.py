@@ -61,7 +61,7 @@ from agents.baselines import (
     lr_grid,
     schedule_decoder,
 )
-from agents.bundle import load_bundle
+from agents.bundle import CONFIG_FILE, ENSEMBLE_KIND, MODEL_FILE, NORM_FILE, load_bundle
 from hpo_env import FEATURE_SET_VERSION, SPLITS, ActionDecoder, TaskDistribution, TaskSpec
 from hpo_env import __version__ as HPO_VERSION
 from hpo_env.tasks import DEFAULT_HPARAMS
@@ -160,15 +160,15 @@ def bundle_fingerprint(path: str | Path) -> str:
     its description or where its members were copied from.
     """
     path = Path(path)
-    config = json.loads((path / "config.json").read_bytes())
+    config = json.loads((path / CONFIG_FILE).read_bytes())
     digest = hashlib.sha1()
-    if config.get("kind") == "ensemble":
+    if config.get("kind") == ENSEMBLE_KIND:
         parts = {"combine": config.get("combine"), "action_decoder": config.get("action_decoder")}
         digest.update(b"ensemble" + json.dumps(parts, sort_keys=True).encode())
         for name in config["members"]:
             digest.update(bundle_fingerprint(path / name).encode())
         return digest.hexdigest()[:12]
-    for name in ("model.zip", "obs_norm.json", "config.json"):
+    for name in (MODEL_FILE, NORM_FILE, CONFIG_FILE):
         digest.update(name.encode())
         digest.update((path / name).read_bytes())
     return digest.hexdigest()[:12]
