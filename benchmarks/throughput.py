@@ -20,6 +20,8 @@ It prints a table last and writes every number as JSON (``--out``)::
     python benchmarks/throughput.py --quick     # a smaller sweep
     python benchmarks/throughput.py --families teacher_regression --sizes 32 --no-ppo --profile 32
                                                 # ... and where the time of a batched step goes
+    python benchmarks/throughput.py --families digits_mlp --sizes 1 32 --no-naive --no-ppo --paths
+                                                # ... and what the trainer's fast paths gain
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ import argparse
 import json
 import platform
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import hpo_env.trainer as trainer_module
 from hpo_env import HPOEnv, HPOVecEnv, TaskDistribution, TaskSpec
 from hpo_env.tasks import FAMILIES
 from hpo_env.trainer import TrainerStats
@@ -194,6 +198,36 @@ def profile_env(family: str, dist: TaskDistribution, n: int, env_steps: int, see
     ]
 
 
+@contextmanager
+def reference_paths(enabled: bool):
+    """Run the trainer on its reference paths (autograd for MLPs, PyTorch's update rules as vectorised
+    elementwise ops) instead of the fast ones (hand-written MLP backward, fused optimiser kernels)."""
+    saved = trainer_module._MANUAL_MLP_BACKWARD, trainer_module._FUSED_OPTIMIZERS
+    if enabled:
+        trainer_module._MANUAL_MLP_BACKWARD = trainer_module._FUSED_OPTIMIZERS = False
+    try:
+        yield
+    finally:
+        trainer_module._MANUAL_MLP_BACKWARD, trainer_module._FUSED_OPTIMIZERS = saved
+
+
+def measure_paths(
+    families: list[tuple[str, TaskDistribution]], sizes: list[int], seconds: float, seed: int, repeats: int = 2
+) -> list[dict]:
+    """Batched env steps/s on the fast paths against the reference paths, interleaved, best of ``repeats``."""
+    rows = []
+    for family, dist in families:
+        for n in sizes:
+            best = {"fast": 0.0, "reference": 0.0}
+            for _ in range(repeats):
+                for mode in best:
+                    with reference_paths(mode == "reference"):
+                        r = measure_env("batched", family, dist, n, seconds, seed)
+                    best[mode] = max(best[mode], r.inner_steps_per_s)
+            rows.append({"family": family, "n": n, **{f"{k}_steps_per_s": v for k, v in best.items()}})
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------
 # end to end
 
@@ -316,6 +350,12 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="N",
         help="also profile the batched env at N slots per family (torch.profiler's top operators); 0: off",
     )
+    parser.add_argument(
+        "--paths",
+        action="store_true",
+        help="also compare the trainer's fast paths (hand-written MLP backward, fused optimisers) with its "
+        "reference paths (autograd, vectorised update rules), per family and N",
+    )
     args = parser.parse_args(argv)
 
     quick = args.quick
@@ -358,6 +398,12 @@ def main(argv: list[str] | None = None) -> dict:
             family: profile_env(family, TaskDistribution([family], name=family), args.profile, 3, args.seed)
             for family in families
         }
+
+    if args.paths:
+        dists = [(f, TaskDistribution([f], name=f)) for f in families]
+        dists += [(d.name, d) for d in (WideTaskDistribution(w, batch=256) for w in wide)]
+        report["paths"] = measure_paths(dists, sizes, seconds, args.seed)
+        print(f"[{time.perf_counter() - t0:6.0f}s] fast vs reference paths done", flush=True)
 
     ppo_results: list[PPOResult] = []
     if not args.no_ppo:
@@ -429,6 +475,23 @@ def main(argv: list[str] | None = None) -> dict:
             rows,
         )
     )
+    if report.get("paths"):
+        print("\nthe trainer's fast paths against its reference paths (batched env, inner steps/s, best of 2)")
+        print(
+            _fmt_table(
+                ["family", "N", "reference", "fast", "speed-up"],
+                [
+                    [
+                        r["family"],
+                        str(r["n"]),
+                        f"{r['reference_steps_per_s']:,.0f}",
+                        f"{r['fast_steps_per_s']:,.0f}",
+                        f"{r['fast_steps_per_s'] / r['reference_steps_per_s']:.2f}x",
+                    ]
+                    for r in report["paths"]
+                ],
+            )  # fmt: skip
+        )
     for family, ops in report.get("profile", {}).items():
         print(f"\nwhere a batched env step goes: {family}, N = {args.profile} (self CPU time, torch.profiler)")
         print(

@@ -23,9 +23,15 @@ import torch.nn.functional as F
 from hpo_env.data import DataSplits
 from hpo_env.tasks import TaskSpec
 
-__all__ = ["ModelLayout", "StackActivation", "forward", "init_params", "step_flops"]
+__all__ = ["ModelLayout", "StackActivation", "forward", "init_params", "mlp_gradients", "step_flops"]
 
 _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "gelu": F.gelu}
+#: Each activation's backward ``(grad_out, input, output) -> grad_in``: the kernels autograd runs.
+_ACTIVATION_GRADS: dict[str, Callable] = {
+    "relu": lambda d, z, h: torch.ops.aten.threshold_backward(d, h, 0),
+    "tanh": lambda d, z, h: torch.ops.aten.tanh_backward(d, h),
+    "gelu": lambda d, z, h: torch.ops.aten.gelu_backward(d, z),
+}
 
 
 @dataclass(frozen=True)
@@ -121,18 +127,28 @@ class StackActivation:
             raise ValueError(f"activations must be a non-empty list of {sorted(_ACTIVATIONS)}, got {names!r}")
         self.names = names
         self.runs: list[tuple[Callable, int]] = []
+        self._grads: list[Callable] = []
         for name in names:
             if self.runs and self.runs[-1][0] is _ACTIVATIONS[name]:
                 self.runs[-1] = (self.runs[-1][0], self.runs[-1][1] + 1)
             else:
                 self.runs.append((_ACTIVATIONS[name], 1))
+                self._grads.append(_ACTIVATION_GRADS[name])
         self.uniform = len(self.runs) == 1
+        self._lengths = [length for _, length in self.runs]
 
     def __call__(self, h: torch.Tensor, model_dim: int = 0) -> torch.Tensor:
         if self.uniform:
             return self.runs[0][0](h)
-        parts = h.split([length for _, length in self.runs], dim=model_dim)
+        parts = h.split(self._lengths, dim=model_dim)
         return torch.cat([fn(part) for (fn, _), part in zip(self.runs, parts)], dim=model_dim)
+
+    def backward(self, grad: torch.Tensor, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The gradient at the input ``z`` from the gradient at the output ``h = self(z)`` (models on dim 0)."""
+        if self.uniform:
+            return self._grads[0](grad, z, h)
+        parts = zip(*(t.split(self._lengths) for t in (grad, z, h)))
+        return torch.cat([fn(*part) for fn, part in zip(self._grads, parts)])
 
 
 def _as_activation(activation: str | Sequence[str] | Callable) -> Callable:
@@ -185,6 +201,49 @@ def forward(
                 h = act(h)
         return h
     raise AssertionError(arch)  # pragma: no cover
+
+
+def mlp_gradients(
+    act: StackActivation,
+    params: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    loss_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    grads: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """One forward and backward pass of N stacked MLPs, with the backward written out by hand.
+
+    The same kernels autograd would run (``baddbmm``, ``bmm``, the activations' own backward ops),
+    without the graph: on this project's CPU that makes a small stack's step about 1.3-1.7x faster,
+    and each model's gradient is what autograd computes for it (up to float summation order).
+
+    Args:
+        act: the hidden activation of each model.
+        params: ``w0, b0, w1, b1, ...`` stacked ``(N, in, out)`` and ``(N, out)``.
+        x: inputs ``(N, B, in)``.
+        loss_grad: maps the outputs ``(N, B, out)`` to the per-model loss ``(N,)`` and its gradient
+            with respect to the outputs.
+        grads: where each parameter's gradient is written (tensors shaped like ``params``, e.g.
+            views of one flat buffer).
+
+    Returns:
+        The per-model loss ``(N,)``.
+    """
+    layers = len(params) // 2
+    inputs, pre = [x], []  # each layer's input; the hidden layers' pre-activations
+    h = x
+    for i in range(layers):
+        h = torch.baddbmm(params[2 * i + 1].unsqueeze(1), h, params[2 * i])
+        if i < layers - 1:
+            pre.append(h)
+            h = act(h)
+            inputs.append(h)
+    loss, d = loss_grad(h)
+    for i in reversed(range(layers)):
+        torch.bmm(inputs[i].transpose(1, 2), d, out=grads[2 * i])
+        torch.sum(d, 1, out=grads[2 * i + 1])
+        if i > 0:  # the data needs no gradient
+            d = act.backward(torch.bmm(d, params[2 * i].transpose(1, 2)), pre[i - 1], inputs[i])
+    return loss
 
 
 def _act_grouped(act: StackActivation, h: torch.Tensor, n: int) -> torch.Tensor:

@@ -31,12 +31,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
 
 from hpo_env.data import DataSplits, build_splits
-from hpo_env.models import ModelLayout, StackActivation, forward, init_params, step_flops
+from hpo_env.models import ModelLayout, StackActivation, forward, init_params, mlp_gradients, step_flops
 from hpo_env.tasks import TaskSpec
 
 __all__ = ["HPARAM_NAMES", "BatchedTrainer", "ChunkResult", "TrainerStats"]
@@ -165,8 +166,10 @@ class BatchedTrainer:
         group_overhead_flops: the fixed cost of one more stack per inner step, in FLOP-equivalents
             (Python, autograd and kernel launches; elementwise work counts ``_ELEMENT_FLOPS`` per
             element). A model joins a stack if padding it costs less than this plus its own cost.
-            Default: 3e7 on CPU (about 0.3-0.5 ms per step, measured on this project's 2-core
-            machine), 1e10 on accelerators (where padding is nearly free and launches dominate).
+            Default on CPU: 1e7 for MLPs (their hand-written backward has little fixed cost), 3e7
+            for the autograd architectures (CNN, char-MLP); chosen by a sweep of
+            ``benchmarks/throughput.py``-style env measurements on this project's 2-core machine.
+            1e10 on accelerators (where padding is nearly free and launches dominate).
     """
 
     def __init__(
@@ -181,11 +184,9 @@ class BatchedTrainer:
         self.n_slots = int(n_slots)
         self.device = torch.device(device)
         self.divergence_factor = float(divergence_factor)
-        if group_overhead_flops is None:
-            group_overhead_flops = 3e7 if self.device.type == "cpu" else 1e10
-        if not group_overhead_flops >= 0:
+        if group_overhead_flops is not None and not group_overhead_flops >= 0:
             raise ValueError(f"group_overhead_flops must be >= 0, got {group_overhead_flops}")
-        self.group_overhead_flops = float(group_overhead_flops)
+        self.group_overhead_flops = None if group_overhead_flops is None else float(group_overhead_flops)
         self.stats = TrainerStats()
         self._slots: list[_Slot | None] = [None] * self.n_slots
         self._reference_loss = np.full(self.n_slots, np.nan)
@@ -281,7 +282,7 @@ class BatchedTrainer:
         bins: list[tuple[list[int], list[tuple[int, ...]], int, int]] = []  # members, shapes, batch, flops
         for m in sorted(members, key=lambda m: (-slots[m].cost, m)):
             s = slots[m]
-            best, best_cost = -1, self.group_overhead_flops + s.cost
+            best, best_cost = -1, self._group_overhead(arch) + s.cost
             for b, (mem, shapes, batch, cost) in enumerate(bins):
                 merged = _max_shapes(shapes, s.layout.shapes)
                 extra = (len(mem) + 1) * _step_cost(arch, merged, max(batch, s.spec.batch_size)) - len(mem) * cost
@@ -296,6 +297,14 @@ class BatchedTrainer:
         # By K, so the rows still training after the shortest chunks end are the stack's tail; then
         # by optimiser, so each optimiser updates few contiguous ranges; then by activation.
         return [sorted(mem, key=lambda m: (*slots[m].row_order, m)) for mem, *_ in bins]
+
+    def _group_overhead(self, arch: str) -> float:
+        """The fixed cost of one more stack of ``arch`` (see ``group_overhead_flops``)."""
+        if self.group_overhead_flops is not None:
+            return self.group_overhead_flops
+        if self.device.type != "cpu":
+            return 1e10
+        return 1e7 if arch == "mlp" and _MANUAL_MLP_BACKWARD else 3e7
 
     def _build_group(self, members: list[int]) -> _Group:
         start = time.perf_counter()
@@ -383,6 +392,26 @@ class BatchedTrainer:
         if sq.shape[-1] > 1:
             sq = sq * g.data["out_valid"][:, None, :]
         return sq.sum(-1) / g.data["n_out"], None
+
+    @staticmethod
+    def _loss_and_grad(g: _Group, out: torch.Tensor, y: torch.Tensor, weight: torch.Tensor):
+        """Per-model training loss ``(N,)`` (samples weighted by ``weight`` ``(N, B)``) and its gradient
+        with respect to the outputs: :meth:`_per_sample_loss` differentiated by hand, as autograd would."""
+        w = weight.unsqueeze(-1)
+        if g.task_type == "classification":
+            logits = out + g.data["class_bias"]
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            target = y.unsqueeze(-1)
+            per_model = ((lse - logits.gather(-1, target)) * w).sum((1, 2))
+            # softmax * w - onehot * w; the masked classes' -inf logits give exp(-inf) = 0
+            grad = (logits - lse).exp_().mul_(w).scatter_add_(-1, target, -w)
+            return per_model, grad
+        diff = out - y
+        scale = w / g.data["n_out"].unsqueeze(-1)
+        if diff.shape[-1] > 1:
+            scale = scale * g.data["out_valid"][:, None, :]
+        sq = diff * diff * scale
+        return sq.sum((1, 2)), diff.mul_(2.0 * scale)
 
     # ------------------------------------------------------------------------------------------
     # public: evaluation and training
@@ -496,7 +525,8 @@ class BatchedTrainer:
         idx = idx.to(dev, non_blocking=True)
         rows = torch.arange(n, device=dev).view(n, 1, 1)
         xs, ys = g.data["x_train"][rows, idx], g.data["y_train"][rows, idx]  # (N, K, B, ...)
-        hp = torch.tensor(np.stack([s.hparams for s in slots]), dtype=torch.float32, device=dev)
+        hp_rows = np.stack([s.hparams for s in slots])
+        hp = torch.tensor(hp_rows, dtype=torch.float32, device=dev)
         losses = torch.zeros(k_max, n, device=dev)
         grad = torch.empty_like(g.flat)
         first = 0  # rows [first, N) still take steps
@@ -506,13 +536,21 @@ class BatchedTrainer:
                     first += 1
                 sub = g.tail(first)
                 sub_grad, weight = grad[first:], sub.data["batch_weight"]
-                update = self._optimizer_update(sub, sub.flat, sub_grad, hp[first:])
+                update = self._optimizer_update(sub, sub.flat, sub_grad, hp[first:], hp_rows[first:])
+                if sub.arch == "mlp" and _MANUAL_MLP_BACKWARD:
+                    params, grads = sub.views(sub.flat), sub.views(sub_grad)
+            if sub.arch == "mlp" and _MANUAL_MLP_BACKWARD:
+                with torch.no_grad():
+                    loss_grad = partial(self._loss_and_grad, sub, y=ys[first:, k], weight=weight)
+                    losses[k, first:] = mlp_gradients(sub.act, params, xs[first:, k], loss_grad, grads)
+                    update()
+                continue
             leaves = [v.detach().requires_grad_() for v in sub.views(sub.flat)]
             out = forward(sub.arch, sub.act, leaves, xs[first:, k])
             per_model = (self._per_sample_loss(sub, out, ys[first:, k], correctness=False)[0] * weight).sum(1)
-            grads = torch.autograd.grad(per_model.sum(), leaves)
+            autograd_grads = torch.autograd.grad(per_model.sum(), leaves)
             with torch.no_grad():
-                torch.cat([gr.reshape(n - first, -1) for gr in grads], dim=1, out=sub_grad)
+                torch.cat([gr.reshape(n - first, -1) for gr in autograd_grads], dim=1, out=sub_grad)
                 losses[k, first:] = per_model
                 update()
         with torch.no_grad():
@@ -523,16 +561,24 @@ class BatchedTrainer:
         return stats[0], val, acc, ~stats[1].astype(bool)
 
     @staticmethod
-    def _optimizer_update(g: _Group, flat: torch.Tensor, grad: torch.Tensor, hp: torch.Tensor):
+    def _optimizer_update(g: _Group, flat: torch.Tensor, grad: torch.Tensor, hp: torch.Tensor, hp_rows: np.ndarray):
         """A closure doing one optimiser step on the stack, one update per run of rows (SGD or AdamW).
 
         PyTorch's SGD (momentum, coupled L2 decay) and AdamW (decoupled decay) rules, with per-model
-        hyperparameter tensors ``hp`` ``(N, 3)`` = lr, weight decay, momentum (Adam's beta1).
+        hyperparameters ``(N, 3)`` = lr, weight decay, momentum (Adam's beta1), as a tensor ``hp`` and
+        as host values ``hp_rows``. On CPU, AdamW (and SGD on large models) runs PyTorch's own fused
+        kernels row by row (:func:`_fused_rows`): one pass over memory instead of one per elementwise
+        op, 2-6x faster for the update itself on this project's machine (``benchmarks/throughput.py
+        --paths`` measures whole steps). On accelerators one vectorised update over all rows of a run
+        keeps the kernel launches few.
         """
         lr, wd, mom = (hp[:, j : j + 1] for j in range(3))
+        fused = _FUSED_OPTIMIZERS and flat.device.type == "cpu"
         parts = []
         for optimizer, a, b in g.optimizer_runs:
-            if optimizer == "sgd":
+            if fused and (optimizer != "sgd" or flat.shape[1] >= _FUSED_SGD_MIN_PARAMS):
+                parts.append(_fused_rows(optimizer, flat[a:b], grad[a:b], g, a, b, hp_rows[a:b]))
+            elif optimizer == "sgd":
                 parts.append(_sgd_update(flat[a:b], grad[a:b], g.opt_flat[0][a:b], lr[a:b], wd[a:b], mom[a:b]))
             else:
                 parts.append(
@@ -549,6 +595,56 @@ class BatchedTrainer:
                 part()
 
         return every_run
+
+
+#: MLP stacks take their gradients from :func:`~hpo_env.models.mlp_gradients` (a hand-written
+#: backward, 1.3-1.7x faster than autograd for small stacks); the CNN and the char-MLP use autograd.
+_MANUAL_MLP_BACKWARD = True
+#: PyTorch's fused CPU optimiser kernels (what ``torch.optim.AdamW(fused=True)`` runs); a private op,
+#: so the vectorised updates below remain the fallback should a torch version lack them.
+_FUSED_OPTIMIZERS = hasattr(torch, "_fused_adamw_") and hasattr(torch, "_fused_sgd_")
+#: Per-model parameter count from which SGD's fused per-row kernel beats one vectorised update of the
+#: stack (measured: 4-16 rows of 10k parameters, 14 vs 18 and 96 vs 126 us; of 5k, a tie). AdamW's
+#: vectorised update makes ~10 passes with temporaries, so its fused kernel wins at every size.
+_FUSED_SGD_MIN_PARAMS = 8192
+
+
+def _fused_rows(optimizer: str, p: torch.Tensor, grad: torch.Tensor, g: _Group, a: int, b: int, hp: np.ndarray):
+    """One fused PyTorch optimiser call per model row, each with the model's own hyperparameters."""
+    rows = range(b - a)
+    if optimizer == "sgd":
+        calls = [
+            (([p[i]], [grad[i]], [g.opt_flat[0][a + i]]), {"lr": float(lr), "weight_decay": float(wd), "momentum": float(mom)})
+            for i, (lr, wd, mom) in zip(rows, hp)
+        ]  # fmt: skip
+
+        def sgd() -> None:
+            for tensors, hparams in calls:
+                if hparams["momentum"]:
+                    torch._fused_sgd_(
+                        *tensors, **hparams, dampening=0.0, nesterov=False, maximize=False, is_first_step=False
+                    )
+                else:  # the fused kernel takes no buffer without momentum; keep it as _sgd_update does
+                    (param,), (grad_row,), (buf,) = tensors
+                    buf.copy_(grad_row.add_(param, alpha=hparams["weight_decay"]))
+                    param.add_(buf, alpha=-hparams["lr"])
+
+        return sgd
+    steps = g.steps[a:b]
+    calls = [
+        (
+            ([p[i]], [grad[i]], [g.opt_flat[0][a + i]], [g.opt_flat[1][a + i]], [], [steps[i]]),
+            {"lr": float(lr), "weight_decay": float(wd), "beta1": float(beta1)},
+        )
+        for i, (lr, wd, beta1) in zip(rows, hp)
+    ]
+
+    def adamw() -> None:
+        steps.add_(1)  # the caller counts steps, as torch.optim does before its fused call
+        for tensors, hparams in calls:
+            torch._fused_adamw_(*tensors, **hparams, beta2=_ADAM_BETA2, eps=_ADAM_EPS, amsgrad=False, maximize=False)
+
+    return adamw
 
 
 def _sgd_update(p_s, g_s, buf, lr_s, wd_s, mom_s):

@@ -45,9 +45,10 @@ def _torch_reference(spec, steps: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_matches_torch_optim(small_mlp_spec, optimizer):
+@pytest.mark.parametrize("hidden", [(16, 8), (128, 64)], ids=["small", "large"])  # large: fused SGD kernel
+def test_matches_torch_optim(small_mlp_spec, optimizer, hidden):
     spec = small_mlp_spec.replace(
-        optimizer=optimizer, activation="tanh", hidden=(16, 8), lr=0.05 if optimizer == "sgd" else 3e-3
+        optimizer=optimizer, activation="tanh", hidden=hidden, lr=0.05 if optimizer == "sgd" else 3e-3
     )
     trainer = BatchedTrainer(1)
     trainer.load(0, spec)
