@@ -9,8 +9,11 @@ widths, inputs, classes, activation (:class:`~hpo_env.models.StackActivation`), 
 (padded samples get zero weight in the loss), optimiser and steps per chunk K. Rows are ordered by
 (K, optimiser, activation): each run of rows sharing an optimiser gets its own update, and once the
 rows with the smallest K are done, the stack goes on as its tail of rows (a view, no copy), so a
-model never takes a step it would not take alone. The optimisers (SGD with momentum, AdamW) are
-written out with PyTorch's exact update rules, with per-model hyperparameter tensors.
+model never takes a step it would not take alone. The optimisers (SGD with momentum, AdamW) follow
+PyTorch's exact update rules with per-model hyperparameters: on CPU through PyTorch's own fused
+kernels, one call per model; elsewhere as vectorised updates over the stack. MLP stacks take their
+gradients from a hand-written backward (:func:`~hpo_env.models.mlp_gradients`), the CNN and the
+char-MLP from autograd.
 
 Which slots share a stack is a cost decision: padding a small model up to a large one wastes FLOPs,
 a separate stack costs a fixed per-step overhead (``group_overhead_flops``). Slots of one key are
