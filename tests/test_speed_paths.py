@@ -206,3 +206,24 @@ def test_stats_count_the_work(small_mlp_spec):
 def test_bad_group_overhead():
     with pytest.raises(ValueError, match="group_overhead_flops"):
         BatchedTrainer(1, group_overhead_flops=-1.0)
+
+
+def test_throughput_benchmark_compares_fast_and_reference_paths(load_script):
+    """``benchmarks/throughput.py --paths``: both paths really run, and the fast ones are restored."""
+    throughput = load_script("benchmarks/throughput.py")
+    seen = []
+    measure = throughput.measure_env
+
+    def spy(*args, **kwargs):
+        seen.append((trainer_module._MANUAL_MLP_BACKWARD, trainer_module._FUSED_OPTIMIZERS))
+        return measure(*args, **kwargs)
+
+    throughput.measure_env = spy
+    dist = throughput.TaskDistribution(["teacher_regression"], name="teacher_regression")
+    rows = throughput.measure_paths([("teacher_regression", dist)], [1], seconds=0.0, seed=0, repeats=1)
+    assert sorted(seen) == [(False, False), (True, True)]
+    assert rows[0]["n"] == 1 and rows[0]["fast_steps_per_s"] > 0 and rows[0]["reference_steps_per_s"] > 0
+    assert trainer_module._MANUAL_MLP_BACKWARD and trainer_module._FUSED_OPTIMIZERS
+    with pytest.raises(RuntimeError), throughput.reference_paths(True):
+        raise RuntimeError("a failed measurement")
+    assert trainer_module._MANUAL_MLP_BACKWARD and trainer_module._FUSED_OPTIMIZERS
