@@ -200,15 +200,16 @@ def profile_env(family: str, dist: TaskDistribution, n: int, env_steps: int, see
 
 @contextmanager
 def reference_paths(enabled: bool):
-    """Run the trainer on its reference paths (autograd for MLPs, PyTorch's update rules as vectorised
-    elementwise ops) instead of the fast ones (hand-written MLP backward, fused optimiser kernels)."""
-    saved = trainer_module._MANUAL_MLP_BACKWARD, trainer_module._FUSED_OPTIMIZERS
+    """Run the trainer on its reference paths (autograd, and PyTorch's update rules as vectorised
+    elementwise ops) instead of the fast ones (hand-written MLP and char-MLP backward, fused optimiser
+    kernels)."""
+    saved = trainer_module._MANUAL_BACKWARD, trainer_module._FUSED_OPTIMIZERS
     if enabled:
-        trainer_module._MANUAL_MLP_BACKWARD = trainer_module._FUSED_OPTIMIZERS = False
+        trainer_module._MANUAL_BACKWARD = trainer_module._FUSED_OPTIMIZERS = False
     try:
         yield
     finally:
-        trainer_module._MANUAL_MLP_BACKWARD, trainer_module._FUSED_OPTIMIZERS = saved
+        trainer_module._MANUAL_BACKWARD, trainer_module._FUSED_OPTIMIZERS = saved
 
 
 def measure_paths(

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from hpo_env.data import DataSplits
 from hpo_env.tasks import TaskSpec
 
-__all__ = ["ModelLayout", "StackActivation", "forward", "init_params", "mlp_gradients", "step_flops"]
+__all__ = ["ModelLayout", "StackActivation", "forward", "gradients", "init_params", "mlp_gradients", "step_flops"]
 
 _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "gelu": F.gelu}
 #: Each activation's backward ``(grad_out, input, output) -> grad_in``: the kernels autograd runs.
@@ -209,7 +209,8 @@ def mlp_gradients(
     x: torch.Tensor,
     loss_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     grads: Sequence[torch.Tensor],
-) -> torch.Tensor:
+    input_grad: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One forward and backward pass of N stacked MLPs, with the backward written out by hand.
 
     The same kernels autograd would run (``baddbmm``, ``bmm``, the activations' own backward ops),
@@ -224,9 +225,11 @@ def mlp_gradients(
             with respect to the outputs.
         grads: where each parameter's gradient is written (tensors shaped like ``params``, e.g.
             views of one flat buffer).
+        input_grad: also return the gradient with respect to ``x`` (when ``x`` is a function of
+            parameters, such as an embedding lookup).
 
     Returns:
-        The per-model loss ``(N,)``.
+        The per-model loss ``(N,)``, and with ``input_grad`` the gradient at ``x``.
     """
     layers = len(params) // 2
     inputs, pre = [x], []  # each layer's input; the hidden layers' pre-activations
@@ -241,8 +244,42 @@ def mlp_gradients(
     for i in reversed(range(layers)):
         torch.bmm(inputs[i].transpose(1, 2), d, out=grads[2 * i])
         torch.sum(d, 1, out=grads[2 * i + 1])
-        if i > 0:  # the data needs no gradient
+        if i > 0:
             d = act.backward(torch.bmm(d, params[2 * i].transpose(1, 2)), pre[i - 1], inputs[i])
+    if input_grad:
+        return loss, torch.bmm(d, params[0].transpose(1, 2))
+    return loss  # data needs no gradient
+
+
+def gradients(
+    arch: str,
+    act: StackActivation,
+    params: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    loss_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    grads: Sequence[torch.Tensor],
+) -> torch.Tensor | None:
+    """Hand-written forward and backward of a stack (see :func:`mlp_gradients`), where there is one.
+
+    The MLP, and the char-MLP (an embedding lookup, then an MLP over the concatenated context whose
+    input gradient is scattered back into the embedding rows). Returns the per-model loss, or None
+    for an architecture without one (the CNN: use autograd).
+    """
+    if arch == "mlp":
+        return mlp_gradients(act, params, x, loss_grad, grads)
+    if arch != "charmlp":
+        return None
+    emb, w0 = params[:2]
+    n, b = x.shape[:2]
+    vocab, dim = emb.shape[1:]
+    rows = torch.arange(n, device=x.device).view(n, 1, 1)
+    h = emb[rows, x].reshape(n, b, -1)
+    flat_w0 = w0.reshape(n, h.shape[-1], -1)
+    loss, d_h = mlp_gradients(
+        act, [flat_w0, *params[2:]], h, loss_grad, [grads[1].view(flat_w0.shape), *grads[2:]], input_grad=True
+    )
+    grads[0].zero_()
+    grads[0].index_put_((rows.expand_as(x), x), d_h.view(*x.shape, dim), accumulate=True)
     return loss
 
 

@@ -12,8 +12,8 @@ rows with the smallest K are done, the stack goes on as its tail of rows (a view
 model never takes a step it would not take alone. The optimisers (SGD with momentum, AdamW) follow
 PyTorch's exact update rules with per-model hyperparameters: on CPU through PyTorch's own fused
 kernels, one call per model; elsewhere as vectorised updates over the stack. MLP stacks take their
-gradients from a hand-written backward (:func:`~hpo_env.models.mlp_gradients`), the CNN and the
-char-MLP from autograd.
+gradients from a hand-written backward (:func:`~hpo_env.models.gradients`), as do char-MLP
+stacks; the CNN from autograd.
 
 Which slots share a stack is a cost decision: padding a small model up to a large one wastes FLOPs,
 a separate stack costs a fixed per-step overhead (``group_overhead_flops``). Slots of one key are
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from hpo_env.data import DataSplits, build_splits
-from hpo_env.models import ModelLayout, StackActivation, forward, init_params, mlp_gradients, step_flops
+from hpo_env.models import ModelLayout, StackActivation, forward, gradients, init_params, step_flops
 from hpo_env.tasks import TaskSpec
 
 __all__ = ["HPARAM_NAMES", "BatchedTrainer", "ChunkResult", "TrainerStats"]
@@ -307,7 +307,7 @@ class BatchedTrainer:
             return self.group_overhead_flops
         if self.device.type != "cpu":
             return 1e10
-        return 1e7 if arch == "mlp" and _MANUAL_MLP_BACKWARD else 3e7
+        return 1e7 if arch in _MANUAL_ARCHS and _MANUAL_BACKWARD else 3e7
 
     def _build_group(self, members: list[int]) -> _Group:
         start = time.perf_counter()
@@ -540,12 +540,13 @@ class BatchedTrainer:
                 sub = g.tail(first)
                 sub_grad, weight = grad[first:], sub.data["batch_weight"]
                 update = self._optimizer_update(sub, sub.flat, sub_grad, hp[first:], hp_rows[first:])
-                if sub.arch == "mlp" and _MANUAL_MLP_BACKWARD:
+                manual = _MANUAL_BACKWARD and sub.arch in _MANUAL_ARCHS
+                if manual:
                     params, grads = sub.views(sub.flat), sub.views(sub_grad)
-            if sub.arch == "mlp" and _MANUAL_MLP_BACKWARD:
+            if manual:
                 with torch.no_grad():
                     loss_grad = partial(self._loss_and_grad, sub, y=ys[first:, k], weight=weight)
-                    losses[k, first:] = mlp_gradients(sub.act, params, xs[first:, k], loss_grad, grads)
+                    losses[k, first:] = gradients(sub.arch, sub.act, params, xs[first:, k], loss_grad, grads)
                     update()
                 continue
             leaves = [v.detach().requires_grad_() for v in sub.views(sub.flat)]
@@ -600,9 +601,10 @@ class BatchedTrainer:
         return every_run
 
 
-#: MLP stacks take their gradients from :func:`~hpo_env.models.mlp_gradients` (a hand-written
-#: backward, 1.3-1.7x faster than autograd for small stacks); the CNN and the char-MLP use autograd.
-_MANUAL_MLP_BACKWARD = True
+#: MLP and char-MLP stacks take their gradients from :func:`~hpo_env.models.gradients` (a hand-written
+#: backward, 1.3-1.7x faster than autograd for small stacks); the CNN uses autograd.
+_MANUAL_BACKWARD = True
+_MANUAL_ARCHS = ("mlp", "charmlp")
 #: PyTorch's fused CPU optimiser kernels (what ``torch.optim.AdamW(fused=True)`` runs); a private op,
 #: so the vectorised updates below remain the fallback should a torch version lack them.
 _FUSED_OPTIMIZERS = hasattr(torch, "_fused_adamw_") and hasattr(torch, "_fused_sgd_")

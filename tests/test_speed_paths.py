@@ -68,8 +68,25 @@ def test_hand_written_mlp_backward_equals_autograd(small_mlp_spec, monkeypatch, 
     if task == "regression":
         specs = [s.replace(family="teacher_regression", n_classes=0) for s in specs]
     manual, manual_loss = _trained(specs, group_overhead_flops=1e12)
-    monkeypatch.setattr(trainer_module, "_MANUAL_MLP_BACKWARD", False)
+    monkeypatch.setattr(trainer_module, "_MANUAL_BACKWARD", False)
     auto, auto_loss = _trained(specs, group_overhead_flops=1e12)
+    np.testing.assert_allclose(manual_loss, auto_loss, rtol=1e-5)
+    for m, a in zip(manual, auto):
+        torch.testing.assert_close(m, a, rtol=1e-4, atol=1e-6)
+
+
+def test_hand_written_char_mlp_backward_equals_autograd(monkeypatch):
+    """Char-MLPs (an embedding lookup scattered back by hand) train the same as with autograd."""
+    from hpo_env import TaskDistribution
+
+    rng = np.random.default_rng(3)
+    specs = [
+        s.replace(total_steps=20, steps_per_action=5)
+        for s in (TaskDistribution(["charlm"]).sample(rng) for _ in range(4))
+    ]
+    manual, manual_loss = _trained(specs, chunks=2, group_overhead_flops=1e12)
+    monkeypatch.setattr(trainer_module, "_MANUAL_BACKWARD", False)
+    auto, auto_loss = _trained(specs, chunks=2, group_overhead_flops=1e12)
     np.testing.assert_allclose(manual_loss, auto_loss, rtol=1e-5)
     for m, a in zip(manual, auto):
         torch.testing.assert_close(m, a, rtol=1e-4, atol=1e-6)
@@ -215,7 +232,7 @@ def test_throughput_benchmark_compares_fast_and_reference_paths(load_script):
     measure = throughput.measure_env
 
     def spy(*args, **kwargs):
-        seen.append((trainer_module._MANUAL_MLP_BACKWARD, trainer_module._FUSED_OPTIMIZERS))
+        seen.append((trainer_module._MANUAL_BACKWARD, trainer_module._FUSED_OPTIMIZERS))
         return measure(*args, **kwargs)
 
     throughput.measure_env = spy
@@ -223,7 +240,7 @@ def test_throughput_benchmark_compares_fast_and_reference_paths(load_script):
     rows = throughput.measure_paths([("teacher_regression", dist)], [1], seconds=0.0, seed=0, repeats=1)
     assert sorted(seen) == [(False, False), (True, True)]
     assert rows[0]["n"] == 1 and rows[0]["fast_steps_per_s"] > 0 and rows[0]["reference_steps_per_s"] > 0
-    assert trainer_module._MANUAL_MLP_BACKWARD and trainer_module._FUSED_OPTIMIZERS
+    assert trainer_module._MANUAL_BACKWARD and trainer_module._FUSED_OPTIMIZERS
     with pytest.raises(RuntimeError), throughput.reference_paths(True):
         raise RuntimeError("a failed measurement")
-    assert trainer_module._MANUAL_MLP_BACKWARD and trainer_module._FUSED_OPTIMIZERS
+    assert trainer_module._MANUAL_BACKWARD and trainer_module._FUSED_OPTIMIZERS
