@@ -237,8 +237,8 @@ class MetaAgentConfig:
         return dataclasses.asdict(self)
 
 
-#: Named configurations. ``quick``: about 3 minutes of meta-training on 2 CPU cores (with the
-#: training script's budget); ``full``: about 45 minutes. Both train on the ``"train"`` families.
+#: Named configurations. ``quick``: about 2 minutes of meta-training on 2 CPU cores (with the
+#: training script's budget); ``full``: about 30-40 minutes. Both train on the ``"train"`` families.
 PRESETS: dict[str, MetaAgentConfig] = {
     "quick": MetaAgentConfig(n_envs=16, n_steps=32, batch_size=256, n_epochs=4, learning_rate=5e-4),
     "full": MetaAgentConfig(n_envs=32, n_steps=64, batch_size=1024, n_epochs=5, learning_rate=1e-3),
