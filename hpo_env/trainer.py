@@ -169,8 +169,8 @@ class BatchedTrainer:
         group_overhead_flops: the fixed cost of one more stack per inner step, in FLOP-equivalents
             (Python, autograd and kernel launches; elementwise work counts ``_ELEMENT_FLOPS`` per
             element). A model joins a stack if padding it costs less than this plus its own cost.
-            Default on CPU: 1e7 for MLPs (their hand-written backward has little fixed cost), 3e7
-            for the autograd architectures (CNN, char-MLP); chosen by a sweep of
+            Default on CPU: 1e7 for the MLP and the char-MLP (their hand-written backward has
+            little fixed cost), 3e7 for the CNN (autograd); chosen by a sweep of
             ``benchmarks/throughput.py``-style env measurements on this project's 2-core machine.
             1e10 on accelerators (where padding is nearly free and launches dominate).
     """
