@@ -22,6 +22,8 @@ It prints a table last and writes every number as JSON (``--out``)::
                                                 # ... and where the time of a batched step goes
     python benchmarks/throughput.py --families digits_mlp --sizes 1 32 --no-naive --no-ppo --paths
                                                 # ... and what the trainer's fast paths gain
+    python benchmarks/throughput.py --families digits_mlp --sizes 32 --no-naive --paths --wide 256
+                                                # ... also end to end (and the PPO sweep)
 """
 
 from __future__ import annotations
@@ -229,6 +231,22 @@ def measure_paths(
     return rows
 
 
+def measure_paths_end_to_end(seed: int, repeats: int = 2, rollouts: int = 2) -> dict:
+    """Meta-training decisions/s with the full preset's PPO settings on both trainer paths, interleaved."""
+    from agents import PRESETS
+
+    full = PRESETS["full"]
+    cfg = PPOConfig(1, full.lstm_hidden_size, full.batch_size, full.n_envs, full.n_steps, n_epochs=full.n_epochs)
+    best: dict[str, PPOResult] = {}
+    for _ in range(repeats):
+        for mode in ("reference", "fast"):
+            with reference_paths(mode == "reference"):
+                r = measure_ppo(cfg, seed, rollouts=rollouts)
+            if mode not in best or r.timesteps_per_s > best[mode].timesteps_per_s:
+                best[mode] = r
+    return {mode: asdict(r) for mode, r in best.items()}
+
+
 # --------------------------------------------------------------------------------------------------
 # end to end
 
@@ -354,8 +372,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--paths",
         action="store_true",
-        help="also compare the trainer's fast paths (hand-written MLP backward, fused optimisers) with its "
-        "reference paths (autograd, vectorised update rules), per family and N",
+        help="also compare the trainer's fast paths (hand-written MLP and char-MLP backward, fused optimisers) "
+        "with its reference paths (autograd, vectorised update rules), per family and N, and end to end with the "
+        "full preset's PPO settings (unless --no-ppo)",
     )
     args = parser.parse_args(argv)
 
@@ -404,6 +423,9 @@ def main(argv: list[str] | None = None) -> dict:
         dists = [(f, TaskDistribution([f], name=f)) for f in families]
         dists += [(d.name, d) for d in (WideTaskDistribution(w, batch=256) for w in wide)]
         report["paths"] = measure_paths(dists, sizes, seconds, args.seed)
+        if not args.no_ppo:
+            report["paths_end_to_end"] = measure_paths_end_to_end(args.seed)
+            torch.set_num_threads(args.threads)
         print(f"[{time.perf_counter() - t0:6.0f}s] fast vs reference paths done", flush=True)
 
     ppo_results: list[PPOResult] = []
@@ -492,6 +514,13 @@ def main(argv: list[str] | None = None) -> dict:
                     for r in report["paths"]
                 ],
             )  # fmt: skip
+        )
+    if report.get("paths_end_to_end"):
+        ref, fast = (report["paths_end_to_end"][m] for m in ("reference", "fast"))
+        print(
+            f"end to end, the full preset's PPO settings (best of 2): reference {ref['timesteps_per_s']:.0f} "
+            f"decisions/s, fast {fast['timesteps_per_s']:.0f} ({fast['timesteps_per_s'] / ref['timesteps_per_s']:.2f}x); "
+            f"PPO's share of the time {100 * ref['ppo_share']:.0f}% -> {100 * fast['ppo_share']:.0f}%"
         )
     for family, ops in report.get("profile", {}).items():
         print(f"\nwhere a batched env step goes: {family}, N = {args.profile} (self CPU time, torch.profiler)")
