@@ -23,7 +23,19 @@ import torch.nn.functional as F
 from hpo_env.data import DataSplits
 from hpo_env.tasks import TaskSpec
 
-__all__ = ["ModelLayout", "StackActivation", "forward", "gradients", "init_params", "mlp_gradients", "step_flops"]
+__all__ = [
+    "HAND_WRITTEN_BACKWARD",
+    "ModelLayout",
+    "StackActivation",
+    "forward",
+    "gradients",
+    "init_params",
+    "mlp_gradients",
+    "step_flops",
+]
+
+#: Architectures :func:`gradients` differentiates by hand; the others (the CNN) go through autograd.
+HAND_WRITTEN_BACKWARD = ("mlp", "charmlp")
 
 _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "gelu": F.gelu}
 #: Each activation's backward ``(grad_out, input, output) -> grad_in``: the kernels autograd runs.
@@ -258,17 +270,17 @@ def gradients(
     x: torch.Tensor,
     loss_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     grads: Sequence[torch.Tensor],
-) -> torch.Tensor | None:
-    """Hand-written forward and backward of a stack (see :func:`mlp_gradients`), where there is one.
+) -> torch.Tensor:
+    """Hand-written forward and backward of a stack of one of :data:`HAND_WRITTEN_BACKWARD`.
 
-    The MLP, and the char-MLP (an embedding lookup, then an MLP over the concatenated context whose
-    input gradient is scattered back into the embedding rows). Returns the per-model loss, or None
-    for an architecture without one (the CNN: use autograd).
+    The MLP (:func:`mlp_gradients`), and the char-MLP: an embedding lookup, then an MLP over the
+    concatenated context whose input gradient is scattered back into the embedding rows. Returns the
+    per-model loss.
     """
     if arch == "mlp":
         return mlp_gradients(act, params, x, loss_grad, grads)
     if arch != "charmlp":
-        return None
+        raise ValueError(f"no hand-written backward for {arch!r}; these have one: {list(HAND_WRITTEN_BACKWARD)}")
     emb, w0 = params[:2]
     n, b = x.shape[:2]
     vocab, dim = emb.shape[1:]

@@ -40,7 +40,15 @@ import numpy as np
 import torch
 
 from hpo_env.data import DataSplits, build_splits
-from hpo_env.models import ModelLayout, StackActivation, forward, gradients, init_params, step_flops
+from hpo_env.models import (
+    HAND_WRITTEN_BACKWARD,
+    ModelLayout,
+    StackActivation,
+    forward,
+    gradients,
+    init_params,
+    step_flops,
+)
 from hpo_env.tasks import TaskSpec
 
 __all__ = ["HPARAM_NAMES", "BatchedTrainer", "ChunkResult", "TrainerStats"]
@@ -307,7 +315,7 @@ class BatchedTrainer:
             return self.group_overhead_flops
         if self.device.type != "cpu":
             return 1e10
-        return 1e7 if arch in _MANUAL_ARCHS and _MANUAL_BACKWARD else 3e7
+        return 1e7 if arch in HAND_WRITTEN_BACKWARD and _MANUAL_BACKWARD else 3e7
 
     def _build_group(self, members: list[int]) -> _Group:
         start = time.perf_counter()
@@ -540,7 +548,7 @@ class BatchedTrainer:
                 sub = g.tail(first)
                 sub_grad, weight = grad[first:], sub.data["batch_weight"]
                 update = self._optimizer_update(sub, sub.flat, sub_grad, hp[first:], hp_rows[first:])
-                manual = _MANUAL_BACKWARD and sub.arch in _MANUAL_ARCHS
+                manual = _MANUAL_BACKWARD and sub.arch in HAND_WRITTEN_BACKWARD
                 if manual:
                     params, grads = sub.views(sub.flat), sub.views(sub_grad)
             if manual:
@@ -601,10 +609,9 @@ class BatchedTrainer:
         return every_run
 
 
-#: MLP and char-MLP stacks take their gradients from :func:`~hpo_env.models.gradients` (a hand-written
-#: backward, 1.3-1.7x faster than autograd for small stacks); the CNN uses autograd.
+#: Stacks of :data:`~hpo_env.models.HAND_WRITTEN_BACKWARD` (MLP, char-MLP) take their gradients from
+#: :func:`~hpo_env.models.gradients` (1.3-1.7x faster than autograd for small stacks); False: autograd.
 _MANUAL_BACKWARD = True
-_MANUAL_ARCHS = ("mlp", "charmlp")
 #: PyTorch's fused CPU optimiser kernels (what ``torch.optim.AdamW(fused=True)`` runs); a private op,
 #: so the vectorised updates below remain the fallback should a torch version lack them.
 _FUSED_OPTIMIZERS = hasattr(torch, "_fused_adamw_") and hasattr(torch, "_fused_sgd_")
@@ -617,9 +624,10 @@ _FUSED_SGD_MIN_PARAMS = 8192
 def _fused_rows(optimizer: str, p: torch.Tensor, grad: torch.Tensor, g: _Group, a: int, b: int, hp: np.ndarray):
     """One fused PyTorch optimiser call per model row, each with the model's own hyperparameters."""
     rows = range(b - a)
+    bufs = [buf[a:b] for buf in g.opt_flat]
     if optimizer == "sgd":
         calls = [
-            (([p[i]], [grad[i]], [g.opt_flat[0][a + i]]), {"lr": float(lr), "weight_decay": float(wd), "momentum": float(mom)})
+            (([p[i]], [grad[i]], [bufs[0][i]]), {"lr": float(lr), "weight_decay": float(wd), "momentum": float(mom)})
             for i, (lr, wd, mom) in zip(rows, hp)
         ]  # fmt: skip
 
@@ -638,7 +646,7 @@ def _fused_rows(optimizer: str, p: torch.Tensor, grad: torch.Tensor, g: _Group, 
     steps = g.steps[a:b]
     calls = [
         (
-            ([p[i]], [grad[i]], [g.opt_flat[0][a + i]], [g.opt_flat[1][a + i]], [], [steps[i]]),
+            ([p[i]], [grad[i]], [bufs[0][i]], [bufs[1][i]], [], [steps[i]]),
             {"lr": float(lr), "weight_decay": float(wd), "beta1": float(beta1)},
         )
         for i, (lr, wd, beta1) in zip(rows, hp)
