@@ -84,6 +84,8 @@ class PolicyBundle:
         clip_obs, epsilon: VecNormalize's clipping and epsilon.
         frame_stack: frames stacked for the MLP control (1 for recurrent policies).
         path: where it was loaded from (None if built in memory).
+        gradient_features: the policy observes the gradient features (``grad_cosine``, ``grad_norm``),
+            so whoever runs it must measure the gradients (the environment and the scheduler do).
     """
 
     model: Any
@@ -95,6 +97,7 @@ class PolicyBundle:
     epsilon: float = 1e-8
     frame_stack: int = 1
     path: Path | None = None
+    gradient_features: bool = False
 
     @property
     def is_recurrent(self) -> bool:
@@ -102,7 +105,7 @@ class PolicyBundle:
 
     @property
     def obs_dim(self) -> int:
-        return ObservationBuilder(self.decoder).dim
+        return ObservationBuilder(self.decoder, gradient_features=self.gradient_features).dim
 
     def normalize(self, obs: np.ndarray) -> np.ndarray:
         """Apply the saved normalisation (as VecNormalize does at evaluation time)."""
@@ -180,6 +183,11 @@ class EnsembleBundle:
                     f"ensemble member {i} controls {member.decoder.to_config()}, member 0 controls "
                     f"{first.to_config()}: members must be trained with the same hyperparameters and bounds"
                 )
+            if member.gradient_features != self.members[0].gradient_features:
+                raise BundleError(
+                    f"ensemble member {i} has gradient_features={member.gradient_features}, member 0 has "
+                    f"{self.members[0].gradient_features}: members must observe the same features"
+                )
 
     @property
     def decoder(self) -> ActionDecoder:
@@ -188,6 +196,10 @@ class EnsembleBundle:
     @property
     def obs_dim(self) -> int:
         return self.members[0].obs_dim
+
+    @property
+    def gradient_features(self) -> bool:
+        return self.members[0].gradient_features
 
     @property
     def is_recurrent(self) -> bool:
@@ -277,6 +289,7 @@ def save_bundle(
     epsilon: float = 1e-8,
     frame_stack: int = 1,
     config: Mapping[str, Any] | None = None,
+    gradient_features: bool = False,
 ) -> Path:
     """Write a bundle directory atomically; returns its path.
 
@@ -288,8 +301,10 @@ def save_bundle(
         clip_obs, epsilon: VecNormalize's settings.
         frame_stack: frames stacked by ``VecFrameStack`` (after normalisation), 1 for none.
         config: extra JSON-serialisable settings (environment, training command, seed, timesteps...).
+        gradient_features: the policy was trained on observations with the gradient features.
     """
     path = Path(path)
+    builder = ObservationBuilder(decoder, gradient_features=gradient_features)
     full_config = {
         "format_version": BUNDLE_FORMAT_VERSION,
         "kind": POLICY_KIND,
@@ -297,8 +312,9 @@ def save_bundle(
         "hpo_meta_version": HPO_VERSION,
         "algorithm": type(model).__name__,
         "frame_stack": int(frame_stack),
-        "obs_dim": ObservationBuilder(decoder).dim,
-        "feature_names": ObservationBuilder(decoder).feature_names(),
+        "obs_dim": builder.dim,
+        "feature_names": builder.feature_names(),
+        "gradient_features": bool(gradient_features),
         "action_decoder": decoder.to_config(),
         **dict(config or {}),
     }
@@ -418,7 +434,10 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> PolicyBundle | 
         decoder = ActionDecoder.from_config(config["action_decoder"])
     except (KeyError, ValueError) as err:
         raise BundleError(f"{path / CONFIG_FILE} has no valid 'action_decoder': {err}") from err
-    obs_dim = ObservationBuilder(decoder).dim
+    gradient_features = config.get("gradient_features", False)
+    if not isinstance(gradient_features, bool):
+        raise BundleError(f"{path / CONFIG_FILE} has gradient_features={gradient_features!r}, expected true or false")
+    obs_dim = ObservationBuilder(decoder, gradient_features=gradient_features).dim
     if config.get("obs_dim") != obs_dim:
         raise BundleError(f"{path / CONFIG_FILE} says obs_dim={config.get('obs_dim')}, its decoder implies {obs_dim}")
     norm = _read_json(path / NORM_FILE)
@@ -443,7 +462,9 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> PolicyBundle | 
             f"{path / MODEL_FILE} expects observations of shape {model.observation_space.shape}, "
             f"but the bundle's features give ({expected},)"
         )
-    return PolicyBundle(model, decoder, config, obs_mean, obs_var, clip_obs, epsilon, frame_stack, path)
+    return PolicyBundle(
+        model, decoder, config, obs_mean, obs_var, clip_obs, epsilon, frame_stack, path, gradient_features
+    )
 
 
 def _check_versions(path: Path, config: Mapping[str, Any], format_version: int) -> None:

@@ -125,6 +125,9 @@ class MetaAgentConfig:
             costs ``action_change_penalty * sum(|a_t - a_{t-1}|)`` (clipped actions), which discourages
             zig-zag schedules. 0 turns it off. Only the agent's reward is shaped: the environment's
             reward, the monitored returns and every evaluation stay the validation gain.
+        gradient_features: also observe the gradient features (``grad_cosine``, ``grad_norm``; see
+            :mod:`hpo_env.features`). The policy's bundle records it, and the deployed scheduler then
+            reads the optimiser's gradients at every step.
     """
 
     algorithm: str = "recurrent"
@@ -155,6 +158,7 @@ class MetaAgentConfig:
     lr_step_up: float | None = None
     action_change_penalty: float = 0.0
     init_lr_spread: float = DEFAULT_LR_SPREAD
+    gradient_features: bool = False
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -286,6 +290,7 @@ def make_meta_env(
         config.meta_task_distribution(task_distribution),
         hyperparameters=config.hyperparameters,
         divergence_penalty=config.divergence_penalty,
+        gradient_features=config.gradient_features,
         max_log10_change=config.max_log10_change,
         max_log10_increase=config.max_log10_increase,
         device=device,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+import weakref
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from agents.bundle import policy_signature
-from hpo_env import ActionDecoder, ObservationBuilder
+from hpo_env import ActionDecoder, GradientStats, ObservationBuilder
 
 __all__ = ["PolicyScheduler", "default_policy_path"]
 
@@ -105,6 +106,13 @@ class PolicyScheduler:
     **Too many calls.** ``step()`` after the ``total_steps``-th call warns and holds the
     hyperparameters.
 
+    **Gradient features.** A policy trained with them (``bundle.gradient_features``) also sees how
+    consecutive minibatch gradients of the interval agree and how large they are. The scheduler then
+    reads the gradients at every ``optimizer.step()`` through a step pre-hook (nothing to add to the
+    training loop), keeping one float32 copy of the previous gradient. A state dict saved in the
+    middle of an interval does not hold that interval's gradient statistics: save it right after
+    ``step()``, as usual.
+
     Args:
         optimizer: a ``torch.optim.Optimizer`` whose ``param_groups`` carry the controlled keys.
         bundle: a :class:`~agents.PolicyBundle` (from :func:`~agents.load_bundle`), or any object with
@@ -176,7 +184,11 @@ class PolicyScheduler:
             adaptive = not isinstance(getattr(optimizer, "optimizer", optimizer), torch.optim.SGD)
         self.adaptive = bool(adaptive)
         self._keys = self._resolve_keys(optimizer, decoder)
-        self.features = ObservationBuilder(decoder, 1)
+        self.gradient_features = bool(getattr(bundle, "gradient_features", False))
+        self.features = ObservationBuilder(decoder, 1, gradient_features=self.gradient_features)
+        self._grad_stats: GradientStats | None = None
+        if self.gradient_features:
+            self._register_gradient_hook(optimizer)
         expected_dim = getattr(bundle, "obs_dim", self.features.dim)
         if expected_dim != self.features.dim:
             raise ValueError(
@@ -203,6 +215,48 @@ class PolicyScheduler:
         self.reset()
 
     # -- construction helpers -------------------------------------------------------------------
+    def _register_gradient_hook(self, optimizer: torch.optim.Optimizer) -> None:
+        """Observe the gradients before every optimiser step (on the innermost optimiser of a wrapper)."""
+        inner = getattr(optimizer, "optimizer", optimizer)
+        ref = weakref.ref(self)
+
+        def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            scheduler = ref()
+            if scheduler is not None:
+                scheduler._observe_gradients()
+
+        handle = inner.register_step_pre_hook(hook)
+        weakref.finalize(self, handle.remove)  # the hook goes when the scheduler does
+
+    def _observe_gradients(self) -> None:
+        grads = [
+            p.grad.to_dense() if p.grad.is_sparse else p.grad
+            for group in self.optimizer.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        if not grads:
+            return
+        flat = torch.cat([g.detach().reshape(-1).float() for g in grads])
+        if self._grad_stats is None or self._grad_stats.device != flat.device:
+            self._grad_stats = GradientStats(1, flat.device)
+        self._grad_stats.observe(flat[None])
+
+    def _interval_gradients(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The ending interval's gradient statistics, and a fresh start for the next interval."""
+        if not self.gradient_features:
+            return None
+        if self._grad_stats is None or self._grad_stats.steps_observed()[0] == 0:
+            warnings.warn(
+                "the policy observes gradients, but no optimizer.step() with gradients ran since the last "
+                "scheduler.step(): its gradient features read as unknown (0)",
+                stacklevel=3,
+            )
+            return np.array([np.nan]), np.array([np.nan])
+        stats = self._grad_stats.result()
+        self._grad_stats.reset()
+        return stats
+
     @staticmethod
     def _resolve_keys(optimizer: torch.optim.Optimizer, decoder: ActionDecoder) -> list[list[str]]:
         """Per group, the key holding each controlled hyperparameter (``"betas"`` for Adam's momentum)."""
@@ -315,7 +369,9 @@ class PolicyScheduler:
         self._started = False
         self._base = self._initial_base.copy()
         self._last_action = np.zeros(self.decoder.num_actions)
-        self.features = ObservationBuilder(self.decoder, 1)
+        self.features = ObservationBuilder(self.decoder, 1, gradient_features=self.gradient_features)
+        if self._grad_stats is not None:
+            self._grad_stats.reset()
         init = getattr(self.bundle, "initial_state", None)
         self._policy_state = init(1) if callable(init) else None
         self._episode_start = True
@@ -343,6 +399,7 @@ class PolicyScheduler:
         self._t += 1
         t, k = self._t, self.decoder.num_actions
         progress = np.array([t / self.total_steps])
+        gradients = self._interval_gradients()
         diverged = not math.isfinite(val) or (train is not None and not math.isfinite(train))
         action = None
         if diverged:
@@ -359,10 +416,14 @@ class PolicyScheduler:
             tr = None if train is None else np.array([train])
             hp = self._base[None]
             if not self._started:
-                obs = self.features.reset([0], np.array([val]), tr, hp, progress, adaptive=np.array([self.adaptive]))
+                obs = self.features.reset(
+                    [0], np.array([val]), tr, hp, progress, adaptive=np.array([self.adaptive]), gradients=gradients
+                )
                 self._started = True
             else:
-                obs = self.features.update([0], np.array([val]), tr, hp, self._last_action[None], progress)
+                obs = self.features.update(
+                    [0], np.array([val]), tr, hp, self._last_action[None], progress, gradients=gradients
+                )
             self._last_obs = obs[0]
             if t < self.total_steps:  # the last observation has no interval left to act on
                 raw, self._policy_state = self.bundle.predict(

@@ -12,7 +12,7 @@ from hpo_env.actions import CONTROLLABLE, DEFAULT_HYPERPARAMETERS, ActionDecoder
 from hpo_env.core import EpisodeBatch
 from hpo_env.data import DataSplits, build_splits
 from hpo_env.envs import HPOEnv, make_distribution
-from hpo_env.features import FEATURE_SET_VERSION, OBS_BOUND, ObservationBuilder
+from hpo_env.features import FEATURE_SET_VERSION, GRADIENT_FEATURES, OBS_BOUND, GradientStats, ObservationBuilder
 from hpo_env.tasks import FAMILIES, SPLITS, TaskDistribution, TaskSpec, ToyTaskDistribution
 from hpo_env.trainer import HPARAM_NAMES, BatchedTrainer, ChunkResult
 from hpo_env.vec_env import HPOVecEnv
@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_HYPERPARAMETERS",
     "FAMILIES",
     "FEATURE_SET_VERSION",
+    "GRADIENT_FEATURES",
     "HPARAM_NAMES",
     "OBS_BOUND",
     "SPLITS",
@@ -30,6 +31,7 @@ __all__ = [
     "ChunkResult",
     "DataSplits",
     "EpisodeBatch",
+    "GradientStats",
     "HPOEnv",
     "HPOVecEnv",
     "HyperparameterSpec",

@@ -47,6 +47,7 @@ class EpisodeBatch:
         decoder: the action decoder (controlled hyperparameters and bounds).
         device: torch device of the inner models.
         divergence_penalty: return of a diverged episode is ``-divergence_penalty``.
+        gradient_features: also observe the gradient features (:data:`~hpo_env.features.GRADIENT_FEATURES`).
     """
 
     def __init__(
@@ -56,13 +57,15 @@ class EpisodeBatch:
         *,
         device: str = "cpu",
         divergence_penalty: float = 1.0,
+        gradient_features: bool = False,
     ) -> None:
         if not divergence_penalty >= 0:
             raise ValueError(f"divergence_penalty must be >= 0, got {divergence_penalty}")
         self.n = n
         self.decoder = decoder
-        self.trainer = BatchedTrainer(n, device=device)
-        self.features = ObservationBuilder(decoder, n)
+        self.gradient_features = bool(gradient_features)
+        self.trainer = BatchedTrainer(n, device=device, gradient_stats=self.gradient_features)
+        self.features = ObservationBuilder(decoder, n, gradient_features=self.gradient_features)
         self.divergence_penalty = float(divergence_penalty)
         self._cols = [HPARAM_NAMES.index(h) for h in decoder.names]
         self.episodes: list[_Episode | None] = [None] * n
@@ -90,7 +93,9 @@ class EpisodeBatch:
         hps = np.stack([self.controlled(s) for s in slots])
         progress = np.array([1.0 / self.episodes[s].spec.num_decisions for s in slots])
         adaptive = np.array([self.episodes[s].spec.optimizer != "sgd" for s in slots])
-        obs = self.features.reset(slots, res.val_loss, res.train_loss, hps, progress, adaptive=adaptive)
+        obs = self.features.reset(
+            slots, res.val_loss, res.train_loss, hps, progress, adaptive=adaptive, gradients=self._gradients(res)
+        )
         infos = []
         for j, s in enumerate(slots):
             ep = self.episodes[s]
@@ -127,6 +132,7 @@ class EpisodeBatch:
                     self.controlled(s)[None],
                     actions[j : j + 1],
                     [ep.decision / ep.spec.num_decisions],
+                    gradients=None if not self.gradient_features else ([np.nan], [np.nan]),
                 )[0]
                 infos[j] = self._info(s, np.nan, np.nan, np.nan, True)
         if not live:
@@ -142,7 +148,9 @@ class EpisodeBatch:
         for ep_slot in live_slots:
             self.episodes[ep_slot].decision += 1
         progress = np.array([self.episodes[s].decision / self.episodes[s].spec.num_decisions for s in live_slots])
-        obs[live] = self.features.update(live_slots, res.val_loss, res.train_loss, hps, actions[live], progress)
+        obs[live] = self.features.update(
+            live_slots, res.val_loss, res.train_loss, hps, actions[live], progress, gradients=self._gradients(res)
+        )
         finished = []
         for i, (j, s) in enumerate(zip(live, live_slots)):
             ep = self.episodes[s]
@@ -167,6 +175,9 @@ class EpisodeBatch:
             ep = self.episodes[slots[j]]
             infos[j]["final_val_loss"] = ep.last_val if not infos[j]["diverged"] else float("nan")
         return obs, rewards, terminated, infos
+
+    def _gradients(self, res) -> tuple[np.ndarray, np.ndarray] | None:
+        return (res.grad_cosine, res.grad_log_norm) if self.gradient_features else None
 
     def _info(self, s: int, train: float, val: float, acc: float, diverged: bool) -> dict:
         ep = self.episodes[s]

@@ -58,6 +58,8 @@ class HPOEnv(gym.Env):
         max_log10_change: largest change per action in decades (one number, or per name).
         max_log10_increase: largest increase per action, per name, where it differs (``{"lr": 0.25}``).
         divergence_penalty: the return of a diverged episode is ``-divergence_penalty``.
+        gradient_features: also observe the gradient features (``grad_cosine``, ``grad_norm``; see
+            :mod:`hpo_env.features`), at the cost of two reductions over the gradients per inner step.
         device: torch device of the inner model.
         render_mode: ``None`` or ``"ansi"``.
 
@@ -79,6 +81,7 @@ class HPOEnv(gym.Env):
         max_log10_change: float | Mapping[str, float] | None = None,
         max_log10_increase: Mapping[str, float] | None = None,
         divergence_penalty: float = 1.0,
+        gradient_features: bool = False,
         device: str = "cpu",
         render_mode: str | None = None,
     ) -> None:
@@ -86,7 +89,9 @@ class HPOEnv(gym.Env):
             raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
         self.task_distribution = make_distribution(task_distribution)
         self.decoder = ActionDecoder(hyperparameters, bounds, max_log10_change, max_log10_increase)
-        self._batch = EpisodeBatch(1, self.decoder, device=device, divergence_penalty=divergence_penalty)
+        self._batch = EpisodeBatch(
+            1, self.decoder, device=device, divergence_penalty=divergence_penalty, gradient_features=gradient_features
+        )
         self.render_mode = render_mode
         k = self.decoder.num_actions
         self.action_space = gym.spaces.Box(-1.0, 1.0, (k,), np.float32)
@@ -97,6 +102,11 @@ class HPOEnv(gym.Env):
     @property
     def feature_names(self) -> list[str]:
         return self._batch.features.feature_names()
+
+    @property
+    def gradient_features(self) -> bool:
+        """Whether the observations include the gradient features."""
+        return self._batch.gradient_features
 
     @property
     def task(self) -> TaskSpec | None:

@@ -21,15 +21,23 @@ EMA trends of both; the train-validation gap; how far validation sits above its 
 saying whether a training loss was given; a flag for an adaptive (Adam-type) optimiser, whose
 sensible learning rates are an order of magnitude below SGD's; per controlled hyperparameter its log change since the
 start, its position within its bounds, and the previous action.
+
+Optional *gradient features* (``gradient_features=True``, appended after those): the mean cosine
+between consecutive minibatch gradients within the interval (``grad_cosine``: near 1 while steps keep
+going the same way, negative when the learning rate makes the iterate oscillate; the signal that
+hypergradient descent follows), and the interval's mean log gradient norm relative to the first
+interval's (``grad_norm``). :class:`GradientStats` accumulates both from the gradients of every
+optimiser step, in the environment's trainer (N models at once) and in the deployed scheduler alike.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from hpo_env.actions import ActionDecoder
 
-__all__ = ["FEATURE_SET_VERSION", "OBS_BOUND", "ObservationBuilder"]
+__all__ = ["FEATURE_SET_VERSION", "GRADIENT_FEATURES", "OBS_BOUND", "GradientStats", "ObservationBuilder"]
 
 #: Bumped whenever the features change meaning; policy bundles record it.
 FEATURE_SET_VERSION = "1"
@@ -50,6 +58,87 @@ _BASE_FEATURES = (
     "has_train_loss",
     "adaptive_optimizer",
 )
+#: Names of the optional gradient features, appended after every other feature.
+GRADIENT_FEATURES = ("grad_cosine", "grad_norm")
+
+
+class GradientStats:
+    """Per-interval gradient statistics of ``n`` runs, fed the flat gradient of every optimiser step.
+
+    For each run: the mean cosine between consecutive gradients of the interval (0 with fewer than
+    two steps) and the mean log L2 norm of its gradients (NaN with none). Observing a step costs two
+    dot products and a copy on the gradients' device, with no host synchronisation; the nonlinear
+    work happens once, in :meth:`result`.
+
+    Rows are observed as a suffix ``[start, n)`` whose ``start`` never decreases within an interval:
+    all runs at first, then only the runs with more steps left (as the trainer's stacks do). A run's
+    steps are therefore consecutive, and each pairs with the one before.
+
+    Args:
+        n: number of runs (rows).
+        device: the gradients' device.
+        steps_hint: expected steps per interval (the buffers grow past it as needed).
+    """
+
+    def __init__(self, n: int = 1, device: str | torch.device = "cpu", steps_hint: int = 16) -> None:
+        self.n = int(n)
+        self.device = torch.device(device)
+        self._capacity = max(int(steps_hint), 2)
+        self._prev: torch.Tensor | None = None  # (n, P): each run's last gradient
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the interval (call at the start of each one)."""
+        self._sq = torch.zeros(self._capacity, self.n, device=self.device)  # squared norm per step and run
+        self._dot = torch.zeros(self._capacity, self.n, device=self.device)  # dot with the run's previous gradient
+        self._steps = np.zeros(self.n, dtype=np.int64)
+        self._t = 0
+        self._start = 0
+
+    @torch.no_grad()
+    def observe(self, grad: torch.Tensor, start: int = 0) -> None:
+        """Add one optimiser step of rows ``[start, n)``; ``grad`` is ``(n - start, P)``."""
+        if grad.dim() != 2 or grad.shape[0] != self.n - start:
+            raise ValueError(
+                f"expected gradients of rows [{start}, {self.n}) as ({self.n - start}, P), got {tuple(grad.shape)}"
+            )
+        if start < self._start:
+            raise ValueError(f"rows [{start}, {self.n}) observed after rows [{self._start}, {self.n}) in one interval")
+        self._start = start
+        grad = grad.detach()
+        if grad.dtype != torch.float32:
+            grad = grad.float()
+        if self._prev is None or self._prev.shape[1] != grad.shape[1] or self._prev.device != grad.device:
+            self._prev = torch.zeros(self.n, grad.shape[1], device=grad.device)
+        if self._t == self._capacity:  # grow the per-step buffers
+            self._capacity *= 2
+            self._sq = torch.cat([self._sq, torch.zeros_like(self._sq)])
+            self._dot = torch.cat([self._dot, torch.zeros_like(self._dot)])
+        prev = self._prev[start:]
+        torch.linalg.vecdot(grad, grad, out=self._sq[self._t, start:])
+        torch.linalg.vecdot(grad, prev, out=self._dot[self._t, start:])
+        prev.copy_(grad)
+        self._steps[start:] += 1
+        self._t += 1
+
+    def steps_observed(self) -> np.ndarray:
+        """Optimiser steps observed since the last :meth:`reset`, per run."""
+        return self._steps.copy()
+
+    @torch.no_grad()
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(mean cosine, mean log norm)`` per run, as float64 arrays ``(n,)``."""
+        t = self._t
+        sq, dot = self._sq[:t].double(), self._dot[:t].double()
+        steps = torch.as_tensor(self._steps, device=sq.device)
+        seen = torch.arange(t, device=sq.device)[:, None] < steps[None, :]  # (t, n): step k of run r observed
+        pair = seen[1:]  # steps k >= 1 of a run pair with its step k - 1
+        cos = dot[1:] / (sq[1:] * sq[:-1]).sqrt().clamp_min(1e-30)
+        cos_sum = torch.where(pair, cos, 0.0).sum(0)
+        log_sum = torch.where(seen, 0.5 * sq.clamp_min(1e-60).log(), 0.0).sum(0)
+        both = torch.stack([cos_sum, log_sum]).cpu().numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return both[0] / np.maximum(self._steps - 1, 1), both[1] / self._steps
 
 
 class ObservationBuilder:
@@ -58,13 +147,17 @@ class ObservationBuilder:
     Args:
         decoder: the :class:`ActionDecoder` whose hyperparameters are observed.
         n: number of runs tracked at once (1 in the environment and the scheduler).
+        gradient_features: also observe :data:`GRADIENT_FEATURES`; ``reset`` and ``update`` then
+            need each interval's :meth:`GradientStats.result` as ``gradients``.
     """
 
-    def __init__(self, decoder: ActionDecoder, n: int = 1) -> None:
+    def __init__(self, decoder: ActionDecoder, n: int = 1, *, gradient_features: bool = False) -> None:
         self.decoder = decoder
         self.n = int(n)
+        self.gradient_features = bool(gradient_features)
         k = decoder.num_actions
-        self.dim = len(_BASE_FEATURES) + 3 * k
+        self.dim = len(_BASE_FEATURES) + 3 * k + (len(GRADIENT_FEATURES) if self.gradient_features else 0)
+        self._grad_ref = np.zeros(n)  # log gradient norm of the first interval
         self._ref = np.ones(n)
         self._last_val = np.zeros(n)
         self._last_train = np.zeros(n)
@@ -78,7 +171,28 @@ class ObservationBuilder:
         names = list(_BASE_FEATURES)
         for kind in ("log_change", "position", "prev_action"):
             names += [f"{h}_{kind}" for h in self.decoder.names]
+        if self.gradient_features:
+            names += list(GRADIENT_FEATURES)
         return names
+
+    def _gradient_columns(self, slots: np.ndarray, gradients, first: bool) -> np.ndarray | None:
+        """The gradient features of ``slots`` from ``(mean cosine, mean log norm)``; sets the reference on ``first``."""
+        if not self.gradient_features:
+            if gradients is not None:
+                raise ValueError("gradients were given, but this ObservationBuilder has gradient_features=False")
+            return None
+        if gradients is None:
+            raise ValueError(
+                "this ObservationBuilder observes gradient features: pass gradients=(mean cosine, mean log norm) "
+                "per slot, from GradientStats.result()"
+            )
+        cos, log_norm = (np.broadcast_to(np.asarray(g, np.float64), slots.shape) for g in gradients)
+        if first:
+            self._grad_ref[slots] = np.where(np.isfinite(log_norm), log_norm, 0.0)
+        # Unknown (no step seen, or a NaN gradient of a diverging run) reads as 0.
+        cos = np.nan_to_num(cos, nan=0.0)
+        rel = np.nan_to_num(log_norm - self._grad_ref[slots], nan=0.0, posinf=OBS_BOUND, neginf=-OBS_BOUND)
+        return np.stack([cos, rel], axis=-1)
 
     # ------------------------------------------------------------------------------------------
     @staticmethod
@@ -97,6 +211,7 @@ class ObservationBuilder:
         progress: np.ndarray,
         *,
         adaptive: np.ndarray | bool,
+        gradients: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
         """Start runs in ``slots`` from the first interval's losses; returns their observations.
 
@@ -107,6 +222,8 @@ class ObservationBuilder:
             hparams: ``(len(slots), k)`` controlled hyperparameters used in the first interval.
             progress: ``1 / T`` per slot.
             adaptive: whether each run's optimiser is Adam-type (AdamW, Adam, ...) rather than SGD.
+            gradients: with ``gradient_features``, the first interval's ``(mean cosine, mean log
+                norm)`` per slot (:meth:`GradientStats.result`).
         """
         slots = np.asarray(slots, dtype=np.intp)
         val = np.asarray(val_loss, np.float64)
@@ -120,8 +237,17 @@ class ObservationBuilder:
         self._h0[slots] = self.decoder.clip(hparams)
         self._prev_action[slots] = 0.0
         self._adaptive[slots] = np.broadcast_to(np.asarray(adaptive, dtype=np.float64), slots.shape)
+        grad = self._gradient_columns(slots, gradients, first=True)
         return self._features(
-            slots, x_val, x_tr, np.zeros_like(x_val), np.zeros_like(x_tr), train_loss is not None, hparams, progress
+            slots,
+            x_val,
+            x_tr,
+            np.zeros_like(x_val),
+            np.zeros_like(x_tr),
+            train_loss is not None,
+            hparams,
+            progress,
+            grad,
         )
 
     def update(
@@ -132,6 +258,8 @@ class ObservationBuilder:
         hparams: np.ndarray,
         action: np.ndarray,
         progress: np.ndarray,
+        *,
+        gradients: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
         """Advance runs in ``slots`` by one interval; ``action`` is what set ``hparams``."""
         slots = np.asarray(slots, dtype=np.intp)
@@ -148,9 +276,10 @@ class ObservationBuilder:
         self._last_val[slots], self._last_train[slots] = x_val, x_tr
         self._best[slots] = np.minimum(self._best[slots], x_val)
         self._prev_action[slots] = np.clip(np.asarray(action, np.float64), -1.0, 1.0)
-        return self._features(slots, x_val, x_tr, d_val, d_tr, train_loss is not None, hparams, progress)
+        grad = self._gradient_columns(slots, gradients, first=False)
+        return self._features(slots, x_val, x_tr, d_val, d_tr, train_loss is not None, hparams, progress, grad)
 
-    def _features(self, slots, x_val, x_tr, d_val, d_tr, has_train, hparams, progress) -> np.ndarray:
+    def _features(self, slots, x_val, x_tr, d_val, d_tr, has_train, hparams, progress, grad=None) -> np.ndarray:
         ema = self._ema[slots]
         hparams = self.decoder.clip(hparams)
         base = np.stack(
@@ -175,6 +304,7 @@ class ObservationBuilder:
                 self.decoder.log_change(hparams, self._h0[slots]),
                 self.decoder.position(hparams),
                 self._prev_action[slots],
+                *([] if grad is None else [grad]),
             ],
             axis=-1,
         )
@@ -184,7 +314,17 @@ class ObservationBuilder:
     def state_dict(self) -> dict:
         return {
             k: getattr(self, k).copy()
-            for k in ("_ref", "_last_val", "_last_train", "_ema", "_best", "_h0", "_prev_action", "_adaptive")
+            for k in (
+                "_ref",
+                "_last_val",
+                "_last_train",
+                "_ema",
+                "_best",
+                "_h0",
+                "_prev_action",
+                "_adaptive",
+                "_grad_ref",
+            )
         }
 
     def load_state_dict(self, state: dict) -> None:

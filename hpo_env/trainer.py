@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from hpo_env.data import DataSplits, build_splits
+from hpo_env.features import GradientStats
 from hpo_env.models import (
     HAND_WRITTEN_BACKWARD,
     ModelLayout,
@@ -67,6 +68,10 @@ class ChunkResult:
     val_loss: np.ndarray
     val_accuracy: np.ndarray  # NaN for regression
     diverged: np.ndarray  # bool
+    #: With ``gradient_stats``: the chunk's mean cosine between consecutive minibatch gradients and
+    #: mean log gradient norm (:class:`~hpo_env.features.GradientStats`); NaN otherwise.
+    grad_cosine: np.ndarray | None = None
+    grad_log_norm: np.ndarray | None = None
 
 
 @dataclass
@@ -181,6 +186,9 @@ class BatchedTrainer:
             little fixed cost), 3e7 for the CNN (autograd); chosen by a sweep of
             ``benchmarks/throughput.py``-style env measurements on this project's 2-core machine.
             1e10 on accelerators (where padding is nearly free and launches dominate).
+        gradient_stats: also measure each chunk's gradient statistics (:attr:`ChunkResult.grad_cosine`,
+            :attr:`ChunkResult.grad_log_norm`), for the optional gradient features; two reductions
+            over the gradients per inner step. Training itself is unchanged.
     """
 
     def __init__(
@@ -189,6 +197,7 @@ class BatchedTrainer:
         device: str | torch.device = "cpu",
         divergence_factor: float = 1e3,
         group_overhead_flops: float | None = None,
+        gradient_stats: bool = False,
     ) -> None:
         if n_slots < 1:
             raise ValueError(f"n_slots must be >= 1, got {n_slots}")
@@ -198,6 +207,7 @@ class BatchedTrainer:
         if group_overhead_flops is not None and not group_overhead_flops >= 0:
             raise ValueError(f"group_overhead_flops must be >= 0, got {group_overhead_flops}")
         self.group_overhead_flops = None if group_overhead_flops is None else float(group_overhead_flops)
+        self.gradient_stats = bool(gradient_stats)
         self.stats = TrainerStats()
         self._slots: list[_Slot | None] = [None] * self.n_slots
         self._reference_loss = np.full(self.n_slots, np.nan)
@@ -498,12 +508,14 @@ class BatchedTrainer:
         Hyperparameters are those set with :meth:`set_hparams` (or the task's initial ones).
         """
         n = len(slots)
-        res = ChunkResult(np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, bool))
+        res = ChunkResult(
+            *(np.full(n, np.nan) for _ in range(3)), np.zeros(n, bool), np.full(n, np.nan), np.full(n, np.nan)
+        )
         pos = {s: k for k, s in enumerate(slots)}
         for g, members in self._groups_for(list(slots)):
             ks = [steps or self._slots[m].spec.steps_per_action for m in members]  # ascending (row order)
             start = time.perf_counter()
-            tr, va, acc, div = self._train_group(g, ks)
+            tr, va, acc, div, grad_stats = self._train_group(g, ks)
             st = self.stats
             st.train_seconds += time.perf_counter() - start
             st.model_steps += sum(ks)
@@ -513,6 +525,8 @@ class BatchedTrainer:
             for i, m in enumerate(members):
                 j = pos[m]
                 res.train_loss[j], res.val_loss[j], res.val_accuracy[j], res.diverged[j] = tr[i], va[i], acc[i], div[i]
+                if grad_stats is not None:
+                    res.grad_cosine[j], res.grad_log_norm[j] = grad_stats[0][i], grad_stats[1][i]
                 self._slots[m].steps_done += ks[i]
         # A validation loss that exploded relative to the first one counts as divergence too.
         for j, m in enumerate(slots):
@@ -540,6 +554,7 @@ class BatchedTrainer:
         hp = torch.tensor(hp_rows, dtype=torch.float32, device=dev)
         losses = torch.zeros(k_max, n, device=dev)
         grad = torch.empty_like(g.flat)
+        grad_stats = GradientStats(n, dev, steps_hint=k_max) if self.gradient_stats else None
         first = 0  # rows [first, N) still take steps
         for k in range(k_max):
             if k == 0 or ks[first] <= k:
@@ -555,22 +570,24 @@ class BatchedTrainer:
                 with torch.no_grad():
                     loss_grad = partial(self._loss_and_grad, sub, y=ys[first:, k], weight=weight)
                     losses[k, first:] = gradients(sub.arch, sub.act, params, xs[first:, k], loss_grad, grads)
-                    update()
-                continue
-            leaves = [v.detach().requires_grad_() for v in sub.views(sub.flat)]
-            out = forward(sub.arch, sub.act, leaves, xs[first:, k])
-            per_model = (self._per_sample_loss(sub, out, ys[first:, k], correctness=False)[0] * weight).sum(1)
-            autograd_grads = torch.autograd.grad(per_model.sum(), leaves)
+            else:
+                leaves = [v.detach().requires_grad_() for v in sub.views(sub.flat)]
+                out = forward(sub.arch, sub.act, leaves, xs[first:, k])
+                per_model = (self._per_sample_loss(sub, out, ys[first:, k], correctness=False)[0] * weight).sum(1)
+                autograd_grads = torch.autograd.grad(per_model.sum(), leaves)
+                with torch.no_grad():
+                    torch.cat([gr.reshape(n - first, -1) for gr in autograd_grads], dim=1, out=sub_grad)
+                    losses[k, first:] = per_model
             with torch.no_grad():
-                torch.cat([gr.reshape(n - first, -1) for gr in autograd_grads], dim=1, out=sub_grad)
-                losses[k, first:] = per_model
+                if grad_stats is not None:  # before the update, which may fold weight decay into the gradient
+                    grad_stats.observe(sub_grad, first)
                 update()
         with torch.no_grad():
             val, acc = self._eval_group(g, "val")
             mean_loss = losses.sum(0) / torch.tensor(ks, dtype=losses.dtype, device=dev)
             finite = torch.stack([torch.isfinite(losses).all(0), torch.isfinite(g.flat).all(1)]).all(0)
             stats = torch.stack([mean_loss, finite.to(losses.dtype)]).cpu().numpy().astype(np.float64)
-        return stats[0], val, acc, ~stats[1].astype(bool)
+        return stats[0], val, acc, ~stats[1].astype(bool), None if grad_stats is None else grad_stats.result()
 
     @staticmethod
     def _optimizer_update(g: _Group, flat: torch.Tensor, grad: torch.Tensor, hp: torch.Tensor, hp_rows: np.ndarray):

@@ -31,7 +31,7 @@ class HPOVecEnv(VecEnv):
     Args:
         num_envs: number of slots N.
         task_distribution, hyperparameters, bounds, max_log10_change, max_log10_increase,
-            divergence_penalty, device:
+            divergence_penalty, gradient_features, device:
             as for :class:`~hpo_env.HPOEnv`.
         seed: seeds slot ``i`` with ``seed + i`` at the first reset (or use :meth:`seed`).
     """
@@ -46,6 +46,7 @@ class HPOVecEnv(VecEnv):
         max_log10_change: float | Mapping[str, float] | None = None,
         max_log10_increase: Mapping[str, float] | None = None,
         divergence_penalty: float = 1.0,
+        gradient_features: bool = False,
         device: str = "cpu",
         seed: int | None = None,
     ) -> None:
@@ -53,7 +54,13 @@ class HPOVecEnv(VecEnv):
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         self.task_distribution = make_distribution(task_distribution)
         self.decoder = ActionDecoder(hyperparameters, bounds, max_log10_change, max_log10_increase)
-        self._batch = EpisodeBatch(int(num_envs), self.decoder, device=device, divergence_penalty=divergence_penalty)
+        self._batch = EpisodeBatch(
+            int(num_envs),
+            self.decoder,
+            device=device,
+            divergence_penalty=divergence_penalty,
+            gradient_features=gradient_features,
+        )
         k = self.decoder.num_actions
         observation_space = gym.spaces.Box(-OBS_BOUND, OBS_BOUND, (self._batch.obs_dim,), np.float32)
         action_space = gym.spaces.Box(-1.0, 1.0, (k,), np.float32)
@@ -67,6 +74,11 @@ class HPOVecEnv(VecEnv):
     @property
     def feature_names(self) -> list[str]:
         return self._batch.features.feature_names()
+
+    @property
+    def gradient_features(self) -> bool:
+        """Whether the observations include the gradient features."""
+        return self._batch.gradient_features
 
     @property
     def trainer(self):

@@ -294,11 +294,13 @@ def make_eval_tasks(
 def bundle_from_model(model: Any, env: VecEnv | None, decoder: ActionDecoder, frame_stack: int = 1) -> PolicyBundle:
     """An in-memory :class:`PolicyBundle` of a model and the current ``VecNormalize`` statistics of ``env``.
 
-    It sees raw observations exactly as a saved and reloaded bundle would.
+    It sees raw observations exactly as a saved and reloaded bundle would (with the gradient
+    features if ``env`` observes them).
     """
     vecnorm = get_vec_normalize(env) if env is not None else None
+    gradient_features = env_gradient_features(env)
     if vecnorm is None or not vecnorm.norm_obs:
-        return PolicyBundle(model, decoder, frame_stack=frame_stack)
+        return PolicyBundle(model, decoder, frame_stack=frame_stack, gradient_features=gradient_features)
     return PolicyBundle(
         model,
         decoder,
@@ -307,7 +309,13 @@ def bundle_from_model(model: Any, env: VecEnv | None, decoder: ActionDecoder, fr
         clip_obs=float(vecnorm.clip_obs),
         epsilon=float(vecnorm.epsilon),
         frame_stack=frame_stack,
+        gradient_features=gradient_features,
     )
+
+
+def env_gradient_features(env: VecEnv | None) -> bool:
+    """Whether the (possibly wrapped) meta-training environment observes the gradient features."""
+    return bool(env is not None and getattr(env.unwrapped, "gradient_features", False))
 
 
 class EvalSummary(dict):
@@ -481,6 +489,7 @@ class HeldOutEvalCallback(BaseCallback):
             epsilon=vecnorm.epsilon if vecnorm is not None else 1e-8,
             frame_stack=self.frame_stack,
             config=config,
+            gradient_features=env_gradient_features(self.training_env),
         )
 
 

@@ -62,6 +62,7 @@ def run_episodes(
     device: str = "cpu",
     divergence_penalty: float = 1.0,
     seed_indices: Sequence[int] | None = None,
+    gradient_features: bool | None = None,
 ) -> list[EpisodeRecord]:
     """Run ``policy`` on every task for its whole budget and return one record per task.
 
@@ -73,12 +74,18 @@ def run_episodes(
         device: torch device of the inner models.
         divergence_penalty: as in :class:`~hpo_env.HPOEnv`.
         seed_indices: labels stored in the records (defaults to 0).
+        gradient_features: observe the gradient features (default: the policy's ``gradient_features``
+            attribute, as a :class:`~agents.PolicyBundle` has it; off for other policies).
     """
     tasks = list(tasks)
     n = len(tasks)
     if n == 0:
         return []
-    batch = EpisodeBatch(n, decoder, device=device, divergence_penalty=divergence_penalty)
+    if gradient_features is None:
+        gradient_features = bool(getattr(policy, "gradient_features", False))
+    batch = EpisodeBatch(
+        n, decoder, device=device, divergence_penalty=divergence_penalty, gradient_features=gradient_features
+    )
     records = [EpisodeRecord(t, 0 if seed_indices is None else int(seed_indices[i])) for i, t in enumerate(tasks)]
     obs, infos = batch.start(list(range(n)), tasks)
     for rec, info in zip(records, infos):

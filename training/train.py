@@ -127,6 +127,8 @@ class TrainSettings:
     """Training-only reward cost per unit of action change between decisions; 0 is off (default: the preset's)."""
     init_lr_spread: float | None = None
     """Meta-training tasks start from the optimiser's default LR times 10**U(-s, s); s in decades (default: the preset's, 0.5, as the benchmark's tasks)."""
+    gradient_features: bool | None = None
+    """Also observe the gradients: the mean cosine of consecutive minibatch gradients and their log norm, per interval (default: the preset's, off)."""
     imitation_tasks: int = 0
     """Warm start: before PPO, clone a grid-tuned cosine schedule on this many meta-training tasks (9 inner runs each; 0: off)."""
     eval_freq: int | None = None
@@ -203,6 +205,7 @@ class TrainSettings:
             lr_step_up=self.lr_step_up,
             action_change_penalty=self.action_change_penalty,
             init_lr_spread=self.init_lr_spread,
+            gradient_features=self.gradient_features,
             learning_rate=self.learning_rate,
             learning_rate_end=self.learning_rate_end,
             n_steps=self.n_steps,
@@ -473,6 +476,7 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
                 "init_lr_spread": config.init_lr_spread,
                 "hyperparameters": list(config.hyperparameters),
                 "divergence_penalty": config.divergence_penalty,
+                "gradient_features": config.gradient_features,
             },
             "training": {
                 "command": command,
@@ -570,6 +574,7 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
         epsilon=vecnorm.epsilon if vecnorm is not None else 1e-8,
         frame_stack=frame_stack,
         config=final_config,
+        gradient_features=config.gradient_features,
     )
     logger.close()
     env.close()
