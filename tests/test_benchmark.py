@@ -350,3 +350,31 @@ def test_feature_ablation_holds_features_and_compares_on_the_same_pairs(tiny_bun
     assert json.loads((out / "ablation.json").read_text())["loss_level"]["pairs"] == 4
     with pytest.raises(SystemExit):
         ablation.main([*argv[:-2], "no_such_group"])
+
+
+def test_benchmark_runs_a_gradient_feature_policy_next_to_the_baselines(tiny_bundle, tmp_path):
+    """Its batches observe the gradients, and every other arm sees the observations without them;
+    measuring gradients does not change training, so the baselines' runs equal those of a benchmark
+    of a plain policy."""
+    from sb3_contrib import RecurrentPPO
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    from agents import save_bundle
+    from hpo_env import HPOVecEnv
+
+    env = VecNormalize(HPOVecEnv(2, "toy", seed=0, gradient_features=True), norm_reward=False)
+    model = RecurrentPPO(
+        "MlpLstmPolicy", env, n_steps=8, batch_size=16, n_epochs=1, seed=0,
+        policy_kwargs=dict(lstm_hidden_size=8, net_arch=[8]), device="cpu",
+    )  # fmt: skip
+    model.learn(16)
+    bundle = save_bundle(tmp_path / "g", model, env.venv.decoder, obs_rms=env.obs_rms, gradient_features=True)
+    stores = {}
+    for name, policy in (("grad", bundle), ("plain", tiny_bundle)):
+        bench.run_benchmark(_tiny_config(policy, tmp_path / name, families=("tabular",), seeds=1))
+        with ResultStore(tmp_path / name / "results.sqlite") as store:
+            stores[name] = {k: store.get(k) for k in store.keys()}
+    baselines = [k for k in stores["grad"] if not k.schedule.startswith(("policy@", "replay@"))]
+    assert len(baselines) > 5 and any(k.schedule.startswith("policy@") for k in stores["grad"])
+    for key in baselines:
+        assert stores["grad"][key].final_val_loss == stores["plain"][key].final_val_loss, key

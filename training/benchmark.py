@@ -62,7 +62,7 @@ from agents.baselines import (
     schedule_decoder,
 )
 from agents.bundle import CONFIG_FILE, ENSEMBLE_KIND, MODEL_FILE, NORM_FILE, load_bundle
-from hpo_env import FEATURE_SET_VERSION, SPLITS, ActionDecoder, TaskDistribution, TaskSpec
+from hpo_env import FEATURE_SET_VERSION, GRADIENT_FEATURES, SPLITS, ActionDecoder, TaskDistribution, TaskSpec
 from hpo_env import __version__ as HPO_VERSION
 from hpo_env.tasks import DEFAULT_HPARAMS
 from training.hypergradient import DEFAULT_HYPERGRADIENT_LR, run_hypergradient
@@ -323,6 +323,15 @@ class _RowPolicies:
             self.groups[id(p)] = (p, [*idx, i])
         self.groups = {k: (p, np.asarray(idx)) for k, (p, idx) in self.groups.items()}
         self.n = len(policies)
+        # One batch observes the gradient features if any policy needs them (they do not change the
+        # training); the others see the observations without them (appended last, so cut off).
+        self.gradient_features = any(getattr(p, "gradient_features", False) for p in policies)
+        self._cut = {
+            k: -len(GRADIENT_FEATURES)
+            if self.gradient_features and not getattr(p, "gradient_features", False)
+            else None
+            for k, (p, _) in self.groups.items()
+        }
 
     def initial_state(self, n: int) -> dict[int, Any]:
         return {k: getattr(p, "initial_state", lambda m: None)(len(idx)) for k, (p, idx) in self.groups.items()}
@@ -334,7 +343,7 @@ class _RowPolicies:
         new_state = {}
         for k, (policy, idx) in self.groups.items():
             a, new_state[k] = policy.predict(
-                obs[idx], state=state[k], episode_start=starts[idx], deterministic=deterministic
+                obs[idx, : self._cut[k]], state=state[k], episode_start=starts[idx], deterministic=deterministic
             )
             a = np.asarray(a, dtype=np.float32).reshape(len(idx), -1)
             if actions is None:
