@@ -136,16 +136,23 @@ def _random_stepper(venv, n: int, seed: int):
 
 
 def measure_env(
-    mode: str, family: str, dist: TaskDistribution, n: int, seconds: float, seed: int, min_steps: int = 2
+    mode: str,
+    family: str,
+    dist: TaskDistribution,
+    n: int,
+    seconds: float,
+    seed: int,
+    min_steps: int = 2,
+    gradient_features: bool = False,
 ) -> EnvResult:
     """Step a batched or naive vec env with random actions for ``seconds``; count the inner work."""
     if mode == "batched":
-        venv = HPOVecEnv(n, dist, seed=seed)
+        venv = HPOVecEnv(n, dist, seed=seed, gradient_features=gradient_features)
         trainers = [venv.trainer]
     else:
         from stable_baselines3.common.vec_env import DummyVecEnv
 
-        venv = DummyVecEnv([lambda: HPOEnv(dist) for _ in range(n)])
+        venv = DummyVecEnv([lambda: HPOEnv(dist, gradient_features=gradient_features) for _ in range(n)])
         venv.seed(seed)
         trainers = [e.unwrapped._batch.trainer for e in venv.envs]
     step = _random_stepper(venv, n, seed)
@@ -226,6 +233,22 @@ def measure_paths(
                 for mode in best:
                     with reference_paths(mode == "reference"):
                         r = measure_env("batched", family, dist, n, seconds, seed)
+                    best[mode] = max(best[mode], r.inner_steps_per_s)
+            rows.append({"family": family, "n": n, **{f"{k}_steps_per_s": v for k, v in best.items()}})
+    return rows
+
+
+def measure_gradient_cost(
+    families: list[tuple[str, TaskDistribution]], sizes: list[int], seconds: float, seed: int, repeats: int = 2
+) -> list[dict]:
+    """Batched env steps/s without and with the optional gradient features, interleaved, best of ``repeats``."""
+    rows = []
+    for family, dist in families:
+        for n in sizes:
+            best = {"plain": 0.0, "gradient_features": 0.0}
+            for _ in range(repeats):
+                for mode in best:
+                    r = measure_env("batched", family, dist, n, seconds, seed, gradient_features=mode != "plain")
                     best[mode] = max(best[mode], r.inner_steps_per_s)
             rows.append({"family": family, "n": n, **{f"{k}_steps_per_s": v for k, v in best.items()}})
     return rows
@@ -376,6 +399,12 @@ def main(argv: list[str] | None = None) -> dict:
         "with its reference paths (autograd, vectorised update rules), per family and N, and end to end with the "
         "full preset's PPO settings (unless --no-ppo)",
     )
+    parser.add_argument(
+        "--gradient-cost",
+        action="store_true",
+        help="also measure what the optional gradient features (hpo-train --gradient-features) cost the batched "
+        "env, per family and N (with and without, interleaved)",
+    )
     args = parser.parse_args(argv)
 
     quick = args.quick
@@ -427,6 +456,10 @@ def main(argv: list[str] | None = None) -> dict:
             report["paths_end_to_end"] = measure_paths_end_to_end(args.seed)
             torch.set_num_threads(args.threads)
         print(f"[{time.perf_counter() - t0:6.0f}s] fast vs reference paths done", flush=True)
+    if args.gradient_cost:
+        mix = [(f, TaskDistribution([f], name=f)) for f in families] + [("default mix", TaskDistribution.default())]
+        report["gradient_cost"] = measure_gradient_cost(mix, sizes, seconds, args.seed)
+        print(f"[{time.perf_counter() - t0:6.0f}s] gradient features' cost done", flush=True)
 
     ppo_results: list[PPOResult] = []
     if not args.no_ppo:
@@ -512,6 +545,23 @@ def main(argv: list[str] | None = None) -> dict:
                         f"{r['fast_steps_per_s'] / r['reference_steps_per_s']:.2f}x",
                     ]
                     for r in report["paths"]
+                ],
+            )  # fmt: skip
+        )
+    if report.get("gradient_cost"):
+        print("\nthe optional gradient features' cost (batched env, inner steps/s, best of 2)")
+        print(
+            _fmt_table(
+                ["family", "N", "without", "with", "with/without"],
+                [
+                    [
+                        r["family"],
+                        str(r["n"]),
+                        f"{r['plain_steps_per_s']:,.0f}",
+                        f"{r['gradient_features_steps_per_s']:,.0f}",
+                        f"{r['gradient_features_steps_per_s'] / r['plain_steps_per_s']:.2f}",
+                    ]
+                    for r in report["gradient_cost"]
                 ],
             )  # fmt: skip
         )

@@ -283,3 +283,20 @@ def test_bundle_with_a_malformed_gradient_flag_is_refused(tmp_path):
     (path / "config.json").write_text(json.dumps({**cfg, "gradient_features": False}))
     with pytest.raises(BundleError, match="obs_dim"):
         load_bundle(path)
+
+
+def test_throughput_benchmark_measures_the_cost_of_the_gradient_features(load_script):
+    """``benchmarks/throughput.py --gradient-cost``: both settings really run."""
+    throughput = load_script("benchmarks/throughput.py")
+    seen = []
+    measure = throughput.measure_env
+
+    def spy(*args, gradient_features=False, **kwargs):
+        seen.append(gradient_features)
+        return measure(*args, gradient_features=gradient_features, **kwargs)
+
+    throughput.measure_env = spy
+    dist = throughput.TaskDistribution(["teacher_regression"], name="teacher_regression")
+    (row,) = throughput.measure_gradient_cost([("teacher_regression", dist)], [1], seconds=0.0, seed=0, repeats=1)
+    assert sorted(seen) == [False, True]
+    assert row["plain_steps_per_s"] > 0 and row["gradient_features_steps_per_s"] > 0
