@@ -412,3 +412,12 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     vecnorm = VecNormalize.load(str(paths[2] / "vecnormalize.pkl"), HPOVecEnv(2, "toy"))
     np.testing.assert_array_equal(vecnorm.obs_rms.mean, env.obs_rms.mean)
     assert os.path.getsize(paths[2] / "rng_state.pt") > 0
+
+
+def test_gamma_reaches_the_agent_and_the_cli():
+    config = parse_settings(["--gamma", "1.0", "--task-distribution", "toy", "--n-envs", "2"]).agent_config()
+    assert config.gamma == 1.0 and parse_settings([]).agent_config().gamma == 0.995
+    model = make_meta_agent(make_meta_env(config, seed=0), config, seed=0, device="cpu")
+    assert model.gamma == 1.0
+    with pytest.raises(ValueError, match="gamma"):
+        parse_settings(["--gamma", "1.5"]).agent_config()

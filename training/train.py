@@ -145,6 +145,8 @@ class TrainSettings:
     """Adam learning rate of the meta-agent (default: the preset's)."""
     learning_rate_end: float | None = None
     """Decay the meta-agent's learning rate linearly from --learning-rate to this over the run (default: the preset's, constant)."""
+    gamma: float | None = None
+    """Discount of the meta-agent's returns; 1 makes an episode's return exactly log(L_1 / L_T) (default: the preset's, 0.995)."""
     n_steps: int | None = None
     """Decisions per slot per rollout (default: the preset's; at least one whole episode)."""
     batch_size: int | None = None
@@ -208,6 +210,7 @@ class TrainSettings:
             gradient_features=self.gradient_features,
             learning_rate=self.learning_rate,
             learning_rate_end=self.learning_rate_end,
+            gamma=self.gamma,
             n_steps=self.n_steps,
             batch_size=self.batch_size,
             n_epochs=self.n_epochs,
