@@ -59,7 +59,7 @@ class HPOEnv(gym.Env):
         max_log10_increase: largest increase per action, per name, where it differs (``{"lr": 0.25}``).
         divergence_penalty: the return of a diverged episode is ``-divergence_penalty``.
         gradient_features: also observe the gradient features (``grad_cosine``, ``grad_norm``; see
-            :mod:`hpo_env.features`), at the cost of two reductions over the gradients per inner step.
+            :mod:`hpo_env.features`), at the cost of a copy and a batched matmul per inner step.
         device: torch device of the inner model.
         render_mode: ``None`` or ``"ansi"``.
 

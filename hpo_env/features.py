@@ -66,9 +66,10 @@ class GradientStats:
     """Per-interval gradient statistics of ``n`` runs, fed the flat gradient of every optimiser step.
 
     For each run: the mean cosine between consecutive gradients of the interval (0 with fewer than
-    two steps) and the mean log L2 norm of its gradients (NaN with none). Observing a step costs two
-    dot products and a copy on the gradients' device, with no host synchronisation; the nonlinear
-    work happens once, in :meth:`result`.
+    two steps) and the mean log L2 norm of its gradients (NaN with none). Observing a step costs a
+    copy and one batched matmul on the gradients' device (its dot products with itself and with the
+    previous gradient), with no host synchronisation; the nonlinear work happens once, in
+    :meth:`result`.
 
     Rows are observed as a suffix ``[start, n)`` whose ``start`` never decreases within an interval:
     all runs at first, then only the runs with more steps left (as the trainer's stacks do). A run's
@@ -84,13 +85,14 @@ class GradientStats:
         self.n = int(n)
         self.device = torch.device(device)
         self._capacity = max(int(steps_hint), 2)
-        self._prev: torch.Tensor | None = None  # (n, P): each run's last gradient
+        self._pair: torch.Tensor | None = None  # (n, 2, P): each run's last two gradients, alternating
         self.reset()
 
     def reset(self) -> None:
         """Forget the interval (call at the start of each one)."""
-        self._sq = torch.zeros(self._capacity, self.n, device=self.device)  # squared norm per step and run
-        self._dot = torch.zeros(self._capacity, self.n, device=self.device)  # dot with the run's previous gradient
+        # Per step and run, the new gradient's dot products with both slots of the pair: one is its
+        # squared norm, the other its dot with the previous gradient (which slot is which alternates).
+        self._dots = torch.zeros(self._capacity, self.n, 1, 2, device=self.device)
         self._steps = np.zeros(self.n, dtype=np.int64)
         self._t = 0
         self._start = 0
@@ -105,19 +107,16 @@ class GradientStats:
         if start < self._start:
             raise ValueError(f"rows [{start}, {self.n}) observed after rows [{self._start}, {self.n}) in one interval")
         self._start = start
-        grad = grad.detach()
-        if grad.dtype != torch.float32:
-            grad = grad.float()
-        if self._prev is None or self._prev.shape[1] != grad.shape[1] or self._prev.device != grad.device:
-            self._prev = torch.zeros(self.n, grad.shape[1], device=grad.device)
-        if self._t == self._capacity:  # grow the per-step buffers
+        pair = self._pair
+        if pair is None or pair.shape[2] != grad.shape[1] or pair.device != grad.device:
+            self._pair = pair = torch.zeros(self.n, 2, grad.shape[1], device=grad.device)
+        if self._t == self._capacity:  # grow the per-step buffer
             self._capacity *= 2
-            self._sq = torch.cat([self._sq, torch.zeros_like(self._sq)])
-            self._dot = torch.cat([self._dot, torch.zeros_like(self._dot)])
-        prev = self._prev[start:]
-        torch.linalg.vecdot(grad, grad, out=self._sq[self._t, start:])
-        torch.linalg.vecdot(grad, prev, out=self._dot[self._t, start:])
-        prev.copy_(grad)
+            self._dots = torch.cat([self._dots, torch.zeros_like(self._dots)])
+        cur = self._t % 2
+        rows = pair[start:]
+        rows[:, cur].copy_(grad.detach())  # (converts to float32 on the way)
+        torch.bmm(rows[:, cur : cur + 1], rows.transpose(1, 2), out=self._dots[self._t, start:])
         self._steps[start:] += 1
         self._t += 1
 
@@ -129,7 +128,10 @@ class GradientStats:
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """``(mean cosine, mean log norm)`` per run, as float64 arrays ``(n,)``."""
         t = self._t
-        sq, dot = self._sq[:t].double(), self._dot[:t].double()
+        dots = self._dots[:t, :, 0].double()  # (t, n, 2)
+        cur = torch.arange(t, device=dots.device) % 2
+        sq = dots.gather(2, cur.view(t, 1, 1).expand(t, self.n, 1))[..., 0]
+        dot = dots.gather(2, (1 - cur).view(t, 1, 1).expand(t, self.n, 1))[..., 0]
         steps = torch.as_tensor(self._steps, device=sq.device)
         seen = torch.arange(t, device=sq.device)[:, None] < steps[None, :]  # (t, n): step k of run r observed
         pair = seen[1:]  # steps k >= 1 of a run pair with its step k - 1

@@ -187,8 +187,8 @@ class BatchedTrainer:
             ``benchmarks/throughput.py``-style env measurements on this project's 2-core machine.
             1e10 on accelerators (where padding is nearly free and launches dominate).
         gradient_stats: also measure each chunk's gradient statistics (:attr:`ChunkResult.grad_cosine`,
-            :attr:`ChunkResult.grad_log_norm`), for the optional gradient features; two reductions
-            over the gradients per inner step. Training itself is unchanged.
+            :attr:`ChunkResult.grad_log_norm`), for the optional gradient features; a copy and a
+            batched matmul per stack and inner step. Training itself is unchanged.
     """
 
     def __init__(
