@@ -32,6 +32,7 @@ import argparse
 import json
 import platform
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -221,37 +222,50 @@ def reference_paths(enabled: bool):
         trainer_module._MANUAL_BACKWARD, trainer_module._FUSED_OPTIMIZERS = saved
 
 
+def _interleaved(
+    modes: dict[str, Callable[[str, TaskDistribution, int], EnvResult]],
+    families: list[tuple[str, TaskDistribution]],
+    sizes: list[int],
+    repeats: int,
+) -> list[dict]:
+    """Batched env steps/s of each mode per family and N, modes interleaved, best of ``repeats``."""
+    rows = []
+    for family, dist in families:
+        for n in sizes:
+            best = dict.fromkeys(modes, 0.0)
+            for _ in range(repeats):
+                for mode, measure in modes.items():
+                    best[mode] = max(best[mode], measure(family, dist, n).inner_steps_per_s)
+            rows.append({"family": family, "n": n, **{f"{k}_steps_per_s": v for k, v in best.items()}})
+    return rows
+
+
 def measure_paths(
     families: list[tuple[str, TaskDistribution]], sizes: list[int], seconds: float, seed: int, repeats: int = 2
 ) -> list[dict]:
     """Batched env steps/s on the fast paths against the reference paths, interleaved, best of ``repeats``."""
-    rows = []
-    for family, dist in families:
-        for n in sizes:
-            best = {"fast": 0.0, "reference": 0.0}
-            for _ in range(repeats):
-                for mode in best:
-                    with reference_paths(mode == "reference"):
-                        r = measure_env("batched", family, dist, n, seconds, seed)
-                    best[mode] = max(best[mode], r.inner_steps_per_s)
-            rows.append({"family": family, "n": n, **{f"{k}_steps_per_s": v for k, v in best.items()}})
-    return rows
+
+    def on(reference: bool):
+        def measure(family: str, dist: TaskDistribution, n: int) -> EnvResult:
+            with reference_paths(reference):
+                return measure_env("batched", family, dist, n, seconds, seed)
+
+        return measure
+
+    return _interleaved({"fast": on(False), "reference": on(True)}, families, sizes, repeats)
 
 
 def measure_gradient_cost(
     families: list[tuple[str, TaskDistribution]], sizes: list[int], seconds: float, seed: int, repeats: int = 2
 ) -> list[dict]:
     """Batched env steps/s without and with the optional gradient features, interleaved, best of ``repeats``."""
-    rows = []
-    for family, dist in families:
-        for n in sizes:
-            best = {"plain": 0.0, "gradient_features": 0.0}
-            for _ in range(repeats):
-                for mode in best:
-                    r = measure_env("batched", family, dist, n, seconds, seed, gradient_features=mode != "plain")
-                    best[mode] = max(best[mode], r.inner_steps_per_s)
-            rows.append({"family": family, "n": n, **{f"{k}_steps_per_s": v for k, v in best.items()}})
-    return rows
+
+    def measure(features: bool):
+        return lambda family, dist, n: measure_env(
+            "batched", family, dist, n, seconds, seed, gradient_features=features
+        )
+
+    return _interleaved({"plain": measure(False), "gradient_features": measure(True)}, families, sizes, repeats)
 
 
 def measure_paths_end_to_end(seed: int, repeats: int = 2, rollouts: int = 2) -> dict:
@@ -363,6 +377,24 @@ def measure_ppo(cfg: PPOConfig, seed: int, rollouts: int = 1) -> PPOResult:
 
 
 # --------------------------------------------------------------------------------------------------
+
+
+def _ratio_table(rows: list[dict], modes: dict[str, str], ratio: str, fmt: str) -> str:
+    """Steps/s of two modes (``{key: column label}``) per family and N, from :func:`_interleaved`, and their ratio."""
+    (before, after), labels = modes, list(modes.values())
+    return _fmt_table(
+        ["family", "N", *labels, ratio],
+        [
+            [
+                r["family"],
+                str(r["n"]),
+                f"{r[f'{before}_steps_per_s']:,.0f}",
+                f"{r[f'{after}_steps_per_s']:,.0f}",
+                fmt.format(r[f"{after}_steps_per_s"] / r[f"{before}_steps_per_s"]),
+            ]
+            for r in rows
+        ],
+    )
 
 
 def _fmt_table(header: list[str], rows: list[list[str]]) -> str:
@@ -533,37 +565,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if report.get("paths"):
         print("\nthe trainer's fast paths against its reference paths (batched env, inner steps/s, best of 2)")
-        print(
-            _fmt_table(
-                ["family", "N", "reference", "fast", "speed-up"],
-                [
-                    [
-                        r["family"],
-                        str(r["n"]),
-                        f"{r['reference_steps_per_s']:,.0f}",
-                        f"{r['fast_steps_per_s']:,.0f}",
-                        f"{r['fast_steps_per_s'] / r['reference_steps_per_s']:.2f}x",
-                    ]
-                    for r in report["paths"]
-                ],
-            )  # fmt: skip
-        )
+        print(_ratio_table(report["paths"], {"reference": "reference", "fast": "fast"}, "speed-up", "{:.2f}x"))
     if report.get("gradient_cost"):
         print("\nthe optional gradient features' cost (batched env, inner steps/s, best of 2)")
         print(
-            _fmt_table(
-                ["family", "N", "without", "with", "with/without"],
-                [
-                    [
-                        r["family"],
-                        str(r["n"]),
-                        f"{r['plain_steps_per_s']:,.0f}",
-                        f"{r['gradient_features_steps_per_s']:,.0f}",
-                        f"{r['gradient_features_steps_per_s'] / r['plain_steps_per_s']:.2f}",
-                    ]
-                    for r in report["gradient_cost"]
-                ],
-            )  # fmt: skip
+            _ratio_table(
+                report["gradient_cost"], {"plain": "without", "gradient_features": "with"}, "with/without", "{:.2f}"
+            )
         )
     if report.get("paths_end_to_end"):
         ref, fast = (report["paths_end_to_end"][m] for m in ("reference", "fast"))

@@ -77,3 +77,39 @@ def load_script(monkeypatch):
         return module
 
     return load
+
+
+@pytest.fixture
+def torch_replica():
+    """``replica(spec)``: spec's MLP (tanh) as a ``torch.nn`` model with the trainer's initial weights and
+    a ``torch.optim`` optimiser with the task's hyperparameters, plus its data and the slot's generator
+    advanced past the initialisation (so its next draws are the trainer's minibatch indices)."""
+    from hpo_env import build_splits
+    from hpo_env.models import ModelLayout, init_params
+
+    def replica(spec: TaskSpec):
+        trainer = BatchedTrainer(1)
+        trainer.load(0, spec)
+        params = trainer.parameters(0)
+        data = build_splits(spec)
+        gen = torch.Generator().manual_seed(spec.seed)
+        init_params(ModelLayout.build(spec, data), gen)
+        layers = []
+        for i in range(0, len(params), 2):
+            lin = torch.nn.Linear(*params[i].shape)
+            with torch.no_grad():
+                lin.weight.copy_(params[i].T)
+                lin.bias.copy_(params[i + 1])
+            layers += [lin, torch.nn.Tanh()]
+        model = torch.nn.Sequential(*layers[:-1])
+        if spec.optimizer == "sgd":
+            opt = torch.optim.SGD(
+                model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+            )
+        else:
+            opt = torch.optim.AdamW(
+                model.parameters(), lr=spec.lr, betas=(spec.momentum, 0.999), weight_decay=spec.weight_decay
+            )
+        return model, opt, data, gen
+
+    return replica

@@ -20,9 +20,7 @@ from hpo_env import (
     HPOEnv,
     HPOVecEnv,
     ObservationBuilder,
-    build_splits,
 )
-from hpo_env.models import ModelLayout, init_params
 from training.callbacks import bundle_from_model
 from training.rollout import run_episodes
 from training.train import parse_settings, train
@@ -148,7 +146,9 @@ class _Replay:
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_environment_and_scheduler_in_a_plain_pytorch_loop_see_the_same_gradient_features(small_mlp_spec, optimizer):
+def test_environment_and_scheduler_in_a_plain_pytorch_loop_see_the_same_gradient_features(
+    small_mlp_spec, optimizer, torch_replica
+):
     """The environment's batched trainer and a torch.nn model trained by torch.optim under the
     scheduler, on the same initial weights and minibatches, give the same observations."""
     spec = small_mlp_spec.replace(
@@ -162,26 +162,7 @@ def test_environment_and_scheduler_in_a_plain_pytorch_loop_see_the_same_gradient
         obs, *_ = env.step(a)
         env_obs.append(obs)
 
-    trainer = BatchedTrainer(1)
-    trainer.load(0, spec)
-    params = trainer.parameters(0)
-    data = build_splits(spec)
-    gen = torch.Generator().manual_seed(spec.seed)
-    init_params(ModelLayout.build(spec, data), gen)  # the slot's generator, past the initialisation
-    layers = []
-    for i in range(0, len(params), 2):
-        lin = torch.nn.Linear(*params[i].shape)
-        with torch.no_grad():
-            lin.weight.copy_(params[i].T)
-            lin.bias.copy_(params[i + 1])
-        layers += [lin, torch.nn.Tanh()]
-    model = torch.nn.Sequential(*layers[:-1])
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-    else:
-        opt = torch.optim.AdamW(
-            model.parameters(), lr=spec.lr, betas=(spec.momentum, 0.999), weight_decay=spec.weight_decay
-        )
+    model, opt, data, gen = torch_replica(spec)
     policy = _Replay(env.decoder, actions)
     sched = PolicyScheduler(opt, policy, total_steps=spec.num_decisions)
     assert sched.features.dim == env.observation_space.shape[0]

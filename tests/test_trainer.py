@@ -6,33 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from hpo_env import BatchedTrainer, TaskDistribution, build_splits
+from hpo_env import BatchedTrainer, TaskDistribution
 
 
-def _torch_reference(spec, steps: int) -> torch.Tensor:
+def _torch_reference(replica, spec, steps: int) -> torch.Tensor:
     """Train spec's MLP with torch.nn and torch.optim on the trainer's init and minibatches."""
-    trainer = BatchedTrainer(1)
-    trainer.load(0, spec)
-    params = trainer.parameters(0)
-    data = build_splits(spec)
-    gen = torch.Generator().manual_seed(spec.seed)
-    from hpo_env.models import ModelLayout, init_params
-
-    init_params(ModelLayout.build(spec, data), gen)  # advance the generator past the initialisation
-    layers = []
-    for i in range(0, len(params), 2):
-        lin = torch.nn.Linear(*params[i].shape)
-        with torch.no_grad():
-            lin.weight.copy_(params[i].T)
-            lin.bias.copy_(params[i + 1])
-        layers += [lin, torch.nn.Tanh()]
-    model = torch.nn.Sequential(*layers[:-1])
-    if spec.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-    else:
-        opt = torch.optim.AdamW(
-            model.parameters(), lr=spec.lr, betas=(spec.momentum, 0.999), weight_decay=spec.weight_decay
-        )
+    model, opt, data, gen = replica(spec)
     idx = torch.randint(len(data.x_train), (steps, spec.batch_size), generator=gen)
     for k in range(steps):
         opt.zero_grad()
@@ -46,7 +25,7 @@ def _torch_reference(spec, steps: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 @pytest.mark.parametrize("hidden", [(16, 8), (128, 64)], ids=["small", "large"])  # large: fused SGD kernel
-def test_matches_torch_optim(small_mlp_spec, optimizer, hidden):
+def test_matches_torch_optim(small_mlp_spec, optimizer, hidden, torch_replica):
     spec = small_mlp_spec.replace(
         optimizer=optimizer, activation="tanh", hidden=hidden, lr=0.05 if optimizer == "sgd" else 3e-3
     )
@@ -54,7 +33,7 @@ def test_matches_torch_optim(small_mlp_spec, optimizer, hidden):
     trainer.load(0, spec)
     trainer.train_chunk([0], steps=spec.steps_per_action)
     ours = torch.cat([p.reshape(-1) for p in trainer.parameters(0)])
-    reference = _torch_reference(spec, spec.steps_per_action)
+    reference = _torch_reference(torch_replica, spec, spec.steps_per_action)
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
 
 
