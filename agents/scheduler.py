@@ -50,6 +50,8 @@ def default_policy_path(name: str = DEFAULT_POLICY) -> Path:
 def _to_float(value: SupportsFloat, what: str) -> float:
     if isinstance(value, torch.Tensor) and value.numel() != 1:
         raise TypeError(f"{what} must be a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}")
+    if isinstance(value, torch.Tensor):
+        value = value.detach()  # a training loss still attached to its graph is the common case
     try:
         return float(value)
     except (TypeError, ValueError) as err:

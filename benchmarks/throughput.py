@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -52,17 +53,30 @@ DEFAULT_OUT = Path(__file__).parent / "results" / "throughput.json"
 # the ceiling
 
 
-def matmul_peak(threads: int, size: int = 2048, seconds: float = 1.0) -> float:
-    """Best GFLOP/s of a dense float32 ``size x size`` matmul with ``threads`` torch threads."""
+def matmul_peak(threads: int, size: int = 2048, seconds: float = 1.0, device: str = "cpu") -> float:
+    """Best GFLOP/s of a dense float32 ``size x size`` matmul with ``threads`` torch threads, or on an
+    accelerator (``device``; timed in batches of 10 products between synchronisations, at the
+    precision the inner trainer runs: float32, without TF32 unless the process enabled it)."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    dev = torch.device(device)
+    a, b = torch.randn(size, size, device=dev), torch.randn(size, size, device=dev)
+    reps = 1 if dev.type == "cpu" else 10
+    _sync(dev)
     a @ b
+    _sync(dev)
     best, start = 0.0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         t = time.perf_counter()
-        a @ b
-        best = max(best, 2 * size**3 / (time.perf_counter() - t) / 1e9)
+        for _ in range(reps):
+            a @ b
+        _sync(dev)
+        best = max(best, reps * 2 * size**3 / (time.perf_counter() - t) / 1e9)
     return best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,15 +159,20 @@ def measure_env(
     seed: int,
     min_steps: int = 2,
     gradient_features: bool = False,
+    device: str = "cpu",
 ) -> EnvResult:
-    """Step a batched or naive vec env with random actions for ``seconds``; count the inner work."""
+    """Step a batched or naive vec env with random actions for ``seconds``; count the inner work.
+
+    Every env step ends with the features read on the host, so the wall clock needs no extra
+    synchronisation on an accelerator.
+    """
     if mode == "batched":
-        venv = HPOVecEnv(n, dist, seed=seed, gradient_features=gradient_features)
+        venv = HPOVecEnv(n, dist, seed=seed, gradient_features=gradient_features, device=device)
         trainers = [venv.trainer]
     else:
         from stable_baselines3.common.vec_env import DummyVecEnv
 
-        venv = DummyVecEnv([lambda: HPOEnv(dist, gradient_features=gradient_features) for _ in range(n)])
+        venv = DummyVecEnv([lambda: HPOEnv(dist, gradient_features=gradient_features, device=device) for _ in range(n)])
         venv.seed(seed)
         trainers = [e.unwrapped._batch.trainer for e in venv.envs]
     step = _random_stepper(venv, n, seed)
@@ -296,6 +315,8 @@ class PPOConfig:
     n_envs: int
     n_steps: int
     n_epochs: int = 10
+    env_device: str = "cpu"  # the inner models'
+    policy_device: str = "cpu"  # the meta-agent's
 
 
 @dataclass
@@ -346,7 +367,7 @@ def measure_ppo(cfg: PPOConfig, seed: int, rollouts: int = 1) -> PPOResult:
         def _on_step(self) -> bool:
             return True
 
-    timed = TimedVecEnv(HPOVecEnv(cfg.n_envs, "train", seed=seed))
+    timed = TimedVecEnv(HPOVecEnv(cfg.n_envs, "train", seed=seed, device=cfg.env_device))
     venv = VecNormalize(timed, gamma=0.99)
     model = RecurrentPPO(
         "MlpLstmPolicy",
@@ -355,7 +376,7 @@ def measure_ppo(cfg: PPOConfig, seed: int, rollouts: int = 1) -> PPOResult:
         batch_size=cfg.batch_size,
         n_epochs=cfg.n_epochs,
         seed=seed,
-        device="cpu",
+        device=cfg.policy_device,
         policy_kwargs={"lstm_hidden_size": cfg.lstm},
     )
     total = cfg.n_envs * cfg.n_steps * rollouts
@@ -397,6 +418,16 @@ def _ratio_table(rows: list[dict], modes: dict[str, str], ratio: str, fmt: str) 
     )
 
 
+def _progress(t0: float, results: list[EnvResult], family: str, n: int) -> None:
+    """One line per family and N, with its numbers (a run cut short still leaves them in its log)."""
+    done = " ".join(
+        f"{r.mode} {r.inner_steps_per_s:,.0f} steps/s ({100 * r.outside_share:.0f}% outside)"
+        for r in results
+        if r.family == family and r.n == n
+    )
+    print(f"[{time.perf_counter() - t0:6.0f}s] {family} N={n}: {done}", flush=True)
+
+
 def _fmt_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     line = "  ".join(h.rjust(w) for h, w in zip(header, widths))
@@ -417,6 +448,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-naive", action="store_true", help="skip the naive reference")
     parser.add_argument("--no-ppo", action="store_true", help="skip the end-to-end RecurrentPPO runs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device of the inner models (cpu, cuda, cuda:1...); on an accelerator the peak is its float32 "
+        "matmul, the default sizes go up to 1024 and the PPO runs put the environments (and some policies) there",
+    )
+    parser.add_argument(
+        "--naive-max",
+        type=int,
+        default=None,
+        metavar="N",
+        help="largest N for the naive reference (default: every N on cpu, 32 on an accelerator, where N "
+        "separate environments launch N times the kernels)",
+    )
     parser.add_argument(
         "--profile",
         type=int,
@@ -440,8 +485,17 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     quick = args.quick
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        parser.error(f"--device {args.device!r} is not a torch device ({err}); use cpu, cuda or cuda:N")
+    accelerated = device.type != "cpu"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device; use --device cpu")
     families = args.families or (["teacher_classification", "digits_mlp", "charlm"] if quick else list(FAMILIES))
-    sizes = args.sizes or ([1, 32] if quick else [1, 8, 32, 128])
+    default_sizes = [1, 8, 32, 128] + ([512, 1024] if accelerated else [])
+    sizes = args.sizes or ([1, 32] + ([1024] if accelerated else []) if quick else default_sizes)
+    naive_max = args.naive_max if args.naive_max is not None else (32 if accelerated else max(sizes))
     seconds = args.seconds or (1.0 if quick else 2.0)
     wide = args.wide or ([256] if quick else [256, 512])
     unknown = [f for f in families if f not in FAMILIES]
@@ -450,29 +504,36 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     report: dict = {
-        "command": "python benchmarks/throughput.py" + (" --quick" if quick else ""),
+        "command": " ".join(["python benchmarks/throughput.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "cpus": torch.get_num_threads()},
+        "device": str(device),
     }
+    if device.type == "cuda":
+        report["machine"]["accelerator"] = torch.cuda.get_device_name(device)
+        report["machine"]["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
     peak = {t: matmul_peak(t) for t in (1, 2)}
     report["matmul_peak_gflops"] = peak
-    env_peak = peak[args.threads] if args.threads in peak else matmul_peak(args.threads)
+    if accelerated:
+        peak[str(device)] = env_peak = matmul_peak(args.threads, size=8192, seconds=2.0, device=str(device))
+    else:
+        env_peak = peak[args.threads] if args.threads in peak else matmul_peak(args.threads)
 
     torch.set_num_threads(args.threads)
     env_results: list[EnvResult] = []
     for family in families:
         dist = TaskDistribution([family], name=family)
         for n in sizes:
-            env_results.append(measure_env("batched", family, dist, n, seconds, args.seed))
-            if not args.no_naive:
-                env_results.append(measure_env("naive", family, dist, n, seconds, args.seed))
-            print(f"[{time.perf_counter() - t0:6.0f}s] {family} N={n} done", flush=True)
+            env_results.append(measure_env("batched", family, dist, n, seconds, args.seed, device=args.device))
+            if not args.no_naive and n <= naive_max:
+                env_results.append(measure_env("naive", family, dist, n, seconds, args.seed, device=args.device))
+            _progress(t0, env_results, family, n)
     for width in wide:
         dist = WideTaskDistribution(width, batch=256)
-        for n in [32]:
-            env_results.append(measure_env("batched", dist.name, dist, n, seconds, args.seed))
-            if not args.no_naive:
-                env_results.append(measure_env("naive", dist.name, dist, n, seconds, args.seed))
-            print(f"[{time.perf_counter() - t0:6.0f}s] {dist.name} N={n} done", flush=True)
+        for n in [32] + ([max(sizes)] if accelerated and max(sizes) > 32 else []):
+            env_results.append(measure_env("batched", dist.name, dist, n, seconds, args.seed, device=args.device))
+            if not args.no_naive and n <= naive_max:
+                env_results.append(measure_env("naive", dist.name, dist, n, seconds, args.seed, device=args.device))
+            _progress(t0, env_results, dist.name, n)
     report["env"] = [asdict(r) for r in env_results]
     if args.profile:
         report["profile"] = {
@@ -497,7 +558,16 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_ppo:
         # Two torch threads make every small op of the inner trainer slower on this shared 2-core machine
         # (OpenMP spin-waits), so the 2-thread configurations run a short rollout only.
-        if quick:
+        if accelerated:
+            # The environments on the accelerator; the meta-agent on the CPU (the presets' choice) and on
+            # the accelerator, where the larger n_envs and batches pay.
+            dev = str(device)
+            configs = [
+                PPOConfig(1, 64, 2048, 64, 32, env_device=dev),
+                PPOConfig(1, 64, 2048, 64, 32, env_device=dev, policy_device=dev),
+                PPOConfig(1, 256, 4096, 256, 32, env_device=dev, policy_device=dev),
+            ][: 2 if quick else None]
+        elif quick:
             configs = [PPOConfig(2, 256, 128, 16, 16), PPOConfig(1, 64, 512, 16, 32)]
         else:
             configs = [
@@ -510,7 +580,11 @@ def main(argv: list[str] | None = None) -> dict:
             ]
         for cfg in configs:
             ppo_results.append(measure_ppo(cfg, args.seed))
-            print(f"[{time.perf_counter() - t0:6.0f}s] PPO {cfg} done", flush=True)
+            print(
+                f"[{time.perf_counter() - t0:6.0f}s] PPO {cfg}: {ppo_results[-1].timesteps_per_s:,.0f} timesteps/s, "
+                f"PPO side {100 * ppo_results[-1].ppo_share:.0f}%",
+                flush=True,
+            )
         torch.set_num_threads(args.threads)
     report["ppo"] = [asdict(r) for r in ppo_results]
     report["seconds"] = time.perf_counter() - t0
@@ -541,9 +615,10 @@ def main(argv: list[str] | None = None) -> dict:
             ]
         )
     print()
+    on_device = f"; {device} ({report['machine'].get('accelerator', device)}): {env_peak:,.0f}" if accelerated else ""
     print(
-        f"matmul peak: {peak[1]:.1f} GFLOP/s (1 thread), {peak[2]:.1f} GFLOP/s (2 threads); "
-        f"env runs use {args.threads} thread(s); {seconds:g} s per measurement"
+        f"matmul peak: {peak[1]:.1f} GFLOP/s (1 thread), {peak[2]:.1f} GFLOP/s (2 threads){on_device}; "
+        f"env runs on {device} with {args.threads} CPU thread(s); {seconds:g} s per measurement"
     )
     print(
         _fmt_table(
@@ -594,6 +669,7 @@ def main(argv: list[str] | None = None) -> dict:
             _fmt_table(
                 [
                     "threads",
+                    "env / policy",
                     "lstm",
                     "batch",
                     "n_envs",
@@ -607,6 +683,7 @@ def main(argv: list[str] | None = None) -> dict:
                 [
                     [
                         str(p.config.threads),
+                        f"{p.config.env_device} / {p.config.policy_device}",
                         str(p.config.lstm),
                         str(p.config.batch_size),
                         str(p.config.n_envs),
