@@ -81,7 +81,9 @@ def test_vec_env_on_cuda_steps_like_on_cpu():
     np.testing.assert_allclose(obs["cuda"], obs["cpu"], rtol=1e-3, atol=1e-3)
     ends = 0
     for _ in range(40):
-        actions = rng.uniform(-1, 1, (6, envs["cpu"].action_space.shape[0])).astype(np.float32)
+        # Mild actions: extreme learning rates make training chaotic, and then float32 rounding that
+        # differs between devices grows until the runs part (which says nothing about the code).
+        actions = rng.uniform(-0.2, 0.2, (6, envs["cpu"].action_space.shape[0])).astype(np.float32)
         out = {d: e.step(actions) for d, e in envs.items()}
         (o_c, r_c, d_c, _), (o_g, r_g, d_g, _) = out["cpu"], out["cuda"]
         np.testing.assert_array_equal(d_g, d_c)
