@@ -86,6 +86,8 @@ class PolicyBundle:
         path: where it was loaded from (None if built in memory).
         gradient_features: the policy observes the gradient features (``grad_cosine``, ``grad_norm``),
             so whoever runs it must measure the gradients (the environment and the scheduler do).
+        epochs_feature: the policy observes each run's planned number of epochs (``log_epochs``), so
+            whoever runs it must say it (the environment knows; a scheduler takes ``steps_per_epoch``).
     """
 
     model: Any
@@ -98,14 +100,20 @@ class PolicyBundle:
     frame_stack: int = 1
     path: Path | None = None
     gradient_features: bool = False
+    epochs_feature: bool = False
 
     @property
     def is_recurrent(self) -> bool:
         return hasattr(self.model.policy, "lstm_actor")
 
     @property
+    def feature_options(self) -> dict[str, bool]:
+        """The optional feature groups it observes, as :class:`~hpo_env.ObservationBuilder` keywords."""
+        return {"gradient_features": self.gradient_features, "epochs_feature": self.epochs_feature}
+
+    @property
     def obs_dim(self) -> int:
-        return ObservationBuilder(self.decoder, gradient_features=self.gradient_features).dim
+        return ObservationBuilder(self.decoder, **self.feature_options).dim
 
     def normalize(self, obs: np.ndarray) -> np.ndarray:
         """Apply the saved normalisation (as VecNormalize does at evaluation time)."""
@@ -183,11 +191,12 @@ class EnsembleBundle:
                     f"ensemble member {i} controls {member.decoder.to_config()}, member 0 controls "
                     f"{first.to_config()}: members must be trained with the same hyperparameters and bounds"
                 )
-            if member.gradient_features != self.members[0].gradient_features:
-                raise BundleError(
-                    f"ensemble member {i} has gradient_features={member.gradient_features}, member 0 has "
-                    f"{self.members[0].gradient_features}: members must observe the same features"
-                )
+            for option in ("gradient_features", "epochs_feature"):
+                if getattr(member, option) != getattr(self.members[0], option):
+                    raise BundleError(
+                        f"ensemble member {i} has {option}={getattr(member, option)}, member 0 has "
+                        f"{getattr(self.members[0], option)}: members must observe the same features"
+                    )
 
     @property
     def decoder(self) -> ActionDecoder:
@@ -200,6 +209,14 @@ class EnsembleBundle:
     @property
     def gradient_features(self) -> bool:
         return self.members[0].gradient_features
+
+    @property
+    def epochs_feature(self) -> bool:
+        return self.members[0].epochs_feature
+
+    @property
+    def feature_options(self) -> dict[str, bool]:
+        return self.members[0].feature_options
 
     @property
     def is_recurrent(self) -> bool:
@@ -290,6 +307,7 @@ def save_bundle(
     frame_stack: int = 1,
     config: Mapping[str, Any] | None = None,
     gradient_features: bool = False,
+    epochs_feature: bool = False,
 ) -> Path:
     """Write a bundle directory atomically; returns its path.
 
@@ -302,9 +320,10 @@ def save_bundle(
         frame_stack: frames stacked by ``VecFrameStack`` (after normalisation), 1 for none.
         config: extra JSON-serialisable settings (environment, training command, seed, timesteps...).
         gradient_features: the policy was trained on observations with the gradient features.
+        epochs_feature: the policy was trained on observations with the epochs feature.
     """
     path = Path(path)
-    builder = ObservationBuilder(decoder, gradient_features=gradient_features)
+    builder = ObservationBuilder(decoder, gradient_features=gradient_features, epochs_feature=epochs_feature)
     full_config = {
         "format_version": BUNDLE_FORMAT_VERSION,
         "kind": POLICY_KIND,
@@ -315,6 +334,7 @@ def save_bundle(
         "obs_dim": builder.dim,
         "feature_names": builder.feature_names(),
         "gradient_features": bool(gradient_features),
+        "epochs_feature": bool(epochs_feature),
         "action_decoder": decoder.to_config(),
         **dict(config or {}),
     }
@@ -434,10 +454,11 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> PolicyBundle | 
         decoder = ActionDecoder.from_config(config["action_decoder"])
     except (KeyError, ValueError) as err:
         raise BundleError(f"{path / CONFIG_FILE} has no valid 'action_decoder': {err}") from err
-    gradient_features = config.get("gradient_features", False)
-    if not isinstance(gradient_features, bool):
-        raise BundleError(f"{path / CONFIG_FILE} has gradient_features={gradient_features!r}, expected true or false")
-    obs_dim = ObservationBuilder(decoder, gradient_features=gradient_features).dim
+    options = {name: config.get(name, False) for name in ("gradient_features", "epochs_feature")}
+    for name, value in options.items():
+        if not isinstance(value, bool):
+            raise BundleError(f"{path / CONFIG_FILE} has {name}={value!r}, expected true or false")
+    obs_dim = ObservationBuilder(decoder, **options).dim
     if config.get("obs_dim") != obs_dim:
         raise BundleError(f"{path / CONFIG_FILE} says obs_dim={config.get('obs_dim')}, its decoder implies {obs_dim}")
     norm = _read_json(path / NORM_FILE)
@@ -462,9 +483,7 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> PolicyBundle | 
             f"{path / MODEL_FILE} expects observations of shape {model.observation_space.shape}, "
             f"but the bundle's features give ({expected},)"
         )
-    return PolicyBundle(
-        model, decoder, config, obs_mean, obs_var, clip_obs, epsilon, frame_stack, path, gradient_features
-    )
+    return PolicyBundle(model, decoder, config, obs_mean, obs_var, clip_obs, epsilon, frame_stack, path, **options)
 
 
 def _check_versions(path: Path, config: Mapping[str, Any], format_version: int) -> None:

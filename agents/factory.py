@@ -128,6 +128,9 @@ class MetaAgentConfig:
         gradient_features: also observe the gradient features (``grad_cosine``, ``grad_norm``; see
             :mod:`hpo_env.features`). The policy's bundle records it, and the deployed scheduler then
             reads the optimiser's gradients at every step.
+        epochs_feature: also observe how many passes over its training set each run makes
+            (``log_epochs``; see :mod:`hpo_env.features`). The policy's bundle records it, and the
+            deployed scheduler then needs ``steps_per_epoch``.
     """
 
     algorithm: str = "recurrent"
@@ -159,6 +162,7 @@ class MetaAgentConfig:
     action_change_penalty: float = 0.0
     init_lr_spread: float = DEFAULT_LR_SPREAD
     gradient_features: bool = False
+    epochs_feature: bool = False
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -291,6 +295,7 @@ def make_meta_env(
         hyperparameters=config.hyperparameters,
         divergence_penalty=config.divergence_penalty,
         gradient_features=config.gradient_features,
+        epochs_feature=config.epochs_feature,
         max_log10_change=config.max_log10_change,
         max_log10_increase=config.max_log10_increase,
         device=device,

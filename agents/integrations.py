@@ -16,7 +16,8 @@ provides that hook and :func:`lightning_scheduler_config` builds the config dict
             return loss
         def configure_optimizers(self):
             opt = torch.optim.AdamW(self.parameters(), lr=1e-3)
-            sched = PolicyScheduler.from_pretrained("default", opt, total_steps=self.trainer.max_epochs)
+            epochs = self.trainer.max_epochs
+            sched = PolicyScheduler.from_pretrained("default", opt, total_steps=epochs, epochs=epochs)
             return {"optimizer": opt, "lr_scheduler": lightning_scheduler_config(sched, monitor="val_loss")}
 
 Lightning saves and restores the scheduler's ``state_dict`` in its checkpoints.
@@ -160,10 +161,13 @@ def _hf_callback_class() -> type:
             if optimizer is None:
                 raise ValueError("the Trainer passed no optimizer to on_train_begin; cannot build the PolicyScheduler")
             total = self.total_steps if self.total_steps is not None else _decisions_from_args(args, state)
+            # The run's length in epochs, for a policy that observes it (the Trainer's own count).
+            kwargs = {"epochs": getattr(state, "num_train_epochs", None) or args.num_train_epochs}
+            kwargs.update(self.scheduler_kwargs)
             if isinstance(self.policy, (str, os.PathLike)):
-                self.scheduler = PolicyScheduler.from_pretrained(self.policy, optimizer, total, **self.scheduler_kwargs)
+                self.scheduler = PolicyScheduler.from_pretrained(self.policy, optimizer, total, **kwargs)
             else:
-                self.scheduler = PolicyScheduler(optimizer, self.policy, total, **self.scheduler_kwargs)
+                self.scheduler = PolicyScheduler(optimizer, self.policy, total, **kwargs)
             self._log_index = len(state.log_history)
 
         def on_step_begin(self, args, state, control, **kwargs):
@@ -197,7 +201,8 @@ def hf_trainer_callback(
         total_steps: number of evaluations in the run; default: derived from ``TrainingArguments``
             (``max_steps // eval_steps``, or the number of epochs with ``eval_strategy="epoch"``).
         metric: the evaluation metric shown to the policy as the validation loss.
-        **scheduler_kwargs: ``deterministic``, ``writer``, ``adaptive`` for :class:`PolicyScheduler`.
+        **scheduler_kwargs: ``deterministic``, ``writer``, ``adaptive``, ``epochs`` for :class:`PolicyScheduler`
+            (``epochs`` defaults to the Trainer's number of training epochs).
 
     Raises:
         ImportError: ``transformers`` is not installed.

@@ -115,6 +115,10 @@ class PolicyScheduler:
     middle of an interval does not hold that interval's gradient statistics: save it right after
     ``step()``, as usual.
 
+    **Epochs.** A policy trained with the epochs feature (``bundle.epochs_feature``) also sees how
+    many passes over its training set the whole run makes: pass ``epochs`` (as for
+    ``torch.optim.lr_scheduler.OneCycleLR``; with one ``step()`` per epoch it is ``total_steps``).
+
     Args:
         optimizer: a ``torch.optim.Optimizer`` whose ``param_groups`` carry the controlled keys.
         bundle: a :class:`~agents.PolicyBundle` (from :func:`~agents.load_bundle`), or any object with
@@ -127,12 +131,15 @@ class PolicyScheduler:
             ``scheduler/action_<hparam>`` and ``scheduler/diverged``, at global step ``t``.
         adaptive: whether the optimiser is Adam-type (an observed feature). Default: True unless the
             optimiser is a ``torch.optim.SGD``.
+        epochs: how many passes over the training set the whole run makes (> 0; fractions are fine).
+            Required by a policy with the epochs feature, ignored by one without.
 
     Raises:
         TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``, ``bundle`` has no ``decoder``
             and ``predict``, or ``total_steps`` is not an integer.
-        ValueError: ``total_steps < 1``, or a parameter group lacks a hyperparameter the policy
-            controls (e.g. a policy trained for momentum on an optimiser without one).
+        ValueError: ``total_steps < 1``, a parameter group lacks a hyperparameter the policy
+            controls (e.g. a policy trained for momentum on an optimiser without one), or the policy
+            observes the epochs and ``epochs`` is missing or not positive.
 
     Example:
         >>> import torch
@@ -140,7 +147,7 @@ class PolicyScheduler:
         >>> model = torch.nn.Linear(4, 1)
         >>> x, y = torch.randn(64, 4), torch.randn(64, 1)
         >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        >>> scheduler = PolicyScheduler.from_pretrained("default", optimizer, total_steps=20)
+        >>> scheduler = PolicyScheduler.from_pretrained("default", optimizer, total_steps=20, epochs=20)
         >>> for epoch in range(20):
         ...     for _ in range(10):
         ...         optimizer.zero_grad()
@@ -163,6 +170,7 @@ class PolicyScheduler:
         deterministic: bool = True,
         writer: Any = None,
         adaptive: bool | None = None,
+        epochs: float | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -187,7 +195,9 @@ class PolicyScheduler:
         self.adaptive = bool(adaptive)
         self._keys = self._resolve_keys(optimizer, decoder)
         self.gradient_features = bool(getattr(bundle, "gradient_features", False))
-        self.features = ObservationBuilder(decoder, 1, gradient_features=self.gradient_features)
+        self.epochs_feature = bool(getattr(bundle, "epochs_feature", False))
+        self.epochs = self._check_epochs(epochs)
+        self.features = self._observation_builder()
         self._grad_stats: GradientStats | None = None
         if self.gradient_features:
             self._register_gradient_hook(optimizer)
@@ -217,6 +227,25 @@ class PolicyScheduler:
         self.reset()
 
     # -- construction helpers -------------------------------------------------------------------
+    def _check_epochs(self, epochs: float | None) -> float | None:
+        if not self.epochs_feature:
+            return None if epochs is None else _to_float(epochs, "epochs")
+        if epochs is None:
+            raise ValueError(
+                "this policy observes how many passes over the training set the run makes: pass epochs= "
+                "(with one step() per epoch, epochs=total_steps; with one per K optimizer steps, "
+                "epochs=total_steps * K / len(train_loader))"
+            )
+        value = _to_float(epochs, "epochs")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"epochs must be a finite number > 0 (passes over the training set), got {epochs!r}")
+        return value
+
+    def _observation_builder(self) -> ObservationBuilder:
+        return ObservationBuilder(
+            self.decoder, 1, gradient_features=self.gradient_features, epochs_feature=self.epochs_feature
+        )
+
     def _register_gradient_hook(self, optimizer: torch.optim.Optimizer) -> None:
         """Observe the gradients before every optimiser step (on the innermost optimiser of a wrapper)."""
         inner = getattr(optimizer, "optimizer", optimizer)
@@ -339,7 +368,7 @@ class PolicyScheduler:
                 (``"default"``).
             optimizer, total_steps: as for :class:`PolicyScheduler`.
             device: torch device of the policy network.
-            **kwargs: ``deterministic``, ``writer``, ``adaptive``.
+            **kwargs: ``deterministic``, ``writer``, ``adaptive``, ``epochs``.
 
         Raises:
             agents.BundleError: the bundle is missing, corrupted or incompatible (a ``ValueError``).
@@ -371,7 +400,7 @@ class PolicyScheduler:
         self._started = False
         self._base = self._initial_base.copy()
         self._last_action = np.zeros(self.decoder.num_actions)
-        self.features = ObservationBuilder(self.decoder, 1, gradient_features=self.gradient_features)
+        self.features = self._observation_builder()
         if self._grad_stats is not None:
             self._grad_stats.reset()
         init = getattr(self.bundle, "initial_state", None)
@@ -419,7 +448,14 @@ class PolicyScheduler:
             hp = self._base[None]
             if not self._started:
                 obs = self.features.reset(
-                    [0], np.array([val]), tr, hp, progress, adaptive=np.array([self.adaptive]), gradients=gradients
+                    [0],
+                    np.array([val]),
+                    tr,
+                    hp,
+                    progress,
+                    adaptive=np.array([self.adaptive]),
+                    gradients=gradients,
+                    epochs=self.epochs if self.epochs_feature else None,
                 )
                 self._started = True
             else:

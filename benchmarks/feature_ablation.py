@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from agents import PolicyBundle, load_bundle
-from hpo_env import GRADIENT_FEATURES, ObservationBuilder
+from hpo_env import EPOCHS_FEATURE, GRADIENT_FEATURES, ObservationBuilder
 from training.benchmark import build_parser, bundle_fingerprint, config_from_args, run_benchmark
 from training.pooling import load_pairs, pooled_summary
 from training.stats import win_rate
@@ -47,12 +47,14 @@ BASE_GROUPS = {
 
 def feature_groups(feature_names: list[str], hyperparameters: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     """The groups of :data:`BASE_GROUPS`, one per hyperparameter feature kind (``hp_position``...), and
-    ``gradients`` for a policy that observes the gradient features."""
+    ``gradients`` and ``epochs`` for a policy that observes those optional features."""
     groups = dict(BASE_GROUPS)
     for kind in _HP_KINDS:
         groups[f"hp_{kind}"] = tuple(f"{h}_{kind}" for h in hyperparameters)
     if set(GRADIENT_FEATURES) <= set(feature_names):
         groups["gradients"] = GRADIENT_FEATURES
+    if EPOCHS_FEATURE in feature_names:
+        groups["epochs"] = (EPOCHS_FEATURE,)
     unknown = sorted({n for names in groups.values() for n in names} - set(feature_names))
     if unknown:
         raise ValueError(f"features {unknown} are not in this policy's feature set {feature_names}")
@@ -68,7 +70,7 @@ class HeldFeatures:
                 "feature ablation needs a single-policy bundle with observation normalisation (its mean is the "
                 f"held value), got {type(bundle).__name__}"
             )
-        all_names = ObservationBuilder(bundle.decoder, gradient_features=bundle.gradient_features).feature_names()
+        all_names = ObservationBuilder(bundle.decoder, **bundle.feature_options).feature_names()
         self.bundle, self.decoder, self.names = bundle, bundle.decoder, names
         self.index = np.array([all_names.index(n) for n in names], dtype=np.int64)
         self.value = np.asarray(bundle.obs_mean, dtype=np.float64)[self.index].astype(np.float32)
@@ -76,6 +78,10 @@ class HeldFeatures:
     @property
     def gradient_features(self) -> bool:
         return self.bundle.gradient_features
+
+    @property
+    def epochs_feature(self) -> bool:
+        return self.bundle.epochs_feature
 
     def initial_state(self, n_envs: int = 1) -> Any:
         return self.bundle.initial_state(n_envs)
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     base = config_from_args(args)
     bundle = load_bundle(base.policy, device=base.device)
-    names = ObservationBuilder(bundle.decoder, gradient_features=bundle.gradient_features).feature_names()
+    names = ObservationBuilder(bundle.decoder, **bundle.feature_options).feature_names()
     groups = feature_groups(names, bundle.decoder.names)
     chosen = args.groups or list(groups)
     bad = sorted(set(chosen) - set(groups))

@@ -15,7 +15,7 @@ It prints a comparison table (final validation and test loss, test accuracy; mea
 deviation over seeds) and saves a plot of the schedules and validation curves. The integration is
 five lines (marked ``# <--`` below)::
 
-    scheduler = PolicyScheduler.from_pretrained("default", optimizer, total_steps=decisions)  # <--
+    scheduler = PolicyScheduler.from_pretrained("default", optimizer, total_steps=decisions, epochs=epochs)  # <--
     for t in range(decisions):
         train_for(steps_per_decision)                                                          # <--
         val_loss = evaluate()                                                                  # <--
@@ -63,6 +63,8 @@ class Problem:
         val, test: fixed evaluation sets ``(x, y)``.
         steps_per_decision: optimiser steps between two ``scheduler.step()`` calls (K).
         decisions: number of decision intervals (T); the run has ``K * T`` optimiser steps.
+        samples_per_step: training examples (targets) per minibatch.
+        train_size: training examples in all; with the above, how many epochs the run makes.
     """
 
     name: str
@@ -74,6 +76,13 @@ class Problem:
     test: tuple[torch.Tensor, torch.Tensor]
     steps_per_decision: int
     decisions: int
+    samples_per_step: int
+    train_size: int
+
+    @property
+    def epochs(self) -> float:
+        """Passes over the training set in the whole run (a policy with the epochs feature observes it)."""
+        return self.steps_per_decision * self.decisions * self.samples_per_step / self.train_size
 
 
 def digits_problem() -> Problem:
@@ -114,6 +123,8 @@ def digits_problem() -> Problem:
         test=(x[te], y[te]),
         steps_per_decision=20,
         decisions=25,
+        samples_per_step=32,
+        train_size=len(tr),
     )
 
 
@@ -163,6 +174,8 @@ def charlm_problem(window: int = 48) -> Problem:
         test=test,
         steps_per_decision=25,
         decisions=20,
+        samples_per_step=32 * window,  # every position of a window is a next-character target
+        train_size=len(train_ids),
     )
 
 
@@ -205,7 +218,7 @@ def train(problem: Problem, schedule: str, seed: int, bundle, lr_scale: float = 
     total = problem.steps_per_decision * problem.decisions
     scheduler = None
     if schedule == "policy":
-        scheduler = PolicyScheduler(optimizer, bundle, total_steps=problem.decisions)
+        scheduler = PolicyScheduler(optimizer, bundle, total_steps=problem.decisions, epochs=problem.epochs)
     elif schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     run = Run(problem.name, schedule if lr_scale == 1 else f"{schedule} x{lr_scale:g}", seed)

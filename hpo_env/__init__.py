@@ -12,7 +12,15 @@ from hpo_env.actions import CONTROLLABLE, DEFAULT_HYPERPARAMETERS, ActionDecoder
 from hpo_env.core import EpisodeBatch
 from hpo_env.data import DataSplits, build_splits
 from hpo_env.envs import HPOEnv, make_distribution
-from hpo_env.features import FEATURE_SET_VERSION, GRADIENT_FEATURES, OBS_BOUND, GradientStats, ObservationBuilder
+from hpo_env.features import (
+    EPOCHS_FEATURE,
+    FEATURE_SET_VERSION,
+    GRADIENT_FEATURES,
+    OBS_BOUND,
+    GradientStats,
+    ObservationBuilder,
+    log_epochs_feature,
+)
 from hpo_env.tasks import FAMILIES, SPLITS, TaskDistribution, TaskSpec, ToyTaskDistribution
 from hpo_env.trainer import HPARAM_NAMES, BatchedTrainer, ChunkResult
 from hpo_env.vec_env import HPOVecEnv
@@ -20,6 +28,7 @@ from hpo_env.vec_env import HPOVecEnv
 __all__ = [
     "CONTROLLABLE",
     "DEFAULT_HYPERPARAMETERS",
+    "EPOCHS_FEATURE",
     "FAMILIES",
     "FEATURE_SET_VERSION",
     "GRADIENT_FEATURES",
@@ -40,6 +49,7 @@ __all__ = [
     "TaskSpec",
     "ToyTaskDistribution",
     "build_splits",
+    "log_epochs_feature",
     "make_distribution",
 ]
 

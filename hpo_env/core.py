@@ -48,6 +48,8 @@ class EpisodeBatch:
         device: torch device of the inner models.
         divergence_penalty: return of a diverged episode is ``-divergence_penalty``.
         gradient_features: also observe the gradient features (:data:`~hpo_env.features.GRADIENT_FEATURES`).
+        epochs_feature: also observe each run's planned number of epochs
+            (:data:`~hpo_env.features.EPOCHS_FEATURE`).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class EpisodeBatch:
         device: str = "cpu",
         divergence_penalty: float = 1.0,
         gradient_features: bool = False,
+        epochs_feature: bool = False,
     ) -> None:
         if not divergence_penalty >= 0:
             raise ValueError(f"divergence_penalty must be >= 0, got {divergence_penalty}")
@@ -65,7 +68,10 @@ class EpisodeBatch:
         self.decoder = decoder
         self.gradient_features = bool(gradient_features)
         self.trainer = BatchedTrainer(n, device=device, gradient_stats=self.gradient_features)
-        self.features = ObservationBuilder(decoder, n, gradient_features=self.gradient_features)
+        self.epochs_feature = bool(epochs_feature)
+        self.features = ObservationBuilder(
+            decoder, n, gradient_features=self.gradient_features, epochs_feature=self.epochs_feature
+        )
         self.divergence_penalty = float(divergence_penalty)
         self._cols = [HPARAM_NAMES.index(h) for h in decoder.names]
         self.episodes: list[_Episode | None] = [None] * n
@@ -93,8 +99,16 @@ class EpisodeBatch:
         hps = np.stack([self.controlled(s) for s in slots])
         progress = np.array([1.0 / self.episodes[s].spec.num_decisions for s in slots])
         adaptive = np.array([self.episodes[s].spec.optimizer != "sgd" for s in slots])
+        epochs = np.array([self.trainer.planned_epochs(s) for s in slots]) if self.epochs_feature else None
         obs = self.features.reset(
-            slots, res.val_loss, res.train_loss, hps, progress, adaptive=adaptive, gradients=self._gradients(res)
+            slots,
+            res.val_loss,
+            res.train_loss,
+            hps,
+            progress,
+            adaptive=adaptive,
+            gradients=self._gradients(res),
+            epochs=epochs,
         )
         infos = []
         for j, s in enumerate(slots):

@@ -60,6 +60,8 @@ class HPOEnv(gym.Env):
         divergence_penalty: the return of a diverged episode is ``-divergence_penalty``.
         gradient_features: also observe the gradient features (``grad_cosine``, ``grad_norm``; see
             :mod:`hpo_env.features`), at the cost of a copy and a batched matmul per inner step.
+        epochs_feature: also observe how many passes over its training set the run makes
+            (``log_epochs``, constant over the episode; see :mod:`hpo_env.features`).
         device: torch device of the inner model.
         render_mode: ``None`` or ``"ansi"``.
 
@@ -82,6 +84,7 @@ class HPOEnv(gym.Env):
         max_log10_increase: Mapping[str, float] | None = None,
         divergence_penalty: float = 1.0,
         gradient_features: bool = False,
+        epochs_feature: bool = False,
         device: str = "cpu",
         render_mode: str | None = None,
     ) -> None:
@@ -90,7 +93,12 @@ class HPOEnv(gym.Env):
         self.task_distribution = make_distribution(task_distribution)
         self.decoder = ActionDecoder(hyperparameters, bounds, max_log10_change, max_log10_increase)
         self._batch = EpisodeBatch(
-            1, self.decoder, device=device, divergence_penalty=divergence_penalty, gradient_features=gradient_features
+            1,
+            self.decoder,
+            device=device,
+            divergence_penalty=divergence_penalty,
+            gradient_features=gradient_features,
+            epochs_feature=epochs_feature,
         )
         self.render_mode = render_mode
         k = self.decoder.num_actions
@@ -107,6 +115,11 @@ class HPOEnv(gym.Env):
     def gradient_features(self) -> bool:
         """Whether the observations include the gradient features."""
         return self._batch.gradient_features
+
+    @property
+    def epochs_feature(self) -> bool:
+        """Whether the observations include the run's planned number of epochs."""
+        return self._batch.epochs_feature
 
     @property
     def task(self) -> TaskSpec | None:

@@ -28,6 +28,13 @@ going the same way, negative when the learning rate makes the iterate oscillate;
 hypergradient descent follows), and the interval's mean log gradient norm relative to the first
 interval's (``grad_norm``). :class:`GradientStats` accumulates both from the gradients of every
 optimiser step, in the environment's trainer (N models at once) and in the deployed scheduler alike.
+
+Optional *epochs feature* (``epochs_feature=True``, appended last): how many passes over its training
+set the whole run makes, ``log10(epochs) - 1.5`` (:func:`log_epochs_feature`), constant over the
+run. In the environment, ``epochs = total_steps * batch_size / n_train``; a scheduler is told
+``total_steps / steps_per_epoch``. Small datasets trained for hundreds of epochs overfit, and
+their best learning rate is often below the default; without this feature the policy's first
+decision cannot tell such a run from one that needs a larger rate.
 """
 
 from __future__ import annotations
@@ -37,7 +44,15 @@ import torch
 
 from hpo_env.actions import ActionDecoder
 
-__all__ = ["FEATURE_SET_VERSION", "GRADIENT_FEATURES", "OBS_BOUND", "GradientStats", "ObservationBuilder"]
+__all__ = [
+    "EPOCHS_FEATURE",
+    "FEATURE_SET_VERSION",
+    "GRADIENT_FEATURES",
+    "OBS_BOUND",
+    "GradientStats",
+    "ObservationBuilder",
+    "log_epochs_feature",
+]
 
 #: Bumped whenever the features change meaning; policy bundles record it.
 FEATURE_SET_VERSION = "1"
@@ -58,8 +73,19 @@ _BASE_FEATURES = (
     "has_train_loss",
     "adaptive_optimizer",
 )
-#: Names of the optional gradient features, appended after every other feature.
+#: Names of the optional gradient features, appended after the base and hyperparameter features.
 GRADIENT_FEATURES = ("grad_cosine", "grad_norm")
+#: Name of the optional epochs feature, appended last.
+EPOCHS_FEATURE = "log_epochs"
+
+
+def log_epochs_feature(epochs) -> np.ndarray:
+    """The epochs feature of runs making ``epochs`` passes over their training sets (> 0):
+    ``log10(epochs) - 1.5``, so about 32 epochs read as 0, 3.2 as -1 and 316 as +1."""
+    epochs = np.asarray(epochs, dtype=np.float64)
+    if not np.all(np.isfinite(epochs) & (epochs > 0)):
+        raise ValueError(f"epochs must be finite and > 0, got {epochs}")
+    return np.clip(np.log10(epochs) - 1.5, -OBS_BOUND, OBS_BOUND)
 
 
 class GradientStats:
@@ -151,15 +177,26 @@ class ObservationBuilder:
         n: number of runs tracked at once (1 in the environment and the scheduler).
         gradient_features: also observe :data:`GRADIENT_FEATURES`; ``reset`` and ``update`` then
             need each interval's :meth:`GradientStats.result` as ``gradients``.
+        epochs_feature: also observe :data:`EPOCHS_FEATURE`; ``reset`` then needs each run's
+            planned number of epochs as ``epochs``.
     """
 
-    def __init__(self, decoder: ActionDecoder, n: int = 1, *, gradient_features: bool = False) -> None:
+    def __init__(
+        self, decoder: ActionDecoder, n: int = 1, *, gradient_features: bool = False, epochs_feature: bool = False
+    ) -> None:
         self.decoder = decoder
         self.n = int(n)
         self.gradient_features = bool(gradient_features)
+        self.epochs_feature = bool(epochs_feature)
         k = decoder.num_actions
-        self.dim = len(_BASE_FEATURES) + 3 * k + (len(GRADIENT_FEATURES) if self.gradient_features else 0)
+        self.dim = (
+            len(_BASE_FEATURES)
+            + 3 * k
+            + (len(GRADIENT_FEATURES) if self.gradient_features else 0)
+            + int(self.epochs_feature)
+        )
         self._grad_ref = np.zeros(n)  # log gradient norm of the first interval
+        self._epochs = np.zeros(n)  # the epochs feature of each run
         self._ref = np.ones(n)
         self._last_val = np.zeros(n)
         self._last_train = np.zeros(n)
@@ -175,6 +212,8 @@ class ObservationBuilder:
             names += [f"{h}_{kind}" for h in self.decoder.names]
         if self.gradient_features:
             names += list(GRADIENT_FEATURES)
+        if self.epochs_feature:
+            names.append(EPOCHS_FEATURE)
         return names
 
     def _gradient_columns(self, slots: np.ndarray, gradients, first: bool) -> np.ndarray | None:
@@ -214,6 +253,7 @@ class ObservationBuilder:
         *,
         adaptive: np.ndarray | bool,
         gradients: tuple[np.ndarray, np.ndarray] | None = None,
+        epochs: np.ndarray | float | None = None,
     ) -> np.ndarray:
         """Start runs in ``slots`` from the first interval's losses; returns their observations.
 
@@ -226,8 +266,19 @@ class ObservationBuilder:
             adaptive: whether each run's optimiser is Adam-type (AdamW, Adam, ...) rather than SGD.
             gradients: with ``gradient_features``, the first interval's ``(mean cosine, mean log
                 norm)`` per slot (:meth:`GradientStats.result`).
+            epochs: with ``epochs_feature``, how many passes over its training set each run makes in
+                all (> 0).
         """
         slots = np.asarray(slots, dtype=np.intp)
+        if self.epochs_feature:
+            if epochs is None:
+                raise ValueError(
+                    "this ObservationBuilder observes the epochs feature: pass epochs=, each run's planned number "
+                    "of passes over its training set"
+                )
+            self._epochs[slots] = np.broadcast_to(log_epochs_feature(epochs), slots.shape)
+        elif epochs is not None:
+            raise ValueError("epochs were given, but this ObservationBuilder has epochs_feature=False")
         val = np.asarray(val_loss, np.float64)
         ref = np.where(np.isfinite(val) & (val > 0), val, 1.0)
         self._ref[slots] = ref
@@ -307,6 +358,7 @@ class ObservationBuilder:
                 self.decoder.position(hparams),
                 self._prev_action[slots],
                 *([] if grad is None else [grad]),
+                *([self._epochs[slots, None]] if self.epochs_feature else []),
             ],
             axis=-1,
         )
@@ -326,6 +378,7 @@ class ObservationBuilder:
                 "_prev_action",
                 "_adaptive",
                 "_grad_ref",
+                "_epochs",
             )
         }
 

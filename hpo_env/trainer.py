@@ -250,6 +250,11 @@ class BatchedTrainer:
     def steps_done(self, slot: int) -> int:
         return self._get(slot).steps_done
 
+    def planned_epochs(self, slot: int) -> float:
+        """How many passes over its training set a slot's whole run makes: ``total_steps * batch_size / n_train``."""
+        s = self._get(slot)
+        return s.spec.total_steps * s.spec.batch_size / s.data.x_train.shape[0]
+
     def parameters(self, slot: int) -> list[torch.Tensor]:
         """A slot's current parameters in their true (unpadded) shapes."""
         s = self._get(slot)

@@ -31,7 +31,7 @@ class HPOVecEnv(VecEnv):
     Args:
         num_envs: number of slots N.
         task_distribution, hyperparameters, bounds, max_log10_change, max_log10_increase,
-            divergence_penalty, gradient_features, device:
+            divergence_penalty, gradient_features, epochs_feature, device:
             as for :class:`~hpo_env.HPOEnv`.
         seed: seeds slot ``i`` with ``seed + i`` at the first reset (or use :meth:`seed`).
     """
@@ -47,6 +47,7 @@ class HPOVecEnv(VecEnv):
         max_log10_increase: Mapping[str, float] | None = None,
         divergence_penalty: float = 1.0,
         gradient_features: bool = False,
+        epochs_feature: bool = False,
         device: str = "cpu",
         seed: int | None = None,
     ) -> None:
@@ -60,6 +61,7 @@ class HPOVecEnv(VecEnv):
             device=device,
             divergence_penalty=divergence_penalty,
             gradient_features=gradient_features,
+            epochs_feature=epochs_feature,
         )
         k = self.decoder.num_actions
         observation_space = gym.spaces.Box(-OBS_BOUND, OBS_BOUND, (self._batch.obs_dim,), np.float32)
@@ -79,6 +81,11 @@ class HPOVecEnv(VecEnv):
     def gradient_features(self) -> bool:
         """Whether the observations include the gradient features."""
         return self._batch.gradient_features
+
+    @property
+    def epochs_feature(self) -> bool:
+        """Whether the observations include the run's planned number of epochs."""
+        return self._batch.epochs_feature
 
     @property
     def trainer(self):

@@ -323,15 +323,27 @@ class _RowPolicies:
             self.groups[id(p)] = (p, [*idx, i])
         self.groups = {k: (p, np.asarray(idx)) for k, (p, idx) in self.groups.items()}
         self.n = len(policies)
-        # One batch observes the gradient features if any policy needs them (they do not change the
-        # training); the others see the observations without them (appended last, so cut off).
+        # One batch observes each optional feature group if any policy needs it (none changes the
+        # training); each policy sees the columns of its own groups (the optional ones come last).
         self.gradient_features = any(getattr(p, "gradient_features", False) for p in policies)
-        self._cut = {
-            k: -len(GRADIENT_FEATURES)
-            if self.gradient_features and not getattr(p, "gradient_features", False)
-            else None
-            for k, (p, _) in self.groups.items()
-        }
+        self.epochs_feature = any(getattr(p, "epochs_feature", False) for p in policies)
+
+    def _columns(self, width: int, policy: Any) -> np.ndarray | slice:
+        """The columns of a ``width``-wide batch observation that ``policy`` was trained on."""
+        groups = [
+            (len(GRADIENT_FEATURES), self.gradient_features, getattr(policy, "gradient_features", False)),
+            (1, self.epochs_feature, getattr(policy, "epochs_feature", False)),
+        ]
+        if all(mine == batch for _, batch, mine in groups):
+            return slice(None)
+        start = width - sum(n for n, batch, _ in groups if batch)
+        cols = [np.arange(start)]
+        for n, batch, mine in groups:
+            if batch:
+                if mine:
+                    cols.append(np.arange(start, start + n))
+                start += n
+        return np.concatenate(cols)
 
     def initial_state(self, n: int) -> dict[int, Any]:
         return {k: getattr(p, "initial_state", lambda m: None)(len(idx)) for k, (p, idx) in self.groups.items()}
@@ -343,7 +355,10 @@ class _RowPolicies:
         new_state = {}
         for k, (policy, idx) in self.groups.items():
             a, new_state[k] = policy.predict(
-                obs[idx, : self._cut[k]], state=state[k], episode_start=starts[idx], deterministic=deterministic
+                obs[idx][:, self._columns(obs.shape[1], policy)],
+                state=state[k],
+                episode_start=starts[idx],
+                deterministic=deterministic,
             )
             a = np.asarray(a, dtype=np.float32).reshape(len(idx), -1)
             if actions is None:

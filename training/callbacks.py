@@ -294,13 +294,13 @@ def make_eval_tasks(
 def bundle_from_model(model: Any, env: VecEnv | None, decoder: ActionDecoder, frame_stack: int = 1) -> PolicyBundle:
     """An in-memory :class:`PolicyBundle` of a model and the current ``VecNormalize`` statistics of ``env``.
 
-    It sees raw observations exactly as a saved and reloaded bundle would (with the gradient
-    features if ``env`` observes them).
+    It sees raw observations exactly as a saved and reloaded bundle would (with the optional
+    features that ``env`` observes).
     """
     vecnorm = get_vec_normalize(env) if env is not None else None
-    gradient_features = env_gradient_features(env)
+    options = env_feature_options(env)
     if vecnorm is None or not vecnorm.norm_obs:
-        return PolicyBundle(model, decoder, frame_stack=frame_stack, gradient_features=gradient_features)
+        return PolicyBundle(model, decoder, frame_stack=frame_stack, **options)
     return PolicyBundle(
         model,
         decoder,
@@ -309,13 +309,17 @@ def bundle_from_model(model: Any, env: VecEnv | None, decoder: ActionDecoder, fr
         clip_obs=float(vecnorm.clip_obs),
         epsilon=float(vecnorm.epsilon),
         frame_stack=frame_stack,
-        gradient_features=gradient_features,
+        **options,
     )
 
 
-def env_gradient_features(env: VecEnv | None) -> bool:
-    """Whether the (possibly wrapped) meta-training environment observes the gradient features."""
-    return bool(env is not None and getattr(env.unwrapped, "gradient_features", False))
+def env_feature_options(env: VecEnv | None) -> dict[str, bool]:
+    """Which optional features the (possibly wrapped) meta-training environment observes, as the
+    keyword arguments of :class:`PolicyBundle` and :func:`~agents.save_bundle`."""
+    return {
+        name: bool(env is not None and getattr(env.unwrapped, name, False))
+        for name in ("gradient_features", "epochs_feature")
+    }
 
 
 class EvalSummary(dict):
@@ -489,7 +493,7 @@ class HeldOutEvalCallback(BaseCallback):
             epsilon=vecnorm.epsilon if vecnorm is not None else 1e-8,
             frame_stack=self.frame_stack,
             config=config,
-            gradient_features=env_gradient_features(self.training_env),
+            **env_feature_options(self.training_env),
         )
 
 

@@ -63,6 +63,7 @@ def run_episodes(
     divergence_penalty: float = 1.0,
     seed_indices: Sequence[int] | None = None,
     gradient_features: bool | None = None,
+    epochs_feature: bool | None = None,
 ) -> list[EpisodeRecord]:
     """Run ``policy`` on every task for its whole budget and return one record per task.
 
@@ -76,6 +77,8 @@ def run_episodes(
         seed_indices: labels stored in the records (defaults to 0).
         gradient_features: observe the gradient features (default: the policy's ``gradient_features``
             attribute, as a :class:`~agents.PolicyBundle` has it; off for other policies).
+        epochs_feature: observe the planned number of epochs (default: the policy's ``epochs_feature``
+            attribute; off for other policies).
     """
     tasks = list(tasks)
     n = len(tasks)
@@ -83,8 +86,15 @@ def run_episodes(
         return []
     if gradient_features is None:
         gradient_features = bool(getattr(policy, "gradient_features", False))
+    if epochs_feature is None:
+        epochs_feature = bool(getattr(policy, "epochs_feature", False))
     batch = EpisodeBatch(
-        n, decoder, device=device, divergence_penalty=divergence_penalty, gradient_features=gradient_features
+        n,
+        decoder,
+        device=device,
+        divergence_penalty=divergence_penalty,
+        gradient_features=gradient_features,
+        epochs_feature=epochs_feature,
     )
     records = [EpisodeRecord(t, 0 if seed_indices is None else int(seed_indices[i])) for i, t in enumerate(tasks)]
     obs, infos = batch.start(list(range(n)), tasks)

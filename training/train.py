@@ -129,6 +129,8 @@ class TrainSettings:
     """Meta-training tasks start from the optimiser's default LR times 10**U(-s, s); s in decades (default: the preset's, 0.5, as the benchmark's tasks)."""
     gradient_features: bool | None = None
     """Also observe the gradients: the mean cosine of consecutive minibatch gradients and their log norm, per interval (default: the preset's, off)."""
+    epochs_feature: bool | None = None
+    """Also observe how many passes over its training set each run makes; deploying the policy then needs steps_per_epoch (default: the preset's)."""
     imitation_tasks: int = 0
     """Warm start: before PPO, clone a grid-tuned cosine schedule on this many meta-training tasks (9 inner runs each; 0: off)."""
     eval_freq: int | None = None
@@ -208,6 +210,7 @@ class TrainSettings:
             action_change_penalty=self.action_change_penalty,
             init_lr_spread=self.init_lr_spread,
             gradient_features=self.gradient_features,
+            epochs_feature=self.epochs_feature,
             learning_rate=self.learning_rate,
             learning_rate_end=self.learning_rate_end,
             gamma=self.gamma,
@@ -480,6 +483,7 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
                 "hyperparameters": list(config.hyperparameters),
                 "divergence_penalty": config.divergence_penalty,
                 "gradient_features": config.gradient_features,
+                "epochs_feature": config.epochs_feature,
             },
             "training": {
                 "command": command,
@@ -578,6 +582,7 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
         frame_stack=frame_stack,
         config=final_config,
         gradient_features=config.gradient_features,
+        epochs_feature=config.epochs_feature,
     )
     logger.close()
     env.close()
