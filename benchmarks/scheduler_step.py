@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     losses = 2.0 * np.exp(-np.linspace(0, 3, n)) * (1 + 0.05 * rng.random(n))
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sched = PolicyScheduler(opt, bundle, total_steps=10 * n)  # never runs out during the measurement
+    sched = PolicyScheduler(opt, bundle, total_steps=10 * n, epochs=10 * n)  # never runs out during the measurement
     _time_calls(lambda i: sched.step(losses[i], train_loss=losses[i] * 0.9), args.warmup)
     step_ms = _time_calls(lambda i: sched.step(losses[i], train_loss=losses[i] * 0.9), args.calls)
 

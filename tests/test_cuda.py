@@ -102,7 +102,9 @@ def test_shipped_policy_schedules_a_model_on_cuda():
     model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2)).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     total, interval = 200, 20
-    scheduler = PolicyScheduler.from_pretrained("default", optimizer, total_steps=total, device="cuda")
+    scheduler = PolicyScheduler.from_pretrained(
+        "default", optimizer, total_steps=total // interval, epochs=total * 32 / 400, device="cuda"
+    )
     losses = []
     for step in range(1, total + 1):
         idx = torch.randint(0, 400, (32,), device="cuda")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from agents import PolicyScheduler, default_policy_path, load_bundle
-from hpo_env import ActionDecoder, HPOEnv
+from hpo_env import ActionDecoder, HPOEnv, build_splits
 from training.rollout import run_episodes
 
 
@@ -81,9 +81,11 @@ def test_env_and_scheduler_agree_on_observations_and_hyperparameters(small_mlp_s
 
 def test_scheduler_reproduces_run_episodes_with_a_real_recurrent_policy(small_mlp_spec, default_bundle):
     """The shipped LSTM policy, driven through the project's evaluation loop and through the scheduler."""
-    (record,) = run_episodes(default_bundle, [small_mlp_spec], default_bundle.decoder, deterministic=True)
-    opt = _optimizer("sgd", small_mlp_spec.lr, small_mlp_spec.weight_decay, small_mlp_spec.momentum)
-    sched = PolicyScheduler(opt, default_bundle, total_steps=small_mlp_spec.num_decisions)
+    spec = small_mlp_spec
+    (record,) = run_episodes(default_bundle, [spec], default_bundle.decoder, deterministic=True)
+    opt = _optimizer("sgd", spec.lr, spec.weight_decay, spec.momentum)
+    epochs = spec.total_steps * spec.batch_size / build_splits(spec).x_train.shape[0]  # what the env observes
+    sched = PolicyScheduler(opt, default_bundle, total_steps=spec.num_decisions, epochs=epochs)
     for t, (val, train) in enumerate(zip(record.val_loss, record.train_loss)):
         sched.step(val, train_loss=train)
         if t + 1 < len(record.val_loss):
@@ -102,7 +104,7 @@ def test_state_dict_round_trip_mid_run_gives_identical_subsequent_hyperparameter
     total, cut = 12, 5
     losses = _losses(total)
     opt = _optimizer("adamw", 1e-3, 1e-2, 0.9, groups=2)
-    sched = PolicyScheduler(opt, default_bundle, total_steps=total)
+    sched = PolicyScheduler(opt, default_bundle, total_steps=total, epochs=total)
     for val, train in losses[:cut]:
         sched.step(val, train)
     buffer = io.BytesIO()
@@ -117,7 +119,7 @@ def test_state_dict_round_trip_mid_run_gives_identical_subsequent_hyperparameter
 
     # A fresh process: new optimizer (at its initial values) and scheduler, then the checkpoint.
     opt2 = _optimizer("adamw", 1e-3, 1e-2, 0.9, groups=2)
-    sched2 = PolicyScheduler(opt2, load_bundle(default_policy_path()), total_steps=total)
+    sched2 = PolicyScheduler(opt2, load_bundle(default_policy_path()), total_steps=total, epochs=total)
     sched2.load_state_dict(checkpoint["scheduler"])
     assert sched2.last_step == cut
     resumed = []
@@ -129,7 +131,7 @@ def test_state_dict_round_trip_mid_run_gives_identical_subsequent_hyperparameter
     # The recurrent state really matters: resuming without it gives another schedule.
     amnesic = dict(checkpoint["scheduler"], policy_state=None, episode_start=True)
     opt3 = _optimizer("adamw", 1e-3, 1e-2, 0.9, groups=2)
-    sched3 = PolicyScheduler(opt3, default_bundle, total_steps=total)
+    sched3 = PolicyScheduler(opt3, default_bundle, total_steps=total, epochs=total)
     sched3.load_state_dict(amnesic)
     forgetful = []
     for val, train in losses[cut:]:
@@ -139,20 +141,20 @@ def test_state_dict_round_trip_mid_run_gives_identical_subsequent_hyperparameter
 
 
 def test_load_state_dict_rejects_other_policy_or_groups(default_bundle):
-    sched = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), default_bundle, total_steps=4)
+    sched = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), default_bundle, total_steps=4, epochs=4)
     state = sched.state_dict()
     other = ReplayPolicy(ActionDecoder(("lr",)), np.zeros((3, 1)))
     with pytest.raises(ValueError, match="controlling"):
         PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), other, total_steps=4).load_state_dict(state)
     with pytest.raises(ValueError, match="param groups"):
-        PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9, groups=2), default_bundle, 4).load_state_dict(state)
+        PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9, groups=2), default_bundle, 4, epochs=4).load_state_dict(state)
     with pytest.raises(ValueError, match="missing"):
         sched.load_state_dict({"t": 3})
 
 
 def test_reset_restores_initial_values_and_replays_the_same_schedule(default_bundle):
     opt = _optimizer("sgd", 0.1, 1e-4, 0.9)
-    sched = PolicyScheduler(opt, default_bundle, total_steps=6)
+    sched = PolicyScheduler(opt, default_bundle, total_steps=6, epochs=6)
     first = []
     for val, train in _losses(6):
         sched.step(val, train)
@@ -223,7 +225,7 @@ def test_the_optimizer_trains_with_the_written_values(default_bundle):
     x, y = torch.randn(64, 4), torch.randn(64, 1)
     model = torch.nn.Linear(4, 1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sched = PolicyScheduler.from_pretrained("default", opt, total_steps=5)
+    sched = PolicyScheduler.from_pretrained("default", opt, total_steps=5, epochs=5)
     for _ in range(5):
         for _ in range(3):
             opt.zero_grad()
@@ -251,7 +253,7 @@ def test_bad_arguments_raise_clear_errors(default_bundle):
         PolicyScheduler(opt, default_bundle, 2.5)
     with pytest.raises(ValueError, match="is not a policy bundle directory"):
         PolicyScheduler.from_pretrained("no-such-policy", opt, 5)
-    sched = PolicyScheduler(opt, default_bundle, 5)
+    sched = PolicyScheduler(opt, default_bundle, 5, epochs=5)
     with pytest.raises(TypeError, match="metrics must be a real number"):
         sched.step("low")
     with pytest.raises(TypeError, match="one-element tensor"):
@@ -418,7 +420,8 @@ def test_lightning_trainer_end_to_end():
 
         def configure_optimizers(self):
             opt = torch.optim.AdamW(self.parameters(), lr=1e-3)
-            self.policy = PolicyScheduler.from_pretrained("default", opt, total_steps=self.trainer.max_epochs)
+            epochs = self.trainer.max_epochs
+            self.policy = PolicyScheduler.from_pretrained("default", opt, total_steps=epochs, epochs=epochs)
             return {"optimizer": opt, "lr_scheduler": lightning_scheduler_config(self.policy, monitor="val_loss")}
 
     model = Model()
