@@ -296,6 +296,38 @@ def _write_atomically(path: Path, fill: Callable[[Path], None]) -> Path:
     return path
 
 
+def feature_options_of(
+    model: Any,
+    decoder: ActionDecoder,
+    frame_stack: int = 1,
+    gradient_features: bool | None = None,
+    epochs_feature: bool | None = None,
+) -> dict[str, bool]:
+    """The optional feature groups (:class:`~hpo_env.ObservationBuilder` keywords) of an SB3 model's
+    observations: each width fits exactly one set. Given values must agree with the model.
+
+    Raises:
+        BundleError: no feature set of ``decoder`` gives the model's width.
+    """
+    width = int(np.prod(model.observation_space.shape)) // max(int(frame_stack), 1)
+    fits = [
+        {"gradient_features": g, "epochs_feature": e}
+        for g in (False, True)
+        for e in (False, True)
+        if ObservationBuilder(decoder, gradient_features=g, epochs_feature=e).dim == width
+        and gradient_features in (None, g)
+        and epochs_feature in (None, e)
+    ]
+    if not fits:
+        given = {"gradient_features": gradient_features, "epochs_feature": epochs_feature}
+        raise BundleError(
+            f"the model observes {width} features per frame, which no feature set of {list(decoder.names)} with "
+            f"{ {k: v for k, v in given.items() if v is not None} or 'any optional features' } gives: pass the "
+            "decoder and options of the environment it was trained on"
+        )
+    return fits[0]
+
+
 def save_bundle(
     path: str | os.PathLike,
     model: Any,
@@ -306,8 +338,8 @@ def save_bundle(
     epsilon: float = 1e-8,
     frame_stack: int = 1,
     config: Mapping[str, Any] | None = None,
-    gradient_features: bool = False,
-    epochs_feature: bool = False,
+    gradient_features: bool | None = None,
+    epochs_feature: bool | None = None,
 ) -> Path:
     """Write a bundle directory atomically; returns its path.
 
@@ -319,11 +351,17 @@ def save_bundle(
         clip_obs, epsilon: VecNormalize's settings.
         frame_stack: frames stacked by ``VecFrameStack`` (after normalisation), 1 for none.
         config: extra JSON-serialisable settings (environment, training command, seed, timesteps...).
-        gradient_features: the policy was trained on observations with the gradient features.
-        epochs_feature: the policy was trained on observations with the epochs feature.
+        gradient_features: the policy was trained on observations with the gradient features
+            (default: read from the width of the model's observations).
+        epochs_feature: the policy was trained on observations with the epochs feature (default:
+            read from the width of the model's observations).
+
+    Raises:
+        BundleError: the model's observations fit no feature set of ``decoder``, or not the one given.
     """
     path = Path(path)
-    builder = ObservationBuilder(decoder, gradient_features=gradient_features, epochs_feature=epochs_feature)
+    options = feature_options_of(model, decoder, frame_stack, gradient_features, epochs_feature)
+    builder = ObservationBuilder(decoder, **options)
     full_config = {
         "format_version": BUNDLE_FORMAT_VERSION,
         "kind": POLICY_KIND,
@@ -333,8 +371,7 @@ def save_bundle(
         "frame_stack": int(frame_stack),
         "obs_dim": builder.dim,
         "feature_names": builder.feature_names(),
-        "gradient_features": bool(gradient_features),
-        "epochs_feature": bool(epochs_feature),
+        **options,
         "action_decoder": decoder.to_config(),
         **dict(config or {}),
     }

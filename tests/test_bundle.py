@@ -174,7 +174,10 @@ def test_wrong_normalisation_shape(bundle_copy):
 def test_model_for_other_observations(bundle_copy):
     # The config claims three controlled hyperparameters (a larger observation) than the model saw.
     decoder = ActionDecoder(("lr", "weight_decay", "momentum"))
-    dim = ObservationBuilder(decoder).dim
+    options = {
+        k: json.loads((bundle_copy / "config.json").read_text())[k] for k in ("gradient_features", "epochs_feature")
+    }
+    dim = ObservationBuilder(decoder, **options).dim
     _edit_json(bundle_copy / "config.json", action_decoder=decoder.to_config(), obs_dim=dim)
     _edit_json(bundle_copy / "obs_norm.json", mean=[0.0] * dim, var=[1.0] * dim)
     with pytest.raises(
@@ -276,9 +279,9 @@ def test_ensemble_state_must_be_its_list_of_member_states(ensemble):
 
 def test_scheduler_state_of_another_kind_of_policy_is_refused(ensemble, good_bundle):
     opt = torch.optim.SGD(torch.nn.Linear(3, 2).parameters(), lr=0.05, weight_decay=1e-4)
-    sched = PolicyScheduler.from_pretrained(ensemble, opt, total_steps=6)
+    sched = PolicyScheduler.from_pretrained(ensemble, opt, total_steps=6, epochs=6)
     sched.step(1.0)
-    single = PolicyScheduler.from_pretrained(good_bundle, opt, total_steps=6)
+    single = PolicyScheduler.from_pretrained(good_bundle, opt, total_steps=6, epochs=6)
     with pytest.raises(ValueError, match=r"saved with a ensemble\[recurrent, mlp over 4 frames\] policy.*recurrent"):
         single.load_state_dict(sched.state_dict())
     with pytest.raises(ValueError, match=r"saved with a recurrent policy, this scheduler runs a ensemble"):
@@ -292,7 +295,7 @@ def test_ensemble_drives_a_scheduler_and_resumes_from_its_state_dict(ensemble):
 
     losses = [2.0 * 0.9**t for t in range(10)]
     opt = make()
-    sched = PolicyScheduler.from_pretrained(ensemble, opt, total_steps=10)
+    sched = PolicyScheduler.from_pretrained(ensemble, opt, total_steps=10, epochs=10)
     for val in losses[:4]:
         sched.step(val)
     buffer = io.BytesIO()
@@ -302,7 +305,7 @@ def test_ensemble_drives_a_scheduler_and_resumes_from_its_state_dict(ensemble):
     for val in losses[4:]:
         sched.step(val)
         expected.append(sched.get_last_lr())
-    resumed = PolicyScheduler.from_pretrained(ensemble, make(), total_steps=10)
+    resumed = PolicyScheduler.from_pretrained(ensemble, make(), total_steps=10, epochs=10)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     got = []
     for val in losses[4:]:

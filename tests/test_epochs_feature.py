@@ -191,3 +191,18 @@ def test_epochs_feature_from_training_to_bundle_to_scheduler(tmp_path):
     (result.bundle_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(Exception, match="epochs_feature='yes'"):
         load_bundle(result.bundle_path)
+
+
+def test_save_bundle_reads_the_feature_set_from_the_model(tmp_path):
+    from agents import BundleError, save_bundle
+
+    config = get_preset("quick", task_distribution="toy", n_envs=2, n_steps=8, batch_size=16, n_epochs=1)
+    assert config.epochs_feature  # the presets observe the epochs
+    env = make_meta_env(config, seed=0)
+    model = make_meta_agent(env, config, seed=0, device="cpu")
+    decoder = env.unwrapped.decoder
+    assert load_bundle(save_bundle(tmp_path / "a", model, decoder)).epochs_feature
+    with pytest.raises(BundleError, match="no feature set|gives"):
+        save_bundle(tmp_path / "b", model, decoder, epochs_feature=False)
+    plain = make_meta_agent(make_meta_env(config.replace(epochs_feature=False), seed=0), config, seed=0, device="cpu")
+    assert not load_bundle(save_bundle(tmp_path / "c", plain, decoder)).epochs_feature

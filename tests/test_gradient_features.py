@@ -214,7 +214,7 @@ def test_gradient_features_from_training_to_bundle_to_scheduler(tmp_path):
     config = get_preset("quick", task_distribution="toy", n_envs=2, n_steps=8, batch_size=16, n_epochs=1)
     env = make_meta_env(config.replace(gradient_features=True), seed=0)
     assert env.unwrapped.gradient_features and env.observation_space.shape == (
-        HPOVecEnv(1).observation_space.shape[0] + 2,
+        HPOVecEnv(1, epochs_feature=config.epochs_feature).observation_space.shape[0] + 2,
     )
     model = make_meta_agent(env, config, seed=0, device="cpu")
     bundle = bundle_from_model(model, env, env.unwrapped.decoder)
@@ -227,7 +227,7 @@ def test_gradient_features_from_training_to_bundle_to_scheduler(tmp_path):
     )  # fmt: skip
     result = train(settings)
     config_json = json.loads((result.bundle_path / "config.json").read_text())
-    assert config_json["gradient_features"] is True and config_json["feature_names"][-2:] == list(GRADIENT_FEATURES)
+    assert config_json["gradient_features"] is True and config_json["feature_names"][-3:-1] == list(GRADIENT_FEATURES)
     loaded = load_bundle(result.bundle_path)
     assert loaded.gradient_features
     vecnorm = get_vec_normalize(env)
@@ -235,7 +235,7 @@ def test_gradient_features_from_training_to_bundle_to_scheduler(tmp_path):
 
     net = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    sched = PolicyScheduler(opt, loaded, total_steps=4)
+    sched = PolicyScheduler(opt, loaded, total_steps=4, epochs=4)
     for _ in range(4):
         for _ in range(3):
             opt.zero_grad()

@@ -59,7 +59,13 @@ def test_cloning_fits_the_policy_to_the_teacher(toy_tasks):
     env = make_meta_env(config, seed=0)
     model = make_meta_agent(env, config, seed=0, device="cpu")
     decoder = env.unwrapped.decoder
-    demos = demonstrations(toy_tasks, np.array([t.lr * 10 for t in toy_tasks]), decoder, gamma=config.gamma)
+    demos = demonstrations(
+        toy_tasks,
+        np.array([t.lr * 10 for t in toy_tasks]),
+        decoder,
+        gamma=config.gamma,
+        epochs_feature=config.epochs_feature,
+    )
     before = clone(model, demos, get_vec_normalize(env), epochs=1)
     after = clone(model, demos, get_vec_normalize(env), epochs=150)
     assert after["bc_loss"] < 0.5 * before["bc_loss"] and after["value_loss"] < before["value_loss"]

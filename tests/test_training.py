@@ -409,7 +409,9 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     assert find_latest_checkpoint(root) == paths[2]
     loaded = RecurrentPPO.load(paths[2] / "model.zip", device="cpu")
     assert loaded.num_timesteps == 48
-    vecnorm = VecNormalize.load(str(paths[2] / "vecnormalize.pkl"), HPOVecEnv(2, "toy"))
+    vecnorm = VecNormalize.load(
+        str(paths[2] / "vecnormalize.pkl"), HPOVecEnv(2, "toy", epochs_feature=config.epochs_feature)
+    )
     np.testing.assert_array_equal(vecnorm.obs_rms.mean, env.obs_rms.mean)
     assert os.path.getsize(paths[2] / "rng_state.pt") > 0
 

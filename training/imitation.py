@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from agents.baselines import CosineSchedule, lr_grid, schedule_decoder
-from hpo_env import ActionDecoder, TaskDistribution, TaskSpec
+from agents.bundle import feature_options_of
+from hpo_env import ActionDecoder, ObservationBuilder, TaskDistribution, TaskSpec
 from hpo_env.envs import make_distribution
 from hpo_env.tasks import DEFAULT_HPARAMS
 from training.rollout import EpisodeRecord, run_episodes
@@ -59,11 +60,22 @@ class OracleCosine(CosineSchedule):
 
     Row ``i`` of every batch it is asked about is run ``i``, which starts at ``initial_lr[i]`` and
     targets ``best_lr[i] * (1 + cos(pi * progress)) / 2``; the decoder's ``max_log10_change`` limits
-    how fast it gets there, as it limits the policy. It records what it saw and did.
+    how fast it gets there, as it limits the policy. It records what it saw and did. With optional
+    feature groups on, the environment observes them for the student's sake; the schedule itself
+    reads only the base features, which come first.
     """
 
-    def __init__(self, decoder: ActionDecoder, initial_lr: np.ndarray, best_lr: np.ndarray) -> None:
+    def __init__(
+        self,
+        decoder: ActionDecoder,
+        initial_lr: np.ndarray,
+        best_lr: np.ndarray,
+        *,
+        gradient_features: bool = False,
+        epochs_feature: bool = False,
+    ) -> None:
         super().__init__(decoder)
+        self.gradient_features, self.epochs_feature = gradient_features, epochs_feature
         self.offset = np.log10(np.asarray(best_lr, np.float64)) - np.log10(np.asarray(initial_lr, np.float64))
         self.seen: list[tuple[np.ndarray, np.ndarray]] = []
 
@@ -72,7 +84,8 @@ class OracleCosine(CosineSchedule):
         return self.offset + target, state
 
     def predict(self, observation, state=None, episode_start=None, deterministic=False):
-        actions, state = super().predict(observation, state, episode_start, deterministic)
+        base = np.asarray(observation)[..., : self.obs_dim]
+        actions, state = super().predict(base, state, episode_start, deterministic)
         self.seen.append((np.array(observation, np.float32), np.array(actions, np.float32)))
         return actions, state
 
@@ -93,15 +106,23 @@ class Demonstrations:
 
 
 def demonstrations(
-    tasks: Sequence[TaskSpec], best_lr: np.ndarray, decoder: ActionDecoder, *, gamma: float
+    tasks: Sequence[TaskSpec],
+    best_lr: np.ndarray,
+    decoder: ActionDecoder,
+    *,
+    gamma: float,
+    gradient_features: bool = False,
+    epochs_feature: bool = False,
 ) -> Demonstrations:
-    """Run :class:`OracleCosine` on ``tasks`` in the policy's action space and collect its episodes."""
+    """Run :class:`OracleCosine` on ``tasks`` in the policy's action space and collect its episodes,
+    with the observations the student sees (its optional feature groups included)."""
     tasks = list(tasks)
-    teacher = OracleCosine(decoder, [t.lr for t in tasks], best_lr)
+    options = {"gradient_features": gradient_features, "epochs_feature": epochs_feature}
+    teacher = OracleCosine(decoder, [t.lr for t in tasks], best_lr, **options)
     records = run_episodes(teacher, tasks, decoder)
     lengths = [len(r.actions) for r in records]
     e, t_max = len(tasks), max(lengths)
-    obs = np.zeros((e, t_max, teacher.obs_dim), np.float32)
+    obs = np.zeros((e, t_max, ObservationBuilder(decoder, **options).dim), np.float32)
     actions = np.zeros((e, t_max, decoder.num_actions), np.float32)
     returns = np.zeros((e, t_max), np.float32)
     mask = np.zeros((e, t_max), bool)
@@ -199,7 +220,7 @@ def warm_start(
     log(f"imitation: grid search, {n_tasks} meta-training tasks ({dist.name}) x {grid_size} learning rates (cosine)...")
     best = grid_search(tasks, decoder, grid_size=grid_size, decades=decades)
     t1 = time.perf_counter()
-    demos = demonstrations(tasks, best, decoder, gamma=gamma)
+    demos = demonstrations(tasks, best, decoder, gamma=gamma, **feature_options_of(model, decoder))
     t2 = time.perf_counter()
     losses = clone(model, demos, vec_normalize, epochs=epochs, seed=seed)
     t3 = time.perf_counter()
