@@ -87,7 +87,7 @@ class PolicyBundle:
         gradient_features: the policy observes the gradient features (``grad_cosine``, ``grad_norm``),
             so whoever runs it must measure the gradients (the environment and the scheduler do).
         epochs_feature: the policy observes each run's planned number of epochs (``log_epochs``), so
-            whoever runs it must say it (the environment knows; a scheduler takes ``steps_per_epoch``).
+            whoever runs it must say it (the environment knows; a scheduler takes ``epochs=``).
     """
 
     model: Any

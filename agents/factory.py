@@ -137,7 +137,7 @@ class MetaAgentConfig:
             reads the optimiser's gradients at every step.
         epochs_feature: also observe how many passes over its training set each run makes
             (``log_epochs``; see :mod:`hpo_env.features`). The policy's bundle records it, and the
-            deployed scheduler then needs ``steps_per_epoch``.
+            deployed scheduler then needs ``epochs=``.
     """
 
     algorithm: str = "recurrent"

@@ -135,6 +135,19 @@ def _decisions_from_args(args: Any, state: Any) -> int:
     )
 
 
+def _epochs_from_args(args: Any, state: Any, train_dataloader: Any) -> float | None:
+    """Passes over the training set in a Trainer run: its optimiser steps times the gradient
+    accumulation, over the batches of one epoch (None where the dataloader has no length)."""
+    try:
+        batches = len(train_dataloader)
+    except TypeError:  # None, or an iterable dataset without a length
+        return None
+    steps = getattr(state, "max_steps", 0) or 0
+    if batches < 1 or steps < 1:
+        return None
+    return steps * max(int(getattr(args, "gradient_accumulation_steps", 1) or 1), 1) / batches
+
+
 @functools.cache
 def _hf_callback_class() -> type:
     from transformers import TrainerCallback
@@ -157,13 +170,12 @@ def _hf_callback_class() -> type:
             self.scheduler: PolicyScheduler | None = None
             self._log_index = 0
 
-        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        def on_train_begin(self, args, state, control, optimizer=None, train_dataloader=None, **kwargs):
             if optimizer is None:
                 raise ValueError("the Trainer passed no optimizer to on_train_begin; cannot build the PolicyScheduler")
             total = self.total_steps if self.total_steps is not None else _decisions_from_args(args, state)
-            # The run's length in epochs, for a policy that observes it (the Trainer's own count).
-            kwargs = {"epochs": getattr(state, "num_train_epochs", None) or args.num_train_epochs}
-            kwargs.update(self.scheduler_kwargs)
+            # The run's length in epochs, for a policy that observes it; given epochs= win.
+            kwargs = {"epochs": _epochs_from_args(args, state, train_dataloader), **self.scheduler_kwargs}
             if isinstance(self.policy, (str, os.PathLike)):
                 self.scheduler = PolicyScheduler.from_pretrained(self.policy, optimizer, total, **kwargs)
             else:
@@ -202,7 +214,8 @@ def hf_trainer_callback(
             (``max_steps // eval_steps``, or the number of epochs with ``eval_strategy="epoch"``).
         metric: the evaluation metric shown to the policy as the validation loss.
         **scheduler_kwargs: ``deterministic``, ``writer``, ``adaptive``, ``epochs`` for :class:`PolicyScheduler`
-            (``epochs`` defaults to the Trainer's number of training epochs).
+            (``epochs`` defaults to the Trainer's optimiser steps times its gradient accumulation over
+            the batches per epoch of its training dataloader; pass it for a dataset without a length).
 
     Raises:
         ImportError: ``transformers`` is not installed.

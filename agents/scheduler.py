@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from agents.bundle import policy_signature
-from hpo_env import ActionDecoder, GradientStats, ObservationBuilder
+from hpo_env import ActionDecoder, GradientStats, ObservationBuilder, log_epochs_feature
 
 __all__ = ["PolicyScheduler", "default_policy_path"]
 
@@ -523,6 +523,8 @@ class PolicyScheduler:
             "last_action": torch.from_numpy(self._last_action.copy()),
             "last_obs": None if self._last_obs is None else torch.from_numpy(self._last_obs.copy()),
             "features": feats,
+            "epochs_feature": self.epochs_feature,
+            "epochs": self.epochs,
             "policy_state": _copy_state(self._policy_state, to_torch=True),
             "policy_kind": policy_signature(self.bundle),
         }
@@ -556,7 +558,19 @@ class PolicyScheduler:
             raise ValueError(
                 f"the state was saved for {ratios.shape[0]} param groups, the optimizer has {self._ratios.shape[0]}"
             )
-        self.features.load_state_dict({k: np.asarray(v) for k, v in state_dict["features"].items()})
+        saved_feature = state_dict.get("epochs_feature")
+        if saved_feature is not None and bool(saved_feature) != self.epochs_feature:
+            raise ValueError(
+                f"the state was saved with a policy that {'observes' if saved_feature else 'does not observe'} the "
+                "run's epochs, this scheduler's policy does the opposite: load it into a scheduler of the same bundle"
+            )
+        features = {k: np.asarray(v) for k, v in state_dict["features"].items()}
+        if self.epochs_feature:
+            if state_dict.get("epochs") is not None:
+                self.epochs = float(state_dict["epochs"])
+            if "_epochs" not in features:  # a state saved before the feature existed: the epochs given now
+                features["_epochs"] = np.atleast_1d(log_epochs_feature(self.epochs))
+        self.features.load_state_dict(features)
         self.total_steps = int(state_dict["total_steps"])
         self._t = int(state_dict["t"])
         self._started = bool(state_dict.get("started", self._t > 0))

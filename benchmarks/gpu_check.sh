@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks in one short run: the CUDA tests, then the throughput benchmark on the device.
 #
-#   bash benchmarks/gpu_check.sh [OUT_DIR]     # default OUT_DIR: benchmarks/results/gpu
+#   bash benchmarks/gpu_check.sh [OUT_DIR]     # default benchmarks/results/gpu; relative to the repository root
 #
-# Needs a CUDA build of torch and the project's dependencies on PYTHONPATH or installed. Each stage
+# Needs a CUDA build of torch and the project's dependencies (installed or on PYTHONPATH). Each stage
 # has its own time limit, so one that hangs or fails leaves the others' results; logs and the JSON
 # land in OUT_DIR. Set GPU_CHECK_QUICK=1 for a smaller sweep.
 set -u
+cd "$(dirname "$0")/.."  # the repository root: its packages import from there, installed or not
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 out=${1:-benchmarks/results/gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1

@@ -31,8 +31,9 @@ optimiser step, in the environment's trainer (N models at once) and in the deplo
 
 Optional *epochs feature* (``epochs_feature=True``, appended last): how many passes over its training
 set the whole run makes, ``log10(epochs) - 1.5`` (:func:`log_epochs_feature`), constant over the
-run. In the environment, ``epochs = total_steps * batch_size / n_train``; a scheduler is told
-``total_steps / steps_per_epoch``. Small datasets trained for hundreds of epochs overfit, and
+run. In the environment, ``epochs = total_steps * batch_size / n_train`` (``total_steps`` counting
+optimiser steps there); a :class:`~agents.PolicyScheduler` is told it as ``epochs=`` (with one
+``step()`` per epoch, its ``total_steps``). Small datasets trained for hundreds of epochs overfit, and
 their best learning rate is often below the default; without this feature the policy's first
 decision cannot tell such a run from one that needs a larger rate.
 """

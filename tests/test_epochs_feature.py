@@ -206,3 +206,31 @@ def test_save_bundle_reads_the_feature_set_from_the_model(tmp_path):
         save_bundle(tmp_path / "b", model, decoder, epochs_feature=False)
     plain = make_meta_agent(make_meta_env(config.replace(epochs_feature=False), seed=0), config, seed=0, device="cpu")
     assert not load_bundle(save_bundle(tmp_path / "c", plain, decoder)).epochs_feature
+
+
+def test_a_state_from_before_the_feature_resumes_with_the_epochs_given_now():
+    decoder = ActionDecoder()
+    make = lambda: torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-3)  # noqa: E731
+    sched = PolicyScheduler(make(), _Replay(decoder), total_steps=5, epochs=500.0)
+    sched.step(1.0)
+    old = sched.state_dict()
+    del old["epochs"], old["epochs_feature"], old["features"]["_epochs"]  # as an older hpo-meta saved it
+    resumed = PolicyScheduler(make(), _Replay(decoder), total_steps=5, epochs=500.0)
+    resumed.load_state_dict(old)
+    resumed.step(0.9)
+    assert resumed.last_observation[-1] == pytest.approx(log_epochs_feature(500.0))
+    plain = PolicyScheduler(make(), _Replay(decoder, epochs_feature=False), total_steps=5)
+    with pytest.raises(ValueError, match="observes the run's epochs"):
+        plain.load_state_dict(sched.state_dict())
+
+
+def test_resuming_a_run_made_before_the_option_keeps_it_off(tmp_path):
+    from training.train import parse_settings as parse
+
+    run = tmp_path / "old"
+    run.mkdir()
+    settings = parse(["--task-distribution", "toy", "--run-name", "old"]).to_dict()
+    del settings["epochs_feature"]  # a settings.json written before the option existed
+    (run / "settings.json").write_text(json.dumps(settings))
+    assert parse(["--resume", str(run)]).agent_config().epochs_feature is False
+    assert parse(["--resume", str(run), "--no-epochs-feature"]).agent_config().epochs_feature is False

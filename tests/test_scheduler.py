@@ -397,6 +397,17 @@ def test_hf_eval_count_from_training_arguments():
         _decisions_from_args(SimpleNamespace(eval_strategy="no"), state)
 
 
+def test_hf_epochs_from_the_trainers_steps_and_dataloader():
+    from types import SimpleNamespace
+
+    from agents.integrations import _epochs_from_args
+
+    args, state = SimpleNamespace(gradient_accumulation_steps=2), SimpleNamespace(max_steps=100)
+    assert _epochs_from_args(args, state, list(range(40))) == pytest.approx(5.0)  # 200 batches over 40 per epoch
+    assert _epochs_from_args(args, state, iter(range(40))) is None  # no length: the user passes epochs=
+    assert _epochs_from_args(args, SimpleNamespace(max_steps=0), list(range(40))) is None
+
+
 def test_lightning_trainer_end_to_end():
     pl = pytest.importorskip("lightning.pytorch")
     from agents.integrations import PolicySchedulerMixin, lightning_scheduler_config

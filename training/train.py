@@ -130,7 +130,7 @@ class TrainSettings:
     gradient_features: bool | None = None
     """Also observe the gradients: the mean cosine of consecutive minibatch gradients and their log norm, per interval (default: the preset's, off)."""
     epochs_feature: bool | None = None
-    """Also observe how many passes over its training set each run makes; deploying the policy then needs steps_per_epoch (default: the preset's)."""
+    """Also observe how many passes over its training set each run makes; a PolicyScheduler then needs epochs= (default: the preset's, on)."""
     imitation_tasks: int = 0
     """Warm start: before PPO, clone a grid-tuned cosine schedule on this many meta-training tasks (9 inner runs each; 0: off)."""
     eval_freq: int | None = None
@@ -327,6 +327,10 @@ def parse_settings(argv: list[str] | None = None, prog: str = "hpo-train") -> Tr
         raise  # pragma: no cover - parser.error exits
 
 
+#: What a run made before a setting existed did, where that is not the setting's default today.
+_BEFORE_IT_EXISTED = {"epochs_feature": False}
+
+
 def _resumed_settings(run_dir: Path, given: dict[str, Any]) -> TrainSettings:
     file = run_dir / "settings.json"
     if not file.is_file():
@@ -335,8 +339,10 @@ def _resumed_settings(run_dir: Path, given: dict[str, Any]) -> TrainSettings:
         saved = json.loads(file.read_text())
     except ValueError as err:
         raise ValueError(f"--resume {str(run_dir)!r}: settings.json is unreadable ({err})") from err
-    # A setting added after the run was made reads as its default.
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
+    # A setting added after the run was made reads as its default, or as what the run did before it
+    # existed where the default has changed meaning since (the presets observe the epochs now).
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainSettings)} | _BEFORE_IT_EXISTED
+    saved = {k: saved.get(k, v) for k, v in _BEFORE_IT_EXISTED.items()} | saved
     fixed = sorted(
         k for k in given if k not in RESUMABLE_OVERRIDES | {"resume"} and given[k] != saved.get(k, defaults.get(k))
     )
