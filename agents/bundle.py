@@ -31,6 +31,7 @@ bundles trained on the same action decoder and feature set and acts with the mea
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -43,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from hpo_env import FEATURE_SET_VERSION, OBS_BOUND, ActionDecoder, ObservationBuilder
+from hpo_env import FEATURE_SET_VERSION, OBS_BOUND, OPTIONAL_FEATURES, ActionDecoder, ObservationBuilder
 from hpo_env import __version__ as HPO_VERSION
 
 __all__ = [
@@ -191,7 +192,7 @@ class EnsembleBundle:
                     f"ensemble member {i} controls {member.decoder.to_config()}, member 0 controls "
                     f"{first.to_config()}: members must be trained with the same hyperparameters and bounds"
                 )
-            for option in ("gradient_features", "epochs_feature"):
+            for option in OPTIONAL_FEATURES:
                 if getattr(member, option) != getattr(self.members[0], option):
                     raise BundleError(
                         f"ensemble member {i} has {option}={getattr(member, option)}, member 0 has "
@@ -310,16 +311,15 @@ def feature_options_of(
         BundleError: no feature set of ``decoder`` gives the model's width.
     """
     width = int(np.prod(model.observation_space.shape)) // max(int(frame_stack), 1)
+    given = {"gradient_features": gradient_features, "epochs_feature": epochs_feature}
+    combinations = (dict(zip(OPTIONAL_FEATURES, on)) for on in itertools.product((False, True), repeat=len(given)))
     fits = [
-        {"gradient_features": g, "epochs_feature": e}
-        for g in (False, True)
-        for e in (False, True)
-        if ObservationBuilder(decoder, gradient_features=g, epochs_feature=e).dim == width
-        and gradient_features in (None, g)
-        and epochs_feature in (None, e)
+        options
+        for options in combinations
+        if ObservationBuilder(decoder, **options).dim == width
+        and all(given[k] in (None, v) for k, v in options.items())
     ]
     if not fits:
-        given = {"gradient_features": gradient_features, "epochs_feature": epochs_feature}
         raise BundleError(
             f"the model observes {width} features per frame, which no feature set of {list(decoder.names)} with "
             f"{ {k: v for k, v in given.items() if v is not None} or 'any optional features' } gives: pass the "
@@ -491,7 +491,7 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> PolicyBundle | 
         decoder = ActionDecoder.from_config(config["action_decoder"])
     except (KeyError, ValueError) as err:
         raise BundleError(f"{path / CONFIG_FILE} has no valid 'action_decoder': {err}") from err
-    options = {name: config.get(name, False) for name in ("gradient_features", "epochs_feature")}
+    options = {name: config.get(name, False) for name in OPTIONAL_FEATURES}
     for name, value in options.items():
         if not isinstance(value, bool):
             raise BundleError(f"{path / CONFIG_FILE} has {name}={value!r}, expected true or false")

@@ -50,6 +50,7 @@ __all__ = [
     "FEATURE_SET_VERSION",
     "GRADIENT_FEATURES",
     "OBS_BOUND",
+    "OPTIONAL_FEATURES",
     "GradientStats",
     "ObservationBuilder",
     "log_epochs_feature",
@@ -78,6 +79,12 @@ _BASE_FEATURES = (
 GRADIENT_FEATURES = ("grad_cosine", "grad_norm")
 #: Name of the optional epochs feature, appended last.
 EPOCHS_FEATURE = "log_epochs"
+#: The optional feature groups, by their option name (an ObservationBuilder, environment, config and
+#: bundle keyword), in the order their columns follow the base and hyperparameter features.
+OPTIONAL_FEATURES: dict[str, tuple[str, ...]] = {
+    "gradient_features": GRADIENT_FEATURES,
+    "epochs_feature": (EPOCHS_FEATURE,),
+}
 
 
 def log_epochs_feature(epochs) -> np.ndarray:
@@ -190,12 +197,7 @@ class ObservationBuilder:
         self.gradient_features = bool(gradient_features)
         self.epochs_feature = bool(epochs_feature)
         k = decoder.num_actions
-        self.dim = (
-            len(_BASE_FEATURES)
-            + 3 * k
-            + (len(GRADIENT_FEATURES) if self.gradient_features else 0)
-            + int(self.epochs_feature)
-        )
+        self.dim = len(_BASE_FEATURES) + 3 * k + len(self._optional_names())
         self._grad_ref = np.zeros(n)  # log gradient norm of the first interval
         self._epochs = np.zeros(n)  # the epochs feature of each run
         self._ref = np.ones(n)
@@ -211,11 +213,10 @@ class ObservationBuilder:
         names = list(_BASE_FEATURES)
         for kind in ("log_change", "position", "prev_action"):
             names += [f"{h}_{kind}" for h in self.decoder.names]
-        if self.gradient_features:
-            names += list(GRADIENT_FEATURES)
-        if self.epochs_feature:
-            names.append(EPOCHS_FEATURE)
-        return names
+        return names + self._optional_names()
+
+    def _optional_names(self) -> list[str]:
+        return [name for option, names in OPTIONAL_FEATURES.items() if getattr(self, option) for name in names]
 
     def _gradient_columns(self, slots: np.ndarray, gradients, first: bool) -> np.ndarray | None:
         """The gradient features of ``slots`` from ``(mean cosine, mean log norm)``; sets the reference on ``first``."""

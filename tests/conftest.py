@@ -113,3 +113,46 @@ def torch_replica():
         return model, opt, data, gen
 
     return replica
+
+
+@pytest.fixture
+def tiny_meta_training(tmp_path):
+    """``hpo-train`` in process on toy tasks (32 timesteps, quick preset) with extra options; returns
+    its :class:`~training.train.TrainResult`."""
+    from training.train import parse_settings, train
+
+    def run(*options: str, run_name: str = "tiny"):
+        return train(
+            parse_settings(
+                [
+                    "--preset",
+                    "quick",
+                    "--task-distribution",
+                    "toy",
+                    "--eval-distribution",
+                    "toy",
+                    "--total-timesteps",
+                    "32",
+                    "--n-envs",
+                    "2",
+                    "--n-steps",
+                    "16",
+                    "--batch-size",
+                    "16",
+                    "--eval-tasks",
+                    "2",
+                    "--eval-seeds",
+                    "1",
+                    *options,
+                    "--logdir",
+                    str(tmp_path),
+                    "--run-name",
+                    run_name,
+                    "--no-progress-bar",
+                    "--verbose",
+                    "0",
+                ]
+            )  # fmt: skip
+        )
+
+    return run

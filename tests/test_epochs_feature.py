@@ -25,7 +25,7 @@ from hpo_env import (
 from training.benchmark import _RowPolicies
 from training.callbacks import bundle_from_model
 from training.rollout import run_episodes
-from training.train import parse_settings, train
+from training.train import parse_settings
 
 
 class _Replay:
@@ -157,19 +157,14 @@ def test_run_episodes_follows_the_policys_feature_set(small_mlp_spec):
     assert not record.diverged
 
 
-def test_epochs_feature_from_training_to_bundle_to_scheduler(tmp_path):
+def test_epochs_feature_from_training_to_bundle_to_scheduler(tiny_meta_training):
     config = get_preset("quick", task_distribution="toy", n_envs=2, n_steps=8, batch_size=16, n_epochs=1)
     env = make_meta_env(config.replace(epochs_feature=True), seed=0)
     assert env.unwrapped.epochs_feature
     model = make_meta_agent(env, config, seed=0, device="cpu")
     assert bundle_from_model(model, env, env.unwrapped.decoder).epochs_feature
 
-    settings = parse_settings(
-        ["--preset", "quick", "--task-distribution", "toy", "--eval-distribution", "toy", "--total-timesteps", "32",
-         "--n-envs", "2", "--n-steps", "16", "--batch-size", "16", "--eval-tasks", "2", "--eval-seeds", "1",
-         "--epochs-feature", "--logdir", str(tmp_path), "--run-name", "e", "--no-progress-bar", "--verbose", "0"]
-    )  # fmt: skip
-    result = train(settings)
+    result = tiny_meta_training("--epochs-feature")
     config_json = json.loads((result.bundle_path / "config.json").read_text())
     assert config_json["epochs_feature"] is True and config_json["feature_names"][-1] == EPOCHS_FEATURE
     assert config_json["env"]["epochs_feature"] is True
@@ -225,12 +220,10 @@ def test_a_state_from_before_the_feature_resumes_with_the_epochs_given_now():
 
 
 def test_resuming_a_run_made_before_the_option_keeps_it_off(tmp_path):
-    from training.train import parse_settings as parse
-
     run = tmp_path / "old"
     run.mkdir()
-    settings = parse(["--task-distribution", "toy", "--run-name", "old"]).to_dict()
+    settings = parse_settings(["--task-distribution", "toy", "--run-name", "old"]).to_dict()
     del settings["epochs_feature"]  # a settings.json written before the option existed
     (run / "settings.json").write_text(json.dumps(settings))
-    assert parse(["--resume", str(run)]).agent_config().epochs_feature is False
-    assert parse(["--resume", str(run), "--no-epochs-feature"]).agent_config().epochs_feature is False
+    assert parse_settings(["--resume", str(run)]).agent_config().epochs_feature is False
+    assert parse_settings(["--resume", str(run), "--no-epochs-feature"]).agent_config().epochs_feature is False

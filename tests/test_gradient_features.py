@@ -23,7 +23,6 @@ from hpo_env import (
 )
 from training.callbacks import bundle_from_model
 from training.rollout import run_episodes
-from training.train import parse_settings, train
 
 
 def _reference_stats(grads: list[np.ndarray]) -> tuple[float, float]:
@@ -208,7 +207,7 @@ def test_run_episodes_follows_the_policys_feature_set(small_mlp_spec):
     assert not record.diverged
 
 
-def test_gradient_features_from_training_to_bundle_to_scheduler(tmp_path):
+def test_gradient_features_from_training_to_bundle_to_scheduler(tiny_meta_training):
     """--gradient-features: the meta-environment observes them, the bundle records them, and the
     loaded bundle drives a scheduler and an ensemble."""
     config = get_preset("quick", task_distribution="toy", n_envs=2, n_steps=8, batch_size=16, n_epochs=1)
@@ -220,12 +219,7 @@ def test_gradient_features_from_training_to_bundle_to_scheduler(tmp_path):
     bundle = bundle_from_model(model, env, env.unwrapped.decoder)
     assert bundle.gradient_features and bundle.obs_dim == env.observation_space.shape[0]
 
-    settings = parse_settings(
-        ["--preset", "quick", "--task-distribution", "toy", "--eval-distribution", "toy", "--total-timesteps", "32",
-         "--n-envs", "2", "--n-steps", "16", "--batch-size", "16", "--eval-tasks", "2", "--eval-seeds", "1",
-         "--gradient-features", "--logdir", str(tmp_path), "--run-name", "g", "--no-progress-bar", "--verbose", "0"]
-    )  # fmt: skip
-    result = train(settings)
+    result = tiny_meta_training("--gradient-features")
     config_json = json.loads((result.bundle_path / "config.json").read_text())
     assert config_json["gradient_features"] is True and config_json["feature_names"][-3:-1] == list(GRADIENT_FEATURES)
     loaded = load_bundle(result.bundle_path)

@@ -62,7 +62,7 @@ from agents.baselines import (
     schedule_decoder,
 )
 from agents.bundle import CONFIG_FILE, ENSEMBLE_KIND, MODEL_FILE, NORM_FILE, load_bundle
-from hpo_env import FEATURE_SET_VERSION, GRADIENT_FEATURES, SPLITS, ActionDecoder, TaskDistribution, TaskSpec
+from hpo_env import FEATURE_SET_VERSION, OPTIONAL_FEATURES, SPLITS, ActionDecoder, TaskDistribution, TaskSpec
 from hpo_env import __version__ as HPO_VERSION
 from hpo_env.tasks import DEFAULT_HPARAMS
 from training.hypergradient import DEFAULT_HYPERGRADIENT_LR, run_hypergradient
@@ -325,14 +325,14 @@ class _RowPolicies:
         self.n = len(policies)
         # One batch observes each optional feature group if any policy needs it (none changes the
         # training); each policy sees the columns of its own groups (the optional ones come last).
-        self.gradient_features = any(getattr(p, "gradient_features", False) for p in policies)
-        self.epochs_feature = any(getattr(p, "epochs_feature", False) for p in policies)
+        for option in OPTIONAL_FEATURES:  # gradient_features, epochs_feature: what run_episodes reads
+            setattr(self, option, any(getattr(p, option, False) for p in policies))
 
     def _columns(self, width: int, policy: Any) -> np.ndarray | slice:
         """The columns of a ``width``-wide batch observation that ``policy`` was trained on."""
         groups = [
-            (len(GRADIENT_FEATURES), self.gradient_features, getattr(policy, "gradient_features", False)),
-            (1, self.epochs_feature, getattr(policy, "epochs_feature", False)),
+            (len(names), getattr(self, option), getattr(policy, option, False))
+            for option, names in OPTIONAL_FEATURES.items()
         ]
         if all(mine == batch for _, batch, mine in groups):
             return slice(None)

@@ -74,7 +74,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from agents.baselines import ConstantSchedule, RandomPolicy
 from agents.bundle import PolicyBundle, save_bundle
 from agents.factory import get_vec_normalize
-from hpo_env import ActionDecoder, TaskDistribution, TaskSpec, make_distribution
+from hpo_env import OPTIONAL_FEATURES, ActionDecoder, TaskDistribution, TaskSpec, make_distribution
 from training.rollout import EpisodeRecord, run_episodes
 
 __all__ = [
@@ -316,10 +316,7 @@ def bundle_from_model(model: Any, env: VecEnv | None, decoder: ActionDecoder, fr
 def env_feature_options(env: VecEnv | None) -> dict[str, bool]:
     """Which optional features the (possibly wrapped) meta-training environment observes, as the
     keyword arguments of :class:`PolicyBundle` and :func:`~agents.save_bundle`."""
-    return {
-        name: bool(env is not None and getattr(env.unwrapped, name, False))
-        for name in ("gradient_features", "epochs_feature")
-    }
+    return {name: bool(env is not None and getattr(env.unwrapped, name, False)) for name in OPTIONAL_FEATURES}
 
 
 class EvalSummary(dict):
