@@ -190,7 +190,10 @@ class ActionDecoder:
         actions = np.clip(actions, -1.0, 1.0)
         out = np.empty_like(current)
         for j, s in enumerate(self.specs):
-            u = s.to_log(s.clip(current[..., j])) + s.log_step(actions[..., j])
+            # Contiguous columns: numpy's vectorised log/pow loops round like its scalar ones only on
+            # contiguous data, and a batch of slots must decode exactly as one slot at a time does.
+            cur, act = np.ascontiguousarray(current[..., j]), np.ascontiguousarray(actions[..., j])
+            u = s.to_log(s.clip(cur)) + s.log_step(act)
             out[..., j] = s.clip(s.from_log(u))
         return out
 

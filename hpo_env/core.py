@@ -152,10 +152,9 @@ class EpisodeBatch:
         if not live:
             return obs, rewards, terminated, infos
         live_slots = [slots[j] for j in live]
-        for j in live:
-            s = slots[j]
-            hp = self.trainer.hparams(s)
-            hp[self._cols] = self.decoder.decode(actions[j], hp[self._cols])
+        hps = np.stack([self.trainer.hparams(s) for s in live_slots])
+        hps[:, self._cols] = self.decoder.decode(actions[live], hps[:, self._cols])  # one call for all slots
+        for s, hp in zip(live_slots, hps):
             self.trainer.set_hparams(s, hp)
         res = self.trainer.train_chunk(live_slots)
         hps = np.stack([self.controlled(s) for s in live_slots])

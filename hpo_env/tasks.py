@@ -18,6 +18,7 @@ generalisation to kinds of problems the meta-agent never trained on::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -187,7 +188,7 @@ class TaskSpec:
             return "regression"
         return "classification"
 
-    @property
+    @functools.cached_property  # a frozen spec's fields never change; environments report it every step
     def task_id(self) -> str:
         """A short, stable identifier: family, dataset and a hash of every field."""
         digest = hashlib.sha1(repr(dataclasses.astuple(self)).encode()).hexdigest()[:10]

@@ -31,6 +31,7 @@ after each chunk and reported, never raised: NaNs stay inside their own model's 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -305,7 +306,7 @@ class BatchedTrainer:
         """Split slots of one group key into stacks, trading padding FLOPs against per-stack overhead."""
         slots = self._slots
         arch = slots[members[0]].layout.arch
-        bins: list[tuple[list[int], list[tuple[int, ...]], int, int]] = []  # members, shapes, batch, flops
+        bins: list[tuple[list[int], tuple[tuple[int, ...], ...], int, float]] = []  # members, shapes, batch, flops
         for m in sorted(members, key=lambda m: (-slots[m].cost, m)):
             s = slots[m]
             best, best_cost = -1, self._group_overhead(arch) + s.cost
@@ -315,7 +316,7 @@ class BatchedTrainer:
                 if extra < best_cost:
                     best, best_cost = b, extra
             if best < 0:
-                bins.append(([m], list(s.layout.shapes), s.spec.batch_size, s.cost))
+                bins.append(([m], tuple(s.layout.shapes), s.spec.batch_size, s.cost))
             else:
                 mem, shapes, batch, _ = bins[best]
                 shapes, batch = _max_shapes(shapes, s.layout.shapes), max(batch, s.spec.batch_size)
@@ -715,7 +716,8 @@ def _adamw_update(p_a, g_a, exp_avg, exp_avg_sq, steps, lr_a, wd_a, beta1):
 _ELEMENT_FLOPS = 1000.0
 
 
-def _step_cost(arch: str, shapes: list[tuple[int, ...]] | tuple[tuple[int, ...], ...], batch: int) -> float:
+@functools.lru_cache(maxsize=4096)  # stacking partitions every chunk; few distinct shapes recur
+def _step_cost(arch: str, shapes: tuple[tuple[int, ...], ...], batch: int) -> float:
     """Estimated cost of one inner step of one model, in FLOP-equivalents (matmuls plus elementwise)."""
     params = sum(math.prod(s) for s in shapes)
     if arch == "cnn":
@@ -725,6 +727,11 @@ def _step_cost(arch: str, shapes: list[tuple[int, ...]] | tuple[tuple[int, ...],
     return step_flops(arch, shapes, batch) + _ELEMENT_FLOPS * (params + batch * activations)
 
 
-def _max_shapes(*layouts: list[tuple[int, ...]] | tuple[tuple[int, ...], ...]) -> list[tuple[int, ...]]:
+@functools.lru_cache(maxsize=4096)
+def _max_shapes2(a: tuple[tuple[int, ...], ...], b: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(map(max, da, db)) for da, db in zip(a, b))
+
+
+def _max_shapes(*layouts: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
     """Per-parameter elementwise maximum of several models' shapes (the padded stack shapes)."""
-    return [tuple(max(dims) for dims in zip(*per)) for per in zip(*layouts)]
+    return functools.reduce(_max_shapes2, (tuple(map(tuple, layout)) for layout in layouts))
