@@ -566,6 +566,7 @@ def main(argv: list[str] | None = None) -> dict:
                 PPOConfig(1, 64, 2048, 64, 32, env_device=dev),
                 PPOConfig(1, 64, 2048, 64, 32, env_device=dev, policy_device=dev),
                 PPOConfig(1, 256, 4096, 256, 32, env_device=dev, policy_device=dev),
+                PPOConfig(1, 256, 8192, 1024, 16, env_device=dev, policy_device=dev),
             ][: 2 if quick else None]
         elif quick:
             configs = [PPOConfig(2, 256, 128, 16, 16), PPOConfig(1, 64, 512, 16, 32)]
