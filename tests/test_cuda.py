@@ -89,9 +89,9 @@ def test_vec_env_on_cuda_steps_like_on_cpu():
         np.testing.assert_array_equal(d_g, d_c)
         val = {d: np.array([i["val_loss"] for i in o[3]]) for d, o in out.items()}
         np.testing.assert_allclose(val["cuda"], val["cpu"], rtol=5e-3)
-        # A reward is a difference of two log losses, so its error is absolute: two 0.15% loss errors
-        # (the rounding that differs between devices, after hundreds of AdamW steps) make 3e-3.
-        np.testing.assert_allclose(r_g, r_c, atol=3e-3)
+        # A reward is a difference of two log losses, so its error is absolute: up to twice the losses'
+        # relative error (rounding that differs between devices, grown over hundreds of AdamW steps).
+        np.testing.assert_allclose(r_g, r_c, atol=1e-2)
         np.testing.assert_allclose(o_g, o_c, rtol=1e-2, atol=1e-2)
         ends += int(d_c.sum())
     assert ends > 0  # the comparison crossed episode ends
