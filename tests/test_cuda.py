@@ -73,26 +73,37 @@ def test_no_host_synchronisation_per_inner_step(family):
     assert short == long, f"{short} host synchronisations in a 4-step chunk, {long} in a 24-step one"
 
 
+def _agree(name: str, gpu: np.ndarray, cpu: np.ndarray, tight: float, loose: float) -> None:
+    """Per slot (rows): all but one within ``tight``, every one within ``loose``."""
+    diff = np.abs(gpu - cpu).reshape(len(cpu), -1).max(1)
+    assert (diff > tight).sum() <= 1 and diff.max() <= loose, f"{name}: per-slot differences {diff}"
+
+
 def test_vec_env_on_cuda_steps_like_on_cpu():
-    """The default distribution, auto-resets included: the same observations, rewards and ends."""
+    """The default distribution, auto-resets included: the same observations, rewards and ends.
+
+    Measured on an H200 (40 steps, six slots): five slots agree to 5e-5 throughout. The sixth, an
+    AdamW MLP on digits, drifts: float32 rounding that differs between the devices grows over hundreds
+    of AdamW steps to 0.5% of the validation loss, 6e-3 in a reward and 0.035 in an observation, and
+    vanishes when the slot's episode ends. So one slot in six may drift within loose bounds; the rest
+    must agree tightly, and the episode ends must be identical.
+    """
     rng = np.random.default_rng(0)
     envs = {device: HPOVecEnv(6, "train", seed=3, device=device) for device in ("cpu", "cuda")}
     obs = {d: e.reset() for d, e in envs.items()}
     np.testing.assert_allclose(obs["cuda"], obs["cpu"], rtol=1e-3, atol=1e-3)
     ends = 0
     for _ in range(40):
-        # Mild actions: extreme learning rates make training chaotic, and then float32 rounding that
-        # differs between devices grows until the runs part (which says nothing about the code).
+        # Mild actions: extreme learning rates make training chaotic, and then the drift above grows
+        # until the runs part (which says nothing about the code).
         actions = rng.uniform(-0.2, 0.2, (6, envs["cpu"].action_space.shape[0])).astype(np.float32)
         out = {d: e.step(actions) for d, e in envs.items()}
         (o_c, r_c, d_c, _), (o_g, r_g, d_g, _) = out["cpu"], out["cuda"]
         np.testing.assert_array_equal(d_g, d_c)
-        val = {d: np.array([i["val_loss"] for i in o[3]]) for d, o in out.items()}
-        np.testing.assert_allclose(val["cuda"], val["cpu"], rtol=5e-3)
-        # A reward is a difference of two log losses, so its error is absolute: up to twice the losses'
-        # relative error (rounding that differs between devices, grown over hundreds of AdamW steps).
-        np.testing.assert_allclose(r_g, r_c, atol=1e-2)
-        np.testing.assert_allclose(o_g, o_c, rtol=1e-2, atol=1e-2)
+        val = {d: np.log([i["val_loss"] for i in o[3]]) for d, o in out.items()}
+        _agree("log validation loss", val["cuda"], val["cpu"], tight=1e-3, loose=2e-2)
+        _agree("reward", r_g, r_c, tight=1e-3, loose=2e-2)
+        _agree("observation", o_g, o_c, tight=1e-3, loose=0.1)
         ends += int(d_c.sum())
     assert ends > 0  # the comparison crossed episode ends
 
