@@ -132,7 +132,7 @@ class _Group:
     act: StackActivation
     optimizer_runs: list[tuple[str, int, int]]  # (optimizer, first row, end row): contiguous runs
     task_type: str
-    shapes: list[tuple[int, ...]]  # padded per-parameter shapes
+    shapes: tuple[tuple[int, ...], ...]  # padded per-parameter shapes
     offsets: list[int]
     batch: int  # padded minibatch size
     flat: torch.Tensor  # (N, P) all parameters

@@ -39,6 +39,17 @@ def test_increases_may_be_slower_than_decreases():
         ActionDecoder(("lr",), max_log10_increase={"lr": 0.0})
 
 
+def test_a_batch_decodes_exactly_as_one_slot_at_a_time():
+    """The vec env decodes all slots in one call, the scheduler one at a time: bit for bit the same."""
+    decoder = ActionDecoder(("lr", "weight_decay", "momentum"))
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 8, 33, 257):
+        actions = rng.uniform(-1.2, 1.2, (n, 3))
+        current = np.stack([10 ** rng.uniform(-5, 0, n), 10 ** rng.uniform(-6, -0.5, n), rng.uniform(0, 0.99, n)], 1)
+        batch = decoder.decode(actions, current)
+        np.testing.assert_array_equal(batch, np.stack([decoder.decode(a, c) for a, c in zip(actions, current)]))
+
+
 def test_decoder_config_round_trip_and_errors():
     dec = ActionDecoder(("lr", "momentum"), bounds={"lr": (1e-4, 0.5)}, max_log10_change={"lr": 0.1})
     assert ActionDecoder.from_config(dec.to_config()) == dec
