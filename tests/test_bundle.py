@@ -379,3 +379,13 @@ def test_ensemble_errors(ensemble, good_bundle, tmp_path):
     _edit_json(ensemble / "config.json", members=["members/0"])
     with pytest.raises(BundleError, match="at least two member policies, got 1"):
         load_bundle(ensemble)
+
+
+def test_fingerprint_ignores_descriptions_and_recorded_results(good_bundle, tmp_path):
+    """Writing a benchmark summary into a bundle must not orphan the runs that benchmark stored."""
+    bundle = shutil.copytree(good_bundle, tmp_path / "b")
+    fingerprint = bundle_fingerprint(bundle)
+    _edit_json(bundle / "config.json", description="re-described", benchmark={"pairs": 80}, benchmarked=True)
+    assert bundle_fingerprint(bundle) == fingerprint
+    _edit_json(bundle / "config.json", frame_stack=2)  # defines behaviour: a different policy
+    assert bundle_fingerprint(bundle) != fingerprint

@@ -153,11 +153,18 @@ def default_code_version() -> str:
     return f"hpo-meta {HPO_VERSION}, features {FEATURE_SET_VERSION}, benchmark {BENCHMARK_VERSION}"
 
 
+#: Config entries that describe a bundle rather than define its behaviour (prose, and benchmark results
+#: recorded after benchmarking it): editing them keeps the fingerprint, so stored runs still apply.
+_DESCRIPTIVE_CONFIG_KEYS = ("description", "benchmark", "benchmarked")
+
+
 def bundle_fingerprint(path: str | Path) -> str:
     """A short hash of a bundle's files: results of a retrained policy are never mixed up.
 
-    An ensemble's hash covers how it combines, its decoder and its members' hashes (in order), not
-    its description or where its members were copied from.
+    Covers the model, the observation normalisation and the config, except its descriptive entries
+    (``description`` and recorded benchmark results). An ensemble's hash covers how it combines, its
+    decoder and its members' hashes (in order), not its description or where its members were
+    copied from.
     """
     path = Path(path)
     config = json.loads((path / CONFIG_FILE).read_bytes())
@@ -168,9 +175,11 @@ def bundle_fingerprint(path: str | Path) -> str:
         for name in config["members"]:
             digest.update(bundle_fingerprint(path / name).encode())
         return digest.hexdigest()[:12]
-    for name in (MODEL_FILE, NORM_FILE, CONFIG_FILE):
+    for name in (MODEL_FILE, NORM_FILE):
         digest.update(name.encode())
         digest.update((path / name).read_bytes())
+    defining = {k: v for k, v in config.items() if k not in _DESCRIPTIVE_CONFIG_KEYS}
+    digest.update(CONFIG_FILE.encode() + json.dumps(defining, sort_keys=True).encode())
     return digest.hexdigest()[:12]
 
 
