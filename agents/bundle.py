@@ -110,7 +110,7 @@ class PolicyBundle:
     @property
     def feature_options(self) -> dict[str, bool]:
         """The optional feature groups it observes, as :class:`~hpo_env.ObservationBuilder` keywords."""
-        return {"gradient_features": self.gradient_features, "epochs_feature": self.epochs_feature}
+        return {option: getattr(self, option) for option in OPTIONAL_FEATURES}
 
     @property
     def obs_dim(self) -> int:

@@ -152,12 +152,12 @@ class EpisodeBatch:
         if not live:
             return obs, rewards, terminated, infos
         live_slots = [slots[j] for j in live]
-        hps = np.stack([self.trainer.hparams(s) for s in live_slots])
-        hps[:, self._cols] = self.decoder.decode(actions[live], hps[:, self._cols])  # one call for all slots
-        for s, hp in zip(live_slots, hps):
+        full = np.stack([self.trainer.hparams(s) for s in live_slots])
+        full[:, self._cols] = self.decoder.decode(actions[live], full[:, self._cols])  # one call for all slots
+        for s, hp in zip(live_slots, full):
             self.trainer.set_hparams(s, hp)
         res = self.trainer.train_chunk(live_slots)
-        hps = np.stack([self.controlled(s) for s in live_slots])
+        hps = full[:, self._cols]  # the controlled values just set (training does not change them)
         for ep_slot in live_slots:
             self.episodes[ep_slot].decision += 1
         progress = np.array([self.episodes[s].decision / self.episodes[s].spec.num_decisions for s in live_slots])

@@ -728,10 +728,10 @@ def _step_cost(arch: str, shapes: tuple[tuple[int, ...], ...], batch: int) -> fl
 
 
 @functools.lru_cache(maxsize=4096)
-def _max_shapes2(a: tuple[tuple[int, ...], ...], b: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+def _pairwise_max_shapes(a: tuple[tuple[int, ...], ...], b: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(map(max, da, db)) for da, db in zip(a, b))
 
 
 def _max_shapes(*layouts: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
     """Per-parameter elementwise maximum of several models' shapes (the padded stack shapes)."""
-    return functools.reduce(_max_shapes2, (tuple(map(tuple, layout)) for layout in layouts))
+    return functools.reduce(_pairwise_max_shapes, layouts)
