@@ -69,7 +69,7 @@ from stable_baselines3.common.vec_env import (
 
 from hpo_env import HPOVecEnv, TaskDistribution, make_distribution
 from hpo_env.features import OBS_BOUND
-from hpo_env.tasks import DEFAULT_LR_SPREAD
+from hpo_env.tasks import DEFAULT_LR_SPREAD, FAMILIES
 
 __all__ = [
     "ALGORITHMS",
@@ -116,6 +116,8 @@ class MetaAgentConfig:
         norm_reward: normalise rewards too (off: the telescoping reward is already well scaled).
         clip_obs: clip normalised observations to ``[-clip_obs, clip_obs]``.
         task_distribution: meta-training tasks: ``"train"``, ``"all"``, ``"toy"`` or ``"test"``.
+        task_families: meta-training task families replacing those of ``task_distribution``'s split
+            (None: the split's own), e.g. the train split plus ``"glyphs_cnn"``.
         hyperparameters: the controlled hyperparameters, in action order.
         divergence_penalty: return of a diverged inner run.
         lr_step: largest learning-rate change per decision, in decades (None: the environment's
@@ -162,6 +164,7 @@ class MetaAgentConfig:
     norm_reward: bool = False
     clip_obs: float = OBS_BOUND
     task_distribution: str = "train"
+    task_families: tuple[str, ...] | None = None
     hyperparameters: tuple[str, ...] = ("lr", "weight_decay")
     divergence_penalty: float = 1.0
     lr_step: float | None = 0.5
@@ -207,6 +210,18 @@ class MetaAgentConfig:
             )
         if isinstance(self.task_distribution, TaskDistribution):
             raise TypeError("MetaAgentConfig.task_distribution is a name; pass a TaskDistribution to make_meta_env")
+        if self.task_families is not None:
+            object.__setattr__(self, "task_families", tuple(self.task_families))
+            unknown = [f for f in self.task_families if f not in FAMILIES]
+            if not self.task_families or unknown:
+                raise ValueError(
+                    f"MetaAgentConfig.task_families has unknown or no families {unknown or list(self.task_families)};"
+                    f" choose from {list(FAMILIES)}"
+                )
+            if self.task_distribution == "toy":
+                raise ValueError(
+                    "MetaAgentConfig.task_families replaces a split's families; the 'toy' distribution has none"
+                )
         if not 0 <= self.init_lr_spread <= 3:
             raise ValueError(
                 "MetaAgentConfig.init_lr_spread must lie in [0, 3] decades around the optimiser's default"
@@ -220,7 +235,9 @@ class MetaAgentConfig:
 
     def meta_task_distribution(self, override: TaskDistribution | str | None = None) -> TaskDistribution:
         """The meta-training :class:`TaskDistribution`: ``override`` (an instance is used as is) or
-        ``task_distribution``, a split name, with this config's ``init_lr_spread``."""
+        ``task_distribution``, a split name (or ``task_families``), with this config's ``init_lr_spread``."""
+        if override is None and self.task_families is not None:
+            return TaskDistribution(self.task_families, name="custom", lr_spread=self.init_lr_spread)
         name = self.task_distribution if override is None else override
         return make_distribution(name, lr_spread=self.init_lr_spread)
 

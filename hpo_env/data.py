@@ -1,7 +1,7 @@
 """Offline datasets and their preprocessing.
 
 Every dataset here is available without a network: scikit-learn's bundled sets, procedurally
-generated teacher-network tasks, and character-level text taken from the docstrings of Python's own
+generated teacher-network tasks and drawn glyph images, and character-level text taken from the docstrings of Python's own
 standard library. Raw datasets are loaded once per process and cached in memory; the processed
 splits of a task are cached too (keyed by the data part of its :class:`~hpo_env.tasks.TaskSpec`).
 
@@ -74,6 +74,13 @@ _TEXT_MODULES = (
 
 _MAX_VAL = 512
 _MAX_TEST = 1024
+
+# Glyphs are drawn on a 16x16 canvas and averaged down to 8x8 (as the digits were, from 32x32): each
+# class draws this many variants of its figure, and each sample shifts one by up to this many pixels.
+_GLYPH_CANVAS = 16
+_GLYPH_VARIANTS = 24
+_GLYPH_MAX_SHIFT = 2
+_GLYPH_STROKES = 4
 
 
 @dataclass(frozen=True)
@@ -264,6 +271,41 @@ def _digits(spec: TaskSpec, rng: np.random.Generator):
     return x, _noisy_labels(y.astype(np.int64), 10, spec.label_noise, rng), "classification", 10
 
 
+def _glyph_ink(p0: np.ndarray, p1: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """Anti-aliased pen strokes: segments ``p0 -> p1`` (``(m, strokes, 2)`` canvas coordinates) of
+    ``width`` (``(m, 1)``) pixels, as ``(m, canvas, canvas)`` ink in ``[0, 1]``."""
+    c = _GLYPH_CANVAS
+    grid = np.stack(np.meshgrid(np.arange(c) + 0.5, np.arange(c) + 0.5, indexing="ij"), -1).reshape(-1, 2)
+    d = p1 - p0
+    rel = grid[None, None] - p0[:, :, None]
+    t = np.clip((rel * d[:, :, None]).sum(-1) / np.maximum((d * d).sum(-1), 1e-9)[..., None], 0, 1)
+    dist = np.linalg.norm(rel - t[..., None] * d[:, :, None], axis=-1).min(axis=1)
+    return np.clip(width - dist + 0.5, 0, 1).reshape(-1, c, c)
+
+
+def _glyphs(spec: TaskSpec, rng: np.random.Generator):
+    """Procedurally drawn 8x8 glyphs, a vision task that is not the digits: each class is a random
+    figure of 2-4 pen strokes; a sample is one of its class's redrawings (stroke ends jittered, stroke
+    width varied), shifted by a few pixels, with pixel noise."""
+    n, k, c, s, v = spec.n_samples, spec.n_classes, _GLYPH_CANVAS, _GLYPH_STROKES, _GLYPH_VARIANTS
+    ends = rng.uniform(3, c - 3, size=(2, k, s, 2))
+    unused = np.arange(s)[None] >= rng.integers(2, s + 1, size=(k, 1))
+    ends[:, unused] = np.repeat(ends[:, :, :1], s, axis=2)[:, unused]  # redraw the first stroke: no new ink
+    p0, p1 = ends[:, np.repeat(np.arange(k), v)] + rng.normal(0, 0.7, size=(2, k * v, s, 2))
+    m = _GLYPH_MAX_SHIFT
+    ink = np.pad(_glyph_ink(p0, p1, rng.uniform(0.6, 1.4, size=(k * v, 1))), ((0, 0), (m, m), (m, m)))
+    y = rng.integers(0, k, size=n)
+    variant = y * v + rng.integers(0, v, size=n)
+    rows = rng.integers(0, 2 * m + 1, size=(n, 1)) + np.arange(c)
+    cols = rng.integers(0, 2 * m + 1, size=(n, 1)) + np.arange(c)
+    x = ink[variant[:, None, None], rows[:, :, None], cols[:, None, :]]
+    x = x.reshape(n, c // 2, 2, c // 2, 2).mean(axis=(2, 4))  # 2x2 blocks: 16x16 -> 8x8
+    x = np.clip(x + rng.normal(0, 0.05, size=x.shape), 0, 1)
+    if spec.permute_pixels:
+        x = x.reshape(n, -1)[:, rng.permutation(x[0].size)]
+    return x.reshape(n, 1, c // 2, c // 2), _noisy_labels(y, k, spec.label_noise, rng), "classification", k
+
+
 def _text_splits(spec: TaskSpec, rng: np.random.Generator) -> DataSplits:
     corpus = python_text_corpus()
     length = min(len(corpus), spec.n_samples + spec.context_length)
@@ -290,6 +332,7 @@ _BUILDERS = {
     "tabular": _tabular,
     "digits_mlp": _digits,
     "digits_cnn": _digits,
+    "glyphs_cnn": _glyphs,
 }
 
 

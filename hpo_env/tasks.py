@@ -55,10 +55,13 @@ _FAMILY_DATA: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "digits_mlp": (("digits",), ("mlp",)),
     "digits_cnn": (("digits",), ("cnn",)),
     "charlm": (("python_text",), ("charmlp",)),
+    "glyphs_cnn": (("glyphs",), ("cnn",)),
 }
 #: All task families.
 FAMILIES: tuple[str, ...] = tuple(_FAMILY_DATA)
-#: Families per split. Whole families are held out of meta-training for evaluation.
+#: Families per split. Whole families are held out of meta-training for evaluation. ``glyphs_cnn``
+#: (CNNs on drawn glyphs) is in neither: meta-training on it is opt-in (``TaskDistribution(families)``,
+#: ``hpo-train --families``), as it doubles the cost of a meta-training run on CPU.
 SPLITS: dict[str, tuple[str, ...]] = {
     "train": ("teacher_regression", "teacher_classification", "make_classification", "digits_mlp", "charlm"),
     "test": ("tabular", "digits_cnn"),
@@ -164,10 +167,12 @@ class TaskSpec:
             raise bad("label_noise", self.label_noise, "a number in [0, 1]")
         if not 0 < self.subset_fraction <= 1:
             raise bad("subset_fraction", self.subset_fraction, "a fraction in (0, 1]")
-        if self.dataset in ("teacher", "make_classification"):
-            if self.n_samples < 50 or self.n_features < 2:
-                raise bad("n_samples/n_features", (self.n_samples, self.n_features), ">= 50 samples, >= 2 features")
-            if self.family != "teacher_regression" and self.n_classes < 2:
+        if self.dataset in ("teacher", "make_classification") and (self.n_samples < 50 or self.n_features < 2):
+            raise bad("n_samples/n_features", (self.n_samples, self.n_features), ">= 50 samples, >= 2 features")
+        if self.dataset == "glyphs" and self.n_samples < 50:
+            raise bad("n_samples", self.n_samples, ">= 50 samples")
+        if self.dataset in ("teacher", "make_classification", "glyphs") and self.task_type == "classification":
+            if self.n_classes < 2:
                 raise bad("n_classes", self.n_classes, ">= 2 classes for classification")
         if self.arch == "charmlp" and (self.context_length < 1 or self.embedding_dim < 1 or self.n_samples < 500):
             raise bad(
@@ -341,6 +346,20 @@ def _digits_cnn(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
     )
 
 
+def _glyphs_cnn(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
+    return TaskSpec(
+        family="glyphs_cnn",
+        dataset="glyphs",
+        arch="cnn",
+        hidden=(int(rng.choice([4, 8, 16])), int(rng.choice([8, 16, 32]))),
+        n_samples=_int_log_uniform(rng, 300, 3000),
+        n_classes=int(rng.integers(2, 11)),
+        label_noise=float(rng.uniform(0.0, 0.2)),
+        permute_pixels=bool(rng.random() < 0.3),
+        **_common(rng, optimizer, lr_spread),
+    )
+
+
 def _charlm(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
     return TaskSpec(
         family="charlm",
@@ -362,6 +381,7 @@ _SAMPLERS: dict[str, Callable[[np.random.Generator, str, float], TaskSpec]] = {
     "digits_mlp": _digits_mlp,
     "digits_cnn": _digits_cnn,
     "charlm": _charlm,
+    "glyphs_cnn": _glyphs_cnn,
 }
 assert set(_SAMPLERS) == set(FAMILIES)
 

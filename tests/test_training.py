@@ -20,7 +20,7 @@ from stable_baselines3.common.vec_env import VecFrameStack, VecMonitor, VecNorma
 import training.callbacks as callbacks_module
 from agents import PRESETS, MetaAgentConfig, get_preset, load_bundle, make_meta_agent, make_meta_env
 from agents.factory import ActionChangePenalty
-from hpo_env import HPOVecEnv, TaskDistribution
+from hpo_env import SPLITS, HPOVecEnv, TaskDistribution
 from training.callbacks import (
     find_latest_checkpoint,
     make_eval_tasks,
@@ -328,6 +328,23 @@ def test_init_lr_spread_reaches_the_meta_training_tasks_only():
     env = make_meta_env(config.replace(n_envs=2), seed=0)
     assert env.unwrapped.task_distribution.lr_spread == 1.5
     assert get_preset("quick").meta_task_distribution().lr_spread == 0.5  # the benchmark's spread
+
+
+def test_families_replace_the_splits_families_in_meta_training_only():
+    families = (*SPLITS["train"], "glyphs_cnn")
+    config = parse_settings(["--families", *families]).agent_config()
+    assert config.task_families == families
+    dist = config.meta_task_distribution()
+    assert set(dist.families) == set(families) and dist.lr_spread == 0.5
+    assert config.meta_task_distribution("test").families == SPLITS["test"]  # an explicit split wins
+    env = make_meta_env(config.replace(n_envs=2), seed=0)
+    assert env.unwrapped.task_distribution.families == families
+    rng = np.random.default_rng(0)
+    assert {dist.sample(rng).family for _ in range(200)} == set(families)
+    with pytest.raises(ValueError, match=r"unknown or no families \['imagenet'\]"):
+        MetaAgentConfig(task_families=("digits_mlp", "imagenet"))
+    with pytest.raises(ValueError, match="'toy' distribution has none"):
+        MetaAgentConfig(task_distribution="toy", task_families=("digits_mlp",))
 
 
 def test_factory_rejects_bad_configuration():

@@ -117,6 +117,8 @@ class TrainSettings:
     """Continue the run in this folder from its last checkpoint (its settings are reused)."""
     task_distribution: Literal["train", "all", "toy"] | None = None
     """Meta-training tasks: train (the meta-training families), all, or toy (tests) (default: train)."""
+    families: tuple[str, ...] | None = None
+    """Meta-training task families instead of the split's, e.g. the train split's plus glyphs_cnn (default: the split's)."""
     hyperparameters: tuple[str, ...] | None = None
     """Controlled hyperparameters, in action order (default: lr weight_decay)."""
     lr_step: float | None = None
@@ -183,8 +185,9 @@ class TrainSettings:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
         if self.run_name is not None and (not self.run_name or os.sep in self.run_name or self.run_name in (".", "..")):
             raise ValueError(f"--run-name must be a plain folder name, got {self.run_name!r}")
-        if self.hyperparameters is not None:
-            self.hyperparameters = tuple(self.hyperparameters)
+        for name in ("hyperparameters", "families"):
+            if getattr(self, name) is not None:
+                setattr(self, name, tuple(getattr(self, name)))
 
     @property
     def budget(self) -> RunBudget:
@@ -204,6 +207,7 @@ class TrainSettings:
             algorithm=self.algorithm,
             n_envs=self.n_envs,
             task_distribution=self.task_distribution,
+            task_families=self.families,
             hyperparameters=self.hyperparameters,
             lr_step=self.lr_step,
             lr_step_up=self.lr_step_up,
@@ -356,8 +360,6 @@ def _resumed_settings(run_dir: Path, given: dict[str, Any]) -> TrainSettings:
     values = {k: v for k, v in saved.items() if k in known}
     values.update({k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES})
     values["resume"] = str(run_dir)
-    if isinstance(values.get("hyperparameters"), list):
-        values["hyperparameters"] = tuple(values["hyperparameters"])
     return TrainSettings(**values)
 
 
@@ -485,6 +487,7 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
         return {
             "env": {
                 "task_distribution": config.task_distribution,
+                "task_families": None if config.task_families is None else list(config.task_families),
                 "init_lr_spread": config.init_lr_spread,
                 "hyperparameters": list(config.hyperparameters),
                 "divergence_penalty": config.divergence_penalty,
