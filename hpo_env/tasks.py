@@ -61,7 +61,8 @@ _FAMILY_DATA: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 FAMILIES: tuple[str, ...] = tuple(_FAMILY_DATA)
 #: Families per split. Whole families are held out of meta-training for evaluation. ``glyphs_cnn``
 #: (CNNs on drawn glyphs) is in neither: meta-training on it is opt-in (``TaskDistribution(families)``,
-#: ``hpo-train --families``), as it doubles the cost of a meta-training run on CPU.
+#: ``hpo-train --families``): its CNNs make a meta-training run on CPU about 1.9x slower, and with one
+#: seed it helped ``digits_cnn`` and hurt ``tabular`` (benchmarks/reports/levers.md, thirteenth round).
 SPLITS: dict[str, tuple[str, ...]] = {
     "train": ("teacher_regression", "teacher_classification", "make_classification", "digits_mlp", "charlm"),
     "test": ("tabular", "digits_cnn"),
