@@ -1,8 +1,8 @@
 """Offline datasets and their preprocessing.
 
 Every dataset here is available without a network: scikit-learn's bundled sets, procedurally
-generated teacher-network tasks and drawn glyph images, and character-level text taken from the docstrings of Python's own
-standard library. Raw datasets are loaded once per process and cached in memory; the processed
+generated teacher-network tasks and drawn glyph images, and character-level text taken from the
+docstrings of Python's own standard library. Raw datasets are loaded once per process and cached in memory; the processed
 splits of a task are cached too (keyed by the data part of its :class:`~hpo_env.tasks.TaskSpec`).
 
 Preprocessing, in order: drop rows with non-finite values, (optionally) subsample and add label
