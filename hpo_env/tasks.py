@@ -269,6 +269,11 @@ def _mlp_hidden(rng: np.random.Generator, widths: Sequence[int] = (16, 32, 64, 1
     return tuple(int(rng.choice(widths)) for _ in range(depth))
 
 
+def _cnn_channels(rng: np.random.Generator) -> tuple[int, int]:
+    """The two conv layers' channel counts of a CNN task (the same choices for every image family)."""
+    return int(rng.choice([4, 8, 16])), int(rng.choice([8, 16, 32]))
+
+
 def _teacher_regression(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
     return TaskSpec(
         family="teacher_regression",
@@ -339,7 +344,7 @@ def _digits_cnn(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
         family="digits_cnn",
         dataset="digits",
         arch="cnn",
-        hidden=(int(rng.choice([4, 8, 16])), int(rng.choice([8, 16, 32]))),
+        hidden=_cnn_channels(rng),
         subset_fraction=float(rng.uniform(0.3, 1.0)),
         label_noise=float(rng.uniform(0.0, 0.2)),
         permute_pixels=bool(rng.random() < 0.3),
@@ -352,7 +357,7 @@ def _glyphs_cnn(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
         family="glyphs_cnn",
         dataset="glyphs",
         arch="cnn",
-        hidden=(int(rng.choice([4, 8, 16])), int(rng.choice([8, 16, 32]))),
+        hidden=_cnn_channels(rng),
         n_samples=_int_log_uniform(rng, 300, 3000),
         n_classes=int(rng.integers(2, 11)),
         label_noise=float(rng.uniform(0.0, 0.2)),
