@@ -20,7 +20,11 @@ provides that hook and :func:`lightning_scheduler_config` builds the config dict
             sched = PolicyScheduler.from_pretrained("default", opt, total_steps=epochs, epochs=epochs)
             return {"optimizer": opt, "lr_scheduler": lightning_scheduler_config(sched, monitor="val_loss")}
 
-Lightning saves and restores the scheduler's ``state_dict`` in its checkpoints.
+Lightning saves and restores the scheduler's ``state_dict`` in its checkpoints. Prefer
+``interval="epoch"`` with validation every epoch: Lightning passes the *last logged* value of
+``monitor``, so with ``interval="step"`` the ``frequency`` must equal the validation interval in
+batches (``val_check_interval``) and divide the batches of an epoch (Lightning counts ``frequency``
+within each epoch), or the policy sees the same stale loss several times.
 
 **Hugging Face ``transformers.Trainer``.** :func:`hf_trainer_callback` returns a
 ``transformers.TrainerCallback`` that builds the scheduler around the Trainer's optimiser when
@@ -28,9 +32,13 @@ training begins, calls ``step(eval_loss, train_loss)`` after every evaluation (t
 interval is the evaluation interval), and re-writes its hyperparameters at the start of every
 optimiser step, because the Trainer's own learning-rate scheduler (``lr_scheduler_type``, use
 ``"constant"``) overwrites ``param_groups[*]["lr"]`` after each step. The Trainer's logged
-``learning_rate`` is therefore its own scheduler's value, not the policy's; the callback adds
-``policy_lr`` to the evaluation metrics. Resuming a Trainer checkpoint restarts the policy's
-memory (the callback's state is not saved).
+``learning_rate`` is therefore its own scheduler's value, not the policy's. The callback adds
+``policy_lr`` to the metrics dict that ``evaluate()`` returns, but the Trainer logs its metrics
+before its callbacks see them, so ``policy_lr`` is not in ``log_history`` or the Trainer's loggers:
+pass ``writer=SummaryWriter(...)`` to see the policy's schedule in TensorBoard (``scheduler/`` tags).
+Evaluations before the first optimiser step (``eval_on_start``) and after training ends are not
+decisions and are ignored. Resuming a Trainer checkpoint restarts the policy's memory (the
+callback's state is not saved).
 
 These integrations follow the libraries' documented hooks but are **not exercised by hpo-meta's
 test suite** unless the libraries happen to be installed.
@@ -41,6 +49,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from typing import Any
 
 from agents.scheduler import PolicyScheduler
@@ -128,7 +137,9 @@ def _decisions_from_args(args: Any, state: Any) -> int:
             every = math.ceil(state.max_steps * every)
         return max(1, state.max_steps // int(every))
     if strategy == "epoch":
-        return max(1, math.ceil(args.num_train_epochs))
+        # The Trainer sets state.num_train_epochs before on_train_begin, from max_steps when given.
+        epochs = getattr(state, "num_train_epochs", 0) or args.num_train_epochs
+        return max(1, math.ceil(epochs))
     raise ValueError(
         f"the policy decides after every evaluation, but eval_strategy is {strategy!r}: set "
         "eval_strategy='steps' (with eval_steps) or 'epoch' in TrainingArguments, or pass total_steps"
@@ -169,6 +180,8 @@ def _hf_callback_class() -> type:
             self.scheduler_kwargs = scheduler_kwargs
             self.scheduler: PolicyScheduler | None = None
             self._log_index = 0
+            self._training = False
+            self._warned_missing = False
 
         def on_train_begin(self, args, state, control, optimizer=None, train_dataloader=None, **kwargs):
             if optimizer is None:
@@ -181,13 +194,27 @@ def _hf_callback_class() -> type:
             else:
                 self.scheduler = PolicyScheduler(optimizer, self.policy, total, **kwargs)
             self._log_index = len(state.log_history)
+            self._training = True
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self._training = False  # a trainer.evaluate() afterwards is not a decision
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self.scheduler is not None:
                 self.scheduler._write()  # undo the Trainer's own lr scheduler
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            if self.scheduler is None or not metrics or self.metric not in metrics:
+            if self.scheduler is None or not self._training or state.global_step == 0:
+                return  # before the first optimiser step (eval_on_start) or after training
+            if not metrics or self.metric not in metrics:
+                if not self._warned_missing:
+                    warnings.warn(
+                        f"PolicySchedulerCallback: the evaluation metrics have no {self.metric!r} (they have "
+                        f"{sorted(metrics or {})}), so the policy does not act; pass metric= one of them (with a "
+                        "dict of eval datasets the Trainer names them 'eval_<name>_loss')",
+                        stacklevel=2,
+                    )
+                    self._warned_missing = True
                 return
             losses = [e["loss"] for e in state.log_history[self._log_index :] if "loss" in e]
             self._log_index = len(state.log_history)

@@ -89,29 +89,38 @@ class PolicyScheduler:
     ``weight_decay``) and writes them at every step; others are left alone. ``momentum`` is SGD's
     ``momentum`` or, for Adam-type optimisers, ``betas[0]``.
 
-    **Several parameter groups.** Group 0 is the base: the policy sees and moves its values. Every
-    other group keeps its initial ratio to group 0 in the space the action moves the value in: its
-    learning rate and weight decay stay ``initial_g / initial_0`` times group 0's (a group created
-    with ``weight_decay=0`` keeps 0), and its ``1 - momentum`` stays proportional to group 0's.
-    Only group 0 is clipped to the policy's bounds.
+    **Several parameter groups.** For each controlled hyperparameter, the *base* group is the first
+    group whose initial value is not zero (group 0, unless it was created with e.g.
+    ``weight_decay=0``, as the no-decay group of biases and norms often is): the policy sees and
+    moves the base value. Every other group keeps its initial ratio to the base in the space the
+    action moves the value in: its learning rate and weight decay stay ``initial_g / initial_base``
+    times the base value (a group created with ``weight_decay=0`` keeps 0), and its ``1 - momentum``
+    stays proportional to the base's. Only the base value is clipped to the policy's bounds. Param
+    groups added after the scheduler was built are not controlled: ``step()`` raises.
 
-    **Initial values.** Group 0's initial values outside the policy's bounds are clipped into them
-    at construction (with a warning), as the environment does at the start of every episode.
+    **Initial values.** Base values outside the policy's bounds are clipped into them at
+    construction (with a warning), as the environment does at the start of every episode; the
+    other groups keep their ratio to the unclipped value.
+
+    **Losses** must be positive (cross-entropy, MSE, ...): the policy observes log losses, and a
+    negative ``metrics`` or ``train_loss`` (a log-likelihood, a score) raises ``ValueError``.
 
     **Divergence.** A NaN or infinite ``metrics`` (or ``train_loss``) is treated as divergence: a
     warning is issued, the policy is *not* shown the value (it never saw a diverged run continue in
     training), and the learning rate takes the largest decrease one decision allows (action -1 on
-    ``lr``, other hyperparameters held). The next finite loss is shown to the policy as usual, with
-    that decrease as the previous action. The scheduler never raises on a non-finite loss; whether
-    to stop or restore a checkpoint is the training loop's decision.
+    ``lr``, other hyperparameters held; a policy that does not control ``lr`` holds them all). The
+    next finite loss is shown to the policy as usual, with that decrease as the previous action (if
+    no finite loss came before, it starts the observation history, as a first call does). The
+    scheduler never raises on a non-finite loss; whether to stop or restore a checkpoint is the
+    training loop's decision.
 
     **Too many calls.** ``step()`` after the ``total_steps``-th call warns and holds the
     hyperparameters.
 
     **Gradient features.** A policy trained with them (``bundle.gradient_features``) also sees how
     consecutive minibatch gradients of the interval agree and how large they are. The scheduler then
-    reads the gradients at every ``optimizer.step()`` through a step pre-hook (nothing to add to the
-    training loop), keeping one float32 copy of the previous gradient. A state dict saved in the
+    reads the gradients at every ``optimizer.step()`` through a step post-hook (nothing to add to the
+    training loop; with ``optimizer.step(closure)`` it reads the gradients the closure computed), keeping one float32 copy of the previous gradient. A state dict saved in the
     middle of an interval does not hold that interval's gradient statistics: save it right after
     ``step()``, as usual.
 
@@ -127,7 +136,7 @@ class PolicyScheduler:
         total_steps: number of ``step()`` calls (decision intervals) in the whole run, >= 1.
         deterministic: use the policy's mean action (True) or sample from it.
         writer: optional ``torch.utils.tensorboard.SummaryWriter``; logs ``scheduler/<hparam>``
-            (group 0's value for the next interval), ``scheduler/val_loss``, ``scheduler/train_loss``,
+            (the base group's value for the next interval), ``scheduler/val_loss``, ``scheduler/train_loss``,
             ``scheduler/action_<hparam>`` and ``scheduler/diverged``, at global step ``t``.
         adaptive: whether the optimiser is Adam-type (an observed feature). Default: True unless the
             optimiser is a ``torch.optim.SGD``.
@@ -208,21 +217,27 @@ class PolicyScheduler:
                 f"{self.features.dim} for {list(decoder.names)}: retrain or re-save the bundle"
             )
 
-        # Group 0 is the base; other groups keep their ratio to it (in the action's log space).
+        # Per hyperparameter, the first group with a non-zero value is the base; the other groups
+        # keep their ratio to it (in the action's log space).
         values = self._read()  # (groups, k)
-        base = decoder.clip(values[0])
-        for name, old, new in zip(decoder.names, values[0], base):
+        dist = self._distance(values)
+        nonzero = dist > 0
+        self._base_groups = np.where(nonzero.any(0), nonzero.argmax(0), 0)
+        cols = np.arange(decoder.num_actions)
+        initial = values[self._base_groups, cols]
+        base = decoder.clip(initial)
+        for j, (name, old, new) in enumerate(zip(decoder.names, initial, base)):
             if old != new:
-                spec = self.decoder.specs[self.decoder.names.index(name)]
+                spec = self.decoder.specs[j]
                 warnings.warn(
-                    f"initial {name}={old:g} of param group 0 is outside the policy's bounds "
+                    f"initial {name}={old:g} of param group {self._base_groups[j]} is outside the policy's bounds "
                     f"[{spec.lower:g}, {spec.upper:g}]; clipped to {new:g}, as in meta-training",
                     stacklevel=2,
                 )
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratios = self._distance(values) / self._distance(base)[None]
-        self._ratios = np.nan_to_num(ratios, nan=1.0, posinf=1.0)
-        self._ratios[0] = 1.0
+            ratios = dist / dist[self._base_groups, cols][None]
+        self._ratios = np.nan_to_num(ratios, nan=1.0, posinf=1.0)  # nan: every group had 0
+        self._ratios[self._base_groups, cols] = 1.0
         self._initial_base = base.copy()
         self.reset()
 
@@ -247,7 +262,7 @@ class PolicyScheduler:
         )
 
     def _register_gradient_hook(self, optimizer: torch.optim.Optimizer) -> None:
-        """Observe the gradients before every optimiser step (on the innermost optimiser of a wrapper)."""
+        """Observe the gradients of every optimiser step (on the innermost optimiser of a wrapper)."""
         inner = getattr(optimizer, "optimizer", optimizer)
         ref = weakref.ref(self)
 
@@ -256,7 +271,8 @@ class PolicyScheduler:
             if scheduler is not None:
                 scheduler._observe_gradients()
 
-        handle = inner.register_step_pre_hook(hook)
+        # After the step: with optimizer.step(closure) the gradients exist only once the closure ran.
+        handle = inner.register_step_post_hook(hook)
         weakref.finalize(self, handle.remove)  # the hook goes when the scheduler does
 
     def _observe_gradients(self) -> None:
@@ -325,7 +341,7 @@ class PolicyScheduler:
         for j, spec in enumerate(self.decoder.specs):
             if spec.is_momentum:
                 values[:, j] = np.clip(1.0 - dist[:, j], 0.0, None)
-        values[0] = base  # exactly the decoder's value, no round trip
+        values[self._base_groups, np.arange(len(base))] = base  # exactly the decoder's value, no round trip
         return values
 
     def _read(self) -> np.ndarray:
@@ -337,6 +353,12 @@ class PolicyScheduler:
 
     def _write(self) -> None:
         """Write the current hyperparameters into the optimiser (also undoes outside changes)."""
+        if len(self.optimizer.param_groups) != len(self._keys):
+            raise ValueError(
+                f"the optimizer has {len(self.optimizer.param_groups)} param groups, but this PolicyScheduler was "
+                f"built for {len(self._keys)}: groups added with add_param_group() afterwards are not controlled. "
+                "Create the PolicyScheduler after adding every param group"
+            )
         values = self._group_values(self._base)
         for group, keys, row in zip(self.optimizer.param_groups, self._keys, values):
             for key, v in zip(keys, row):
@@ -418,6 +440,12 @@ class PolicyScheduler:
         """
         val = _to_float(metrics, "metrics")
         train = None if train_loss is None else _to_float(train_loss, "train_loss")
+        for name, value in (("metrics", val), ("train_loss", train)):
+            if value is not None and value < 0:
+                raise ValueError(
+                    f"{name}={value:g} is negative, but the policy observes log losses: pass a positive loss "
+                    "(cross-entropy, MSE, ...), not a log-likelihood, a score or an accuracy"
+                )
         if self._t >= self.total_steps:
             warnings.warn(
                 f"PolicyScheduler.step() called more than total_steps={self.total_steps} times; "
@@ -434,9 +462,13 @@ class PolicyScheduler:
         diverged = not math.isfinite(val) or (train is not None and not math.isfinite(train))
         action = None
         if diverged:
+            response = (
+                "the learning rate is decreased by the largest step the policy may take"
+                if "lr" in self.decoder.names
+                else "the hyperparameters are held (the policy does not control the learning rate)"
+            )
             warnings.warn(
-                f"non-finite loss at scheduler step {t} (val={val}, train={train}) is treated as divergence: "
-                "the learning rate is decreased by the largest step the policy may take",
+                f"non-finite loss at scheduler step {t} (val={val}, train={train}) is treated as divergence: {response}",
                 stacklevel=2,
             )
             if t < self.total_steps:
@@ -520,10 +552,12 @@ class PolicyScheduler:
             "base": torch.from_numpy(self._base.copy()),
             "initial_base": torch.from_numpy(self._initial_base.copy()),
             "ratios": torch.from_numpy(self._ratios.copy()),
+            "base_groups": torch.from_numpy(self._base_groups.copy()),
             "last_action": torch.from_numpy(self._last_action.copy()),
             "last_obs": None if self._last_obs is None else torch.from_numpy(self._last_obs.copy()),
             "features": feats,
             "epochs_feature": self.epochs_feature,
+            "gradient_features": self.gradient_features,
             "epochs": self.epochs,
             "policy_state": _copy_state(self._policy_state, to_torch=True),
             "policy_kind": policy_signature(self.bundle),
@@ -564,6 +598,20 @@ class PolicyScheduler:
                 f"the state was saved with a policy that {'observes' if saved_feature else 'does not observe'} the "
                 "run's epochs, this scheduler's policy does the opposite: load it into a scheduler of the same bundle"
             )
+        saved_grad = state_dict.get("gradient_features")
+        if saved_grad is not None and bool(saved_grad) != self.gradient_features:
+            raise ValueError(
+                f"the state was saved with a policy that {'observes' if saved_grad else 'does not observe'} "
+                "gradients, this scheduler's policy does the opposite: load it into a scheduler of the same bundle"
+            )
+        # States saved before base groups existed used group 0 for every hyperparameter.
+        base_groups = np.asarray(state_dict.get("base_groups", np.zeros(self.decoder.num_actions)), dtype=np.int64)
+        if (
+            base_groups.shape != self._base_groups.shape
+            or not (0 <= base_groups).all()
+            or (base_groups >= len(ratios)).any()
+        ):
+            raise ValueError(f"malformed scheduler state: base_groups {base_groups.tolist()}")
         features = {k: np.asarray(v) for k, v in state_dict["features"].items()}
         if self.epochs_feature:
             if state_dict.get("epochs") is not None:
@@ -580,6 +628,7 @@ class PolicyScheduler:
         self._base = np.asarray(state_dict["base"], dtype=np.float64).copy()
         self._initial_base = np.asarray(state_dict.get("initial_base", self._base), dtype=np.float64).copy()
         self._ratios = ratios.copy()
+        self._base_groups = base_groups.copy()
         self._last_action = np.asarray(state_dict.get("last_action", np.zeros(self.decoder.num_actions)), np.float64)
         last_obs = state_dict.get("last_obs")
         self._last_obs = None if last_obs is None else np.asarray(last_obs, dtype=np.float32).copy()

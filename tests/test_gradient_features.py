@@ -144,12 +144,13 @@ class _Replay:
         return self.actions[min(len(self.seen) - 1, len(self.actions) - 1)][None], state
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("optimizer, closure", [("sgd", False), ("adamw", False), ("sgd", True)])
 def test_environment_and_scheduler_in_a_plain_pytorch_loop_see_the_same_gradient_features(
-    small_mlp_spec, optimizer, torch_replica
+    small_mlp_spec, optimizer, closure, torch_replica
 ):
     """The environment's batched trainer and a torch.nn model trained by torch.optim under the
-    scheduler, on the same initial weights and minibatches, give the same observations."""
+    scheduler, on the same initial weights and minibatches, give the same observations; also when
+    the loop computes its gradients in an ``optimizer.step(closure)`` (as Lightning does)."""
     spec = small_mlp_spec.replace(
         optimizer=optimizer, activation="tanh", hidden=(16, 8), lr=0.05 if optimizer == "sgd" else 3e-3
     )
@@ -169,10 +170,18 @@ def test_environment_and_scheduler_in_a_plain_pytorch_loop_see_the_same_gradient
         idx = torch.randint(len(data.x_train), (spec.steps_per_action, spec.batch_size), generator=gen)
         losses = []
         for k in range(spec.steps_per_action):
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(data.x_train[idx[k]]), data.y_train[idx[k]])
-            loss.backward()
-            opt.step()
+
+            def compute_loss(batch=idx[k]):
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
+                loss.backward()
+                return loss
+
+            if closure:
+                loss = opt.step(compute_loss)
+            else:
+                loss = compute_loss()
+                opt.step()
             losses.append(loss.item())
         with torch.no_grad():
             val = torch.nn.functional.cross_entropy(model(data.x_val), data.y_val)
@@ -196,7 +205,7 @@ def test_scheduler_warns_when_no_optimizer_step_ran(small_mlp_spec):
         sched.step(0.9)
     del sched  # the hook goes with the scheduler
     opt.step()
-    assert not opt._optimizer_step_pre_hooks
+    assert not opt._optimizer_step_post_hooks
 
 
 def test_run_episodes_follows_the_policys_feature_set(small_mlp_spec):

@@ -194,6 +194,55 @@ def test_param_groups_keep_their_relative_scale_and_zero_weight_decay():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 10 ** (0.25 * (1 - 1 + 0.3)))
 
 
+def test_a_no_decay_group_first_does_not_become_the_weight_decay_base():
+    """timm-style groups: biases and norms without weight decay first. The base of weight decay is
+    the first group that has one; the no-decay group keeps 0, and the learning rate's base stays 0."""
+    decoder = ActionDecoder(("lr", "weight_decay"))
+    model = torch.nn.Linear(3, 3)
+    opt = torch.optim.AdamW(
+        [{"params": [model.bias], "weight_decay": 0.0}, {"params": [model.weight], "weight_decay": 0.05}], lr=1e-3
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 0 is not clipped: it is not the base
+        sched = PolicyScheduler(opt, ReplayPolicy(decoder, [[0.5, -1.0]]), total_steps=4)
+    sched.step(1.0)
+    g0, g1 = opt.param_groups
+    assert g0["weight_decay"] == 0.0
+    assert g1["weight_decay"] == pytest.approx(0.05 * 10 ** -decoder.specs[1].max_log10_change)
+    assert g0["lr"] == g1["lr"] == pytest.approx(1e-3 * 10 ** (0.5 * decoder.specs[0].max_log10_change))
+    # The policy observed the groups' real weight decay, and a state dict restores the base groups.
+    restored = PolicyScheduler(
+        torch.optim.AdamW(
+            [{"params": [model.bias], "weight_decay": 0.0}, {"params": [model.weight], "weight_decay": 0.05}], lr=1e-3
+        ),
+        ReplayPolicy(decoder, [[0.5, -1.0]]),
+        total_steps=4,
+    )
+    restored.load_state_dict(sched.state_dict())
+    assert restored.get_last_hparams() == sched.get_last_hparams()
+
+
+def test_groups_keep_their_ratio_to_the_unclipped_base():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[1].parameters(), "lr": 0.5}], lr=5.0)
+    with pytest.warns(UserWarning, match="outside the policy's bounds"):
+        PolicyScheduler(opt, ReplayPolicy(ActionDecoder(("lr",)), [[0.0]]), total_steps=3)
+    assert [g["lr"] for g in opt.param_groups] == [1.0, pytest.approx(0.1)]
+
+
+def test_negative_losses_and_param_groups_added_later_are_refused():
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    sched = PolicyScheduler(opt, ReplayPolicy(ActionDecoder(("lr",)), [[0.0]]), total_steps=3)
+    with pytest.raises(ValueError, match="negative.*log losses"):
+        sched.step(-0.5)
+    with pytest.raises(ValueError, match="train_loss=-1 is negative"):
+        sched.step(0.5, train_loss=-1.0)
+    assert sched.last_step == 0  # nothing was consumed
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+    with pytest.raises(ValueError, match="add_param_group"):
+        sched.step(0.5)
+
+
 def test_adam_momentum_is_beta1_and_beta2_is_kept():
     decoder = ActionDecoder(("lr", "momentum"))
     opt = torch.optim.Adam(torch.nn.Linear(2, 2).parameters(), lr=1e-3, betas=(0.9, 0.95))
@@ -393,6 +442,9 @@ def test_hf_eval_count_from_training_arguments():
     assert _decisions_from_args(SimpleNamespace(eval_strategy="steps", eval_steps=10, logging_steps=5), state) == 10
     assert _decisions_from_args(SimpleNamespace(eval_strategy="steps", eval_steps=0.25, logging_steps=5), state) == 4
     assert _decisions_from_args(SimpleNamespace(eval_strategy="epoch", num_train_epochs=3.0), state) == 3
+    # With max_steps the Trainer's state holds the real number of epochs (args keep the default 3).
+    state = SimpleNamespace(max_steps=100, num_train_epochs=10)
+    assert _decisions_from_args(SimpleNamespace(eval_strategy="epoch", num_train_epochs=3.0), state) == 10
     with pytest.raises(ValueError, match="eval_strategy"):
         _decisions_from_args(SimpleNamespace(eval_strategy="no"), state)
 
@@ -469,6 +521,7 @@ def test_hf_trainer_end_to_end(tmp_path):
         logging_steps=5,
         learning_rate=1e-3,
         lr_scheduler_type="linear",  # the callback must win against the Trainer's own schedule
+        eval_on_start=True,  # not a decision: no training interval came before it
         save_strategy="no",
         report_to=[],
         use_cpu=True,
@@ -490,6 +543,19 @@ def test_hf_trainer_end_to_end(tmp_path):
     lrs = [seen_lrs[i * 5 : (i + 1) * 5] for i in range(4)]
     assert all(len(set(chunk)) == 1 for chunk in lrs)
     assert lrs[0][0] == pytest.approx(1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.evaluate()  # after training: not a decision either
+    assert sched.last_step == 4
+
+    # A metric the evaluation does not produce: a warning naming the ones it does, and no decision.
+    missing = hf_trainer_callback("default", metric="eval_accuracy")
+    trainer = transformers.Trainer(
+        model=Regressor(), args=args, train_dataset=data, eval_dataset=data[:16], callbacks=[missing]
+    )
+    with pytest.warns(UserWarning, match="no 'eval_accuracy'.*eval_loss"):
+        trainer.train()
+    assert missing.scheduler.last_step == 0
 
 
 # -- the example and the benchmark run (tiny budgets) ----------------------------------------------
