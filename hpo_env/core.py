@@ -10,7 +10,8 @@ Reward: ``r_t = log(L_{t-1}) - log(L_t)`` on validation loss, which sums to ``lo
 an episode. A divergence (non-finite loss or weights, or an exploded validation loss) ends the
 episode with ``r = log(L_{t-1} / L_1) - divergence_penalty``, so a diverged episode returns exactly
 ``-divergence_penalty`` however far it had got: diverging is never better than a run that ended
-``divergence_penalty`` nats worse than its first interval.
+``divergence_penalty`` nats worse than its first interval. Losses are floored at ``LOSS_FLOOR``
+before the log.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ from hpo_env.tasks import TaskSpec
 from hpo_env.trainer import HPARAM_NAMES, BatchedTrainer
 
 __all__ = ["EpisodeBatch"]
+
+#: Losses are floored here before their log is taken: a float32 cross-entropy can round to exactly 0
+#: on an easy validation set, which must not give an infinite reward.
+LOSS_FLOOR = 1e-12
+
+
+def _log_loss(loss: float) -> float:
+    return float(np.log(max(float(loss), LOSS_FLOOR)))
 
 
 @dataclass
@@ -124,11 +133,22 @@ class EpisodeBatch:
     def step(self, slots: Sequence[int], actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
         """Apply ``actions`` (``(len(slots), k)``) and run one interval in each slot."""
         slots = list(slots)
-        actions = np.asarray(actions, dtype=np.float64).reshape(len(slots), self.decoder.num_actions)
         for s in slots:
             ep = self.episodes[s]
             if ep is None or ep.done:
                 raise RuntimeError(f"slot {s} has no running episode; reset it before stepping")
+        # Check every action before any slot changes, so that a bad one leaves the batch as it was.
+        k = self.decoder.num_actions
+        actions = np.asarray(actions, dtype=np.float64)
+        if actions.size != len(slots) * k:
+            raise ValueError(
+                f"expected {len(slots)} action(s) of {k} values (one per controlled hyperparameter "
+                f"{list(self.decoder.names)}), got an array of shape {actions.shape}"
+            )
+        actions = actions.reshape(len(slots), k)
+        if not np.all(np.isfinite(actions)):
+            bad = sorted({slots[j] for j in np.flatnonzero(~np.isfinite(actions).all(axis=1))})
+            raise ValueError(f"actions must be finite; slot(s) {bad} got {actions[~np.isfinite(actions).all(axis=1)]}")
         obs = np.zeros((len(slots), self.obs_dim), dtype=np.float32)
         rewards = np.zeros(len(slots))
         terminated = np.zeros(len(slots), dtype=bool)
@@ -168,10 +188,10 @@ class EpisodeBatch:
         for i, (j, s) in enumerate(zip(live, live_slots)):
             ep = self.episodes[s]
             if res.diverged[i]:
-                rewards[j] = np.log(ep.last_val / ep.first_val) - self.divergence_penalty
+                rewards[j] = _log_loss(ep.last_val) - _log_loss(ep.first_val) - self.divergence_penalty
                 terminated[j] = True
             else:
-                rewards[j] = np.log(ep.last_val) - np.log(res.val_loss[i])
+                rewards[j] = _log_loss(ep.last_val) - _log_loss(res.val_loss[i])
                 ep.last_val = float(res.val_loss[i])
                 terminated[j] = ep.decision >= ep.spec.num_decisions
                 if terminated[j]:

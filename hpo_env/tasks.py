@@ -76,6 +76,14 @@ DEFAULT_HPARAMS: dict[str, dict[str, float]] = {
 }
 
 
+#: TaskSpec fields that must be integers, and those that must be finite numbers.
+_INT_FIELDS = (
+    "data_seed", "batch_size", "total_steps", "steps_per_action", "seed",
+    "embedding_dim", "n_samples", "n_features", "n_classes", "context_length",
+)  # fmt: skip
+_FLOAT_FIELDS = ("lr", "weight_decay", "momentum", "label_noise", "subset_fraction")
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """Complete description of one inner training problem.
@@ -141,6 +149,22 @@ class TaskSpec:
             raise bad("optimizer", self.optimizer, f"one of {list(OPTIMIZERS)}")
         if self.activation not in ACTIVATIONS:
             raise bad("activation", self.activation, f"one of {list(ACTIVATIONS)}")
+        # Types first: a float batch size or a string learning rate would otherwise fail deep inside torch.
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise bad(name, value, "an integer")
+            object.__setattr__(self, name, int(value))  # numpy integers hash like Python ones in task_id
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise bad(name, value, "a number")
+            if not np.isfinite(value):
+                raise bad(name, value, "a finite number")
+            object.__setattr__(self, name, float(value))
+        for name in ("data_seed", "seed"):
+            if not 0 <= getattr(self, name) < 2**63:
+                raise bad(name, getattr(self, name), "an integer in [0, 2**63)")
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
         if not self.hidden or min(self.hidden) < 1:
             raise bad("hidden", self.hidden, "a non-empty tuple of positive widths")
@@ -158,7 +182,7 @@ class TaskSpec:
             )
         if self.total_steps // self.steps_per_action < 2:
             raise bad("total_steps", self.total_steps, "at least two decisions (2 * steps_per_action)")
-        if not (self.lr > 0 and np.isfinite(self.lr)):
+        if not self.lr > 0:
             raise bad("lr", self.lr, "a positive finite learning rate")
         if not self.weight_decay >= 0:
             raise bad("weight_decay", self.weight_decay, "a non-negative number")
@@ -175,11 +199,28 @@ class TaskSpec:
         if self.dataset in ("teacher", "make_classification", "glyphs") and self.task_type == "classification":
             if self.n_classes < 2:
                 raise bad("n_classes", self.n_classes, ">= 2 classes for classification")
+        if self.dataset == "make_classification":
+            # scikit-learn's generator places 2 clusters per class on the vertices of a hypercube in the
+            # informative dimensions, at most n_features of them (see hpo_env.data).
+            if 2 * self.n_classes > 2**self.n_features:
+                raise bad(
+                    "n_classes",
+                    self.n_classes,
+                    f"at most 2**n_features / 2 = {2 ** (self.n_features - 1)} classes for {self.n_features} features",
+                )
         if self.arch == "charmlp" and (self.context_length < 1 or self.embedding_dim < 1 or self.n_samples < 500):
             raise bad(
                 "context_length/embedding_dim/n_samples",
                 (self.context_length, self.embedding_dim, self.n_samples),
                 "context_length >= 1, embedding_dim >= 1 and n_samples >= 500 for text tasks",
+            )
+        if self.arch == "charmlp" and self.context_length >= 0.1 * self.n_samples - 10:
+            # Contiguous splits with a gap of one context before validation (see hpo_env.data).
+            raise bad(
+                "context_length",
+                self.context_length,
+                f"fewer than 0.1 * n_samples - 10 = {0.1 * self.n_samples - 10:g} characters, so that the "
+                "validation split (10% of the text, less one context as a gap) keeps at least 10 windows",
             )
 
     # ------------------------------------------------------------------------------------------
@@ -415,8 +456,8 @@ class TaskDistribution:
         name: str = "custom",
         lr_spread: float = DEFAULT_LR_SPREAD,
     ) -> None:
-        families = tuple(families)
-        optimizers = tuple(optimizers)
+        families = (families,) if isinstance(families, str) else tuple(families)  # one family by name
+        optimizers = (optimizers,) if isinstance(optimizers, str) else tuple(optimizers)
         unknown = [f for f in families if f not in _SAMPLERS]
         if not families or unknown:
             raise ValueError(f"unknown or empty task families {unknown or families!r}; choose from {list(FAMILIES)}")

@@ -97,7 +97,11 @@ class HPOVecEnv(VecEnv):
         return [None if ep is None else ep.spec for ep in self._batch.episodes]
 
     # ------------------------------------------------------------------------------------------
-    def _next_task(self, i: int) -> TaskSpec:
+    def _next_task(self, i: int, *, explicit_reset: bool = True) -> TaskSpec:
+        """Slot ``i``'s next task. Seeds and options (``seed()``, ``set_options()``) apply to the next
+        :meth:`reset` only, never to the automatic resets of finished slots (as in SB3's ``DummyVecEnv``)."""
+        if not explicit_reset:
+            return self.task_distribution.sample(self._rngs[i])
         seed = self._seeds[i]
         if seed is not None:
             self._rngs[i] = seeding.np_random(seed)[0]
@@ -134,7 +138,8 @@ class HPOVecEnv(VecEnv):
             for j in done:
                 infos[j]["terminal_observation"] = obs[j].copy()
                 infos[j]["TimeLimit.truncated"] = False
-            new_obs, reset_infos = self._batch.start(done.tolist(), [self._next_task(int(j)) for j in done])
+            specs = [self._next_task(int(j), explicit_reset=False) for j in done]
+            new_obs, reset_infos = self._batch.start(done.tolist(), specs)
             obs[done] = new_obs
             for j, info in zip(done, reset_infos):
                 self.reset_infos[j] = info
@@ -144,14 +149,29 @@ class HPOVecEnv(VecEnv):
         pass
 
     # -- the VecEnv attribute protocol (one object stands for every slot) ----------------------
+    # ``task`` is per slot (as ``HPOEnv.task``); everything else is shared by all slots, so setting or
+    # calling it for some slots only cannot be honoured and is refused, and a method runs once.
     def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        if attr_name == "task":
+            tasks = self.tasks()
+            return [tasks[i] for i in self._get_indices(indices)]
         return [getattr(self, attr_name) for _ in self._get_indices(indices)]
 
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        self._all_slots(indices, f"set_attr({attr_name!r})")
         setattr(self, attr_name, value)
 
     def env_method(self, method_name: str, *method_args, indices: VecEnvIndices = None, **method_kwargs) -> list[Any]:
-        return [getattr(self, method_name)(*method_args, **method_kwargs) for _ in self._get_indices(indices)]
+        self._all_slots(indices, f"env_method({method_name!r})")
+        result = getattr(self, method_name)(*method_args, **method_kwargs)  # once: it acts on every slot
+        return [result for _ in self._get_indices(indices)]
+
+    def _all_slots(self, indices: VecEnvIndices, what: str) -> None:
+        if sorted(set(self._get_indices(indices))) != list(range(self.num_envs)):
+            raise ValueError(
+                f"HPOVecEnv.{what} with indices={indices!r}: its slots are one batched program that shares "
+                "its attributes and methods, so they apply to every slot; call it without indices"
+            )
 
     def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
         return [False for _ in self._get_indices(indices)]

@@ -6,7 +6,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import hpo_env  # noqa: F401  (registers the ids)
-from hpo_env import FAMILIES, HPOEnv, TaskDistribution
+from hpo_env import FAMILIES, HPOEnv, HPOVecEnv, TaskDistribution
 
 
 @pytest.mark.parametrize("env_id", ["hpo_env/HPOToy-v0", "hpo_env/HPO-v0"])
@@ -140,3 +140,26 @@ def test_divergence_in_the_first_interval_ends_the_first_step():
     obs, r, term, trunc, info = env.step(np.zeros(2, np.float32))
     assert term and info["diverged"] and r == -2.0
     assert info["inner_step"] == steps_before and env.observation_space.contains(obs)
+
+
+def test_a_bad_action_changes_nothing_even_beside_a_diverged_slot():
+    """Actions are checked before any slot changes: a NaN action is refused, whether the slot diverged
+    in its first interval or not, and the batch can then be stepped with good actions."""
+    vec = HPOVecEnv(2, "toy", bounds={"lr": (1e-5, 1e6)})
+    spec = vec.task_distribution.sample(np.random.default_rng(0))
+    vec.set_options([{"task": spec.replace(lr=1e5)}, {"task": spec}])
+    vec.reset()
+    for bad in ([[0.0, 0.0], [np.nan, 0.0]], [[np.nan, 0.0], [0.0, 0.0]]):
+        with pytest.raises(ValueError, match=r"finite; slot\(s\) \[\d\]"):
+            vec.step(np.array(bad, np.float32))
+    with pytest.raises(ValueError, match=r"expected 2 action\(s\) of 2 values"):
+        vec.step(np.zeros((2, 3), np.float32))
+    _, rewards, dones, infos = vec.step(np.zeros((2, 2), np.float32))
+    assert dones[0] and infos[0]["diverged"] and rewards[0] == -vec._batch.divergence_penalty
+    assert not dones[1] and np.isfinite(rewards[1])
+
+
+def test_a_zero_validation_loss_gives_a_finite_reward():
+    from hpo_env.core import LOSS_FLOOR, _log_loss
+
+    assert _log_loss(0.0) == np.log(LOSS_FLOOR) and _log_loss(2.0) == np.log(2.0)

@@ -79,6 +79,12 @@ def test_task_spec_round_trips_through_dict(small_mlp_spec):
         ({"lr": -1.0}, "lr"),
         ({"momentum": 1.0}, "momentum"),
         ({"hidden": ()}, "hidden"),
+        ({"batch_size": 32.0}, "batch_size=32.0 is invalid: expected an integer"),
+        ({"total_steps": True}, "total_steps"),
+        ({"lr": "0.01"}, "lr='0.01' is invalid: expected a number"),
+        ({"weight_decay": float("inf")}, "weight_decay=inf is invalid: expected a finite number"),
+        ({"seed": -1}, r"seed=-1 is invalid: expected an integer in \[0, 2\*\*63\)"),
+        ({"data_seed": 2**70}, "data_seed"),
     ],
 )
 def test_bad_task_specs_raise_clear_errors(small_mlp_spec, changes, match):
@@ -102,6 +108,21 @@ def test_lr_spread_widens_only_the_initial_learning_rate():
     assert "lr_spread=1.5" in repr(TaskDistribution.default("train", lr_spread=1.5))
     with pytest.raises(ValueError, match=r"lr_spread must lie in \[0, 3\]"):
         TaskDistribution.default("train", lr_spread=-1)
+
+
+def test_specs_that_would_fail_inside_the_data_builders_are_refused():
+    dist = TaskDistribution.default("all")
+    cls = dist.sample_family("make_classification", np.random.default_rng(0))
+    with pytest.raises(ValueError, match="at most 2\\*\\*n_features / 2 = 2 classes for 2 features"):
+        cls.replace(n_features=2, n_classes=3)
+    text = dist.sample_family("charlm", np.random.default_rng(0))
+    with pytest.raises(ValueError, match="context_length=60 is invalid.*validation split"):
+        text.replace(n_samples=500, context_length=60)
+    assert np.int64(7) == cls.replace(seed=np.int64(7)).seed and type(cls.replace(seed=np.int64(7)).seed) is int
+
+
+def test_one_family_by_name():
+    assert TaskDistribution("tabular").families == ("tabular",)
 
 
 def test_bad_distributions_raise():

@@ -58,6 +58,33 @@ def test_vec_env_bad_input():
         HPOVecEnv(2, hyperparameters=("lr", "beta2"))
 
 
+def test_seeds_and_options_apply_to_the_next_reset_only():
+    """As in SB3's DummyVecEnv: ``seed()`` or ``set_options()`` between resets (SB3's
+    ``set_random_seed`` does that) must not pin every later automatic reset of a slot to one task."""
+    vec = HPOVecEnv(1, "toy", seed=0)
+    vec.reset()
+    vec.seed(7)
+    tasks = []
+    for _ in range(40):
+        _, _, done, _ = vec.step(np.zeros((1, 2), np.float32))
+        if done[0]:
+            tasks.append(vec.tasks()[0].task_id)
+    assert len(tasks) >= 3 and len(set(tasks)) == len(tasks)
+    assert vec.reset() is not None and vec._seeds == [None]  # the seed was used by this reset
+
+
+def test_attribute_protocol_per_slot():
+    vec = HPOVecEnv(2, "toy", seed=0)
+    vec.reset()
+    assert vec.get_attr("task") == vec.tasks() and vec.get_attr("task", indices=[1]) == vec.tasks()[1:]
+    assert vec.get_attr("num_envs", indices=[0]) == [2]
+    with pytest.raises(ValueError, match="apply to every slot"):
+        vec.set_attr("divergence_penalty", 1.0, indices=[0])
+    with pytest.raises(ValueError, match="apply to every slot"):
+        vec.env_method("reset", indices=[1])
+    assert len(vec.env_method("tasks")) == 2
+
+
 def test_recurrent_ppo_learns_on_vec_env():
     from sb3_contrib import RecurrentPPO
 
