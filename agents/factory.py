@@ -67,7 +67,7 @@ from stable_baselines3.common.vec_env import (
     unwrap_vec_normalize,
 )
 
-from hpo_env import HPOVecEnv, TaskDistribution, make_distribution
+from hpo_env import ActionDecoder, HPOVecEnv, TaskDistribution, make_distribution
 from hpo_env.features import OBS_BOUND
 from hpo_env.tasks import DEFAULT_LR_SPREAD, FAMILIES
 
@@ -101,6 +101,9 @@ class MetaAgentConfig:
         learning_rate: Adam learning rate of the meta-agent (at the start, if ``learning_rate_end`` is set).
         learning_rate_end: if set, the learning rate decays linearly from ``learning_rate`` to this value
             over the run (SB3's ``LinearSchedule`` of the remaining progress); None keeps it constant.
+            SB3 measures progress against the total of the current ``learn()`` call, so extending a
+            finished run (``hpo-train --resume RUN --total-timesteps 2T``) resumes it at the rate that
+            point of the *new* schedule has (halfway: the mean of the two), not at the end rate.
         gamma: discount factor.
         gae_lambda: GAE smoothing.
         clip_range: PPO's ratio clip.
@@ -232,6 +235,10 @@ class MetaAgentConfig:
                 "the 'toy' task distribution has its own fixed learning rates; init_lr_spread applies to"
                 " the built-in splits ('train', 'all', 'test') only"
             )
+        # Unknown hyperparameter names fail here, not when the environment is built.
+        ActionDecoder(
+            self.hyperparameters, max_log10_change=self.max_log10_change, max_log10_increase=self.max_log10_increase
+        )
 
     def meta_task_distribution(self, override: TaskDistribution | str | None = None) -> TaskDistribution:
         """The meta-training :class:`TaskDistribution`: ``override`` (an instance is used as is) or

@@ -29,7 +29,15 @@ from training.callbacks import (
     summarize_episodes,
 )
 from training.rollout import EpisodeRecord
-from training.train import BUDGETS, RESUMABLE_OVERRIDES, TrainSettings, _field_docs, parse_settings
+from training.train import (
+    BUDGETS,
+    RESUMABLE_OVERRIDES,
+    TrainSettings,
+    _field_docs,
+    load_checkpoint_agent,
+    parse_settings,
+    segment_env_seed,
+)
 
 # A toy run: 4 slots x 16 decisions = 64 timesteps per rollout; toy episodes are 9 decisions long.
 TINY = [
@@ -133,6 +141,12 @@ def test_killed_run_resumes_to_the_full_timestep_count(tmp_path):
     # nothing already written is corrupted: every complete checkpoint loads
     for step_dir in sorted((run / "checkpoints").glob("step_*")):
         RecurrentPPO.load(step_dir / "model.zip", device="cpu")
+    # The resumed segment draws its own tasks: load() reseeds the environment with the run's seed,
+    # which must not make the segment replay the run's first tasks.
+    settings = parse_settings(["--resume", str(run)])
+    seed = segment_env_seed(settings.seed, done)
+    env, _ = load_checkpoint_agent(checkpoint, settings.agent_config(), seed, settings)
+    assert env.unwrapped._seeds == [seed + i for i in range(env.num_envs)] and seed != settings.seed
 
     resumed = subprocess.run(
         [*_hpo_train(), "--resume", str(run), "--no-progress-bar"], capture_output=True, text=True, timeout=300
@@ -160,14 +174,29 @@ def test_resume_refuses_to_change_the_run_identity(tmp_path):
         parse_settings(["--resume", str(tmp_path / "not-a-run")])
 
 
-def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+def test_resume_before_the_first_checkpoint_starts_the_run_again(tmp_path, capsys):
+    """A run stopped before its first checkpoint (e.g. during an imitation warm start) is neither lost
+    nor stuck: --resume starts it again in its folder, with its settings."""
     from training.train import main
 
-    run = tmp_path / "empty"
+    run = tmp_path / "early"
+    args = [*TINY, "--logdir", str(tmp_path), "--run-name", "early", "--total-timesteps", "128", "--eval-freq", "0"]
     run.mkdir()
-    (run / "settings.json").write_text(json.dumps({**TrainSettings().to_dict(), "run_name": "empty"}))
-    assert main(["--resume", str(run)]) == 2
-    assert "no complete checkpoint" in capsys.readouterr().err
+    (run / "settings.json").write_text(json.dumps({**parse_settings(args).to_dict(), "run_name": "early"}))
+    (run / "checkpoints").mkdir()
+    assert main(args) == 2  # a new run does not take the folder ...
+    assert "--resume" in capsys.readouterr().err
+    assert main(["--resume", str(run)]) == 0  # ... --resume starts it again
+    assert "no complete checkpoint yet" in capsys.readouterr().out
+    assert load_bundle(run / "bundle").config["training"]["timesteps"] == 128
+
+
+def test_configuration_errors_are_usage_errors_before_any_folder(tmp_path, capsys):
+    from training.train import main
+
+    assert main([*TINY, "--logdir", str(tmp_path), "--run-name", "bad", "--init-lr-spread", "1"]) == 2
+    assert "hpo-train: error: the 'toy' task distribution has its own fixed learning rates" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_existing_run_folder_is_not_overwritten(tmp_path, capsys):
@@ -352,6 +381,8 @@ def test_factory_rejects_bad_configuration():
         get_preset("huge")
     with pytest.raises(ValueError, match="algorithm must be one of"):
         MetaAgentConfig(algorithm="dqn")
+    with pytest.raises(ValueError, match="unknown hyperparameters"):
+        MetaAgentConfig(hyperparameters=("lr", "beta2"))  # at construction, not when the env is built
     with pytest.raises(ValueError, match="n_envs must be a positive integer"):
         MetaAgentConfig(n_envs=0)
     with pytest.raises(ValueError, match="gamma"):

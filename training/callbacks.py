@@ -421,7 +421,10 @@ class HeldOutEvalCallback(BaseCallback):
                 ),
             }
         self.eval_seconds += time.perf_counter() - t0
-        self.last_eval_timestep = self.model.num_timesteps
+        # A resumed run counts eval_freq from its last evaluation, not from the resume: a run stopped
+        # more often than eval_freq still evaluates.
+        last = (self.last_summary or {}).get("timesteps")
+        self.last_eval_timestep = int(last) if last is not None else self.model.num_timesteps
 
     def _on_rollout_start(self) -> None:
         step = self.model.num_timesteps

@@ -70,7 +70,11 @@ EVAL_TASK_SEED = 20240
 
 
 class RunFolderError(ValueError):
-    """A run folder cannot be used: it already exists, or has nothing to resume from."""
+    """A run folder cannot be used: it already exists, or its checkpoint cannot be resumed."""
+
+
+class SettingsError(ValueError):
+    """The settings do not make a valid meta-agent configuration (raised before any folder is made)."""
 
 
 @dataclass(frozen=True)
@@ -383,8 +387,6 @@ class TrainResult:
 def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
     """Run (or resume) meta-training as described by ``settings``; see the module docstring."""
     import torch
-    from sb3_contrib import RecurrentPPO
-    from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import CallbackList
     from stable_baselines3.common.logger import CSVOutputFormat, Logger
 
@@ -392,8 +394,6 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
     from agents.factory import frame_stack_of, get_vec_normalize, make_meta_agent, make_meta_env
     from hpo_env import __version__ as hpo_version
     from training.callbacks import (
-        CHECKPOINT_MODEL,
-        CHECKPOINT_VECNORM,
         CheckpointCallback,
         HeldOutEvalCallback,
         HPOEpisodeLogger,
@@ -402,7 +402,6 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
         make_eval_tasks,
         read_checkpoint_state,
         record_settings,
-        restore_rng_state,
     )
 
     t_start = time.perf_counter()
@@ -410,16 +409,22 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
     # threads cost more in synchronisation than they save. Set here, in the script, never in a library.
     torch.set_num_threads(settings.threads)
     command = command or shlex.join(["hpo-train", *sys.argv[1:]])
-    config = settings.agent_config()
+    try:
+        config = settings.agent_config()
+    except (TypeError, ValueError) as err:
+        raise SettingsError(str(err)) from err
     budget = settings.budget
     checkpoint = None
     if settings.resume:
         run_dir = Path(settings.resume)
         checkpoint = find_latest_checkpoint(run_dir / "checkpoints")
         if checkpoint is None:
-            raise RunFolderError(
-                f"--resume {str(run_dir)!r}: no complete checkpoint under {run_dir / 'checkpoints'} (the run was "
-                "stopped before its first one); start it again without --resume"
+            # Stopped before its first checkpoint: nothing to continue, so the run starts again in its
+            # folder, with its settings (its TensorBoard events are purged from step 0).
+            print(
+                f"hpo-train: {run_dir} has no complete checkpoint yet (the run stopped before its first one); "
+                "starting it again from the beginning with its settings",
+                flush=True,
             )
         # Keep what this session changed (e.g. a longer --total-timesteps) for the next --resume.
         _write_settings(
@@ -430,7 +435,8 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
         run_dir = Path(settings.logdir) / name
         if run_dir.exists() and any(run_dir.iterdir()):
             raise RunFolderError(
-                f"run folder {str(run_dir)!r} already exists: continue it with --resume {run_dir}, or pick another --run-name"
+                f"run folder {str(run_dir)!r} already exists: continue it with --resume {run_dir} (which starts it "
+                "again if it stopped before its first checkpoint), or pick another --run-name"
             )
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_settings(run_dir, {**settings.to_dict(), "run_name": name, "resume": None})
@@ -439,24 +445,8 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
     state: dict[str, Any] = {}
     if checkpoint is not None:
         state = read_checkpoint_state(checkpoint)
-        done = int(state["num_timesteps"])
-        # A fresh task stream for the resumed segment, derived from (seed, timesteps): reproducible,
-        # and not a replay of the tasks the run has already seen.
-        env_seed = int(np.random.SeedSequence([settings.seed, done]).generate_state(1)[0] % (2**31 - 1))
-        vecnorm_file = checkpoint / CHECKPOINT_VECNORM
-        env = make_meta_env(
-            config,
-            seed=env_seed,
-            device=settings.env_device,
-            vec_normalize_path=vecnorm_file if vecnorm_file.is_file() else None,
-        )
-        algo = RecurrentPPO if config.algorithm == "recurrent" else PPO
-        model = algo.load(checkpoint / CHECKPOINT_MODEL, env=env, device=settings.device)
-        restore_rng_state(checkpoint)  # after load, which reseeds the global RNGs with the original seed
-        if model.num_timesteps != done:
-            raise ValueError(
-                f"checkpoint {checkpoint} is inconsistent: model at {model.num_timesteps} timesteps, state at {done}"
-            )
+        env_seed = segment_env_seed(settings.seed, int(state["num_timesteps"]))
+        env, model = load_checkpoint_agent(checkpoint, config, env_seed, settings)
     else:
         env_seed = settings.seed
         env = make_meta_env(config, seed=env_seed, device=settings.env_device)
@@ -468,7 +458,9 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
     logger = Logger(
         str(run_dir),
         [
-            PurgingTensorBoardFormat(str(run_dir), purge_step=start_timesteps if checkpoint is not None else None),
+            PurgingTensorBoardFormat(
+                str(run_dir), purge_step=start_timesteps if checkpoint is not None else (0 if settings.resume else None)
+            ),
             CSVOutputFormat(str(run_dir / f"progress{suffix}.csv")),
         ],
     )
@@ -518,10 +510,12 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
         best_bundle_path=run_dir / "best_bundle",
         bundle_config=bundle_config,
         device=settings.env_device,
-        best_mean_return=float(state.get("best_eval_mean_return", -np.inf)),
+        best_mean_return=_best_eval_return(state, run_dir / "best_bundle"),
         verbose=settings.verbose,
     )
     evaluator.last_summary = state.get("last_eval") or None
+    episode_logger = HPOEpisodeLogger(config.hyperparameters)
+    episode_logger.episodes_total = int(state.get("episodes_total", 0))
     checkpointer = CheckpointCallback(
         run_dir / "checkpoints",
         budget.checkpoint_freq,
@@ -530,9 +524,10 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
             "last_eval": evaluator.last_summary or {},
             "seed": settings.seed,
             "segments": segments,
+            "episodes_total": episode_logger.episodes_total,
         },
     )
-    callbacks = CallbackList([HPOEpisodeLogger(config.hyperparameters), evaluator, checkpointer])
+    callbacks = CallbackList([episode_logger, evaluator, checkpointer])
 
     remaining = budget.total_timesteps - start_timesteps
     if settings.verbose:
@@ -653,6 +648,54 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+def segment_env_seed(seed: int, timesteps: int) -> int:
+    """The task stream of a run segment resumed at ``timesteps``: derived from (seed, timesteps), so it is
+    reproducible and not a replay of the tasks the run has already seen."""
+    return int(np.random.SeedSequence([seed, timesteps]).generate_state(1)[0] % (2**31 - 1))
+
+
+def load_checkpoint_agent(checkpoint: Path, config: Any, env_seed: int, settings: TrainSettings) -> tuple[Any, Any]:
+    """The environment (its tasks seeded with ``env_seed``) and the agent of a checkpoint, to resume."""
+    from sb3_contrib import RecurrentPPO
+    from stable_baselines3 import PPO
+
+    from agents.factory import make_meta_env
+    from training.callbacks import CHECKPOINT_MODEL, CHECKPOINT_VECNORM, read_checkpoint_state, restore_rng_state
+
+    done = int(read_checkpoint_state(checkpoint)["num_timesteps"])
+    vecnorm_file = checkpoint / CHECKPOINT_VECNORM
+    env = make_meta_env(
+        config,
+        seed=env_seed,
+        device=settings.env_device,
+        vec_normalize_path=vecnorm_file if vecnorm_file.is_file() else None,
+    )
+    algo = RecurrentPPO if config.algorithm == "recurrent" else PPO
+    model = algo.load(checkpoint / CHECKPOINT_MODEL, env=env, device=settings.device)
+    # load() reseeds the global RNGs and the environment with the run's original seed: restore the
+    # checkpoint's RNG state, and this segment's own task stream (else it replays the run's first).
+    restore_rng_state(checkpoint)
+    env.seed(env_seed)
+    if model.num_timesteps != done:
+        raise RunFolderError(
+            f"checkpoint {checkpoint} is inconsistent: model at {model.num_timesteps} timesteps, state at {done}"
+        )
+    return env, model
+
+
+def _best_eval_return(state: dict[str, Any], best_bundle: Path) -> float:
+    """The best held-out return so far: the checkpoint's, or that of ``best_bundle/`` if an evaluation
+    after the last checkpoint saved a better one (so that a resumed run never overwrites it with worse)."""
+    best = float(state.get("best_eval_mean_return", -np.inf))
+    if state:  # resuming; a fresh run (also one restarted before its first checkpoint) starts over
+        try:
+            saved = json.loads((best_bundle / "config.json").read_text())["evaluation"]["mean_return"]
+            best = max(best, float(saved))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no best bundle yet, or one without a recorded return
+    return best
+
+
 def _jsonable(value: Any) -> Any:
     from training.callbacks import _jsonable as convert
 
@@ -665,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["hpo-train", *(sys.argv[1:] if argv is None else argv)])
     try:
         train(settings, command=command)
-    except RunFolderError as err:
+    except (RunFolderError, SettingsError) as err:
         print(f"hpo-train: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
