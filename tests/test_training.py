@@ -157,9 +157,21 @@ def test_killed_run_resumes_to_the_full_timestep_count(tmp_path):
     state = read_checkpoint_state(final)
     assert state["num_timesteps"] == 1024
     assert [s["start"] for s in state["segments"]] == [0, done]
+    assert MetaAgentConfig(**state["agent_config"]) == parse_settings(["--resume", str(run)]).agent_config()
     assert load_bundle(run / "bundle").config["training"]["timesteps"] == 1024
     steps = [e.step for e in _read_events(run).Scalars("rollout/ep_rew_mean")]
     assert max(steps) == 1024
+
+
+def test_a_resumed_run_keeps_the_configuration_it_was_made_with(capsys):
+    """settings.json holds only the options given; a preset changed since must not change the run."""
+    from training.train import _run_config
+
+    made_with = get_preset("full", lr_step=0.25)
+    today = get_preset("full")
+    assert _run_config({"agent_config": made_with.to_dict()}, today) == made_with
+    assert "presets have changed since this run was made (lr_step)" in capsys.readouterr().out
+    assert _run_config({}, today) is today  # a checkpoint from before the record: as resolved
 
 
 def test_resume_refuses_to_change_the_run_identity(tmp_path):

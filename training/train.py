@@ -445,6 +445,7 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
     state: dict[str, Any] = {}
     if checkpoint is not None:
         state = read_checkpoint_state(checkpoint)
+        config = _run_config(state, config)
         env_seed = segment_env_seed(settings.seed, int(state["num_timesteps"]))
         env, model = load_checkpoint_agent(checkpoint, config, env_seed, settings)
     else:
@@ -524,6 +525,7 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
             "last_eval": evaluator.last_summary or {},
             "seed": settings.seed,
             "segments": segments,
+            "agent_config": config.to_dict(),  # the run's identity, whatever the presets become
             "episodes_total": episode_logger.episodes_total,
         },
     )
@@ -646,6 +648,27 @@ def _summary(result: TrainResult, settings: TrainSettings, evaluator: Any, start
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _run_config(state: dict[str, Any], resolved: Any) -> Any:
+    """The agent configuration a checkpoint was trained with (recorded since it was), else ``resolved``.
+
+    A run made before a preset changed keeps the preset it was made with: settings.json records only
+    the options given, and resolving them against today's presets could silently change the run."""
+    from agents.factory import MetaAgentConfig
+
+    saved = state.get("agent_config")
+    if not saved:
+        return resolved
+    config = MetaAgentConfig(**saved)
+    if config != resolved:
+        changed = sorted(k for k, v in config.to_dict().items() if resolved.to_dict().get(k) != v)
+        print(
+            f"hpo-train: the presets have changed since this run was made ({', '.join(changed)}); "
+            "continuing with the run's own configuration",
+            flush=True,
+        )
+    return config
 
 
 def segment_env_seed(seed: int, timesteps: int) -> int:
