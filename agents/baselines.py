@@ -85,8 +85,10 @@ def schedule_decoder(decoder: ActionDecoder, max_log10_change: float = EXACT_MAX
 def lr_grid(optimizer: str, size: int, decades: float) -> list[float]:
     """The tuned oracles' learning rates: the optimiser's default times ``10 ** linspace(-decades, decades, size)``.
 
-    One point is the default itself. Used by the benchmark's grid-tuned baselines and by the
-    imitation warm start's teacher (:mod:`training.imitation`).
+    An odd ``size`` has the default itself as its middle point; an even one (the benchmark's K = 8)
+    brackets it (at 1.5 decades and K = 8: 0.61x and 1.64x the default), so the tuned oracles cannot
+    pick exactly the default rate. Used by the benchmark's grid-tuned baselines and by the imitation
+    warm start's teacher (:mod:`training.imitation`).
     """
     if optimizer not in DEFAULT_HPARAMS:
         raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {sorted(DEFAULT_HPARAMS)}")

@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> dict:
             f"vs tuned cosine: median {s['median_ratio_vs_cosine_tuned']:.3f} [{lo:.3f}, {hi:.3f}], "
             f"geomean {s['geomean_ratio_vs_cosine_tuned']:.3f} ({fams})  "
             f"vs tuned constant {s['median_ratio_vs_constant_tuned']:.3f}  random {s['win_rate_vs_random']:.1%}  "
-            f"replay {s['win_rate_vs_replay']:.1%}  diverged {s['policy_divergence_rate']:.1%}"
+            f"replay {s['win_rate_vs_replay']:.1%}"
+            + ("" if s["win_rate_vs_replay_task"] is None else f"  replay per task {s['win_rate_vs_replay_task']:.1%}")
+            + f"  diverged {s['policy_divergence_rate']:.1%}"
         )
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
@@ -59,4 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(None if main() else 1)
+    try:
+        sys.exit(None if main() else 1)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"pool_reports.py: error: {err}", file=sys.stderr)
+        sys.exit(2)

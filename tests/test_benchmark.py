@@ -59,6 +59,15 @@ def test_bootstrap_interval_covers_the_true_median_about_95_percent_of_the_time(
     assert 0.89 <= hits / reps <= 0.99
 
 
+def test_bootstrap_of_medians_over_diverged_runs_is_infinite_not_nan():
+    # Two of five tasks diverged on every seed (ratio inf): many resampled medians are inf.
+    ratios = np.repeat([1.0, 1.02, 0.98, np.inf, np.inf], 5)
+    groups = np.repeat(np.arange(5), 5)
+    low, high = bootstrap_ci(ratios, rng=np.random.default_rng(0), groups=groups, n_boot=500)
+    assert np.isfinite(low) and high == np.inf
+    assert bootstrap_ci([1.0, np.inf, np.inf], rng=np.random.default_rng(0), n_boot=200)[1] == np.inf
+
+
 def test_bootstrap_is_reproducible_and_resamples_whole_groups():
     values = np.array([1.0, 1.1, 5.0, 5.2, 9.0, 9.1])
     a = bootstrap_ci(values, rng=np.random.default_rng(1), groups=["a", "a", "b", "b", "c", "c"], n_boot=300)
@@ -210,14 +219,16 @@ def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_pat
 
     # Resuming computes only what is missing.
     result = bench.run_benchmark(config)
-    # 2 tasks x 2 seeds x (policy, 2 defaults, fixed rule, 2x2 grid, 4 schedules, HD, random, replay);
-    # on a 2-point grid no rate coincides with the default, so every key is distinct.
-    total = 2 * 2 * (1 + 3 + 4 + 4 + 1 + 1 + 1)
+    # 2 tasks x 2 seeds x (policy, 2 defaults, fixed rule, 2x2 grid, 4 schedules, HD, random, replay,
+    # replay per task); on a 2-point grid no rate coincides with the default, so every key is distinct.
+    total = 2 * 2 * (1 + 3 + 4 + 4 + 1 + 1 + 1 + 1)
     assert result.computed == total - stored_after_interrupt and result.reused == stored_after_interrupt
     with ResultStore(config.store_path) as store:
         assert len(store) == total
         schedules = {k.schedule for k in store.keys()}
     assert any(s.startswith("policy@") for s in schedules) and any(s.startswith("replay@") for s in schedules)
+    # One per-task replay schedule per task, from that task's policy runs.
+    assert len({s for s in schedules if s.startswith("replay_task@")}) == 2
 
     summary = json.loads(result.json_path.read_text())  # strict JSON: no NaN tokens
     names = [r["name"] for r in summary["rows"]]
@@ -261,20 +272,29 @@ def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_pat
     again = json.loads(result.json_path.read_text())
     assert again["rows"] == summary["rows"] and again["run"]["computed_runs"] == 0
 
-    # Pooling reports (benchmarks/pool_reports.py): a report pooled with itself keeps its statistics and
-    # doubles its pairs; the two copies count as different tasks in the cluster bootstrap.
+    # Pooling reports (benchmarks/pool_reports.py): one report pooled alone keeps its statistics; the
+    # same report twice would count its tasks twice, and a report of another policy does not pool.
     pool = load_script("benchmarks/pool_reports.py")
-    pooled = pool.main([f"twice={config.out},{config.out}", "--json", str(tmp_path / "pooled.json")])["twice"]
+    pooled = pool.main([f"once={config.out}", "--json", str(tmp_path / "pooled.json")])["once"]
     rows_by_name = {r["name"]: r for r in summary["rows"]}
-    assert pooled["pairs"] == 8
+    assert pooled["pairs"] == 4
+    with pytest.raises(ValueError, match="given twice"):
+        pool.main([f"twice={config.out},{config.out}"])
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "benchmark.json").write_text(
+        json.dumps({**json.loads(result.json_path.read_text()), "policy_fingerprint": "0123456789ab"})
+    )
+    with pytest.raises(ValueError, match="not made like the first report.*policy_fingerprint"):
+        pool.main([f"mixed={config.out},{other}"])
     assert pooled["beats_both_untuned_defaults"] == pytest.approx(summary["targets"]["beats_both_untuned_defaults"])
     assert pooled["median_ratio_vs_cosine_tuned"] == pytest.approx(rows_by_name["cosine_tuned"]["all"]["median_ratio"])
     assert pooled["win_rate_vs_random"] == pytest.approx(rows_by_name["random"]["all"]["win_rate"])
     low, high = pooled["median_ratio_vs_cosine_tuned_ci95"]
     assert low <= pooled["median_ratio_vs_cosine_tuned"] <= high
     assert set(pooled["median_ratio_vs_cosine_tuned_by_family"]) == {"tabular", "digits_cnn"}
-    assert json.loads((tmp_path / "pooled.json").read_text())["twice"]["pairs"] == 8
-    assert "twice  pairs    8" in capsys.readouterr().out
+    assert json.loads((tmp_path / "pooled.json").read_text())["once"]["pairs"] == 4
+    assert "once  pairs    4" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="hpo-bench --out"):
         pool.pooled_summary([tmp_path])
     with pytest.raises(SystemExit):
@@ -346,7 +366,8 @@ def test_feature_ablation_holds_features_and_compares_on_the_same_pairs(tiny_bun
     assert "intact wins" in capsys.readouterr().out
     with ResultStore(out / "results.sqlite") as store:  # one store: baselines once, one policy key per row
         policies = {k.schedule for k in store.keys() if k.schedule.startswith("policy@")}
-        assert len(policies) == 3 and len(store) == 3 * 2 * 2 + 2 * 2 * (3 + 4 + 4 + 1 + 1) + 3 * 2 * 2
+        # per policy row: its runs and its two replay controls (all runs, per task) on the 4 pairs
+        assert len(policies) == 3 and len(store) == 3 * 2 * 2 + 2 * 2 * (3 + 4 + 4 + 1 + 1) + 3 * 2 * 2 * 2
     assert json.loads((out / "ablation.json").read_text())["loss_level"]["pairs"] == 4
     with pytest.raises(SystemExit):
         ablation.main([*argv[:-2], "no_such_group"])
@@ -374,7 +395,7 @@ def test_benchmark_runs_a_gradient_feature_policy_next_to_the_baselines(tiny_bun
         bench.run_benchmark(_tiny_config(policy, tmp_path / name, families=("tabular",), seeds=1))
         with ResultStore(tmp_path / name / "results.sqlite") as store:
             stores[name] = {k: store.get(k) for k in store.keys()}
-    baselines = [k for k in stores["grad"] if not k.schedule.startswith(("policy@", "replay@"))]
+    baselines = [k for k in stores["grad"] if not k.schedule.startswith(("policy@", "replay@", "replay_task@"))]
     assert len(baselines) > 5 and any(k.schedule.startswith("policy@") for k in stores["grad"])
     for key in baselines:
         assert stores["grad"][key].final_val_loss == stores["plain"][key].final_val_loss, key

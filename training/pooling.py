@@ -23,16 +23,39 @@ def load_pairs(folders: list[str | Path]) -> dict[str, dict]:
 
     Raises:
         FileNotFoundError: a folder without ``benchmark.json``.
-        ValueError: the reports do not hold the same rows, or a report is not an ``hpo-bench`` one.
+        ValueError: the reports do not hold the same rows, a report is given twice or is not an
+            ``hpo-bench`` one, or the reports differ in policy, grid or code version.
     """
     pooled: dict[str, dict] = {}
+    seen: dict[Path, str] = {}
+    first: dict[str, object] | None = None
     for k, folder in enumerate(folders):
         path = Path(folder) / "benchmark.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: pass folders written by `hpo-bench --out FOLDER`")
-        per_run = json.loads(path.read_text()).get("per_run")
+        if path.resolve() in seen:
+            # Its tasks would count twice as independent ones and narrow the interval.
+            raise ValueError(f"{folder} is given twice (also as {seen[path.resolve()]}); pool each report once")
+        seen[path.resolve()] = str(folder)
+        report = json.loads(path.read_text())
+        per_run = report.get("per_run")
         if not isinstance(per_run, dict) or "policy" not in per_run:
             raise ValueError(f"{path} has no per-run results of a policy; is it an hpo-bench report?")
+        # One policy, measured the same way: same bundle, grid and code version in every report.
+        identity = {
+            "policy_fingerprint": report.get("policy_fingerprint"),
+            "grid_size": (report.get("config") or {}).get("grid_size"),
+            "grid_decades": (report.get("config") or {}).get("grid_decades"),
+            "code_version": report.get("code_version"),
+        }
+        if first is None:
+            first = identity
+        elif identity != first:
+            differs = {key: (first[key], identity[key]) for key in identity if identity[key] != first[key]}
+            raise ValueError(
+                f"{path} was not made like the first report (first, this): {differs}; pool the reports of one "
+                "policy, benchmarked with the same grid and code"
+            )
         if pooled and set(per_run) != set(pooled):
             raise ValueError(f"{path} holds rows {sorted(per_run)}, the first report {sorted(pooled)}")
         for row, runs in per_run.items():
@@ -68,5 +91,7 @@ def pooled_summary(folders: list[str | Path], *, seed: int = 0, n_boot: int = 20
         "median_ratio_vs_constant_tuned": median_ratio(policy, rows["constant_tuned"]["losses"]),
         "win_rate_vs_random": win_rate(policy, rows["random"]["losses"]),
         "win_rate_vs_replay": win_rate(policy, rows["replay"]["losses"]),
+        # Reports made before the per-task replay control existed have no such row.
+        "win_rate_vs_replay_task": win_rate(policy, rows["replay_task"]["losses"]) if "replay_task" in rows else None,
         "policy_divergence_rate": float(np.isinf(policy).mean()),
     }

@@ -153,7 +153,10 @@ def bootstrap_ci(
         else:
             stats = np.array([statistic(x[np.concatenate([members[g] for g in row])][None])[0] for row in picks])
     tail = 100 * (1 - confidence) / 2
-    low, high = np.percentile(stats, [tail, 100 - tail])
+    # Linear interpolation between two infinite statistics (a median ratio over diverged runs) gives
+    # inf - inf = NaN; there, take the order statistics themselves.
+    method = "linear" if np.all(np.isfinite(stats)) else "inverted_cdf"
+    low, high = np.percentile(stats, [tail, 100 - tail], method=method)
     return float(low), float(high)
 
 
