@@ -94,13 +94,14 @@ class PolicyScheduler:
     ``weight_decay=0``, as the no-decay group of biases and norms often is): the policy sees and
     moves the base value. Every other group keeps its initial ratio to the base in the space the
     action moves the value in: its learning rate and weight decay stay ``initial_g / initial_base``
-    times the base value (a group created with ``weight_decay=0`` keeps 0), and its ``1 - momentum``
-    stays proportional to the base's. Only the base value is clipped to the policy's bounds. Param
-    groups added after the scheduler was built are not controlled: ``step()`` raises.
+    times the base value (a group created with ``weight_decay=0`` keeps 0; if *every* group has 0, all
+    of them follow the policy's value), and its ``1 - momentum`` stays proportional to the base's. No
+    group is set outside the policy's bounds (a kept 0 aside). Param groups added after the scheduler
+    was built are not controlled: ``step()`` raises.
 
-    **Initial values.** Base values outside the policy's bounds are clipped into them at
-    construction (with a warning), as the environment does at the start of every episode; the
-    other groups keep their ratio to the unclipped value.
+    **Initial values.** Values outside the policy's bounds are clipped into them at construction
+    (with a warning), as the environment does at the start of every episode; the ratios are taken to
+    the clipped base, so a clipped base does not move the other groups.
 
     **Losses** must be positive (cross-entropy, MSE, ...): the policy observes log losses, and a
     negative ``metrics`` or ``train_loss`` (a log-likelihood, a score) raises ``ValueError``.
@@ -234,12 +235,26 @@ class PolicyScheduler:
                     f"[{spec.lower:g}, {spec.upper:g}]; clipped to {new:g}, as in meta-training",
                     stacklevel=2,
                 )
+        # Ratios to the clipped base: every group starts from its own value (a clipped base does not drag
+        # the others with it), and no group is ever set outside the policy's bounds, except a 0 kept at 0.
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratios = dist / dist[self._base_groups, cols][None]
-        self._ratios = np.nan_to_num(ratios, nan=1.0, posinf=1.0)  # nan: every group had 0
+            ratios = dist / self._distance(base)[None]
+        self._ratios = np.nan_to_num(ratios, nan=1.0, posinf=1.0)  # nan: every group had 0, all follow the base
         self._ratios[self._base_groups, cols] = 1.0
         self._initial_base = base.copy()
         self.reset()
+        outside = [
+            f"{name}={values[g, j]:g} of param group {g}"
+            for g in range(len(values))
+            for j, name in enumerate(decoder.names)
+            if g != self._base_groups[j] and not np.isclose(self._last_values[g, j], values[g, j], rtol=1e-9, atol=0)
+        ]
+        if outside:
+            warnings.warn(
+                f"initial {', '.join(outside)} outside the policy's bounds: clipped into them (no param group "
+                "is set outside the bounds the policy was trained with)",
+                stacklevel=2,
+            )
 
     # -- construction helpers -------------------------------------------------------------------
     def _check_epochs(self, epochs: float | None) -> float | None:
@@ -335,12 +350,15 @@ class PolicyScheduler:
         return out
 
     def _group_values(self, base: np.ndarray) -> np.ndarray:
-        """Every group's values from group 0's ``base`` and the stored ratios."""
+        """Every group's values from the base values and the stored ratios, clipped into the bounds."""
         dist = self._distance(base)[None] * self._ratios
         values = dist.copy()
         for j, spec in enumerate(self.decoder.specs):
             if spec.is_momentum:
                 values[:, j] = np.clip(1.0 - dist[:, j], 0.0, None)
+        for j, spec in enumerate(self.decoder.specs):
+            kept_zero = self._ratios[:, j] == 0  # a group created with 0 (e.g. no weight decay) keeps 0
+            values[:, j] = np.where(kept_zero, values[:, j], spec.clip(values[:, j]))
         values[self._base_groups, np.arange(len(base))] = base  # exactly the decoder's value, no round trip
         return values
 
@@ -441,7 +459,7 @@ class PolicyScheduler:
         val = _to_float(metrics, "metrics")
         train = None if train_loss is None else _to_float(train_loss, "train_loss")
         for name, value in (("metrics", val), ("train_loss", train)):
-            if value is not None and value < 0:
+            if value is not None and math.isfinite(value) and value < 0:  # -inf is a divergence, below
                 raise ValueError(
                     f"{name}={value:g} is negative, but the policy observes log losses: pass a positive loss "
                     "(cross-entropy, MSE, ...), not a log-likelihood, a score or an accuracy"

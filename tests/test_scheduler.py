@@ -222,12 +222,31 @@ def test_a_no_decay_group_first_does_not_become_the_weight_decay_base():
     assert restored.get_last_hparams() == sched.get_last_hparams()
 
 
-def test_groups_keep_their_ratio_to_the_unclipped_base():
-    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
-    opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[1].parameters(), "lr": 0.5}], lr=5.0)
-    with pytest.warns(UserWarning, match="outside the policy's bounds"):
-        PolicyScheduler(opt, ReplayPolicy(ActionDecoder(("lr",)), [[0.0]]), total_steps=3)
-    assert [g["lr"] for g in opt.param_groups] == [1.0, pytest.approx(0.1)]
+def test_a_clipped_base_does_not_move_the_other_groups_and_no_group_leaves_the_bounds():
+    decoder = ActionDecoder(("lr",))
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+
+    def sgd(base_lr: float) -> torch.optim.Optimizer:
+        groups = [{"params": model[i].parameters(), "lr": lr} for i, lr in enumerate((base_lr, 1e-3, 0.5))]
+        return torch.optim.SGD(groups, lr=base_lr)
+
+    # Layer-wise decay: a base far below the bounds is clipped up; the other groups keep their values.
+    opt = sgd(1e-7)
+    with pytest.warns(UserWarning, match="initial lr=1e-07 of param group 0 is outside"):
+        sched = PolicyScheduler(opt, ReplayPolicy(decoder, [[1.0], [1.0], [1.0]]), total_steps=4)
+    assert [g["lr"] for g in opt.param_groups] == [1e-5, pytest.approx(1e-3), pytest.approx(0.5)]
+    for val in (1.0, 0.9, 0.8):  # the policy raises the base: the others follow, inside the bounds
+        sched.step(val)
+        lrs = [g["lr"] for g in opt.param_groups]
+        assert lrs[1] == pytest.approx(lrs[0] * 100) and lrs[2] == pytest.approx(min(lrs[0] * 5e4, 1.0))
+    assert opt.param_groups[2]["lr"] == 1.0  # clipped at the policy's upper bound
+    # A base clipped down leaves the others where they were, and a group outside the bounds is clipped.
+    opt = sgd(5.0)
+    opt.param_groups[2]["lr"] = 3.0
+    with pytest.warns(UserWarning) as caught:
+        PolicyScheduler(opt, ReplayPolicy(decoder, [[0.0]]), total_steps=3)
+    assert any("lr=3 of param group 2 outside the policy's bounds" in str(w.message) for w in caught)
+    assert [g["lr"] for g in opt.param_groups] == [1.0, pytest.approx(1e-3), 1.0]
 
 
 def test_negative_losses_and_param_groups_added_later_are_refused():
@@ -238,6 +257,8 @@ def test_negative_losses_and_param_groups_added_later_are_refused():
     with pytest.raises(ValueError, match="train_loss=-1 is negative"):
         sched.step(0.5, train_loss=-1.0)
     assert sched.last_step == 0  # nothing was consumed
+    with pytest.warns(UserWarning, match="treated as divergence"):
+        sched.step(float("-inf"))  # a non-finite loss is a divergence, never an exception
     opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
     with pytest.raises(ValueError, match="add_param_group"):
         sched.step(0.5)

@@ -201,6 +201,13 @@ def test_resume_before_the_first_checkpoint_starts_the_run_again(tmp_path, capsy
     assert main(["--resume", str(run)]) == 0  # ... --resume starts it again
     assert "no complete checkpoint yet" in capsys.readouterr().out
     assert load_bundle(run / "bundle").config["training"]["timesteps"] == 128
+    # A run that saved its policy but lost its checkpoints is not started again over it.
+    for step_dir in (run / "checkpoints").glob("step_*"):
+        for f in step_dir.iterdir():
+            f.unlink()
+        step_dir.rmdir()
+    assert main(["--resume", str(run)]) == 2
+    assert "would overwrite them" in capsys.readouterr().err
 
 
 def test_configuration_errors_are_usage_errors_before_any_folder(tmp_path, capsys):

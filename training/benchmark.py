@@ -484,9 +484,9 @@ def run_benchmark(config: BenchmarkConfig, policy: Any = None, policy_hash: str 
             curve = hashlib.sha1(np.round(replay.log10_change, 6).tobytes()).hexdigest()[:8]
             replay_arm = Arm(f"replay@{policy_hash}:{curve}", "replay", "replay", None, lambda: replay)
             # ... and, a harder control, the replay of its average schedule on each task (over that task's
-            # seeds, the scored one included): an open-loop schedule chosen per task, as a policy that read
-            # only the task's fixed features (epochs, optimiser) could choose; beating it takes reacting
-            # to the run itself.
+            # seeds, the scored one included): an open-loop schedule per task. The global replay can be
+            # beaten by adapting the schedule to the task alone; beating this one takes reacting to the
+            # seed's own run.
             replay_jobs = []
             for ti, spec in enumerate(tasks):
                 task_runs = [policy_runs[j.key] for j in jobs if j.arm.kind == "policy" and j.task_index == ti]

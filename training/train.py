@@ -419,6 +419,15 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
         run_dir = Path(settings.resume)
         checkpoint = find_latest_checkpoint(run_dir / "checkpoints")
         if checkpoint is None:
+            done_before = [d for d in ("bundle", "best_bundle") if (run_dir / d / "config.json").is_file()]
+            if done_before:
+                # A run that got far enough to save a policy, whose checkpoints are gone: starting again
+                # would overwrite its policy.
+                raise RunFolderError(
+                    f"--resume {str(run_dir)!r}: no complete checkpoint under {run_dir / 'checkpoints'}, but the "
+                    f"run saved {' and '.join(d + '/' for d in done_before)}; it cannot be continued without a "
+                    "checkpoint, and starting it again would overwrite them: start a new run (another --run-name)"
+                )
             # Stopped before its first checkpoint: nothing to continue, so the run starts again in its
             # folder, with its settings (its TensorBoard events are purged from step 0).
             print(
