@@ -399,3 +399,24 @@ def test_benchmark_runs_a_gradient_feature_policy_next_to_the_baselines(tiny_bun
     assert len(baselines) > 5 and any(k.schedule.startswith("policy@") for k in stores["grad"])
     for key in baselines:
         assert stores["grad"][key].final_val_loss == stores["plain"][key].final_val_loss, key
+
+
+def test_baseline_keys_tell_custom_bounds_apart_and_keep_the_default_keys():
+    """Baselines clip their starting values to the policy's bounds, so a policy with other bounds must not
+    reuse their stored runs; a default-bounded policy keeps the keys every existing store holds."""
+    from agents.baselines import schedule_decoder
+    from hpo_env import ActionDecoder, TaskDistribution
+
+    spec = TaskDistribution.default("test").sample(np.random.default_rng(0))
+    config = bench.BenchmarkConfig(policy="unused")
+
+    def keys(decoder):
+        arms = bench.task_arms(spec, config, schedule_decoder(decoder), "hash", decoder)
+        return {a.row: a.key for a in arms if a.kind in ("schedule", "hypergradient")}
+
+    default = keys(ActionDecoder())
+    assert default["constant_default"] == f"constant@lr={bench._fmt_lr(1e-3 if spec.optimizer == 'adamw' else 1e-2)}"
+    assert keys(ActionDecoder(("lr", "weight_decay", "momentum"))) == default  # default bounds: shared runs
+    custom = keys(ActionDecoder(bounds={"lr": (1e-4, 0.1)}))
+    tag = custom["step_decay"][custom["step_decay"].index("@bounds=") :]
+    assert len(tag) == len("@bounds=") + 10 and all(key.endswith(tag) for key in custom.values())

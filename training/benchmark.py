@@ -64,6 +64,7 @@ from agents.baselines import (
 from agents.bundle import CONFIG_FILE, ENSEMBLE_KIND, MODEL_FILE, NORM_FILE, load_bundle
 from hpo_env import FEATURE_SET_VERSION, OPTIONAL_FEATURES, SPLITS, ActionDecoder, TaskDistribution, TaskSpec
 from hpo_env import __version__ as HPO_VERSION
+from hpo_env.actions import DEFAULT_HYPERPARAMETERS
 from hpo_env.tasks import DEFAULT_HPARAMS
 from training.hypergradient import DEFAULT_HYPERGRADIENT_LR, run_hypergradient
 from training.rollout import EpisodeRecord, run_episodes
@@ -272,14 +273,19 @@ def task_arms(
 ) -> list[Arm]:
     """Every arm except the replay (which needs the policy's runs first); ``decoder`` is the policy's."""
     default = DEFAULT_HPARAMS[spec.optimizer]["lr"]
+    b = _bounds_tag(decoder)  # baselines clip their starting values to the policy's bounds
     arms = [
         Arm(f"policy@{policy_hash}", "policy", "policy"),
         Arm(
-            f"constant@lr={_fmt_lr(default)}", "constant_default", "schedule", default, lambda: ConstantSchedule(exact)
+            f"constant@lr={_fmt_lr(default)}{b}",
+            "constant_default",
+            "schedule",
+            default,
+            lambda: ConstantSchedule(exact),
         ),
-        Arm(f"cosine@lr={_fmt_lr(default)}", "cosine_default", "schedule", default, lambda: CosineSchedule(exact)),
+        Arm(f"cosine@lr={_fmt_lr(default)}{b}", "cosine_default", "schedule", default, lambda: CosineSchedule(exact)),
         Arm(
-            f"cosine@lr={_fmt_lr(3 * default)}",
+            f"cosine@lr={_fmt_lr(3 * default)}{b}",
             "cosine_3x_default",
             "schedule",
             3 * default,
@@ -288,18 +294,32 @@ def task_arms(
     ]
     for lr in grid_lrs(spec, config):
         arms.append(
-            Arm(f"constant@lr={_fmt_lr(lr)}", "constant_tuned", "schedule", lr, lambda: ConstantSchedule(exact))
+            Arm(f"constant@lr={_fmt_lr(lr)}{b}", "constant_tuned", "schedule", lr, lambda: ConstantSchedule(exact))
         )
-        arms.append(Arm(f"cosine@lr={_fmt_lr(lr)}", "cosine_tuned", "schedule", lr, lambda: CosineSchedule(exact)))
+        arms.append(Arm(f"cosine@lr={_fmt_lr(lr)}{b}", "cosine_tuned", "schedule", lr, lambda: CosineSchedule(exact)))
     arms += [
-        Arm("step_decay(0.5,0.75;x0.1)@lr=task", "step_decay", "schedule", None, lambda: StepDecay(exact)),
-        Arm("linear_decay(to 0)@lr=task", "linear_decay", "schedule", None, lambda: LinearDecay(exact)),
-        Arm("one_cycle(10x,30%,/100)@lr=task", "one_cycle", "schedule", None, lambda: OneCycle(exact)),
-        Arm("plateau(x0.1,p2)@lr=task", "plateau", "schedule", None, lambda: ReduceLROnPlateau(exact)),
-        Arm(_hd_key(spec, config), "hypergradient", "hypergradient"),
+        Arm(f"step_decay(0.5,0.75;x0.1)@lr=task{b}", "step_decay", "schedule", None, lambda: StepDecay(exact)),
+        Arm(f"linear_decay(to 0)@lr=task{b}", "linear_decay", "schedule", None, lambda: LinearDecay(exact)),
+        Arm(f"one_cycle(10x,30%,/100)@lr=task{b}", "one_cycle", "schedule", None, lambda: OneCycle(exact)),
+        Arm(f"plateau(x0.1,p2)@lr=task{b}", "plateau", "schedule", None, lambda: ReduceLROnPlateau(exact)),
+        Arm(_hd_key(spec, config) + b, "hypergradient", "hypergradient"),
         Arm(f"random@seed={config.seed}{_decoder_tag(decoder)}", "random", "random"),
     ]
     return arms
+
+
+def _bounds_tag(decoder: ActionDecoder) -> str:
+    """How the baselines' stored runs tell non-default bounds apart: empty when every controlled
+    hyperparameter has its default bounds (so the stores of every default-bounded policy are shared)."""
+    custom = {
+        spec.name: (spec.lower, spec.upper)
+        for spec in decoder.specs
+        if (spec.lower, spec.upper)
+        != (DEFAULT_HYPERPARAMETERS[spec.name].lower, DEFAULT_HYPERPARAMETERS[spec.name].upper)
+    }
+    if not custom:
+        return ""
+    return "@bounds=" + hashlib.sha1(json.dumps(custom, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _decoder_tag(decoder: ActionDecoder) -> str:
