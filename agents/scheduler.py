@@ -121,8 +121,8 @@ class PolicyScheduler:
     **Gradient features.** A policy trained with them (``bundle.gradient_features``) also sees how
     consecutive minibatch gradients of the interval agree and how large they are. The scheduler then
     reads the gradients at every ``optimizer.step()`` through a step post-hook (nothing to add to the
-    training loop; with ``optimizer.step(closure)`` it reads the gradients the closure computed), keeping one float32 copy of the previous gradient. A state dict saved in the
-    middle of an interval does not hold that interval's gradient statistics: save it right after
+    training loop; with ``optimizer.step(closure)`` it reads the gradients the closure computed),
+    keeping one float32 copy of the previous gradient. A state dict saved in the middle of an interval does not hold that interval's gradient statistics: save it right after
     ``step()``, as usual.
 
     **Epochs.** A policy trained with the epochs feature (``bundle.epochs_feature``) also sees how
@@ -356,7 +356,6 @@ class PolicyScheduler:
         for j, spec in enumerate(self.decoder.specs):
             if spec.is_momentum:
                 values[:, j] = np.clip(1.0 - dist[:, j], 0.0, None)
-        for j, spec in enumerate(self.decoder.specs):
             kept_zero = self._ratios[:, j] == 0  # a group created with 0 (e.g. no weight decay) keeps 0
             values[:, j] = np.where(kept_zero, values[:, j], spec.clip(values[:, j]))
         values[self._base_groups, np.arange(len(base))] = base  # exactly the decoder's value, no round trip

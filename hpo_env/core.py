@@ -146,9 +146,11 @@ class EpisodeBatch:
                 f"{list(self.decoder.names)}), got an array of shape {actions.shape}"
             )
         actions = actions.reshape(len(slots), k)
-        if not np.all(np.isfinite(actions)):
-            bad = sorted({slots[j] for j in np.flatnonzero(~np.isfinite(actions).all(axis=1))})
-            raise ValueError(f"actions must be finite; slot(s) {bad} got {actions[~np.isfinite(actions).all(axis=1)]}")
+        bad = ~np.isfinite(actions).all(axis=1)
+        if bad.any():
+            raise ValueError(
+                f"actions must be finite; slot(s) {[slots[j] for j in np.flatnonzero(bad)]} got {actions[bad]}"
+            )
         obs = np.zeros((len(slots), self.obs_dim), dtype=np.float32)
         rewards = np.zeros(len(slots))
         terminated = np.zeros(len(slots), dtype=bool)

@@ -501,8 +501,7 @@ def run_benchmark(config: BenchmarkConfig, policy: Any = None, policy_hash: str 
             policy_keys = [j.key for j in jobs if j.arm.kind == "policy"]
             policy_runs = store.get_many(policy_keys)
             replay = _replay_from_results(exact, list(policy_runs.values()), tasks)
-            curve = hashlib.sha1(np.round(replay.log10_change, 6).tobytes()).hexdigest()[:8]
-            replay_arm = Arm(f"replay@{policy_hash}:{curve}", "replay", "replay", None, lambda: replay)
+            replay_arm = _replay_arm("replay", replay, policy_hash)
             # ... and, a harder control, the replay of its average schedule on each task (over that task's
             # seeds, the scored one included): an open-loop schedule per task. The global replay can be
             # beaten by adapting the schedule to the task alone; beating this one takes reacting to the
@@ -510,11 +509,7 @@ def run_benchmark(config: BenchmarkConfig, policy: Any = None, policy_hash: str 
             replay_jobs = []
             for ti, spec in enumerate(tasks):
                 task_runs = [policy_runs[j.key] for j in jobs if j.arm.kind == "policy" and j.task_index == ti]
-                per_task = _replay_from_results(exact, task_runs, tasks)
-                task_curve = hashlib.sha1(np.round(per_task.log10_change, 6).tobytes()).hexdigest()[:8]
-                task_arm = Arm(
-                    f"replay_task@{policy_hash}:{task_curve}", "replay_task", "replay", None, lambda r=per_task: r
-                )
+                task_arm = _replay_arm("replay_task", _replay_from_results(exact, task_runs, tasks), policy_hash)
                 arms_by_task[ti] = [*arms_by_task[ti], replay_arm, task_arm]
                 for si in range(config.seeds):
                     for arm in (replay_arm, task_arm):
@@ -580,6 +575,12 @@ def _run_hypergradient_job(job: _Job, decoder: ActionDecoder, config: BenchmarkC
     store.put_many([(job.key, _to_result(rec, time.perf_counter() - t0))])
     bar.update(1)
     return 1
+
+
+def _replay_arm(row: str, schedule: ReplaySchedule, policy_hash: str) -> Arm:
+    """A replay control's arm, keyed by the policy and the replayed curve."""
+    curve = hashlib.sha1(np.round(schedule.log10_change, 6).tobytes()).hexdigest()[:8]
+    return Arm(f"{row}@{policy_hash}:{curve}", row, "replay", None, lambda: schedule)
 
 
 def _replay_from_results(decoder: ActionDecoder, results: list[RunResult], tasks: list[TaskSpec]) -> ReplaySchedule:

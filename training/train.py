@@ -390,7 +390,7 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
     from stable_baselines3.common.callbacks import CallbackList
     from stable_baselines3.common.logger import CSVOutputFormat, Logger
 
-    from agents.bundle import save_bundle
+    from agents.bundle import CONFIG_FILE, save_bundle
     from agents.factory import frame_stack_of, get_vec_normalize, make_meta_agent, make_meta_env
     from hpo_env import __version__ as hpo_version
     from training.callbacks import (
@@ -419,7 +419,7 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
         run_dir = Path(settings.resume)
         checkpoint = find_latest_checkpoint(run_dir / "checkpoints")
         if checkpoint is None:
-            done_before = [d for d in ("bundle", "best_bundle") if (run_dir / d / "config.json").is_file()]
+            done_before = [d for d in ("bundle", "best_bundle") if (run_dir / d / CONFIG_FILE).is_file()]
             if done_before:
                 # A run that got far enough to save a policy, whose checkpoints are gone: starting again
                 # would overwrite its policy.
@@ -718,10 +718,12 @@ def load_checkpoint_agent(checkpoint: Path, config: Any, env_seed: int, settings
 def _best_eval_return(state: dict[str, Any], best_bundle: Path) -> float:
     """The best held-out return so far: the checkpoint's, or that of ``best_bundle/`` if an evaluation
     after the last checkpoint saved a better one (so that a resumed run never overwrites it with worse)."""
+    from agents.bundle import CONFIG_FILE
+
     best = float(state.get("best_eval_mean_return", -np.inf))
     if state:  # resuming; a fresh run (also one restarted before its first checkpoint) starts over
         try:
-            saved = json.loads((best_bundle / "config.json").read_text())["evaluation"]["mean_return"]
+            saved = json.loads((best_bundle / CONFIG_FILE).read_text())["evaluation"]["mean_return"]
             best = max(best, float(saved))
         except (OSError, ValueError, KeyError, TypeError):
             pass  # no best bundle yet, or one without a recorded return
