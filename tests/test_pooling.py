@@ -1,0 +1,111 @@
+"""Pooling ``hpo-bench`` reports over task sets (``training.pooling``), on two hand-made reports.
+
+The end-to-end benchmark test makes only one report, so this checks what pooling adds: pairs of
+several sets counted together, tasks told apart by set (one id in two sets is two bootstrap clusters),
+and the refusals that keep a pooled number honest.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.pooling import load_pairs, pooled_summary
+
+ROWS = ("policy", "constant_default", "cosine_default", "cosine_tuned", "constant_tuned", "random", "replay")
+
+
+def _write_report(folder: Path, losses: dict[str, list[float]], task_ids: list[str], **extra) -> Path:
+    """A ``benchmark.json`` holding only what pooling reads; ``inf`` marks a diverged run."""
+    folder.mkdir()
+    families = ["tabular" if t.startswith("tab") else "digits_cnn" for t in task_ids]
+    per_run = {
+        row: [
+            {"task_id": t, "family": f, "diverged": not np.isfinite(x), "final_val_loss": None if np.isinf(x) else x}
+            for t, f, x in zip(task_ids, families, values)
+        ]
+        for row, values in losses.items()
+    }
+    report = {"per_run": per_run, "policy_fingerprint": "abc", "config": {"grid_size": 8}, "code_version": "v"}
+    (folder / "benchmark.json").write_text(json.dumps({**report, **extra}))
+    return folder
+
+
+@pytest.fixture
+def two_sets(tmp_path):
+    # Set A: two tasks x two seeds; set B reuses the id "tab-0" for a different task (its own draw).
+    a_ids = ["tab-0", "tab-0", "cnn-0", "cnn-0"]
+    a = {
+        "policy": [1.0, 2.0, 0.5, float("inf")],
+        "constant_default": [2.0, 3.0, 0.6, 1.0],
+        "cosine_default": [1.5, 1.0, 0.7, 1.0],
+        "cosine_tuned": [1.0, 1.0, 1.0, 1.0],
+        "constant_tuned": [2.0, 2.0, 2.0, 2.0],
+        "random": [3.0, 1.0, 0.5, 1.0],
+        "replay": [0.5, 3.0, 0.6, 0.9],
+    }
+    b_ids = ["tab-0", "tab-0"]
+    b = {
+        "policy": [0.9, 1.2],
+        "constant_default": [1.0, 1.0],
+        "cosine_default": [1.0, 1.0],
+        "cosine_tuned": [1.0, 1.0],
+        "constant_tuned": [1.0, 1.0],
+        "random": [1.0, 1.0],
+        "replay": [1.0, 1.0],
+    }
+    return _write_report(tmp_path / "a", a, a_ids), _write_report(tmp_path / "b", b, b_ids)
+
+
+def test_pooled_numbers_are_those_of_all_pairs_together(two_sets):
+    s = pooled_summary(list(two_sets), n_boot=500)
+    assert s["pairs"] == 6
+    # Beats both untuned defaults strictly: pairs 0 (1 < 2, 1.5), 2 (0.5 < 0.6, 0.7) and 4 (0.9 < 1, 1).
+    assert s["beats_both_untuned_defaults"] == pytest.approx(3 / 6)
+    ratios = np.array([1.0, 2.0, 0.5, np.inf, 0.9, 1.2])
+    assert s["median_ratio_vs_cosine_tuned"] == pytest.approx(np.median(ratios))
+    assert s["geomean_ratio_vs_cosine_tuned"] == np.inf  # a diverged run makes the mean infinite, not NaN
+    # tabular: 1.0, 2.0 (set A) and 0.9, 1.2 (set B); digits_cnn: 0.5 and a divergence.
+    assert s["median_ratio_vs_cosine_tuned_by_family"] == {"tabular": pytest.approx(1.1), "digits_cnn": np.inf}
+    # Wins (ties half) against random: 1, 0, 0.5, 0, 1, 0 -> 2.5 / 6; against replay: 0, 1, 1, 0, 1, 0.
+    assert s["win_rate_vs_random"] == pytest.approx(2.5 / 6)
+    assert s["win_rate_vs_replay"] == pytest.approx(3 / 6)
+    assert s["win_rate_vs_replay_task"] is None  # reports made before that control existed
+    assert s["policy_divergence_rate"] == pytest.approx(1 / 6)
+    low, high = s["median_ratio_vs_cosine_tuned_ci95"]
+    assert low <= s["median_ratio_vs_cosine_tuned"] <= high
+
+
+def test_one_task_id_in_two_sets_is_two_bootstrap_clusters(two_sets):
+    groups = load_pairs(list(two_sets))["policy"]["groups"]
+    assert groups == ["0:tab-0", "0:tab-0", "0:cnn-0", "0:cnn-0", "1:tab-0", "1:tab-0"]
+    assert len(set(groups)) == 3
+
+
+def test_pooling_refuses_reports_that_do_not_belong_together(two_sets, tmp_path):
+    a, b = two_sets
+    # Reports of another grid (or policy, or code version) measure something else.
+    other = json.loads((b / "benchmark.json").read_text())
+    other["config"]["grid_size"] = 4
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "benchmark.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="grid_size"):
+        load_pairs([a, tmp_path / "other"])
+    # A report without a row the others have.
+    del other["per_run"]["replay"]
+    other["config"]["grid_size"] = 8
+    (tmp_path / "other" / "benchmark.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="holds rows"):
+        load_pairs([a, tmp_path / "other"])
+    # A row that does not cover the policy's pairs in order.
+    broken = json.loads((b / "benchmark.json").read_text())
+    broken["per_run"]["random"] = broken["per_run"]["random"][::-1]
+    broken["per_run"]["random"][0]["task_id"] = "tab-9"
+    (tmp_path / "other" / "benchmark.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="'random' does not cover"):
+        load_pairs([a, tmp_path / "other"])
+    with pytest.raises(ValueError, match="given twice"):
+        load_pairs([a, b, a])
