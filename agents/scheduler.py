@@ -122,8 +122,8 @@ class PolicyScheduler:
     consecutive minibatch gradients of the interval agree and how large they are. The scheduler then
     reads the gradients at every ``optimizer.step()`` through a step post-hook (nothing to add to the
     training loop; with ``optimizer.step(closure)`` it reads the gradients the closure computed),
-    keeping one float32 copy of the previous gradient. A state dict saved in the middle of an interval does not hold that interval's gradient statistics: save it right after
-    ``step()``, as usual.
+    keeping one float32 copy of the previous gradient. A state dict saved in the middle of an interval
+    does not hold that interval's gradient statistics: save it right after ``step()``, as usual.
 
     **Epochs.** A policy trained with the epochs feature (``bundle.epochs_feature``) also sees how
     many passes over its training set the whole run makes: pass ``epochs`` (as for

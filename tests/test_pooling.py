@@ -15,8 +15,6 @@ import pytest
 
 from training.pooling import load_pairs, pooled_summary
 
-ROWS = ("policy", "constant_default", "cosine_default", "cosine_tuned", "constant_tuned", "random", "replay")
-
 
 def _write_report(folder: Path, losses: dict[str, list[float]], task_ids: list[str], **extra) -> Path:
     """A ``benchmark.json`` holding only what pooling reads; ``inf`` marks a diverged run."""

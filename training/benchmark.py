@@ -317,16 +317,17 @@ def _bounds_tag(decoder: ActionDecoder) -> str:
         if (spec.lower, spec.upper)
         != (DEFAULT_HYPERPARAMETERS[spec.name].lower, DEFAULT_HYPERPARAMETERS[spec.name].upper)
     }
-    if not custom:
-        return ""
-    return "@bounds=" + hashlib.sha1(json.dumps(custom, sort_keys=True).encode()).hexdigest()[:10]
+    return _hash_tag("bounds", custom) if custom else ""
 
 
 def _decoder_tag(decoder: ActionDecoder) -> str:
     """How the random policy's stored runs tell action spaces apart: empty for the default one."""
-    if decoder == ActionDecoder():
-        return ""
-    return "@decoder=" + hashlib.sha1(json.dumps(decoder.to_config(), sort_keys=True).encode()).hexdigest()[:10]
+    return "" if decoder == ActionDecoder() else _hash_tag("decoder", decoder.to_config())
+
+
+def _hash_tag(name: str, payload: Any) -> str:
+    """``@name=`` and a short hash of ``payload`` (JSON, key order ignored), for store keys."""
+    return f"@{name}=" + hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _hd_key(spec: TaskSpec, config: BenchmarkConfig) -> str:
