@@ -13,7 +13,9 @@ cluster bootstrap resamples whole (set, task) groups, as ``hpo-bench`` does with
 Per label it prints: pairs, the share of pairs beating both untuned defaults, the median ratio of final
 validation losses to the K-point grid-tuned cosine oracle with its 95% bootstrap interval, the geometric
 mean of that ratio, the per-family medians, the median ratio to the tuned constant oracle, and the win
-rates against the random policy and the replay control. ``--json PATH`` writes the same numbers.
+rates against the random policy and the replay controls, the divergence rate and, for reports that
+record it, the learning-rate level (median over pairs of the policy's mean learning rate over a run
+divided by the tuned cosine oracle's, overall and per family). ``--json PATH`` writes the same numbers.
 """
 
 from __future__ import annotations
@@ -35,6 +37,14 @@ def _parse(arg: str) -> tuple[str, list[str]]:
     return label, [f for f in folders.split(",") if f]
 
 
+def _lr_level(level: dict) -> str:
+    """The policy's mean learning rate against the tuned cosine oracle's (median ratio), if recorded."""
+    if not level["pairs"]:
+        return ""
+    fams = ", ".join(f"{f} {v['median_ratio']:.2f}" for f, v in level["by_family"].items() if v["pairs"])
+    return f"  lr level {level['median_ratio']:.2f}x ({fams})"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("policies", nargs="+", type=_parse, metavar="LABEL=DIR[,DIR...]")
@@ -54,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"replay {s['win_rate_vs_replay']:.1%}"
             + ("" if s["win_rate_vs_replay_task"] is None else f"  replay per task {s['win_rate_vs_replay_task']:.1%}")
             + f"  diverged {s['policy_divergence_rate']:.1%}"
+            + _lr_level(s["lr_level_vs_cosine_tuned"])
         )
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))

@@ -22,6 +22,7 @@ from training.stats import (
     bootstrap_ci,
     divergence_rate,
     loss_ratios,
+    lr_level,
     median_ratio,
     paired_comparison,
     win_indicators,
@@ -45,6 +46,19 @@ def test_win_rate_counts_ties_half_and_divergence_as_a_loss():
     assert divergence_rate([True, False, False, False]) == 0.25
     with pytest.raises(ValueError, match="equally many"):
         win_rate([1.0], [1.0, 2.0])
+
+
+def test_lr_level_is_the_median_ratio_of_mean_learning_rates_over_pairs_that_have_both():
+    # Ratios 2, 0.5, 3 and a pair without a policy schedule (NaN), left out.
+    level = lr_level([0.2, 0.05, 0.3, np.nan], [0.1, 0.1, 0.1, 0.1])
+    assert level == {"median_ratio": pytest.approx(2.0), "share_higher": pytest.approx(2 / 3), "pairs": 3}
+    assert lr_level([np.nan], [0.1]) == {
+        "median_ratio": pytest.approx(np.nan, nan_ok=True),
+        "share_higher": pytest.approx(np.nan, nan_ok=True),
+        "pairs": 0,
+    }
+    with pytest.raises(ValueError, match="one learning rate per pair"):
+        lr_level([0.1, 0.2], [0.1])
 
 
 def test_bootstrap_interval_covers_the_true_median_about_95_percent_of_the_time():
@@ -257,9 +271,23 @@ def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_pat
     tabular = summary["per_run"]["policy"][0]
     assert tabular["family"] == "tabular" and 0 <= tabular["test_macro_f1"] <= 1
     assert summary["policy"]["divergence_rate"] is not None
+    # The learning-rate level: per pair, the policy's mean learning rate over the intervals it ran
+    # against the tuned cosine oracle's, from the runs' recorded schedules.
+    oracle = summary["oracle_lr"]["cosine_tuned"]
+    for row in ("policy", "cosine_tuned"):
+        assert all(r["mean_lr"] > 0 for r in summary["per_run"][row])
+    cos_means = [r["mean_lr"] for r in summary["per_run"]["cosine_tuned"]]
+    for r, m in zip(summary["per_run"]["cosine_tuned"], cos_means):
+        assert m < oracle[r["task_id"]]  # a cosine's mean lies below its peak
+    ratios = [p["mean_lr"] / c for p, c in zip(summary["per_run"]["policy"], cos_means)]
+    level = summary["policy"]["lr_level_vs_cosine_tuned"]
+    assert level["pairs"] == 4 and level["median_ratio"] == pytest.approx(np.median(ratios))
+    assert level["share_higher"] == pytest.approx(np.mean(np.array(ratios) > 1))
+    assert level["by_family"]["tabular"]["pairs"] == 2
     report = result.report_path.read_text()
     assert "## Targets" in report and "cosine, tuned oracle (K=2)" in report and "## digits_cnn" in report
     assert "| beats both defaults |" in report
+    assert report.count("Learning-rate level: over a run, the policy's mean learning rate is a median") == 3
     assert {p.name for p in result.plot_paths} == {"curves_tabular.png", "curves_digits_cnn.png", "win_rates.png"}
     assert all(p.stat().st_size > 10_000 for p in result.plot_paths)
 
@@ -293,6 +321,7 @@ def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_pat
     low, high = pooled["median_ratio_vs_cosine_tuned_ci95"]
     assert low <= pooled["median_ratio_vs_cosine_tuned"] <= high
     assert set(pooled["median_ratio_vs_cosine_tuned_by_family"]) == {"tabular", "digits_cnn"}
+    assert pooled["lr_level_vs_cosine_tuned"]["median_ratio"] == pytest.approx(level["median_ratio"])
     assert json.loads((tmp_path / "pooled.json").read_text())["once"]["pairs"] == 4
     assert "once  pairs    4" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="hpo-bench --out"):

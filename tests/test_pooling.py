@@ -107,3 +107,23 @@ def test_pooling_refuses_reports_that_do_not_belong_together(two_sets, tmp_path)
         load_pairs([a, tmp_path / "other"])
     with pytest.raises(ValueError, match="given twice"):
         load_pairs([a, b, a])
+
+
+def test_pooled_learning_rate_level_reads_the_mean_rates_and_skips_reports_without_them(tmp_path):
+    ids = ["tab-0", "tab-0", "cnn-0", "cnn-0"]
+    losses = {row: [1.0] * 4 for row in ("policy", "constant_default", "cosine_default", "cosine_tuned",
+                                         "constant_tuned", "random", "replay")}  # fmt: skip
+    with_lr = _write_report(tmp_path / "a", losses, ids)
+    report = json.loads((with_lr / "benchmark.json").read_text())
+    for row, rates in (("policy", [0.2, 0.3, 0.05, 0.1]), ("cosine_tuned", [0.1, 0.1, 0.1, 0.1])):
+        for run, rate in zip(report["per_run"][row], rates):
+            run["mean_lr"] = rate
+    (with_lr / "benchmark.json").write_text(json.dumps(report))
+    without = _write_report(tmp_path / "b", {row: v[:2] for row, v in losses.items()}, ids[:2])  # an older report
+
+    level = pooled_summary([with_lr, without], n_boot=100)["lr_level_vs_cosine_tuned"]
+    # Ratios 2, 3 (tabular) and 0.5, 1 (digits_cnn); the older report's two pairs have no rates.
+    assert level["pairs"] == 4 and level["median_ratio"] == pytest.approx(1.5)
+    assert level["share_higher"] == pytest.approx(2 / 4)
+    assert level["by_family"]["tabular"]["median_ratio"] == pytest.approx(2.5)
+    assert level["by_family"]["digits_cnn"] == {"median_ratio": pytest.approx(0.75), "share_higher": 0.0, "pairs": 2}

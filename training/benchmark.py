@@ -68,7 +68,7 @@ from hpo_env.actions import DEFAULT_HYPERPARAMETERS
 from hpo_env.tasks import DEFAULT_HPARAMS
 from training.hypergradient import DEFAULT_HYPERGRADIENT_LR, run_hypergradient
 from training.rollout import EpisodeRecord, run_episodes
-from training.stats import beats_all_rate, divergence_rate, paired_comparison
+from training.stats import beats_all_rate, divergence_rate, lr_level, paired_comparison
 from training.store import ResultStore, RunKey, RunResult
 
 __all__ = ["BENCHMARK_VERSION", "BenchmarkConfig", "main", "run_benchmark"]
@@ -605,6 +605,12 @@ def _losses(results: list[RunResult]) -> np.ndarray:
     return np.array([r.final_val_loss if not r.diverged else np.inf for r in results], dtype=np.float64)
 
 
+def _mean_lr(result: RunResult) -> float:
+    """The learning rate averaged over the intervals a run trained (NaN if it recorded none)."""
+    lr = result.hparams.get("lr") or []
+    return float(np.mean(lr)) if len(lr) else float("nan")
+
+
 def summarise(
     config: BenchmarkConfig,
     tasks: list[TaskSpec],
@@ -690,6 +696,16 @@ def summarise(
             fam: _describe([policy[i] for i, f in enumerate(families) if f == fam]) for fam in dict.fromkeys(families)
         },
     }
+    # How hot the policy runs against the tuned cosine oracle: per pair, the ratio of mean learning rates.
+    oracle = table["cosine_tuned"]
+
+    def level(idx: list[int]) -> dict:
+        return lr_level([_mean_lr(policy[i]) for i in idx], [_mean_lr(oracle[i]) for i in idx])
+
+    policy_entry["lr_level_vs_cosine_tuned"] = {
+        **level(list(range(len(pairs)))),
+        "by_family": {fam: level([i for i, f in enumerate(families) if f == fam]) for fam in dict.fromkeys(families)},
+    }
     by_name = {r["name"]: r for r in report_rows}
     targets = {
         "seeds_per_task": config.seeds,
@@ -737,6 +753,7 @@ def summarise(
                     "test_accuracy": r.test_accuracy,
                     "test_macro_f1": r.test_macro_f1,
                     "diverged": r.diverged,
+                    "mean_lr": _mean_lr(r),
                 }  # fmt: skip
                 for (ti, si), r in zip(pairs, res)
             ]
@@ -890,6 +907,22 @@ def _met_with_ci(summary: dict, name: str, met: bool) -> str:
     return "yes (interval above 50%)" if low > 0.5 else "yes on the point estimate (interval reaches 50%)"
 
 
+def _lr_level_line(policy: dict, family: str | None = None) -> str:
+    """One sentence on how hot the policy runs against the tuned cosine oracle (all pairs or one family)."""
+    level = policy.get("lr_level_vs_cosine_tuned")
+    if level is None:
+        return "Learning-rate level: not recorded in this report."
+    if family is not None:
+        level = level["by_family"][family]
+    if not level["pairs"]:
+        return "Learning-rate level: no pair recorded learning rates for both the policy and the tuned cosine oracle."
+    return (
+        f"Learning-rate level: over a run, the policy's mean learning rate is a median {level['median_ratio']:.2f}x "
+        f"the tuned cosine oracle's (higher on {_pct(level['share_higher'])} of {level['pairs']} pairs; above 1 the "
+        "policy trains hotter than the tuned schedule)."
+    )
+
+
 def render_report(summary: dict, plot_paths: Sequence[Path], out: Path) -> str:
     """The markdown report."""
     cfg, t, pol = summary["config"], summary["targets"], summary["policy"]
@@ -931,6 +964,7 @@ def render_report(summary: dict, plot_paths: Sequence[Path], out: Path) -> str:
         f"| **learned policy** | 1 | | | **{_pct(t['beats_both_untuned_defaults'])}** | {_pct(pol['divergence_rate'])} | "
         f"{_f(pol['mean_test_accuracy'])} | {_f(pol['mean_test_macro_f1'])} | {_f(pol['wall_s_per_run'], 2)} |"
     )
+    lines += ["", _lr_level_line(pol)]
     lines += [
         "",
         "Cost: full inner training runs per (task, seed). Beats both defaults: share of pairs where that row's run "
@@ -965,6 +999,8 @@ def render_report(summary: dict, plot_paths: Sequence[Path], out: Path) -> str:
             f"Learned policy: median final validation loss {_f(p['median_final_val_loss'], 4)}, mean test loss "
             f"{_f(p['mean_test_loss'], 4)}, test accuracy {_f(p['mean_test_accuracy'])}, macro-F1 "
             f"{_f(p['mean_test_macro_f1'])}, divergence {_pct(p['divergence_rate'])}.",
+            "",
+            _lr_level_line(pol, fam),
             "",
             "| baseline | median final val loss | mean test loss | test acc | macro-F1 | divergence | policy win rate | median ratio [95% CI] |",
             "|---|---:|---:|---:|---:|---:|---:|---|",

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from training.benchmark import UNTUNED_DEFAULTS
-from training.stats import beats_all_rate, bootstrap_ci, loss_ratios, median_ratio, win_rate
+from training.stats import beats_all_rate, bootstrap_ci, loss_ratios, lr_level, median_ratio, win_rate
 
 __all__ = ["load_pairs", "pooled_summary"]
 
@@ -59,15 +59,18 @@ def load_pairs(folders: list[str | Path]) -> dict[str, dict]:
         if pooled and set(per_run) != set(pooled):
             raise ValueError(f"{path} holds rows {sorted(per_run)}, the first report {sorted(pooled)}")
         for row, runs in per_run.items():
-            entry = pooled.setdefault(row, {"losses": [], "families": [], "groups": []})
+            entry = pooled.setdefault(row, {"losses": [], "families": [], "groups": [], "mean_lr": []})
             for r in runs:
                 entry["losses"].append(np.inf if r["diverged"] else float(r["final_val_loss"]))
+                # Reports made before the learning-rate level existed have no mean_lr: NaN, left out.
+                entry["mean_lr"].append(float(r.get("mean_lr", np.nan)))
                 entry["families"].append(r["family"])
                 entry["groups"].append(f"{k}:{r['task_id']}")
     for row, entry in pooled.items():
         if entry["groups"] != pooled["policy"]["groups"]:
             raise ValueError(f"row {row!r} does not cover the policy's (task, seed) pairs in the same order")
         entry["losses"] = np.asarray(entry["losses"], dtype=np.float64)
+        entry["mean_lr"] = np.asarray(entry["mean_lr"], dtype=np.float64)
     return pooled
 
 
@@ -94,4 +97,13 @@ def pooled_summary(folders: list[str | Path], *, seed: int = 0, n_boot: int = 20
         # Reports made before the per-task replay control existed have no such row.
         "win_rate_vs_replay_task": win_rate(policy, rows["replay_task"]["losses"]) if "replay_task" in rows else None,
         "policy_divergence_rate": float(np.isinf(policy).mean()),
+        "lr_level_vs_cosine_tuned": {
+            **lr_level(rows["policy"]["mean_lr"], rows["cosine_tuned"]["mean_lr"]),
+            "by_family": {
+                fam: lr_level(
+                    rows["policy"]["mean_lr"][families == fam], rows["cosine_tuned"]["mean_lr"][families == fam]
+                )
+                for fam in dict.fromkeys(families.tolist())
+            },
+        },
     }

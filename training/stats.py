@@ -25,6 +25,7 @@ __all__ = [
     "bootstrap_ci",
     "divergence_rate",
     "loss_ratios",
+    "lr_level",
     "median_ratio",
     "paired_comparison",
     "win_indicators",
@@ -81,6 +82,27 @@ def loss_ratios(policy, baseline) -> np.ndarray:
 def median_ratio(policy, baseline) -> float:
     """Median over pairs of ``policy / baseline`` final losses (below 1: the policy ends lower)."""
     return float(np.median(loss_ratios(policy, baseline)))
+
+
+def lr_level(policy_lr, baseline_lr) -> dict:
+    """How hot the policy runs: per pair ``policy / baseline`` mean learning rate over the run.
+
+    Returns the median ratio (above 1: the policy trains at a higher learning rate), the share of
+    pairs where the policy's is higher, and how many pairs had both (pairs missing either, NaN, are
+    left out; with none, the median and share are NaN).
+    """
+    p, b = (np.asarray(x, dtype=np.float64).reshape(-1) for x in (policy_lr, baseline_lr))
+    if p.shape != b.shape:
+        raise ValueError(f"policy and baseline must have one learning rate per pair, got {p.shape} and {b.shape}")
+    ok = np.isfinite(p) & np.isfinite(b) & (p > 0) & (b > 0)
+    ratio = p[ok] / b[ok]
+    if not ratio.size:
+        return {"median_ratio": float("nan"), "share_higher": float("nan"), "pairs": 0}
+    return {
+        "median_ratio": float(np.median(ratio)),
+        "share_higher": float(np.mean(ratio > 1)),
+        "pairs": int(ratio.size),
+    }
 
 
 def divergence_rate(diverged: Sequence[bool] | np.ndarray) -> float:
