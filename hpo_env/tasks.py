@@ -286,14 +286,16 @@ def _int_log_uniform(rng: np.random.Generator, low: int, high: int) -> int:
     return int(round(_log_uniform(rng, low, high)))
 
 
-def _common(rng: np.random.Generator, optimizer: str, lr_spread: float = DEFAULT_LR_SPREAD) -> dict:
+def _common(
+    rng: np.random.Generator, optimizer: str, lr_spread: float = DEFAULT_LR_SPREAD, lr_center: float = 0.0
+) -> dict:
     defaults = DEFAULT_HPARAMS[optimizer]
     decisions = int(rng.choice([10, 15, 20, 25, 30]))
     steps_per_action = int(rng.choice([10, 20]))
     return dict(
         optimizer=optimizer,
         # Initial hyperparameters vary around the optimiser's default, as users' starting points do.
-        lr=float(defaults["lr"] * 10 ** rng.uniform(-lr_spread, lr_spread)),
+        lr=float(defaults["lr"] * 10 ** (rng.uniform(-lr_spread, lr_spread) + lr_center)),
         weight_decay=float(defaults["weight_decay"] * 10 ** rng.uniform(-1, 0.5)),
         momentum=float(rng.uniform(0.8, 0.95)) if optimizer == "sgd" else 0.9,
         batch_size=int(rng.choice([32, 64, 128])),
@@ -315,7 +317,7 @@ def _cnn_channels(rng: np.random.Generator) -> tuple[int, int]:
     return int(rng.choice([4, 8, 16])), int(rng.choice([8, 16, 32]))
 
 
-def _teacher_regression(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
+def _teacher_regression(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD, lr_center=0.0):
     return TaskSpec(
         family="teacher_regression",
         dataset="teacher",
@@ -324,11 +326,11 @@ def _teacher_regression(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
         n_samples=_int_log_uniform(rng, 300, 3000),
         n_features=int(rng.integers(4, 33)),
         label_noise=float(rng.uniform(0.0, 0.3)),
-        **_common(rng, optimizer, lr_spread),
+        **_common(rng, optimizer, lr_spread, lr_center),
     )
 
 
-def _teacher_classification(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
+def _teacher_classification(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD, lr_center=0.0):
     return TaskSpec(
         family="teacher_classification",
         dataset="teacher",
@@ -338,11 +340,11 @@ def _teacher_classification(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
         n_features=int(rng.integers(4, 33)),
         n_classes=int(rng.integers(2, 11)),
         label_noise=float(rng.uniform(0.0, 0.2)),
-        **_common(rng, optimizer, lr_spread),
+        **_common(rng, optimizer, lr_spread, lr_center),
     )
 
 
-def _make_classification(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
+def _make_classification(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD, lr_center=0.0):
     return TaskSpec(
         family="make_classification",
         dataset="make_classification",
@@ -352,11 +354,11 @@ def _make_classification(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
         n_features=int(rng.integers(5, 41)),
         n_classes=int(rng.integers(2, 7)),
         label_noise=float(rng.uniform(0.0, 0.1)),
-        **_common(rng, optimizer, lr_spread),
+        **_common(rng, optimizer, lr_spread, lr_center),
     )
 
 
-def _tabular(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
+def _tabular(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD, lr_center=0.0):
     return TaskSpec(
         family="tabular",
         dataset=str(rng.choice(list(TABULAR_DATASETS))),
@@ -364,11 +366,11 @@ def _tabular(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
         hidden=_mlp_hidden(rng),
         subset_fraction=float(rng.uniform(0.5, 1.0)),
         label_noise=float(rng.uniform(0.0, 0.1)),
-        **_common(rng, optimizer, lr_spread),
+        **_common(rng, optimizer, lr_spread, lr_center),
     )
 
 
-def _digits_mlp(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
+def _digits_mlp(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD, lr_center=0.0):
     return TaskSpec(
         family="digits_mlp",
         dataset="digits",
@@ -376,11 +378,11 @@ def _digits_mlp(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
         hidden=_mlp_hidden(rng, (32, 64, 128)),
         subset_fraction=float(rng.uniform(0.3, 1.0)),
         label_noise=float(rng.uniform(0.0, 0.2)),
-        **_common(rng, optimizer, lr_spread),
+        **_common(rng, optimizer, lr_spread, lr_center),
     )
 
 
-def _digits_cnn(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
+def _digits_cnn(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD, lr_center=0.0):
     return TaskSpec(
         family="digits_cnn",
         dataset="digits",
@@ -389,11 +391,11 @@ def _digits_cnn(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
         subset_fraction=float(rng.uniform(0.3, 1.0)),
         label_noise=float(rng.uniform(0.0, 0.2)),
         permute_pixels=bool(rng.random() < 0.3),
-        **_common(rng, optimizer, lr_spread),
+        **_common(rng, optimizer, lr_spread, lr_center),
     )
 
 
-def _glyphs_cnn(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
+def _glyphs_cnn(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD, lr_center=0.0):
     return TaskSpec(
         family="glyphs_cnn",
         dataset="glyphs",
@@ -403,11 +405,11 @@ def _glyphs_cnn(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
         n_classes=int(rng.integers(2, 11)),
         label_noise=float(rng.uniform(0.0, 0.2)),
         permute_pixels=bool(rng.random() < 0.3),
-        **_common(rng, optimizer, lr_spread),
+        **_common(rng, optimizer, lr_spread, lr_center),
     )
 
 
-def _charlm(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
+def _charlm(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD, lr_center=0.0):
     return TaskSpec(
         family="charlm",
         dataset="python_text",
@@ -416,7 +418,7 @@ def _charlm(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD):
         embedding_dim=int(rng.choice([8, 16])),
         context_length=int(rng.choice([4, 8])),
         n_samples=_int_log_uniform(rng, 5000, 40000),
-        **_common(rng, optimizer, lr_spread),
+        **_common(rng, optimizer, lr_spread, lr_center),
     )
 
 
@@ -443,9 +445,13 @@ class TaskDistribution:
         lr_spread: initial learning rates are the optimiser's default times ``10 ** U(-lr_spread,
             lr_spread)`` (decades; default :data:`DEFAULT_LR_SPREAD`). A wider spread in meta-training
             shows the agent more runs that start too high or too low.
+        lr_center: shifts that range by ``lr_center`` decades: ``10 ** (lr_center + U(-lr_spread,
+            lr_spread))`` (default 0). Centred on where the families' best rates lie (about +0.5 for the
+            meta-training families), about half the runs start above their best rate and must be cut.
 
     Raises:
-        ValueError: an unknown family or optimiser, an empty list, or a spread outside ``[0, 3]``.
+        ValueError: an unknown family or optimiser, an empty list, or a spread or centre outside ``[0, 3]``
+            and ``[-3, 3]``.
     """
 
     def __init__(
@@ -455,6 +461,7 @@ class TaskDistribution:
         optimizers: Sequence[str] = OPTIMIZERS,
         name: str = "custom",
         lr_spread: float = DEFAULT_LR_SPREAD,
+        lr_center: float = 0.0,
     ) -> None:
         families = (families,) if isinstance(families, str) else tuple(families)  # one family by name
         optimizers = (optimizers,) if isinstance(optimizers, str) else tuple(optimizers)
@@ -472,30 +479,39 @@ class TaskDistribution:
         self.families = families
         self.optimizers = optimizers
         self.name = name
+        lr_center = float(lr_center)
+        if not -3 <= lr_center <= 3:
+            raise ValueError(
+                f"lr_center must lie in [-3, 3] decades from the optimiser's default learning rate, got {lr_center}"
+            )
         self.lr_spread = lr_spread
+        self.lr_center = lr_center
 
     @classmethod
-    def default(cls, split: str = "train", *, lr_spread: float = DEFAULT_LR_SPREAD) -> TaskDistribution:
+    def default(
+        cls, split: str = "train", *, lr_spread: float = DEFAULT_LR_SPREAD, lr_center: float = 0.0
+    ) -> TaskDistribution:
         """The built-in distribution of a split: ``"train"``, ``"test"`` (held-out families) or ``"all"``."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
-        return cls(SPLITS[split], name=split, lr_spread=lr_spread)
+        return cls(SPLITS[split], name=split, lr_spread=lr_spread, lr_center=lr_center)
 
     def sample(self, rng: np.random.Generator) -> TaskSpec:
         """Draw one task. All randomness comes from ``rng``."""
         family = self.families[int(rng.integers(len(self.families)))]
         optimizer = self.optimizers[int(rng.integers(len(self.optimizers)))]
-        return _SAMPLERS[family](rng, optimizer, self.lr_spread)
+        return _SAMPLERS[family](rng, optimizer, self.lr_spread, self.lr_center)
 
     def sample_family(self, family: str, rng: np.random.Generator, optimizer: str | None = None) -> TaskSpec:
         """Draw one task of a given family (used by benchmarks for per-family tables)."""
         if family not in _SAMPLERS:
             raise ValueError(f"unknown task family {family!r}; choose from {list(FAMILIES)}")
         optimizer = optimizer or self.optimizers[int(rng.integers(len(self.optimizers)))]
-        return _SAMPLERS[family](rng, optimizer, self.lr_spread)
+        return _SAMPLERS[family](rng, optimizer, self.lr_spread, self.lr_center)
 
     def __repr__(self) -> str:
         spread = "" if self.lr_spread == DEFAULT_LR_SPREAD else f", lr_spread={self.lr_spread}"
+        spread += "" if self.lr_center == 0 else f", lr_center={self.lr_center}"
         return f"TaskDistribution(name={self.name!r}, families={self.families}, optimizers={self.optimizers}{spread})"
 
 

@@ -108,6 +108,14 @@ def test_lr_spread_widens_only_the_initial_learning_rate():
     assert "lr_spread=1.5" in repr(TaskDistribution.default("train", lr_spread=1.5))
     with pytest.raises(ValueError, match=r"lr_spread must lie in \[0, 3\]"):
         TaskDistribution.default("train", lr_spread=-1)
+    # A centre shifts the range (seventeenth round: 10^U(-0.5, 1.5) around the default), same stream.
+    shifted, d_shift = decades(TaskDistribution.default("train", lr_spread=1.0, lr_center=0.5))
+    assert d_shift.min() >= -0.5 - 1e-9 and d_shift.max() <= 1.5 + 1e-9 and np.median(d_shift) > 0.3
+    assert [s.replace(lr=1.0) for s in shifted] == [s.replace(lr=1.0) for s in base]
+    assert decades(TaskDistribution.default("train", lr_center=0.0))[0] == base  # 0: exactly the default draws
+    assert "lr_center=0.5" in repr(TaskDistribution.default("train", lr_center=0.5))
+    with pytest.raises(ValueError, match=r"lr_center must lie in \[-3, 3\]"):
+        TaskDistribution.default("train", lr_center=4)
 
 
 def test_specs_that_would_fail_inside_the_data_builders_are_refused():

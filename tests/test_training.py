@@ -376,6 +376,14 @@ def test_init_lr_spread_reaches_the_meta_training_tasks_only():
     env = make_meta_env(config.replace(n_envs=2), seed=0)
     assert env.unwrapped.task_distribution.lr_spread == 1.5
     assert get_preset("quick").meta_task_distribution().lr_spread == 0.5  # the benchmark's spread
+    centred = parse_settings(["--init-lr-spread", "1.0", "--init-lr-center", "0.5"]).agent_config()
+    dist = centred.meta_task_distribution()
+    assert (dist.lr_spread, dist.lr_center) == (1.0, 0.5)
+    assert get_preset("quick").meta_task_distribution().lr_center == 0.0
+    with pytest.raises(ValueError, match=r"init_lr_center must lie in \[-3, 3\]"):
+        get_preset("quick", init_lr_center=5.0)
+    with pytest.raises(ValueError, match="'toy' task distribution has its own fixed learning rates"):
+        get_preset("quick", task_distribution="toy", init_lr_center=0.5)
 
 
 def test_families_replace_the_splits_families_in_meta_training_only():

@@ -133,6 +133,8 @@ class TrainSettings:
     """Training-only reward cost per unit of action change between decisions; 0 is off (default: the preset's)."""
     init_lr_spread: float | None = None
     """Meta-training tasks start from the optimiser's default LR times 10**U(-s, s); s in decades (default: the preset's, 0.5, as the benchmark's tasks)."""
+    init_lr_center: float | None = None
+    """Shift the meta-training tasks' starting LRs by c decades: default LR times 10**(c + U(-s, s)) (default: the preset's, 0)."""
     gradient_features: bool | None = None
     """Also observe the gradients: the mean cosine of consecutive minibatch gradients and their log norm, per interval (default: the preset's, off)."""
     epochs_feature: bool | None = None
@@ -217,6 +219,7 @@ class TrainSettings:
             lr_step_up=self.lr_step_up,
             action_change_penalty=self.action_change_penalty,
             init_lr_spread=self.init_lr_spread,
+            init_lr_center=self.init_lr_center,
             gradient_features=self.gradient_features,
             epochs_feature=self.epochs_feature,
             learning_rate=self.learning_rate,
@@ -491,6 +494,7 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
                 "task_distribution": config.task_distribution,
                 "task_families": None if config.task_families is None else list(config.task_families),
                 "init_lr_spread": config.init_lr_spread,
+                "init_lr_center": config.init_lr_center,
                 "hyperparameters": list(config.hyperparameters),
                 "divergence_penalty": config.divergence_penalty,
                 "gradient_features": config.gradient_features,
