@@ -697,15 +697,9 @@ def summarise(
         },
     }
     # How hot the policy runs against the tuned cosine oracle: per pair, the ratio of mean learning rates.
-    oracle = table["cosine_tuned"]
-
-    def level(idx: list[int]) -> dict:
-        return lr_level([_mean_lr(policy[i]) for i in idx], [_mean_lr(oracle[i]) for i in idx])
-
-    policy_entry["lr_level_vs_cosine_tuned"] = {
-        **level(list(range(len(pairs)))),
-        "by_family": {fam: level([i for i, f in enumerate(families) if f == fam]) for fam in dict.fromkeys(families)},
-    }
+    policy_entry["lr_level_vs_cosine_tuned"] = lr_level(
+        [_mean_lr(r) for r in policy], [_mean_lr(r) for r in table["cosine_tuned"]], families
+    )
     by_name = {r["name"]: r for r in report_rows}
     targets = {
         "seeds_per_task": config.seeds,
@@ -909,9 +903,7 @@ def _met_with_ci(summary: dict, name: str, met: bool) -> str:
 
 def _lr_level_line(policy: dict, family: str | None = None) -> str:
     """One sentence on how hot the policy runs against the tuned cosine oracle (all pairs or one family)."""
-    level = policy.get("lr_level_vs_cosine_tuned")
-    if level is None:
-        return "Learning-rate level: not recorded in this report."
+    level = policy["lr_level_vs_cosine_tuned"]
     if family is not None:
         level = level["by_family"][family]
     if not level["pairs"]:

@@ -97,13 +97,5 @@ def pooled_summary(folders: list[str | Path], *, seed: int = 0, n_boot: int = 20
         # Reports made before the per-task replay control existed have no such row.
         "win_rate_vs_replay_task": win_rate(policy, rows["replay_task"]["losses"]) if "replay_task" in rows else None,
         "policy_divergence_rate": float(np.isinf(policy).mean()),
-        "lr_level_vs_cosine_tuned": {
-            **lr_level(rows["policy"]["mean_lr"], rows["cosine_tuned"]["mean_lr"]),
-            "by_family": {
-                fam: lr_level(
-                    rows["policy"]["mean_lr"][families == fam], rows["cosine_tuned"]["mean_lr"][families == fam]
-                )
-                for fam in dict.fromkeys(families.tolist())
-            },
-        },
+        "lr_level_vs_cosine_tuned": lr_level(rows["policy"]["mean_lr"], rows["cosine_tuned"]["mean_lr"], families),
     }

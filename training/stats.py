@@ -84,25 +84,28 @@ def median_ratio(policy, baseline) -> float:
     return float(np.median(loss_ratios(policy, baseline)))
 
 
-def lr_level(policy_lr, baseline_lr) -> dict:
+def lr_level(policy_lr, baseline_lr, families: Sequence[str] | None = None) -> dict:
     """How hot the policy runs: per pair ``policy / baseline`` mean learning rate over the run.
 
     Returns the median ratio (above 1: the policy trains at a higher learning rate), the share of
     pairs where the policy's is higher, and how many pairs had both (pairs missing either, NaN, are
-    left out; with none, the median and share are NaN).
+    left out; with none, the median and share are NaN). Given each pair's family, also the same
+    per family, under ``by_family``.
     """
     p, b = (np.asarray(x, dtype=np.float64).reshape(-1) for x in (policy_lr, baseline_lr))
     if p.shape != b.shape:
         raise ValueError(f"policy and baseline must have one learning rate per pair, got {p.shape} and {b.shape}")
     ok = np.isfinite(p) & np.isfinite(b) & (p > 0) & (b > 0)
     ratio = p[ok] / b[ok]
-    if not ratio.size:
-        return {"median_ratio": float("nan"), "share_higher": float("nan"), "pairs": 0}
-    return {
-        "median_ratio": float(np.median(ratio)),
-        "share_higher": float(np.mean(ratio > 1)),
-        "pairs": int(ratio.size),
-    }
+    level = (
+        {"median_ratio": float(np.median(ratio)), "share_higher": float(np.mean(ratio > 1)), "pairs": int(ratio.size)}
+        if ratio.size
+        else {"median_ratio": float("nan"), "share_higher": float("nan"), "pairs": 0}
+    )
+    if families is not None:
+        fams = np.asarray(families)
+        level["by_family"] = {f: lr_level(p[fams == f], b[fams == f]) for f in dict.fromkeys(fams.tolist())}
+    return level
 
 
 def divergence_rate(diverged: Sequence[bool] | np.ndarray) -> float:
