@@ -146,6 +146,11 @@ class PolicyBundle:
         """SB3's ``predict`` on *raw* observations ``(n, obs_dim)``: normalises, stacks, acts."""
         obs = np.asarray(observation, dtype=np.float32)
         single = obs.ndim == 1
+        if obs.ndim not in (1, 2) or obs.shape[-1] != self.obs_dim:
+            raise ValueError(
+                f"the policy takes raw observations of shape ({self.obs_dim},) or (n, {self.obs_dim}), got shape "
+                f"{obs.shape}: build them with hpo_env.ObservationBuilder(bundle.decoder, **bundle.feature_options)"
+            )
         obs = self.normalize(obs.reshape(-1, self.obs_dim))
         n = len(obs)
         starts = np.ones(n, bool) if episode_start is None else np.asarray(episode_start, bool).reshape(n)

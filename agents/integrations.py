@@ -37,8 +37,12 @@ optimiser step, because the Trainer's own learning-rate scheduler (``lr_schedule
 before its callbacks see them, so ``policy_lr`` is not in ``log_history`` or the Trainer's loggers:
 pass ``writer=SummaryWriter(...)`` to see the policy's schedule in TensorBoard (``scheduler/`` tags).
 Evaluations before the first optimiser step (``eval_on_start``) and after training ends are not
-decisions and are ignored. Resuming a Trainer checkpoint restarts the policy's memory (the
-callback's state is not saved).
+decisions and are ignored. The callback writes the scheduler's state into every checkpoint the
+Trainer saves (``checkpoint-<step>/policy_scheduler.pt``), and ``trainer.train(resume_from_checkpoint=...)``
+continues the policy where it was (its memory, its progress, its hyperparameters) when the checkpoint
+is ``output_dir/checkpoint-<step>``; a checkpoint without that file (or elsewhere) starts the policy
+afresh over the evaluations left, with a warning. The mean training loss of the interval comes from
+the Trainer's ``loss`` logs: keep ``logging_steps`` at most ``eval_steps``.
 
 These integrations follow the libraries' documented hooks but are **not exercised by hpo-meta's
 test suite** unless the libraries happen to be installed.
@@ -50,6 +54,7 @@ import functools
 import math
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 from agents.scheduler import PolicyScheduler
@@ -127,19 +132,39 @@ class PolicySchedulerMixin:
 
 
 # -- Hugging Face transformers ---------------------------------------------------------------------
-def _decisions_from_args(args: Any, state: Any) -> int:
-    """Evaluations in a Trainer run: the scheduler's ``total_steps``."""
+def _eval_strategy(args: Any) -> str:
+    """``TrainingArguments``' evaluation strategy as a string (``"steps"``, ``"epoch"``, ``"no"``)."""
     strategy = getattr(args, "eval_strategy", None) or getattr(args, "evaluation_strategy", None)
-    strategy = str(getattr(strategy, "value", strategy))
+    return str(getattr(strategy, "value", strategy))
+
+
+def _decisions_from_args(args: Any, state: Any, *, upto: float | None = None, final_eval: bool = False) -> int:
+    """Evaluations in a Trainer run: the scheduler's ``total_steps``.
+
+    With ``upto``, only those at or before that many optimiser steps (``eval_strategy="steps"``) or
+    epochs (``"epoch"``), e.g. the ones a resumed run already made. ``final_eval``: the Trainer also
+    evaluates after its last step when ``max_steps`` is not a multiple of the interval (transformers 5).
+    Evaluations before ``eval_delay`` do not happen, as in the Trainer.
+    """
+    strategy = _eval_strategy(args)
+    delay = float(getattr(args, "eval_delay", 0) or 0)
     if strategy == "steps":
         every = args.eval_steps if args.eval_steps is not None else args.logging_steps
         if every < 1:  # a fraction of the run (transformers' convention)
             every = math.ceil(state.max_steps * every)
-        return max(1, state.max_steps // int(every))
+        every = int(every)
+        last = state.max_steps if upto is None else min(int(upto), state.max_steps)
+        first = max(1, math.ceil(delay / every))  # the first evaluation's multiple of the interval
+        count = max(0, last // every - first + 1)
+        if final_eval and last == state.max_steps and last % every and last >= delay:
+            count += 1
+        return count if upto is not None else max(1, count)
     if strategy == "epoch":
         # The Trainer sets state.num_train_epochs before on_train_begin, from max_steps when given.
-        epochs = getattr(state, "num_train_epochs", 0) or args.num_train_epochs
-        return max(1, math.ceil(epochs))
+        epochs = math.ceil(getattr(state, "num_train_epochs", 0) or args.num_train_epochs)
+        last = epochs if upto is None else min(math.floor(upto + 1e-9), epochs)
+        count = max(0, last - max(1, math.ceil(delay)) + 1)
+        return count if upto is not None else max(1, count)
     raise ValueError(
         f"the policy decides after every evaluation, but eval_strategy is {strategy!r}: set "
         "eval_strategy='steps' (with eval_steps) or 'epoch' in TrainingArguments, or pass total_steps"
@@ -159,9 +184,23 @@ def _epochs_from_args(args: Any, state: Any, train_dataloader: Any) -> float | N
     return steps * max(int(getattr(args, "gradient_accumulation_steps", 1) or 1), 1) / batches
 
 
+#: The file, in each Trainer checkpoint folder, that holds the policy scheduler's state.
+HF_SCHEDULER_FILE = "policy_scheduler.pt"
+
+
+def _scheduler_file(args: Any, global_step: int) -> Path:
+    """Where the scheduler's state of the checkpoint at ``global_step`` lives (transformers' folder naming)."""
+    return Path(args.output_dir) / f"checkpoint-{global_step}" / HF_SCHEDULER_FILE
+
+
 @functools.cache
 def _hf_callback_class() -> type:
+    import torch
+    import transformers
     from transformers import TrainerCallback
+
+    # transformers 5 also evaluates after the last step when max_steps is not a multiple of eval_steps.
+    final_eval = int(transformers.__version__.split(".")[0]) >= 5
 
     class PolicySchedulerCallback(TrainerCallback):
         """A ``transformers.TrainerCallback`` running a :class:`PolicyScheduler` (see :func:`hf_trainer_callback`)."""
@@ -174,6 +213,11 @@ def _hf_callback_class() -> type:
             metric: str = "eval_loss",
             **scheduler_kwargs: Any,
         ) -> None:
+            if "device" in scheduler_kwargs and not isinstance(policy, (str, os.PathLike)):
+                raise ValueError(
+                    "device= places a policy loaded by name or path; this policy is already loaded (on its own "
+                    "device): drop device=, or pass the bundle's path"
+                )
             self.policy = policy
             self.total_steps = total_steps
             self.metric = metric
@@ -186,15 +230,39 @@ def _hf_callback_class() -> type:
         def on_train_begin(self, args, state, control, optimizer=None, train_dataloader=None, **kwargs):
             if optimizer is None:
                 raise ValueError("the Trainer passed no optimizer to on_train_begin; cannot build the PolicyScheduler")
-            total = self.total_steps if self.total_steps is not None else _decisions_from_args(args, state)
+            total = self.total_steps
+            if total is None:
+                total = _decisions_from_args(args, state, final_eval=final_eval)
+            saved = _scheduler_file(args, state.global_step) if state.global_step > 0 else None
+            resumed_without_state = saved is not None and not saved.is_file()
+            if resumed_without_state:  # the policy starts afresh over the evaluations left
+                done = _decisions_from_args(
+                    args, state, upto=state.global_step if _eval_strategy(args) == "steps" else state.epoch
+                )
+                total = max(1, total - done)
             # The run's length in epochs, for a policy that observes it; given epochs= win.
             kwargs = {"epochs": _epochs_from_args(args, state, train_dataloader), **self.scheduler_kwargs}
             if isinstance(self.policy, (str, os.PathLike)):
                 self.scheduler = PolicyScheduler.from_pretrained(self.policy, optimizer, total, **kwargs)
             else:
                 self.scheduler = PolicyScheduler(optimizer, self.policy, total, **kwargs)
+            if saved is not None and saved.is_file():
+                self.scheduler.load_state_dict(torch.load(saved, weights_only=True))
+            elif resumed_without_state:
+                warnings.warn(
+                    f"resuming at step {state.global_step} without the policy's state (looked for {saved}, which "
+                    "this callback writes into every checkpoint it sees saved): the policy restarts its memory and "
+                    f"its progress, over the {total} evaluations left",
+                    stacklevel=2,
+                )
             self._log_index = len(state.log_history)
             self._training = True
+
+        def on_save(self, args, state, control, **kwargs):
+            # The Trainer has just written checkpoint-<global_step>; the scheduler's state goes with it.
+            path = _scheduler_file(args, state.global_step)
+            if self.scheduler is not None and state.is_world_process_zero and path.parent.is_dir():
+                torch.save(self.scheduler.state_dict(), path)
 
         def on_train_end(self, args, state, control, **kwargs):
             self._training = False  # a trainer.evaluate() afterwards is not a decision
@@ -219,6 +287,14 @@ def _hf_callback_class() -> type:
             losses = [e["loss"] for e in state.log_history[self._log_index :] if "loss" in e]
             self._log_index = len(state.log_history)
             train_loss = sum(losses) / len(losses) if losses else None
+            if train_loss is None and not self.scheduler._warned_no_train_loss:
+                warnings.warn(
+                    f"PolicySchedulerCallback: no training loss was logged before the evaluation at step "
+                    f"{state.global_step}, so the policy does not see one (it was meta-trained with it): set "
+                    "logging_steps to at most eval_steps in TrainingArguments",
+                    stacklevel=2,
+                )
+                self.scheduler._warned_no_train_loss = True  # said here, more precisely than step() would
             self.scheduler.step(metrics[self.metric], train_loss=train_loss)
             metrics["policy_lr"] = self.scheduler.get_last_lr()[0]
 

@@ -1,7 +1,7 @@
 """Deploy a trained meta-agent as a learning-rate scheduler inside any PyTorch training loop.
 
 :class:`PolicyScheduler` feels like ``torch.optim.lr_scheduler.ReduceLROnPlateau``: the training
-loop calls ``scheduler.step(val_loss)`` once per *decision interval* (every K optimiser steps, or
+loop calls ``scheduler.step(val_loss, train_loss=...)`` once per *decision interval* (every K optimiser steps, or
 every epoch), and the scheduler writes the policy's new hyperparameters into the optimiser's
 ``param_groups``. Observations are built by :class:`~hpo_env.ObservationBuilder` and actions applied
 by :class:`~hpo_env.ActionDecoder`, the very objects the environment uses, following the decision
@@ -94,8 +94,9 @@ class PolicyScheduler:
     ``weight_decay=0``, as the no-decay group of biases and norms often is): the policy sees and
     moves the base value. Every other group keeps its initial ratio to the base in the space the
     action moves the value in: its learning rate and weight decay stay ``initial_g / initial_base``
-    times the base value (a group created with ``weight_decay=0`` keeps 0; if *every* group has 0, all
-    of them follow the policy's value), and its ``1 - momentum`` stays proportional to the base's. No
+    times the base value (a group created with ``weight_decay=0`` keeps 0; if *every* group has 0, group
+    0 is the base, clipped up to the policy's lower bound, and the others keep 0, which is what the
+    Hugging Face Trainer's groups want: its first group is the one with decay), and its ``1 - momentum`` stays proportional to the base's. No
     group is set outside the policy's bounds (a kept 0 aside). Param groups added after the scheduler
     was built are not controlled: ``step()`` raises.
 
@@ -122,7 +123,8 @@ class PolicyScheduler:
     consecutive minibatch gradients of the interval agree and how large they are. The scheduler then
     reads the gradients at every ``optimizer.step()`` through a step post-hook (nothing to add to the
     training loop; with ``optimizer.step(closure)`` it reads the gradients the closure computed),
-    keeping one float32 copy of the previous gradient. A state dict saved in the middle of an interval
+    keeping the last two gradients as float32 (twice the parameters' size in memory, plus a temporary
+    flat copy during each step, on the device of the first parameter with a gradient). A state dict saved in the middle of an interval
     does not hold that interval's gradient statistics: save it right after ``step()``, as usual.
 
     **Epochs.** A policy trained with the epochs feature (``bundle.epochs_feature``) also sees how
@@ -159,14 +161,16 @@ class PolicyScheduler:
         >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         >>> scheduler = PolicyScheduler.from_pretrained("default", optimizer, total_steps=20, epochs=20)
         >>> for epoch in range(20):
+        ...     train_loss = 0.0
         ...     for _ in range(10):
         ...         optimizer.zero_grad()
         ...         loss = torch.nn.functional.mse_loss(model(x), y)
         ...         loss.backward()
         ...         optimizer.step()
+        ...         train_loss += loss.item() / 10
         ...     with torch.no_grad():
         ...         val_loss = torch.nn.functional.mse_loss(model(x), y)
-        ...     scheduler.step(val_loss)
+        ...     scheduler.step(val_loss, train_loss=train_loss)
         >>> len(scheduler.get_last_lr())
         1
     """
@@ -239,7 +243,8 @@ class PolicyScheduler:
         # the others with it), and no group is ever set outside the policy's bounds, except a 0 kept at 0.
         with np.errstate(divide="ignore", invalid="ignore"):
             ratios = dist / self._distance(base)[None]
-        self._ratios = np.nan_to_num(ratios, nan=1.0, posinf=1.0)  # nan: every group had 0, all follow the base
+        # 0 / (a base clipped up from 0) is 0: when every group had 0, only the base follows the policy.
+        self._ratios = np.nan_to_num(ratios, nan=1.0, posinf=1.0)
         self._ratios[self._base_groups, cols] = 1.0
         self._initial_base = base.copy()
         self.reset()
@@ -291,6 +296,8 @@ class PolicyScheduler:
         weakref.finalize(self, handle.remove)  # the hook goes when the scheduler does
 
     def _observe_gradients(self) -> None:
+        if self._t >= self.total_steps:  # the schedule is over: no interval will be observed
+            return
         grads = [
             p.grad.to_dense() if p.grad.is_sparse else p.grad
             for group in self.optimizer.param_groups
@@ -299,7 +306,8 @@ class PolicyScheduler:
         ]
         if not grads:
             return
-        flat = torch.cat([g.detach().reshape(-1).float() for g in grads])
+        device = grads[0].device  # model-parallel or offloaded parameters: gathered on the first one's device
+        flat = torch.cat([g.detach().reshape(-1).to(device=device, dtype=torch.float32) for g in grads])
         if self._grad_stats is None or self._grad_stats.device != flat.device:
             self._grad_stats = GradientStats(1, flat.device)
         self._grad_stats.observe(flat[None])
@@ -434,8 +442,9 @@ class PolicyScheduler:
         return None if self._last_obs is None else self._last_obs.copy()
 
     def reset(self) -> None:
-        """Start a new run: restore the initial hyperparameters (group 0 clipped) and forget the past."""
+        """Start a new run: restore the initial hyperparameters (as clipped at construction) and forget the past."""
         self._t = 0
+        self._warned_no_train_loss = False
         self._started = False
         self._base = self._initial_base.copy()
         self._last_action = np.zeros(self.decoder.num_actions)
@@ -453,10 +462,19 @@ class PolicyScheduler:
 
         Args:
             metrics: validation loss after the interval (a float, a 0-dim tensor, ...).
-            train_loss: optional mean training loss over the interval.
+            train_loss: mean training loss over the interval. Optional, but the policy was meta-trained
+                with it at every decision: without it a warning is issued (once per run).
         """
         val = _to_float(metrics, "metrics")
         train = None if train_loss is None else _to_float(train_loss, "train_loss")
+        if train is None and not self._warned_no_train_loss:
+            warnings.warn(
+                "step() got no train_loss: the policy was meta-trained with the interval's mean training loss at "
+                "every decision, so without it the policy sees inputs it never saw in training and its schedule "
+                "may be off. Pass step(val_loss, train_loss=mean training loss since the last step())",
+                stacklevel=2,
+            )
+            self._warned_no_train_loss = True
         for name, value in (("metrics", val), ("train_loss", train)):
             if value is not None and math.isfinite(value) and value < 0:  # -inf is a divergence, below
                 raise ValueError(

@@ -198,7 +198,7 @@ class ObservationBuilder:
         self.epochs_feature = bool(epochs_feature)
         k = decoder.num_actions
         self.dim = len(_BASE_FEATURES) + 3 * k + len(self._optional_names())
-        self._grad_ref = np.zeros(n)  # log gradient norm of the first interval
+        self._grad_ref = np.full(n, np.nan)  # log gradient norm of the first interval with gradients
         self._epochs = np.zeros(n)  # the epochs feature of each run
         self._ref = np.ones(n)
         self._last_val = np.zeros(n)
@@ -230,11 +230,14 @@ class ObservationBuilder:
                 "per slot, from GradientStats.result()"
             )
         cos, log_norm = (np.broadcast_to(np.asarray(g, np.float64), slots.shape) for g in gradients)
-        if first:
-            self._grad_ref[slots] = np.where(np.isfinite(log_norm), log_norm, 0.0)
+        # The reference is the first interval whose gradients were seen (a deployed scheduler may get
+        # a first interval without an optimiser step); until then the norm feature reads as 0.
+        ref = np.full(slots.shape, np.nan) if first else self._grad_ref[slots]
+        ref = np.where(np.isnan(ref) & np.isfinite(log_norm), log_norm, ref)
+        self._grad_ref[slots] = ref
         # Unknown (no step seen, or a NaN gradient of a diverging run) reads as 0.
         cos = np.nan_to_num(cos, nan=0.0)
-        rel = np.nan_to_num(log_norm - self._grad_ref[slots], nan=0.0, posinf=OBS_BOUND, neginf=-OBS_BOUND)
+        rel = np.nan_to_num(log_norm - ref, nan=0.0, posinf=OBS_BOUND, neginf=-OBS_BOUND)
         return np.stack([cos, rel], axis=-1)
 
     # ------------------------------------------------------------------------------------------

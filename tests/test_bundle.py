@@ -76,6 +76,15 @@ def test_loaded_bundle_predicts_exactly_what_the_trained_model_did(tmp_path, alg
     assert finished >= env.num_envs
 
 
+def test_predict_refuses_observations_of_the_wrong_width(good_bundle):
+    bundle = load_bundle(good_bundle)
+    d = bundle.obs_dim
+    bundle.predict(np.zeros((2, d), np.float32))
+    for shape in [(2, d // 2), (d + 1,), (1, 2, d)]:  # (2, d/2) used to be reshaped into one row silently
+        with pytest.raises(ValueError, match=rf"raw observations of shape \({d},\) or \(n, {d}\), got shape"):
+            bundle.predict(np.zeros(shape, np.float32))
+
+
 def test_bundle_config_records_settings_and_versions(tmp_path):
     config, env, model = _trained("recurrent")
     bundle = load_bundle(_save(tmp_path / "policy", config, env, model))

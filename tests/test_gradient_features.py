@@ -203,6 +203,12 @@ def test_scheduler_warns_when_no_optimizer_step_ran(small_mlp_spec):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sched.step(0.9)
+    # The first interval with gradients is the norm's reference (not the unknown first one).
+    assert sched.last_observation[-1] == 0.0
+    model(2 * torch.randn(4, 3)).sum().backward()
+    opt.step()
+    sched.step(0.8)
+    assert 0.0 < abs(sched.last_observation[-1]) < 5.0
     del sched  # the hook goes with the scheduler
     opt.step()
     assert not opt._optimizer_step_post_hooks

@@ -222,6 +222,41 @@ def test_a_no_decay_group_first_does_not_become_the_weight_decay_base():
     assert restored.get_last_hparams() == sched.get_last_hparams()
 
 
+def test_without_any_weight_decay_only_the_first_group_takes_the_policys():
+    """No group has weight decay to keep a ratio to: group 0 is the base, clipped up to the policy's
+    lower bound, and the others keep 0 (the Hugging Face Trainer puts its decay group first and its
+    no-decay group, biases and norms, second)."""
+    decoder = ActionDecoder(("lr", "weight_decay"))
+    model = torch.nn.Linear(3, 3)
+    opt = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias]}], lr=1e-3, weight_decay=0.0)
+    with pytest.warns(UserWarning, match="initial weight_decay=0 of param group 0 is outside"):
+        sched = PolicyScheduler(opt, ReplayPolicy(decoder, [[0.0, 1.0], [0.0, 1.0]]), total_steps=3)
+    lower = decoder.specs[1].lower
+    assert [g["weight_decay"] for g in opt.param_groups] == [lower, 0.0]
+    sched.step(1.0, train_loss=1.1)
+    assert [g["weight_decay"] for g in opt.param_groups] == [
+        pytest.approx(lower * 10 ** decoder.specs[1].max_log10_change),
+        0.0,
+    ]
+
+
+def test_a_missing_train_loss_warns_once_per_run():
+    """The policy was meta-trained with the training loss at every decision: without it, it sees an
+    input it never saw, which the user is told (once per run, not at every call)."""
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    sched = PolicyScheduler(opt, ReplayPolicy(ActionDecoder(("lr",)), [[0.0]]), total_steps=4)
+    with pytest.warns(UserWarning, match=r"no train_loss.*step\(val_loss, train_loss="):
+        sched.step(1.0)
+    assert sched.last_observation[sched.features.feature_names().index("has_train_loss")] == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched.step(0.9)
+        sched.step(0.8, train_loss=0.7)
+    sched.reset()
+    with pytest.warns(UserWarning, match="no train_loss"):
+        sched.step(1.0)
+
+
 def test_a_clipped_base_does_not_move_the_other_groups_and_no_group_leaves_the_bounds():
     decoder = ActionDecoder(("lr",))
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
@@ -468,6 +503,19 @@ def test_hf_eval_count_from_training_arguments():
     assert _decisions_from_args(SimpleNamespace(eval_strategy="epoch", num_train_epochs=3.0), state) == 10
     with pytest.raises(ValueError, match="eval_strategy"):
         _decisions_from_args(SimpleNamespace(eval_strategy="no"), state)
+    # eval_delay: no evaluation before it (the Trainer evaluates at multiples of eval_steps >= eval_delay).
+    state = SimpleNamespace(max_steps=100)
+    delayed = SimpleNamespace(eval_strategy="steps", eval_steps=10, logging_steps=5, eval_delay=25)
+    assert _decisions_from_args(delayed, state) == 8  # steps 30, 40, ..., 100
+    assert _decisions_from_args(delayed, state, upto=50) == 3  # made before a resume at step 50
+    assert _decisions_from_args(delayed, state, upto=20) == 0
+    # transformers 5 also evaluates after the last step when it is not a multiple of eval_steps.
+    uneven = SimpleNamespace(eval_strategy="steps", eval_steps=30, logging_steps=5)
+    assert _decisions_from_args(uneven, state) == 3
+    assert _decisions_from_args(uneven, state, final_eval=True) == 4
+    by_epoch = SimpleNamespace(eval_strategy="epoch", num_train_epochs=5.0, eval_delay=2)
+    assert _decisions_from_args(by_epoch, state) == 4  # epochs 2, 3, 4, 5
+    assert _decisions_from_args(by_epoch, state, upto=3.0) == 2
 
 
 def test_hf_epochs_from_the_trainers_steps_and_dataloader():
@@ -518,21 +566,36 @@ def test_lightning_trainer_end_to_end():
     assert model.policy.get_last_lr() == [trainer.optimizers[0].param_groups[0]["lr"]]
 
 
+class _Regressor(torch.nn.Module):
+    """A model as the Hugging Face Trainer wants it: a dict with the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(4, 1)
+
+    def forward(self, x, labels=None):
+        out = self.net(x)
+        return {"loss": torch.nn.functional.mse_loss(out, labels), "logits": out}
+
+
+def _regression_data(n: int = 64) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    return [{"x": torch.randn(4, generator=gen), "labels": torch.randn(1, generator=gen)} for _ in range(n)]
+
+
+def _lr_spy(transformers, seen: list[float]):
+    class Spy(transformers.TrainerCallback):
+        def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
+            seen.append(optimizer.param_groups[0]["lr"])
+
+    return Spy()
+
+
 def test_hf_trainer_end_to_end(tmp_path):
     transformers = pytest.importorskip("transformers")
     from agents.integrations import hf_trainer_callback
 
-    class Regressor(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = torch.nn.Linear(4, 1)
-
-        def forward(self, x, labels=None):
-            out = self.net(x)
-            return {"loss": torch.nn.functional.mse_loss(out, labels), "logits": out}
-
-    gen = torch.Generator().manual_seed(0)
-    data = [{"x": torch.randn(4, generator=gen), "labels": torch.randn(1, generator=gen)} for _ in range(64)]
+    Regressor, data = _Regressor, _regression_data()
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=20,
@@ -549,13 +612,12 @@ def test_hf_trainer_end_to_end(tmp_path):
     )
     callback = hf_trainer_callback("default")
     seen_lrs = []
-
-    class Spy(transformers.TrainerCallback):
-        def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
-            seen_lrs.append(optimizer.param_groups[0]["lr"])
-
     trainer = transformers.Trainer(
-        model=Regressor(), args=args, train_dataset=data, eval_dataset=data[:16], callbacks=[callback, Spy()]
+        model=Regressor(),
+        args=args,
+        train_dataset=data,
+        eval_dataset=data[:16],
+        callbacks=[callback, _lr_spy(transformers, seen_lrs)],
     )
     trainer.train()
     sched = callback.scheduler
@@ -577,6 +639,57 @@ def test_hf_trainer_end_to_end(tmp_path):
     with pytest.warns(UserWarning, match="no 'eval_accuracy'.*eval_loss"):
         trainer.train()
     assert missing.scheduler.last_step == 0
+
+
+def test_hf_trainer_resumes_the_policy_from_its_checkpoint(tmp_path, default_bundle):
+    """The callback saves the scheduler into each Trainer checkpoint: a run resumed from one makes the
+    uninterrupted run's decisions; a checkpoint without it restarts the policy over what is left."""
+    transformers = pytest.importorskip("transformers")
+    from agents.integrations import HF_SCHEDULER_FILE, hf_trainer_callback
+
+    data = _regression_data()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=20,
+        per_device_train_batch_size=8,
+        eval_strategy="steps",
+        eval_steps=5,
+        logging_steps=5,
+        save_strategy="steps",
+        save_steps=10,
+        lr_scheduler_type="constant",
+        report_to=[],
+        use_cpu=True,
+    )
+
+    def train(resume: str | None = None) -> tuple[list[float], object]:
+        seen: list[float] = []
+        callback = hf_trainer_callback("default")
+        trainer = transformers.Trainer(
+            model=_Regressor(),
+            args=args,
+            train_dataset=data,
+            eval_dataset=data[:16],
+            callbacks=[callback, _lr_spy(transformers, seen)],
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return seen, callback
+
+    full, _ = train()
+    checkpoint = tmp_path / "run" / "checkpoint-10"
+    assert (checkpoint / HF_SCHEDULER_FILE).is_file()
+    resumed, callback = train(str(checkpoint))
+    assert callback.scheduler.total_steps == 4 and callback.scheduler.last_step == 4
+    assert resumed == pytest.approx(full[10:], rel=1e-6)
+    assert len(set(full)) > 2  # the policy did move the learning rate
+
+    (checkpoint / HF_SCHEDULER_FILE).unlink()
+    with pytest.warns(UserWarning, match="resuming at step 10 without the policy's state.*over the 2 evaluations"):
+        _, callback = train(str(checkpoint))
+    assert callback.scheduler.total_steps == 2 and callback.scheduler.last_step == 2
+
+    with pytest.raises(ValueError, match="already loaded"):
+        hf_trainer_callback(default_bundle, device="cpu")
 
 
 # -- the example and the benchmark run (tiny budgets) ----------------------------------------------
