@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
         fams = ", ".join(f"{f} {v:.3f}" for f, v in s["median_ratio_vs_cosine_tuned_by_family"].items())
         print(
             f"{label:<{width}}  pairs {s['pairs']:>4}  both {s['beats_both_untuned_defaults']:6.1%}  "
-            f"vs tuned cosine: median {s['median_ratio_vs_cosine_tuned']:.3f} [{lo:.3f}, {hi:.3f}], "
-            f"geomean {s['geomean_ratio_vs_cosine_tuned']:.3f} ({fams})  "
+            f"vs tuned cosine: median {s['median_ratio_vs_cosine_tuned']:.3f} [{lo:.3f}, {hi:.3f}] ({fams}), "
+            f"geomean {s['geomean_ratio_vs_cosine_tuned']:.3f}  "
             f"vs tuned constant {s['median_ratio_vs_constant_tuned']:.3f}  random {s['win_rate_vs_random']:.1%}  "
             f"replay {s['win_rate_vs_replay']:.1%}"
             + ("" if s["win_rate_vs_replay_task"] is None else f"  replay per task {s['win_rate_vs_replay_task']:.1%}")
