@@ -29,15 +29,9 @@ Why these defaults (see :data:`PRESETS`):
 * ``action_change_penalty = 0`` (off): a training-only cost on how much the action moves between
   decisions, a lever against zig-zag schedules; 0.01 hurt on the held-out benchmark, most on small
   overfitting datasets (benchmarks/reports/levers.md).
-* ``init_lr_spread = 1.0`` and ``init_lr_center = 0.5`` in the ``full`` preset (the dataclass and
-  the ``quick`` preset keep 0.5 and 0, the benchmark's draws): meta-training tasks start at the default
-  learning rate times 10**U(-0.5, 1.5), centred on the meta-training families' best rate (about 4.4x
-  the default), so about half of them start too high and must be cut, and raising the rate blindly no
-  longer pays. Over four seeds, against two of the previous settings on the same machine: beating
-  both untuned defaults on 57.4% of the held-out pairs on average (53.3%), geometric mean ratio to the
-  tuned cosine oracle 1.033 (1.040), median level (1.018 and 1.019); the policies run cooler. The two
-  deployment examples did not agree (levers.md, seventeenth and eighteenth rounds). Widening the
-  spread symmetrically, 10**±1, had given mixed results (third round).
+* ``init_lr_spread = 0.5``: meta-training tasks start within 10**±0.5 of the default learning rate,
+  like the benchmark's tasks; widening it to 10**±1 (more runs that must cut an initial rate that is
+  too high) gave mixed results on the held-out benchmark (benchmarks/reports/levers.md).
 * ``learning_rate = 1e-3`` in the ``full`` preset (it was 3e-4): PPO's updates at 3e-4 were small
   (approximate KL ~0.005, 1.5-6% of samples clipped); at 1e-3 (KL ~0.01) the policy's schedules
   depend more on the run (its learning rate three decisions in ranges 0.3x-12x the initial one
@@ -296,20 +290,13 @@ class MetaAgentConfig:
 
 
 #: Named configurations. ``quick``: about 2 minutes of meta-training on 2 CPU cores (with the
-#: training script's budget); ``full``: about 30-60 minutes. Both train on the ``"train"`` families.
+#: training script's budget); ``full``: about 30-40 minutes. Both train on the ``"train"`` families.
 PRESETS: dict[str, MetaAgentConfig] = {
     "quick": MetaAgentConfig(
         n_envs=16, n_steps=32, batch_size=256, n_epochs=4, learning_rate=5e-4, epochs_feature=True
     ),
     "full": MetaAgentConfig(
-        n_envs=32,
-        n_steps=64,
-        batch_size=1024,
-        n_epochs=5,
-        learning_rate=1e-3,
-        epochs_feature=True,
-        init_lr_spread=1.0,
-        init_lr_center=0.5,
+        n_envs=32, n_steps=64, batch_size=1024, n_epochs=5, learning_rate=1e-3, epochs_feature=True
     ),
 }
 
@@ -322,11 +309,6 @@ def get_preset(name: str, **overrides: Any) -> MetaAgentConfig:
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
-    if overrides.get("task_distribution") == "toy":
-        # The toy tasks have fixed learning rates: the preset's starting-rate draws do not apply to them.
-        for field, default in (("init_lr_spread", DEFAULT_LR_SPREAD), ("init_lr_center", 0.0)):
-            if overrides.get(field) is None:
-                overrides[field] = default
     return PRESETS[name].replace(**overrides)
 
 

@@ -384,14 +384,6 @@ def test_init_lr_spread_reaches_the_meta_training_tasks_only():
         get_preset("quick", init_lr_center=5.0)
     with pytest.raises(ValueError, match="'toy' task distribution has its own fixed learning rates"):
         get_preset("quick", task_distribution="toy", init_lr_center=0.5)
-    # The full preset starts its tasks around the families' optimum (levers.md, seventeenth and
-    # eighteenth rounds); with the toy tasks, which have fixed rates, its draws do not apply.
-    full = get_preset("full").meta_task_distribution()
-    assert (full.lr_spread, full.lr_center) == (1.0, 0.5)
-    toy = get_preset("full", task_distribution="toy")
-    assert (toy.init_lr_spread, toy.init_lr_center) == (0.5, 0.0)
-    benchmark_like = parse_settings(["--preset", "full", "--init-lr-spread", "0.5", "--init-lr-center", "0"])
-    assert benchmark_like.agent_config().meta_task_distribution().lr_spread == 0.5
 
 
 def test_families_replace_the_splits_families_in_meta_training_only():

@@ -2,7 +2,7 @@
 
 A whole run, top to bottom (:func:`train`):
 
-1. settings: a preset (``quick``: about 2 minutes on 2 CPU cores; ``full``: about 30-60 minutes) plus any
+1. settings: a preset (``quick``: about 2 minutes on 2 CPU cores; ``full``: about 30-40 minutes) plus any
    option given on the command line (:class:`TrainSettings`, one documented field per option);
 2. the environment: ``HPOVecEnv`` slots training inner models on tasks sampled from the meta-training
    families, wrapped in ``VecMonitor`` and ``VecNormalize`` (:func:`agents.make_meta_env`);
@@ -100,7 +100,7 @@ class TrainSettings:
     """Meta-train a RecurrentPPO agent that schedules hyperparameters while networks train."""
 
     preset: Literal["quick", "full"] = "quick"
-    """Named defaults: quick (about 2 minutes on 2 CPU cores) or full (about 30-60 minutes)."""
+    """Named defaults: quick (about 2 minutes on 2 CPU cores) or full (about 30-40 minutes)."""
     algorithm: Literal["recurrent", "framestack"] = "recurrent"
     """recurrent: RecurrentPPO with an LSTM policy; framestack: MLP PPO over stacked observations (the control)."""
     total_timesteps: int | None = None
@@ -132,9 +132,9 @@ class TrainSettings:
     action_change_penalty: float | None = None
     """Training-only reward cost per unit of action change between decisions; 0 is off (default: the preset's)."""
     init_lr_spread: float | None = None
-    """Meta-training tasks start from the optimiser's default LR times 10**U(-s, s); s in decades (default: the preset's: full 1.0, quick 0.5 as the benchmark's tasks)."""
+    """Meta-training tasks start from the optimiser's default LR times 10**U(-s, s); s in decades (default: the preset's, 0.5, as the benchmark's tasks)."""
     init_lr_center: float | None = None
-    """Shift the meta-training tasks' starting LRs by c decades: default LR times 10**(c + U(-s, s)) (default: the preset's: full 0.5, around the families' best LR; quick 0)."""
+    """Shift the meta-training tasks' starting LRs by c decades: default LR times 10**(c + U(-s, s)) (default: the preset's, 0)."""
     gradient_features: bool | None = None
     """Also observe the gradients: the mean cosine of consecutive minibatch gradients and their log norm, per interval (default: the preset's, off)."""
     epochs_feature: bool | None = None
