@@ -246,7 +246,7 @@ def _hf_callback_class() -> type:
                 self.scheduler = PolicyScheduler.from_pretrained(self.policy, optimizer, total, **kwargs)
             else:
                 self.scheduler = PolicyScheduler(optimizer, self.policy, total, **kwargs)
-            if saved is not None and saved.is_file():
+            if saved is not None and not resumed_without_state:
                 self.scheduler.load_state_dict(torch.load(saved, weights_only=True))
             elif resumed_without_state:
                 warnings.warn(

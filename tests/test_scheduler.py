@@ -583,6 +583,13 @@ def _regression_data(n: int = 64) -> list[dict[str, torch.Tensor]]:
     return [{"x": torch.randn(4, generator=gen), "labels": torch.randn(1, generator=gen)} for _ in range(n)]
 
 
+def _hf_trainer(transformers, args, data, *callbacks):
+    """A Trainer of a fresh :class:`_Regressor` on ``data`` (its first 16 samples also evaluate)."""
+    return transformers.Trainer(
+        model=_Regressor(), args=args, train_dataset=data, eval_dataset=data[:16], callbacks=list(callbacks)
+    )
+
+
 def _lr_spy(transformers, seen: list[float]):
     class Spy(transformers.TrainerCallback):
         def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
@@ -595,7 +602,7 @@ def test_hf_trainer_end_to_end(tmp_path):
     transformers = pytest.importorskip("transformers")
     from agents.integrations import hf_trainer_callback
 
-    Regressor, data = _Regressor, _regression_data()
+    data = _regression_data()
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=20,
@@ -612,13 +619,7 @@ def test_hf_trainer_end_to_end(tmp_path):
     )
     callback = hf_trainer_callback("default")
     seen_lrs = []
-    trainer = transformers.Trainer(
-        model=Regressor(),
-        args=args,
-        train_dataset=data,
-        eval_dataset=data[:16],
-        callbacks=[callback, _lr_spy(transformers, seen_lrs)],
-    )
+    trainer = _hf_trainer(transformers, args, data, callback, _lr_spy(transformers, seen_lrs))
     trainer.train()
     sched = callback.scheduler
     assert sched.total_steps == 4 and sched.last_step == 4
@@ -633,9 +634,7 @@ def test_hf_trainer_end_to_end(tmp_path):
 
     # A metric the evaluation does not produce: a warning naming the ones it does, and no decision.
     missing = hf_trainer_callback("default", metric="eval_accuracy")
-    trainer = transformers.Trainer(
-        model=Regressor(), args=args, train_dataset=data, eval_dataset=data[:16], callbacks=[missing]
-    )
+    trainer = _hf_trainer(transformers, args, data, missing)
     with pytest.warns(UserWarning, match="no 'eval_accuracy'.*eval_loss"):
         trainer.train()
     assert missing.scheduler.last_step == 0
@@ -665,14 +664,9 @@ def test_hf_trainer_resumes_the_policy_from_its_checkpoint(tmp_path, default_bun
     def train(resume: str | None = None) -> tuple[list[float], object]:
         seen: list[float] = []
         callback = hf_trainer_callback("default")
-        trainer = transformers.Trainer(
-            model=_Regressor(),
-            args=args,
-            train_dataset=data,
-            eval_dataset=data[:16],
-            callbacks=[callback, _lr_spy(transformers, seen)],
+        _hf_trainer(transformers, args, data, callback, _lr_spy(transformers, seen)).train(
+            resume_from_checkpoint=resume
         )
-        trainer.train(resume_from_checkpoint=resume)
         return seen, callback
 
     full, _ = train()
