@@ -129,6 +129,9 @@ class MetaAgentConfig:
         lr_step_up: largest learning-rate *increase* per decision, in decades, if it differs from
             ``lr_step`` (None: the same). A smaller one makes a cautious controller: it raises the
             rate gradually but can still cut it by ``lr_step`` when a run goes wrong.
+        lr_max_rise: the learning rate never rises more than this many decades above the run's
+            initial one (None: only the absolute bound of 1.0 caps it). 1.5 keeps it below 31.6x the
+            starting rate, in meta-training and wherever the policy is deployed.
         init_lr_spread: meta-training tasks start from the optimiser's default learning rate times
             ``10 ** U(-init_lr_spread, init_lr_spread)`` (decades). The default, 0.5, is the spread of
             every built-in split and so of the benchmark's held-out tasks; a wider one shows the agent
@@ -177,6 +180,7 @@ class MetaAgentConfig:
     divergence_penalty: float = 1.0
     lr_step: float | None = 0.5
     lr_step_up: float | None = None
+    lr_max_rise: float | None = None
     action_change_penalty: float = 0.0
     init_lr_spread: float = DEFAULT_LR_SPREAD
     init_lr_center: float = 0.0
@@ -208,10 +212,16 @@ class MetaAgentConfig:
             value = getattr(self, name)
             if value is not None and not (0 < value <= 3):
                 raise ValueError(f"MetaAgentConfig.{name} must lie in (0, 3] decades per decision, got {value!r}")
-        if self.lr_step_up is not None and "lr" not in self.hyperparameters:
+        if self.lr_max_rise is not None and not (0 < self.lr_max_rise <= 5):
             raise ValueError(
-                f"MetaAgentConfig.lr_step_up is set but 'lr' is not controlled ({list(self.hyperparameters)})"
+                "MetaAgentConfig.lr_max_rise must lie in (0, 5] decades above the run's initial learning rate"
+                f" (1.5 caps it at 31.6x the start), got {self.lr_max_rise!r}; use None for no relative cap"
             )
+        for name in ("lr_step_up", "lr_max_rise"):
+            if getattr(self, name) is not None and "lr" not in self.hyperparameters:
+                raise ValueError(
+                    f"MetaAgentConfig.{name} is set but 'lr' is not controlled ({list(self.hyperparameters)})"
+                )
         if not 0 <= self.action_change_penalty < 1:
             raise ValueError(
                 "MetaAgentConfig.action_change_penalty must lie in [0, 1) (reward units per unit of action"
@@ -248,7 +258,10 @@ class MetaAgentConfig:
             )
         # Unknown hyperparameter names fail here, not when the environment is built.
         ActionDecoder(
-            self.hyperparameters, max_log10_change=self.max_log10_change, max_log10_increase=self.max_log10_increase
+            self.hyperparameters,
+            max_log10_change=self.max_log10_change,
+            max_log10_increase=self.max_log10_increase,
+            max_log10_above_initial=self.max_log10_above_initial,
         )
 
     def meta_task_distribution(self, override: TaskDistribution | str | None = None) -> TaskDistribution:
@@ -272,6 +285,11 @@ class MetaAgentConfig:
     def max_log10_increase(self) -> dict[str, float] | None:
         """The ``max_log10_increase`` argument of the environment (None: increases as large as decreases)."""
         return None if self.lr_step_up is None else {"lr": float(self.lr_step_up)}
+
+    @property
+    def max_log10_above_initial(self) -> dict[str, float] | None:
+        """The ``max_log10_above_initial`` argument of the environment (None: no cap relative to the start)."""
+        return None if self.lr_max_rise is None else {"lr": float(self.lr_max_rise)}
 
     @property
     def rollout_size(self) -> int:
@@ -346,6 +364,7 @@ def make_meta_env(
         epochs_feature=config.epochs_feature,
         max_log10_change=config.max_log10_change,
         max_log10_increase=config.max_log10_increase,
+        max_log10_above_initial=config.max_log10_above_initial,
         device=device,
         seed=seed,
     )

@@ -102,7 +102,9 @@ class PolicyScheduler:
 
     **Initial values.** Values outside the policy's bounds are clipped into them at construction
     (with a warning), as the environment does at the start of every episode; the ratios are taken to
-    the clipped base, so a clipped base does not move the other groups.
+    the clipped base, so a clipped base does not move the other groups. A policy trained with a cap
+    relative to the start (``hpo-train --lr-max-rise D``) never sets the base learning rate above
+    ``10**D`` times its initial value here either.
 
     **Losses** must be positive (cross-entropy, MSE, ...): the policy observes log losses, and a
     negative ``metrics`` or ``train_loss`` (a log-likelihood, a score) raises ``ValueError``.
@@ -540,7 +542,7 @@ class PolicyScheduler:
                 self._episode_start = False
                 action = np.asarray(raw, dtype=np.float64).reshape(k)
         if action is not None:
-            self._base = self.decoder.decode(action, self._base)
+            self._base = self.decoder.decode(action, self._base, self._initial_base)
             self._last_action = action
         self._write()
         if self.writer is not None:

@@ -7,6 +7,8 @@ its hyperparameter in log space by at most ``max_log10_change`` decades, then cl
 
 A hyperparameter may move up more slowly than down (``max_log10_increase``, for positive actions):
 a cautious policy that can cut a learning rate fast when a run goes wrong but raises it gradually.
+It may also be capped relative to where the run started (``max_log10_above_initial``): with 1.5,
+a learning rate never rises above 31.6x the optimiser's initial one, whatever its absolute bound.
 
 ``momentum`` moves ``1 - momentum`` instead (so it can approach 1 smoothly), with a positive action
 still meaning *more* momentum. :class:`ActionDecoder` is the one implementation of this mapping; the
@@ -37,6 +39,8 @@ class HyperparameterSpec:
         max_log10_change: the largest change one action makes, in decades of the (transformed) value.
         max_log10_increase: the largest *increase* one action makes (positive actions), if it differs
             from ``max_log10_change`` (None: the same; decreases always use ``max_log10_change``).
+        max_log10_above_initial: the value never rises more than this many decades above the run's
+            initial value (None: only ``upper`` caps it). The cap is ``min(upper, initial * 10**d)``.
     """
 
     name: str
@@ -44,6 +48,7 @@ class HyperparameterSpec:
     upper: float
     max_log10_change: float
     max_log10_increase: float | None = None
+    max_log10_above_initial: float | None = None
 
     def __post_init__(self) -> None:
         if self.name not in CONTROLLABLE:
@@ -64,6 +69,11 @@ class HyperparameterSpec:
         up = self.max_log10_increase
         if up is not None and not (up > 0 and math.isfinite(up)):
             raise ValueError(f"max_log10_increase of {self.name!r} must be positive or None, got {up}")
+        cap = self.max_log10_above_initial
+        if cap is not None and not (cap > 0 and math.isfinite(cap)):
+            raise ValueError(
+                f"max_log10_above_initial of {self.name!r} must be a positive number of decades or None, got {cap}"
+            )
 
     @property
     def max_log10_up(self) -> float:
@@ -96,6 +106,19 @@ class HyperparameterSpec:
     def clip(self, value: np.ndarray) -> np.ndarray:
         return np.clip(value, self.lower, self.upper)
 
+    def upper_for(self, initial: np.ndarray | None) -> np.ndarray | float:
+        """The upper bound of a run that started at ``initial``: ``upper``, or lower where
+        ``max_log10_above_initial`` caps the value relative to the start."""
+        if self.max_log10_above_initial is None:
+            return self.upper
+        if initial is None:
+            raise ValueError(
+                f"{self.name!r} is capped at {self.max_log10_above_initial} decades above its initial value, "
+                "so decoding needs the run's initial values (pass initial=...)"
+            )
+        start = self.to_log(self.clip(np.asarray(initial, dtype=np.float64)))
+        return np.minimum(self.upper, self.from_log(start + self.max_log10_above_initial))
+
 
 #: Default bounds and step sizes of every controllable hyperparameter.
 DEFAULT_HYPERPARAMETERS: dict[str, HyperparameterSpec] = {
@@ -114,6 +137,8 @@ class ActionDecoder:
         max_log10_change: optional step size, one number for all or ``{name: value}``.
         max_log10_increase: optional step size of increases only, ``{name: value}`` (default: the
             same as ``max_log10_change``).
+        max_log10_above_initial: optional cap relative to the run's initial value, ``{name: decades}``
+            (default: none; :meth:`decode` then needs ``initial``).
 
     Raises:
         ValueError: unknown or repeated names, bounds that are not positive or not ordered.
@@ -125,6 +150,7 @@ class ActionDecoder:
         bounds: Mapping[str, tuple[float, float]] | None = None,
         max_log10_change: float | Mapping[str, float] | None = None,
         max_log10_increase: Mapping[str, float] | None = None,
+        max_log10_above_initial: Mapping[str, float] | None = None,
     ) -> None:
         if isinstance(hyperparameters, str):
             hyperparameters = (hyperparameters,)
@@ -151,13 +177,23 @@ class ActionDecoder:
         else:
             steps = {n: max_log10_change for n in names} if max_log10_change is not None else {}
         ups = per_name("max_log10_increase", max_log10_increase)
+        caps = per_name("max_log10_above_initial", max_log10_above_initial)
         specs = []
         for n in names:
             base = DEFAULT_HYPERPARAMETERS[n]
             lo, hi = bounds.get(n, (base.lower, base.upper))
-            up = ups.get(n)
+            up, cap = ups.get(n), caps.get(n)
             step = float(steps.get(n, base.max_log10_change))
-            specs.append(HyperparameterSpec(n, float(lo), float(hi), step, None if up is None else float(up)))
+            specs.append(
+                HyperparameterSpec(
+                    n,
+                    float(lo),
+                    float(hi),
+                    step,
+                    None if up is None else float(up),
+                    None if cap is None else float(cap),
+                )
+            )
         self.specs: tuple[HyperparameterSpec, ...] = tuple(specs)
         self.names: tuple[str, ...] = names
 
@@ -170,13 +206,21 @@ class ActionDecoder:
         values = np.asarray(values, dtype=np.float64)
         return np.stack([s.clip(values[..., j]) for j, s in enumerate(self.specs)], axis=-1)
 
-    def decode(self, actions: np.ndarray, current: np.ndarray) -> np.ndarray:
+    @property
+    def relative_caps(self) -> bool:
+        """Whether some hyperparameter is capped relative to its initial value (decoding needs it)."""
+        return any(s.max_log10_above_initial is not None for s in self.specs)
+
+    def decode(self, actions: np.ndarray, current: np.ndarray, initial: np.ndarray | None = None) -> np.ndarray:
         """New values ``(..., k)`` from actions in ``[-1, 1]`` and the current values ``(..., k)``.
 
         Actions outside ``[-1, 1]`` are clipped (policies with Gaussian heads sample beyond).
+        ``initial`` (the run's initial values, shaped like ``current``) is needed only when a
+        hyperparameter has ``max_log10_above_initial``; otherwise it is ignored.
 
         Raises:
-            ValueError: a non-finite action, or a shape that does not end in ``k``.
+            ValueError: a non-finite action, a shape that does not end in ``k``, or a missing
+                ``initial`` where a cap needs it.
         """
         actions = np.asarray(actions, dtype=np.float64)
         current = np.asarray(current, dtype=np.float64)
@@ -187,6 +231,10 @@ class ActionDecoder:
             )
         if not np.all(np.isfinite(actions)):
             raise ValueError(f"actions must be finite, got {actions}")
+        if initial is not None:
+            initial = np.asarray(initial, dtype=np.float64)
+            if initial.shape != current.shape:
+                raise ValueError(f"initial values of shape {initial.shape} do not match current ones {current.shape}")
         actions = np.clip(actions, -1.0, 1.0)
         out = np.empty_like(current)
         for j, s in enumerate(self.specs):
@@ -194,7 +242,8 @@ class ActionDecoder:
             # contiguous data, and a batch of slots must decode exactly as one slot at a time does.
             cur, act = np.ascontiguousarray(current[..., j]), np.ascontiguousarray(actions[..., j])
             u = s.to_log(s.clip(cur)) + s.log_step(act)
-            out[..., j] = s.clip(s.from_log(u))
+            upper = s.upper_for(None if initial is None else np.ascontiguousarray(initial[..., j]))
+            out[..., j] = np.clip(s.from_log(u), s.lower, upper)
         return out
 
     def position(self, values: np.ndarray) -> np.ndarray:
@@ -215,8 +264,9 @@ class ActionDecoder:
 
     # -- serialisation (policy bundles) ---------------------------------------------------------
     def to_config(self) -> dict:
-        # max_log10_increase only where set, so symmetric decoders keep the config (and hash) they had
-        specs = [{k: v for k, v in asdict(s).items() if k != "max_log10_increase" or v is not None} for s in self.specs]
+        # optional fields only where set, so decoders without them keep the config (and hash) they had
+        optional = ("max_log10_increase", "max_log10_above_initial")
+        specs = [{k: v for k, v in asdict(s).items() if k not in optional or v is not None} for s in self.specs]
         return {"hyperparameters": specs}
 
     @classmethod
@@ -229,6 +279,11 @@ class ActionDecoder:
                 max_log10_change={s["name"]: s["max_log10_change"] for s in specs},
                 max_log10_increase={
                     s["name"]: s["max_log10_increase"] for s in specs if s.get("max_log10_increase") is not None
+                },
+                max_log10_above_initial={
+                    s["name"]: s["max_log10_above_initial"]
+                    for s in specs
+                    if s.get("max_log10_above_initial") is not None
                 },
             )
         except (KeyError, TypeError) as err:

@@ -46,6 +46,7 @@ class _Episode:
     initial_val: float = np.nan  # L_0, before any training (for reporting only)
     diverged_at_start: bool = False
     done: bool = False
+    initial_hp: np.ndarray | None = None  # the controlled values the run started with (for relative caps)
 
 
 class EpisodeBatch:
@@ -102,7 +103,7 @@ class EpisodeBatch:
             # Initial values outside the controlled bounds are clipped in, as any later value is.
             hp[self._cols] = self.decoder.clip(hp[self._cols])
             self.trainer.set_hparams(s, hp)
-            self.episodes[s] = _Episode(spec)
+            self.episodes[s] = _Episode(spec, initial_hp=hp[self._cols].copy())
         l0, _ = self.trainer.evaluate(slots)
         res = self.trainer.train_chunk(slots)
         hps = np.stack([self.controlled(s) for s in slots])
@@ -175,7 +176,8 @@ class EpisodeBatch:
             return obs, rewards, terminated, infos
         live_slots = [slots[j] for j in live]
         full = np.stack([self.trainer.hparams(s) for s in live_slots])
-        full[:, self._cols] = self.decoder.decode(actions[live], full[:, self._cols])  # one call for all slots
+        initial = np.stack([self.episodes[s].initial_hp for s in live_slots])
+        full[:, self._cols] = self.decoder.decode(actions[live], full[:, self._cols], initial)  # one call for all slots
         for s, hp in zip(live_slots, full):
             self.trainer.set_hparams(s, hp)
         res = self.trainer.train_chunk(live_slots)

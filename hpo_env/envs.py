@@ -58,6 +58,8 @@ class HPOEnv(gym.Env):
         bounds: ``{name: (lower, upper)}`` overriding the default bounds.
         max_log10_change: largest change per action in decades (one number, or per name).
         max_log10_increase: largest increase per action, per name, where it differs (``{"lr": 0.25}``).
+        max_log10_above_initial: cap per name relative to the episode's initial value, in decades
+            (``{"lr": 1.5}``: the learning rate stays below 31.6x the task's starting one).
         divergence_penalty: the return of a diverged episode is ``-divergence_penalty``.
         gradient_features: also observe the gradient features (``grad_cosine``, ``grad_norm``; see
             :mod:`hpo_env.features`), at the cost of a copy and a batched matmul per inner step.
@@ -83,6 +85,7 @@ class HPOEnv(gym.Env):
         bounds: Mapping[str, tuple[float, float]] | None = None,
         max_log10_change: float | Mapping[str, float] | None = None,
         max_log10_increase: Mapping[str, float] | None = None,
+        max_log10_above_initial: Mapping[str, float] | None = None,
         divergence_penalty: float = 1.0,
         gradient_features: bool = False,
         epochs_feature: bool = False,
@@ -92,7 +95,9 @@ class HPOEnv(gym.Env):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
         self.task_distribution = make_distribution(task_distribution)
-        self.decoder = ActionDecoder(hyperparameters, bounds, max_log10_change, max_log10_increase)
+        self.decoder = ActionDecoder(
+            hyperparameters, bounds, max_log10_change, max_log10_increase, max_log10_above_initial
+        )
         self._batch = EpisodeBatch(
             1,
             self.decoder,

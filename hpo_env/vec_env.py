@@ -31,7 +31,7 @@ class HPOVecEnv(VecEnv):
     Args:
         num_envs: number of slots N.
         task_distribution, hyperparameters, bounds, max_log10_change, max_log10_increase,
-            divergence_penalty, gradient_features, epochs_feature, device:
+            max_log10_above_initial, divergence_penalty, gradient_features, epochs_feature, device:
             as for :class:`~hpo_env.HPOEnv`.
         seed: seeds slot ``i`` with ``seed + i`` at the first reset (or use :meth:`seed`).
     """
@@ -45,6 +45,7 @@ class HPOVecEnv(VecEnv):
         bounds: Mapping[str, tuple[float, float]] | None = None,
         max_log10_change: float | Mapping[str, float] | None = None,
         max_log10_increase: Mapping[str, float] | None = None,
+        max_log10_above_initial: Mapping[str, float] | None = None,
         divergence_penalty: float = 1.0,
         gradient_features: bool = False,
         epochs_feature: bool = False,
@@ -54,7 +55,9 @@ class HPOVecEnv(VecEnv):
         if int(num_envs) < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         self.task_distribution = make_distribution(task_distribution)
-        self.decoder = ActionDecoder(hyperparameters, bounds, max_log10_change, max_log10_increase)
+        self.decoder = ActionDecoder(
+            hyperparameters, bounds, max_log10_change, max_log10_increase, max_log10_above_initial
+        )
         self._batch = EpisodeBatch(
             int(num_envs),
             self.decoder,

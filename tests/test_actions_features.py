@@ -39,6 +39,34 @@ def test_increases_may_be_slower_than_decreases():
         ActionDecoder(("lr",), max_log10_increase={"lr": 0.0})
 
 
+def test_a_cap_relative_to_the_initial_value_bounds_increases():
+    dec = ActionDecoder(("lr", "weight_decay"), max_log10_change=0.5, max_log10_above_initial={"lr": 1.5})
+    assert dec.relative_caps and not ActionDecoder().relative_caps
+    initial = np.array([[1e-2, 1e-4], [0.1, 1e-4]])
+    cur = initial.copy()
+    for _ in range(5):  # 2.5 decades wanted; each run stops 1.5 above its own start (the second at 1.0)
+        cur = dec.decode(np.ones((2, 2)), cur, initial)
+    np.testing.assert_allclose(cur[:, 0], [1e-2 * 10**1.5, 1.0])
+    np.testing.assert_allclose(cur[:, 1], 1e-4 * 10**2.5)  # weight decay has no cap
+    np.testing.assert_allclose(dec.decode(-np.ones((2, 2)), cur, initial)[:, 0], cur[:, 0] * 10**-0.5)
+    # Without a cap, `initial` changes nothing; with one, decoding without it is refused.
+    plain = ActionDecoder(("lr", "weight_decay"), max_log10_change=0.5)
+    np.testing.assert_array_equal(plain.decode(np.ones((2, 2)), cur, initial), plain.decode(np.ones((2, 2)), cur))
+    with pytest.raises(ValueError, match="capped at 1.5 decades above its initial value.*initial="):
+        dec.decode(np.ones((2, 2)), cur)
+    with pytest.raises(ValueError, match="initial values of shape"):
+        dec.decode(np.ones((2, 2)), cur, initial[:1])
+    # The cap survives a bundle's config; a decoder without one keeps the config (and hash) it had.
+    assert ActionDecoder.from_config(dec.to_config()) == dec
+    assert dec.to_config()["hyperparameters"][0]["max_log10_above_initial"] == 1.5
+    assert "max_log10_above_initial" not in plain.to_config()["hyperparameters"][0]
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="max_log10_above_initial of 'lr' must be a positive number"):
+            ActionDecoder(("lr",), max_log10_above_initial={"lr": bad})
+    with pytest.raises(ValueError, match="not controlled"):
+        ActionDecoder(("lr",), max_log10_above_initial={"momentum": 0.1})
+
+
 def test_a_batch_decodes_exactly_as_one_slot_at_a_time():
     """The vec env decodes all slots in one call, the scheduler one at a time: bit for bit the same."""
     decoder = ActionDecoder(("lr", "weight_decay", "momentum"))

@@ -42,15 +42,21 @@ def default_bundle():
 
 # -- one source of truth ---------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "optimizer, hyperparameters",
-    [("sgd", ("lr", "weight_decay")), ("adamw", ("lr", "weight_decay", "momentum"))],
+    "optimizer, hyperparameters, caps",
+    [
+        ("sgd", ("lr", "weight_decay"), None),
+        ("adamw", ("lr", "weight_decay", "momentum"), None),
+        ("sgd", ("lr", "weight_decay"), {"lr": 0.3}),  # a learning rate capped relative to its start
+    ],
 )
-def test_env_and_scheduler_agree_on_observations_and_hyperparameters(small_mlp_spec, optimizer, hyperparameters):
+def test_env_and_scheduler_agree_on_observations_and_hyperparameters(small_mlp_spec, optimizer, hyperparameters, caps):
     spec = small_mlp_spec.replace(optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 3e-3)
-    env = HPOEnv(hyperparameters=hyperparameters)
+    env = HPOEnv(hyperparameters=hyperparameters, max_log10_above_initial=caps)
     k = len(hyperparameters)
     actions = np.random.default_rng(3).uniform(-1.2, 1.2, size=(spec.num_decisions - 1, k)).astype(np.float32)
     actions[0] = 1.0  # push against the bounds too
+    if caps:
+        actions[:3, 0] = 1.0  # three full raises: 0.75 decades wanted, 0.3 allowed
     obs, info = env.reset(seed=0, options={"task": spec})
     env_obs, env_hparams, losses = [obs], [info["hparams"]], [(info["val_loss"], info["train_loss"])]
     for a in actions:
@@ -75,6 +81,9 @@ def test_env_and_scheduler_agree_on_observations_and_hyperparameters(small_mlp_s
         np.testing.assert_array_equal(seen[0], expected)
     group = opt.param_groups[0]
     assert group["lr"] == env_hparams[-1]["lr"]
+    if caps:
+        lrs = np.array([h["lr"] for h in env_hparams])
+        assert lrs.max() == pytest.approx(spec.lr * 10**0.3) and np.all(lrs <= spec.lr * 10**0.3 * (1 + 1e-12))
     if optimizer == "adamw":
         assert group["betas"] == (env_hparams[-1]["momentum"], 0.999)
 

@@ -304,6 +304,18 @@ def test_lr_step_up_makes_increases_slower_in_the_environment():
         MetaAgentConfig(hyperparameters=("weight_decay",), lr_step_up=0.25)
 
 
+def test_lr_max_rise_caps_the_learning_rate_relative_to_the_start_in_the_environment():
+    config = parse_settings(["--lr-max-rise", "1.5", "--task-distribution", "toy", "--n-envs", "2"]).agent_config()
+    assert config.lr_max_rise == 1.5 and config.max_log10_above_initial == {"lr": 1.5}
+    decoder = make_meta_env(config, seed=0).unwrapped.decoder
+    assert decoder.specs[0].max_log10_above_initial == 1.5 and decoder.specs[1].max_log10_above_initial is None
+    assert get_preset("full").max_log10_above_initial is None  # off by default
+    with pytest.raises(ValueError, match="lr_max_rise must lie in"):
+        MetaAgentConfig(lr_max_rise=0.0)
+    with pytest.raises(ValueError, match="lr_max_rise is set but 'lr' is not controlled"):
+        MetaAgentConfig(hyperparameters=("weight_decay",), lr_max_rise=1.0)
+
+
 def test_learning_rate_end_decays_the_agents_learning_rate_linearly():
     config = parse_settings(
         [

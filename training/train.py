@@ -129,6 +129,8 @@ class TrainSettings:
     """Largest learning-rate change per decision, in decades (default: the preset's, 0.5)."""
     lr_step_up: float | None = None
     """Largest learning-rate *increase* per decision, in decades, if smaller or larger than --lr-step (default: the same)."""
+    lr_max_rise: float | None = None
+    """Cap the learning rate at 10**d times the run's initial one, in meta-training and deployment (default: no cap but lr <= 1)."""
     action_change_penalty: float | None = None
     """Training-only reward cost per unit of action change between decisions; 0 is off (default: the preset's)."""
     init_lr_spread: float | None = None
@@ -217,6 +219,7 @@ class TrainSettings:
             hyperparameters=self.hyperparameters,
             lr_step=self.lr_step,
             lr_step_up=self.lr_step_up,
+            lr_max_rise=self.lr_max_rise,
             action_change_penalty=self.action_change_penalty,
             init_lr_spread=self.init_lr_spread,
             init_lr_center=self.init_lr_center,
