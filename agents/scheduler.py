@@ -147,6 +147,10 @@ class PolicyScheduler:
             optimiser is a ``torch.optim.SGD``.
         epochs: how many passes over the training set the whole run makes (> 0; fractions are fine).
             Required by a policy with the epochs feature, ignored by one without.
+        lr_max_rise: cap the base learning rate at ``10 ** lr_max_rise`` times its initial value, in
+            place of the policy's own cap (None: the policy's, ``hpo-train --lr-max-rise``, if any). A
+            safety rail for a policy trained without one; where it binds, the policy sees its rate held
+            where in meta-training it could rise further.
 
     Raises:
         TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``, ``bundle`` has no ``decoder``
@@ -187,6 +191,7 @@ class PolicyScheduler:
         writer: Any = None,
         adaptive: bool | None = None,
         epochs: float | None = None,
+        lr_max_rise: float | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -200,6 +205,8 @@ class PolicyScheduler:
             raise TypeError(f"total_steps must be an int (the number of step() calls), got {total_steps!r}")
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1 (the number of step() calls in the run), got {total_steps}")
+        if lr_max_rise is not None:
+            decoder = decoder.with_cap("lr", lr_max_rise)
         self.optimizer = optimizer
         self.bundle = bundle
         self.decoder: ActionDecoder = decoder
@@ -417,7 +424,7 @@ class PolicyScheduler:
                 (``"default"``).
             optimizer, total_steps: as for :class:`PolicyScheduler`.
             device: torch device of the policy network.
-            **kwargs: ``deterministic``, ``writer``, ``adaptive``, ``epochs``.
+            **kwargs: ``deterministic``, ``writer``, ``adaptive``, ``epochs``, ``lr_max_rise``.
 
         Raises:
             agents.BundleError: the bundle is missing, corrupted or incompatible (a ``ValueError``).

@@ -208,7 +208,9 @@ def evaluate(problem: Problem, model: nn.Module, split: tuple[torch.Tensor, torc
     return float(loss), correct / count
 
 
-def train(problem: Problem, schedule: str, seed: int, bundle, lr_scale: float = 1.0) -> Run:
+def train(
+    problem: Problem, schedule: str, seed: int, bundle, lr_scale: float = 1.0, lr_max_rise: float | None = None
+) -> Run:
     torch.manual_seed(seed)  # model initialisation (a script, not library code)
     rng = np.random.default_rng(seed)  # minibatch order
     model = problem.make_model()
@@ -218,7 +220,9 @@ def train(problem: Problem, schedule: str, seed: int, bundle, lr_scale: float = 
     total = problem.steps_per_decision * problem.decisions
     scheduler = None
     if schedule == "policy":
-        scheduler = PolicyScheduler(optimizer, bundle, total_steps=problem.decisions, epochs=problem.epochs)
+        scheduler = PolicyScheduler(
+            optimizer, bundle, total_steps=problem.decisions, epochs=problem.epochs, lr_max_rise=lr_max_rise
+        )
     elif schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     run = Run(problem.name, schedule if lr_scale == 1 else f"{schedule} x{lr_scale:g}", seed)
@@ -314,6 +318,12 @@ def main(argv: list[str] | None = None) -> list[Run]:
         default=[1.0],
         help="also run constant and cosine at these multiples of the initial lr (a tuned-baseline grid)",
     )
+    parser.add_argument(
+        "--lr-max-rise",
+        type=float,
+        default=None,
+        help="cap the policy's learning rate at 10**D times the initial one (default: the policy's own cap, if any)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run best on one)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -331,7 +341,7 @@ def main(argv: list[str] | None = None) -> list[Run]:
         for seed in range(args.seeds):
             jobs = [("policy", 1.0)] + [(s, scale) for scale in args.lr_grid for s in SCHEDULES[1:]]
             for schedule, scale in jobs:
-                run = train(problem, schedule, seed, bundle, lr_scale=scale)
+                run = train(problem, schedule, seed, bundle, lr_scale=scale, lr_max_rise=args.lr_max_rise)
                 print(
                     f"{problem.name:22s} seed {seed} {run.schedule:12s} val {run.final_val_loss:.4f} "
                     f"test {run.test_loss:.4f} acc {run.test_accuracy:.3f} ({run.seconds:.1f} s)"

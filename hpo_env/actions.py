@@ -262,6 +262,21 @@ class ActionDecoder:
             [s.to_log(values[..., j]) - s.to_log(initial[..., j]) for j, s in enumerate(self.specs)], axis=-1
         )
 
+    def with_cap(self, name: str, decades: float | None) -> ActionDecoder:
+        """A copy whose ``name`` may rise at most ``decades`` above its initial value (None: no such cap).
+
+        Raises:
+            ValueError: ``name`` is not controlled, or ``decades`` is not a positive number.
+        """
+        if name not in self.names:
+            raise ValueError(f"cannot cap {name!r}: this decoder controls {list(self.names)}")
+        config = self.to_config()
+        spec = config["hyperparameters"][self.names.index(name)]
+        spec.pop("max_log10_above_initial", None)
+        if decades is not None:
+            spec["max_log10_above_initial"] = float(decades)
+        return ActionDecoder.from_config(config)
+
     # -- serialisation (policy bundles) ---------------------------------------------------------
     def to_config(self) -> dict:
         # optional fields only where set, so decoders without them keep the config (and hash) they had
