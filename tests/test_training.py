@@ -309,11 +309,15 @@ def test_lr_max_rise_caps_the_learning_rate_relative_to_the_start_in_the_environ
     assert config.lr_max_rise == 1.5 and config.max_log10_above_initial == {"lr": 1.5}
     decoder = make_meta_env(config, seed=0).unwrapped.decoder
     assert decoder.specs[0].max_log10_above_initial == 1.5 and decoder.specs[1].max_log10_above_initial is None
-    assert get_preset("full").max_log10_above_initial is None  # off by default
+    # The full preset caps at 1.5 decades (levers.md, nineteenth round); 0 turns a preset's cap off.
+    assert get_preset("full").max_log10_above_initial == {"lr": 1.5}
+    assert MetaAgentConfig().lr_max_rise is None and get_preset("quick").lr_max_rise is None
+    assert parse_settings(["--preset", "full", "--lr-max-rise", "0"]).agent_config().lr_max_rise is None
+    assert parse_settings(["--preset", "full"]).agent_config().lr_max_rise == 1.5
     with pytest.raises(ValueError, match="lr_max_rise must lie in"):
-        MetaAgentConfig(lr_max_rise=0.0)
-    with pytest.raises(ValueError, match="lr_max_rise is set but 'lr' is not controlled"):
-        MetaAgentConfig(hyperparameters=("weight_decay",), lr_max_rise=1.0)
+        MetaAgentConfig(lr_max_rise=-1.0)
+    # Like lr_step, ignored when the learning rate is not controlled (the full preset's cap must not fail then).
+    assert get_preset("full", hyperparameters=("weight_decay",)).max_log10_above_initial is None
 
 
 def test_learning_rate_end_decays_the_agents_learning_rate_linearly():
@@ -396,6 +400,14 @@ def test_init_lr_spread_reaches_the_meta_training_tasks_only():
         get_preset("quick", init_lr_center=5.0)
     with pytest.raises(ValueError, match="'toy' task distribution has its own fixed learning rates"):
         get_preset("quick", task_distribution="toy", init_lr_center=0.5)
+    # The full preset starts its tasks around the families' optimum (levers.md, seventeenth and
+    # eighteenth rounds); with the toy tasks, which have fixed rates, its draws do not apply.
+    full = get_preset("full").meta_task_distribution()
+    assert (full.lr_spread, full.lr_center) == (1.0, 0.5)
+    toy = get_preset("full", task_distribution="toy")
+    assert (toy.init_lr_spread, toy.init_lr_center) == (0.5, 0.0)
+    benchmark_like = parse_settings(["--preset", "full", "--init-lr-spread", "0.5", "--init-lr-center", "0"])
+    assert benchmark_like.agent_config().meta_task_distribution().lr_spread == 0.5
 
 
 def test_families_replace_the_splits_families_in_meta_training_only():

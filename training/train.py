@@ -130,13 +130,13 @@ class TrainSettings:
     lr_step_up: float | None = None
     """Largest learning-rate *increase* per decision, in decades, if smaller or larger than --lr-step (default: the same)."""
     lr_max_rise: float | None = None
-    """Cap the learning rate at 10**d times the run's initial one, in meta-training and deployment (default: no cap but lr <= 1)."""
+    """Cap the learning rate at 10**d times the run's initial one, in meta-training and deployment; 0 turns the cap off (default: the preset's: full 1.5, quick none)."""
     action_change_penalty: float | None = None
     """Training-only reward cost per unit of action change between decisions; 0 is off (default: the preset's)."""
     init_lr_spread: float | None = None
-    """Meta-training tasks start from the optimiser's default LR times 10**U(-s, s); s in decades (default: the preset's, 0.5, as the benchmark's tasks)."""
+    """Meta-training tasks start from the optimiser's default LR times 10**U(-s, s); s in decades (default: the preset's: full 1.0, quick 0.5 as the benchmark's tasks)."""
     init_lr_center: float | None = None
-    """Shift the meta-training tasks' starting LRs by c decades: default LR times 10**(c + U(-s, s)) (default: the preset's, 0)."""
+    """Shift the meta-training tasks' starting LRs by c decades: default LR times 10**(c + U(-s, s)) (default: the preset's: full 0.5, around the families' best LR; quick 0)."""
     gradient_features: bool | None = None
     """Also observe the gradients: the mean cosine of consecutive minibatch gradients and their log norm, per interval (default: the preset's, off)."""
     epochs_feature: bool | None = None
@@ -210,7 +210,7 @@ class TrainSettings:
         """The :class:`agents.MetaAgentConfig` of this run: the preset plus overrides."""
         from agents.factory import get_preset
 
-        return get_preset(
+        config = get_preset(
             self.preset,
             algorithm=self.algorithm,
             n_envs=self.n_envs,
@@ -219,7 +219,7 @@ class TrainSettings:
             hyperparameters=self.hyperparameters,
             lr_step=self.lr_step,
             lr_step_up=self.lr_step_up,
-            lr_max_rise=self.lr_max_rise,
+            lr_max_rise=None if self.lr_max_rise == 0 else self.lr_max_rise,
             action_change_penalty=self.action_change_penalty,
             init_lr_spread=self.init_lr_spread,
             init_lr_center=self.init_lr_center,
@@ -234,6 +234,8 @@ class TrainSettings:
             lstm_hidden_size=self.lstm_hidden_size,
             frame_stack=self.frame_stack,
         )
+        # 0 turns a preset's cap off (None means "the preset's", so it cannot)
+        return dataclasses.replace(config, lr_max_rise=None) if self.lr_max_rise == 0 else config
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
