@@ -60,6 +60,9 @@ __all__ = [
 ]
 
 BUNDLE_FORMAT_VERSION = 1  # a single policy
+# A single policy whose decoder caps a value relative to the run's start: an older hpo-meta would drop
+# the cap silently, so the version makes it refuse the bundle instead.
+CAPPED_BUNDLE_FORMAT_VERSION = 2
 ENSEMBLE_FORMAT_VERSION = 2  # an ensemble (older hpo-meta refuses it by this version, clearly)
 MODEL_FILE = "model.zip"
 NORM_FILE = "obs_norm.json"
@@ -368,7 +371,7 @@ def save_bundle(
     options = feature_options_of(model, decoder, frame_stack, gradient_features, epochs_feature)
     builder = ObservationBuilder(decoder, **options)
     full_config = {
-        "format_version": BUNDLE_FORMAT_VERSION,
+        "format_version": CAPPED_BUNDLE_FORMAT_VERSION if decoder.relative_caps else BUNDLE_FORMAT_VERSION,
         "kind": POLICY_KIND,
         "feature_set_version": FEATURE_SET_VERSION,
         "hpo_meta_version": HPO_VERSION,
@@ -481,7 +484,10 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> PolicyBundle | 
     if not isinstance(config, dict):
         raise BundleError(f"{path / CONFIG_FILE} must hold a JSON object, got {type(config).__name__}")
     kind = config.get("kind", POLICY_KIND)
-    readable = {POLICY_KIND: BUNDLE_FORMAT_VERSION, ENSEMBLE_KIND: ENSEMBLE_FORMAT_VERSION}
+    readable = {
+        POLICY_KIND: (BUNDLE_FORMAT_VERSION, CAPPED_BUNDLE_FORMAT_VERSION),
+        ENSEMBLE_KIND: (ENSEMBLE_FORMAT_VERSION,),
+    }
     if kind not in readable:
         raise BundleError(
             f"{path / CONFIG_FILE} has an unknown bundle kind {kind!r}; this hpo-meta reads {sorted(readable)}"
@@ -528,11 +534,11 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> PolicyBundle | 
     return PolicyBundle(model, decoder, config, obs_mean, obs_var, clip_obs, epsilon, frame_stack, path, **options)
 
 
-def _check_versions(path: Path, config: Mapping[str, Any], format_version: int) -> None:
-    if config.get("format_version") != format_version:
+def _check_versions(path: Path, config: Mapping[str, Any], format_versions: tuple[int, ...]) -> None:
+    if config.get("format_version") not in format_versions:
         raise BundleError(
             f"policy bundle {str(path)!r} has format version {config.get('format_version')!r}, this hpo-meta "
-            f"reads version {format_version} for a bundle of kind {config.get('kind', POLICY_KIND)!r}"
+            f"reads versions {list(format_versions)} for a bundle of kind {config.get('kind', POLICY_KIND)!r}"
         )
     if str(config.get("feature_set_version")) != FEATURE_SET_VERSION:
         raise BundleError(

@@ -32,12 +32,12 @@ Why these defaults (see :data:`PRESETS`):
 * ``init_lr_spread = 1.0`` and ``init_lr_center = 0.5`` in the ``full`` preset (the dataclass and
   the ``quick`` preset keep 0.5 and 0, the benchmark's draws): meta-training tasks start at the default
   learning rate times 10**U(-0.5, 1.5), centred on the meta-training families' best rate (about 4.4x
-  the default), so about half of them start too high and must be cut, and raising the rate blindly no
-  longer pays. Over four seeds, against two of the previous settings on the same machine: beating
-  both untuned defaults on 57.4% of the held-out pairs on average (53.3%), geometric mean ratio to the
-  tuned cosine oracle 1.033 (1.040), median level (1.018 and 1.019). But 2 of their 15 deployment
-  CNN runs died with SGD pushed to the bound of 1.0 (levers.md, seventeenth and eighteenth rounds),
-  hence the cap below. Widening the spread symmetrically, 10**±1, had given mixed results (third round).
+  the default), so about half of them start too high and must be cut. Over four seeds, against two
+  of the previous settings on the same machine: beating both untuned defaults on 57.4% of the
+  held-out pairs on average (53.3%), geometric mean ratio to the tuned cosine oracle 1.033 (1.040),
+  median level (1.018 and 1.019); not reliably cooler (learning-rate levels 1.04x-1.72x). But 2 of
+  the 15 deployment CNN runs of five such seeds died with SGD pushed to the bound of 1.0 (levers.md,
+  seventeenth and eighteenth rounds), hence the cap below. Widening the spread symmetrically, 10**±1, had given mixed results (third round).
 * ``lr_max_rise = 1.5`` in the ``full`` preset (None, no cap, in the dataclass and ``quick``): the
   learning rate never rises above 31.6x the run's starting one, in meta-training and in deployment.
   It rarely binds on the benchmark's tasks (the largest rise of any earlier policy run there was 1.3-1.9
@@ -152,8 +152,8 @@ class MetaAgentConfig:
         init_lr_center: shifts that range by this many decades: ``10 ** (init_lr_center +
             U(-init_lr_spread, init_lr_spread))`` (default 0). The meta-training families' best rates
             lie about 0.6 decades above the default; with ``init_lr_center = 0.5`` and
-            ``init_lr_spread = 1.0`` about half the tasks start above their best rate, so raising the
-            rate blindly no longer pays (levers.md, seventeenth round: the policy runs cooler).
+            ``init_lr_spread = 1.0`` about half the tasks start above their best rate (levers.md,
+            seventeenth to nineteenth rounds; the ``full`` preset's setting).
         action_change_penalty: training-time reward shaping: each decision after an episode's first
             costs ``action_change_penalty * sum(|a_t - a_{t-1}|)`` (clipped actions), which discourages
             zig-zag schedules. 0 turns it off. Only the agent's reward is shaped: the environment's

@@ -206,6 +206,17 @@ class PolicyScheduler:
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1 (the number of step() calls in the run), got {total_steps}")
         if lr_max_rise is not None:
+            if "lr" not in decoder.names:
+                raise ValueError(
+                    f"lr_max_rise caps the learning rate, which this policy does not control ({list(decoder.names)})"
+                )
+            if isinstance(lr_max_rise, bool) or not (
+                isinstance(lr_max_rise, (int, float)) and 0 < lr_max_rise and math.isfinite(lr_max_rise)
+            ):
+                raise ValueError(
+                    "lr_max_rise must be a positive number of decades above the initial learning rate (1.5: at most"
+                    f" 31.6x), got {lr_max_rise!r}; use None to keep the policy's own cap, if any"
+                )
             decoder = decoder.with_cap("lr", lr_max_rise)
         self.optimizer = optimizer
         self.bundle = bundle
@@ -620,7 +631,18 @@ class PolicyScheduler:
             raise ValueError(f"not a PolicyScheduler state dict: missing {sorted(missing)}")
         if state_dict["version"] != _STATE_VERSION:
             raise ValueError(f"scheduler state version {state_dict['version']!r}, expected {_STATE_VERSION}")
-        if ActionDecoder.from_config(state_dict["decoder"]) != self.decoder:
+        saved = ActionDecoder.from_config(state_dict["decoder"])
+        if (
+            saved != self.decoder
+            and "lr" in saved.names
+            and saved.with_cap("lr", None) == self.decoder.with_cap("lr", None)
+        ):
+            raise ValueError(
+                f"the state was saved with lr_max_rise={saved.specs[saved.names.index('lr')].max_log10_above_initial}"
+                f", this scheduler has lr_max_rise={self.decoder.specs[self.decoder.names.index('lr')].max_log10_above_initial}"
+                ": build it with the same lr_max_rise as the run that saved the state"
+            )
+        if saved != self.decoder:
             raise ValueError(
                 f"the state was saved for a policy controlling {state_dict['decoder']}, this scheduler's policy "
                 f"controls {self.decoder.to_config()}"

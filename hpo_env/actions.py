@@ -216,7 +216,7 @@ class ActionDecoder:
 
         Actions outside ``[-1, 1]`` are clipped (policies with Gaussian heads sample beyond).
         ``initial`` (the run's initial values, shaped like ``current``) is needed only when a
-        hyperparameter has ``max_log10_above_initial``; otherwise it is ignored.
+        hyperparameter has ``max_log10_above_initial``; otherwise only its shape is checked.
 
         Raises:
             ValueError: a non-finite action, a shape that does not end in ``k``, or a missing

@@ -69,13 +69,18 @@ def test_a_cap_relative_to_the_initial_value_bounds_increases():
 
 def test_a_batch_decodes_exactly_as_one_slot_at_a_time():
     """The vec env decodes all slots in one call, the scheduler one at a time: bit for bit the same."""
-    decoder = ActionDecoder(("lr", "weight_decay", "momentum"))
+    hps = ("lr", "weight_decay", "momentum")
     rng = np.random.default_rng(0)
-    for n in (1, 3, 8, 33, 257):
-        actions = rng.uniform(-1.2, 1.2, (n, 3))
-        current = np.stack([10 ** rng.uniform(-5, 0, n), 10 ** rng.uniform(-6, -0.5, n), rng.uniform(0, 0.99, n)], 1)
-        batch = decoder.decode(actions, current)
-        np.testing.assert_array_equal(batch, np.stack([decoder.decode(a, c) for a, c in zip(actions, current)]))
+    for decoder in (ActionDecoder(hps), ActionDecoder(hps, max_log10_above_initial=dict.fromkeys(hps, 0.4))):
+        for n in (1, 3, 8, 33, 257):
+            actions = rng.uniform(-1.2, 1.2, (n, 3))
+            current = np.stack(
+                [10 ** rng.uniform(-5, 0, n), 10 ** rng.uniform(-6, -0.5, n), rng.uniform(0, 0.99, n)], 1
+            )
+            initial = current * np.array([10 ** rng.uniform(-0.5, 0, n), np.ones(n), np.ones(n)]).T
+            batch = decoder.decode(actions, current, initial)
+            alone = [decoder.decode(a, c, i) for a, c, i in zip(actions, current, initial)]
+            np.testing.assert_array_equal(batch, np.stack(alone))
 
 
 def test_decoder_config_round_trip_and_errors():

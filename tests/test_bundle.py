@@ -168,6 +168,16 @@ def test_format_version_mismatch(bundle_copy):
         load_bundle(bundle_copy)
 
 
+def test_a_capped_policy_is_saved_as_a_version_older_hpo_meta_refuses(good_bundle, tmp_path):
+    """An older hpo-meta ignores unknown decoder keys: it would deploy a capped policy without its cap."""
+    bundle = load_bundle(good_bundle)
+    assert bundle.config["format_version"] == 1
+    capped = load_bundle(save_bundle(tmp_path / "capped", bundle.model, bundle.decoder.with_cap("lr", 1.5)))
+    assert capped.config["format_version"] == 2 and capped.decoder.specs[0].max_log10_above_initial == 1.5
+    plain = load_bundle(save_bundle(tmp_path / "plain", bundle.model, bundle.decoder))
+    assert plain.config["format_version"] == 1 and plain.decoder == bundle.decoder
+
+
 def test_wrong_obs_dim_in_config(bundle_copy):
     _edit_json(bundle_copy / "config.json", obs_dim=5)
     with pytest.raises(BundleError, match="obs_dim=5"):
@@ -366,7 +376,7 @@ def test_ensemble_errors(ensemble, good_bundle, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(ensemble, old)
     _edit_json(old / "config.json", format_version=1)
-    with pytest.raises(BundleError, match="format version 1, this hpo-meta reads version 2 .*'ensemble'"):
+    with pytest.raises(BundleError, match=r"format version 1, this hpo-meta reads versions \[2\] .*'ensemble'"):
         load_bundle(old)
     _edit_json(old / "config.json", kind="ensembel")
     with pytest.raises(BundleError, match="unknown bundle kind 'ensembel'"):

@@ -296,23 +296,27 @@ def test_a_clipped_base_does_not_move_the_other_groups_and_no_group_leaves_the_b
 def test_lr_max_rise_caps_a_deployed_policy_relative_to_the_start():
     decoder = ActionDecoder(("lr",), max_log10_change=0.5)
     opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.01)
-    sched = PolicyScheduler(opt, ReplayPolicy(decoder, [[1.0]]), total_steps=8, lr_max_rise=1.0)
+    sched = PolicyScheduler(opt, ReplayPolicy(decoder, [[1.0]]), total_steps=12, lr_max_rise=1.0)
     assert sched.decoder.specs[0].max_log10_above_initial == 1.0 and decoder.specs[0].max_log10_above_initial is None
     lrs = []
-    for t in range(8):  # 3.5 decades wanted, one allowed
+    for t in range(8):  # 4 decades wanted, one allowed
         sched.step(1.0 - 0.1 * t, train_loss=1.0)
         lrs.append(opt.param_groups[0]["lr"])
     assert lrs[:2] == [pytest.approx(0.01 * 10**0.5), pytest.approx(0.1)] and max(lrs) == pytest.approx(0.1)
     # The cap is part of the scheduler's state: a scheduler without it refuses that state.
     state = sched.state_dict()
     opt2 = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.01)
-    PolicyScheduler(opt2, ReplayPolicy(decoder, [[1.0]]), total_steps=8, lr_max_rise=1.0).load_state_dict(state)
-    with pytest.raises(ValueError, match="the state was saved for a policy controlling"):
+    restored = PolicyScheduler(opt2, ReplayPolicy(decoder, [[1.0]]), total_steps=12, lr_max_rise=1.0)
+    restored.load_state_dict(state)
+    restored.step(0.2, train_loss=1.0)  # still capped from the saved start, 0.01
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="saved with lr_max_rise=1.0, this scheduler has lr_max_rise=None"):
         PolicyScheduler(opt2, ReplayPolicy(decoder, [[1.0]]), total_steps=8).load_state_dict(state)
-    with pytest.raises(ValueError, match="cannot cap 'lr'"):
+    with pytest.raises(ValueError, match="lr_max_rise caps the learning rate, which this policy does not control"):
         PolicyScheduler(opt2, ReplayPolicy(ActionDecoder(("weight_decay",)), [[1.0]]), total_steps=8, lr_max_rise=1.0)
-    with pytest.raises(ValueError, match="must be a positive number of decades"):
-        PolicyScheduler(opt2, ReplayPolicy(decoder, [[1.0]]), total_steps=8, lr_max_rise=0.0)
+    for bad in (0.0, -1.0, float("nan"), "1.5"):
+        with pytest.raises(ValueError, match="lr_max_rise must be a positive number of decades"):
+            PolicyScheduler(opt2, ReplayPolicy(decoder, [[1.0]]), total_steps=8, lr_max_rise=bad)
 
 
 def test_negative_losses_and_param_groups_added_later_are_refused():
