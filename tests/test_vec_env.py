@@ -100,3 +100,18 @@ def test_recurrent_ppo_learns_on_vec_env():
     )
     model.learn(64)
     assert model.num_timesteps >= 64
+
+
+def test_a_relative_cap_holds_in_every_slot_across_automatic_resets():
+    env = HPOVecEnv(3, "toy", seed=0, max_log10_above_initial={"lr": 0.3})
+    env.reset()
+    capped = 0
+    for _ in range(40):  # several episodes per slot: each reset re-anchors the cap on the new task's start
+        starts = [env._batch.episodes[i].spec.lr for i in range(env.num_envs)]
+        env.step_async(np.ones((env.num_envs, env.action_space.shape[0]), dtype=np.float32))
+        _, _, _, infos = env.step_wait()
+        for start, info in zip(starts, infos):
+            lr = info["hparams"]["lr"]
+            assert lr <= start * 10**0.3 * (1 + 1e-12)
+            capped += lr == pytest.approx(start * 10**0.3)
+    assert capped > 40  # most steps push against the cap

@@ -500,6 +500,7 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
                 "task_families": None if config.task_families is None else list(config.task_families),
                 "init_lr_spread": config.init_lr_spread,
                 "init_lr_center": config.init_lr_center,
+                "lr_max_rise": config.lr_max_rise,
                 "hyperparameters": list(config.hyperparameters),
                 "divergence_penalty": config.divergence_penalty,
                 "gradient_features": config.gradient_features,
