@@ -579,7 +579,7 @@ def save_checkpoint(
     The checkpoint holds the model (with its timestep counter), the ``VecNormalize`` statistics of
     the model's environment, the global RNG states (torch, numpy, random: SB3 samples actions from
     torch's) and ``state.json`` (``num_timesteps`` plus ``state``). Older checkpoints beyond the
-    ``keep`` most recent are removed after the pointer moves.
+    ``keep`` most recent are removed after the pointer moves (``keep=0`` keeps them all).
     """
     root = Path(checkpoint_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -615,7 +615,7 @@ def save_checkpoint(
     os.replace(pointer.with_name(f".{LATEST}.tmp"), pointer)
     _fsync_dir(root)
     complete = sorted(p for p in root.glob("step_*") if (p / CHECKPOINT_STATE).is_file())
-    for old in complete[: max(0, len(complete) - max(1, keep))]:
+    for old in complete[: max(0, len(complete) - keep)] if keep > 0 else ():
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
@@ -694,7 +694,7 @@ class CheckpointCallback(BaseCallback):
         checkpoint_dir: e.g. ``RUN_DIR/checkpoints``.
         save_freq: timesteps between checkpoints (0: only at the end).
         state_fn: returns extra JSON state to store (best evaluation so far, seeds...).
-        keep: how many recent checkpoints to keep.
+        keep: how many recent checkpoints to keep (0: all).
     """
 
     def __init__(
@@ -709,8 +709,8 @@ class CheckpointCallback(BaseCallback):
         super().__init__(verbose)
         if int(save_freq) < 0:
             raise ValueError(f"save_freq must be >= 0 timesteps, got {save_freq}")
-        if int(keep) < 1:
-            raise ValueError(f"keep must be >= 1, got {keep}")
+        if int(keep) < 0:
+            raise ValueError(f"keep must be >= 0 (0 keeps every checkpoint), got {keep}")
         self.checkpoint_dir = Path(checkpoint_dir)
         self.save_freq = int(save_freq)
         self.state_fn = state_fn

@@ -153,6 +153,8 @@ class TrainSettings:
     """Runs per held-out task, with different initialisation seeds (default: the preset's)."""
     checkpoint_freq: int | None = None
     """Timesteps between checkpoints, rounded up to whole rollouts; 0: only at the end (default: the preset's)."""
+    keep_checkpoints: int = 2
+    """How many of the most recent checkpoints to keep; 0 keeps them all (e.g. to average late policies)."""
     learning_rate: float | None = None
     """Adam learning rate of the meta-agent (default: the preset's)."""
     learning_rate_end: float | None = None
@@ -189,6 +191,8 @@ class TrainSettings:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"--{_flag(name)} must be >= 0 timesteps, got {value}")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"--keep-checkpoints must be >= 0 (0 keeps every checkpoint), got {self.keep_checkpoints}")
         if self.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
         if self.run_name is not None and (not self.run_name or os.sep in self.run_name or self.run_name in (".", "..")):
@@ -243,7 +247,17 @@ class TrainSettings:
 
 #: Options that may change when resuming (the others are the run's identity and come from settings.json).
 RESUMABLE_OVERRIDES = frozenset(
-    {"total_timesteps", "device", "env_device", "threads", "progress_bar", "verbose", "eval_freq", "checkpoint_freq"}
+    {
+        "total_timesteps",
+        "device",
+        "env_device",
+        "threads",
+        "progress_bar",
+        "verbose",
+        "eval_freq",
+        "checkpoint_freq",
+        "keep_checkpoints",
+    }
 )
 
 
@@ -547,6 +561,7 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
             "agent_config": config.to_dict(),  # the run's identity, whatever the presets become
             "episodes_total": episode_logger.episodes_total,
         },
+        keep=settings.keep_checkpoints,
     )
     callbacks = CallbackList([episode_logger, evaluator, checkpointer])
 
