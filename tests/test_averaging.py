@@ -1,0 +1,82 @@
+"""hpo-average: the mean of a run's checkpointed policies, as a bundle."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from agents import PolicyScheduler, load_bundle
+from training.averaging import average_run, average_state_dicts, main, run_checkpoints
+from training.callbacks import CHECKPOINT_MODEL
+
+
+def test_average_state_dicts_means_floats_and_keeps_the_last_of_the_rest():
+    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(5)}
+    avg = average_state_dicts([a, b])
+    torch.testing.assert_close(avg["w"], torch.tensor([2.0, 4.0]))
+    assert avg["n"].item() == 5 and avg["w"].dtype == torch.float32
+    with pytest.raises(ValueError, match="nothing to average"):
+        average_state_dicts([])
+    with pytest.raises(ValueError, match="keys"):
+        average_state_dicts([a, {"w": b["w"]}])
+    with pytest.raises(ValueError, match="shapes"):
+        average_state_dicts([a, {"w": torch.zeros(3), "n": b["n"]}])
+
+
+def test_averaged_bundle_holds_the_mean_of_the_kept_checkpoints(tiny_meta_training, tmp_path):
+    """A run trained with --keep-checkpoints 0 keeps every checkpoint; the averaged bundle's weights are
+    their mean, with the final bundle's decoder and observation statistics, and it deploys."""
+    result = tiny_meta_training("--total-timesteps", "96", "--checkpoint-freq", "32", "--keep-checkpoints", "0")
+    checkpoints = run_checkpoints(result.run_dir)
+    assert [t for t, _ in checkpoints] == [32, 64, 96]
+
+    from stable_baselines3.common.save_util import load_from_zip_file
+
+    weights = [
+        load_from_zip_file(p / CHECKPOINT_MODEL, device="cpu", load_data=False)[1]["policy"] for _, p in checkpoints
+    ]
+    path = average_run(result.run_dir, from_timesteps=64)
+    assert path == result.run_dir / "averaged_bundle"
+    averaged, final = load_bundle(path), load_bundle(result.bundle_path)
+    for key, value in averaged.model.policy.state_dict().items():
+        torch.testing.assert_close(value, (weights[1][key] + weights[2][key]) / 2)
+    assert any(
+        not torch.equal(v, final.model.policy.state_dict()[k]) for k, v in averaged.model.policy.state_dict().items()
+    )
+    assert averaged.decoder == final.decoder and averaged.epochs_feature == final.epochs_feature
+    np.testing.assert_array_equal(averaged.obs_mean, final.obs_mean)
+    config = json.loads((path / "config.json").read_text())
+    assert config["averaged"]["checkpoints"] == [64, 96] and "evaluation" not in config
+    assert config["training"] == final.config["training"]
+
+    # the CLI: --last N, and errors that say what the run keeps
+    out = tmp_path / "last3"
+    assert main([str(result.run_dir), "--last", "3", "--out", str(out)]) == 0
+    assert load_bundle(out).config["averaged"]["checkpoints"] == [32, 64, 96]
+    with pytest.raises(SystemExit):
+        main([str(result.run_dir), "--last", "4"])
+    with pytest.raises(ValueError, match="32, 64, 96"):
+        average_run(result.run_dir, from_timesteps=90)
+
+    # deployable like any bundle
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=1e-4)
+    scheduler = PolicyScheduler.from_pretrained(path, optimizer, total_steps=4, epochs=4)
+    scheduler.step(1.0, train_loss=1.0)
+    assert optimizer.param_groups[0]["lr"] > 0
+
+
+def test_average_run_refuses_runs_it_cannot_average(tiny_meta_training):
+    result = tiny_meta_training("--total-timesteps", "64", "--checkpoint-freq", "32")  # keeps the last 2
+    with pytest.raises(ValueError, match="exactly one"):
+        average_run(result.run_dir)
+    with pytest.raises(ValueError, match="keep-checkpoints 0"):
+        average_run(result.run_dir, last=3)
+    shutil.rmtree(result.bundle_path)
+    with pytest.raises(ValueError, match="no final bundle"):
+        average_run(result.run_dir, last=2)

@@ -1,0 +1,215 @@
+"""Average the policy weights of a run's late checkpoints into one bundle (``hpo-average``).
+
+PPO's final policy is one point of a trajectory that keeps moving: between two held-out evaluations
+of the same run, a family's mean return can swing by half its value. A uniform average of the
+policy weights at several late checkpoints (stochastic weight averaging: Izmailov et al., 2018; for
+deep RL, Nikishin et al., 2018) is a cheap way to take the centre of that late trajectory instead of
+its last point. It needs no retraining, only the checkpoints: train with ``hpo-train
+--keep-checkpoints 0`` (and a ``--checkpoint-freq`` as fine as the averaging should be).
+
+The averaged bundle keeps everything else of the run's final bundle: its action decoder, its
+features, its configuration and its observation statistics (``VecNormalize`` changes little late in
+a run; the final statistics are those the last policies were trained with). Its config records which
+checkpoints were averaged.
+
+Usage::
+
+    hpo-average runs/full-s1 --from-timesteps 196608      # -> runs/full-s1/averaged_bundle
+    hpo-average runs/full-s1 --last 8 --out my_bundle
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from agents.bundle import NORM_FILE, BundleError, PolicyBundle, load_bundle, save_bundle
+from training.callbacks import CHECKPOINT_MODEL, CHECKPOINT_STATE
+
+__all__ = ["average_run", "average_state_dicts", "run_checkpoints"]
+
+#: Where :func:`average_run` writes by default, inside the run directory.
+AVERAGED_BUNDLE = "averaged_bundle"
+
+
+#: Config keys of the final bundle that the averaged one does not copy.
+_NOT_INHERITED = frozenset(
+    {
+        "format_version",
+        "kind",
+        "feature_set_version",
+        "hpo_meta_version",
+        "algorithm",
+        "obs_dim",
+        "frame_stack",
+        "feature_names",
+        "action_decoder",
+        "gradient_features",
+        "epochs_feature",
+        "evaluation",
+    }
+)
+
+
+def average_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of floating-point tensors across ``state_dicts`` (others: the last one's).
+
+    Raises:
+        ValueError: no state dicts, or their keys or shapes differ (not checkpoints of one model).
+    """
+    if not state_dicts:
+        raise ValueError("nothing to average: no state dicts given")
+    keys = list(state_dicts[-1])
+    averaged: dict[str, torch.Tensor] = {}
+    for i, sd in enumerate(state_dicts):
+        if list(sd) != keys:
+            raise ValueError(
+                f"state dict {i} has keys {sorted(set(sd) ^ set(keys))} that the last one does not share: "
+                "only checkpoints of one model can be averaged"
+            )
+    for key in keys:
+        tensors = [sd[key] for sd in state_dicts]
+        shapes = {tuple(t.shape) for t in tensors}
+        if len(shapes) > 1:
+            raise ValueError(f"{key!r} has shapes {sorted(shapes)} across the state dicts; they must agree")
+        last = tensors[-1]
+        if last.is_floating_point():
+            stacked = torch.stack([t.detach().to(torch.float64) for t in tensors])
+            averaged[key] = stacked.mean(dim=0).to(last.dtype)
+        else:
+            averaged[key] = last.clone()
+    return averaged
+
+
+def run_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """The complete checkpoints of a run, as ``(timesteps, directory)`` in order of timesteps."""
+    root = Path(run_dir) / "checkpoints"
+    found = []
+    for path in sorted(root.glob("step_*")):
+        if (path / CHECKPOINT_STATE).is_file() and (path / CHECKPOINT_MODEL).is_file():
+            state = json.loads((path / CHECKPOINT_STATE).read_text())
+            found.append((int(state["num_timesteps"]), path))
+    return sorted(found)
+
+
+def _policy_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    from stable_baselines3.common.save_util import load_from_zip_file
+
+    _, params, _ = load_from_zip_file(checkpoint / CHECKPOINT_MODEL, device="cpu", load_data=False)
+    if not params or "policy" not in params:
+        raise BundleError(f"{checkpoint / CHECKPOINT_MODEL} holds no policy weights")
+    return params["policy"]
+
+
+def average_run(
+    run_dir: str | Path,
+    *,
+    from_timesteps: int | None = None,
+    last: int | None = None,
+    out: str | Path | None = None,
+) -> Path:
+    """Write a bundle whose policy is the mean of the run's checkpointed policies; returns its path.
+
+    Args:
+        run_dir: a finished ``hpo-train`` run (its ``bundle/`` and ``checkpoints/``).
+        from_timesteps: average every checkpoint at or after this many timesteps.
+        last: or average the ``last`` most recent checkpoints (give exactly one of the two).
+        out: the bundle directory to write (default ``RUN_DIR/averaged_bundle``; replaced if it exists).
+
+    Raises:
+        ValueError: bad selection, fewer than two checkpoints selected, or a run without its final
+            bundle or whose last checkpoint is not the final bundle's policy.
+    """
+    run_dir = Path(run_dir)
+    if (from_timesteps is None) == (last is None):
+        raise ValueError("give exactly one of from_timesteps (e.g. 196608) and last (e.g. 8)")
+    if last is not None and last < 2:
+        raise ValueError(f"last must be >= 2 checkpoints to average, got {last}")
+    final_dir = run_dir / "bundle"
+    if not final_dir.is_dir():
+        raise ValueError(
+            f"{run_dir} has no final bundle ({final_dir}): average a finished run "
+            f"(continue it with: hpo-train --resume {run_dir})"
+        )
+    final = load_bundle(final_dir)
+    if not isinstance(final, PolicyBundle):
+        raise ValueError(f"{final_dir} is an ensemble; average the checkpoints of one run")
+    checkpoints = run_checkpoints(run_dir)
+    if not checkpoints:
+        raise ValueError(f"{run_dir / 'checkpoints'} holds no complete checkpoint")
+    if checkpoints[-1][0] != final.model.num_timesteps:
+        raise ValueError(
+            f"the run's last checkpoint is at {checkpoints[-1][0]:,} timesteps but its final bundle at "
+            f"{final.model.num_timesteps:,}: the run did not finish after its last checkpoint"
+        )
+    chosen = checkpoints[-last:] if last is not None else [c for c in checkpoints if c[0] >= from_timesteps]
+    if len(chosen) < 2 or (last is not None and len(chosen) < last):
+        kept = ", ".join(f"{t:,}" for t, _ in checkpoints)
+        wanted = (
+            f"the last {last} checkpoints"
+            if last is not None
+            else f"the checkpoints from {from_timesteps:,} timesteps on (at least 2; found {len(chosen)})"
+        )
+        raise ValueError(
+            f"asked for {wanted}, but the run keeps checkpoints at {kept} timesteps "
+            "(train with --keep-checkpoints 0 to keep them all)"
+        )
+    state_dicts = [_policy_state_dict(path) for _, path in chosen]
+    final.model.policy.load_state_dict(average_state_dicts(state_dicts))
+
+    norm = json.loads((final_dir / NORM_FILE).read_text())
+    obs_rms = None if norm is None else SimpleNamespace(mean=norm["mean"], var=norm["var"], count=norm.get("count", 0))
+    steps = [t for t, _ in chosen]
+    # save_bundle writes the format keys itself; the final policy's in-training evaluation is not this one's
+    config: dict[str, Any] = {k: v for k, v in final.config.items() if k not in _NOT_INHERITED}
+    config["averaged"] = {
+        "method": "uniform mean of the policy weights (stochastic weight averaging)",
+        "checkpoints": steps,
+        "observation_statistics": "the final bundle's",
+    }
+    config["description"] = (
+        f"{config.get('description', 'policy')}; weights averaged over {len(steps)} checkpoints "
+        f"({steps[0]:,} to {steps[-1]:,} timesteps)"
+    )
+    return save_bundle(
+        run_dir / AVERAGED_BUNDLE if out is None else out,
+        final.model,
+        final.decoder,
+        obs_rms=obs_rms,
+        clip_obs=final.clip_obs,
+        epsilon=final.epsilon,
+        frame_stack=final.frame_stack,
+        config=config,
+        **final.feature_options,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``hpo-average RUN (--from-timesteps T | --last N) [--out DIR]``."""
+    parser = argparse.ArgumentParser(
+        prog="hpo-average",
+        description="Average the policy weights of a finished run's late checkpoints into one bundle "
+        "(train with --keep-checkpoints 0 so that they are kept). Use the result anywhere a bundle goes.",
+    )
+    parser.add_argument("run", help="the run directory (runs/NAME)")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--from-timesteps", type=int, help="average every checkpoint at or after this many timesteps")
+    which.add_argument("--last", type=int, help="average the N most recent checkpoints")
+    parser.add_argument("--out", default=None, help=f"bundle directory to write (default RUN/{AVERAGED_BUNDLE})")
+    args = parser.parse_args(argv)
+    try:
+        path = average_run(args.run, from_timesteps=args.from_timesteps, last=args.last, out=args.out)
+    except (ValueError, BundleError) as err:
+        parser.exit(2, f"hpo-average: error: {err}\n")
+    print(f"wrote the averaged policy to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
