@@ -318,6 +318,20 @@ def test_lr_max_rise_caps_the_learning_rate_relative_to_the_start_in_the_environ
         MetaAgentConfig(lr_max_rise=-1.0)
     # Like lr_step, ignored when the learning rate is not controlled (the full preset's cap must not fail then).
     assert get_preset("full", hyperparameters=("weight_decay",)).max_log10_above_initial is None
+    assert parse_settings(["--preset", "full", "--hyperparameters", "weight_decay"]).agent_config().lr_max_rise == 1.5
+    # ... but given explicitly on the command line, an option for the learning rate that nothing uses is an error
+    for options, named in (
+        (["--lr-max-rise", "1.0"], "--lr-max-rise shapes"),
+        (["--lr-step", "0.5", "--lr-step-up", "0.25"], "--lr-step and --lr-step-up shape"),
+    ):
+        with pytest.raises(ValueError, match=f"{named} .* add lr to --hyperparameters"):
+            TrainSettings(hyperparameters=["weight_decay"], **_options(options))
+    assert TrainSettings(hyperparameters=["weight_decay"], lr_max_rise=0).agent_config().lr_max_rise is None
+
+
+def _options(argv: list[str]) -> dict:
+    """``["--lr-step", "0.5"]`` as keyword arguments of :class:`TrainSettings`."""
+    return {flag[2:].replace("-", "_"): float(value) for flag, value in zip(argv[::2], argv[1::2])}
 
 
 def test_learning_rate_end_decays_the_agents_learning_rate_linearly():

@@ -200,6 +200,14 @@ class TrainSettings:
         for name in ("hyperparameters", "families"):
             if getattr(self, name) is not None:
                 setattr(self, name, tuple(getattr(self, name)))
+        if self.hyperparameters is not None and "lr" not in self.hyperparameters:
+            given = [f"--{_flag(n)}" for n in ("lr_step", "lr_step_up", "lr_max_rise") if getattr(self, n)]
+            if given:
+                raise ValueError(
+                    f"{' and '.join(given)} {'shape' if len(given) > 1 else 'shapes'} the learning rate's actions, but --hyperparameters "
+                    f"{' '.join(self.hyperparameters)} does not control the learning rate; drop "
+                    f"{'them' if len(given) > 1 else 'it'} or add lr to --hyperparameters"
+                )
 
     @property
     def budget(self) -> RunBudget:
