@@ -28,7 +28,7 @@ def test_average_state_dicts_means_floats_and_keeps_the_last_of_the_rest():
         average_state_dicts([a, {"w": torch.zeros(3), "n": b["n"]}])
 
 
-def test_averaged_bundle_holds_the_mean_of_the_kept_checkpoints(tiny_meta_training, tmp_path):
+def test_averaged_bundle_holds_the_mean_of_the_kept_checkpoints(tiny_meta_training, tmp_path, capsys):
     """A run trained with --keep-checkpoints 0 keeps every checkpoint; the averaged bundle's weights are
     their mean, with the final bundle's decoder and observation statistics, and it deploys."""
     result = tiny_meta_training("--total-timesteps", "96", "--checkpoint-freq", "32", "--keep-checkpoints", "0")
@@ -50,18 +50,29 @@ def test_averaged_bundle_holds_the_mean_of_the_kept_checkpoints(tiny_meta_traini
     )
     assert averaged.decoder == final.decoder and averaged.epochs_feature == final.epochs_feature
     np.testing.assert_array_equal(averaged.obs_mean, final.obs_mean)
+    np.testing.assert_array_equal(averaged.obs_var, final.obs_var)
+    assert (averaged.clip_obs, averaged.epsilon) == (final.clip_obs, final.epsilon)
     config = json.loads((path / "config.json").read_text())
     assert config["averaged"]["checkpoints"] == [64, 96] and "evaluation" not in config
     assert config["training"] == final.config["training"]
 
-    # the CLI: --last N, and errors that say what the run keeps
+    # the CLI: --last N, and errors that say what the run has and what to do
     out = tmp_path / "last3"
-    assert main([str(result.run_dir), "--last", "3", "--out", str(out)]) == 0
+    assert main([str(result.run_dir), "--last", "3", "--out", str(out), "--description", "three"]) == 0
+    assert "mean of 3 policies (32 to 96 timesteps)" in capsys.readouterr().out
     assert load_bundle(out).config["averaged"]["checkpoints"] == [32, 64, 96]
-    with pytest.raises(SystemExit):
+    assert load_bundle(out).config["description"] == "three"
+    with pytest.raises(SystemExit) as exit_info:
         main([str(result.run_dir), "--last", "4"])
-    with pytest.raises(ValueError, match="32, 64, 96"):
-        average_run(result.run_dir, from_timesteps=90)
+    assert exit_info.value.code == 2
+    assert "checkpoints at 32, 64, 96 timesteps only (pick fewer" in capsys.readouterr().err
+    for protected in ("bundle", "best_bundle", "checkpoints/step_000000000096"):
+        with pytest.raises(ValueError, match="would replace the run's own files"):
+            average_run(result.run_dir, last=2, out=result.run_dir / protected)
+    # a run whose last checkpoint is not its final policy (lost, or the bundle replaced) is refused
+    shutil.rmtree(checkpoints[-1][1])
+    with pytest.raises(ValueError, match="is not its final bundle's policy .*finish the run first"):
+        average_run(result.run_dir, last=2)
 
     # deployable like any bundle
     model = torch.nn.Linear(3, 1)
@@ -72,11 +83,16 @@ def test_averaged_bundle_holds_the_mean_of_the_kept_checkpoints(tiny_meta_traini
 
 
 def test_average_run_refuses_runs_it_cannot_average(tiny_meta_training):
-    result = tiny_meta_training("--total-timesteps", "64", "--checkpoint-freq", "32")  # keeps the last 2
+    result = tiny_meta_training(
+        "--algorithm", "framestack", "--total-timesteps", "96", "--checkpoint-freq", "32"
+    )  # keeps the last 2
     with pytest.raises(ValueError, match="exactly one"):
         average_run(result.run_dir)
     with pytest.raises(ValueError, match="keep-checkpoints 0"):
         average_run(result.run_dir, last=3)
+    # the frame-stacked control averages like the recurrent policy
+    averaged = load_bundle(average_run(result.run_dir, last=2))
+    assert averaged.frame_stack == load_bundle(result.bundle_path).frame_stack > 1
     shutil.rmtree(result.bundle_path)
     with pytest.raises(ValueError, match="no final bundle"):
         average_run(result.run_dir, last=2)

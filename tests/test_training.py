@@ -321,12 +321,15 @@ def test_lr_max_rise_caps_the_learning_rate_relative_to_the_start_in_the_environ
     assert parse_settings(["--preset", "full", "--hyperparameters", "weight_decay"]).agent_config().lr_max_rise == 1.5
     # ... but given explicitly on the command line, an option for the learning rate that nothing uses is an error
     for options, named in (
-        (["--lr-max-rise", "1.0"], "--lr-max-rise shapes"),
-        (["--lr-step", "0.5", "--lr-step-up", "0.25"], "--lr-step and --lr-step-up shape"),
+        (["--lr-max-rise", "1.0"], "--lr-max-rise only applies"),
+        (["--lr-step", "0.5", "--lr-step-up", "0.25"], "--lr-step, --lr-step-up only apply"),
     ):
         with pytest.raises(ValueError, match=f"{named} .* add lr to --hyperparameters"):
             TrainSettings(hyperparameters=["weight_decay"], **_options(options))
     assert TrainSettings(hyperparameters=["weight_decay"], lr_max_rise=0).agent_config().lr_max_rise is None
+    # a run made before the check, where such an option was ignored, still resumes
+    old = TrainSettings(hyperparameters=["weight_decay"], lr_max_rise=1.0, resume="runs/old")
+    assert old.agent_config().max_log10_above_initial is None
 
 
 def _options(argv: list[str]) -> dict:

@@ -16,12 +16,16 @@ Usage::
 
     hpo-average runs/full-s1 --from-timesteps 196608      # -> runs/full-s1/averaged_bundle
     hpo-average runs/full-s1 --last 8 --out my_bundle
+
+The averaged ``model.zip`` carries the final model's optimiser state; it is for deployment and
+benchmarks, not for continuing PPO from.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -68,10 +72,10 @@ def average_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]]) -> di
     keys = list(state_dicts[-1])
     averaged: dict[str, torch.Tensor] = {}
     for i, sd in enumerate(state_dicts):
-        if list(sd) != keys:
+        if set(sd) != set(keys):
             raise ValueError(
-                f"state dict {i} has keys {sorted(set(sd) ^ set(keys))} that the last one does not share: "
-                "only checkpoints of one model can be averaged"
+                f"state dict {i} differs from the last one in its keys (only in it: {sorted(set(sd) - set(keys))}; "
+                f"only in the last: {sorted(set(keys) - set(sd))}): only checkpoints of one model can be averaged"
             )
     for key in keys:
         tensors = [sd[key] for sd in state_dicts]
@@ -101,7 +105,12 @@ def run_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 def _policy_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     from stable_baselines3.common.save_util import load_from_zip_file
 
-    _, params, _ = load_from_zip_file(checkpoint / CHECKPOINT_MODEL, device="cpu", load_data=False)
+    try:
+        _, params, _ = load_from_zip_file(checkpoint / CHECKPOINT_MODEL, device="cpu", load_data=False)
+    except (zipfile.BadZipFile, EOFError, KeyError, ValueError, RuntimeError, OSError) as err:
+        raise BundleError(
+            f"{checkpoint / CHECKPOINT_MODEL} is corrupted ({err}); leave that checkpoint out of the average"
+        ) from err
     if not params or "policy" not in params:
         raise BundleError(f"{checkpoint / CHECKPOINT_MODEL} holds no policy weights")
     return params["policy"]
@@ -113,6 +122,7 @@ def average_run(
     from_timesteps: int | None = None,
     last: int | None = None,
     out: str | Path | None = None,
+    description: str | None = None,
 ) -> Path:
     """Write a bundle whose policy is the mean of the run's checkpointed policies; returns its path.
 
@@ -120,7 +130,9 @@ def average_run(
         run_dir: a finished ``hpo-train`` run (its ``bundle/`` and ``checkpoints/``).
         from_timesteps: average every checkpoint at or after this many timesteps.
         last: or average the ``last`` most recent checkpoints (give exactly one of the two).
-        out: the bundle directory to write (default ``RUN_DIR/averaged_bundle``; replaced if it exists).
+        out: the bundle directory to write (default ``RUN_DIR/averaged_bundle``; replaced if it exists,
+            but never the run's own ``bundle/`` or ``best_bundle/``).
+        description: a line saying what the bundle is (default: which checkpoints were averaged).
 
     Raises:
         ValueError: bad selection, fewer than two checkpoints selected, or a run without its final
@@ -137,16 +149,27 @@ def average_run(
             f"{run_dir} has no final bundle ({final_dir}): average a finished run "
             f"(continue it with: hpo-train --resume {run_dir})"
         )
+    target = run_dir / AVERAGED_BUNDLE if out is None else Path(out)
+    protected = [run_dir / "bundle", run_dir / "best_bundle", run_dir / "checkpoints"]
+    if any(target.resolve() == p.resolve() or p.resolve() in target.resolve().parents for p in protected):
+        raise ValueError(f"--out {str(target)!r} would replace the run's own files; write the average elsewhere")
     final = load_bundle(final_dir)
     if not isinstance(final, PolicyBundle):
         raise ValueError(f"{final_dir} is an ensemble; average the checkpoints of one run")
     checkpoints = run_checkpoints(run_dir)
     if not checkpoints:
-        raise ValueError(f"{run_dir / 'checkpoints'} holds no complete checkpoint")
-    if checkpoints[-1][0] != final.model.num_timesteps:
         raise ValueError(
-            f"the run's last checkpoint is at {checkpoints[-1][0]:,} timesteps but its final bundle at "
-            f"{final.model.num_timesteps:,}: the run did not finish after its last checkpoint"
+            f"{run_dir / 'checkpoints'} holds no complete checkpoint; train with --keep-checkpoints 0 and a "
+            "--checkpoint-freq that leaves several checkpoints"
+        )
+    final_weights = final.model.policy.state_dict()
+    last_weights = _policy_state_dict(checkpoints[-1][1])
+    if checkpoints[-1][0] != final.model.num_timesteps or any(
+        not torch.equal(last_weights[k], v) for k, v in final_weights.items() if k in last_weights
+    ):
+        raise ValueError(
+            f"the run's last checkpoint ({checkpoints[-1][0]:,} timesteps) is not its final bundle's policy "
+            f"({final.model.num_timesteps:,} timesteps): finish the run first (hpo-train --resume {run_dir})"
         )
     chosen = checkpoints[-last:] if last is not None else [c for c in checkpoints if c[0] >= from_timesteps]
     if len(chosen) < 2 or (last is not None and len(chosen) < last):
@@ -156,12 +179,17 @@ def average_run(
             if last is not None
             else f"the checkpoints from {from_timesteps:,} timesteps on (at least 2; found {len(chosen)})"
         )
-        raise ValueError(
-            f"asked for {wanted}, but the run keeps checkpoints at {kept} timesteps "
-            "(train with --keep-checkpoints 0 to keep them all)"
+        hint = (
+            "pick fewer or earlier ones, or train with a finer --checkpoint-freq"
+            if _kept_every_checkpoint(run_dir)
+            else "train with --keep-checkpoints 0 to keep them all"
         )
+        raise ValueError(f"asked for {wanted}, but the run has checkpoints at {kept} timesteps only ({hint})")
     state_dicts = [_policy_state_dict(path) for _, path in chosen]
-    final.model.policy.load_state_dict(average_state_dicts(state_dicts))
+    try:
+        final.model.policy.load_state_dict(average_state_dicts(state_dicts))
+    except RuntimeError as err:  # checkpoints of another architecture than the final bundle's
+        raise BundleError(f"the checkpoints of {run_dir} do not fit its final bundle's policy: {err}") from err
 
     norm = json.loads((final_dir / NORM_FILE).read_text())
     obs_rms = None if norm is None else SimpleNamespace(mean=norm["mean"], var=norm["var"], count=norm.get("count", 0))
@@ -173,12 +201,12 @@ def average_run(
         "checkpoints": steps,
         "observation_statistics": "the final bundle's",
     }
-    config["description"] = (
-        f"{config.get('description', 'policy')}; weights averaged over {len(steps)} checkpoints "
+    config["description"] = description or (
+        f"the policy weights of {run_dir.name} averaged over {len(steps)} checkpoints "
         f"({steps[0]:,} to {steps[-1]:,} timesteps)"
     )
     return save_bundle(
-        run_dir / AVERAGED_BUNDLE if out is None else out,
+        target,
         final.model,
         final.decoder,
         obs_rms=obs_rms,
@@ -188,6 +216,13 @@ def average_run(
         config=config,
         **final.feature_options,
     )
+
+
+def _kept_every_checkpoint(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "settings.json").read_text()).get("keep_checkpoints") == 0
+    except (OSError, ValueError):
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -202,12 +237,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     which.add_argument("--from-timesteps", type=int, help="average every checkpoint at or after this many timesteps")
     which.add_argument("--last", type=int, help="average the N most recent checkpoints")
     parser.add_argument("--out", default=None, help=f"bundle directory to write (default RUN/{AVERAGED_BUNDLE})")
+    parser.add_argument("--description", default=None, help="a line saying what the bundle is")
     args = parser.parse_args(argv)
     try:
-        path = average_run(args.run, from_timesteps=args.from_timesteps, last=args.last, out=args.out)
-    except (ValueError, BundleError) as err:
+        path = average_run(
+            args.run, from_timesteps=args.from_timesteps, last=args.last, out=args.out, description=args.description
+        )
+    except ValueError as err:  # BundleError included
         parser.exit(2, f"hpo-average: error: {err}\n")
-    print(f"wrote the averaged policy to {path}")
+    steps = load_bundle(path).config["averaged"]["checkpoints"]
+    print(f"wrote the mean of {len(steps)} policies ({steps[0]:,} to {steps[-1]:,} timesteps) to {path}")
     return 0
 
 

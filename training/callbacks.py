@@ -581,6 +581,8 @@ def save_checkpoint(
     torch's) and ``state.json`` (``num_timesteps`` plus ``state``). Older checkpoints beyond the
     ``keep`` most recent are removed after the pointer moves (``keep=0`` keeps them all).
     """
+    if int(keep) < 0:
+        raise ValueError(f"keep must be >= 0 (0 keeps every checkpoint), got {keep}")
     root = Path(checkpoint_dir)
     root.mkdir(parents=True, exist_ok=True)
     step = int(model.num_timesteps)

@@ -154,7 +154,7 @@ class TrainSettings:
     checkpoint_freq: int | None = None
     """Timesteps between checkpoints, rounded up to whole rollouts; 0: only at the end (default: the preset's)."""
     keep_checkpoints: int = 2
-    """How many of the most recent checkpoints to keep; 0 keeps them all (e.g. to average late policies)."""
+    """How many of the most recent checkpoints to keep; 0 keeps them all (to average late policies with hpo-average). On resume, a smaller number prunes the older ones."""
     learning_rate: float | None = None
     """Adam learning rate of the meta-agent (default: the preset's)."""
     learning_rate_end: float | None = None
@@ -200,13 +200,14 @@ class TrainSettings:
         for name in ("hyperparameters", "families"):
             if getattr(self, name) is not None:
                 setattr(self, name, tuple(getattr(self, name)))
-        if self.hyperparameters is not None and "lr" not in self.hyperparameters:
+        # a run made before this check (where such options were ignored) can still be resumed
+        if self.resume is None and self.hyperparameters is not None and "lr" not in self.hyperparameters:
             given = [f"--{_flag(n)}" for n in ("lr_step", "lr_step_up", "lr_max_rise") if getattr(self, n)]
             if given:
+                them, apply = ("them", "apply") if len(given) > 1 else ("it", "applies")
                 raise ValueError(
-                    f"{' and '.join(given)} {'shape' if len(given) > 1 else 'shapes'} the learning rate's actions, but --hyperparameters "
-                    f"{' '.join(self.hyperparameters)} does not control the learning rate; drop "
-                    f"{'them' if len(given) > 1 else 'it'} or add lr to --hyperparameters"
+                    f"{', '.join(given)} only {apply} to the learning rate, which --hyperparameters "
+                    f"{' '.join(self.hyperparameters)} does not control; drop {them} or add lr to --hyperparameters"
                 )
 
     @property
