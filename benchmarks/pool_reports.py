@@ -16,6 +16,11 @@ mean of that ratio, the per-family medians, the median ratio to the tuned consta
 rates against the random policy and the replay controls, the divergence rate and, for reports that
 record it, the learning-rate level (median over pairs of the policy's mean learning rate over a run
 divided by the tuned cosine oracle's, overall and per family). ``--json PATH`` writes the same numbers.
+
+``--paired`` (two labels, the same task sets in the same order) also compares the first policy with the
+second pair by pair: on how many pairs its final validation loss is lower, and the median (with its
+interval) and geometric mean of its loss over the second's. Use it for two policies of one run, e.g.
+``hpo-average``'s and the final one, whose difference the pooled numbers blur.
 """
 
 from __future__ import annotations
@@ -25,9 +30,9 @@ import json
 import sys
 from pathlib import Path
 
-from training.pooling import load_pairs, pooled_summary
+from training.pooling import compare_policies, load_pairs, pooled_summary
 
-__all__ = ["load_pairs", "main", "pooled_summary"]
+__all__ = ["load_pairs", "main", "compare_policies", "pooled_summary"]
 
 
 def _parse(arg: str) -> tuple[str, list[str]]:
@@ -50,7 +55,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("policies", nargs="+", type=_parse, metavar="LABEL=DIR[,DIR...]")
     parser.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
+    parser.add_argument(
+        "--paired", action="store_true", help="also compare the first policy with the second, pair by pair"
+    )
     args = parser.parse_args(argv)
+    if args.paired and len(args.policies) != 2:
+        parser.error(f"--paired compares two policies; got {len(args.policies)} labels")
     out = {label: pooled_summary(folders, seed=args.seed) for label, folders in args.policies}
     width = max(len(label) for label in out)
     for label, s in out.items():
@@ -66,6 +76,16 @@ def main(argv: list[str] | None = None) -> dict:
             + f"  diverged {s['policy_divergence_rate']:.1%}"
             + _lr_level(s["lr_level_vs_cosine_tuned"])
         )
+    if args.paired:
+        (label_a, folders_a), (label_b, folders_b) = args.policies
+        p = compare_policies(folders_a, folders_b, seed=args.seed)
+        lo, hi = p["median_ratio_low"], p["median_ratio_high"]
+        print(
+            f"{label_a} over {label_b}, pair by pair: lower on {p['a_lower']} of {p['pairs']} (ties {p['ties']}), "
+            f"median ratio {p['median_ratio']:.4f} [{lo:.4f}, {hi:.4f}], geomean {p['geomean_ratio']:.4f}, "
+            f"worst {p['max_ratio']:.3f}"
+        )
+        out["paired"] = {"a": label_a, "b": label_b, **p}
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     return out

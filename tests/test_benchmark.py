@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -324,6 +325,23 @@ def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_pat
     assert pooled["lr_level_vs_cosine_tuned"]["median_ratio"] == pytest.approx(level["median_ratio"])
     assert json.loads((tmp_path / "pooled.json").read_text())["once"]["pairs"] == 4
     assert "once  pairs    4" in capsys.readouterr().out
+    # --paired: a report against itself is level on every pair; against a copy whose policy lost 10%
+    # more everywhere, it is lower on every pair at a ratio of 1/1.1.
+    worse = tmp_path / "worse"
+    worse.mkdir()
+    doctored = json.loads(result.json_path.read_text())
+    for r in doctored["per_run"]["policy"]:
+        r["final_val_loss"] *= 1.1
+    (worse / "benchmark.json").write_text(json.dumps(doctored))
+    same = pool.main(["--paired", f"a={config.out}", f"b={config.out}"])["paired"]
+    assert (same["a_lower"], same["ties"], same["median_ratio"], same["win_rate"]) == (0, 4, 1.0, 0.5)
+    better = pool.main(["--paired", f"a={config.out}", f"b={worse}"])["paired"]
+    assert better["a_lower"] == 4 and better["median_ratio"] == pytest.approx(1 / 1.1)
+    assert better["geomean_ratio"] == pytest.approx(1 / 1.1) and "lower on 4 of 4" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        pool.main(["--paired", f"a={config.out}"])
+    with pytest.raises(ValueError, match="same \\(task, seed\\) pairs"):
+        pool.compare_policies([config.out], [worse, shutil.copytree(worse, tmp_path / "worse-copy")])
     with pytest.raises(FileNotFoundError, match="hpo-bench --out"):
         pool.pooled_summary([tmp_path])
     with pytest.raises(SystemExit):

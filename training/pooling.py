@@ -13,9 +13,17 @@ from pathlib import Path
 import numpy as np
 
 from training.benchmark import UNTUNED_DEFAULTS
-from training.stats import beats_all_rate, bootstrap_ci, loss_ratios, lr_level, median_ratio, win_rate
+from training.stats import (
+    beats_all_rate,
+    bootstrap_ci,
+    loss_ratios,
+    lr_level,
+    median_ratio,
+    paired_comparison,
+    win_rate,
+)
 
-__all__ = ["load_pairs", "pooled_summary"]
+__all__ = ["compare_policies", "load_pairs", "pooled_summary"]
 
 
 def load_pairs(folders: list[str | Path]) -> dict[str, dict]:
@@ -98,4 +106,37 @@ def pooled_summary(folders: list[str | Path], *, seed: int = 0, n_boot: int = 20
         "win_rate_vs_replay_task": win_rate(policy, rows["replay_task"]["losses"]) if "replay_task" in rows else None,
         "policy_divergence_rate": float(np.isinf(policy).mean()),
         "lr_level_vs_cosine_tuned": lr_level(rows["policy"]["mean_lr"], rows["cosine_tuned"]["mean_lr"], families),
+    }
+
+
+def compare_policies(
+    folders_a: list[str | Path], folders_b: list[str | Path], *, seed: int = 0, n_boot: int = 2000
+) -> dict:
+    """Two policies' reports on the same task sets, compared pair by pair (A over B).
+
+    Made for two policies of one run (e.g. ``hpo-average``'s against the final one) or two runs: on the
+    same (task, seed) pairs, how often A's final validation loss is lower, A's win rate and the median of
+    A's loss over B's (:func:`training.stats.paired_comparison`, with 95% cluster-bootstrap intervals
+    over (set, task)), and the geometric mean and the largest of those ratios.
+
+    Raises:
+        ValueError: the two lists do not cover the same (task, seed) pairs in the same order.
+    """
+    a, b = load_pairs(folders_a)["policy"], load_pairs(folders_b)["policy"]
+    if a["groups"] != b["groups"] or a["families"] != b["families"]:
+        raise ValueError(
+            "the two policies' reports do not cover the same (task, seed) pairs in the same order: pass the "
+            "reports of the same task sets, in the same order, for both"
+        )
+    ratios = loss_ratios(a["losses"], b["losses"])
+    stats = paired_comparison(
+        a["losses"], b["losses"], rng=np.random.default_rng(seed), groups=a["groups"], n_boot=n_boot
+    )
+    finite = ratios[np.isfinite(ratios) & (ratios > 0)]
+    return {
+        **stats,
+        "a_lower": int(np.sum(a["losses"] < b["losses"])),
+        "ties": int(np.sum(a["losses"] == b["losses"])),
+        "geomean_ratio": float(np.exp(np.mean(np.log(finite)))) if finite.size else float("nan"),
+        "max_ratio": float(np.max(ratios)),
     }
