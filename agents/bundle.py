@@ -359,6 +359,8 @@ def save_bundle(
         clip_obs, epsilon: VecNormalize's settings.
         frame_stack: frames stacked by ``VecFrameStack`` (after normalisation), 1 for none.
         config: extra JSON-serialisable settings (environment, training command, seed, timesteps...).
+            Keys that describe the saved files (format version, algorithm, features, decoder...) are
+            written from the arguments, so a loaded bundle's config can be passed back as it is.
         gradient_features: the policy was trained on observations with the gradient features
             (default: read from the width of the model's observations).
         epochs_feature: the policy was trained on observations with the epochs feature (default:
@@ -370,7 +372,7 @@ def save_bundle(
     path = Path(path)
     options = feature_options_of(model, decoder, frame_stack, gradient_features, epochs_feature)
     builder = ObservationBuilder(decoder, **options)
-    full_config = {
+    written = {
         "format_version": CAPPED_BUNDLE_FORMAT_VERSION if decoder.relative_caps else BUNDLE_FORMAT_VERSION,
         "kind": POLICY_KIND,
         "feature_set_version": FEATURE_SET_VERSION,
@@ -381,8 +383,8 @@ def save_bundle(
         "feature_names": builder.feature_names(),
         **options,
         "action_decoder": decoder.to_config(),
-        **dict(config or {}),
     }
+    full_config = {**written, **{k: v for k, v in dict(config or {}).items() if k not in written}}
 
     def fill(tmp: Path) -> None:
         model.save(tmp / MODEL_FILE)

@@ -34,31 +34,12 @@ from typing import Any
 import torch
 
 from agents.bundle import NORM_FILE, BundleError, PolicyBundle, load_bundle, save_bundle
-from training.callbacks import CHECKPOINT_MODEL, CHECKPOINT_STATE
+from training.callbacks import CHECKPOINT_MODEL, list_checkpoints, read_checkpoint_state
 
 __all__ = ["average_run", "average_state_dicts", "run_checkpoints"]
 
 #: Where :func:`average_run` writes by default, inside the run directory.
 AVERAGED_BUNDLE = "averaged_bundle"
-
-
-#: Config keys of the final bundle that the averaged one does not copy.
-_NOT_INHERITED = frozenset(
-    {
-        "format_version",
-        "kind",
-        "feature_set_version",
-        "hpo_meta_version",
-        "algorithm",
-        "obs_dim",
-        "frame_stack",
-        "feature_names",
-        "action_decoder",
-        "gradient_features",
-        "epochs_feature",
-        "evaluation",
-    }
-)
 
 
 def average_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -93,13 +74,9 @@ def average_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]]) -> di
 
 def run_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """The complete checkpoints of a run, as ``(timesteps, directory)`` in order of timesteps."""
-    root = Path(run_dir) / "checkpoints"
-    found = []
-    for path in sorted(root.glob("step_*")):
-        if (path / CHECKPOINT_STATE).is_file() and (path / CHECKPOINT_MODEL).is_file():
-            state = json.loads((path / CHECKPOINT_STATE).read_text())
-            found.append((int(state["num_timesteps"]), path))
-    return sorted(found)
+    return [
+        (int(read_checkpoint_state(p)["num_timesteps"]), p) for p in list_checkpoints(Path(run_dir) / "checkpoints")
+    ]
 
 
 def _policy_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -162,15 +139,7 @@ def average_run(
             f"{run_dir / 'checkpoints'} holds no complete checkpoint; train with --keep-checkpoints 0 and a "
             "--checkpoint-freq that leaves several checkpoints"
         )
-    final_weights = final.model.policy.state_dict()
-    last_weights = _policy_state_dict(checkpoints[-1][1])
-    if checkpoints[-1][0] != final.model.num_timesteps or any(
-        not torch.equal(last_weights[k], v) for k, v in final_weights.items() if k in last_weights
-    ):
-        raise ValueError(
-            f"the run's last checkpoint ({checkpoints[-1][0]:,} timesteps) is not its final bundle's policy "
-            f"({final.model.num_timesteps:,} timesteps): finish the run first (hpo-train --resume {run_dir})"
-        )
+    # Both selections end with the last checkpoint, which must be the final bundle's policy.
     chosen = checkpoints[-last:] if last is not None else [c for c in checkpoints if c[0] >= from_timesteps]
     if len(chosen) < 2 or (last is not None and len(chosen) < last):
         kept = ", ".join(f"{t:,}" for t, _ in checkpoints)
@@ -186,6 +155,15 @@ def average_run(
         )
         raise ValueError(f"asked for {wanted}, but the run has checkpoints at {kept} timesteps only ({hint})")
     state_dicts = [_policy_state_dict(path) for _, path in chosen]
+    if checkpoints[-1][0] != final.model.num_timesteps or any(
+        not torch.equal(state_dicts[-1][k], v)
+        for k, v in final.model.policy.state_dict().items()
+        if k in state_dicts[-1]
+    ):
+        raise ValueError(
+            f"the run's last checkpoint ({checkpoints[-1][0]:,} timesteps) is not its final bundle's policy "
+            f"({final.model.num_timesteps:,} timesteps): finish the run first (hpo-train --resume {run_dir})"
+        )
     try:
         final.model.policy.load_state_dict(average_state_dicts(state_dicts))
     except RuntimeError as err:  # checkpoints of another architecture than the final bundle's
@@ -195,7 +173,7 @@ def average_run(
     obs_rms = None if norm is None else SimpleNamespace(mean=norm["mean"], var=norm["var"], count=norm.get("count", 0))
     steps = [t for t, _ in chosen]
     # save_bundle writes the format keys itself; the final policy's in-training evaluation is not this one's
-    config: dict[str, Any] = {k: v for k, v in final.config.items() if k not in _NOT_INHERITED}
+    config: dict[str, Any] = {k: v for k, v in final.config.items() if k != "evaluation"}
     config["averaged"] = {
         "method": "uniform mean of the policy weights (stochastic weight averaging)",
         "checkpoints": steps,

@@ -643,20 +643,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints under ``checkpoint_dir``, oldest first (their names order by timesteps).
+
+    Leftover temporary directories of a killed run are ignored.
+    """
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return []
+    return sorted(
+        p for p in root.glob("step_*") if (p / CHECKPOINT_STATE).is_file() and (p / CHECKPOINT_MODEL).is_file()
+    )
+
+
 def find_latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint under ``checkpoint_dir`` (None if there is none).
 
     A ``step_*`` directory only ever appears complete (it is renamed into place after its last
     file is written), so this is the one with the most timesteps; ``latest.json`` names the same
     directory except in the instant between that rename and the pointer's own replacement.
-    Leftover temporary directories of a killed run are ignored.
     """
-    root = Path(checkpoint_dir)
-    if not root.is_dir():
-        return None
-    complete = sorted(
-        p for p in root.glob("step_*") if (p / CHECKPOINT_STATE).is_file() and (p / CHECKPOINT_MODEL).is_file()
-    )
+    complete = list_checkpoints(checkpoint_dir)
     return complete[-1] if complete else None
 
 
