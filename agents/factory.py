@@ -86,6 +86,7 @@ from hpo_env.tasks import DEFAULT_LR_SPREAD, FAMILIES
 __all__ = [
     "ALGORITHMS",
     "ActionChangePenalty",
+    "ReferenceBaseline",
     "PRESETS",
     "MetaAgentConfig",
     "get_preset",
@@ -158,6 +159,12 @@ class MetaAgentConfig:
             costs ``action_change_penalty * sum(|a_t - a_{t-1}|)`` (clipped actions), which discourages
             zig-zag schedules. 0 turns it off. Only the agent's reward is shaped: the environment's
             reward, the monitored returns and every evaluation stay the validation gain.
+        reference_reward: train on the validation gain *over a reference run*: every meta-training
+            task is also trained at the optimiser's default learning rate, from the same
+            initialisation and minibatch order, and the agent's reward is its own log-loss gain
+            minus the reference's (:class:`ReferenceBaseline`). A control variate for the policy
+            gradient; doubles the inner training work of meta-training. As for the penalty, the
+            monitored returns and every evaluation stay the validation gain.
         gradient_features: also observe the gradient features (``grad_cosine``, ``grad_norm``; see
             :mod:`hpo_env.features`). The policy's bundle records it, and the deployed scheduler then
             reads the optimiser's gradients at every step.
@@ -195,6 +202,7 @@ class MetaAgentConfig:
     lr_step_up: float | None = None
     lr_max_rise: float | None = None
     action_change_penalty: float = 0.0
+    reference_reward: bool = False
     init_lr_spread: float = DEFAULT_LR_SPREAD
     init_lr_center: float = 0.0
     gradient_features: bool = False
@@ -377,8 +385,9 @@ def make_meta_env(
             statistics and settings replace fresh ones, to resume training.
 
     Returns:
-        ``HPOVecEnv -> VecMonitor [-> ActionChangePenalty] -> VecNormalize`` (``-> VecFrameStack`` for
-        the framestack control); the penalty wrapper only when ``config.action_change_penalty > 0``.
+        ``HPOVecEnv -> VecMonitor [-> ReferenceBaseline] [-> ActionChangePenalty] -> VecNormalize``
+        (``-> VecFrameStack`` for the framestack control); the baseline wrapper only with
+        ``config.reference_reward``, the penalty wrapper only when ``config.action_change_penalty > 0``.
     """
     if not isinstance(config, MetaAgentConfig):
         raise TypeError(f"config must be a MetaAgentConfig, got {type(config).__name__}")
@@ -394,8 +403,11 @@ def make_meta_env(
         max_log10_above_initial=config.max_log10_above_initial,
         device=device,
         seed=seed,
+        reference_runs=config.reference_reward,
     )
     venv = VecMonitor(venv)
+    if config.reference_reward:
+        venv = ReferenceBaseline(venv)
     if config.action_change_penalty > 0:
         venv = ActionChangePenalty(venv, config.action_change_penalty)
     if vec_normalize_path is not None:
@@ -468,6 +480,32 @@ def make_meta_agent(
 
     kwargs.update(policy_kwargs or {})
     return PPO("MlpPolicy", env, policy_kwargs=kwargs, **common)
+
+
+class ReferenceBaseline(VecEnvWrapper):
+    """Training reward relative to a reference run: ``r_t - info["reference_gain"]``.
+
+    Over the environment built with ``reference_runs=True``, whose hidden twins train each task at
+    the optimiser's default learning rate from the same initialisation and minibatch order. An
+    episode's training return becomes ``log(L_1 / L_T) - log(R_1 / R_T)``: what the policy gained
+    over that constant default, with how much the task improves by itself taken out. The twin's
+    run does not depend on the agent's actions, so this is a control variate: it leaves what the
+    best policy is unchanged and removes variance from the returns. Sits above ``VecMonitor``, so
+    monitored episode returns stay the validation gain.
+    """
+
+    def step_wait(self):
+        obs, rewards, dones, infos = self.venv.step_wait()
+        try:
+            gains = np.array([info["reference_gain"] for info in infos], dtype=rewards.dtype)
+        except KeyError:
+            raise RuntimeError(
+                "ReferenceBaseline needs infos[i]['reference_gain']: build HPOVecEnv with reference_runs=True"
+            ) from None
+        return obs, rewards - gains, dones, infos
+
+    def reset(self) -> np.ndarray:
+        return self.venv.reset()
 
 
 class ActionChangePenalty(VecEnvWrapper):

@@ -12,10 +12,19 @@ episode with ``r = log(L_{t-1} / L_1) - divergence_penalty``, so a diverged epis
 ``-divergence_penalty`` however far it had got: diverging is never better than a run that ended
 ``divergence_penalty`` nats worse than its first interval. Losses are floored at ``LOSS_FLOOR``
 before the log.
+
+Reference runs (``reference_runs=True``, for meta-training): each slot also trains a hidden twin on
+the same task, from the same initialisation and minibatch order, at a constant learning rate equal
+to the optimiser's default (the benchmark's untuned baseline; the other hyperparameters as the task
+starts them). Its log-loss gain over the same interval is reported as ``info["reference_gain"]``
+(0 once the twin has diverged, and for the interval in which it diverges), so that a wrapper can
+train the agent on the gain *over* the default, a control variate that removes how much a task can
+improve by itself. The environment's own reward is unchanged. It doubles the inner training work.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,8 +32,8 @@ import numpy as np
 
 from hpo_env.actions import ActionDecoder
 from hpo_env.features import ObservationBuilder
-from hpo_env.tasks import TaskSpec
-from hpo_env.trainer import HPARAM_NAMES, BatchedTrainer
+from hpo_env.tasks import DEFAULT_HPARAMS, TaskSpec
+from hpo_env.trainer import HPARAM_NAMES, BatchedTrainer, ChunkResult
 
 __all__ = ["EpisodeBatch"]
 
@@ -47,6 +56,7 @@ class _Episode:
     diverged_at_start: bool = False
     done: bool = False
     initial_hp: np.ndarray | None = None  # the controlled values the run started with (for relative caps)
+    reference_val: float = np.nan  # last validation loss of the reference twin (nan once it diverged)
 
 
 class EpisodeBatch:
@@ -60,6 +70,8 @@ class EpisodeBatch:
         gradient_features: also observe the gradient features (:data:`~hpo_env.features.GRADIENT_FEATURES`).
         epochs_feature: also observe each run's planned number of epochs
             (:data:`~hpo_env.features.EPOCHS_FEATURE`).
+        reference_runs: also train each slot's task at the optimiser's default learning rate in a
+            hidden twin (slot ``n + i``) and report its gain per interval as ``info["reference_gain"]``.
     """
 
     def __init__(
@@ -71,13 +83,17 @@ class EpisodeBatch:
         divergence_penalty: float = 1.0,
         gradient_features: bool = False,
         epochs_feature: bool = False,
+        reference_runs: bool = False,
     ) -> None:
         if not divergence_penalty >= 0:
             raise ValueError(f"divergence_penalty must be >= 0, got {divergence_penalty}")
         self.n = n
         self.decoder = decoder
         self.gradient_features = bool(gradient_features)
-        self.trainer = BatchedTrainer(n, device=device, gradient_stats=self.gradient_features)
+        self.reference_runs = bool(reference_runs)
+        self.trainer = BatchedTrainer(
+            2 * n if self.reference_runs else n, device=device, gradient_stats=self.gradient_features
+        )
         self.epochs_feature = bool(epochs_feature)
         self.features = ObservationBuilder(
             decoder, n, gradient_features=self.gradient_features, epochs_feature=self.epochs_feature
@@ -104,8 +120,10 @@ class EpisodeBatch:
             hp[self._cols] = self.decoder.clip(hp[self._cols])
             self.trainer.set_hparams(s, hp)
             self.episodes[s] = _Episode(spec, initial_hp=hp[self._cols].copy())
+            if self.reference_runs:
+                self._load_reference(s, spec, hp)
         l0, _ = self.trainer.evaluate(slots)
-        res = self.trainer.train_chunk(slots)
+        res = self._train(slots)
         hps = np.stack([self.controlled(s) for s in slots])
         progress = np.array([1.0 / self.episodes[s].spec.num_decisions for s in slots])
         adaptive = np.array([self.episodes[s].spec.optimizer != "sgd" for s in slots])
@@ -172,6 +190,8 @@ class EpisodeBatch:
                     gradients=None if not self.gradient_features else ([np.nan], [np.nan]),
                 )[0]
                 infos[j] = self._info(s, np.nan, np.nan, np.nan, True)
+                if self.reference_runs:
+                    infos[j]["reference_gain"] = 0.0
         if not live:
             return obs, rewards, terminated, infos
         live_slots = [slots[j] for j in live]
@@ -180,7 +200,7 @@ class EpisodeBatch:
         full[:, self._cols] = self.decoder.decode(actions[live], full[:, self._cols], initial)  # one call for all slots
         for s, hp in zip(live_slots, full):
             self.trainer.set_hparams(s, hp)
-        res = self.trainer.train_chunk(live_slots)
+        res = self._train(live_slots)
         hps = full[:, self._cols]  # the controlled values just set (training does not change them)
         for ep_slot in live_slots:
             self.episodes[ep_slot].decision += 1
@@ -202,6 +222,8 @@ class EpisodeBatch:
                     finished.append(j)
             ep.done = bool(terminated[j])
             infos[j] = self._info(s, res.train_loss[i], res.val_loss[i], res.val_accuracy[i], bool(res.diverged[i]))
+            if self.reference_runs:
+                infos[j]["reference_gain"] = self._reference_gains.get(s, 0.0)
         if finished:
             test_loss, test_acc = self.trainer.evaluate([slots[j] for j in finished], split="test")
             for j, tl, ta in zip(finished, test_loss, test_acc):
@@ -212,6 +234,41 @@ class EpisodeBatch:
             ep = self.episodes[slots[j]]
             infos[j]["final_val_loss"] = ep.last_val if not infos[j]["diverged"] else float("nan")
         return obs, rewards, terminated, infos
+
+    # -- reference twins ----------------------------------------------------------------------
+    def _load_reference(self, s: int, spec: TaskSpec, hp: np.ndarray) -> None:
+        twin = self.n + s
+        self.trainer.load(twin, spec)  # same seed: same initialisation and minibatch order
+        ref = hp.copy()
+        ref[HPARAM_NAMES.index("lr")] = DEFAULT_HPARAMS[spec.optimizer]["lr"]
+        ref[self._cols] = self.decoder.clip(ref[self._cols])
+        self.trainer.set_hparams(twin, ref)
+        self.episodes[s].reference_val = np.nan
+
+    def _train(self, slots: list[int]) -> ChunkResult:
+        """Train ``slots`` for one interval, with their live reference twins in the same batched call.
+
+        Sets ``self._reference_gains`` (slot -> the twin's log-loss gain over this interval; 0 for a
+        twin that has diverged, in this interval or before) and returns the slots' own results.
+        """
+        self._reference_gains: dict[int, float] = {}
+        if not self.reference_runs:
+            return self.trainer.train_chunk(slots)
+        twins = [s for s in slots if self.episodes[s].decision == 0 or np.isfinite(self.episodes[s].reference_val)]
+        res = self.trainer.train_chunk(slots + [self.n + s for s in twins])
+        k = len(slots)
+        for i, s in enumerate(twins, start=k):
+            ep = self.episodes[s]
+            val = float(res.val_loss[i])
+            if res.diverged[i]:
+                ep.reference_val = np.nan
+            elif ep.decision == 0:  # the first interval, before any decision: no gain to report
+                ep.reference_val = val
+            else:
+                self._reference_gains[s] = _log_loss(ep.reference_val) - _log_loss(val)
+                ep.reference_val = val
+        own = {f.name: getattr(res, f.name) for f in dataclasses.fields(res)}
+        return ChunkResult(**{name: None if v is None else v[:k] for name, v in own.items()})
 
     def _gradients(self, res) -> tuple[np.ndarray, np.ndarray] | None:
         return (res.grad_cosine, res.grad_log_norm) if self.gradient_features else None

@@ -34,6 +34,10 @@ class HPOVecEnv(VecEnv):
             max_log10_above_initial, divergence_penalty, gradient_features, epochs_feature, device:
             as for :class:`~hpo_env.HPOEnv`.
         seed: seeds slot ``i`` with ``seed + i`` at the first reset (or use :meth:`seed`).
+        reference_runs: also train every slot's task at the optimiser's default learning rate in a
+            hidden twin and report the twin's log-loss gain over each interval as
+            ``infos[i]["reference_gain"]`` (for a baseline-relative training reward; the reward
+            itself is unchanged). Doubles the inner training work.
     """
 
     def __init__(
@@ -51,6 +55,7 @@ class HPOVecEnv(VecEnv):
         epochs_feature: bool = False,
         device: str = "cpu",
         seed: int | None = None,
+        reference_runs: bool = False,
     ) -> None:
         if int(num_envs) < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
@@ -65,6 +70,7 @@ class HPOVecEnv(VecEnv):
             divergence_penalty=divergence_penalty,
             gradient_features=gradient_features,
             epochs_feature=epochs_feature,
+            reference_runs=reference_runs,
         )
         k = self.decoder.num_actions
         observation_space = gym.spaces.Box(-OBS_BOUND, OBS_BOUND, (self._batch.obs_dim,), np.float32)

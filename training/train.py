@@ -133,6 +133,8 @@ class TrainSettings:
     """Cap the learning rate at 10**d times the run's initial one, in meta-training and deployment; 0 turns the cap off (default: the preset's: full 1.5, quick none)."""
     action_change_penalty: float | None = None
     """Training-only reward cost per unit of action change between decisions; 0 is off (default: the preset's)."""
+    reference_reward: bool | None = None
+    """Train on the gain over a reference run of each task at the optimiser's default LR (same initialisation and minibatches): a control variate; doubles the inner training work (default: the preset's, off)."""
     init_lr_spread: float | None = None
     """Meta-training tasks start from the optimiser's default LR times 10**U(-s, s); s in decades (default: the preset's: full 1.0, quick 0.5 as the benchmark's tasks)."""
     init_lr_center: float | None = None
@@ -234,6 +236,7 @@ class TrainSettings:
             lr_step_up=self.lr_step_up,
             lr_max_rise=None if self.lr_max_rise == 0 else self.lr_max_rise,
             action_change_penalty=self.action_change_penalty,
+            reference_reward=self.reference_reward,
             init_lr_spread=self.init_lr_spread,
             init_lr_center=self.init_lr_center,
             gradient_features=self.gradient_features,
