@@ -19,7 +19,7 @@ from stable_baselines3.common.vec_env import VecFrameStack, VecMonitor, VecNorma
 
 import training.callbacks as callbacks_module
 from agents import PRESETS, MetaAgentConfig, get_preset, load_bundle, make_meta_agent, make_meta_env
-from agents.factory import ActionChangePenalty
+from agents.factory import ActionChangePenalty, ReferenceBaseline
 from hpo_env import SPLITS, HPOVecEnv, TaskDistribution
 from training.callbacks import (
     find_latest_checkpoint,
@@ -556,3 +556,31 @@ def test_one_seed_makes_one_policy(tiny_meta_training):
     other, _ = trained(tiny_meta_training("--seed", "7", run_name="c"))
     assert all(np.array_equal(first[k], again[k]) for k in first) and np.array_equal(mean, mean_again)
     assert not all(np.array_equal(first[k], other[k]) for k in first)
+
+
+def test_reference_reward_trains_on_the_gain_over_the_default_lr_twin():
+    config = get_preset("quick", task_distribution="toy", n_envs=2, reference_reward=True)
+    assert parse_settings(["--reference-reward"]).agent_config().reference_reward
+    assert not parse_settings([]).agent_config().reference_reward and not PRESETS["full"].reference_reward
+    env = make_meta_env(config, seed=0)
+    relative = env.venv
+    assert isinstance(relative, ReferenceBaseline) and isinstance(relative.venv, VecMonitor)
+    env.reset()
+    finished, agent_returns, twin_gains = 0, np.zeros(2), np.zeros(2)
+    for _ in range(40):
+        _, reward, done, infos = relative.step(np.zeros((2, 2), np.float32))
+        agent_returns += reward
+        twin_gains += [info["reference_gain"] for info in infos]
+        for i in np.flatnonzero(done):
+            # The monitor sees the validation gain log(L_1 / L_T); the agent that gain minus the twin's.
+            monitored = infos[i]["episode"]["r"]
+            np.testing.assert_allclose(monitored, np.log(infos[i]["first_val_loss"] / infos[i]["val_loss"]), rtol=1e-4)
+            np.testing.assert_allclose(agent_returns[i], monitored - twin_gains[i], rtol=1e-4, atol=1e-5)
+            assert abs(twin_gains[i]) > 1e-3  # the twin trained: the two returns differ
+            finished, agent_returns[i], twin_gains[i] = finished + 1, 0.0, 0.0
+    assert finished >= 2
+    # Without the environment's reference runs the wrapper has nothing to subtract.
+    bare = ReferenceBaseline(VecMonitor(HPOVecEnv(1, "toy", seed=0)))
+    bare.reset()
+    with pytest.raises(RuntimeError, match="reference_runs=True"):
+        bare.step(np.zeros((1, 2), np.float32))

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from hpo_env import HPOEnv, HPOVecEnv, TaskDistribution
+from hpo_env import HPOEnv, HPOVecEnv, TaskDistribution, make_distribution
+from hpo_env.tasks import DEFAULT_HPARAMS
 
 
 def _compare(vec: HPOVecEnv, envs: list[HPOEnv], seed: int, n_steps: int, rng) -> int:
@@ -115,3 +118,52 @@ def test_a_relative_cap_holds_in_every_slot_across_automatic_resets():
             assert lr <= start * 10**0.3 * (1 + 1e-12)
             capped += lr == pytest.approx(start * 10**0.3)
     assert capped > 40  # most steps push against the cap
+
+
+def _default_lr_task(dist: TaskDistribution, seed: int):
+    spec = dist.sample(np.random.default_rng(seed))
+    return dataclasses.replace(spec, lr=DEFAULT_HPARAMS[spec.optimizer]["lr"])
+
+
+def test_reference_runs_report_the_default_lr_twins_gain_and_leave_the_reward_alone():
+    dist = make_distribution("toy")
+    specs = [_default_lr_task(dist, 0), dataclasses.replace(_default_lr_task(dist, 1), lr=0.3)]
+    with_ref, plain = HPOVecEnv(2, dist, reference_runs=True), HPOVecEnv(2, dist)
+    for vec in (with_ref, plain):
+        vec.set_options([{"task": s} for s in specs])
+        vec.reset()
+    assert with_ref.trainer.n_slots == 4 and plain.trainer.n_slots == 2  # one hidden twin per slot
+    down = np.array([[0.0, 0.0], [-0.5, 0.0]], np.float32)
+    gains = []
+    for _ in range(specs[0].num_decisions - 1):
+        _, r_ref, done_ref, info_ref = with_ref.step(down)
+        _, r_plain, done_plain, _ = plain.step(down)
+        np.testing.assert_allclose(r_ref, r_plain, rtol=1e-5, atol=1e-6)  # the environment's reward is unchanged
+        assert (done_ref == done_plain).all()
+        gains.append([i["reference_gain"] for i in info_ref])
+        if done_ref.any():
+            break
+    gains = np.array(gains)
+    assert done_ref[0] and np.isfinite(gains).all()
+    # Slot 0 starts at the default LR and keeps it: its twin is the same run, so the gains agree.
+    # Slot 1 starts 0.3 and is cut: its twin still runs at the default, a different run.
+    np.testing.assert_allclose(
+        gains[:, 0].sum(), np.log(info_ref[0]["first_val_loss"] / info_ref[0]["val_loss"]), rtol=1e-4
+    )
+    assert not np.allclose(gains[:, 1], 0)
+
+
+def test_a_diverging_reference_run_stops_counting(monkeypatch):
+    """A twin that diverges (here: a default LR far too high) reports no gain from then on."""
+    import hpo_env.core
+
+    dist = make_distribution("toy")
+    spec = _default_lr_task(dist, 0)
+    monkeypatch.setitem(hpo_env.core.DEFAULT_HPARAMS, spec.optimizer, {**DEFAULT_HPARAMS[spec.optimizer], "lr": 1e4})
+    vec = HPOVecEnv(1, dist, reference_runs=True, bounds={"lr": (1e-6, 1e4)})
+    vec.set_options({"task": spec})
+    vec.reset()
+    for _ in range(3):
+        _, reward, done, infos = vec.step(np.zeros((1, 2), np.float32))
+        assert infos[0]["reference_gain"] == 0.0 and not done[0] and np.isfinite(reward).all()
+    assert np.isnan(vec._batch.episodes[0].reference_val)  # the twin diverged in its first interval
