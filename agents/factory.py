@@ -86,6 +86,7 @@ from hpo_env.tasks import DEFAULT_LR_SPREAD, FAMILIES
 __all__ = [
     "ALGORITHMS",
     "ActionChangePenalty",
+    "GroupRelativeReward",
     "ReferenceBaseline",
     "PRESETS",
     "MetaAgentConfig",
@@ -165,6 +166,11 @@ class MetaAgentConfig:
             minus the reference's (:class:`ReferenceBaseline`). A control variate for the policy
             gradient; doubles the inner training work of meta-training. As for the penalty, the
             monitored returns and every evaluation stay the validation gain.
+        task_group_size: train each meta-training task in this many slots side by side, from the
+            same initialisation and minibatch order, and reward each slot with its gain minus the
+            group's mean (:class:`GroupRelativeReward`, the baseline of RLOO and GRPO): only what the
+            actions changed is left in the returns. Costs no extra inner training, but a rollout
+            sees ``n_envs / task_group_size`` tasks. 1 turns it off; it must divide ``n_envs``.
         gradient_features: also observe the gradient features (``grad_cosine``, ``grad_norm``; see
             :mod:`hpo_env.features`). The policy's bundle records it, and the deployed scheduler then
             reads the optimiser's gradients at every step.
@@ -203,6 +209,7 @@ class MetaAgentConfig:
     lr_max_rise: float | None = None
     action_change_penalty: float = 0.0
     reference_reward: bool = False
+    task_group_size: int = 1
     init_lr_spread: float = DEFAULT_LR_SPREAD
     init_lr_center: float = 0.0
     gradient_features: bool = False
@@ -246,6 +253,16 @@ class MetaAgentConfig:
             raise ValueError(
                 "MetaAgentConfig.action_change_penalty must lie in [0, 1) (reward units per unit of action"
                 f" change; 0.01 is a mild setting), got {self.action_change_penalty!r}"
+            )
+        if not isinstance(self.task_group_size, int) or self.task_group_size < 1 or self.n_envs % self.task_group_size:
+            raise ValueError(
+                f"MetaAgentConfig.task_group_size must be a positive integer dividing n_envs = {self.n_envs},"
+                f" got {self.task_group_size!r}"
+            )
+        if self.task_group_size > 1 and self.reference_reward:
+            raise ValueError(
+                "MetaAgentConfig: reference_reward and task_group_size > 1 are two baselines for the same reward;"
+                " the group's mean would cancel the reference run. Choose one"
             )
         if isinstance(self.task_distribution, TaskDistribution):
             raise TypeError("MetaAgentConfig.task_distribution is a name; pass a TaskDistribution to make_meta_env")
@@ -385,9 +402,10 @@ def make_meta_env(
             statistics and settings replace fresh ones, to resume training.
 
     Returns:
-        ``HPOVecEnv -> VecMonitor [-> ReferenceBaseline] [-> ActionChangePenalty] -> VecNormalize``
-        (``-> VecFrameStack`` for the framestack control); the baseline wrapper only with
-        ``config.reference_reward``, the penalty wrapper only when ``config.action_change_penalty > 0``.
+        ``HPOVecEnv -> VecMonitor [-> ReferenceBaseline | GroupRelativeReward] [-> ActionChangePenalty]
+        -> VecNormalize`` (``-> VecFrameStack`` for the framestack control); a baseline wrapper only with
+        ``config.reference_reward`` or ``config.task_group_size > 1``, the penalty wrapper only when
+        ``config.action_change_penalty > 0``.
     """
     if not isinstance(config, MetaAgentConfig):
         raise TypeError(f"config must be a MetaAgentConfig, got {type(config).__name__}")
@@ -404,10 +422,13 @@ def make_meta_env(
         device=device,
         seed=seed,
         reference_runs=config.reference_reward,
+        task_group_size=config.task_group_size,
     )
     venv = VecMonitor(venv)
     if config.reference_reward:
         venv = ReferenceBaseline(venv)
+    if config.task_group_size > 1:
+        venv = GroupRelativeReward(venv)
     if config.action_change_penalty > 0:
         venv = ActionChangePenalty(venv, config.action_change_penalty)
     if vec_normalize_path is not None:
@@ -506,6 +527,46 @@ class ReferenceBaseline(VecEnvWrapper):
 
     def reset(self) -> np.ndarray:
         return self.venv.reset()
+
+
+class GroupRelativeReward(VecEnvWrapper):
+    """Training reward relative to the slot's group: ``r_t - mean(r_t over the group)``.
+
+    Over an ``HPOVecEnv`` built with ``task_group_size = G > 1``, whose groups of G slots train
+    the same task from the same initialisation and minibatch order, in step. An episode's
+    training return becomes ``log(L_1 / L_T)`` minus the group's mean of it: what this run's
+    actions gained over its siblings', with everything the task decides (how far it can improve,
+    how noisy it is) taken out, as in RLOO or GRPO. Up to the factor ``(G - 1) / G`` it is the
+    leave-one-out baseline, which does not depend on this slot's actions, so the policy gradient
+    stays unbiased. Sits above ``VecMonitor``, so monitored episode returns stay the validation gain.
+    """
+
+    def __init__(self, venv: VecEnv) -> None:
+        super().__init__(venv)
+        (size,) = set(venv.get_attr("task_group_size")) if _has_attr(venv, "task_group_size") else {1}
+        if size < 2:
+            raise ValueError(
+                "GroupRelativeReward needs slots that share tasks: build HPOVecEnv with task_group_size >= 2"
+                f" (got {size})"
+            )
+        self.group_size = int(size)
+
+    def step_wait(self):
+        obs, rewards, dones, infos = self.venv.step_wait()
+        grouped = rewards.reshape(-1, self.group_size)
+        relative = (grouped - grouped.mean(axis=1, keepdims=True)).reshape(rewards.shape)
+        return obs, relative.astype(rewards.dtype), dones, infos
+
+    def reset(self) -> np.ndarray:
+        return self.venv.reset()
+
+
+def _has_attr(venv: VecEnv, name: str) -> bool:
+    try:
+        venv.get_attr(name, indices=[0])
+    except AttributeError:
+        return False
+    return True
 
 
 class ActionChangePenalty(VecEnvWrapper):

@@ -34,6 +34,12 @@ class HPOVecEnv(VecEnv):
             max_log10_above_initial, divergence_penalty, gradient_features, epochs_feature, device:
             as for :class:`~hpo_env.HPOEnv`.
         seed: seeds slot ``i`` with ``seed + i`` at the first reset (or use :meth:`seed`).
+        task_group_size: slots ``[kG, (k + 1)G)`` form a group that always trains the same task
+            from the same initialisation and minibatch order (the group leader ``kG`` draws it from
+            its generator), started together; when one of them ends (a divergence), the others
+            are truncated (``infos[i]["TimeLimit.truncated"]``) and the whole group starts its next
+            task. Their actions alone differ, so comparing their returns (a group baseline, as
+            :class:`agents.factory.GroupRelativeReward` does) measures what the actions did. 1: off.
         reference_runs: also train every slot's task at the optimiser's default learning rate in a
             hidden twin and report the twin's log-loss gain over each interval as
             ``infos[i]["reference_gain"]`` (for a baseline-relative training reward; the reward
@@ -55,10 +61,17 @@ class HPOVecEnv(VecEnv):
         epochs_feature: bool = False,
         device: str = "cpu",
         seed: int | None = None,
+        task_group_size: int = 1,
         reference_runs: bool = False,
     ) -> None:
         if int(num_envs) < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        if not isinstance(task_group_size, int) or task_group_size < 1 or int(num_envs) % task_group_size:
+            raise ValueError(
+                f"task_group_size must be a positive integer that divides num_envs = {num_envs} (slots that share"
+                f" a task), got {task_group_size!r}"
+            )
+        self.task_group_size = task_group_size
         self.task_distribution = make_distribution(task_distribution)
         self.decoder = ActionDecoder(
             hyperparameters, bounds, max_log10_change, max_log10_increase, max_log10_above_initial
@@ -122,9 +135,25 @@ class HPOVecEnv(VecEnv):
             raise TypeError(f"options['task'] must be a TaskSpec, got {type(task).__name__}")
         return task if task is not None else self.task_distribution.sample(self._rngs[i])
 
+    def _leader(self, i: int) -> int:
+        return i - i % self.task_group_size
+
+    def _group_tasks(self, specs: list[TaskSpec]) -> list[TaskSpec]:
+        """Every slot of a group gets its leader's task; a different task asked for a member is refused."""
+        grouped = [specs[self._leader(i)] for i in range(len(specs))]
+        for i, (own, leader) in enumerate(zip(specs, grouped)):
+            if own is not leader and self._options[i] and self._options[i].get("task") not in (None, leader):
+                raise ValueError(
+                    f"slot {i} shares the task of slot {self._leader(i)} (task_group_size = {self.task_group_size});"
+                    " set options['task'] for the group's first slot only, or for every slot of the group alike"
+                )
+        return grouped
+
     def reset(self) -> np.ndarray:
         slots = list(range(self.num_envs))
         specs = [self._next_task(i) for i in slots]
+        if self.task_group_size > 1:
+            specs = self._group_tasks(specs)
         obs, infos = self._batch.start(slots, specs)
         self.reset_infos = infos
         # Seeds and options apply to one reset only (SB3 convention).
@@ -142,17 +171,27 @@ class HPOVecEnv(VecEnv):
         actions = self._actions.reshape(self.num_envs, -1)
         self._actions = None
         obs, rewards, terminated, infos = self._batch.step(slots, actions)
-        done = np.flatnonzero(terminated)
+        dones = terminated.copy()
+        if self.task_group_size > 1:  # a group ends together: truncate the members still running
+            g = self.task_group_size
+            dones = np.repeat(terminated.reshape(-1, g).any(axis=1), g)
+        done = np.flatnonzero(dones)
         if len(done):
             for j in done:
                 infos[j]["terminal_observation"] = obs[j].copy()
-                infos[j]["TimeLimit.truncated"] = False
-            specs = [self._next_task(int(j), explicit_reset=False) for j in done]
+                infos[j]["TimeLimit.truncated"] = not terminated[j]
+            tasks = {}  # group leaders draw the next task; members take theirs
+            specs = []
+            for j in done.tolist():
+                leader = self._leader(j)
+                if leader not in tasks:
+                    tasks[leader] = self._next_task(leader, explicit_reset=False)
+                specs.append(tasks[leader])
             new_obs, reset_infos = self._batch.start(done.tolist(), specs)
             obs[done] = new_obs
             for j, info in zip(done, reset_infos):
                 self.reset_infos[j] = info
-        return obs, rewards.astype(np.float32), terminated.copy(), infos
+        return obs, rewards.astype(np.float32), dones, infos
 
     def close(self) -> None:
         pass

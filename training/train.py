@@ -135,6 +135,8 @@ class TrainSettings:
     """Training-only reward cost per unit of action change between decisions; 0 is off (default: the preset's)."""
     reference_reward: bool | None = None
     """Train on the gain over a reference run of each task at the optimiser's default LR (same initialisation and minibatches): a control variate; doubles the inner training work (default: the preset's, off)."""
+    task_group_size: int | None = None
+    """Train each meta-training task in this many slots at once (same initialisation and minibatches), rewarding each with its gain over the group's mean; must divide --n-envs; 1: off (default: the preset's, 1)."""
     init_lr_spread: float | None = None
     """Meta-training tasks start from the optimiser's default LR times 10**U(-s, s); s in decades (default: the preset's: full 1.0, quick 0.5 as the benchmark's tasks)."""
     init_lr_center: float | None = None
@@ -181,7 +183,16 @@ class TrainSettings:
     """0: quiet; 1: a line per evaluation and the final summary."""
 
     def __post_init__(self) -> None:
-        for name in ("total_timesteps", "n_envs", "eval_tasks", "eval_seeds", "n_steps", "batch_size", "n_epochs"):
+        for name in (
+            "total_timesteps",
+            "n_envs",
+            "eval_tasks",
+            "eval_seeds",
+            "n_steps",
+            "batch_size",
+            "n_epochs",
+            "task_group_size",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{_flag(name)} must be >= 1, got {value}")
@@ -237,6 +248,7 @@ class TrainSettings:
             lr_max_rise=None if self.lr_max_rise == 0 else self.lr_max_rise,
             action_change_penalty=self.action_change_penalty,
             reference_reward=self.reference_reward,
+            task_group_size=self.task_group_size,
             init_lr_spread=self.init_lr_spread,
             init_lr_center=self.init_lr_center,
             gradient_features=self.gradient_features,
