@@ -19,7 +19,7 @@ from stable_baselines3.common.vec_env import VecFrameStack, VecMonitor, VecNorma
 
 import training.callbacks as callbacks_module
 from agents import PRESETS, MetaAgentConfig, get_preset, load_bundle, make_meta_agent, make_meta_env
-from agents.factory import ActionChangePenalty, ReferenceBaseline
+from agents.factory import ActionChangePenalty, GroupRelativeReward, ReferenceBaseline
 from hpo_env import SPLITS, HPOVecEnv, TaskDistribution
 from training.callbacks import (
     find_latest_checkpoint,
@@ -584,3 +584,36 @@ def test_reference_reward_trains_on_the_gain_over_the_default_lr_twin():
     bare.reset()
     with pytest.raises(RuntimeError, match="reference_runs=True"):
         bare.step(np.zeros((1, 2), np.float32))
+
+
+def test_task_groups_train_on_the_gain_over_the_groups_mean():
+    config = get_preset("quick", task_distribution="toy", n_envs=4, task_group_size=2)
+    assert parse_settings(["--task-group-size", "2"]).agent_config().task_group_size == 2
+    assert PRESETS["full"].task_group_size == 1
+    env = make_meta_env(config, seed=0)
+    relative = env.venv
+    assert isinstance(relative, GroupRelativeReward) and isinstance(relative.venv, VecMonitor)
+    relative.reset()
+    rng = np.random.default_rng(0)
+    agent, episodes, compared = np.zeros(4), 0, 0
+    for _ in range(30):
+        _, reward, done, infos = relative.step(rng.uniform(-0.5, 0.5, (4, 2)).astype(np.float32))
+        np.testing.assert_allclose(reward.reshape(2, 2).sum(axis=1), 0, atol=1e-6)  # zero-sum within a group
+        agent += reward
+        for i in np.flatnonzero(done):
+            episodes += 1
+            monitored = infos[i]["episode"]["r"]  # the validation gain log(L_1 / L_T), unshaped
+            np.testing.assert_allclose(monitored, np.log(infos[i]["first_val_loss"] / infos[i]["val_loss"]), rtol=1e-4)
+            sibling = i ^ 1
+            if done[sibling]:  # both ended: the agent's return is half the difference of the two gains
+                other = np.log(infos[sibling]["first_val_loss"] / infos[sibling]["val_loss"])
+                np.testing.assert_allclose(agent[i], (monitored - other) / 2, rtol=1e-3, atol=1e-5)
+                compared += 1
+        agent[done] = 0.0
+    assert episodes >= 4 and compared >= 4
+    with pytest.raises(ValueError, match="task_group_size must be a positive integer dividing n_envs = 16"):
+        get_preset("quick", task_group_size=3)
+    with pytest.raises(ValueError, match="reference_reward and task_group_size > 1 are two baselines"):
+        get_preset("quick", task_group_size=2, reference_reward=True)
+    with pytest.raises(ValueError, match="build HPOVecEnv with task_group_size >= 2"):
+        GroupRelativeReward(VecMonitor(HPOVecEnv(2, "toy")))

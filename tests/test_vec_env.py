@@ -167,3 +167,57 @@ def test_a_diverging_reference_run_stops_counting(monkeypatch):
         _, reward, done, infos = vec.step(np.zeros((1, 2), np.float32))
         assert infos[0]["reference_gain"] == 0.0 and not done[0] and np.isfinite(reward).all()
     assert np.isnan(vec._batch.episodes[0].reference_val)  # the twin diverged in its first interval
+
+
+def test_task_groups_train_one_task_in_step_and_restart_together():
+    dist = make_distribution("toy")
+    vec = HPOVecEnv(4, dist, task_group_size=2, seed=0)
+    vec.reset()
+    tasks = vec.tasks()
+    assert tasks[0] == tasks[1] and tasks[2] == tasks[3] and tasks[0] != tasks[2]
+    same = np.array([[0.3, 0.0], [0.3, 0.0], [-0.4, 0.1], [0.2, 0.1]], np.float32)
+    obs, rewards, dones, _ = vec.step(same)
+    # Same task, same initialisation and minibatches: the same actions give the same run.
+    np.testing.assert_allclose(obs[0], obs[1], rtol=1e-5, atol=1e-6)
+    assert rewards[0] == pytest.approx(rewards[1], rel=1e-5, abs=1e-7) and rewards[2] != pytest.approx(rewards[3])
+    finished = []
+    for _ in range(60):
+        obs, rewards, dones, infos = vec.step(same)
+        if dones.any():
+            assert dones.reshape(2, 2).all(axis=1).any() and (dones.reshape(2, 2).sum(axis=1) != 1).all()
+            new = vec.tasks()
+            assert new[0] == new[1] and new[2] == new[3]
+            finished.append(dones.copy())
+    assert len(finished) >= 3
+
+
+def test_a_divergence_in_a_task_group_truncates_its_siblings():
+    dist = make_distribution("toy")
+    spec = dataclasses.replace(dist.sample(np.random.default_rng(0)), optimizer="sgd", lr=0.1)
+    vec = HPOVecEnv(2, dist, task_group_size=2, seed=0)
+    vec.set_options({"task": spec})
+    vec.reset()
+    up_and_down = np.array([[1.0, 0.0], [-0.5, 0.0]], np.float32)  # slot 0 raises SGD's LR until it diverges
+    for _ in range(spec.num_decisions):
+        obs, _, dones, infos = vec.step(up_and_down)
+        if dones.any():
+            break
+    assert dones.all() and infos[0]["diverged"] and not infos[1]["diverged"]
+    assert infos[0]["TimeLimit.truncated"] is False and infos[1]["TimeLimit.truncated"] is True  # SB3 bootstraps it
+    assert np.isfinite(infos[1]["terminal_observation"]).all()
+    new = vec.tasks()
+    assert new[0] == new[1] != spec  # the group restarted on the leader's next task
+
+
+def test_task_group_size_must_divide_the_slots_and_members_share_the_leaders_task():
+    with pytest.raises(ValueError, match="task_group_size must be a positive integer that divides num_envs = 3"):
+        HPOVecEnv(3, "toy", task_group_size=2)
+    dist = make_distribution("toy")
+    a, b = (dist.sample(np.random.default_rng(s)) for s in (0, 1))
+    vec = HPOVecEnv(2, dist, task_group_size=2)
+    vec.set_options([{"task": a}, {"task": b}])
+    with pytest.raises(ValueError, match="slot 1 shares the task of slot 0"):
+        vec.reset()
+    vec.set_options([{"task": a}, {}])
+    vec.reset()
+    assert vec.tasks() == [a, a]
