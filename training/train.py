@@ -592,10 +592,15 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
     remaining = budget.total_timesteps - start_timesteps
     if settings.verbose:
         what = f"resuming {run_dir} at {start_timesteps:,} timesteps" if checkpoint is not None else f"run {run_dir}"
+        slots = f"{config.n_envs} slots"
+        if config.task_group_size > 1:
+            slots += f" ({config.n_envs // config.task_group_size} tasks x {config.task_group_size}, group baseline)"
+        elif config.reference_reward:
+            slots += " (+ default-LR reference runs)"
         print(
-            f"hpo-train: {what}; {config.algorithm} agent, {config.n_envs} slots x {config.n_steps} steps per rollout, "
-            f"{budget.total_timesteps:,} timesteps; held-out evaluation on {len(eval_tasks)} tasks every "
-            f"{budget.eval_freq:,}",
+            f"hpo-train: {what}; {config.algorithm} agent, {slots} x {config.n_steps} steps per rollout, "
+            f"{budget.total_timesteps:,} timesteps; held-out evaluation on {len(eval_tasks)} tasks "
+            + (f"every {budget.eval_freq:,}" if budget.eval_freq else "at the end"),
             flush=True,
         )
     if checkpoint is None and settings.imitation_tasks > 0:
