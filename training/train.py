@@ -165,6 +165,8 @@ class TrainSettings:
     """Decay the meta-agent's learning rate linearly from --learning-rate to this over the run (default: the preset's, constant)."""
     gamma: float | None = None
     """Discount of the meta-agent's returns; 1 makes an episode's return exactly log(L_1 / L_T) (default: the preset's, 0.995)."""
+    gae_lambda: float | None = None
+    """GAE's lambda: 1 uses whole observed returns (the critic only as a baseline), lower values lean on the critic's estimates (default: the preset's, 0.95)."""
     n_steps: int | None = None
     """Decisions per slot per rollout (default: the preset's; at least one whole episode)."""
     batch_size: int | None = None
@@ -256,6 +258,7 @@ class TrainSettings:
             learning_rate=self.learning_rate,
             learning_rate_end=self.learning_rate_end,
             gamma=self.gamma,
+            gae_lambda=self.gae_lambda,
             n_steps=self.n_steps,
             batch_size=self.batch_size,
             n_epochs=self.n_epochs,
