@@ -532,13 +532,17 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     assert os.path.getsize(paths[2] / "rng_state.pt") > 0
 
 
-def test_gamma_reaches_the_agent_and_the_cli():
-    config = parse_settings(["--gamma", "1.0", "--task-distribution", "toy", "--n-envs", "2"]).agent_config()
-    assert config.gamma == 1.0 and parse_settings([]).agent_config().gamma == 0.995
+def test_gamma_and_gae_lambda_reach_the_agent_and_the_cli():
+    argv = ["--gamma", "1.0", "--gae-lambda", "0.9", "--task-distribution", "toy", "--n-envs", "2"]
+    config = parse_settings(argv).agent_config()
+    assert (config.gamma, config.gae_lambda) == (1.0, 0.9)
+    assert (parse_settings([]).agent_config().gamma, parse_settings([]).agent_config().gae_lambda) == (0.995, 0.95)
     model = make_meta_agent(make_meta_env(config, seed=0), config, seed=0, device="cpu")
-    assert model.gamma == 1.0
+    assert (model.gamma, model.gae_lambda) == (1.0, 0.9)
     with pytest.raises(ValueError, match="gamma"):
         parse_settings(["--gamma", "1.5"]).agent_config()
+    with pytest.raises(ValueError, match="gae_lambda"):
+        parse_settings(["--gae-lambda", "0"]).agent_config()
 
 
 def test_one_seed_makes_one_policy(tiny_meta_training):
