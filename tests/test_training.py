@@ -593,7 +593,8 @@ def test_reference_reward_trains_on_the_gain_over_the_default_lr_twin():
 def test_task_groups_train_on_the_gain_over_the_groups_mean():
     config = get_preset("quick", task_distribution="toy", n_envs=4, task_group_size=2)
     assert parse_settings(["--task-group-size", "2"]).agent_config().task_group_size == 2
-    assert PRESETS["full"].task_group_size == 1
+    assert PRESETS["full"].task_group_size == 2 and PRESETS["full"].gae_lambda == 1.0
+    assert PRESETS["quick"].task_group_size == 1
     env = make_meta_env(config, seed=0)
     relative = env.venv
     assert isinstance(relative, GroupRelativeReward) and isinstance(relative.venv, VecMonitor)

@@ -136,7 +136,7 @@ class TrainSettings:
     reference_reward: bool | None = None
     """Train on the gain over a reference run of each task at the optimiser's default LR (same initialisation and minibatches): a control variate; doubles the inner training work (default: the preset's, off)."""
     task_group_size: int | None = None
-    """Train each meta-training task in this many slots at once (same initialisation and minibatches), rewarding each with its gain over the group's mean; must divide --n-envs; 1: off (default: the preset's, 1)."""
+    """Train each meta-training task in this many slots at once (same initialisation and minibatches), rewarding each with its gain over the group's mean; must divide --n-envs; 1: off (default: the preset's: full 2, quick 1)."""
     init_lr_spread: float | None = None
     """Meta-training tasks start from the optimiser's default LR times 10**U(-s, s); s in decades (default: the preset's: full 1.0, quick 0.5 as the benchmark's tasks)."""
     init_lr_center: float | None = None
@@ -166,7 +166,7 @@ class TrainSettings:
     gamma: float | None = None
     """Discount of the meta-agent's returns; 1 makes an episode's return exactly log(L_1 / L_T) (default: the preset's, 0.995)."""
     gae_lambda: float | None = None
-    """GAE's lambda: 1 uses whole observed returns (the critic only as a baseline), lower values lean on the critic's estimates (default: the preset's, 0.95)."""
+    """GAE's lambda: 1 uses whole observed returns (the critic only as a baseline), lower values lean on the critic's estimates (default: the preset's: full 1.0, quick 0.95)."""
     n_steps: int | None = None
     """Decisions per slot per rollout (default: the preset's; at least one whole episode)."""
     batch_size: int | None = None
