@@ -622,3 +622,14 @@ def test_task_groups_train_on_the_gain_over_the_groups_mean():
         get_preset("quick", task_group_size=2, reference_reward=True)
     with pytest.raises(ValueError, match="build HPOVecEnv with task_group_size >= 2"):
         GroupRelativeReward(VecMonitor(HPOVecEnv(2, "toy")))
+
+
+def test_resuming_a_full_run_made_before_task_groups_keeps_them_off(tmp_path):
+    run = tmp_path / "old"
+    run.mkdir()
+    settings = parse_settings(["--preset", "full", "--run-name", "old"]).to_dict()
+    del settings["task_group_size"], settings["gae_lambda"]  # a settings.json written before the options existed
+    (run / "settings.json").write_text(json.dumps(settings))
+    config = parse_settings(["--resume", str(run)]).agent_config()
+    assert (config.task_group_size, config.gae_lambda) == (1, 0.95)
+    assert parse_settings(["--preset", "full"]).agent_config().task_group_size == 2  # a new run gets the preset's

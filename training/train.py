@@ -385,7 +385,7 @@ def parse_settings(argv: list[str] | None = None, prog: str = "hpo-train") -> Tr
 
 
 #: What a run made before a setting existed did, where that is not the setting's default today.
-_BEFORE_IT_EXISTED = {"epochs_feature": False}
+_BEFORE_IT_EXISTED = {"epochs_feature": False, "task_group_size": 1, "gae_lambda": 0.95}
 
 
 def _resumed_settings(run_dir: Path, given: dict[str, Any]) -> TrainSettings:
