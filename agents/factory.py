@@ -552,7 +552,7 @@ class GroupRelativeReward(VecEnvWrapper):
 
     def __init__(self, venv: VecEnv) -> None:
         super().__init__(venv)
-        (size,) = set(venv.get_attr("task_group_size")) if _has_attr(venv, "task_group_size") else {1}
+        size = getattr(venv.unwrapped, "task_group_size", 1)
         if size < 2:
             raise ValueError(
                 "GroupRelativeReward needs slots that share tasks: build HPOVecEnv with task_group_size >= 2"
@@ -568,14 +568,6 @@ class GroupRelativeReward(VecEnvWrapper):
 
     def reset(self) -> np.ndarray:
         return self.venv.reset()
-
-
-def _has_attr(venv: VecEnv, name: str) -> bool:
-    try:
-        venv.get_attr(name, indices=[0])
-    except AttributeError:
-        return False
-    return True
 
 
 class ActionChangePenalty(VecEnvWrapper):

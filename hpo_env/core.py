@@ -243,7 +243,6 @@ class EpisodeBatch:
         ref[HPARAM_NAMES.index("lr")] = DEFAULT_HPARAMS[spec.optimizer]["lr"]
         ref[self._cols] = self.decoder.clip(ref[self._cols])
         self.trainer.set_hparams(twin, ref)
-        self.episodes[s].reference_val = np.nan
 
     def _train(self, slots: list[int]) -> ChunkResult:
         """Train ``slots`` for one interval, with their live reference twins in the same batched call.
@@ -268,7 +267,7 @@ class EpisodeBatch:
                 self._reference_gains[s] = _log_loss(ep.reference_val) - _log_loss(val)
                 ep.reference_val = val
         own = {f.name: getattr(res, f.name) for f in dataclasses.fields(res)}
-        return ChunkResult(**{name: None if v is None else v[:k] for name, v in own.items()})
+        return dataclasses.replace(res, **{name: v[:k] for name, v in own.items() if v is not None})
 
     def _gradients(self, res) -> tuple[np.ndarray, np.ndarray] | None:
         return (res.grad_cosine, res.grad_log_norm) if self.gradient_features else None

@@ -141,8 +141,8 @@ class HPOVecEnv(VecEnv):
     def _group_tasks(self, specs: list[TaskSpec]) -> list[TaskSpec]:
         """Every slot of a group gets its leader's task; a different task asked for a member is refused."""
         grouped = [specs[self._leader(i)] for i in range(len(specs))]
-        for i, (own, leader) in enumerate(zip(specs, grouped)):
-            if own is not leader and self._options[i] and self._options[i].get("task") not in (None, leader):
+        for i, leader in enumerate(grouped):
+            if self._options[i] and self._options[i].get("task") not in (None, leader):
                 raise ValueError(
                     f"slot {i} shares the task of slot {self._leader(i)} (task_group_size = {self.task_group_size});"
                     " set options['task'] for the group's first slot only, or for every slot of the group alike"
