@@ -15,7 +15,11 @@ validation losses to the K-point grid-tuned cosine oracle with its 95% bootstrap
 mean of that ratio, the per-family medians, the median ratio to the tuned constant oracle, and the win
 rates against the random policy and the replay controls, the divergence rate and, for reports that
 record it, the learning-rate level (median over pairs of the policy's mean learning rate over a run
-divided by the tuned cosine oracle's, overall and per family). ``--json PATH`` writes the same numbers.
+divided by the tuned cosine oracle's, overall and per family). ``--headroom`` adds, per policy, where
+the targets are won or lost: the pairs binned by how far the better untuned default is from the tuned
+cosine oracle on their task (:func:`training.stats.headroom`), with the share beating both defaults for
+the policy and for the oracle itself, and the policy's ratios to the oracle. ``--json PATH`` writes the
+same numbers.
 
 ``--paired`` (two labels, the same task sets in the same order) also compares the first policy with the
 second pair by pair: on how many pairs its final validation loss is lower, and the median (with its
@@ -50,11 +54,25 @@ def _lr_level(level: dict) -> str:
     return f"  lr level {level['median_ratio']:.2f}x ({fams})"
 
 
+def _headroom_bin(b: dict) -> str:
+    """One bin of :func:`training.stats.headroom` as a line."""
+    return (
+        f"{b['label']}: {b['tasks']} tasks, {b['pairs']} pairs; beats both defaults: policy "
+        f"{b['policy_beats_all_defaults']:.1%}, oracle {b['oracle_beats_all_defaults']:.1%}; policy/oracle median "
+        f"{b['median_ratio']:.3f}, geomean {b['geomean_ratio']:.3f}"
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("policies", nargs="+", type=_parse, metavar="LABEL=DIR[,DIR...]")
     parser.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
+    parser.add_argument(
+        "--headroom",
+        action="store_true",
+        help="also break each policy's pairs down by how far the untuned defaults are from the tuned oracle",
+    )
     parser.add_argument(
         "--paired", action="store_true", help="also compare the first policy with the second, pair by pair"
     )
@@ -76,6 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
             + f"  diverged {s['policy_divergence_rate']:.1%}"
             + _lr_level(s["lr_level_vs_cosine_tuned"])
         )
+        if args.headroom:
+            for b in s["headroom_vs_cosine_tuned"]:
+                print(f"{'':<{width}}    {_headroom_bin(b)}")
     if args.paired:
         (label_a, folders_a), (label_b, folders_b) = args.policies
         p = compare_policies(folders_a, folders_b, seed=args.seed)

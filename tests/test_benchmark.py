@@ -22,6 +22,7 @@ from training.rollout import run_episodes
 from training.stats import (
     bootstrap_ci,
     divergence_rate,
+    headroom,
     loss_ratios,
     lr_level,
     median_ratio,
@@ -60,6 +61,34 @@ def test_lr_level_is_the_median_ratio_of_mean_learning_rates_over_pairs_that_hav
     }
     with pytest.raises(ValueError, match="one learning rate per pair"):
         lr_level([0.1, 0.2], [0.1])
+
+
+def test_headroom_bins_tasks_by_how_far_their_defaults_end_from_the_oracle():
+    # Task "a": the better default ends at the oracle on both seeds (headroom 1); task "b": 5% behind
+    # (sqrt(1.1 * 1.0) ~ 1.049); task "c": far behind, one default diverged on a seed (the other did not).
+    groups = ["a", "a", "b", "b", "c", "c"]
+    oracle = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    constant = [1.0, 1.3, 1.1, 1.0, np.inf, 2.0]
+    cosine = [1.2, 1.0, 1.2, 1.1, 3.0, np.nan]
+    policy = [0.9, 1.1, 1.05, 0.95, 1.2, np.inf]
+    bins = headroom(policy, oracle, [constant, cosine], groups)
+    assert [(b["tasks"], b["pairs"]) for b in bins] == [(1, 2), (1, 2), (1, 2)]
+    assert [b["label"] for b in bins] == [
+        "defaults within 2% of the oracle",
+        "defaults 2%-10% behind the oracle",
+        "defaults more than 10% behind the oracle",
+    ]
+    a, b, c = bins
+    # Beating both defaults is strict: in "a" the oracle ties the better default on both seeds.
+    assert (a["policy_beats_all_defaults"], a["oracle_beats_all_defaults"]) == (0.5, 0.0)
+    assert (b["policy_beats_all_defaults"], b["oracle_beats_all_defaults"]) == (1.0, 0.5)
+    assert a["median_ratio"] == pytest.approx(1.0) and a["geomean_ratio"] == pytest.approx(math.sqrt(0.99))
+    assert c["policy_beats_all_defaults"] == 0.5 and c["geomean_ratio"] == np.inf  # a diverged policy run
+    # Empty bins are left out; custom edges.
+    only = headroom(policy[:2], oracle[:2], [constant[:2], cosine[:2]], groups[:2], edges=(1.5,))
+    assert [(x["label"], x["pairs"]) for x in only] == [("defaults within 50% of the oracle", 2)]
+    with pytest.raises(ValueError, match="one policy, oracle, group"):
+        headroom(policy, oracle, [], groups)
 
 
 def test_bootstrap_interval_covers_the_true_median_about_95_percent_of_the_time():
@@ -288,6 +317,10 @@ def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_pat
     report = result.report_path.read_text()
     assert "## Targets" in report and "cosine, tuned oracle (K=2)" in report and "## digits_cnn" in report
     assert "| beats both defaults |" in report
+    # Where the targets are won or lost: every pair in one headroom bin, the section in the report.
+    bins = summary["headroom_vs_cosine_tuned"]
+    assert sum(b["pairs"] for b in bins) == 4 and sum(b["tasks"] for b in bins) == 2
+    assert "## Where the targets are won or lost" in report and bins[0]["label"].removeprefix("defaults ") in report
     assert report.count("Learning-rate level: over a run, the policy's mean learning rate is a median") == 3
     assert {p.name for p in result.plot_paths} == {"curves_tabular.png", "curves_digits_cnn.png", "win_rates.png"}
     assert all(p.stat().st_size > 10_000 for p in result.plot_paths)
@@ -304,7 +337,7 @@ def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_pat
     # Pooling reports (benchmarks/pool_reports.py): one report pooled alone keeps its statistics; the
     # same report twice would count its tasks twice, and a report of another policy does not pool.
     pool = load_script("benchmarks/pool_reports.py")
-    pooled = pool.main([f"once={config.out}", "--json", str(tmp_path / "pooled.json")])["once"]
+    pooled = pool.main([f"once={config.out}", "--headroom", "--json", str(tmp_path / "pooled.json")])["once"]
     rows_by_name = {r["name"]: r for r in summary["rows"]}
     assert pooled["pairs"] == 4
     with pytest.raises(ValueError, match="given twice"):
@@ -324,7 +357,9 @@ def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_pat
     assert set(pooled["median_ratio_vs_cosine_tuned_by_family"]) == {"tabular", "digits_cnn"}
     assert pooled["lr_level_vs_cosine_tuned"]["median_ratio"] == pytest.approx(level["median_ratio"])
     assert json.loads((tmp_path / "pooled.json").read_text())["once"]["pairs"] == 4
-    assert "once  pairs    4" in capsys.readouterr().out
+    assert pooled["headroom_vs_cosine_tuned"] == summary["headroom_vs_cosine_tuned"]
+    printed = capsys.readouterr().out
+    assert "once  pairs    4" in printed and f"{bins[0]['label']}: {bins[0]['tasks']} tasks" in printed
     # --paired: a report against itself is level on every pair; against a copy whose policy lost 10%
     # more everywhere, it is lower on every pair at a ratio of 1/1.1.
     worse = tmp_path / "worse"

@@ -75,6 +75,10 @@ def test_pooled_numbers_are_those_of_all_pairs_together(two_sets):
     assert s["policy_divergence_rate"] == pytest.approx(1 / 6)
     low, high = s["median_ratio_vs_cosine_tuned_ci95"]
     assert low <= s["median_ratio_vs_cosine_tuned"] <= high
+    # Headroom per (set, task): set A's "tab-0" (best defaults 1.5, 1.0 against the oracle's 1.0: 22%
+    # behind) and set B's "tab-0" (1.0, 1.0) are different tasks in different bins; "cnn-0" (0.6, 1.0).
+    bins = {b["label"]: (b["tasks"], b["pairs"]) for b in s["headroom_vs_cosine_tuned"]}
+    assert bins == {"defaults within 2% of the oracle": (2, 4), "defaults more than 10% behind the oracle": (1, 2)}
 
 
 def test_one_task_id_in_two_sets_is_two_bootstrap_clusters(two_sets):

@@ -16,6 +16,7 @@ from training.benchmark import UNTUNED_DEFAULTS
 from training.stats import (
     beats_all_rate,
     bootstrap_ci,
+    headroom,
     loss_ratios,
     lr_level,
     median_ratio,
@@ -87,12 +88,13 @@ def pooled_summary(folders: list[str | Path], *, seed: int = 0, n_boot: int = 20
     rows = load_pairs(folders)
     policy = rows["policy"]["losses"]
     groups, families = rows["policy"]["groups"], np.asarray(rows["policy"]["families"])
+    untuned = [rows[name]["losses"] for name in UNTUNED_DEFAULTS]
     ratios = loss_ratios(policy, rows["cosine_tuned"]["losses"])
     low, high = bootstrap_ci(ratios, rng=np.random.default_rng(seed), groups=groups, n_boot=n_boot)
     return {
         "reports": [str(f) for f in folders],
         "pairs": int(policy.size),
-        "beats_both_untuned_defaults": beats_all_rate(policy, [rows[name]["losses"] for name in UNTUNED_DEFAULTS]),
+        "beats_both_untuned_defaults": beats_all_rate(policy, untuned),
         "median_ratio_vs_cosine_tuned": float(np.median(ratios)),
         "median_ratio_vs_cosine_tuned_ci95": [low, high],
         "geomean_ratio_vs_cosine_tuned": float(np.exp(np.mean(np.log(ratios)))),
@@ -106,6 +108,7 @@ def pooled_summary(folders: list[str | Path], *, seed: int = 0, n_boot: int = 20
         "win_rate_vs_replay_task": win_rate(policy, rows["replay_task"]["losses"]) if "replay_task" in rows else None,
         "policy_divergence_rate": float(np.isinf(policy).mean()),
         "lr_level_vs_cosine_tuned": lr_level(rows["policy"]["mean_lr"], rows["cosine_tuned"]["mean_lr"], families),
+        "headroom_vs_cosine_tuned": headroom(policy, rows["cosine_tuned"]["losses"], untuned, groups),
     }
 
 

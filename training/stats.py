@@ -24,6 +24,7 @@ __all__ = [
     "beats_all_rate",
     "bootstrap_ci",
     "divergence_rate",
+    "headroom",
     "loss_ratios",
     "lr_level",
     "median_ratio",
@@ -106,6 +107,69 @@ def lr_level(policy_lr, baseline_lr, families: Sequence[str] | None = None) -> d
         fams = np.asarray(families)
         level["by_family"] = {f: lr_level(p[fams == f], b[fams == f]) for f in dict.fromkeys(fams.tolist())}
     return level
+
+
+HEADROOM_EDGES = (1.02, 1.10)
+
+
+def headroom(
+    policy, oracle, defaults: Sequence, groups: Sequence[str], edges: Sequence[float] = HEADROOM_EDGES
+) -> list[dict]:
+    """Where the targets are won or lost: pairs binned by how much a tuned schedule gains on their task.
+
+    A task's *headroom* is the geometric mean over its pairs of ``best default / oracle`` final losses
+    (the better of the ``defaults`` on each pair, over the ``oracle``'s loss on the same pair). Where
+    it is near 1 the untuned defaults are already as good as the tuned oracle, and beating both is
+    decided by the seed's noise; where it is large the learning rate has to move far from the default.
+    Tasks are binned at ``edges`` (default: within 2% of the oracle, 2-10%, more than 10%); per bin:
+    the number of tasks and pairs, the share of pairs where the policy beats every default and where
+    the oracle does (how reachable the first target is there), and the median and geometric mean of
+    ``policy / oracle`` (a diverged run makes the geometric mean infinite), and a label that says the
+    bin in words. Empty bins are left out.
+    """
+    p, o = as_losses(policy), as_losses(oracle)
+    ds = [as_losses(d) for d in defaults]
+    groups = np.asarray(groups)
+    if not ds or any(d.shape != p.shape for d in ds) or o.shape != p.shape or groups.shape != p.shape:
+        raise ValueError("headroom needs one policy, oracle, group and (at least one) default loss per pair")
+    best_default = np.minimum.reduce(ds)
+    with np.errstate(divide="ignore"):
+        log_gap = np.log(loss_ratios(best_default, o))
+    task_gap = {g: float(np.exp(np.mean(log_gap[groups == g]))) for g in dict.fromkeys(groups.tolist())}
+    # A task where the defaults diverged on one seed and the oracle on another has no defined gap
+    # (inf - inf); it goes with the tasks whose defaults fail.
+    task_gap = {g: np.inf if np.isnan(v) else v for g, v in task_gap.items()}
+    per_pair = np.array([task_gap[g] for g in groups.tolist()])
+    bounds = [0.0, *edges, np.inf]
+    bins = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        idx = (per_pair > lo) & (per_pair <= hi) if lo > 0 else per_pair <= hi
+        if not idx.any():
+            continue
+        ratios = loss_ratios(p[idx], o[idx])
+        with np.errstate(divide="ignore"):
+            geomean = float(np.exp(np.mean(np.log(ratios))))
+        label = (
+            f"defaults within {hi - 1:.0%} of the oracle"
+            if lo == 0
+            else f"defaults more than {lo - 1:.0%} behind the oracle"
+            if hi == np.inf
+            else f"defaults {lo - 1:.0%}-{hi - 1:.0%} behind the oracle"
+        )
+        bins.append(
+            {
+                "label": label,
+                "headroom_low": lo,
+                "headroom_high": None if hi == np.inf else hi,  # None: no upper edge (JSON has no inf)
+                "tasks": len(set(groups[idx].tolist())),
+                "pairs": int(idx.sum()),
+                "policy_beats_all_defaults": beats_all_rate(p[idx], [d[idx] for d in ds]),
+                "oracle_beats_all_defaults": beats_all_rate(o[idx], [d[idx] for d in ds]),
+                "median_ratio": float(np.median(ratios)),
+                "geomean_ratio": geomean,
+            }
+        )
+    return bins
 
 
 def divergence_rate(diverged: Sequence[bool] | np.ndarray) -> float:
