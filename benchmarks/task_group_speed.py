@@ -1,9 +1,10 @@
 """Meta-training environment speed with and without task groups, side by side.
 
-Steps the ``full`` preset's environment (``agents.make_meta_env``) with random actions, groups of 1
-and of G slots per task in interleaved blocks, and prints decisions per second and their ratio::
+Steps the ``full`` preset's environment (``agents.make_meta_env``) with random actions, with groups of
+each given size (slots per task) in interleaved blocks, and prints decisions per second and each
+size's ratio to the first's::
 
-    python benchmarks/task_group_speed.py [--group-size 2] [--blocks 4] [--steps 48]
+    python benchmarks/task_group_speed.py [--group-sizes 1 2 4] [--blocks 4] [--steps 48]
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from agents import get_preset, make_meta_env
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--group-size", type=int, default=2)
+    p.add_argument("--group-sizes", type=int, nargs="+", default=[1, 2], help="task group sizes to compare")
     p.add_argument("--blocks", type=int, default=4, help="interleaved blocks per setting")
     p.add_argument("--steps", type=int, default=48, help="environment steps per block")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    sizes = (1, args.group_size)
+    sizes = tuple(dict.fromkeys(args.group_sizes))
     envs = {g: make_meta_env(get_preset("full", task_group_size=g), seed=0) for g in sizes}
     rates: dict[int, list[float]] = {g: [] for g in sizes}
     rng = np.random.default_rng(0)
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"task_group_size {g}: {np.median(rates[g]):.0f} decisions/s (blocks: {', '.join(f'{r:.0f}' for r in rates[g])})"
         )
-    print(f"ratio (groups of {args.group_size} / 1): {np.median(rates[args.group_size]) / np.median(rates[1]):.2f}x")
+    for g in sizes[1:]:
+        print(f"ratio (groups of {g} / {sizes[0]}): {np.median(rates[g]) / np.median(rates[sizes[0]]):.2f}x")
 
 
 if __name__ == "__main__":
