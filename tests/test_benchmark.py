@@ -89,6 +89,8 @@ def test_headroom_bins_tasks_by_how_far_their_defaults_end_from_the_oracle():
     assert [(x["label"], x["pairs"]) for x in only] == [("defaults within 50% of the oracle", 2)]
     with pytest.raises(ValueError, match="one policy, oracle, group"):
         headroom(policy, oracle, [], groups)
+    with pytest.raises(ValueError, match="positive and increasing"):
+        headroom(policy, oracle, [constant, cosine], groups, edges=(1.1, 1.02))
 
 
 def test_bootstrap_interval_covers_the_true_median_about_95_percent_of_the_time():

@@ -132,18 +132,21 @@ def headroom(
     groups = np.asarray(groups)
     if not ds or any(d.shape != p.shape for d in ds) or o.shape != p.shape or groups.shape != p.shape:
         raise ValueError("headroom needs one policy, oracle, group and (at least one) default loss per pair")
+    if not edges or any(b <= a for a, b in zip([0.0, *edges], edges)):
+        raise ValueError(f"headroom edges must be positive and increasing, e.g. (1.02, 1.10); got {tuple(edges)}")
     best_default = np.minimum.reduce(ds)
     with np.errstate(divide="ignore"):
         log_gap = np.log(loss_ratios(best_default, o))
-    task_gap = {g: float(np.exp(np.mean(log_gap[groups == g]))) for g in dict.fromkeys(groups.tolist())}
+    task_gap = {g: np.exp(np.mean(log_gap[groups == g])) for g in dict.fromkeys(groups.tolist())}
+    per_pair = np.array([task_gap[g] for g in groups.tolist()])
     # A task where the defaults diverged on one seed and the oracle on another has no defined gap
     # (inf - inf); it goes with the tasks whose defaults fail.
-    task_gap = {g: np.inf if np.isnan(v) else v for g, v in task_gap.items()}
-    per_pair = np.array([task_gap[g] for g in groups.tolist()])
+    per_pair[np.isnan(per_pair)] = np.inf
+    which = np.searchsorted(edges, per_pair)  # bin k holds edges[k-1] < gap <= edges[k]
     bounds = [0.0, *edges, np.inf]
     bins = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        idx = (per_pair > lo) & (per_pair <= hi) if lo > 0 else per_pair <= hi
+    for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        idx = which == k
         if not idx.any():
             continue
         ratios = loss_ratios(p[idx], o[idx])
