@@ -163,6 +163,11 @@ class MetaAgentConfig:
             lie about 0.6 decades above the default; with ``init_lr_center = 0.5`` and
             ``init_lr_spread = 1.0`` about half the tasks start above their best rate (levers.md,
             seventeenth to nineteenth rounds; the ``full`` preset's setting).
+        lr_gain_spread: every meta-training task also draws a hidden factor ``10 ** U(-s, s)`` on the
+            learning rate its optimiser steps with (:attr:`hpo_env.TaskSpec.lr_gain`; default 0: none):
+            the agent observes and sets the nominal rate, so a family's best *observed* rate varies by
+            that factor and the agent must read the run rather than a rate it has learned by heart.
+            Deployment and the benchmark never have a gain.
         action_change_penalty: training-time reward shaping: each decision after an episode's first
             costs ``action_change_penalty * sum(|a_t - a_{t-1}|)`` (clipped actions), which discourages
             zig-zag schedules. 0 turns it off. Only the agent's reward is shaped: the environment's
@@ -219,6 +224,7 @@ class MetaAgentConfig:
     task_group_size: int = 1
     init_lr_spread: float = DEFAULT_LR_SPREAD
     init_lr_center: float = 0.0
+    lr_gain_spread: float = 0.0
     gradient_features: bool = False
     epochs_feature: bool = False
 
@@ -295,10 +301,16 @@ class MetaAgentConfig:
                 "MetaAgentConfig.init_lr_center must lie in [-3, 3] decades from the optimiser's default"
                 f" learning rate (0 is the benchmark's), got {self.init_lr_center!r}"
             )
-        if (self.init_lr_spread != DEFAULT_LR_SPREAD or self.init_lr_center != 0) and self.task_distribution == "toy":
+        if not 0 <= self.lr_gain_spread <= 2:
             raise ValueError(
-                "the 'toy' task distribution has its own fixed learning rates; init_lr_spread and init_lr_center apply to"
-                " the built-in splits ('train', 'all', 'test') only"
+                "MetaAgentConfig.lr_gain_spread must lie in [0, 2] decades (a hidden factor 10**U(-s, s) on each"
+                f" meta-training task's learning rate; 0: none), got {self.lr_gain_spread!r}"
+            )
+        lr_draws = (self.init_lr_spread != DEFAULT_LR_SPREAD, self.init_lr_center != 0, self.lr_gain_spread != 0)
+        if any(lr_draws) and self.task_distribution == "toy":
+            raise ValueError(
+                "the 'toy' task distribution has its own fixed learning rates; init_lr_spread, init_lr_center and"
+                " lr_gain_spread apply to the built-in splits ('train', 'all', 'test') only"
             )
         # Unknown hyperparameter names fail here, not when the environment is built.
         ActionDecoder(
@@ -310,9 +322,13 @@ class MetaAgentConfig:
 
     def meta_task_distribution(self, override: TaskDistribution | str | None = None) -> TaskDistribution:
         """The meta-training :class:`TaskDistribution`: ``override`` (an instance is used as is) or
-        ``task_distribution``, a split name (or ``task_families``), with this config's ``init_lr_spread``
-        and ``init_lr_center``."""
-        spread = {"lr_spread": self.init_lr_spread, "lr_center": self.init_lr_center}
+        ``task_distribution``, a split name (or ``task_families``), with this config's ``init_lr_spread``,
+        ``init_lr_center`` and ``lr_gain_spread``."""
+        spread = {
+            "lr_spread": self.init_lr_spread,
+            "lr_center": self.init_lr_center,
+            "lr_gain_spread": self.lr_gain_spread,
+        }
         if override is None and self.task_families is not None:
             return TaskDistribution(self.task_families, name="custom", **spread)
         name = self.task_distribution if override is None else override
@@ -385,7 +401,7 @@ def get_preset(name: str, **overrides: Any) -> MetaAgentConfig:
         raise ValueError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
     if overrides.get("task_distribution") == "toy":
         # The toy tasks have fixed learning rates: the preset's starting-rate draws do not apply to them.
-        for field, default in (("init_lr_spread", DEFAULT_LR_SPREAD), ("init_lr_center", 0.0)):
+        for field, default in (("init_lr_spread", DEFAULT_LR_SPREAD), ("init_lr_center", 0.0), ("lr_gain_spread", 0.0)):
             if overrides.get(field) is None:
                 overrides[field] = default
     return PRESETS[name].replace(**overrides)

@@ -17,24 +17,31 @@ __all__ = ["HPOEnv", "make_distribution"]
 
 
 def make_distribution(
-    task_distribution: TaskDistribution | str | None, *, lr_spread: float = DEFAULT_LR_SPREAD, lr_center: float = 0.0
+    task_distribution: TaskDistribution | str | None,
+    *,
+    lr_spread: float = DEFAULT_LR_SPREAD,
+    lr_center: float = 0.0,
+    lr_gain_spread: float = 0.0,
 ) -> TaskDistribution:
     """A :class:`TaskDistribution` from an instance (used as is), a split name (``"train"``, ``"test"``,
     ``"all"``; with initial learning rates spread by ``lr_spread`` decades around the default shifted
-    by ``lr_center`` decades) or ``"toy"``."""
+    by ``lr_center`` decades, and hidden learning-rate gains spread by ``lr_gain_spread`` decades) or
+    ``"toy"``."""
     if task_distribution is None:
         task_distribution = "train"
     if isinstance(task_distribution, TaskDistribution):
         return task_distribution
     if task_distribution == "toy":
-        if lr_spread != DEFAULT_LR_SPREAD or lr_center != 0:
+        if lr_spread != DEFAULT_LR_SPREAD or lr_center != 0 or lr_gain_spread != 0:
             raise ValueError(
-                "the 'toy' task distribution has its own fixed learning rates; lr_spread and lr_center apply to the"
-                f" built-in splits {list(SPLITS)} only"
+                "the 'toy' task distribution has its own fixed learning rates; lr_spread, lr_center and lr_gain_spread"
+                f" apply to the built-in splits {list(SPLITS)} only"
             )
         return ToyTaskDistribution()
     if isinstance(task_distribution, str) and task_distribution in SPLITS:
-        return TaskDistribution.default(task_distribution, lr_spread=lr_spread, lr_center=lr_center)
+        return TaskDistribution.default(
+            task_distribution, lr_spread=lr_spread, lr_center=lr_center, lr_gain_spread=lr_gain_spread
+        )
     raise ValueError(
         f"task_distribution must be a TaskDistribution or one of {[*SPLITS, 'toy']}, got {task_distribution!r}"
     )

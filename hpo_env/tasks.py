@@ -81,7 +81,7 @@ _INT_FIELDS = (
     "data_seed", "batch_size", "total_steps", "steps_per_action", "seed",
     "embedding_dim", "n_samples", "n_features", "n_classes", "context_length",
 )  # fmt: skip
-_FLOAT_FIELDS = ("lr", "weight_decay", "momentum", "label_noise", "subset_fraction")
+_FLOAT_FIELDS = ("lr", "weight_decay", "momentum", "label_noise", "subset_fraction", "lr_gain")
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,11 @@ class TaskSpec:
         total_steps: inner optimiser steps of the whole run.
         steps_per_action: inner steps between two decisions; must divide ``total_steps``.
         seed: seed of the model initialisation and the minibatch order.
+        lr_gain: a hidden factor on the learning rate: the inner optimiser steps with ``lr_gain * lr``
+            while every observation, action and report uses ``lr``. 1 (every benchmark task and every
+            deployment) is plain training; meta-training may draw it
+            (:class:`TaskDistribution`'s ``lr_gain_spread``) so that where a task's best learning rate
+            lies is not given away by the value alone.
     """
 
     family: str
@@ -133,6 +138,7 @@ class TaskSpec:
     subset_fraction: float = 1.0
     permute_pixels: bool = False
     context_length: int = 0
+    lr_gain: float = 1.0
 
     def __post_init__(self) -> None:
         def bad(field: str, value: object, expected: str) -> ValueError:
@@ -184,6 +190,8 @@ class TaskSpec:
             raise bad("total_steps", self.total_steps, "at least two decisions (2 * steps_per_action)")
         if not self.lr > 0:
             raise bad("lr", self.lr, "a positive finite learning rate")
+        if not self.lr_gain > 0:
+            raise bad("lr_gain", self.lr_gain, "a positive finite factor on the learning rate (1: none)")
         if not self.weight_decay >= 0:
             raise bad("weight_decay", self.weight_decay, "a non-negative number")
         if not 0 <= self.momentum < 1:
@@ -237,8 +245,10 @@ class TaskSpec:
 
     @functools.cached_property  # a frozen spec's fields never change; environments report it every step
     def task_id(self) -> str:
-        """A short, stable identifier: family, dataset and a hash of every field."""
-        digest = hashlib.sha1(repr(dataclasses.astuple(self)).encode()).hexdigest()[:10]
+        """A short, stable identifier: family, dataset and a hash of every field (``lr_gain`` only where it
+        is not 1, so that the ids of plain tasks, and the results stored under them, predate it)."""
+        fields = dataclasses.astuple(self)
+        digest = hashlib.sha1(repr(fields if self.lr_gain != 1.0 else fields[:-1]).encode()).hexdigest()[:10]
         return f"{self.family}/{self.dataset}/{digest}"
 
     @property
@@ -258,6 +268,7 @@ class TaskSpec:
             momentum=0.0,
             activation="relu",
             embedding_dim=self.embedding_dim and 1,
+            lr_gain=1.0,
         )
 
     def replace(self, **changes: object) -> TaskSpec:
@@ -448,10 +459,15 @@ class TaskDistribution:
         lr_center: shifts that range by ``lr_center`` decades: ``10 ** (lr_center + U(-lr_spread,
             lr_spread))`` (default 0). Centred on where the families' best rates lie (about +0.5 for the
             meta-training families), about half the runs start above their best rate and must be cut.
+        lr_gain_spread: each task also draws a hidden factor ``10 ** U(-lr_gain_spread, lr_gain_spread)``
+            on its learning rate (:attr:`TaskSpec.lr_gain`; decades, default 0: none). The optimiser then
+            steps with a rate the observations do not show, so a task's best *observed* rate varies by
+            that factor: a meta-agent cannot learn one absolute rate per family and must read the run.
+            Drawn after the task, so 0 leaves every draw as it was.
 
     Raises:
-        ValueError: an unknown family or optimiser, an empty list, or a spread or centre outside ``[0, 3]``
-            and ``[-3, 3]``.
+        ValueError: an unknown family or optimiser, an empty list, or a spread, centre or gain spread
+            outside ``[0, 3]``, ``[-3, 3]`` and ``[0, 2]``.
     """
 
     def __init__(
@@ -462,6 +478,7 @@ class TaskDistribution:
         name: str = "custom",
         lr_spread: float = DEFAULT_LR_SPREAD,
         lr_center: float = 0.0,
+        lr_gain_spread: float = 0.0,
     ) -> None:
         families = (families,) if isinstance(families, str) else tuple(families)  # one family by name
         optimizers = (optimizers,) if isinstance(optimizers, str) else tuple(optimizers)
@@ -484,34 +501,52 @@ class TaskDistribution:
             raise ValueError(
                 f"lr_center must lie in [-3, 3] decades from the optimiser's default learning rate, got {lr_center}"
             )
+        lr_gain_spread = float(lr_gain_spread)
+        if not 0 <= lr_gain_spread <= 2:
+            raise ValueError(
+                f"lr_gain_spread must lie in [0, 2] decades (a hidden factor 10**U(-s, s) on each task's learning"
+                f" rate; 0: none), got {lr_gain_spread}"
+            )
         self.lr_spread = lr_spread
         self.lr_center = lr_center
+        self.lr_gain_spread = lr_gain_spread
 
     @classmethod
     def default(
-        cls, split: str = "train", *, lr_spread: float = DEFAULT_LR_SPREAD, lr_center: float = 0.0
+        cls,
+        split: str = "train",
+        *,
+        lr_spread: float = DEFAULT_LR_SPREAD,
+        lr_center: float = 0.0,
+        lr_gain_spread: float = 0.0,
     ) -> TaskDistribution:
         """The built-in distribution of a split: ``"train"``, ``"test"`` (held-out families) or ``"all"``."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
-        return cls(SPLITS[split], name=split, lr_spread=lr_spread, lr_center=lr_center)
+        return cls(SPLITS[split], name=split, lr_spread=lr_spread, lr_center=lr_center, lr_gain_spread=lr_gain_spread)
 
     def sample(self, rng: np.random.Generator) -> TaskSpec:
         """Draw one task. All randomness comes from ``rng``."""
         family = self.families[int(rng.integers(len(self.families)))]
         optimizer = self.optimizers[int(rng.integers(len(self.optimizers)))]
-        return _SAMPLERS[family](rng, optimizer, self.lr_spread, self.lr_center)
+        return self._with_gain(_SAMPLERS[family](rng, optimizer, self.lr_spread, self.lr_center), rng)
+
+    def _with_gain(self, spec: TaskSpec, rng: np.random.Generator) -> TaskSpec:
+        if not self.lr_gain_spread:
+            return spec
+        return spec.replace(lr_gain=float(10 ** rng.uniform(-self.lr_gain_spread, self.lr_gain_spread)))
 
     def sample_family(self, family: str, rng: np.random.Generator, optimizer: str | None = None) -> TaskSpec:
         """Draw one task of a given family (used by benchmarks for per-family tables)."""
         if family not in _SAMPLERS:
             raise ValueError(f"unknown task family {family!r}; choose from {list(FAMILIES)}")
         optimizer = optimizer or self.optimizers[int(rng.integers(len(self.optimizers)))]
-        return _SAMPLERS[family](rng, optimizer, self.lr_spread, self.lr_center)
+        return self._with_gain(_SAMPLERS[family](rng, optimizer, self.lr_spread, self.lr_center), rng)
 
     def __repr__(self) -> str:
         spread = "" if self.lr_spread == DEFAULT_LR_SPREAD else f", lr_spread={self.lr_spread}"
         spread += "" if self.lr_center == 0 else f", lr_center={self.lr_center}"
+        spread += "" if self.lr_gain_spread == 0 else f", lr_gain_spread={self.lr_gain_spread}"
         return f"TaskDistribution(name={self.name!r}, families={self.families}, optimizers={self.optimizers}{spread})"
 
 

@@ -557,6 +557,7 @@ class BatchedTrainer:
         rows = torch.arange(n, device=dev).view(n, 1, 1)
         xs, ys = g.data["x_train"][rows, idx], g.data["y_train"][rows, idx]  # (N, K, B, ...)
         hp_rows = np.stack([s.hparams for s in slots])
+        hp_rows[:, 0] *= [s.spec.lr_gain for s in slots]  # the hidden gain of meta-training tasks (1: none)
         hp = torch.tensor(hp_rows, dtype=torch.float32, device=dev)
         losses = torch.zeros(k_max, n, device=dev)
         grad = torch.empty_like(g.flat)

@@ -141,6 +141,8 @@ class TrainSettings:
     """Meta-training tasks start from the optimiser's default LR times 10**U(-s, s); s in decades (default: the preset's: full 1.0, quick 0.5 as the benchmark's tasks)."""
     init_lr_center: float | None = None
     """Shift the meta-training tasks' starting LRs by c decades: default LR times 10**(c + U(-s, s)) (default: the preset's: full 0.5, around the families' best LR; quick 0)."""
+    lr_gain_spread: float | None = None
+    """Give each meta-training task a hidden factor 10**U(-s, s) on the learning rate its optimiser steps with, so a family's best observed LR varies; s in decades (default: the preset's, 0: none)."""
     gradient_features: bool | None = None
     """Also observe the gradients: the mean cosine of consecutive minibatch gradients and their log norm, per interval (default: the preset's, off)."""
     epochs_feature: bool | None = None
@@ -253,6 +255,7 @@ class TrainSettings:
             task_group_size=self.task_group_size,
             init_lr_spread=self.init_lr_spread,
             init_lr_center=self.init_lr_center,
+            lr_gain_spread=self.lr_gain_spread,
             gradient_features=self.gradient_features,
             epochs_feature=self.epochs_feature,
             learning_rate=self.learning_rate,
@@ -541,6 +544,7 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
                 "task_families": None if config.task_families is None else list(config.task_families),
                 "init_lr_spread": config.init_lr_spread,
                 "init_lr_center": config.init_lr_center,
+                "lr_gain_spread": config.lr_gain_spread,
                 "lr_max_rise": config.lr_max_rise,
                 "hyperparameters": list(config.hyperparameters),
                 "divergence_penalty": config.divergence_penalty,
