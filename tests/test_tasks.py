@@ -118,6 +118,29 @@ def test_lr_spread_widens_only_the_initial_learning_rate():
         TaskDistribution.default("train", lr_center=4)
 
 
+def test_lr_gain_is_hidden_task_variety_that_leaves_plain_tasks_as_they_were():
+    rng = np.random.default_rng(5)
+    base = [TaskDistribution.default("train").sample(rng) for _ in range(50)]
+    rng = np.random.default_rng(5)
+    gained = [TaskDistribution.default("train", lr_gain_spread=0.5).sample(rng) for _ in range(50)]
+    gains = np.log10([s.lr_gain for s in gained])
+    assert np.abs(gains).max() <= 0.5 and gains.min() < -0.3 and gains.max() > 0.3
+    # Drawn after the task: the first task is the same one with a gain (later ones differ, the stream moved on).
+    assert gained[0].replace(lr_gain=1.0) == base[0] and gained[0].task_id != base[0].task_id
+    assert all(s.lr_gain == 1.0 for s in base)
+    # A plain task hashes as it did before the field existed (this id is the earlier code's), so
+    # benchmark stores keep their keys.
+    assert base[0].task_id == "digits_mlp/digits/a5c756c81a"
+    assert base[0].data_key == gained[0].data_key  # the gain never changes the data
+    assert "lr_gain_spread=0.5" in repr(TaskDistribution.default("train", lr_gain_spread=0.5))
+    assert TaskSpec.from_dict(gained[0].to_dict()) == gained[0]
+    with pytest.raises(ValueError, match=r"lr_gain_spread must lie in \[0, 2\]"):
+        TaskDistribution.default("train", lr_gain_spread=3)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="lr_gain"):
+            base[0].replace(lr_gain=bad)
+
+
 def test_specs_that_would_fail_inside_the_data_builders_are_refused():
     dist = TaskDistribution.default("all")
     cls = dist.sample_family("make_classification", np.random.default_rng(0))

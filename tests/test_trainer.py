@@ -76,6 +76,23 @@ def test_batched_equals_alone_other_architectures(family):
         np.testing.assert_allclose(alone.train_chunk([0]).val_loss[0], r.val_loss[i], rtol=1e-4)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_hidden_lr_gain_trains_as_the_scaled_rate_and_reports_the_nominal_one(small_mlp_spec, optimizer):
+    spec = small_mlp_spec.replace(optimizer=optimizer, lr=0.003, weight_decay=1e-3)
+    trainer = BatchedTrainer(2)
+    trainer.load(0, spec.replace(lr_gain=4.0))
+    trainer.load(1, spec.replace(lr=0.012))
+    res = trainer.train_chunk([0, 1])
+    assert res.val_loss[0] == pytest.approx(res.val_loss[1], rel=1e-6)
+    for a, b in zip(trainer.parameters(0), trainer.parameters(1)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert trainer.hparams(0)[0] == pytest.approx(0.003)  # what the agent sees and sets
+    trainer.set_hparams(0, np.array([0.001, 1e-3, spec.momentum]))
+    trainer.set_hparams(1, np.array([0.004, 1e-3, spec.momentum]))
+    res = trainer.train_chunk([0, 1])
+    assert res.val_loss[0] == pytest.approx(res.val_loss[1], rel=1e-6)
+
+
 def test_divergence_is_reported_per_model_and_contained(small_mlp_spec):
     specs = _padded_group(small_mlp_spec)
     trainer = BatchedTrainer(3)

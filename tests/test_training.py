@@ -398,7 +398,7 @@ def test_action_change_penalty_shapes_only_the_agents_reward():
     np.testing.assert_allclose(r_shaped, r_plain, rtol=1e-5, atol=1e-6)
 
 
-def test_init_lr_spread_reaches_the_meta_training_tasks_only():
+def test_meta_training_lr_draws_reach_the_meta_training_tasks_only():
     config = parse_settings(["--init-lr-spread", "1.5"]).agent_config()
     assert config.init_lr_spread == 1.5
     dist = config.meta_task_distribution()
@@ -425,6 +425,16 @@ def test_init_lr_spread_reaches_the_meta_training_tasks_only():
     assert (toy.init_lr_spread, toy.init_lr_center) == (0.5, 0.0)
     benchmark_like = parse_settings(["--preset", "full", "--init-lr-spread", "0.5", "--init-lr-center", "0"])
     assert benchmark_like.agent_config().meta_task_distribution().lr_spread == 0.5
+    # Hidden learning-rate gains (twenty-third round): an option of meta-training's tasks only.
+    gained = parse_settings(["--preset", "full", "--lr-gain-spread", "0.5"]).agent_config()
+    assert gained.meta_task_distribution().lr_gain_spread == 0.5
+    assert gained.meta_task_distribution("all").lr_gain_spread == 0.5
+    assert get_preset("full").meta_task_distribution().lr_gain_spread == 0.0
+    assert get_preset("full", task_distribution="toy", lr_gain_spread=None).lr_gain_spread == 0.0
+    with pytest.raises(ValueError, match=r"lr_gain_spread must lie in \[0, 2\]"):
+        get_preset("quick", lr_gain_spread=-0.1)
+    with pytest.raises(ValueError, match="'toy' task distribution has its own fixed learning rates"):
+        get_preset("quick", task_distribution="toy", lr_gain_spread=0.5)
 
 
 def test_families_replace_the_splits_families_in_meta_training_only():
