@@ -511,7 +511,9 @@ class BatchedTrainer:
     def train_chunk(self, slots: list[int], steps: int | None = None) -> ChunkResult:
         """Run each slot's ``steps_per_action`` inner steps (or ``steps``) and evaluate on validation.
 
-        Hyperparameters are those set with :meth:`set_hparams` (or the task's initial ones).
+        Hyperparameters are those set with :meth:`set_hparams` (or the task's initial ones); the
+        optimiser steps with the learning rate times the task's hidden :attr:`~hpo_env.TaskSpec.lr_gain`
+        (1 but in meta-training with gains), and :meth:`hparams` keeps reporting the rate as set.
         """
         n = len(slots)
         res = ChunkResult(
