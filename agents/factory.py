@@ -51,6 +51,11 @@ Why these defaults (see :data:`PRESETS`):
   poor). Groups alone trained hotter and lost; with whole returns both seeds beat their ungrouped
   pairs on the held-out benchmark (levers.md, twenty-first round), and pairs make meta-training
   about 1.4x faster (they share dataset builds and stacks).
+* ``lr_gain_spread = 0`` (off; an option): hidden learning-rate gains in meta-training, 10**U(-0.5, 0.5)
+  on the rate each task's optimiser steps with, were meant to stop the policy regressing to one
+  learned rate per family on held-out tasks whose best rate is far from the default. Both seeds
+  trained hotter (learning-rate level 1.52x and 1.51x the tuned oracle's) and were worse on the
+  held-out benchmark, in every headroom bin (levers.md, twenty-third round).
 * ``learning_rate = 1e-3`` in the ``full`` preset (it was 3e-4): PPO's updates at 3e-4 were small
   (approximate KL ~0.005, 1.5-6% of samples clipped); at 1e-3 (KL ~0.01) the policy's schedules
   depend more on the run (its learning rate three decisions in ranges 0.3x-12x the initial one
