@@ -25,6 +25,14 @@ same numbers.
 second pair by pair: on how many pairs its final validation loss is lower, and the median (with its
 interval) and geometric mean of its loss over the second's. Use it for two policies of one run, e.g.
 ``hpo-average``'s and the final one, whose difference the pooled numbers blur.
+
+``--settings NAME=LABEL,LABEL,...`` (repeatable) groups the labelled runs of one setting, e.g. the
+meta-training seeds of one command, and prints the mean and standard deviation over those runs of the
+share beating both defaults, the median and the geometric mean (:func:`training.pooling.settings_summary`):
+two seeds of one command differ by several points of share, so levers are compared by these means::
+
+    python benchmarks/pool_reports.py s1=... s2=... s3=... g1=... g2=... g3=... \\
+        --settings shipped=s1,s2,s3 --settings gains=g1,g2,g3
 """
 
 from __future__ import annotations
@@ -34,9 +42,9 @@ import json
 import sys
 from pathlib import Path
 
-from training.pooling import compare_policies, load_pairs, pooled_summary
+from training.pooling import compare_policies, load_pairs, pooled_summary, settings_summary
 
-__all__ = ["load_pairs", "main", "compare_policies", "pooled_summary"]
+__all__ = ["load_pairs", "main", "compare_policies", "pooled_summary", "settings_summary"]
 
 
 def _parse(arg: str) -> tuple[str, list[str]]:
@@ -63,6 +71,19 @@ def _headroom_bin(b: dict) -> str:
     )
 
 
+def _settings_line(g: dict) -> str:
+    """One setting's mean (and sample standard deviation) over its runs, from :func:`settings_summary`."""
+
+    def stat(key: str, fmt: str) -> str:
+        v = g[key]
+        return f"{v['mean']:{fmt}}" + ("" if v["sd"] is None else f" ± {v['sd']:{fmt}}")
+
+    return (
+        f"{g['runs']} run{'s' * (g['runs'] != 1)}  both {stat('beats_both_untuned_defaults', '.2%')}  "
+        f"median {stat('median_ratio_vs_cosine_tuned', '.4f')}  geomean {stat('geomean_ratio_vs_cosine_tuned', '.4f')}"
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("policies", nargs="+", type=_parse, metavar="LABEL=DIR[,DIR...]")
@@ -76,9 +97,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--paired", action="store_true", help="also compare the first policy with the second, pair by pair"
     )
+    parser.add_argument(
+        "--settings",
+        action="append",
+        type=_parse,
+        default=[],
+        metavar="NAME=LABEL,LABEL,...",
+        help="also print the mean and spread over these labelled runs of one setting (repeatable)",
+    )
     args = parser.parse_args(argv)
     if args.paired and len(args.policies) != 2:
         parser.error(f"--paired compares two policies; got {len(args.policies)} labels")
+    labels = [label for label, _ in args.policies]
+    for name, members in args.settings:
+        unknown = [m for m in members if m not in labels]
+        if unknown:
+            parser.error(f"--settings {name}: unknown labels {unknown}; the labels given are {labels}")
     out = {label: pooled_summary(folders, seed=args.seed) for label, folders in args.policies}
     width = max(len(label) for label in out)
     for label, s in out.items():
@@ -107,6 +141,12 @@ def main(argv: list[str] | None = None) -> dict:
             f"worst {p['max_ratio']:.3f}"
         )
         out["paired"] = {"a": label_a, "b": label_b, **p}
+    if args.settings:
+        out["settings"] = {}
+        width = max(len(name) for name, _ in args.settings)
+        for name, members in args.settings:
+            g = out["settings"][name] = {"labels": members, **settings_summary([out[m] for m in members])}
+            print(f"{name:<{width}}  {_settings_line(g)}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     return out

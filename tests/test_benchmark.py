@@ -377,6 +377,18 @@ def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_pat
     assert better["geomean_ratio"] == pytest.approx(1 / 1.1) and "lower on 4 of 4" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         pool.main(["--paired", f"a={config.out}"])
+    # --settings: the mean and spread over runs of one setting (here the report and its doctored copy,
+    # whose geometric mean is 1.1x the report's).
+    grouped = pool.main([f"a={config.out}", f"b={worse}", "--settings", "both=a,b", "--settings", "one=a"])["settings"]
+    geo = grouped["both"]["geomean_ratio_vs_cosine_tuned"]
+    assert geo["values"] == pytest.approx(
+        [pooled["geomean_ratio_vs_cosine_tuned"], 1.1 * pooled["geomean_ratio_vs_cosine_tuned"]]
+    )
+    assert geo["mean"] == pytest.approx(1.05 * pooled["geomean_ratio_vs_cosine_tuned"])
+    assert grouped["one"]["runs"] == 1 and grouped["one"]["geomean_ratio_vs_cosine_tuned"]["sd"] is None
+    assert "both  2 runs  both" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        pool.main([f"a={config.out}", "--settings", "x=a,nope"])
     with pytest.raises(ValueError, match="same \\(task, seed\\) pairs"):
         pool.compare_policies([config.out], [worse, shutil.copytree(worse, tmp_path / "worse-copy")])
     with pytest.raises(FileNotFoundError, match="hpo-bench --out"):

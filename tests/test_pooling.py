@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.pooling import load_pairs, pooled_summary
+from training.pooling import load_pairs, pooled_summary, settings_summary
 
 
 def _write_report(folder: Path, losses: dict[str, list[float]], task_ids: list[str], **extra) -> Path:
@@ -131,3 +131,26 @@ def test_pooled_learning_rate_level_reads_the_mean_rates_and_skips_reports_witho
     assert level["share_higher"] == pytest.approx(2 / 4)
     assert level["by_family"]["tabular"]["median_ratio"] == pytest.approx(2.5)
     assert level["by_family"]["digits_cnn"] == {"median_ratio": pytest.approx(0.75), "share_higher": 0.0, "pairs": 2}
+
+
+def test_settings_summary_is_the_mean_and_spread_over_runs():
+    runs = [
+        {
+            "pairs": 200,
+            "beats_both_untuned_defaults": b,
+            "median_ratio_vs_cosine_tuned": m,
+            "geomean_ratio_vs_cosine_tuned": g,
+        }
+        for b, m, g in [(0.655, 1.015, 1.019), (0.56, 1.019, 1.025), (0.55, 1.019, 1.022), (0.585, 1.017, 1.037)]
+    ]
+    s = settings_summary(runs)
+    assert (s["runs"], s["pairs"]) == (4, 200)
+    assert s["beats_both_untuned_defaults"]["mean"] == pytest.approx(0.5875)
+    assert s["beats_both_untuned_defaults"]["sd"] == pytest.approx(np.std([0.655, 0.56, 0.55, 0.585], ddof=1))
+    assert s["median_ratio_vs_cosine_tuned"]["values"] == [1.015, 1.019, 1.019, 1.017]
+    assert s["geomean_ratio_vs_cosine_tuned"]["mean"] == pytest.approx(1.02575)
+    assert settings_summary(runs[:1])["median_ratio_vs_cosine_tuned"]["sd"] is None  # one run has no spread
+    with pytest.raises(ValueError, match="same task sets"):
+        settings_summary([runs[0], {**runs[1], "pairs": 80}])
+    with pytest.raises(ValueError, match="at least one run"):
+        settings_summary([])
