@@ -50,7 +50,8 @@ Why these defaults (see :data:`PRESETS`):
   observed returns (the critic cannot see the sibling, so its estimates of a relative return are
   poor). Groups alone trained hotter and lost; with whole returns both seeds beat their ungrouped
   pairs on the held-out benchmark (levers.md, twenty-first round), and pairs make meta-training
-  about 1.4x faster (they share dataset builds and stacks).
+  about 1.4x faster (they share dataset builds and stacks). Groups of 4, 1.5x faster again, were
+  worse over four seeds a side (54.1% against 58.75% beating both defaults; twenty-fifth round).
 * ``lr_gain_spread = 0`` (off; an option): hidden learning-rate gains in meta-training, 10**U(-0.5, 0.5)
   on the rate each task's optimiser steps with, were meant to stop the policy regressing to one
   learned rate per family on held-out tasks whose best rate is far from the default. Both seeds
