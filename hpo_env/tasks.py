@@ -247,8 +247,10 @@ class TaskSpec:
     def task_id(self) -> str:
         """A short, stable identifier: family, dataset and a hash of every field (``lr_gain`` only where it
         is not 1, so that the ids of plain tasks, and the results stored under them, predate it)."""
-        fields = dataclasses.astuple(self)
-        digest = hashlib.sha1(repr(fields if self.lr_gain != 1.0 else fields[:-1]).encode()).hexdigest()[:10]
+        values = dataclasses.astuple(self)
+        if self.lr_gain == 1.0:
+            values = tuple(v for f, v in zip(dataclasses.fields(self), values) if f.name != "lr_gain")
+        digest = hashlib.sha1(repr(values).encode()).hexdigest()[:10]
         return f"{self.family}/{self.dataset}/{digest}"
 
     @property
