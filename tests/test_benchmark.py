@@ -516,3 +516,39 @@ def test_baseline_keys_tell_custom_bounds_apart_and_keep_the_default_keys():
     custom = keys(ActionDecoder(bounds={"lr": (1e-4, 0.1)}))
     tag = custom["step_decay"][custom["step_decay"].index("@bounds=") :]
     assert len(tag) == len("@bounds=") + 10 and all(key.endswith(tag) for key in custom.values())
+
+
+def test_lr_gain_sweep_scales_the_rates_and_compares_pair_by_pair(tiny_bundle, tmp_path, load_script, capsys):
+    sweep = load_script("benchmarks/lr_gain_sweep.py")
+    assert sweep.check_gains([2, 0.5, 2]) == [0.5, 1.0, 2.0]  # 1 (the policy as deployed) is always there
+    with pytest.raises(ValueError, match="positive finite"):
+        sweep.check_gains([0.0, 2.0])
+
+    out = tmp_path / "sweep"
+    argv = ["--policy", str(tiny_bundle), "--families", "tabular,digits_cnn", "--tasks-per-family", "1",
+            "--seeds", "2", "--gains", "0.25", "4", "--total-steps", "20", "--steps-per-action", "5",
+            "--out", str(out), "--bootstrap", "200", "--no-progress"]  # fmt: skip
+    rows = sweep.main(argv)
+    assert [r["gain"] for r in rows] == [0.25, 1.0, 4.0]
+    raw = json.loads((out / "lr_gain_sweep.json").read_text())
+    assert len(raw["pairs"]) == 4 and (out / "lr_gain_sweep.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "the policy as deployed" in printed and "tabular" in printed
+
+    # Gain 1 is the policy as deployed: the same final losses as a plain run of the same pairs.
+    config = _tiny_config(tiny_bundle, tmp_path / "plain", task_seed=7)  # the sweep's default task seed
+    bundle = load_bundle(tiny_bundle)
+    specs = [bench.seeded(t, s) for t in bench.make_tasks(config) for s in range(2)]
+    plain = [r.final_val_loss for r in run_episodes(bundle, specs, bundle.decoder)]
+    np.testing.assert_allclose(raw["losses"]["1.0"], plain, rtol=1e-6)
+    # A gain changes the inner training (the optimiser steps with the scaled rate), not only the label.
+    assert not np.allclose(raw["losses"]["4.0"], plain)
+
+    # The comparison is paired: a gain whose runs end at half the loss on every pair wins all of them.
+    hand = {"pairs": [{"task": t, "seed": s, "family": f} for t, f in ((0, "a"), (1, "b")) for s in (0, 1)],
+            "losses": {"1.0": [1.0, 2.0, 3.0, 4.0], "2.0": [0.5, 1.0, 1.5, float("nan")]}}  # fmt: skip
+    row = sweep.summarise(hand, n_boot=100)[1]
+    assert row["gain"] == 2.0 and row["diverged"] == 1 and row["win_rate"] == 0.75
+    assert row["family_median_ratio"]["a"] == 0.5 and row["geomean_ratio"] == pytest.approx(0.5)
+    with pytest.raises(SystemExit):
+        sweep.main([*argv[:-1], "--families", "no_such_family"])

@@ -1,0 +1,196 @@
+"""Is a policy's learning-rate level right? Scale the rates it sets by hidden factors and compare.
+
+Each (task, seed) pair is trained once per gain ``c``: the policy runs as usual and observes the
+learning rate it sets, but the inner optimiser steps with ``c`` times that rate (the task's hidden
+:attr:`~hpo_env.TaskSpec.lr_gain`, the same mechanism as meta-training's ``--lr-gain-spread``). The
+policy reacts to what the scaled rate does to the losses, so this measures its closed-loop response to
+a run that is hotter or colder than it thinks, not just a shifted schedule. Every gain is compared
+pair by pair with ``c = 1`` (the policy as deployed): if some ``c != 1`` wins clearly, the policy runs
+systematically too hot or too cold on these tasks::
+
+    python benchmarks/lr_gain_sweep.py --policy agents/policies/default --task-seed 7 \\
+        --tasks-per-family 8 --seeds 4 --gains 0.5 0.71 1 1.41 2 2.83 --out runs/lr-gain
+
+Use task seeds other than the benchmark's (0-3) to keep its tasks unseen. Per gain it prints the
+share of pairs where the scaled run ends lower than ``c = 1`` (ties half) and the median ratio of
+final validation losses, each with a 95% bootstrap interval over tasks, the geometric-mean ratio, the
+per-family medians and the divergences; ``OUT/lr_gain_sweep.json`` holds every run's final loss and
+``OUT/lr_gain_sweep.png`` plots the median ratio against the gain, per family.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from agents import load_bundle
+from training.benchmark import BenchmarkConfig, make_tasks, seeded
+from training.rollout import run_episodes
+from training.stats import as_losses, loss_ratios, paired_comparison
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lr_gain_sweep.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--policy", required=True, help="policy bundle directory (the shipped one: agents/policies/default)")
+    p.add_argument("--families", default=None, help="comma-separated task families (default: the held-out ones)")
+    p.add_argument("--tasks-per-family", type=int, default=8)
+    p.add_argument("--task-seed", type=int, default=7, help="seed of the task sampler (default 7: not a benchmark set)")
+    p.add_argument("--seeds", type=int, default=4, help="seeds per task")
+    p.add_argument("--gains", type=float, nargs="+", default=[0.5, 0.71, 1.0, 1.41, 2.0], help="factors; 1 is added")
+    p.add_argument("--total-steps", type=int, default=None, help="override every task's inner step budget")
+    p.add_argument("--steps-per-action", type=int, default=None, help="override every task's steps per decision")
+    p.add_argument("--chunk-size", type=int, default=32, help="runs trained together in one batched call")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap's generator")
+    p.add_argument("--out", default="lr_gain_sweep", help="output folder")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-plots", action="store_true")
+    return p
+
+
+def check_gains(gains: Sequence[float]) -> list[float]:
+    """Sorted distinct gains with 1 among them.
+
+    Raises:
+        ValueError: a gain that is not a positive finite number.
+    """
+    bad = [g for g in gains if not (math.isfinite(g) and g > 0)]
+    if bad:
+        raise ValueError(f"gains must be positive finite factors on the learning rate, got {bad}")
+    return sorted({float(g) for g in gains} | {1.0})
+
+
+def sweep(
+    policy: str,
+    config: BenchmarkConfig,
+    gains: Sequence[float],
+    *,
+    chunk_size: int = 32,
+    progress: bool = True,
+) -> dict:
+    """Train every (task, seed) pair of ``config`` once per gain; return the final losses per gain."""
+    from tqdm.auto import tqdm
+
+    bundle = load_bundle(policy, device=config.device)
+    gains = check_gains(gains)
+    tasks = make_tasks(config)
+    pairs = [(ti, si) for ti in range(len(tasks)) for si in range(config.seeds)]
+    losses: dict[float, list[float]] = {}
+    with tqdm(total=len(gains) * len(pairs), unit="run", desc="lr gains", disable=not progress) as bar:
+        for gain in gains:
+            specs = [seeded(tasks[ti], si).replace(lr_gain=gain) for ti, si in pairs]
+            finals: list[float] = []
+            for start in range(0, len(specs), chunk_size):
+                records = run_episodes(bundle, specs[start : start + chunk_size], bundle.decoder, device=config.device)
+                finals += [float("nan") if r.diverged else r.final_val_loss for r in records]
+                bar.update(len(records))
+            losses[gain] = finals
+    return {
+        "policy": policy,
+        "task_seed": config.task_seed,
+        "seeds": config.seeds,
+        "tasks": [t.task_id for t in tasks],
+        "pairs": [{"task": ti, "seed": si, "family": tasks[ti].family} for ti, si in pairs],
+        "losses": {str(g): v for g, v in losses.items()},
+    }
+
+
+def summarise(raw: dict, *, seed: int = 0, n_boot: int = 2000) -> list[dict]:
+    """One row per gain: how its runs compare with the same pairs at gain 1."""
+    groups = [p["task"] for p in raw["pairs"]]
+    families = np.array([p["family"] for p in raw["pairs"]])
+    base = as_losses(raw["losses"]["1.0"])
+    rows = []
+    for key, values in raw["losses"].items():
+        scaled = as_losses(values)
+        row = {"gain": float(key), "diverged": int(np.sum(~np.isfinite(scaled)))}
+        if key != "1.0":
+            rng = np.random.default_rng(seed)
+            row.update(paired_comparison(scaled, base, rng=rng, groups=groups, n_boot=n_boot))
+            ratios = loss_ratios(scaled, base)
+            finite = ratios[np.isfinite(ratios)]
+            row["geomean_ratio"] = float(np.exp(np.mean(np.log(finite)))) if finite.size else float("nan")
+            row["family_median_ratio"] = {f: float(np.median(ratios[families == f])) for f in dict.fromkeys(families)}
+        rows.append(row)
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: r["gain"])
+    gains = [r["gain"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.axhline(1.0, color="grey", lw=0.8)
+    med = [r.get("median_ratio", 1.0) for r in rows]
+    lo = [r.get("median_ratio_low", 1.0) for r in rows]
+    hi = [r.get("median_ratio_high", 1.0) for r in rows]
+    ax.fill_between(gains, lo, hi, alpha=0.2, label="all pairs: 95% interval")
+    ax.plot(gains, med, "o-", label="all pairs")
+    families = next((list(r["family_median_ratio"]) for r in rows if "family_median_ratio" in r), [])
+    for f in families:
+        ax.plot(gains, [r.get("family_median_ratio", {}).get(f, 1.0) for r in rows], "--", marker=".", label=f)
+    ax.set_xscale("log")
+    ax.set_xlabel("hidden gain on the policy's learning rate")
+    ax.set_ylabel("median final val loss / gain 1")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        gains = check_gains(args.gains)
+        config = BenchmarkConfig(
+            policy=args.policy,
+            families=tuple(args.families.split(",")) if args.families else (),
+            tasks_per_family=args.tasks_per_family,
+            task_seed=args.task_seed,
+            seeds=args.seeds,
+            total_steps=args.total_steps,
+            steps_per_action=args.steps_per_action,
+            device=args.device,
+            progress=not args.no_progress,
+        )
+        make_tasks(config)  # unknown families and bad budgets fail here, before any training
+    except ValueError as err:
+        parser.error(str(err))
+    raw = sweep(args.policy, config, gains, chunk_size=args.chunk_size, progress=not args.no_progress)
+    rows = summarise(raw, seed=args.seed, n_boot=args.bootstrap)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lr_gain_sweep.json").write_text(json.dumps({**raw, "rows": rows}, indent=1))
+    if not args.no_plots:
+        plot(rows, out / "lr_gain_sweep.png")
+    n = len(raw["pairs"])
+    print(f"\nhidden learning-rate gains on {args.policy} ({n} pairs, task seed {args.task_seed}); against gain 1:")
+    print("gain   lower than gain 1 [95% CI]   median ratio [95% CI]      geomean  diverged  per-family medians")
+    for r in rows:
+        if r["gain"] == 1.0:
+            print(f"{1.0:<5.2f}  (the policy as deployed)                                          {r['diverged']:>3}")
+            continue
+        fam = ", ".join(f"{f} {m:.3f}" for f, m in r["family_median_ratio"].items())
+        print(
+            f"{r['gain']:<5.2f}  {r['win_rate']:5.1%} [{r['win_rate_low']:.1%}, {r['win_rate_high']:.1%}]    "
+            f"{r['median_ratio']:.3f} [{r['median_ratio_low']:.3f}, {r['median_ratio_high']:.3f}]    "
+            f"{r['geomean_ratio']:.3f}  {r['diverged']:>8}  {fam}"
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)
