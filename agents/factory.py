@@ -22,7 +22,7 @@ Why these defaults (see :data:`PRESETS`):
   the return track the *final* validation loss (short horizons bias towards tiny learning rates).
 * A 64-unit LSTM and few large minibatches keep the PPO update cheap next to the inner training (a
   256-unit LSTM was 6-15x slower per timestep on this project's 2-core reference machine). Twice the
-  slots and twice the minibatch (64 and 2,048 in ``full``) were level over four seeds (levers.md,
+  slots and twice the minibatch of ``full`` (64 and 2,048) were level over four seeds (levers.md,
   twenty-sixth round), so ``full`` keeps 32 and 1,024.
 * ``lr_step = 0.5``: the learning rate may move half a decade per decision. Tuned learning rates are
   often 10-30x the optimiser's default and runs are only 10-30 decisions long; 0.5 beat the old 0.25
