@@ -30,28 +30,20 @@ from pathlib import Path
 import numpy as np
 
 from agents import load_bundle
-from training.benchmark import BenchmarkConfig, make_tasks, seeded
+from training.benchmark import BenchmarkConfig, config_from_args, make_tasks, seeded
+from training.benchmark import build_parser as bench_parser
 from training.rollout import run_episodes
 from training.stats import as_losses, loss_ratios, paired_comparison
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lr_gain_sweep.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--policy", required=True, help="policy bundle directory (the shipped one: agents/policies/default)")
-    p.add_argument("--families", default=None, help="comma-separated task families (default: the held-out ones)")
-    p.add_argument("--tasks-per-family", type=int, default=8)
-    p.add_argument("--task-seed", type=int, default=7, help="seed of the task sampler (default 7: not a benchmark set)")
-    p.add_argument("--seeds", type=int, default=4, help="seeds per task")
+    """``hpo-bench``'s options (task set, seeds, chunk size, bootstrap...; the oracle and store options go
+    unused), with this script's defaults and ``--gains``."""
+    p = bench_parser()
+    p.prog = "lr_gain_sweep.py"
+    p.description = __doc__.split("\n\n")[0]
+    p.set_defaults(task_seed=7, tasks_per_family=8, seeds=4, out="lr_gain_sweep")  # task seed 7: not a benchmark set
     p.add_argument("--gains", type=float, nargs="+", default=[0.5, 0.71, 1.0, 1.41, 2.0], help="factors; 1 is added")
-    p.add_argument("--total-steps", type=int, default=None, help="override every task's inner step budget")
-    p.add_argument("--steps-per-action", type=int, default=None, help="override every task's steps per decision")
-    p.add_argument("--chunk-size", type=int, default=32, help="runs trained together in one batched call")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap's generator")
-    p.add_argument("--out", default="lr_gain_sweep", help="output folder")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-plots", action="store_true")
     return p
 
 
@@ -67,33 +59,29 @@ def check_gains(gains: Sequence[float]) -> list[float]:
     return sorted({float(g) for g in gains} | {1.0})
 
 
-def sweep(
-    policy: str,
-    config: BenchmarkConfig,
-    gains: Sequence[float],
-    *,
-    chunk_size: int = 32,
-    progress: bool = True,
-) -> dict:
-    """Train every (task, seed) pair of ``config`` once per gain; return the final losses per gain."""
+def sweep(config: BenchmarkConfig, gains: Sequence[float]) -> dict:
+    """Train every (task, seed) pair of ``config`` once per gain (``config.chunk_size`` runs per batched
+    call); return the final losses per gain."""
     from tqdm.auto import tqdm
 
-    bundle = load_bundle(policy, device=config.device)
+    bundle = load_bundle(config.policy, device=config.device)
     gains = check_gains(gains)
     tasks = make_tasks(config)
     pairs = [(ti, si) for ti in range(len(tasks)) for si in range(config.seeds)]
     losses: dict[float, list[float]] = {}
-    with tqdm(total=len(gains) * len(pairs), unit="run", desc="lr gains", disable=not progress) as bar:
+    with tqdm(total=len(gains) * len(pairs), unit="run", desc="lr gains", disable=not config.progress) as bar:
         for gain in gains:
             specs = [seeded(tasks[ti], si).replace(lr_gain=gain) for ti, si in pairs]
             finals: list[float] = []
-            for start in range(0, len(specs), chunk_size):
-                records = run_episodes(bundle, specs[start : start + chunk_size], bundle.decoder, device=config.device)
+            for start in range(0, len(specs), config.chunk_size):
+                records = run_episodes(
+                    bundle, specs[start : start + config.chunk_size], bundle.decoder, device=config.device
+                )
                 finals += [float("nan") if r.diverged else r.final_val_loss for r in records]
                 bar.update(len(records))
             losses[gain] = finals
     return {
-        "policy": policy,
+        "policy": config.policy,
         "task_seed": config.task_seed,
         "seeds": config.seeds,
         "tasks": [t.task_id for t in tasks],
@@ -155,29 +143,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     try:
         gains = check_gains(args.gains)
-        config = BenchmarkConfig(
-            policy=args.policy,
-            families=tuple(args.families.split(",")) if args.families else (),
-            tasks_per_family=args.tasks_per_family,
-            task_seed=args.task_seed,
-            seeds=args.seeds,
-            total_steps=args.total_steps,
-            steps_per_action=args.steps_per_action,
-            device=args.device,
-            progress=not args.no_progress,
-        )
+        config = config_from_args(args)
         make_tasks(config)  # unknown families and bad budgets fail here, before any training
     except ValueError as err:
         parser.error(str(err))
-    raw = sweep(args.policy, config, gains, chunk_size=args.chunk_size, progress=not args.no_progress)
-    rows = summarise(raw, seed=args.seed, n_boot=args.bootstrap)
-    out = Path(args.out)
+    raw = sweep(config, gains)
+    rows = summarise(raw, seed=config.seed, n_boot=config.bootstrap)
+    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "lr_gain_sweep.json").write_text(json.dumps({**raw, "rows": rows}, indent=1))
-    if not args.no_plots:
+    if config.plots:
         plot(rows, out / "lr_gain_sweep.png")
     n = len(raw["pairs"])
-    print(f"\nhidden learning-rate gains on {args.policy} ({n} pairs, task seed {args.task_seed}); against gain 1:")
+    print(f"\nhidden learning-rate gains on {config.policy} ({n} pairs, task seed {config.task_seed}); against gain 1:")
     print("gain   lower than gain 1 [95% CI]   median ratio [95% CI]      geomean  diverged  per-family medians")
     for r in rows:
         if r["gain"] == 1.0:
