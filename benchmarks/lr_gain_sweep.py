@@ -16,6 +16,11 @@ share of pairs where the scaled run ends lower than ``c = 1`` (ties half) and th
 final validation losses, each with a 95% bootstrap interval over tasks, the geometric-mean ratio, the
 per-family medians and the divergences; ``OUT/lr_gain_sweep.json`` holds every run's final loss and
 ``OUT/lr_gain_sweep.png`` plots the median ratio against the gain, per family.
+
+Every run goes into ``hpo-bench``'s results store (``--store``, by default ``OUT/results.sqlite``) as
+soon as its batch ends, so an interrupted sweep resumes and a rerun with more gains computes only the
+new ones. Gain-1 runs are stored under the benchmark's own policy key: pointing ``--store`` at a
+benchmark's store of the same task set reuses the policy runs it already holds.
 """
 
 from __future__ import annotations
@@ -24,20 +29,30 @@ import argparse
 import json
 import math
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from agents import load_bundle
-from training.benchmark import BenchmarkConfig, config_from_args, make_tasks, seeded
+from training.benchmark import (
+    BenchmarkConfig,
+    bundle_fingerprint,
+    config_from_args,
+    default_code_version,
+    make_tasks,
+    run_result,
+    seeded,
+)
 from training.benchmark import build_parser as bench_parser
 from training.rollout import run_episodes
 from training.stats import as_losses, loss_ratios, paired_comparison
+from training.store import ResultStore, RunKey
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """``hpo-bench``'s options (task set, seeds, chunk size, bootstrap...; the oracle and store options go
+    """``hpo-bench``'s options (task set, seeds, chunk size, bootstrap, store...; the oracle options go
     unused), with this script's defaults and ``--gains``."""
     p = bench_parser()
     p.prog = "lr_gain_sweep.py"
@@ -59,27 +74,46 @@ def check_gains(gains: Sequence[float]) -> list[float]:
     return sorted({float(g) for g in gains} | {1.0})
 
 
+def schedule_key(policy_hash: str, gain: float) -> str:
+    """The store's schedule label of a policy run at ``gain``; gain 1 is ``hpo-bench``'s own policy key."""
+    return f"policy@{policy_hash}" if gain == 1.0 else f"policy@{policy_hash}|lr_gain={gain:g}"
+
+
 def sweep(config: BenchmarkConfig, gains: Sequence[float]) -> dict:
     """Train every (task, seed) pair of ``config`` once per gain (``config.chunk_size`` runs per batched
-    call); return the final losses per gain."""
+    call), skipping runs already in the store; return the final losses per gain."""
     from tqdm.auto import tqdm
 
     bundle = load_bundle(config.policy, device=config.device)
+    policy_hash = bundle_fingerprint(config.policy)
+    code_version = config.code_version or default_code_version()
     gains = check_gains(gains)
     tasks = make_tasks(config)
     pairs = [(ti, si) for ti in range(len(tasks)) for si in range(config.seeds)]
-    losses: dict[float, list[float]] = {}
-    with tqdm(total=len(gains) * len(pairs), unit="run", desc="lr gains", disable=not config.progress) as bar:
-        for gain in gains:
-            specs = [seeded(tasks[ti], si).replace(lr_gain=gain) for ti, si in pairs]
-            finals: list[float] = []
-            for start in range(0, len(specs), config.chunk_size):
+    jobs = [
+        (RunKey(tasks[ti].task_id, schedule_key(policy_hash, gain), si, code_version), gain, ti, si)
+        for gain in gains
+        for ti, si in pairs
+    ]
+    with ResultStore(config.store_path) as store:
+        todo = set(store.missing([key for key, *_ in jobs]))
+        todo_jobs = [job for job in jobs if job[0] in todo]
+        with tqdm(total=len(todo_jobs), unit="run", desc="lr gains", disable=not config.progress) as bar:
+            for start in range(0, len(todo_jobs), config.chunk_size):
+                chunk = todo_jobs[start : start + config.chunk_size]
+                specs = [seeded(tasks[ti], si).replace(lr_gain=gain) for _, gain, ti, si in chunk]
+                t0 = time.perf_counter()
                 records = run_episodes(
-                    bundle, specs[start : start + config.chunk_size], bundle.decoder, device=config.device
+                    bundle, specs, bundle.decoder, device=config.device, seed_indices=[si for *_, si in chunk]
                 )
-                finals += [float("nan") if r.diverged else r.final_val_loss for r in records]
+                share = (time.perf_counter() - t0) / len(chunk)
+                store.put_many((key, run_result(rec, share)) for (key, *_), rec in zip(chunk, records))
                 bar.update(len(records))
-            losses[gain] = finals
+        results = store.get_many([key for key, *_ in jobs])
+    losses: dict[float, list[float]] = {g: [] for g in gains}
+    for key, gain, *_ in jobs:
+        run = results[key]
+        losses[gain].append(float("nan") if run.diverged else run.final_val_loss)
     return {
         "policy": config.policy,
         "task_seed": config.task_seed,
@@ -87,6 +121,8 @@ def sweep(config: BenchmarkConfig, gains: Sequence[float]) -> dict:
         "tasks": [t.task_id for t in tasks],
         "pairs": [{"task": ti, "seed": si, "family": tasks[ti].family} for ti, si in pairs],
         "losses": {str(g): v for g, v in losses.items()},
+        "computed_runs": len(todo_jobs),
+        "reused_runs": len(jobs) - len(todo_jobs),
     }
 
 
@@ -155,7 +191,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if config.plots:
         plot(rows, out / "lr_gain_sweep.png")
     n = len(raw["pairs"])
-    print(f"\nhidden learning-rate gains on {config.policy} ({n} pairs, task seed {config.task_seed}); against gain 1:")
+    print(
+        f"\nhidden learning-rate gains on {config.policy} ({n} pairs, task seed {config.task_seed}; "
+        f"{raw['computed_runs']} runs computed, {raw['reused_runs']} reused from {config.store_path}); against gain 1:"
+    )
     print("gain   lower than gain 1 [95% CI]   median ratio [95% CI]      geomean  diverged  per-family medians")
     for r in rows:
         if r["gain"] == 1.0:

@@ -534,6 +534,16 @@ def test_lr_gain_sweep_scales_the_rates_and_compares_pair_by_pair(tiny_bundle, t
     assert len(raw["pairs"]) == 4 and (out / "lr_gain_sweep.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "the policy as deployed" in printed and "tabular" in printed
+    assert raw["computed_runs"] == 12 and raw["reused_runs"] == 0
+
+    # Every run is in the store: a rerun with one more gain computes only that gain's four runs.
+    rows_again = sweep.main([*argv[:-1], "--gains", "0.25", "4", "2", "--no-progress"])
+    again = json.loads((out / "lr_gain_sweep.json").read_text())
+    assert again["computed_runs"] == 4 and again["reused_runs"] == 12
+    assert again["losses"]["4.0"] == raw["losses"]["4.0"] and [r["gain"] for r in rows_again] == [0.25, 1.0, 2.0, 4.0]
+    with ResultStore(out / "results.sqlite") as store:  # gain 1 under hpo-bench's policy key: a bench store serves it
+        policy_key = f"policy@{bench.bundle_fingerprint(tiny_bundle)}"
+        assert {k.schedule for k in store.keys()} == {policy_key, *(f"{policy_key}|lr_gain={g}" for g in (0.25, 2, 4))}
 
     # Gain 1 is the policy as deployed: the same final losses as a plain run of the same pairs.
     config = _tiny_config(tiny_bundle, tmp_path / "plain", task_seed=7)  # the sweep's default task seed

@@ -398,7 +398,8 @@ class _RowPolicies:
         return actions, new_state
 
 
-def _to_result(rec: EpisodeRecord, wall_s: float) -> RunResult:
+def run_result(rec: EpisodeRecord, wall_s: float) -> RunResult:
+    """What the results store keeps of an episode (``wall_s``: its share of the batched call's time)."""
     return RunResult(
         family=rec.task.family,
         final_val_loss=float(rec.final_val_loss),
@@ -563,7 +564,7 @@ def _run_chunks(jobs: list[_Job], decoder: ActionDecoder, bundle: Any, config: B
             seed_indices=[j.seed_index for j in chunk],
         )
         share = (time.perf_counter() - t0) / len(chunk)
-        store.put_many([(j.key, _to_result(r, share)) for j, r in zip(chunk, records)])
+        store.put_many([(j.key, run_result(r, share)) for j, r in zip(chunk, records)])
         done += len(chunk)
         bar.update(len(chunk))
     return done
@@ -573,7 +574,7 @@ def _run_hypergradient_job(job: _Job, decoder: ActionDecoder, config: BenchmarkC
     beta = config.hd_beta_sgd if job.spec.optimizer == "sgd" else config.hd_beta_adamw
     t0 = time.perf_counter()
     rec = run_hypergradient(job.spec, decoder, beta=beta, seed_index=job.seed_index, device=config.device)
-    store.put_many([(job.key, _to_result(rec, time.perf_counter() - t0))])
+    store.put_many([(job.key, run_result(rec, time.perf_counter() - t0))])
     bar.update(1)
     return 1
 
