@@ -120,6 +120,10 @@ class HyperparameterSpec:
         return np.minimum(self.upper, self.from_log(start + self.max_log10_above_initial))
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 #: Default bounds and step sizes of every controllable hyperparameter.
 DEFAULT_HYPERPARAMETERS: dict[str, HyperparameterSpec] = {
     "lr": HyperparameterSpec("lr", 1e-5, 1.0, 0.25),
@@ -165,19 +169,36 @@ class ActionDecoder:
         if len(set(names)) != len(names):
             raise ValueError(f"hyperparameters must not repeat, got {list(names)}")
 
-        def per_name(arg: str, values: Mapping | None) -> dict:
-            extra = sorted(set(values or {}) - set(names))
+        def per_name(arg: str, values: Mapping | None, example: str) -> dict:
+            if values is None:
+                return {}
+            if not isinstance(values, Mapping):
+                raise ValueError(
+                    f"{arg} must map controlled hyperparameters {list(names)} to values, e.g. {arg}={example}; "
+                    f"got {values!r}"
+                )
+            extra = sorted(set(values) - set(names))
             if extra:
                 raise ValueError(f"{arg} given for {extra}, which are not controlled ({list(names)})")
-            return dict(values or {})
+            for name, value in values.items():
+                pair = arg == "bounds"
+                if pair and not (isinstance(value, Sequence) and len(value) == 2 and all(map(_is_number, value))):
+                    raise ValueError(f"{arg}[{name!r}] must be a (lower, upper) pair, e.g. {example}; got {value!r}")
+                if not pair and not _is_number(value):
+                    raise ValueError(f"{arg}[{name!r}] must be a number of decades, e.g. {example}; got {value!r}")
+            return dict(values)
 
-        bounds = per_name("bounds", bounds)
-        if isinstance(max_log10_change, Mapping):
-            steps = per_name("max_log10_change", max_log10_change)
+        bounds = per_name("bounds", bounds, "{'lr': (1e-5, 1.0)}")
+        if isinstance(max_log10_change, Mapping) or max_log10_change is None:
+            steps = per_name("max_log10_change", max_log10_change, "{'lr': 0.5} or 0.5")
+        elif _is_number(max_log10_change):
+            steps = {n: max_log10_change for n in names}
         else:
-            steps = {n: max_log10_change for n in names} if max_log10_change is not None else {}
-        ups = per_name("max_log10_increase", max_log10_increase)
-        caps = per_name("max_log10_above_initial", max_log10_above_initial)
+            raise ValueError(
+                f"max_log10_change must be a number of decades or {{name: decades}}, got {max_log10_change!r}"
+            )
+        ups = per_name("max_log10_increase", max_log10_increase, "{'lr': 0.25}")
+        caps = per_name("max_log10_above_initial", max_log10_above_initial, "{'lr': 1.5}")
         specs = []
         for n in names:
             base = DEFAULT_HYPERPARAMETERS[n]

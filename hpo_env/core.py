@@ -25,6 +25,7 @@ improve by itself. The environment's own reward is unchanged. It doubles the inn
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -85,8 +86,8 @@ class EpisodeBatch:
         epochs_feature: bool = False,
         reference_runs: bool = False,
     ) -> None:
-        if not divergence_penalty >= 0:
-            raise ValueError(f"divergence_penalty must be >= 0, got {divergence_penalty}")
+        if not 0 <= divergence_penalty < math.inf:
+            raise ValueError(f"divergence_penalty must be a finite number >= 0, got {divergence_penalty}")
         self.n = n
         self.decoder = decoder
         self.gradient_features = bool(gradient_features)
@@ -146,7 +147,7 @@ class EpisodeBatch:
             # Interval 1 runs before any decision; if it already diverged, the first step ends
             # the episode with the penalty instead of training on.
             ep.diverged_at_start = bool(res.diverged[j])
-            infos.append(self._info(s, res.train_loss[j], res.val_loss[j], res.val_accuracy[j], False))
+            infos.append(self._info(s, res.train_loss[j], res.val_loss[j], res.val_accuracy[j], ep.diverged_at_start))
         return obs, infos
 
     def step(self, slots: Sequence[int], actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
@@ -159,10 +160,12 @@ class EpisodeBatch:
         # Check every action before any slot changes, so that a bad one leaves the batch as it was.
         k = self.decoder.num_actions
         actions = np.asarray(actions, dtype=np.float64)
-        if actions.size != len(slots) * k:
+        # Exactly (n, k), or (n,) with one hyperparameter: a transposed (k, n) array has the right size
+        # but would give each slot another slot's values.
+        if actions.shape != (len(slots), k) and not (k == 1 and actions.shape == (len(slots),)):
             raise ValueError(
-                f"expected {len(slots)} action(s) of {k} values (one per controlled hyperparameter "
-                f"{list(self.decoder.names)}), got an array of shape {actions.shape}"
+                f"expected actions of shape ({len(slots)}, {k}) (one row per slot, one value per controlled "
+                f"hyperparameter {list(self.decoder.names)}), got an array of shape {actions.shape}"
             )
         actions = actions.reshape(len(slots), k)
         bad = ~np.isfinite(actions).all(axis=1)
@@ -190,6 +193,7 @@ class EpisodeBatch:
                     gradients=None if not self.gradient_features else ([np.nan], [np.nan]),
                 )[0]
                 infos[j] = self._info(s, np.nan, np.nan, np.nan, True)
+                infos[j]["final_val_loss"] = float("nan")  # as for any diverged episode
                 if self.reference_runs:
                     infos[j]["reference_gain"] = 0.0
         if not live:

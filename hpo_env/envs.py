@@ -157,7 +157,14 @@ class HPOEnv(gym.Env):
     def step(self, action):
         if self._batch.episodes[0] is None:
             raise RuntimeError("call reset() before step()")
-        obs, rewards, terminated, infos = self._batch.step([0], np.asarray(action)[None])
+        action = np.asarray(action, dtype=np.float64)
+        k = self.decoder.num_actions
+        if action.shape != (k,) and not (k == 1 and action.shape == ()):
+            raise ValueError(
+                f"expected an action of shape ({k},) (one value in [-1, 1] per controlled hyperparameter "
+                f"{list(self.decoder.names)}), got an array of shape {action.shape}"
+            )
+        obs, rewards, terminated, infos = self._batch.step([0], action.reshape(1, k))
         self._last_info, self._last_reward = infos[0], float(rewards[0])
         return obs[0], float(rewards[0]), bool(terminated[0]), False, infos[0]
 

@@ -171,9 +171,19 @@ class TaskSpec:
         for name in ("data_seed", "seed"):
             if not 0 <= getattr(self, name) < 2**63:
                 raise bad(name, getattr(self, name), "an integer in [0, 2**63)")
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        hidden = self.hidden
+        if (
+            isinstance(hidden, (str, bytes))
+            or not isinstance(hidden, (tuple, list, np.ndarray))
+            or any(isinstance(h, bool) or not isinstance(h, (int, np.integer)) for h in hidden)
+        ):
+            raise bad("hidden", hidden, "a tuple of integer layer widths, e.g. (64,) or (128, 64)")
+        object.__setattr__(self, "hidden", tuple(int(h) for h in hidden))
         if not self.hidden or min(self.hidden) < 1:
             raise bad("hidden", self.hidden, "a non-empty tuple of positive widths")
+        if not isinstance(self.permute_pixels, (bool, np.bool_)):
+            raise bad("permute_pixels", self.permute_pixels, "True or False")
+        object.__setattr__(self, "permute_pixels", bool(self.permute_pixels))
         if self.arch == "cnn" and len(self.hidden) != 2:
             raise bad("hidden", self.hidden, "two conv channel counts (c1, c2) for the CNN")
         for name in ("batch_size", "total_steps", "steps_per_action"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -64,9 +65,10 @@ class HPOVecEnv(VecEnv):
         task_group_size: int = 1,
         reference_runs: bool = False,
     ) -> None:
-        if int(num_envs) < 1:
+        num_envs, task_group_size = _count("num_envs", num_envs), _count("task_group_size", task_group_size)
+        if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
-        if not isinstance(task_group_size, int) or task_group_size < 1 or int(num_envs) % task_group_size:
+        if task_group_size < 1 or num_envs % task_group_size:
             raise ValueError(
                 f"task_group_size must be a positive integer that divides num_envs = {num_envs} (slots that share"
                 f" a task), got {task_group_size!r}"
@@ -77,7 +79,7 @@ class HPOVecEnv(VecEnv):
             hyperparameters, bounds, max_log10_change, max_log10_increase, max_log10_above_initial
         )
         self._batch = EpisodeBatch(
-            int(num_envs),
+            num_envs,
             self.decoder,
             device=device,
             divergence_penalty=divergence_penalty,
@@ -89,7 +91,7 @@ class HPOVecEnv(VecEnv):
         observation_space = gym.spaces.Box(-OBS_BOUND, OBS_BOUND, (self._batch.obs_dim,), np.float32)
         action_space = gym.spaces.Box(-1.0, 1.0, (k,), np.float32)
         self.render_mode = None
-        super().__init__(int(num_envs), observation_space, action_space)
+        super().__init__(num_envs, observation_space, action_space)
         self._rngs = [seeding.np_random(None)[0] for _ in range(self.num_envs)]
         self._actions: np.ndarray | None = None
         if seed is not None:
@@ -168,8 +170,7 @@ class HPOVecEnv(VecEnv):
         if self._actions is None:
             raise RuntimeError("step_async() must be called before step_wait()")
         slots = list(range(self.num_envs))
-        actions = self._actions.reshape(self.num_envs, -1)
-        self._actions = None
+        actions, self._actions = self._actions, None
         obs, rewards, terminated, infos = self._batch.step(slots, actions)
         dones = terminated.copy()
         if self.task_group_size > 1:  # a group ends together: truncate the members still running
@@ -226,3 +227,13 @@ class HPOVecEnv(VecEnv):
 
     def get_images(self) -> Sequence[np.ndarray | None]:
         return [None for _ in range(self.num_envs)]
+
+
+def _count(name: str, value: object) -> int:
+    """``value`` as an int if it is an integer (Python or NumPy, not bool); a ValueError naming ``name`` if not."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})") from None

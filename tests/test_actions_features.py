@@ -67,6 +67,25 @@ def test_a_cap_relative_to_the_initial_value_bounds_increases():
         ActionDecoder(("lr",), max_log10_above_initial={"momentum": 0.1})
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"max_log10_above_initial": 1.5},
+            r"must map controlled hyperparameters .*e\.g\. max_log10_above_initial=\{'lr': 1\.5\}; got 1\.5",
+        ),
+        ({"max_log10_increase": 0.25}, r"max_log10_increase must map .*got 0\.25"),
+        ({"bounds": {"lr": 1.0}}, r"bounds\['lr'\] must be a \(lower, upper\) pair"),
+        ({"bounds": (1e-5, 1.0)}, r"bounds must map controlled hyperparameters"),
+        ({"max_log10_change": "0.5"}, r"max_log10_change must be a number of decades"),
+        ({"max_log10_change": {"lr": "0.5"}}, r"max_log10_change\['lr'\] must be a number"),
+    ],
+)
+def test_decoder_arguments_of_the_wrong_kind_say_what_is_expected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ActionDecoder(**kwargs)
+
+
 def test_a_batch_decodes_exactly_as_one_slot_at_a_time():
     """The vec env decodes all slots in one call, the scheduler one at a time: bit for bit the same."""
     hps = ("lr", "weight_decay", "momentum")

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import math
+import re
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -152,11 +155,50 @@ def test_a_bad_action_changes_nothing_even_beside_a_diverged_slot():
     for bad in ([[0.0, 0.0], [np.nan, 0.0]], [[np.nan, 0.0], [0.0, 0.0]]):
         with pytest.raises(ValueError, match=r"finite; slot\(s\) \[\d\]"):
             vec.step(np.array(bad, np.float32))
-    with pytest.raises(ValueError, match=r"expected 2 action\(s\) of 2 values"):
+    with pytest.raises(ValueError, match=r"expected actions of shape \(2, 2\).*got an array of shape \(2, 3\)"):
         vec.step(np.zeros((2, 3), np.float32))
     _, rewards, dones, infos = vec.step(np.zeros((2, 2), np.float32))
     assert dones[0] and infos[0]["diverged"] and rewards[0] == -vec._batch.divergence_penalty
     assert not dones[1] and np.isfinite(rewards[1])
+    # An episode that diverged in its first interval reports it from reset on and ends like any other
+    # diverged episode, with a NaN final loss.
+    assert math.isnan(infos[0]["final_val_loss"])
+
+
+def test_actions_of_the_right_size_but_the_wrong_shape_are_refused():
+    """A transposed (k, N) array has N * k values too, but would give each slot another slot's values."""
+    vec = HPOVecEnv(4, "toy")
+    vec.reset()
+    for shape in ((2, 4), (8,), (4, 2, 1)):
+        with pytest.raises(ValueError, match=r"expected actions of shape \(4, 2\).*shape " + re.escape(str(shape))):
+            vec.step(np.zeros(shape, np.float32))
+    env = HPOEnv("toy")
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"expected an action of shape \(2,\).*got an array of shape \(1, 2\)"):
+        env.step(np.zeros((1, 2), np.float32))
+    one = HPOEnv("toy", hyperparameters=("lr",))
+    one.reset(seed=0)
+    for action in (0.5, np.array([0.5])):  # one hyperparameter: a scalar or a (1,) array
+        assert np.isfinite(one.step(action)[1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_envs": 2.5}, "num_envs must be an integer"),
+        ({"num_envs": True}, "num_envs must be an integer"),
+        ({"num_envs": 4, "task_group_size": 3}, "divides num_envs = 4"),
+        ({"num_envs": 4, "divergence_penalty": math.inf}, "finite number >= 0"),
+    ],
+)
+def test_vec_env_refuses_bad_counts(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HPOVecEnv(task_distribution="toy", **kwargs)
+
+
+def test_vec_env_takes_numpy_integer_counts():
+    vec = HPOVecEnv(np.int64(4), "toy", task_group_size=np.int64(2))
+    assert vec.num_envs == 4 and vec.task_group_size == 2
 
 
 def test_a_zero_validation_loss_gives_a_finite_reward(monkeypatch):
