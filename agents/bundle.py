@@ -31,13 +31,16 @@ bundles trained on the same action decoder and feature set and acts with the mea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import math
 import os
+import random
 import shutil
 import uuid
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -490,7 +493,7 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> PolicyBundle | 
         POLICY_KIND: (BUNDLE_FORMAT_VERSION, CAPPED_BUNDLE_FORMAT_VERSION),
         ENSEMBLE_KIND: (ENSEMBLE_FORMAT_VERSION,),
     }
-    if kind not in readable:
+    if not isinstance(kind, str) or kind not in readable:
         raise BundleError(
             f"{path / CONFIG_FILE} has an unknown bundle kind {kind!r}; this hpo-meta reads {sorted(readable)}"
         )
@@ -521,12 +524,25 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> PolicyBundle | 
             clip_obs, epsilon = float(norm["clip_obs"]), float(norm["epsilon"])
         except (KeyError, TypeError, ValueError) as err:
             raise BundleError(f"{path / NORM_FILE} is corrupted: {err}") from err
-        if obs_mean.shape != (obs_dim,) or obs_var.shape != (obs_dim,) or not np.all(np.isfinite(obs_var)):
+        if obs_mean.shape != (obs_dim,) or obs_var.shape != (obs_dim,):
             raise BundleError(
-                f"{path / NORM_FILE} holds statistics of shape {obs_mean.shape}, expected ({obs_dim},) finite values"
+                f"{path / NORM_FILE} holds statistics of shapes {obs_mean.shape} and {obs_var.shape}, "
+                f"expected ({obs_dim},) each"
             )
-    model = _load_model(path / MODEL_FILE, config.get("algorithm", "RecurrentPPO"), device)
-    frame_stack = int(config.get("frame_stack", 1))
+        if not (np.all(np.isfinite(obs_mean)) and np.all(np.isfinite(obs_var)) and np.all(obs_var >= 0)):
+            raise BundleError(f"{path / NORM_FILE} is corrupted: its mean must be finite and its var finite and >= 0")
+        if not (0 < clip_obs < math.inf and 0 < epsilon < math.inf):
+            raise BundleError(
+                f"{path / NORM_FILE} is corrupted: clip_obs={clip_obs} and epsilon={epsilon} must be positive "
+                "finite numbers"
+            )
+    algorithm = config.get("algorithm", "RecurrentPPO")
+    if not isinstance(algorithm, str):
+        raise BundleError(f"{path / CONFIG_FILE} has algorithm={algorithm!r}, expected 'RecurrentPPO' or 'PPO'")
+    frame_stack = config.get("frame_stack", 1)
+    if isinstance(frame_stack, bool) or not isinstance(frame_stack, int) or frame_stack < 1:
+        raise BundleError(f"{path / CONFIG_FILE} has frame_stack={frame_stack!r}, expected a positive integer")
+    model = _load_model(path / MODEL_FILE, algorithm, device)
     expected = obs_dim * (frame_stack if config.get("algorithm") == "PPO" else 1)
     if tuple(model.observation_space.shape) != (expected,):
         raise BundleError(
@@ -539,8 +555,10 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> PolicyBundle | 
 def _check_versions(path: Path, config: Mapping[str, Any], format_versions: tuple[int, ...]) -> None:
     if config.get("format_version") not in format_versions:
         raise BundleError(
-            f"policy bundle {str(path)!r} has format version {config.get('format_version')!r}, this hpo-meta "
-            f"reads versions {list(format_versions)} for a bundle of kind {config.get('kind', POLICY_KIND)!r}"
+            f"policy bundle {str(path)!r} has format version {config.get('format_version')!r} (written by hpo-meta "
+            f"{config.get('hpo_meta_version', '?')}), but hpo-meta {HPO_VERSION} reads versions "
+            f"{list(format_versions)} for a bundle of kind {config.get('kind', POLICY_KIND)!r}: install the "
+            "hpo-meta that wrote it, or re-save the policy with this one"
         )
     if str(config.get("feature_set_version")) != FEATURE_SET_VERSION:
         raise BundleError(
@@ -600,10 +618,39 @@ def _load_model(file: Path, algorithm: str, device: str) -> Any:
     classes = {"RecurrentPPO": RecurrentPPO, "PPO": PPO}
     if algorithm not in classes:
         raise BundleError(f"unknown algorithm {algorithm!r} in bundle config; expected one of {list(classes)}")
+    import torch
+
     try:
-        return classes[algorithm].load(file, device=device)
+        torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise BundleError(
+            f"device={device!r} is not a torch device ({err}); use e.g. 'cpu', 'cuda' or 'cuda:1'"
+        ) from err
+    try:
+        with _global_rng_untouched():
+            return classes[algorithm].load(file, device=device)
     except (zipfile.BadZipFile, EOFError, KeyError, ValueError, RuntimeError, OSError) as err:
         raise BundleError(f"{file} is corrupted and cannot be loaded as a {algorithm} model: {err}") from err
+
+
+@contextlib.contextmanager
+def _global_rng_untouched() -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's global generators on exit.
+
+    SB3's ``load`` re-seeds all three with the seed the model was trained with (``set_random_seed``) and
+    building the network draws from torch's: without this, loading a policy would make every seed of the
+    user's own training loop (data order, dropout, initialisation) the same run.
+    """
+    import torch
+
+    py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002 (the legacy global state is what SB3 seeds)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)  # noqa: NPY002
 
 
 def main(argv: Sequence[str] | None = None) -> int:

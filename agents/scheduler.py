@@ -107,7 +107,9 @@ class PolicyScheduler:
     ``10**D`` times its initial value here either.
 
     **Losses** must be positive (cross-entropy, MSE, ...): the policy observes log losses, and a
-    negative ``metrics`` or ``train_loss`` (a log-likelihood, a score) raises ``ValueError``.
+    negative ``metrics`` or ``train_loss`` (a log-likelihood, a score) raises ``ValueError``. An exact 0
+    (a float32 loss that rounds to zero) is taken as the environment takes it: the log feature saturates
+    at its clip, and a zero first loss is no reference (1.0 is used).
 
     **Divergence.** A NaN or infinite ``metrics`` (or ``train_loss``) is treated as divergence: a
     warning is issued, the policy is *not* shown the value (it never saw a diverged run continue in
@@ -228,6 +230,7 @@ class PolicyScheduler:
             adaptive = not isinstance(getattr(optimizer, "optimizer", optimizer), torch.optim.SGD)
         self.adaptive = bool(adaptive)
         self._keys = self._resolve_keys(optimizer, decoder)
+        self._check_weight_decay(optimizer, decoder)
         self.gradient_features = bool(getattr(bundle, "gradient_features", False))
         self.epochs_feature = bool(getattr(bundle, "epochs_feature", False))
         self.epochs = self._check_epochs(epochs)
@@ -367,6 +370,38 @@ class PolicyScheduler:
                     )
             keys.append(row)
         return keys
+
+    @staticmethod
+    def _check_weight_decay(optimizer: torch.optim.Optimizer, decoder: ActionDecoder) -> None:
+        """Refuse to set an adaptive optimiser's L2 penalty as if it were AdamW's decoupled decay.
+
+        Meta-training's optimisers are SGD (decay added to the gradient) and AdamW (decay applied to the
+        weights). Adam, RMSprop, Adagrad... add it to the gradient, where the per-coordinate scaling
+        turns the decays the policy chooses for AdamW (up to 0.3) into a far stronger penalty.
+        """
+        if "weight_decay" not in decoder.names:
+            return
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer and the like
+        coupled_adaptive = (
+            torch.optim.Adam,
+            torch.optim.NAdam,
+            torch.optim.RAdam,
+            torch.optim.Adamax,
+            torch.optim.RMSprop,
+            torch.optim.Adagrad,
+            torch.optim.Adadelta,
+        )
+        if not isinstance(inner, coupled_adaptive):
+            return
+        coupled = [g for g, group in enumerate(inner.param_groups) if not group.get("decoupled_weight_decay", False)]
+        if coupled:
+            raise ValueError(
+                f"{type(inner).__name__} adds weight_decay to the gradient (an L2 penalty, param group(s) {coupled}), "
+                "but the policy sets weight_decay as meta-trained on AdamW, which decays the weights directly: the "
+                "values it chooses would act as a much stronger penalty here. Use torch.optim.AdamW (Adam with "
+                "decoupled decay; same defaults otherwise), or decoupled_weight_decay=True where the optimizer has "
+                f"it, or a policy that does not control weight_decay (this one controls {list(decoder.names)})"
+            )
 
     def _distance(self, values: np.ndarray) -> np.ndarray:
         """The quantity each hyperparameter scales: the value, or ``1 - momentum``."""

@@ -164,8 +164,66 @@ def test_feature_set_version_mismatch(bundle_copy):
 
 def test_format_version_mismatch(bundle_copy):
     _edit_json(bundle_copy / "config.json", format_version=999)
-    with pytest.raises(BundleError, match="format version 999"):
+    with pytest.raises(BundleError, match="format version 999 .*install the hpo-meta that wrote it"):
         load_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"mean": "nan"}, "mean must be finite"),
+        ({"var": -1.0}, "var finite and >= 0"),
+        ({"clip_obs": 0.0}, "clip_obs=0.0 and epsilon=.* must be positive finite"),
+    ],
+)
+def test_bad_normalisation_statistics_are_refused_at_load(bundle_copy, changes, match):
+    """Not at the first step, as a NaN deep inside the policy's action distribution."""
+    norm = json.loads((bundle_copy / "obs_norm.json").read_text())
+    for key, value in changes.items():
+        norm[key] = [float(value)] * len(norm[key]) if isinstance(norm[key], list) else value
+    (bundle_copy / "obs_norm.json").write_text(json.dumps(norm))
+    with pytest.raises(BundleError, match=f"obs_norm.json is corrupted: .*{match}"):
+        load_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"kind": [1]}, r"config.json has an unknown bundle kind \[1\]"),
+        ({"frame_stack": "x"}, "config.json has frame_stack='x', expected a positive integer"),
+        ({"algorithm": 3}, "config.json has algorithm=3"),
+    ],
+)
+def test_config_fields_of_the_wrong_type_name_the_file(bundle_copy, changes, match):
+    _edit_json(bundle_copy / "config.json", **changes)
+    with pytest.raises(BundleError, match=match):
+        load_bundle(bundle_copy)
+
+
+def test_loading_a_policy_leaves_the_global_generators_alone(good_bundle):
+    """SB3's load re-seeds Python's, NumPy's and torch's global generators with the training seed: a user's
+    seeded training loop must not become the same run whatever its seed."""
+    import random
+
+    import torch
+
+    def draws(load: bool) -> list[float]:
+        out = []
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            np.random.seed(seed)  # noqa: NPY002 (what a user's script does)
+            random.seed(seed)
+            if load:
+                load_bundle(good_bundle)
+            out += [torch.rand(()).item(), np.random.rand(), random.random()]  # noqa: NPY002
+        return out
+
+    assert draws(load=True) == draws(load=False)
+
+
+def test_a_device_that_is_not_one_is_not_called_corruption(good_bundle):
+    with pytest.raises(BundleError, match="device='gpu' is not a torch device.*'cpu', 'cuda'"):
+        load_bundle(good_bundle, device="gpu")
 
 
 def test_a_capped_policy_is_saved_as_a_version_older_hpo_meta_refuses(good_bundle, tmp_path):
@@ -186,7 +244,7 @@ def test_wrong_obs_dim_in_config(bundle_copy):
 
 def test_wrong_normalisation_shape(bundle_copy):
     _edit_json(bundle_copy / "obs_norm.json", mean=[0.0, 1.0], var=[1.0, 1.0])
-    with pytest.raises(BundleError, match=r"statistics of shape \(2,\)"):
+    with pytest.raises(BundleError, match=r"statistics of shapes \(2,\) and \(2,\)"):
         load_bundle(bundle_copy)
 
 
@@ -376,7 +434,10 @@ def test_ensemble_errors(ensemble, good_bundle, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(ensemble, old)
     _edit_json(old / "config.json", format_version=1)
-    with pytest.raises(BundleError, match=r"format version 1, this hpo-meta reads versions \[2\] .*'ensemble'"):
+    with pytest.raises(
+        BundleError,
+        match=r"format version 1 \(written by hpo-meta .*\), but hpo-meta .* reads versions \[2\] .*'ensemble'",
+    ):
         load_bundle(old)
     _edit_json(old / "config.json", kind="ensembel")
     with pytest.raises(BundleError, match="unknown bundle kind 'ensembel'"):

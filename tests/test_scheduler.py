@@ -344,6 +344,19 @@ def test_adam_momentum_is_beta1_and_beta2_is_kept():
     assert sched.adaptive
 
 
+@pytest.mark.parametrize("make", [torch.optim.Adam, torch.optim.RMSprop, torch.optim.NAdam, torch.optim.Adagrad])
+def test_weight_decay_added_to_the_gradient_of_an_adaptive_optimizer_is_refused(make):
+    """The policy sets AdamW's decoupled decay (up to 0.3): as Adam's L2 penalty it wrecks training."""
+    params = list(torch.nn.Linear(2, 2).parameters())
+    policy = ReplayPolicy(ActionDecoder(("lr", "weight_decay")), [[0.0, 0.0]])
+    with pytest.raises(ValueError, match=rf"{make.__name__} adds weight_decay to the gradient.*torch.optim.AdamW"):
+        PolicyScheduler(make(params, lr=1e-3), policy, total_steps=3)
+    # Decoupled decay is what the policy was trained with; a policy not controlling weight decay is fine too.
+    PolicyScheduler(torch.optim.Adam(params, lr=1e-3, decoupled_weight_decay=True), policy, total_steps=3)
+    PolicyScheduler(torch.optim.AdamW(params, lr=1e-3), policy, total_steps=3)
+    PolicyScheduler(make(params, lr=1e-3), ReplayPolicy(ActionDecoder(("lr",)), [[0.0]]), total_steps=3)
+
+
 def test_tensor_learning_rate_is_updated_in_place():
     opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=torch.tensor(1e-3), foreach=False)
     lr_tensor = opt.param_groups[0]["lr"]
