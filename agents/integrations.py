@@ -20,7 +20,10 @@ provides that hook and :func:`lightning_scheduler_config` builds the config dict
             sched = PolicyScheduler.from_pretrained("default", opt, total_steps=epochs, epochs=epochs)
             return {"optimizer": opt, "lr_scheduler": lightning_scheduler_config(sched, monitor="val_loss")}
 
-Lightning saves and restores the scheduler's ``state_dict`` in its checkpoints. Prefer
+Lightning saves and restores the scheduler's ``state_dict`` in its checkpoints; it saves an epoch-end
+checkpoint before it steps such a scheduler and does not make that step when it resumes from it, so
+the mixin also records the pending decision (its losses) in the checkpoint and makes it when the
+resumed run starts its next epoch: a resumed run keeps the uninterrupted run's schedule. Prefer
 ``interval="epoch"`` with validation every epoch: Lightning passes the *last logged* value of
 ``monitor``, so with ``interval="step"`` the ``frequency`` must equal the validation interval in
 batches (``val_check_interval``) and divide the batches of an epoch (Lightning counts ``frequency``
@@ -60,6 +63,9 @@ from typing import Any
 from agents.scheduler import PolicyScheduler
 
 __all__ = ["PolicySchedulerMixin", "hf_trainer_callback", "lightning_scheduler_config"]
+
+#: Lightning checkpoint key of the decisions a checkpoint was saved before (see PolicySchedulerMixin).
+PENDING_DECISIONS_KEY = "hpo_meta_pending_policy_decisions"
 
 
 # -- PyTorch Lightning -----------------------------------------------------------------------------
@@ -110,6 +116,10 @@ class PolicySchedulerMixin:
     Other schedulers are stepped as Lightning would. If the module logs the mean training loss of
     the interval under :attr:`policy_train_loss_key` (e.g. ``self.log("train_loss", loss,
     on_epoch=True)``), it is shown to the policy too, as in meta-training.
+
+    It also keeps a resumed run on the uninterrupted run's schedule (see the module docstring) through
+    ``on_save_checkpoint``, ``on_load_checkpoint`` and ``on_train_epoch_start``: a module that overrides
+    them must call ``super()``.
     """
 
     #: ``trainer.callback_metrics`` key of the mean training loss (None: do not pass one).
@@ -129,6 +139,49 @@ class PolicySchedulerMixin:
             scheduler.step(metric, train_loss=train_loss)
         else:
             super().lr_scheduler_step(scheduler, metric)  # type: ignore[misc]
+
+    # Lightning steps "reduce_on_plateau" schedulers (which get the monitored metric) after the
+    # epoch-end checkpoint callbacks, and does not repeat that step when it resumes from such a
+    # checkpoint (Lightning-AI/pytorch-lightning#14699): the saved scheduler is one decision behind,
+    # and a resumed run would lose it. So a checkpoint also records the decision still pending, with
+    # the losses it would see; a resumed run makes it before its first epoch if Lightning did not.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        parent = getattr(super(), "on_save_checkpoint", None)
+        if parent is not None:
+            parent(checkpoint)
+        trainer = getattr(self, "trainer", None)
+        pending = {}
+        for i, config in enumerate(getattr(trainer, "lr_scheduler_configs", None) or []):
+            sched = config.scheduler
+            if not isinstance(sched, PolicyScheduler) or config.interval != "epoch":
+                continue
+            due = (trainer.current_epoch + 1) // max(int(config.frequency), 1)
+            metric = trainer.callback_metrics.get(config.monitor) if config.monitor else None
+            if sched.last_step < min(due, sched.total_steps) and metric is not None:
+                train = trainer.callback_metrics.get(self.policy_train_loss_key) if self.policy_train_loss_key else None
+                pending[i] = {
+                    "last_step": sched.last_step,
+                    "metric": float(metric),
+                    "train_loss": None if train is None else float(train),
+                }
+        checkpoint[PENDING_DECISIONS_KEY] = pending
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        parent = getattr(super(), "on_load_checkpoint", None)
+        if parent is not None:
+            parent(checkpoint)
+        self._policy_pending = dict(checkpoint.get(PENDING_DECISIONS_KEY) or {})
+
+    def on_train_epoch_start(self) -> None:
+        parent = getattr(super(), "on_train_epoch_start", None)
+        if parent is not None:
+            parent()
+        pending, self._policy_pending = getattr(self, "_policy_pending", None), None
+        configs = getattr(getattr(self, "trainer", None), "lr_scheduler_configs", None) or []
+        for i, decision in (pending or {}).items():
+            sched = configs[int(i)].scheduler if int(i) < len(configs) else None
+            if isinstance(sched, PolicyScheduler) and sched.last_step == decision["last_step"]:
+                sched.step(decision["metric"], train_loss=decision["train_loss"])
 
 
 # -- Hugging Face transformers ---------------------------------------------------------------------

@@ -537,6 +537,67 @@ def test_lightning_config_and_mixin_without_lightning():
         Module().lr_scheduler_step(sched, None)
 
 
+def test_lightning_mixin_makes_the_decision_an_epoch_end_checkpoint_was_saved_before():
+    """Lightning steps plateau-style schedulers after its epoch-end checkpoint and skips that step when
+    resuming from it; the mixin records the pending decision and makes it once, only if Lightning did not."""
+    from types import SimpleNamespace
+
+    from agents.integrations import PENDING_DECISIONS_KEY, PolicySchedulerMixin
+
+    def run(resume_at: int | None, lightning_steps_on_resume: bool = False) -> list[float]:
+        """Three epochs, checkpointed at the end of each; optionally resumed from epoch ``resume_at``."""
+        opt = _optimizer("sgd", 0.1, 1e-4, 0.9)
+        sched = PolicyScheduler(opt, ReplayPolicy(ActionDecoder(("lr", "weight_decay")), np.full((3, 2), 0.5)), 3)
+        trainer = SimpleNamespace(
+            lr_scheduler_configs=[SimpleNamespace(scheduler=sched, interval="epoch", frequency=1, monitor="val_loss")],
+            current_epoch=0,
+            callback_metrics={},
+        )
+
+        class Module(PolicySchedulerMixin):
+            pass
+
+        module = Module()
+        module.trainer = trainer
+        lrs, checkpoints = [], {}
+        for epoch in range(3):
+            trainer.current_epoch = epoch
+            module.on_train_epoch_start()
+            lrs.append(opt.param_groups[0]["lr"])
+            trainer.callback_metrics = {"val_loss": torch.tensor(1.0 / (epoch + 1)), "train_loss": torch.tensor(0.9)}
+            checkpoint = {"lr_schedulers": [sched.state_dict()]}
+            module.on_save_checkpoint(checkpoint)  # saved before Lightning steps the scheduler
+            checkpoints[epoch] = checkpoint
+            module.lr_scheduler_step(sched, trainer.callback_metrics["val_loss"])
+            if epoch == resume_at:
+                break
+        if resume_at is None:
+            return lrs
+        # A fresh process resumes from the checkpoint of epoch `resume_at`.
+        checkpoint = checkpoints[resume_at]
+        assert checkpoint[PENDING_DECISIONS_KEY][0]["last_step"] == resume_at
+        opt = _optimizer("sgd", 0.1, 1e-4, 0.9)
+        sched = PolicyScheduler(opt, ReplayPolicy(ActionDecoder(("lr", "weight_decay")), np.full((3, 2), 0.5)), 3)
+        trainer.lr_scheduler_configs[0].scheduler = sched
+        module = Module()
+        module.trainer = trainer
+        sched.load_state_dict(checkpoint["lr_schedulers"][0])
+        module.on_load_checkpoint(checkpoint)
+        if lightning_steps_on_resume:  # a Lightning that does make the step: the mixin must not repeat it
+            sched.step(checkpoint[PENDING_DECISIONS_KEY][0]["metric"], train_loss=0.9)
+        for epoch in range(resume_at + 1, 3):
+            trainer.current_epoch = epoch
+            module.on_train_epoch_start()
+            lrs.append(opt.param_groups[0]["lr"])
+            module.lr_scheduler_step(sched, torch.tensor(1.0 / (epoch + 1)))
+        return lrs
+
+    full = run(None)
+    assert len(set(full)) == 3  # the schedule moves
+    assert run(resume_at=0) == full and run(resume_at=1) == full
+    assert run(resume_at=0, lightning_steps_on_resume=True) == full
+
+
 def test_hf_eval_count_from_training_arguments():
     from types import SimpleNamespace
 
@@ -577,7 +638,7 @@ def test_hf_epochs_from_the_trainers_steps_and_dataloader():
     assert _epochs_from_args(args, SimpleNamespace(max_steps=0), list(range(40))) is None
 
 
-def test_lightning_trainer_end_to_end():
+def test_lightning_trainer_end_to_end(tmp_path):
     pl = pytest.importorskip("lightning.pytorch")
     from agents.integrations import PolicySchedulerMixin, lightning_scheduler_config
 
@@ -604,14 +665,36 @@ def test_lightning_trainer_end_to_end():
             self.policy = PolicyScheduler.from_pretrained("default", opt, total_steps=epochs, epochs=epochs)
             return {"optimizer": opt, "lr_scheduler": lightning_scheduler_config(self.policy, monitor="val_loss")}
 
-    model = Model()
-    trainer = pl.Trainer(
-        max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
-    )
-    loader = torch.utils.data.DataLoader(data, batch_size=16)
-    trainer.fit(model, loader, loader)
-    assert model.policy.last_step == 4
+    class FirstBatchLR(pl.Callback):
+        def __init__(self):
+            self.lrs = {}
+
+        def on_train_batch_start(self, trainer, module, batch, i):
+            self.lrs.setdefault(trainer.current_epoch, trainer.optimizers[0].param_groups[0]["lr"])
+
+    def fit(dirpath, ckpt_path=None):
+        torch.manual_seed(0)
+        model, lrs = Model(), FirstBatchLR()
+        checkpoints = pl.callbacks.ModelCheckpoint(dirpath=dirpath, save_top_k=-1, filename="{epoch}")
+        trainer = pl.Trainer(
+            max_epochs=5,
+            logger=False,
+            callbacks=[checkpoints, lrs],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        loader = torch.utils.data.DataLoader(data, batch_size=16)
+        trainer.fit(model, loader, loader, ckpt_path=ckpt_path)
+        return model, trainer, lrs.lrs
+
+    model, trainer, full = fit(tmp_path / "full")
+    assert model.policy.last_step == 5
     assert model.policy.get_last_lr() == [trainer.optimizers[0].param_groups[0]["lr"]]
+    # Resumed from an epoch-end checkpoint, the run keeps the uninterrupted schedule (Lightning saved the
+    # checkpoint before the epoch's decision and does not make it on resume; the mixin does).
+    model, _, resumed = fit(tmp_path / "resumed", ckpt_path=tmp_path / "full" / "epoch=1.ckpt")
+    assert model.policy.last_step == 5
+    assert resumed == {epoch: lr for epoch, lr in full.items() if epoch >= 2}
 
 
 class _Regressor(torch.nn.Module):
