@@ -197,10 +197,35 @@ class LRSchedule:
 
 
 class ConstantSchedule(LRSchedule):
-    """Shape: flat. The learning rate (and everything else) stays at its initial value (action 0)."""
+    """Shape: flat. The learning rate (and everything else) stays at its initial value (action 0).
+
+    Unlike the other schedules it also takes a decoder that does not control ``lr``: it then holds
+    whatever the decoder controls (the reference of a policy trained on, say, weight decay alone).
+    """
+
+    def __init__(self, decoder: ActionDecoder) -> None:
+        if isinstance(decoder, ActionDecoder) and "lr" not in decoder.names:
+            self._lr = None
+            self.decoder = decoder
+            self.obs_dim = ObservationBuilder(decoder).dim
+        else:
+            super().__init__(decoder)
 
     def log10_factor(self, progress: np.ndarray | float) -> np.ndarray:
         return np.zeros_like(np.asarray(progress, np.float64))
+
+    def predict(
+        self,
+        observation: np.ndarray,
+        state: Any = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, Any]:
+        if self._lr is not None:
+            return super().predict(observation, state, episode_start, deterministic)
+        obs, single = self._as_batch(observation)
+        actions = np.zeros((len(obs), self.decoder.num_actions), dtype=np.float32)
+        return (actions[0] if single else actions), state
 
 
 class CosineSchedule(LRSchedule):

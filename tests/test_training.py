@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -20,8 +21,9 @@ from stable_baselines3.common.vec_env import VecFrameStack, VecMonitor, VecNorma
 import training.callbacks as callbacks_module
 from agents import PRESETS, MetaAgentConfig, get_preset, load_bundle, make_meta_agent, make_meta_env
 from agents.factory import ActionChangePenalty, GroupRelativeReward, ReferenceBaseline
-from hpo_env import SPLITS, HPOVecEnv, TaskDistribution
+from hpo_env import SPLITS, ActionDecoder, HPOVecEnv, TaskDistribution
 from training.callbacks import (
+    HeldOutEvalCallback,
     find_latest_checkpoint,
     make_eval_tasks,
     read_checkpoint_state,
@@ -510,6 +512,48 @@ def test_summarize_episodes_compares_with_references():
     assert set(s["family_mean_return"]) == {t.family for t in tasks}
     with pytest.raises(ValueError, match="reference 'constant' has 1 episodes"):
         summarize_episodes(policy, {"constant": constant[:1]})
+    # A pair where both runs diverged is a tie (ratio 1), not a NaN that makes the median NaN.
+    constant[3].diverged = True
+    constant[3].final_val_loss = float("nan")
+    assert summarize_episodes(policy, {"constant": constant})["median_loss_ratio_vs_constant"] == 0.875  # 0.5 .75 1 2
+
+
+def test_a_resumed_run_that_never_evaluated_evaluates_on_its_schedule():
+    """eval_freq counts from the run's start, not from the resume: a run stopped more often than
+    eval_freq still evaluates (and gets a best bundle) before it ends."""
+    from types import SimpleNamespace
+
+    callback = HeldOutEvalCallback(make_eval_tasks(1), ActionDecoder(), eval_freq=1024)
+    callback.references = {"constant": []}  # (not rerun here)
+    callback.model = SimpleNamespace(num_timesteps=384)  # resumed at 384, no evaluation so far
+    callback._on_training_start()
+    assert callback.last_eval_timestep == 0
+    callback.last_summary = {"timesteps": 256}
+    callback._on_training_start()
+    assert callback.last_eval_timestep == 256
+
+
+def test_a_policy_of_weight_decay_alone_trains_and_is_evaluated(tmp_path):
+    """The held-out evaluation's constant reference holds whatever the policy controls."""
+    from training.train import main
+
+    args = [*TINY, "--hyperparameters", "weight_decay", "--total-timesteps", "64", "--eval-freq", "64"]
+    assert main([*args, "--logdir", str(tmp_path), "--run-name", "wd"]) == 0
+    bundle = load_bundle(tmp_path / "wd" / "bundle")
+    assert bundle.decoder.names == ("weight_decay",)
+    assert math.isfinite(bundle.config["evaluation"]["constant_mean_return"])
+
+
+def test_extending_a_run_keeps_the_events_of_its_last_checkpoint(tmp_path):
+    """A resumed run hides what the stopped run logged after its checkpoint, not the checkpoint's own step."""
+    from training.train import main
+
+    args = [*TINY, "--total-timesteps", "128", "--eval-freq", "64", "--logdir", str(tmp_path), "--run-name", "ext"]
+    assert main(args) == 0
+    assert main(["--resume", str(tmp_path / "ext"), "--total-timesteps", "192"]) == 0
+    acc = _read_events(tmp_path / "ext")
+    assert [e.step for e in acc.Scalars("eval/mean_return")] == [64, 128, 192]
+    assert 128 in {e.step for e in acc.Scalars("rollout/ep_rew_mean")}
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path):

@@ -76,6 +76,7 @@ from agents.bundle import PolicyBundle, save_bundle
 from agents.factory import get_vec_normalize
 from hpo_env import OPTIONAL_FEATURES, ActionDecoder, TaskDistribution, TaskSpec, make_distribution
 from training.rollout import EpisodeRecord, run_episodes
+from training.stats import median_ratio
 
 __all__ = [
     "CheckpointCallback",
@@ -346,7 +347,7 @@ def summarize_episodes(
         out[f"{name}_mean_return"] = float(np.mean([r.episode_return for r in refs]))
         out[f"return_minus_{name}"] = out["mean_return"] - out[f"{name}_mean_return"]
         out[f"win_rate_vs_{name}"] = float(np.mean(final < ref_final))
-        out[f"median_loss_ratio_vs_{name}"] = float(np.median(final / ref_final))
+        out[f"median_loss_ratio_vs_{name}"] = median_ratio(final, ref_final)  # both diverged: 1
     return out
 
 
@@ -424,7 +425,7 @@ class HeldOutEvalCallback(BaseCallback):
         # A resumed run counts eval_freq from its last evaluation, not from the resume: a run stopped
         # more often than eval_freq still evaluates.
         last = (self.last_summary or {}).get("timesteps")
-        self.last_eval_timestep = int(last) if last is not None else self.model.num_timesteps
+        self.last_eval_timestep = int(last) if last is not None else 0
 
     def _on_rollout_start(self) -> None:
         step = self.model.num_timesteps

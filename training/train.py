@@ -520,8 +520,12 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
     logger = Logger(
         str(run_dir),
         [
+            # A resumed run hides what the stopped one logged after its checkpoint, but not the events *at*
+            # the checkpoint's step (the rollout and evaluation of the state it saved), which it never
+            # logs again.
             PurgingTensorBoardFormat(
-                str(run_dir), purge_step=start_timesteps if checkpoint is not None else (0 if settings.resume else None)
+                str(run_dir),
+                purge_step=start_timesteps + 1 if checkpoint is not None else (0 if settings.resume else None),
             ),
             CSVOutputFormat(str(run_dir / f"progress{suffix}.csv")),
         ],
