@@ -41,6 +41,7 @@ from training.benchmark import (
     bundle_fingerprint,
     config_from_args,
     default_code_version,
+    jsonable,
     make_tasks,
     run_result,
     seeded,
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = summarise(raw, seed=config.seed, n_boot=config.bootstrap)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "lr_gain_sweep.json").write_text(json.dumps({**raw, "rows": rows}, indent=1))
+    (out / "lr_gain_sweep.json").write_text(json.dumps(jsonable({**raw, "rows": rows}), indent=1, allow_nan=False))
     if config.plots:
         plot(rows, out / "lr_gain_sweep.png")
     n = len(raw["pairs"])

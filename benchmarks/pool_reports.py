@@ -42,6 +42,7 @@ import json
 import sys
 from pathlib import Path
 
+from training.benchmark import jsonable
 from training.pooling import compare_policies, load_pairs, pooled_summary, settings_summary
 
 __all__ = ["load_pairs", "main", "compare_policies", "pooled_summary", "settings_summary"]
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
             g = out["settings"][name] = {"labels": members, **settings_summary([out[m] for m in members])}
             print(f"{name:<{width}}  {_settings_line(g)}")
     if args.json:
-        args.json.write_text(json.dumps(out, indent=1))
+        args.json.write_text(json.dumps(jsonable(out), indent=1, allow_nan=False))  # an infinite ratio: null
     return out
 
 

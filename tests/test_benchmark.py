@@ -358,7 +358,8 @@ def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_pat
     assert low <= pooled["median_ratio_vs_cosine_tuned"] <= high
     assert set(pooled["median_ratio_vs_cosine_tuned_by_family"]) == {"tabular", "digits_cnn"}
     assert pooled["lr_level_vs_cosine_tuned"]["median_ratio"] == pytest.approx(level["median_ratio"])
-    assert json.loads((tmp_path / "pooled.json").read_text())["once"]["pairs"] == 4
+    strict = json.loads((tmp_path / "pooled.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert strict["once"]["pairs"] == 4
     assert pooled["headroom_vs_cosine_tuned"] == summary["headroom_vs_cosine_tuned"]
     printed = capsys.readouterr().out
     assert "once  pairs    4" in printed and f"{bins[0]['label']}: {bins[0]['tasks']} tasks" in printed
@@ -389,8 +390,16 @@ def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_pat
     assert "both  2 runs  both" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         pool.main([f"a={config.out}", "--settings", "x=a,nope"])
+    copy = shutil.copytree(worse, tmp_path / "worse-copy")
+    with pytest.raises(ValueError, match="share 2 task"):  # the same tasks twice
+        pool.compare_policies([config.out], [worse, copy])
+    renamed = json.loads((copy / "benchmark.json").read_text())
+    for runs in renamed["per_run"].values():
+        for r in runs:
+            r["task_id"] += "-other"
+    (copy / "benchmark.json").write_text(json.dumps(renamed))
     with pytest.raises(ValueError, match="same \\(task, seed\\) pairs"):
-        pool.compare_policies([config.out], [worse, shutil.copytree(worse, tmp_path / "worse-copy")])
+        pool.compare_policies([config.out], [worse, copy])
     with pytest.raises(FileNotFoundError, match="hpo-bench --out"):
         pool.pooled_summary([tmp_path])
     with pytest.raises(SystemExit):
@@ -562,3 +571,13 @@ def test_lr_gain_sweep_scales_the_rates_and_compares_pair_by_pair(tiny_bundle, t
     assert row["family_median_ratio"]["a"] == 0.5 and row["geomean_ratio"] == pytest.approx(0.5)
     with pytest.raises(SystemExit):
         sweep.main([*argv[:-1], "--families", "no_such_family"])
+
+
+def test_bad_output_folder_and_device_are_usage_errors(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match="is a file; the benchmark writes a folder"):
+        bench.BenchmarkConfig(policy="unused", out=str(tmp_path / "a-file"))
+    with pytest.raises(ValueError, match="device='foo' is not a torch device"):
+        bench.BenchmarkConfig(policy="unused", device="foo")
+    assert bench.main(["--policy", "unused", "--out", str(tmp_path / "a-file")]) == 2
+    assert "hpo-bench: error: out=" in capsys.readouterr().err

@@ -1,13 +1,14 @@
 """Pooling ``hpo-bench`` reports over task sets (``training.pooling``), on two hand-made reports.
 
 The end-to-end benchmark test makes only one report, so this checks what pooling adds: pairs of
-several sets counted together, tasks told apart by set (one id in two sets is two bootstrap clusters),
-and the refusals that keep a pooled number honest.
+several sets counted together, tasks told apart by set (bootstrap clusters are (set, task)), and the
+refusals that keep a pooled number honest (the same report, or the same tasks, twice).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ def _write_report(folder: Path, losses: dict[str, list[float]], task_ids: list[s
 
 @pytest.fixture
 def two_sets(tmp_path):
-    # Set A: two tasks x two seeds; set B reuses the id "tab-0" for a different task (its own draw).
+    # Set A: two tasks x two seeds; set B: one more tabular task (another task seed's draw).
     a_ids = ["tab-0", "tab-0", "cnn-0", "cnn-0"]
     a = {
         "policy": [1.0, 2.0, 0.5, float("inf")],
@@ -45,7 +46,7 @@ def two_sets(tmp_path):
         "random": [3.0, 1.0, 0.5, 1.0],
         "replay": [0.5, 3.0, 0.6, 0.9],
     }
-    b_ids = ["tab-0", "tab-0"]
+    b_ids = ["tab-1", "tab-1"]
     b = {
         "policy": [0.9, 1.2],
         "constant_default": [1.0, 1.0],
@@ -76,15 +77,23 @@ def test_pooled_numbers_are_those_of_all_pairs_together(two_sets):
     low, high = s["median_ratio_vs_cosine_tuned_ci95"]
     assert low <= s["median_ratio_vs_cosine_tuned"] <= high
     # Headroom per (set, task): set A's "tab-0" (best defaults 1.5, 1.0 against the oracle's 1.0: 22%
-    # behind) and set B's "tab-0" (1.0, 1.0) are different tasks in different bins; "cnn-0" (0.6, 1.0).
+    # behind) and set B's "tab-1" (1.0, 1.0) in different bins; "cnn-0" (0.6, 1.0).
     bins = {b["label"]: (b["tasks"], b["pairs"]) for b in s["headroom_vs_cosine_tuned"]}
     assert bins == {"defaults within 2% of the oracle": (2, 4), "defaults more than 10% behind the oracle": (1, 2)}
 
 
-def test_one_task_id_in_two_sets_is_two_bootstrap_clusters(two_sets):
+def test_bootstrap_clusters_are_the_tasks_of_each_set(two_sets):
     groups = load_pairs(list(two_sets))["policy"]["groups"]
-    assert groups == ["0:tab-0", "0:tab-0", "0:cnn-0", "0:cnn-0", "1:tab-0", "1:tab-0"]
+    assert groups == ["0:tab-0", "0:tab-0", "0:cnn-0", "0:cnn-0", "1:tab-1", "1:tab-1"]
     assert len(set(groups)) == 3
+
+
+def test_the_same_tasks_in_two_reports_are_refused(two_sets, tmp_path):
+    """A rerun into another --out, or a set made with a forgotten --task-seed: its pairs would count twice."""
+    a, _ = two_sets
+    shutil.copytree(a, tmp_path / "rerun")
+    with pytest.raises(ValueError, match=r"share 2 task\(s\), e\.g\. 'cnn-0'.*--task-seed"):
+        load_pairs([a, tmp_path / "rerun"])
 
 
 def test_pooling_refuses_reports_that_do_not_belong_together(two_sets, tmp_path):
@@ -123,7 +132,7 @@ def test_pooled_learning_rate_level_reads_the_mean_rates_and_skips_reports_witho
         for run, rate in zip(report["per_run"][row], rates):
             run["mean_lr"] = rate
     (with_lr / "benchmark.json").write_text(json.dumps(report))
-    without = _write_report(tmp_path / "b", {row: v[:2] for row, v in losses.items()}, ids[:2])  # an older report
+    without = _write_report(tmp_path / "b", {row: v[:2] for row, v in losses.items()}, ["tab-1", "tab-1"])  # older
 
     level = pooled_summary([with_lr, without], n_boot=100)["lr_level_vs_cosine_tuned"]
     # Ratios 2, 3 (tabular) and 0.5, 1 (digits_cnn); the older report's two pairs have no rates.

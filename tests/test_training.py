@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from sb3_contrib import RecurrentPPO
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import VecFrameStack, VecMonitor, VecNormalize
@@ -218,6 +219,32 @@ def test_configuration_errors_are_usage_errors_before_any_folder(tmp_path, capsy
     assert main([*TINY, "--logdir", str(tmp_path), "--run-name", "bad", "--init-lr-spread", "1"]) == 2
     assert "hpo-train: error: the 'toy' task distribution has its own fixed learning rates" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+    # Devices and the log folder are checked as usage errors too, not as tracebacks once the folder exists.
+    (tmp_path / "a-file").write_text("")
+    for options, message in (
+        (["--device", "foo"], "--device 'foo' is not a torch device"),
+        (["--env-device", "gpu"], "--env-device 'gpu' is not a torch device"),
+        (["--logdir", str(tmp_path / "a-file")], "is a file, not a folder"),
+    ):
+        with pytest.raises(SystemExit):
+            main([*TINY, "--logdir", str(tmp_path), "--run-name", "bad", *options])
+        assert message in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            main([*TINY, "--logdir", str(tmp_path), "--run-name", "bad", "--env-device", "cuda"])
+        assert "no CUDA device is available" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_damaged_checkpoint_is_a_clear_error(tmp_path, capsys):
+    from training.train import main
+
+    args = [*TINY, "--total-timesteps", "64", "--eval-freq", "0", "--logdir", str(tmp_path), "--run-name", "dmg"]
+    assert main(args) == 0
+    checkpoint = find_latest_checkpoint(tmp_path / "dmg" / "checkpoints")
+    (checkpoint / "model.zip").write_bytes(b"not a zip")
+    assert main(["--resume", str(tmp_path / "dmg"), "--total-timesteps", "128"]) == 2
+    assert "move that folder out of checkpoints/" in capsys.readouterr().err
 
 
 def test_existing_run_folder_is_not_overwritten(tmp_path, capsys):

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from agents.baselines import (
     ConstantSchedule,
@@ -143,6 +144,12 @@ class BenchmarkConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ValueError(f"out={str(self.out)!r} is a file; the benchmark writes a folder (report, JSON, plots)")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device={self.device!r} is not a torch device ({err}); use cpu, cuda, cuda:1...") from err
 
     @property
     def store_path(self) -> Path:
@@ -537,7 +544,7 @@ def run_benchmark(config: BenchmarkConfig, policy: Any = None, policy_hash: str 
     }
     plot_paths = make_plots(summary, out / "plots") if config.plots else []
     json_path = out / "benchmark.json"
-    json_path.write_text(json.dumps(_jsonable(summary), indent=1, allow_nan=False))
+    json_path.write_text(json.dumps(jsonable(summary), indent=1, allow_nan=False))
     report_path = out / "report.md"
     report_path.write_text(render_report(summary, plot_paths, out))
     return BenchmarkResult(summary, report_path, json_path, plot_paths, computed, reused)
@@ -802,12 +809,12 @@ def _example_curves(tasks: list[TaskSpec], chosen: list[dict[str, Arm]], results
 # outputs
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
     """JSON without NaN/inf (written as null), numpy scalars as Python numbers."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, (np.floating, float)):
         return float(x) if math.isfinite(x) else None
     if isinstance(x, np.integer):

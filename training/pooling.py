@@ -33,10 +33,12 @@ def load_pairs(folders: list[str | Path]) -> dict[str, dict]:
     Raises:
         FileNotFoundError: a folder without ``benchmark.json``.
         ValueError: the reports do not hold the same rows, a report is given twice or is not an
-            ``hpo-bench`` one, or the reports differ in policy, grid or code version.
+            ``hpo-bench`` one, two reports share tasks, or the reports differ in policy, grid or
+            code version.
     """
     pooled: dict[str, dict] = {}
     seen: dict[Path, str] = {}
+    task_sets: dict[str, set[str]] = {}
     first: dict[str, object] | None = None
     for k, folder in enumerate(folders):
         path = Path(folder) / "benchmark.json"
@@ -67,6 +69,16 @@ def load_pairs(folders: list[str | Path]) -> dict[str, dict]:
             )
         if pooled and set(per_run) != set(pooled):
             raise ValueError(f"{path} holds rows {sorted(per_run)}, the first report {sorted(pooled)}")
+        # The same tasks in two folders (a rerun into another --out, a forgotten --task-seed) would also
+        # count twice as independent ones.
+        tasks = {r["task_id"] for r in per_run["policy"]}
+        for other, other_tasks in task_sets.items():
+            if tasks & other_tasks:
+                raise ValueError(
+                    f"{folder} and {other} share {len(tasks & other_tasks)} task(s), e.g. "
+                    f"{sorted(tasks & other_tasks)[0]!r}; pool reports of disjoint task sets (hpo-bench --task-seed)"
+                )
+        task_sets[str(folder)] = tasks
         for row, runs in per_run.items():
             entry = pooled.setdefault(row, {"losses": [], "families": [], "groups": [], "mean_lr": []})
             for r in runs:

@@ -47,6 +47,7 @@ import textwrap
 import time
 import types
 import typing
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -71,6 +72,22 @@ EVAL_TASK_SEED = 20240
 
 class RunFolderError(ValueError):
     """A run folder cannot be used: it already exists, or its checkpoint cannot be resumed."""
+
+
+def _check_device(flag: str, value: str, *, auto: bool = False) -> None:
+    """A usage error now, not a traceback once the run folder exists: not a device, or no such device here."""
+    if auto and value == "auto":
+        return
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{flag} {value!r} is not a torch device ({err}); use cpu, cuda, cuda:1...") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{flag} {value}: no CUDA device is available on this machine; use cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{flag} {value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 class SettingsError(ValueError):
@@ -214,6 +231,10 @@ class TrainSettings:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
         if self.run_name is not None and (not self.run_name or os.sep in self.run_name or self.run_name in (".", "..")):
             raise ValueError(f"--run-name must be a plain folder name, got {self.run_name!r}")
+        if self.resume is None and Path(self.logdir).exists() and not Path(self.logdir).is_dir():
+            raise ValueError(f"--logdir {self.logdir!r} is a file, not a folder; pass a folder for the runs")
+        for name in ("device", "env_device"):
+            _check_device(f"--{_flag(name)}", getattr(self, name), auto=name == "device")
         for name in ("hyperparameters", "families"):
             if getattr(self, name) is not None:
                 setattr(self, name, tuple(getattr(self, name)))
@@ -505,10 +526,17 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
     # -- environment and agent ------------------------------------------------------------------
     state: dict[str, Any] = {}
     if checkpoint is not None:
-        state = read_checkpoint_state(checkpoint)
-        config = _run_config(state, config)
-        env_seed = segment_env_seed(settings.seed, int(state["num_timesteps"]))
-        env, model = load_checkpoint_agent(checkpoint, config, env_seed, settings)
+        try:
+            state = read_checkpoint_state(checkpoint)
+            config = _run_config(state, config)
+            env_seed = segment_env_seed(settings.seed, int(state["num_timesteps"]))
+            env, model = load_checkpoint_agent(checkpoint, config, env_seed, settings)
+        except (ValueError, KeyError, EOFError, OSError, zipfile.BadZipFile) as err:
+            raise RunFolderError(
+                f"cannot resume from {str(checkpoint)!r}: {err}. Checkpoints are written atomically, so this one "
+                "was damaged afterwards (disk, copy); move that folder out of checkpoints/ to resume from the "
+                "one before it"
+            ) from err
     else:
         env_seed = settings.seed
         env = make_meta_env(config, seed=env_seed, device=settings.env_device)
