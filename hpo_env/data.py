@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CHAR_VOCAB",
     "TABULAR_DATASETS",
+    "TEXT_CORPUS_VERSION",
     "DataSplits",
     "build_splits",
     "python_text_corpus",
@@ -48,6 +49,10 @@ TABULAR_DATASETS: dict[str, str] = {
 #: Characters the text tasks model; everything else maps to a space.
 CHAR_VOCAB = "abcdefghijklmnopqrstuvwxyz0123456789 .,;:'\"!?-()\n"
 _CHAR_INDEX = {c: i for i, c in enumerate(CHAR_VOCAB)}
+
+#: Bumped whenever :func:`python_text_corpus` yields other text; text tasks' ids include it, so results
+#: stored for the old text are not reused.
+TEXT_CORPUS_VERSION = 2
 
 # Pure-Python standard-library modules whose docstrings make the text corpus. They ship with every
 # CPython, so the corpus needs no download (its exact text can differ slightly between versions).
@@ -133,21 +138,31 @@ def _sklearn_dataset(name: str) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.cache
 def python_text_corpus() -> np.ndarray:
-    """Token ids of the docstring corpus of Python's standard library (about 0.3M characters)."""
+    """Token ids of the docstring corpus of Python's standard library (about 0.13M characters).
+
+    The docstrings of each module in ``_TEXT_MODULES`` and of the classes and functions it defines,
+    each text once: a constant or an imported module would bring its *type's* docstring (``int``'s,
+    ``sys``'s...) again and again, and a text that recurs far apart lands on both sides of a task's
+    contiguous train/validation/test split, so the evaluation splits would hold training text
+    verbatim. (Version 2 of the corpus; :data:`TEXT_CORPUS_VERSION` is part of text tasks' ids.)
+    """
     pieces: list[str] = []
+    seen: set[str] = set()
     for module_name in _TEXT_MODULES:
         module = importlib.import_module(module_name)
-        seen: set[int] = set()
         objects = [module] + [getattr(module, a) for a in sorted(vars(module)) if not a.startswith("_")]
         for obj in objects:
-            if id(obj) in seen or getattr(obj, "__module__", module_name) != module_name:
+            if obj is not module and not (
+                (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", None) == module_name
+            ):
                 continue
-            seen.add(id(obj))
             with warnings.catch_warnings():  # typing.io/typing.re warn when touched
                 warnings.simplefilter("ignore", DeprecationWarning)
-                doc = inspect.getdoc(obj)
-            if doc:
-                pieces.append(doc)
+                doc = obj.__doc__  # its own docstring, not one inherited from a base class
+            if not isinstance(doc, str) or not (doc := inspect.cleandoc(doc)) or doc in seen:
+                continue
+            seen.add(doc)
+            pieces.append(doc)
     text = "\n".join(pieces).lower()
     text = re.sub(r"[ \t]+", " ", text)
     text = re.sub(r"\n\s*\n+", "\n", text)

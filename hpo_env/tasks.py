@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hpo_env.data import TABULAR_DATASETS
+from hpo_env.data import TABULAR_DATASETS, TEXT_CORPUS_VERSION
 
 __all__ = [
     "ARCHITECTURES",
@@ -256,10 +256,13 @@ class TaskSpec:
     @functools.cached_property  # a frozen spec's fields never change; environments report it every step
     def task_id(self) -> str:
         """A short, stable identifier: family, dataset and a hash of every field (``lr_gain`` only where it
-        is not 1, so that the ids of plain tasks, and the results stored under them, predate it)."""
+        is not 1, so that the ids of plain tasks, and the results stored under them, predate it), and for
+        text tasks the version of the corpus their text comes from."""
         values = dataclasses.astuple(self)
         if self.lr_gain == 1.0:
             values = tuple(v for f, v in zip(dataclasses.fields(self), values) if f.name != "lr_gain")
+        if self.dataset == "python_text" and TEXT_CORPUS_VERSION > 1:  # the text changed, not the spec
+            values = (*values, ("text_corpus", TEXT_CORPUS_VERSION))
         digest = hashlib.sha1(repr(values).encode()).hexdigest()[:10]
         return f"{self.family}/{self.dataset}/{digest}"
 

@@ -2,7 +2,7 @@
 
 Runs the protocol of the design notes (section 4) at equal inner step budgets::
 
-    hpo-bench --policy runs/my_run/best_bundle                 # held-out families, 5 seeds, K = 8
+    hpo-bench --policy runs/my_run/bundle                      # held-out families, 5 seeds, K = 8
     python -m training.benchmark --policy BUNDLE --split train --seeds 3 --out bench_train
 
 For every task of the chosen families (``--tasks-per-family`` sampled with ``--task-seed``) and every

@@ -20,7 +20,8 @@ Everything of a run lives in one folder, ``<logdir>/<run_name>/``::
     events.out.tfevents.*  TensorBoard logs (tags documented in training/callbacks.py)
     progress*.csv        the same scalars as CSV
     checkpoints/         step_<timesteps>/ (model, VecNormalize statistics, RNG state), latest.json
-    best_bundle/         the policy bundle with the best held-out evaluation
+    best_bundle/         the policy bundle with the best held-out evaluation (chosen on the held-out
+                         families: benchmark bundle/ on them, not this)
     bundle/              the policy bundle at the end of training
 
 Examples::
