@@ -180,10 +180,12 @@ class LRSchedule:
         """
         obs, single = self._as_batch(observation)
         n = len(obs)
+        actions = np.zeros((n, self.decoder.num_actions), dtype=np.float32)
+        if self._lr is None:  # a ConstantSchedule of a decoder without lr: everything held
+            return (actions[0] if single else actions), state
         starts = np.ones(n, bool) if episode_start is None else np.asarray(episode_start, bool).reshape(n)
         target, state = self._targets(obs, state, starts)
         target = np.clip(np.nan_to_num(np.asarray(target, np.float64), nan=0.0), _MIN_LOG10_FACTOR, OBS_BOUND)
-        actions = np.zeros((n, self.decoder.num_actions), dtype=np.float32)
         delta = target - obs[:, self._lr_change_col].astype(np.float64)
         actions[:, self._lr] = self.lr_spec.action_for(delta)
         return (actions[0] if single else actions), state
@@ -213,19 +215,6 @@ class ConstantSchedule(LRSchedule):
 
     def log10_factor(self, progress: np.ndarray | float) -> np.ndarray:
         return np.zeros_like(np.asarray(progress, np.float64))
-
-    def predict(
-        self,
-        observation: np.ndarray,
-        state: Any = None,
-        episode_start: np.ndarray | None = None,
-        deterministic: bool = False,
-    ) -> tuple[np.ndarray, Any]:
-        if self._lr is not None:
-            return super().predict(observation, state, episode_start, deterministic)
-        obs, single = self._as_batch(observation)
-        actions = np.zeros((len(obs), self.decoder.num_actions), dtype=np.float32)
-        return (actions[0] if single else actions), state
 
 
 class CosineSchedule(LRSchedule):
