@@ -40,6 +40,9 @@ Why these defaults (see :data:`PRESETS`):
   median level (1.018 and 1.019); not reliably cooler (learning-rate levels 1.04x-1.72x). But 2 of
   the 15 deployment CNN runs of five such seeds died with SGD pushed to the bound of 1.0 (levers.md,
   seventeenth and eighteenth rounds), hence the cap below. Widening the spread symmetrically, 10**±1, had given mixed results (third round).
+  Widening the centred spread to 1.5 (10**U(-1, 2)) failed its rule over four seeds: mean share and
+  median better (60.6%, 1.014), geometric mean worse (1.034), hotter, and two seeds killed
+  deployment CNNs despite the cap (levers.md, twenty-seventh round).
 * ``lr_max_rise = 1.5`` in the ``full`` preset (None, no cap, in the dataclass and ``quick``): the
   learning rate never rises above 31.6x the run's starting one, in meta-training and in deployment.
   It rarely binds on the benchmark's tasks (the largest rise of any earlier policy run there was 1.3-1.9
