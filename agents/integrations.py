@@ -23,7 +23,10 @@ provides that hook and :func:`lightning_scheduler_config` builds the config dict
 Lightning saves and restores the scheduler's ``state_dict`` in its checkpoints; it saves an epoch-end
 checkpoint before it steps such a scheduler and does not make that step when it resumes from it, so
 the mixin also records the pending decision (its losses) in the checkpoint and makes it when the
-resumed run starts its next epoch: a resumed run keeps the uninterrupted run's schedule. Prefer
+resumed run starts its next epoch: a run resumed from an epoch-end checkpoint keeps the uninterrupted
+run's schedule exactly (tested with lightning 2.6.6). From a mid-epoch checkpoint (``every_n_train_steps``)
+no decision is lost either, but the pending one is made with the losses logged before the checkpoint,
+at the start of the next epoch, so the schedule can differ a little from then on. Prefer
 ``interval="epoch"`` with validation every epoch: Lightning passes the *last logged* value of
 ``monitor``, so with ``interval="step"`` the ``frequency`` must equal the validation interval in
 batches (``val_check_interval``) and divide the batches of an epoch (Lightning counts ``frequency``
