@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from hpo_env import FEATURE_SET_VERSION, OBS_BOUND, OPTIONAL_FEATURES, ActionDecoder, ObservationBuilder
+from hpo_env import FEATURE_SET_VERSION, OBS_BOUND, OPTIONAL_FEATURES, ActionDecoder, ObservationBuilder, check_device
 from hpo_env import __version__ as HPO_VERSION
 
 __all__ = [
@@ -618,14 +618,10 @@ def _load_model(file: Path, algorithm: str, device: str) -> Any:
     classes = {"RecurrentPPO": RecurrentPPO, "PPO": PPO}
     if algorithm not in classes:
         raise BundleError(f"unknown algorithm {algorithm!r} in bundle config; expected one of {list(classes)}")
-    import torch
-
     try:
-        torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise BundleError(
-            f"device={device!r} is not a torch device ({err}); use e.g. 'cpu', 'cuda' or 'cuda:1'"
-        ) from err
+        check_device(device)
+    except ValueError as err:
+        raise BundleError(str(err)) from err
     try:
         with _global_rng_untouched():
             return classes[algorithm].load(file, device=device)

@@ -29,7 +29,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,17 +36,18 @@ import numpy as np
 
 from agents import load_bundle
 from training.benchmark import (
+    Arm,
     BenchmarkConfig,
+    Job,
     bundle_fingerprint,
     config_from_args,
     default_code_version,
     jsonable,
     make_tasks,
-    run_result,
+    run_chunks,
     seeded,
 )
 from training.benchmark import build_parser as bench_parser
-from training.rollout import run_episodes
 from training.stats import as_losses, loss_ratios, paired_comparison
 from training.store import ResultStore, RunKey
 
@@ -91,30 +91,23 @@ def sweep(config: BenchmarkConfig, gains: Sequence[float]) -> dict:
     gains = check_gains(gains)
     tasks = make_tasks(config)
     pairs = [(ti, si) for ti in range(len(tasks)) for si in range(config.seeds)]
+    arm = Arm(f"policy@{policy_hash}", "policy", "policy")
     jobs = [
-        (RunKey(tasks[ti].task_id, schedule_key(policy_hash, gain), si, code_version), gain, ti, si)
+        Job(ti, si, arm, RunKey(tasks[ti].task_id, schedule_key(policy_hash, gain), si, code_version),
+            seeded(tasks[ti], si).replace(lr_gain=gain))
         for gain in gains
         for ti, si in pairs
-    ]
+    ]  # fmt: skip
     with ResultStore(config.store_path) as store:
-        todo = set(store.missing([key for key, *_ in jobs]))
-        todo_jobs = [job for job in jobs if job[0] in todo]
+        todo = set(store.missing([j.key for j in jobs]))
+        todo_jobs = [j for j in jobs if j.key in todo]
         with tqdm(total=len(todo_jobs), unit="run", desc="lr gains", disable=not config.progress) as bar:
-            for start in range(0, len(todo_jobs), config.chunk_size):
-                chunk = todo_jobs[start : start + config.chunk_size]
-                specs = [seeded(tasks[ti], si).replace(lr_gain=gain) for _, gain, ti, si in chunk]
-                t0 = time.perf_counter()
-                records = run_episodes(
-                    bundle, specs, bundle.decoder, device=config.device, seed_indices=[si for *_, si in chunk]
-                )
-                share = (time.perf_counter() - t0) / len(chunk)
-                store.put_many((key, run_result(rec, share)) for (key, *_), rec in zip(chunk, records))
-                bar.update(len(records))
-        results = store.get_many([key for key, *_ in jobs])
+            run_chunks(todo_jobs, bundle.decoder, bundle, config, store, bar)
+        results = store.get_many([j.key for j in jobs])
     losses: dict[float, list[float]] = {g: [] for g in gains}
-    for key, gain, *_ in jobs:
-        run = results[key]
-        losses[gain].append(float("nan") if run.diverged else run.final_val_loss)
+    for job in jobs:
+        run = results[job.key]
+        losses[job.spec.lr_gain].append(float("nan") if run.diverged else run.final_val_loss)
     return {
         "policy": config.policy,
         "task_seed": config.task_seed,

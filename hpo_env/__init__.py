@@ -23,7 +23,7 @@ from hpo_env.features import (
     log_epochs_feature,
 )
 from hpo_env.tasks import FAMILIES, SPLITS, TaskDistribution, TaskSpec, ToyTaskDistribution
-from hpo_env.trainer import HPARAM_NAMES, BatchedTrainer, ChunkResult
+from hpo_env.trainer import HPARAM_NAMES, BatchedTrainer, ChunkResult, check_device
 from hpo_env.vec_env import HPOVecEnv
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "TaskSpec",
     "ToyTaskDistribution",
     "build_splits",
+    "check_device",
     "log_epochs_feature",
     "make_distribution",
 ]

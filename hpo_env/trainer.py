@@ -53,7 +53,27 @@ from hpo_env.models import (
 )
 from hpo_env.tasks import TaskSpec
 
-__all__ = ["HPARAM_NAMES", "BatchedTrainer", "ChunkResult", "TrainerStats"]
+__all__ = ["HPARAM_NAMES", "BatchedTrainer", "ChunkResult", "TrainerStats", "check_device"]
+
+
+def check_device(device: str | torch.device, label: str = "device=") -> torch.device:
+    """``device`` as a ``torch.device``, or a ValueError saying what is wrong (``label`` prefixes the value).
+
+    Refuses strings that are not devices and CUDA devices this machine does not have, so that a command
+    fails before it starts rather than deep inside a run.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"{label}{device!r} is not a torch device ({err}); use e.g. 'cpu', 'cuda' or 'cuda:1'"
+        ) from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{label}{device!r}: no CUDA device is available on this machine; use 'cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"{label}{device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
 
 #: Every hyperparameter the trainer applies per model; ``momentum`` is Adam's beta1 for AdamW.
 HPARAM_NAMES = ("lr", "weight_decay", "momentum")
@@ -203,7 +223,7 @@ class BatchedTrainer:
         if n_slots < 1:
             raise ValueError(f"n_slots must be >= 1, got {n_slots}")
         self.n_slots = int(n_slots)
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.divergence_factor = float(divergence_factor)
         if group_overhead_flops is not None and not group_overhead_flops >= 0:
             raise ValueError(f"group_overhead_flops must be >= 0, got {group_overhead_flops}")

@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from agents.baselines import (
     ConstantSchedule,
@@ -63,7 +62,15 @@ from agents.baselines import (
     schedule_decoder,
 )
 from agents.bundle import CONFIG_FILE, ENSEMBLE_KIND, MODEL_FILE, NORM_FILE, load_bundle
-from hpo_env import FEATURE_SET_VERSION, OPTIONAL_FEATURES, SPLITS, ActionDecoder, TaskDistribution, TaskSpec
+from hpo_env import (
+    FEATURE_SET_VERSION,
+    OPTIONAL_FEATURES,
+    SPLITS,
+    ActionDecoder,
+    TaskDistribution,
+    TaskSpec,
+    check_device,
+)
 from hpo_env import __version__ as HPO_VERSION
 from hpo_env.actions import DEFAULT_HYPERPARAMETERS
 from hpo_env.tasks import DEFAULT_HPARAMS
@@ -146,10 +153,7 @@ class BenchmarkConfig:
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise ValueError(f"out={str(self.out)!r} is a file; the benchmark writes a folder (report, JSON, plots)")
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError) as err:
-            raise ValueError(f"device={self.device!r} is not a torch device ({err}); use cpu, cuda, cuda:1...") from err
+        check_device(self.device)
 
     @property
     def store_path(self) -> Path:
@@ -343,7 +347,9 @@ def _hd_key(spec: TaskSpec, config: BenchmarkConfig) -> str:
 
 
 @dataclass
-class _Job:
+class Job:
+    """One inner run to make: the (task, seed) pair, its arm, its store key and the spec it trains."""
+
     task_index: int
     seed_index: int
     arm: Arm
@@ -405,7 +411,7 @@ class _RowPolicies:
         return actions, new_state
 
 
-def run_result(rec: EpisodeRecord, wall_s: float) -> RunResult:
+def _to_result(rec: EpisodeRecord, wall_s: float) -> RunResult:
     """What the results store keeps of an episode (``wall_s``: its share of the batched call's time)."""
     return RunResult(
         family=rec.task.family,
@@ -475,13 +481,13 @@ def run_benchmark(config: BenchmarkConfig, policy: Any = None, policy_hash: str 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    jobs: list[_Job] = []
+    jobs: list[Job] = []
     arms_by_task = [task_arms(spec, config, exact, policy_hash, decoder) for spec in tasks]
     for ti, (spec, arms) in enumerate(zip(tasks, arms_by_task)):
         for si in range(config.seeds):
             for arm in arms:
                 run_spec = seeded(spec.replace(lr=arm.lr) if arm.lr is not None else spec, si)
-                jobs.append(_Job(ti, si, arm, RunKey(spec.task_id, arm.key, si, code_version), run_spec))
+                jobs.append(Job(ti, si, arm, RunKey(spec.task_id, arm.key, si, code_version), run_spec))
 
     from tqdm.auto import tqdm
 
@@ -502,7 +508,7 @@ def run_benchmark(config: BenchmarkConfig, policy: Any = None, policy_hash: str 
             for kind in ("policy", "random", "schedule"):
                 batch = [j for j in todo if j.arm.kind == kind]
                 dec = exact if kind == "schedule" else decoder
-                computed += _run_chunks(batch, dec, bundle, config, store, bar)
+                computed += run_chunks(batch, dec, bundle, config, store, bar)
             for j in (j for j in todo if j.arm.kind == "hypergradient"):
                 computed += _run_hypergradient_job(j, decoder, config, store, bar)
 
@@ -523,14 +529,14 @@ def run_benchmark(config: BenchmarkConfig, policy: Any = None, policy_hash: str 
                 for si in range(config.seeds):
                     for arm in (replay_arm, task_arm):
                         key = RunKey(spec.task_id, arm.key, si, code_version)
-                        replay_jobs.append(_Job(ti, si, arm, key, seeded(spec, si)))
+                        replay_jobs.append(Job(ti, si, arm, key, seeded(spec, si)))
             jobs += replay_jobs
             missing = set(store.missing([j.key for j in replay_jobs]))
             replay_todo = [j for j in replay_jobs if j.key in missing]
             reused += len(replay_jobs) - len(replay_todo)
             bar.total += len(replay_todo)
             bar.refresh()
-            computed += _run_chunks(replay_todo, exact, bundle, config, store, bar)
+            computed += run_chunks(replay_todo, exact, bundle, config, store, bar)
         finally:
             bar.close()
         results = store.get_many([j.key for j in jobs])
@@ -550,7 +556,9 @@ def run_benchmark(config: BenchmarkConfig, policy: Any = None, policy_hash: str 
     return BenchmarkResult(summary, report_path, json_path, plot_paths, computed, reused)
 
 
-def _run_chunks(jobs: list[_Job], decoder: ActionDecoder, bundle: Any, config: BenchmarkConfig, store, bar) -> int:
+def run_chunks(jobs: list[Job], decoder: ActionDecoder, bundle: Any, config: BenchmarkConfig, store, bar) -> int:
+    """Train ``jobs`` (``config.chunk_size`` per batched call; ``bundle`` serves the policy arms) and store
+    each chunk's results as soon as it ends; returns how many were run."""
     done = 0
     for start in range(0, len(jobs), config.chunk_size):
         chunk = jobs[start : start + config.chunk_size]
@@ -571,17 +579,17 @@ def _run_chunks(jobs: list[_Job], decoder: ActionDecoder, bundle: Any, config: B
             seed_indices=[j.seed_index for j in chunk],
         )
         share = (time.perf_counter() - t0) / len(chunk)
-        store.put_many([(j.key, run_result(r, share)) for j, r in zip(chunk, records)])
+        store.put_many([(j.key, _to_result(r, share)) for j, r in zip(chunk, records)])
         done += len(chunk)
         bar.update(len(chunk))
     return done
 
 
-def _run_hypergradient_job(job: _Job, decoder: ActionDecoder, config: BenchmarkConfig, store, bar) -> int:
+def _run_hypergradient_job(job: Job, decoder: ActionDecoder, config: BenchmarkConfig, store, bar) -> int:
     beta = config.hd_beta_sgd if job.spec.optimizer == "sgd" else config.hd_beta_adamw
     t0 = time.perf_counter()
     rec = run_hypergradient(job.spec, decoder, beta=beta, seed_index=job.seed_index, device=config.device)
-    store.put_many([(job.key, run_result(rec, time.perf_counter() - t0))])
+    store.put_many([(job.key, _to_result(rec, time.perf_counter() - t0))])
     bar.update(1)
     return 1
 

@@ -75,22 +75,6 @@ class RunFolderError(ValueError):
     """A run folder cannot be used: it already exists, or its checkpoint cannot be resumed."""
 
 
-def _check_device(flag: str, value: str, *, auto: bool = False) -> None:
-    """A usage error now, not a traceback once the run folder exists: not a device, or no such device here."""
-    if auto and value == "auto":
-        return
-    import torch
-
-    try:
-        device = torch.device(value)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"{flag} {value!r} is not a torch device ({err}); use cpu, cuda, cuda:1...") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{flag} {value}: no CUDA device is available on this machine; use cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"{flag} {value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-
-
 class SettingsError(ValueError):
     """The settings do not make a valid meta-agent configuration (raised before any folder is made)."""
 
@@ -234,8 +218,11 @@ class TrainSettings:
             raise ValueError(f"--run-name must be a plain folder name, got {self.run_name!r}")
         if self.resume is None and Path(self.logdir).exists() and not Path(self.logdir).is_dir():
             raise ValueError(f"--logdir {self.logdir!r} is a file, not a folder; pass a folder for the runs")
+        from hpo_env import check_device  # (imported here: hpo-train --help stays fast)
+
         for name in ("device", "env_device"):
-            _check_device(f"--{_flag(name)}", getattr(self, name), auto=name == "device")
+            if getattr(self, name) != "auto":  # (the agent's default: SB3 picks)
+                check_device(getattr(self, name), label=f"--{_flag(name)} ")
         for name in ("hyperparameters", "families"):
             if getattr(self, name) is not None:
                 setattr(self, name, tuple(getattr(self, name)))
