@@ -231,6 +231,7 @@ class PolicyScheduler:
         self.adaptive = bool(adaptive)
         self._keys = self._resolve_keys(optimizer, decoder)
         self._check_weight_decay(optimizer, decoder)
+        self._warn_if_unfamiliar(optimizer, decoder, self.adaptive)
         self.gradient_features = bool(getattr(bundle, "gradient_features", False))
         self.epochs_feature = bool(getattr(bundle, "epochs_feature", False))
         self.epochs = self._check_epochs(epochs)
@@ -402,6 +403,36 @@ class PolicyScheduler:
                 "decoupled decay; same defaults otherwise), or decoupled_weight_decay=True where the optimizer has "
                 f"it, or a policy that does not control weight_decay (this one controls {list(decoder.names)})"
             )
+
+    @staticmethod
+    def _warn_if_unfamiliar(optimizer: torch.optim.Optimizer, decoder: ActionDecoder, adaptive: bool) -> None:
+        """Warn when the optimiser's update rule is neither of those the policy was meta-trained with.
+
+        Known: SGD and AdamW (and their subclasses), Adam, NAdam and RAdam (AdamW with no or decoupled
+        decay; coupled decay under a weight-decay policy is refused by :meth:`_check_weight_decay`),
+        and third-party classes named like AdamW (bitsandbytes' ``AdamW8bit``, ``PagedAdamW``...).
+        Anything else (Lion, Adafactor, Adagrad, RMSprop...) may read its learning rate on another
+        scale, or add its weight decay to the gradient, and the policy cannot know.
+        """
+        inner = getattr(optimizer, "optimizer", optimizer)
+        known = (torch.optim.SGD, torch.optim.AdamW, torch.optim.Adam, torch.optim.NAdam, torch.optim.RAdam)
+        name = type(inner).__name__
+        if isinstance(inner, known) or "AdamW" in name:
+            return
+        as_what = "AdamW (adaptive=True)" if adaptive else "SGD with momentum (adaptive=False)"
+        decay = (
+            " Check also that its weight_decay decays the weights directly, as AdamW's does: if it adds the decay"
+            " to the gradient, the policy's values act as a much stronger penalty."
+            if "weight_decay" in decoder.names
+            else ""
+        )
+        warnings.warn(
+            f"the policy was meta-trained on SGD with momentum and on AdamW; {name} is neither, and is treated "
+            f"as {as_what}. If its learning rates live on another scale (Lion's are typically 3-10x smaller "
+            f"than AdamW's), the policy's first decisions are made for a run it misreads.{decay} Compare "
+            "against your usual schedule on a short run before relying on it.",
+            stacklevel=3,
+        )
 
     def _distance(self, values: np.ndarray) -> np.ndarray:
         """The quantity each hyperparameter scales: the value, or ``1 - momentum``."""

@@ -354,7 +354,34 @@ def test_weight_decay_added_to_the_gradient_of_an_adaptive_optimizer_is_refused(
     # Decoupled decay is what the policy was trained with; a policy not controlling weight decay is fine too.
     PolicyScheduler(torch.optim.Adam(params, lr=1e-3, decoupled_weight_decay=True), policy, total_steps=3)
     PolicyScheduler(torch.optim.AdamW(params, lr=1e-3), policy, total_steps=3)
-    PolicyScheduler(make(params, lr=1e-3), ReplayPolicy(ActionDecoder(("lr",)), [[0.0]]), total_steps=3)
+    lr_only = ReplayPolicy(ActionDecoder(("lr",)), [[0.0]])
+    if make in (torch.optim.Adam, torch.optim.NAdam):
+        PolicyScheduler(make(params, lr=1e-3), lr_only, total_steps=3)
+    else:  # other update rules: accepted, with a warning (see the test below)
+        with pytest.warns(UserWarning, match=f"{make.__name__} is neither"):
+            PolicyScheduler(make(params, lr=1e-3), lr_only, total_steps=3)
+
+
+def test_an_optimizer_unlike_those_meta_trained_on_warns():
+    class Lion(torch.optim.Optimizer):  # a third-party update rule the policy has never seen
+        def __init__(self, params, lr=1e-4, weight_decay=0.01):
+            super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+
+    class AdamW8bit(Lion):  # named like AdamW (bitsandbytes): AdamW's update, quantised state
+        pass
+
+    params = list(torch.nn.Linear(2, 2).parameters())
+    policy = ReplayPolicy(ActionDecoder(("lr", "weight_decay")), [[0.0, 0.0]])
+    with pytest.warns(UserWarning, match=r"Lion is neither.*treated as AdamW \(adaptive=True\).*decays the weights"):
+        PolicyScheduler(Lion(params), policy, total_steps=3)
+    with pytest.warns(UserWarning, match=r"treated as SGD with momentum \(adaptive=False\)") as record:
+        PolicyScheduler(Lion(params), ReplayPolicy(ActionDecoder(("lr",)), [[0.0]]), total_steps=3, adaptive=False)
+    assert "decays the weights" not in str(record[0].message), "weight decay is mentioned only when controlled"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sgd = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
+        for opt in (AdamW8bit(params), torch.optim.AdamW(params), sgd):
+            PolicyScheduler(opt, policy, total_steps=3)
 
 
 def test_tensor_learning_rate_is_updated_in_place():
