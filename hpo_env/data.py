@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHAR_VOCAB",
+    "SMALL_TABULAR_DATASETS",
     "TABULAR_DATASETS",
     "TEXT_CORPUS_VERSION",
     "DataSplits",
@@ -44,6 +45,14 @@ TABULAR_DATASETS: dict[str, str] = {
     "breast_cancer": "classification",
     "iris": "classification",
     "diabetes": "regression",
+}
+
+#: Generators of the small synthetic tables of the ``small_tabular`` family (scikit-learn's), with
+#: their task type. None of them makes a meta-training or held-out task.
+SMALL_TABULAR_DATASETS: dict[str, str] = {
+    "friedman1": "regression",
+    "blobs": "classification",
+    "gaussian_quantiles": "classification",
 }
 
 #: Characters the text tasks model; everything else maps to a space.
@@ -277,6 +286,27 @@ def _tabular(spec: TaskSpec, rng: np.random.Generator):
     return x, y.reshape(-1, 1), "regression", 1
 
 
+def _small_tabular(spec: TaskSpec, rng: np.random.Generator):
+    """A small synthetic table from one of scikit-learn's generators (:data:`SMALL_TABULAR_DATASETS`):
+    Friedman's nonlinear regression #1 (5 informative features, the rest noise), overlapping Gaussian
+    blobs (one per class), or classes cut from nested Gaussian quantile shells (a nonlinear boundary).
+    Like the bundled tables of ``tabular``: a few hundred samples, so a run overfits unless its
+    schedule holds back."""
+    from sklearn.datasets import make_blobs, make_friedman1, make_gaussian_quantiles
+
+    n, k, seed = spec.n_samples, spec.n_classes, int(rng.integers(2**31 - 1))
+    if spec.dataset == "friedman1":
+        x, y = make_friedman1(n_samples=n, n_features=spec.n_features, noise=0.0, random_state=seed)
+        y = y + spec.label_noise * y.std() * rng.normal(size=y.shape)
+        return x, y.reshape(-1, 1), "regression", 1
+    if spec.dataset == "blobs":
+        std = float(rng.uniform(2.0, 5.0))  # centres lie in [-10, 10]^d: from well apart to overlapping
+        x, y = make_blobs(n_samples=n, n_features=spec.n_features, centers=k, cluster_std=std, random_state=seed)
+    else:
+        x, y = make_gaussian_quantiles(n_samples=n, n_features=spec.n_features, n_classes=k, random_state=seed)
+    return x, _noisy_labels(y.astype(np.int64), k, spec.label_noise, rng), "classification", k
+
+
 def _digits(spec: TaskSpec, rng: np.random.Generator):
     x, y = _sklearn_dataset("digits")
     x, y = _subset(x, y, spec.subset_fraction, rng)
@@ -345,6 +375,7 @@ _BUILDERS = {
     "teacher_classification": _teacher,
     "make_classification": _make_classification,
     "tabular": _tabular,
+    "small_tabular": _small_tabular,
     "digits_mlp": _digits,
     "digits_cnn": _digits,
     "glyphs_cnn": _glyphs,

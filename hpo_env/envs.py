@@ -23,8 +23,8 @@ def make_distribution(
     lr_center: float = 0.0,
     lr_gain_spread: float = 0.0,
 ) -> TaskDistribution:
-    """A :class:`TaskDistribution` from an instance (used as is), a split name (``"train"``, ``"test"``,
-    ``"all"``; with initial learning rates spread by ``lr_spread`` decades around the default shifted
+    """A :class:`TaskDistribution` from an instance (used as is), a split name (``"train"``,
+    ``"validation"``, ``"test"``, ``"all"``; with initial learning rates spread by ``lr_spread`` decades around the default shifted
     by ``lr_center`` decades, and hidden learning-rate gains spread by ``lr_gain_spread`` decades) or
     ``"toy"``."""
     if task_distribution is None:

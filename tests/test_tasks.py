@@ -10,12 +10,43 @@ from hpo_env.tasks import DEFAULT_HPARAMS, DEFAULT_LR_SPREAD
 
 
 def test_splits_partition_families():
-    train, test = set(SPLITS["train"]), set(SPLITS["test"])
-    assert train and test
-    assert not train & test, "held-out families must not be trained on"
-    assert set(FAMILIES) == set(SPLITS["all"])
-    # Every family is meta-trained on or held out, except the opt-in ones (hpo-train --families).
-    assert set(FAMILIES) - train - test == {"glyphs_cnn"}
+    train, validation, test = set(SPLITS["train"]), set(SPLITS["validation"]), set(SPLITS["test"])
+    assert train and validation and test
+    assert not train & test and not train & validation, "held-out families must not be trained on"
+    assert not validation & test, "choices made while training must not see the benchmark's families"
+    # Every family is in exactly one split.
+    assert set(FAMILIES) == set(SPLITS["all"]) == train | validation | test
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # the reference MLP
+def test_small_tabular_covers_its_generators_with_small_learnable_tables():
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.neural_network import MLPClassifier
+
+    dist = TaskDistribution.default("validation")
+    rng = np.random.default_rng(0)
+    specs = [dist.sample_family("small_tabular", rng) for _ in range(60)]
+    assert {s.dataset for s in specs} == {"friedman1", "blobs", "gaussian_quantiles"}
+    assert all(100 <= s.n_samples <= 600 for s in specs), "small, like the bundled tables of `tabular`"
+    by_name = {s.dataset: s for s in specs}
+    assert by_name["friedman1"].task_type == "regression"
+    for spec in by_name.values():
+        data = build_splits(spec.replace(n_samples=600, label_noise=0.0))
+        x_tr, x_va, y_tr, y_va = data.x_train.numpy(), data.x_val.numpy(), data.y_train.numpy(), data.y_val.numpy()
+        if data.task_type == "regression":
+            assert data.n_outputs == 1 and data.y_train.shape == (len(x_tr), 1)
+            # Friedman #1 has a linear part (a linear model explains some of it) and a nonlinear one.
+            assert 0.3 < Ridge().fit(x_tr, y_tr).score(x_va, y_va) < 0.95
+            continue
+        assert data.n_outputs == spec.n_classes == int(data.y_train.max()) + 1
+        linear = LogisticRegression(max_iter=2000).fit(x_tr, y_tr).score(x_va, y_va)
+        mlp = MLPClassifier((64,), max_iter=1000, random_state=0).fit(x_tr, y_tr).score(x_va, y_va)
+        if spec.dataset == "blobs":
+            assert linear > 0.7, linear  # blobs are linearly separable up to their overlap
+        else:  # nested shells: a linear model stays near chance, a small MLP learns them
+            assert linear < 1.5 / spec.n_classes and mlp > linear + 0.2, (linear, mlp)
+    with pytest.raises(ValueError, match=">= 5 features"):
+        by_name["friedman1"].replace(n_features=4)
 
 
 def test_glyphs_are_a_reproducible_learnable_vision_task():
@@ -44,7 +75,7 @@ def test_glyphs_are_a_reproducible_learnable_vision_task():
     assert 0.5 < accuracy < 1.0, accuracy
 
 
-@pytest.mark.parametrize("split", ["train", "test", "all"])
+@pytest.mark.parametrize("split", ["train", "validation", "test", "all"])
 def test_distribution_samples_only_its_families(split):
     dist = TaskDistribution.default(split)
     rng = np.random.default_rng(0)
@@ -166,7 +197,7 @@ def test_bad_distributions_raise():
     with pytest.raises(ValueError, match="unknown or empty optimizers"):
         TaskDistribution(["tabular"], optimizers=["lion"])
     with pytest.raises(ValueError, match="unknown split"):
-        TaskDistribution.default("validation")
+        TaskDistribution.default("heldout")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

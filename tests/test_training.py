@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -483,6 +484,21 @@ def test_families_replace_the_splits_families_in_meta_training_only():
         MetaAgentConfig(task_distribution="toy", task_families=("digits_mlp",))
 
 
+def test_evaluating_on_families_that_are_meta_trained_on_warns():
+    from training.train import _warn_if_evaluating_on_trained_families
+
+    glyphs = parse_settings(["--families", *SPLITS["train"], "glyphs_cnn"])
+    with pytest.warns(UserWarning, match=r"validation families \['glyphs_cnn'\] are also meta-trained on"):
+        _warn_if_evaluating_on_trained_families(glyphs.agent_config(), glyphs.eval_distribution)
+    with pytest.warns(UserWarning, match=r"test families \['tabular', 'digits_cnn'\]"):
+        _warn_if_evaluating_on_trained_families(get_preset("quick", task_distribution="all"), "test")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_if_evaluating_on_trained_families(glyphs.agent_config(), "test")  # not trained on: fine
+        _warn_if_evaluating_on_trained_families(get_preset("quick"), "validation")
+        _warn_if_evaluating_on_trained_families(get_preset("quick", task_distribution="all"), "train")  # as asked
+
+
 def test_factory_rejects_bad_configuration():
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         get_preset("huge")
@@ -511,10 +527,13 @@ def test_factory_rejects_bad_configuration():
 # -- evaluation and checkpoints -------------------------------------------------------------------------
 
 
-def test_eval_tasks_are_fixed_and_cover_the_held_out_families():
+def test_eval_tasks_are_fixed_and_cover_the_validation_families():
     tasks = make_eval_tasks(4, n_seeds=2)
     assert tasks == make_eval_tasks(4, n_seeds=2)
-    assert len(tasks) == 8 and {t.family for t in tasks} == set(TaskDistribution.default("test").families)
+    # hpo-train chooses best_bundle/ on these: families held out of meta-training and of the benchmark
+    assert len(tasks) == 8 and {t.family for t in tasks} == set(SPLITS["validation"])
+    assert TrainSettings().eval_distribution == "validation"
+    assert {t.family for t in make_eval_tasks(2, split="test")} == set(TaskDistribution.default("test").families)
     # seeds of one task share its data and differ in initialisation
     assert tasks[0].data_key == tasks[1].data_key and tasks[0].seed != tasks[1].seed
     with pytest.raises(ValueError, match="n_tasks"):

@@ -93,7 +93,8 @@ class BenchmarkConfig:
     policy: str
     """Path of the policy bundle under test (see :func:`agents.load_bundle`)."""
     split: str = "test"
-    """Task families: ``"test"`` (held out of meta-training), ``"train"`` or ``"all"``."""
+    """Task families: ``"test"`` (held out of meta-training for the benchmark), ``"validation"`` (held out
+    for ``hpo-train``'s evaluation), ``"train"`` or ``"all"``."""
     families: tuple[str, ...] = ()
     """Explicit families (overrides ``split``)."""
     tasks_per_family: int = 4

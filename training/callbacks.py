@@ -263,7 +263,7 @@ def make_eval_tasks(
     n_tasks: int,
     *,
     n_seeds: int = 1,
-    split: str | TaskDistribution = "test",
+    split: str | TaskDistribution = "validation",
     seed: int = 20240,
 ) -> list[TaskSpec]:
     """A fixed set of held-out tasks: ``n_tasks`` tasks, cycling through the split's families, each
@@ -272,7 +272,8 @@ def make_eval_tasks(
     Args:
         n_tasks: distinct tasks (family and data).
         n_seeds: runs per task with different ``TaskSpec.seed``.
-        split: a split name (``"test"``: the held-out families, ``"train"``, ``"all"``), ``"toy"``, or a
+        split: a split name (``"validation"``: the families held out for choices made while
+            meta-training; ``"test"``: those of the benchmark; ``"train"``, ``"all"``), ``"toy"``, or a
             distribution.
         seed: seed of the generator the tasks are drawn from; the same seed gives the same tasks.
     """

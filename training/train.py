@@ -10,8 +10,9 @@ A whole run, top to bottom (:func:`train`):
    (:func:`agents.make_meta_agent`); with ``--imitation-tasks N``, first cloned from a grid-tuned
    cosine schedule on N meta-training tasks (:mod:`training.imitation`, summary in ``imitation.json``);
 4. ``model.learn`` with a progress bar and three callbacks (:mod:`training.callbacks`): per-episode
-   TensorBoard scalars, periodic evaluation on held-out task families against the constant schedule
-   and the random policy (the best policy bundle is kept), and atomic checkpoints;
+   TensorBoard scalars, periodic evaluation on the validation families (held out of meta-training and
+   of the benchmark) against the constant schedule and the random policy (the best policy bundle is
+   kept), and atomic checkpoints;
 5. the final policy bundle and a summary saying where everything is.
 
 Everything of a run lives in one folder, ``<logdir>/<run_name>/``::
@@ -20,8 +21,9 @@ Everything of a run lives in one folder, ``<logdir>/<run_name>/``::
     events.out.tfevents.*  TensorBoard logs (tags documented in training/callbacks.py)
     progress*.csv        the same scalars as CSV
     checkpoints/         step_<timesteps>/ (model, VecNormalize statistics, RNG state), latest.json
-    best_bundle/         the policy bundle with the best held-out evaluation (chosen on the held-out
-                         families: benchmark bundle/ on them, not this)
+    best_bundle/         the policy bundle with the best evaluation on the validation families
+                         (held out of meta-training and of the benchmark, so either bundle can be
+                         benchmarked; in runs that evaluated on the test families, benchmark bundle/)
     bundle/              the policy bundle at the end of training
 
 Examples::
@@ -48,6 +50,7 @@ import textwrap
 import time
 import types
 import typing
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,10 +156,10 @@ class TrainSettings:
     """Warm start: before PPO, clone a grid-tuned cosine schedule on this many meta-training tasks (9 inner runs each; 0: off)."""
     eval_freq: int | None = None
     """Timesteps between held-out evaluations; 0 evaluates only at the end (default: the preset's)."""
-    eval_distribution: Literal["test", "train", "all", "toy"] = "test"
-    """Where evaluation tasks come from: test (the held-out families), train, all, or toy (tests)."""
+    eval_distribution: Literal["validation", "test", "train", "all", "toy"] = "validation"
+    """Where evaluation tasks (and so best_bundle/) come from: validation (families held out of meta-training and of the benchmark), test (the benchmark's), train, all, or toy (tests)."""
     eval_tasks: int | None = None
-    """Held-out tasks in each evaluation, cycling through the held-out families (default: the preset's)."""
+    """Held-out tasks in each evaluation, cycling through the evaluation families (default: the preset's)."""
     eval_seeds: int | None = None
     """Runs per held-out task, with different initialisation seeds (default: the preset's)."""
     checkpoint_freq: int | None = None
@@ -474,6 +477,7 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
         config = settings.agent_config()
     except (TypeError, ValueError) as err:
         raise SettingsError(str(err)) from err
+    _warn_if_evaluating_on_trained_families(config, settings.eval_distribution)
     budget = settings.budget
     checkpoint = None
     if settings.resume:
@@ -794,6 +798,25 @@ def load_checkpoint_agent(checkpoint: Path, config: Any, env_seed: int, settings
             f"checkpoint {checkpoint} is inconsistent: model at {model.num_timesteps} timesteps, state at {done}"
         )
     return env, model
+
+
+def _warn_if_evaluating_on_trained_families(config: Any, eval_distribution: str) -> None:
+    """Warn where a held-out evaluation split shares families with meta-training (``--families`` with
+    ``glyphs_cnn``, or ``--task-distribution all``): its evaluations, and the ``best_bundle/`` chosen
+    by them, would then measure tasks the agent trains on."""
+    from hpo_env import SPLITS
+
+    if eval_distribution not in ("validation", "test") or config.task_distribution not in SPLITS:
+        return
+    trained = set(config.task_families or SPLITS[config.task_distribution])
+    shared = [f for f in SPLITS[eval_distribution] if f in trained]
+    if shared:
+        warnings.warn(
+            f"hpo-train: the {eval_distribution} families {shared} are also meta-trained on, so the evaluations and "
+            "the best_bundle/ they choose measure trained-on tasks: benchmark bundle/ (the final policy), or drop "
+            "them from --families/--task-distribution",
+            stacklevel=2,
+        )
 
 
 def _best_eval_return(state: dict[str, Any], best_bundle: Path) -> float:
