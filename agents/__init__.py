@@ -27,7 +27,7 @@ from agents.bundle import (
     save_ensemble,
 )
 from agents.factory import ALGORITHMS, PRESETS, MetaAgentConfig, get_preset, make_meta_agent, make_meta_env
-from agents.scheduler import PolicyScheduler, default_policy_path
+from agents.scheduler import PolicyScheduler, default_policy_path, resolve_policy
 
 __all__ = [
     "ALGORITHMS",
@@ -50,6 +50,7 @@ __all__ = [
     "ReplaySchedule",
     "StepDecay",
     "default_policy_path",
+    "resolve_policy",
     "get_preset",
     "load_bundle",
     "policy_signature",

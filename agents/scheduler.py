@@ -26,7 +26,7 @@ import torch
 from agents.bundle import policy_signature
 from hpo_env import ActionDecoder, GradientStats, ObservationBuilder, log_epochs_feature
 
-__all__ = ["PolicyScheduler", "default_policy_path"]
+__all__ = ["PolicyScheduler", "default_policy_path", "resolve_policy"]
 
 #: Name of the policy bundle shipped inside the package (``agents/policies/default``).
 DEFAULT_POLICY = "default"
@@ -45,6 +45,24 @@ def default_policy_path(name: str = DEFAULT_POLICY) -> Path:
         shipped = sorted(p.name for p in Path(str(root)).iterdir() if (p / "config.json").is_file())
         raise ValueError(f"no policy named {name!r} ships with hpo-meta (shipped: {shipped})")
     return path
+
+
+def resolve_policy(path_or_name: str | os.PathLike) -> Path:
+    """The bundle directory of ``path_or_name``: an existing path as given, else the name of a policy
+    shipped with hpo-meta (``"default"``), as ``from_pretrained``, ``hpo-bench --policy`` and the
+    example and benchmark scripts accept them.
+
+    Raises:
+        ValueError: neither an existing path nor a shipped policy's name.
+    """
+    path = Path(path_or_name)
+    plain_name = isinstance(path_or_name, str) and "/" not in path_or_name and os.sep not in path_or_name
+    if path.exists() or not plain_name:
+        return path  # (a missing path is load_bundle's to report, with what a bundle holds)
+    try:
+        return default_policy_path(path_or_name)
+    except ValueError as err:
+        raise ValueError(f"{path_or_name!r} is not a policy bundle directory, and {err}") from None
 
 
 def _to_float(value: SupportsFloat, what: str) -> float:
@@ -508,14 +526,7 @@ class PolicyScheduler:
         """
         from agents.bundle import load_bundle
 
-        path = Path(path_or_name)
-        plain_name = isinstance(path_or_name, str) and "/" not in path_or_name and os.sep not in path_or_name
-        if not path.exists() and plain_name:
-            try:
-                path = default_policy_path(path_or_name)
-            except ValueError as err:
-                raise ValueError(f"{path_or_name!r} is not a policy bundle directory, and {err}") from None
-        return cls(optimizer, load_bundle(path, device=device), total_steps, **kwargs)
+        return cls(optimizer, load_bundle(resolve_policy(path_or_name), device=device), total_steps, **kwargs)
 
     @property
     def last_step(self) -> int:

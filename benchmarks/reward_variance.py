@@ -11,12 +11,11 @@ half the difference between a task's two runs (what the actions changed)::
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from agents import default_policy_path, load_bundle
+from agents import load_bundle, resolve_policy
 from hpo_env import TaskDistribution
 from hpo_env.core import EpisodeBatch
 
@@ -29,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)  # the policy's action noise (a script, not library code)
-    bundle = load_bundle(Path(args.policy) if Path(args.policy).exists() else default_policy_path(args.policy))
+    bundle = load_bundle(resolve_policy(args.policy))
     dist = TaskDistribution.default("train", lr_spread=1.0, lr_center=0.5)  # the full preset's tasks
     rng = np.random.default_rng(args.seed)
     m = args.tasks

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agents import PolicyScheduler, default_policy_path, load_bundle
+from agents import PolicyScheduler, load_bundle, resolve_policy
 
 
 def _time_calls(fn, calls: int) -> np.ndarray:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    path = default_policy_path(args.policy) if not Path(args.policy).exists() else Path(args.policy)
+    path = resolve_policy(args.policy)
     bundle = load_bundle(path)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
     n = args.warmup + args.calls

@@ -42,7 +42,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn import functional as F
 
-from agents import PolicyScheduler, default_policy_path, load_bundle
+from agents import PolicyScheduler, load_bundle, resolve_policy
 from hpo_env.data import CHAR_VOCAB, python_text_corpus
 
 SCHEDULES = ("policy", "constant", "cosine")
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> list[Run]:
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
 
-    path = Path(args.policy) if Path(args.policy).exists() else default_policy_path(args.policy)
+    path = resolve_policy(args.policy)
     bundle = load_bundle(path)
     print(f"policy: {path}\n  {bundle.config.get('description', '(no description)')}\n")
     runs = []

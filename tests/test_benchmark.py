@@ -581,3 +581,13 @@ def test_bad_output_folder_and_device_are_usage_errors(tmp_path, capsys):
         bench.BenchmarkConfig(policy="unused", device="foo")
     assert bench.main(["--policy", "unused", "--out", str(tmp_path / "a-file")]) == 2
     assert "hpo-bench: error: out=" in capsys.readouterr().err
+    assert bench.main(["--policy", "no-such-policy", "--out", str(tmp_path / "out")]) == 2
+    assert "'no-such-policy' is not a policy bundle directory, and no policy named" in capsys.readouterr().err
+
+
+def test_a_shipped_policy_is_benchmarked_by_name():
+    from agents import default_policy_path
+
+    args = bench.build_parser().parse_args(["--policy", "default"])
+    assert bench.config_from_args(args).policy == str(default_policy_path("default"))
+    assert "(default: 5)" in " ".join(bench.build_parser().format_help().split()), "--help shows the defaults"

@@ -352,7 +352,9 @@ def test_weight_decay_added_to_the_gradient_of_an_adaptive_optimizer_is_refused(
     with pytest.raises(ValueError, match=rf"{make.__name__} adds weight_decay to the gradient.*torch.optim.AdamW"):
         PolicyScheduler(make(params, lr=1e-3), policy, total_steps=3)
     # Decoupled decay is what the policy was trained with; a policy not controlling weight decay is fine too.
-    PolicyScheduler(torch.optim.Adam(params, lr=1e-3, weight_decay=0.01, decoupled_weight_decay=True), policy, total_steps=3)
+    PolicyScheduler(
+        torch.optim.Adam(params, lr=1e-3, weight_decay=0.01, decoupled_weight_decay=True), policy, total_steps=3
+    )
     PolicyScheduler(torch.optim.AdamW(params, lr=1e-3), policy, total_steps=3)
     lr_only = ReplayPolicy(ActionDecoder(("lr",)), [[0.0]])
     if make in (torch.optim.Adam, torch.optim.NAdam):

@@ -1061,15 +1061,32 @@ def render_report(summary: dict, plot_paths: Sequence[Path], out: Path) -> str:
 # command line
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default in its help, where it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        default = action.default
+        if action.required or default is None or default is False or default == "" or "(default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = BenchmarkConfig(policy="")
     p = argparse.ArgumentParser(
         prog="hpo-bench",
         description="Benchmark a learned hyperparameter policy against tuned and hand-designed baselines "
         "on held-out task families. Resumable: rerun the same command after an interruption.",
+        formatter_class=_DefaultsHelp,
     )
-    p.add_argument("--policy", required=True, help="policy bundle directory (from hpo-train)")
-    p.add_argument("--split", choices=list(SPLITS), default=d.split, help="task families (default: held-out 'test')")
+    p.add_argument(
+        "--policy",
+        required=True,
+        help="policy bundle directory (from hpo-train), or a shipped policy's name, e.g. default",
+    )
+    p.add_argument(
+        "--split", choices=list(SPLITS), default=d.split, help="task families ('test': held out for the benchmark)"
+    )
     p.add_argument("--families", default="", help="comma-separated families, overriding --split")
     p.add_argument("--tasks-per-family", type=int, default=d.tasks_per_family, help="tasks sampled per family")
     p.add_argument("--seeds", type=int, default=d.seeds, help="seeds per task")
@@ -1116,7 +1133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
     """The :class:`BenchmarkConfig` of parsed :func:`build_parser` arguments (ValueError if invalid)."""
-    return BenchmarkConfig(
+    from agents import resolve_policy
+
+    config = BenchmarkConfig(
         policy=args.policy,
         split=args.split,
         families=tuple(f for f in args.families.split(",") if f),
@@ -1139,6 +1158,8 @@ def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
         progress=not args.no_progress,
         plots=not args.no_plots,
     )
+    config.policy = str(resolve_policy(config.policy))  # a shipped policy's name, after the other checks
+    return config
 
 
 if __name__ == "__main__":
