@@ -2,7 +2,7 @@
 
 A whole run, top to bottom (:func:`train`):
 
-1. settings: a preset (``quick``: about 2 minutes on 2 CPU cores; ``full``: about 30-60 minutes) plus any
+1. settings: a preset (``quick``: 2-3 minutes on 2 CPU cores; ``full``: about 30-60 minutes) plus any
    option given on the command line (:class:`TrainSettings`, one documented field per option);
 2. the environment: ``HPOVecEnv`` slots training inner models on tasks sampled from the meta-training
    families, wrapped in ``VecMonitor`` and ``VecNormalize`` (:func:`agents.make_meta_env`);
@@ -105,7 +105,7 @@ class TrainSettings:
     """Meta-train a RecurrentPPO agent that schedules hyperparameters while networks train."""
 
     preset: Literal["quick", "full"] = "quick"
-    """Named defaults: quick (about 2 minutes on 2 CPU cores) or full (about 30-60 minutes)."""
+    """Named defaults: quick (2-3 minutes on 2 CPU cores) or full (about 30-60 minutes)."""
     algorithm: Literal["recurrent", "framestack"] = "recurrent"
     """recurrent: RecurrentPPO with an LSTM policy; framestack: MLP PPO over stacked observations (the control)."""
     total_timesteps: int | None = None
