@@ -24,9 +24,9 @@ def make_distribution(
     lr_gain_spread: float = 0.0,
 ) -> TaskDistribution:
     """A :class:`TaskDistribution` from an instance (used as is), a split name (``"train"``,
-    ``"validation"``, ``"test"``, ``"all"``; with initial learning rates spread by ``lr_spread`` decades around the default shifted
-    by ``lr_center`` decades, and hidden learning-rate gains spread by ``lr_gain_spread`` decades) or
-    ``"toy"``."""
+    ``"validation"``, ``"test"``, ``"all"``; with initial learning rates spread by ``lr_spread`` decades
+    around the default shifted by ``lr_center`` decades, and hidden learning-rate gains spread by
+    ``lr_gain_spread`` decades) or ``"toy"``."""
     if task_distribution is None:
         task_distribution = "train"
     if isinstance(task_distribution, TaskDistribution):

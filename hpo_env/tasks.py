@@ -67,7 +67,8 @@ FAMILIES: tuple[str, ...] = tuple(_FAMILY_DATA)
 #: drawn glyphs for those on the digits. Meta-training on ``glyphs_cnn`` is opt-in
 #: (``TaskDistribution(families)``, ``hpo-train --families``): its CNNs make a meta-training run on CPU
 #: about 1.9x slower, and with one seed it helped ``digits_cnn`` and hurt ``tabular``
-#: (benchmarks/reports/levers.md, thirteenth round); such a run should evaluate on other families.
+#: (benchmarks/reports/levers.md, thirteenth round); ``hpo-train`` warns that such a run's evaluations
+#: then measure trained-on tasks.
 SPLITS: dict[str, tuple[str, ...]] = {
     "train": ("teacher_regression", "teacher_classification", "make_classification", "digits_mlp", "charlm"),
     "validation": ("small_tabular", "glyphs_cnn"),

@@ -806,9 +806,9 @@ def _warn_if_evaluating_on_trained_families(config: Any, eval_distribution: str)
     by them, would then measure tasks the agent trains on."""
     from hpo_env import SPLITS
 
-    if eval_distribution not in ("validation", "test") or config.task_distribution not in SPLITS:
+    if eval_distribution not in ("validation", "test"):
         return
-    trained = set(config.task_families or SPLITS[config.task_distribution])
+    trained = set(config.meta_task_distribution().families)  # the split's, or --families
     shared = [f for f in SPLITS[eval_distribution] if f in trained]
     if shared:
         warnings.warn(
