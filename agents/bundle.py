@@ -623,28 +623,33 @@ def _load_model(file: Path, algorithm: str, device: str) -> Any:
     except ValueError as err:
         raise BundleError(str(err)) from err
     try:
-        with _global_rng_untouched():
+        with _global_state_untouched():
             return classes[algorithm].load(file, device=device)
     except (zipfile.BadZipFile, EOFError, KeyError, ValueError, RuntimeError, OSError) as err:
         raise BundleError(f"{file} is corrupted and cannot be loaded as a {algorithm} model: {err}") from err
 
 
 @contextlib.contextmanager
-def _global_rng_untouched() -> Iterator[None]:
-    """Restore Python's, NumPy's and torch's global generators on exit.
+def _global_state_untouched() -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's global generators on exit, and build in float32.
 
     SB3's ``load`` re-seeds all three with the seed the model was trained with (``set_random_seed``) and
     building the network draws from torch's: without this, loading a policy would make every seed of the
-    user's own training loop (data order, dropout, initialisation) the same run.
+    user's own training loop (data order, dropout, initialisation) the same run. The network is built
+    in float32 whatever the user's default dtype (``torch.set_default_dtype(torch.float64)`` would
+    otherwise give float64 weights that refuse the float32 observations).
     """
     import torch
 
     py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002 (the legacy global state is what SB3 seeds)
+    dtype = torch.get_default_dtype()
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     try:
+        torch.set_default_dtype(torch.float32)
         with torch.random.fork_rng(devices=devices):
             yield
     finally:
+        torch.set_default_dtype(dtype)
         random.setstate(py_state)
         np.random.set_state(np_state)  # noqa: NPY002
 

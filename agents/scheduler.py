@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -66,14 +67,38 @@ def resolve_policy(path_or_name: str | os.PathLike) -> Path:
 
 
 def _to_float(value: SupportsFloat, what: str) -> float:
-    if isinstance(value, torch.Tensor) and value.numel() != 1:
-        raise TypeError(f"{what} must be a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}")
-    if isinstance(value, torch.Tensor):
-        value = value.detach()  # a training loss still attached to its graph is the common case
+    if isinstance(value, (str, bytes, bool, np.bool_)):  # float("0.5") and float(True) work, but are mistakes here
+        raise TypeError(f"{what} must be a real number (a loss), got {type(value).__name__} {value!r}")
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        if (value.numel() if isinstance(value, torch.Tensor) else value.size) != 1:
+            raise TypeError(
+                f"{what} must be a number or a one-element tensor, got an array of shape {tuple(value.shape)}"
+            )
+        # A training loss still attached to its graph is the common case.
+        value = value.detach().reshape(()) if isinstance(value, torch.Tensor) else value.reshape(())
     try:
         return float(value)
     except (TypeError, ValueError) as err:
         raise TypeError(f"{what} must be a real number (anything float() accepts), got {value!r}") from err
+
+
+def _as_numpy(value: Any, dtype: Any) -> np.ndarray:
+    """An array from a state-dict entry: tensors on any device (``torch.load(map_location=...)``) included."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    return np.array(value, dtype=dtype, copy=True)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first caller outside this module.
+
+    Construction warnings are issued from ``__init__`` and its helpers, reached directly or through
+    :meth:`PolicyScheduler.from_pretrained`; either way the warning should name the user's line.
+    """
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _copy_state(state: Any, to_torch: bool) -> Any:
@@ -140,6 +165,13 @@ class PolicyScheduler:
 
     **Too many calls.** ``step()`` after the ``total_steps``-th call warns and holds the
     hyperparameters.
+
+    **The only scheduler.** The policy must be the only writer of the hyperparameters it controls: a
+    torch LR scheduler (a warm-up ``LambdaLR``...) that already moved ``lr`` warns at construction, and a
+    controlled value changed by anything else between two ``step()`` calls warns once, at the next one.
+    **Sparse gradients** (``nn.Embedding(sparse=True)``) cannot take weight decay: under a policy that sets
+    ``weight_decay``, put them in a param group of their own created with ``weight_decay=0`` (kept at 0);
+    otherwise the first ``optimizer.step()`` raises a ``ValueError`` that says so.
 
     **Gradient features.** A policy trained with them (``bundle.gradient_features``) also sees how
     consecutive minibatch gradients of the interval agree and how large they are. The scheduler then
@@ -257,6 +289,10 @@ class PolicyScheduler:
         self._grad_stats: GradientStats | None = None
         if self.gradient_features:
             self._register_gradient_hook(optimizer)
+        if "weight_decay" in decoder.names:
+            self._register_sparse_check(optimizer)
+        self._warned_outside_change = False
+        self._warn_if_lr_scheduled(optimizer, decoder)
         expected_dim = getattr(bundle, "obs_dim", self.features.dim)
         if expected_dim != self.features.dim:
             raise ValueError(
@@ -279,7 +315,7 @@ class PolicyScheduler:
                 warnings.warn(
                     f"initial {name}={old:g} of param group {self._base_groups[j]} is outside the policy's bounds "
                     f"[{spec.lower:g}, {spec.upper:g}]; clipped to {new:g}, as in meta-training",
-                    stacklevel=2,
+                    stacklevel=_user_stacklevel(),
                 )
         # Ratios to the clipped base: every group starts from its own value (a clipped base does not drag
         # the others with it), and no group is ever set outside the policy's bounds, except a 0 kept at 0.
@@ -300,7 +336,7 @@ class PolicyScheduler:
             warnings.warn(
                 f"initial {', '.join(outside)} outside the policy's bounds: clipped into them (no param group "
                 "is set outside the bounds the policy was trained with)",
-                stacklevel=2,
+                stacklevel=_user_stacklevel(),
             )
 
     # -- construction helpers -------------------------------------------------------------------
@@ -337,6 +373,70 @@ class PolicyScheduler:
         handle = inner.register_step_post_hook(hook)
         weakref.finalize(self, handle.remove)  # the hook goes when the scheduler does
 
+    def _register_sparse_check(self, optimizer: torch.optim.Optimizer) -> None:
+        """Before the first ``optimizer.step()``, check that no group with weight decay has sparse gradients."""
+        inner = getattr(optimizer, "optimizer", optimizer)
+        ref = weakref.ref(self)
+
+        def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            handle.remove()  # once: the gradients' layout does not change during a run
+            scheduler = ref()
+            if scheduler is not None:
+                scheduler._check_sparse_gradients()
+
+        handle = inner.register_step_pre_hook(hook)
+        weakref.finalize(self, handle.remove)
+
+    def _check_sparse_gradients(self) -> None:
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        for g, group in enumerate(inner.param_groups):
+            decay = float(group.get("weight_decay", 0.0))
+            if decay > 0 and any(p.grad is not None and p.grad.is_sparse for p in group["params"]):
+                raise ValueError(
+                    f"param group {g} has sparse gradients (e.g. nn.Embedding(sparse=True)), which "
+                    f"{type(inner).__name__} cannot combine with weight decay, but the policy sets its "
+                    f"weight_decay={decay:g} (it controls weight_decay; if every group was created with 0, group 0 "
+                    "is clipped up to the policy's lower bound). Put the sparse parameters in a param group of "
+                    "their own with weight_decay=0 (kept at 0) beside a group with a non-zero weight_decay, use "
+                    "dense gradients, or use a policy that does not control weight_decay"
+                )
+
+    def _warn_if_lr_scheduled(self, optimizer: torch.optim.Optimizer, decoder: ActionDecoder) -> None:
+        """Warn when a torch LR scheduler has already moved the learning rate the policy starts from."""
+        if "lr" not in decoder.names:
+            return
+        moved = [
+            f"group {g}: lr={float(group['lr']):g}, created with {float(group['initial_lr']):g}"
+            for g, group in enumerate(optimizer.param_groups)
+            if "initial_lr" in group and not math.isclose(float(group["lr"]), float(group["initial_lr"]), rel_tol=1e-6)
+        ]
+        if moved:
+            warnings.warn(
+                f"a torch LR scheduler (a warm-up?) has changed the learning rate ({'; '.join(moved)}): the policy "
+                "takes the current value as the run's starting rate (and its lr_max_rise cap as relative to it), "
+                "and the other scheduler will keep overwriting the rates the policy sets. PolicyScheduler must be "
+                "the only scheduler setting lr: build the optimizer at your starting rate without the other one",
+                stacklevel=_user_stacklevel(),
+            )
+
+    def _warn_if_changed_outside(self) -> None:
+        """Warn (once) when something else wrote a controlled hyperparameter since the last ``_write``."""
+        if self._warned_outside_change or len(self.optimizer.param_groups) != len(self._keys):
+            return
+        now = self._read()
+        changed = ~np.isclose(now, self._last_values, rtol=1e-6, atol=0.0)
+        if changed.any():
+            g, j = (int(i) for i in np.argwhere(changed)[0])
+            warnings.warn(
+                f"param group {g}'s {self.decoder.names[j]} is {now[g, j]:g}, but this PolicyScheduler set "
+                f"{self._last_values[g, j]:g} at its last step(): something else (another LR scheduler such as a "
+                "warm-up, or the training loop) writes the hyperparameters the policy controls "
+                f"({list(self.decoder.names)}), so the optimizer has not been running the policy's schedule. "
+                "PolicyScheduler must be the only one setting them: remove the other scheduler",
+                stacklevel=_user_stacklevel(),
+            )
+            self._warned_outside_change = True
+
     def _observe_gradients(self) -> None:
         if self._t >= self.total_steps:  # the schedule is over: no interval will be observed
             return
@@ -362,7 +462,7 @@ class PolicyScheduler:
             warnings.warn(
                 "the policy observes gradients, but no optimizer.step() with gradients ran since the last "
                 "scheduler.step(): its gradient features read as unknown (0)",
-                stacklevel=3,
+                stacklevel=_user_stacklevel(),
             )
             return np.array([np.nan]), np.array([np.nan])
         stats = self._grad_stats.result()
@@ -429,7 +529,8 @@ class PolicyScheduler:
         Known: SGD and AdamW (and their subclasses), Adam, NAdam and RAdam (AdamW with no or decoupled
         decay; coupled decay under a weight-decay policy is refused by :meth:`_check_weight_decay`),
         and third-party classes named like AdamW (bitsandbytes' ``AdamW8bit``, ``PagedAdamW``...).
-        Anything else (Lion, Adafactor, Adagrad, RMSprop...) may read its learning rate on another
+        Anything else (Lion, Adafactor; Adagrad and RMSprop under a policy without weight decay,
+        which :meth:`_check_weight_decay` otherwise refuses) may read its learning rate on another
         scale, or add its weight decay to the gradient, and the policy cannot know.
         """
         inner = getattr(optimizer, "optimizer", optimizer)
@@ -449,7 +550,7 @@ class PolicyScheduler:
             f"as {as_what}. If its learning rates live on another scale (Lion's are typically 3-10x smaller "
             f"than AdamW's), the policy's first decisions are made for a run it misreads.{decay} Compare "
             "against your usual schedule on a short run before relying on it.",
-            stacklevel=3,
+            stacklevel=_user_stacklevel(),
         )
 
     def _distance(self, values: np.ndarray) -> np.ndarray:
@@ -477,7 +578,16 @@ class PolicyScheduler:
         out = np.empty((len(self.optimizer.param_groups), self.decoder.num_actions))
         for g, (group, keys) in enumerate(zip(self.optimizer.param_groups, self._keys)):
             for j, key in enumerate(keys):
-                out[g, j] = float(group["betas"][0]) if key == "betas" else float(group[key])
+                value = group["betas"][0] if key == "betas" else group[key]
+                try:
+                    out[g, j] = float(value)
+                except (TypeError, ValueError):
+                    raise ValueError(
+                        f"param group {g} of {type(self.optimizer).__name__} has {key}={value!r}, but the policy sets "
+                        f"{self.decoder.names[j]} as a number: create the optimizer with an explicit value (e.g. "
+                        "transformers' Adafactor(lr=1e-3, relative_step=False, scale_parameter=False)), or use a "
+                        f"policy that does not control {self.decoder.names[j]}"
+                    ) from None
         return out
 
     def _write(self) -> None:
@@ -564,12 +674,13 @@ class PolicyScheduler:
         """
         val = _to_float(metrics, "metrics")
         train = None if train_loss is None else _to_float(train_loss, "train_loss")
+        self._warn_if_changed_outside()
         if train is None and not self._warned_no_train_loss:
             warnings.warn(
                 "step() got no train_loss: the policy was meta-trained with the interval's mean training loss at "
                 "every decision, so without it the policy sees inputs it never saw in training and its schedule "
                 "may be off. Pass step(val_loss, train_loss=mean training loss since the last step())",
-                stacklevel=2,
+                stacklevel=_user_stacklevel(),
             )
             self._warned_no_train_loss = True
         for name, value in (("metrics", val), ("train_loss", train)):
@@ -582,7 +693,7 @@ class PolicyScheduler:
             warnings.warn(
                 f"PolicyScheduler.step() called more than total_steps={self.total_steps} times; "
                 "the hyperparameters are held at their last values",
-                stacklevel=2,
+                stacklevel=_user_stacklevel(),
             )
             self._t += 1
             self._write()
@@ -601,7 +712,7 @@ class PolicyScheduler:
             )
             warnings.warn(
                 f"non-finite loss at scheduler step {t} (val={val}, train={train}) is treated as divergence: {response}",
-                stacklevel=2,
+                stacklevel=_user_stacklevel(),
             )
             if t < self.total_steps:
                 action = np.zeros(k)
@@ -730,7 +841,7 @@ class PolicyScheduler:
                 f"the state was saved with a {saved_kind} policy, this scheduler runs a {kind} policy, whose "
                 "state it cannot continue: load it into a scheduler of the same bundle"
             )
-        ratios = np.asarray(state_dict["ratios"], dtype=np.float64)
+        ratios = _as_numpy(state_dict["ratios"], np.float64)
         if ratios.shape != self._ratios.shape:
             raise ValueError(
                 f"the state was saved for {ratios.shape[0]} param groups, the optimizer has {self._ratios.shape[0]}"
@@ -748,33 +859,46 @@ class PolicyScheduler:
                 "gradients, this scheduler's policy does the opposite: load it into a scheduler of the same bundle"
             )
         # States saved before base groups existed used group 0 for every hyperparameter.
-        base_groups = np.asarray(state_dict.get("base_groups", np.zeros(self.decoder.num_actions)), dtype=np.int64)
+        base_groups = _as_numpy(state_dict.get("base_groups", np.zeros(self.decoder.num_actions)), np.int64)
         if (
             base_groups.shape != self._base_groups.shape
             or not (0 <= base_groups).all()
             or (base_groups >= len(ratios)).any()
         ):
             raise ValueError(f"malformed scheduler state: base_groups {base_groups.tolist()}")
-        features = {k: np.asarray(v) for k, v in state_dict["features"].items()}
+        features = {k: _as_numpy(v, None) for k, v in state_dict["features"].items()}
         if self.epochs_feature:
-            if state_dict.get("epochs") is not None:
-                self.epochs = float(state_dict["epochs"])
+            saved_epochs = state_dict.get("epochs")
+            if saved_epochs is not None:
+                if not math.isclose(float(saved_epochs), self.epochs, rel_tol=1e-9):
+                    warnings.warn(
+                        f"the state was saved by a run of epochs={float(saved_epochs):g}; it replaces this scheduler's "
+                        f"epochs={self.epochs:g}",
+                        stacklevel=_user_stacklevel(),
+                    )
+                self.epochs = float(saved_epochs)
             if "_epochs" not in features:  # a state saved before the feature existed: the epochs given now
                 features["_epochs"] = np.atleast_1d(log_epochs_feature(self.epochs))
         self.features.load_state_dict(features)
+        if int(state_dict["total_steps"]) != self.total_steps:
+            warnings.warn(
+                f"the state was saved by a run of total_steps={int(state_dict['total_steps'])} step() calls; it replaces "
+                f"this scheduler's total_steps={self.total_steps} (the policy's progress feature follows the saved run)",
+                stacklevel=_user_stacklevel(),
+            )
         self.total_steps = int(state_dict["total_steps"])
         self._t = int(state_dict["t"])
         self._started = bool(state_dict.get("started", self._t > 0))
         self._episode_start = bool(state_dict.get("episode_start", self._t == 0))
         self.adaptive = bool(state_dict.get("adaptive", self.adaptive))
         self.deterministic = bool(state_dict.get("deterministic", self.deterministic))
-        self._base = np.asarray(state_dict["base"], dtype=np.float64).copy()
-        self._initial_base = np.asarray(state_dict.get("initial_base", self._base), dtype=np.float64).copy()
+        self._base = _as_numpy(state_dict["base"], np.float64)
+        self._initial_base = _as_numpy(state_dict.get("initial_base", self._base), np.float64)
         self._ratios = ratios.copy()
         self._base_groups = base_groups.copy()
-        self._last_action = np.asarray(state_dict.get("last_action", np.zeros(self.decoder.num_actions)), np.float64)
+        self._last_action = _as_numpy(state_dict.get("last_action", np.zeros(self.decoder.num_actions)), np.float64)
         last_obs = state_dict.get("last_obs")
-        self._last_obs = None if last_obs is None else np.asarray(last_obs, dtype=np.float32).copy()
+        self._last_obs = None if last_obs is None else _as_numpy(last_obs, np.float32)
         self._policy_state = _copy_state(state_dict["policy_state"], to_torch=False)
         self._write()
 

@@ -161,6 +161,20 @@ def test_load_state_dict_rejects_other_policy_or_groups(default_bundle):
         sched.load_state_dict({"t": 3})
 
 
+def test_load_state_dict_says_when_the_saved_run_length_replaces_the_given_one(default_bundle):
+    state = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), default_bundle, total_steps=4, epochs=4).state_dict()
+    longer = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), default_bundle, total_steps=8, epochs=16)
+    with pytest.warns(UserWarning) as record:
+        longer.load_state_dict(state)
+    messages = " | ".join(str(w.message) for w in record)
+    assert "epochs=4; it replaces this scheduler's epochs=16" in messages
+    assert "total_steps=4 step() calls; it replaces this scheduler's total_steps=8" in messages
+    assert (longer.total_steps, longer.epochs) == (4, 4.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same length: silent
+        PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), default_bundle, 4, epochs=4).load_state_dict(state)
+
+
 def test_reset_restores_initial_values_and_replays_the_same_schedule(default_bundle):
     opt = _optimizer("sgd", 0.1, 1e-4, 0.9)
     sched = PolicyScheduler(opt, default_bundle, total_steps=6, epochs=6)
@@ -440,6 +454,112 @@ def test_bad_arguments_raise_clear_errors(default_bundle):
         sched.step("low")
     with pytest.raises(TypeError, match="one-element tensor"):
         sched.step(torch.ones(3))
+
+
+def test_metrics_take_one_element_arrays_and_refuse_strings_and_bools(default_bundle):
+    sched = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), default_bundle, 5, epochs=5)
+    for bad in ("0.5", True):
+        with pytest.raises(TypeError, match="must be a real number \\(a loss\\)"):
+            sched.step(bad)
+    with pytest.raises(TypeError, match="shape \\(2,\\)"):
+        sched.step(np.array([0.5, 0.4]))
+    sched.step(np.array([0.5]), train_loss=np.float32(0.6))  # numpy scalars and one-element arrays are numbers
+    assert sched.last_step == 1
+
+
+def test_an_optimizer_without_a_numeric_learning_rate_is_refused_clearly():
+    class RelativeStep(torch.optim.SGD):  # transformers' Adafactor(relative_step=True) has lr=None
+        def __init__(self, params):
+            super().__init__(params, lr=0.1)
+            self.param_groups[0]["lr"] = None
+
+    with pytest.raises(ValueError, match=r"param group 0 of RelativeStep has lr=None.*relative_step=False"):
+        PolicyScheduler(
+            RelativeStep(torch.nn.Linear(2, 2).parameters()), ReplayPolicy(ActionDecoder(("lr",)), [[0.0]]), 3
+        )
+
+
+def test_another_lr_scheduler_is_reported_not_silently_overridden():
+    """A torch warm-up beside the policy: it moved the starting rate, or it rewrites the policy's rates."""
+    policy = ReplayPolicy(ActionDecoder(("lr",)), [[0.5]])
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=10)  # lr is now 0.01
+    with pytest.warns(UserWarning, match=r"torch LR scheduler \(a warm-up\?\) has changed.*lr=0.01, created with 0.1"):
+        PolicyScheduler(opt, policy, total_steps=3)
+
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    sched = PolicyScheduler(opt, policy, total_steps=3)  # built first: the warm-up then rewrites the rates
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 10))
+    opt.step()
+    warmup.step()
+    with pytest.warns(UserWarning, match=r"param group 0's lr is 0.02, but this PolicyScheduler set 0.1"):
+        sched.step(1.0, train_loss=1.0)
+    step = policy.decoder.specs[0].max_log10_change
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 10 ** (0.5 * step))  # the policy's value, written back
+    opt.step()
+    warmup.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per scheduler
+        sched.step(1.0, train_loss=1.0)
+
+    # The scheduler's own writes, a tensor lr's float32 rounding included, are not outside changes.
+    opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=torch.tensor(1e-3), foreach=False)
+    sched = PolicyScheduler(opt, ReplayPolicy(ActionDecoder(("lr", "weight_decay")), [[0.3, 0.1]]), 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            sched.step(1.0, train_loss=1.0)
+
+
+def test_sparse_gradients_with_a_policy_set_weight_decay_raise_a_clear_error():
+    emb, head = torch.nn.EmbeddingBag(50, 4, sparse=True), torch.nn.Linear(4, 2)
+
+    def train_step(opt):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(head(emb(torch.randint(0, 50, (8, 3)))), torch.randint(0, 2, (8,))).backward()
+        opt.step()
+
+    policy = ReplayPolicy(ActionDecoder(("lr", "weight_decay")), [[0.0, 0.0]])
+    opt = torch.optim.SGD([*emb.parameters(), *head.parameters()], lr=0.1)  # every group at 0: clipped up
+    with pytest.warns(UserWarning, match="outside the policy's bounds"):
+        sched = PolicyScheduler(opt, policy, total_steps=3)  # kept: its check goes when the scheduler does
+    with pytest.raises(ValueError, match=r"param group 0 has sparse gradients.*weight_decay=0 \(kept at 0\)"):
+        train_step(opt)
+    # The fix the message gives: the sparse parameters in a group of their own with no decay.
+    opt = torch.optim.SGD(
+        [{"params": head.parameters(), "weight_decay": 1e-4}, {"params": emb.parameters(), "weight_decay": 0.0}],
+        lr=0.1,
+    )
+    sched = PolicyScheduler(opt, policy, total_steps=3)
+    for _ in range(3):
+        train_step(opt)
+        sched.step(1.0, train_loss=1.0)
+    assert sched.get_last_hparams()["weight_decay"][1] == 0.0
+
+
+def test_warnings_point_at_the_users_line_through_from_pretrained_too(default_bundle):
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)  # weight_decay=0: clipped, with a warning
+    with pytest.warns(UserWarning, match="outside the policy's bounds") as record:
+        PolicyScheduler.from_pretrained("default", opt, 5, epochs=5)
+    assert record[0].filename == __file__
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)  # a fresh one: the first was clipped
+    with pytest.warns(UserWarning, match="outside the policy's bounds") as record:
+        PolicyScheduler(opt, default_bundle, 5, epochs=5)
+    assert record[0].filename == __file__
+
+
+def test_a_policy_loads_and_runs_under_a_float64_default_dtype():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = torch.nn.Linear(3, 1)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        sched = PolicyScheduler.from_pretrained("default", opt, 3, epochs=3)
+        assert torch.get_default_dtype() == torch.float64  # the user's setting survives the load
+        for _ in range(3):
+            sched.step(torch.tensor(0.5), train_loss=torch.tensor(0.6))
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def test_missing_hyperparameter_names_what_is_missing():
