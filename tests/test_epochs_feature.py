@@ -122,7 +122,8 @@ def test_state_dict_carries_the_epochs():
     sched = PolicyScheduler(make(), _Replay(decoder), total_steps=5, epochs=100.0)
     sched.step(1.0)
     resumed = PolicyScheduler(make(), _Replay(decoder), total_steps=5, epochs=1.0)
-    resumed.load_state_dict(sched.state_dict())
+    with pytest.warns(UserWarning, match="saved by a run of epochs=100; it replaces this scheduler's epochs=1"):
+        resumed.load_state_dict(sched.state_dict())
     sched.step(0.9)
     resumed.step(0.9)
     np.testing.assert_array_equal(resumed.last_observation, sched.last_observation)
