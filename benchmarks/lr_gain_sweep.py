@@ -48,7 +48,7 @@ from training.benchmark import (
     seeded,
 )
 from training.benchmark import build_parser as bench_parser
-from training.stats import as_losses, loss_ratios, paired_comparison
+from training.stats import as_losses, geomean_ratio, loss_ratios, paired_comparison
 from training.store import ResultStore, RunKey
 
 
@@ -87,7 +87,7 @@ def sweep(config: BenchmarkConfig, gains: Sequence[float]) -> dict:
 
     bundle = load_bundle(config.policy, device=config.device)
     policy_hash = bundle_fingerprint(config.policy)
-    code_version = config.code_version or default_code_version()
+    code_version = config.code_version or default_code_version(config.device)
     gains = check_gains(gains)
     tasks = make_tasks(config)
     pairs = [(ti, si) for ti in range(len(tasks)) for si in range(config.seeds)]
@@ -133,8 +133,7 @@ def summarise(raw: dict, *, seed: int = 0, n_boot: int = 2000) -> list[dict]:
             rng = np.random.default_rng(seed)
             row.update(paired_comparison(scaled, base, rng=rng, groups=groups, n_boot=n_boot))
             ratios = loss_ratios(scaled, base)
-            finite = ratios[np.isfinite(ratios)]
-            row["geomean_ratio"] = float(np.exp(np.mean(np.log(finite)))) if finite.size else float("nan")
+            row["geomean_ratio"] = geomean_ratio(ratios)
             row["family_median_ratio"] = {f: float(np.median(ratios[families == f])) for f in dict.fromkeys(families)}
         rows.append(row)
     return rows

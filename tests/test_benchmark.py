@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from agents import load_bundle
 from agents.baselines import ConstantSchedule, schedule_decoder
@@ -83,7 +84,8 @@ def test_headroom_bins_tasks_by_how_far_their_defaults_end_from_the_oracle():
     assert (a["policy_beats_all_defaults"], a["oracle_beats_all_defaults"]) == (0.5, 0.0)
     assert (b["policy_beats_all_defaults"], b["oracle_beats_all_defaults"]) == (1.0, 0.5)
     assert a["median_ratio"] == pytest.approx(1.0) and a["geomean_ratio"] == pytest.approx(math.sqrt(0.99))
-    assert c["policy_beats_all_defaults"] == 0.5 and c["geomean_ratio"] == np.inf  # a diverged policy run
+    # A diverged policy run has no log ratio: the geometric mean is over the pair that finished.
+    assert c["policy_beats_all_defaults"] == 0.5 and c["geomean_ratio"] == pytest.approx(1.2)
     # Empty bins are left out; custom edges.
     only = headroom(policy[:2], oracle[:2], [constant[:2], cosine[:2]], groups[:2], edges=(1.5,))
     assert [(x["label"], x["pairs"]) for x in only] == [("defaults within 50% of the oracle", 2)]
@@ -134,6 +136,26 @@ def test_bootstrap_is_reproducible_and_resamples_whole_groups():
 
 
 # -- store -----------------------------------------------------------------------------------------
+
+
+def test_oracle_picks_the_fewest_divergences_then_the_lowest_mean_log_loss():
+    inf = np.inf
+    assert bench._best_rate(np.array([[1.0, 2.0], [1.5, 1.5], [0.5, inf]])) == 0  # exp(mean log): sqrt(2) < 1.5
+    # Every rate diverged somewhere: the fewest divergences win, not the first row.
+    assert bench._best_rate(np.array([[inf, inf], [0.1, inf], [inf, 0.3]])) == 1
+    assert bench._best_rate(np.array([[inf, inf], [inf, inf]])) == 0
+
+
+def test_code_version_names_the_code_torch_and_device():
+    cpu, cuda = bench.default_code_version("cpu"), bench.default_code_version("cuda:0")
+    assert cpu != cuda and cpu.endswith(", cpu") and cuda.endswith(", cuda")
+    assert f"torch {torch.__version__}" in cpu and f"code {bench.run_code_hash()}" in cpu
+    assert len(bench.run_code_hash()) == 12 and bench.run_code_hash() == bench.run_code_hash()
+
+
+def test_report_prints_ratios_to_four_decimals():
+    assert bench._ratio(1.0041) == "1.0041" and bench._ratio(0.99962) == "0.9996"
+    assert bench._ratio(float("inf")) == "inf" and bench._ratio(None) == "n/a"
 
 
 def test_store_round_trip_missing_and_replace(tmp_path):
@@ -319,6 +341,10 @@ def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_pat
     report = result.report_path.read_text()
     assert "## Targets" in report and "cosine, tuned oracle (K=2)" in report and "## digits_cnn" in report
     assert "| beats both defaults |" in report
+    # The oracle chosen on each task's other seed, scored on the same pairs; 2 tasks are too few for intervals.
+    crossfit = summary["targets"]["vs_cosine_tuned_crossfit"]
+    assert crossfit["pairs"] == 4 and crossfit["median_ratio_low"] <= crossfit["median_ratio_high"]
+    assert "chosen on each task's other seeds" in report and "only 2 tasks: too few" in report
     # Where the targets are won or lost: every pair in one headroom bin, the section in the report.
     bins = summary["headroom_vs_cosine_tuned"]
     assert sum(b["pairs"] for b in bins) == 4 and sum(b["tasks"] for b in bins) == 2

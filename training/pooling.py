@@ -16,6 +16,7 @@ from training.benchmark import UNTUNED_DEFAULTS
 from training.stats import (
     beats_all_rate,
     bootstrap_ci,
+    geomean_ratio,
     headroom,
     loss_ratios,
     lr_level,
@@ -109,7 +110,7 @@ def pooled_summary(folders: list[str | Path], *, seed: int = 0, n_boot: int = 20
         "beats_both_untuned_defaults": beats_all_rate(policy, untuned),
         "median_ratio_vs_cosine_tuned": float(np.median(ratios)),
         "median_ratio_vs_cosine_tuned_ci95": [low, high],
-        "geomean_ratio_vs_cosine_tuned": float(np.exp(np.mean(np.log(ratios)))),
+        "geomean_ratio_vs_cosine_tuned": geomean_ratio(ratios),
         "median_ratio_vs_cosine_tuned_by_family": {
             fam: float(np.median(ratios[families == fam])) for fam in dict.fromkeys(families.tolist())
         },
@@ -147,12 +148,11 @@ def compare_policies(
     stats = paired_comparison(
         a["losses"], b["losses"], rng=np.random.default_rng(seed), groups=a["groups"], n_boot=n_boot
     )
-    finite = ratios[np.isfinite(ratios) & (ratios > 0)]
     return {
         **stats,
         "a_lower": int(np.sum(a["losses"] < b["losses"])),
         "ties": int(np.sum(a["losses"] == b["losses"])),
-        "geomean_ratio": float(np.exp(np.mean(np.log(finite)))) if finite.size else float("nan"),
+        "geomean_ratio": geomean_ratio(ratios),
         "max_ratio": float(np.max(ratios)),
     }
 

@@ -80,6 +80,15 @@ def loss_ratios(policy, baseline) -> np.ndarray:
     return r
 
 
+def geomean_ratio(ratios) -> float:
+    """Geometric mean of per-pair loss ratios (from :func:`loss_ratios`) over the pairs where neither side
+    alone diverged (a ratio of 0 or inf has no log; divergences are counted by the divergence rates); NaN
+    if there are none."""
+    r = np.asarray(ratios, dtype=np.float64)
+    finite = r[np.isfinite(r) & (r > 0)]
+    return float(np.exp(np.mean(np.log(finite)))) if finite.size else float("nan")
+
+
 def median_ratio(policy, baseline) -> float:
     """Median over pairs of ``policy / baseline`` final losses (below 1: the policy ends lower)."""
     return float(np.median(loss_ratios(policy, baseline)))
@@ -124,7 +133,7 @@ def headroom(
     Tasks are binned at ``edges`` (default: within 2% of the oracle, 2-10%, more than 10%); per bin:
     the number of tasks and pairs, the share of pairs where the policy beats every default and where
     the oracle does (how reachable the first target is there), and the median and geometric mean of
-    ``policy / oracle`` (a diverged run makes the geometric mean infinite), and a label that says the
+    ``policy / oracle`` (the geometric mean over pairs where neither alone diverged), and a label that says the
     bin in words. Empty bins are left out.
     """
     p, o = as_losses(policy), as_losses(oracle)
@@ -150,8 +159,7 @@ def headroom(
         if not idx.any():
             continue
         ratios = loss_ratios(p[idx], o[idx])
-        with np.errstate(divide="ignore"):
-            geomean = float(np.exp(np.mean(np.log(ratios))))
+        geomean = geomean_ratio(ratios)
         label = (
             f"defaults within {hi - 1:.0%} of the oracle"
             if lo == 0
