@@ -291,20 +291,23 @@ def _write_atomically(path: Path, fill: Callable[[Path], None]) -> Path:
     # mkdir (not tempfile.mkdtemp, which makes the folder private) so the bundle gets the usual permissions.
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     tmp.mkdir()
+    old = path.with_name(f".{path.name}.old")
+    moved = False  # whether the previous bundle sits at `old` and not yet replaced
     try:
         fill(tmp)
-        old = None
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
             if old.exists():
                 shutil.rmtree(old)
             path.rename(old)
+            moved = True
         tmp.rename(path)
-        if old is not None:
-            shutil.rmtree(old)
+        moved = False
     except BaseException:
+        if moved and not path.exists():  # interrupted between the two renames: put the previous bundle back
+            old.rename(path)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(old, ignore_errors=True)
     return path
 
 

@@ -83,6 +83,7 @@ Why these defaults (see :data:`PRESETS`):
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -249,8 +250,8 @@ class MetaAgentConfig:
         if self.n_steps < 2:
             raise ValueError(f"MetaAgentConfig.n_steps must be >= 2 (GAE needs a next step), got {self.n_steps}")
         for name in ("learning_rate", "clip_range", "clip_obs"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"MetaAgentConfig.{name} must be > 0, got {getattr(self, name)!r}")
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"MetaAgentConfig.{name} must be a finite number > 0, got {getattr(self, name)!r}")
         if self.learning_rate_end is not None and not 0 <= self.learning_rate_end <= self.learning_rate:
             raise ValueError(
                 f"MetaAgentConfig.learning_rate_end must lie in [0, learning_rate = {self.learning_rate}] (a decay), "

@@ -3,18 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 import numpy as np
 
 from hpo_env.envs import HPOEnv
+from hpo_env.tasks import SPLITS
+
+
+def _action(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and -1.0 <= value <= 1.0):
+        raise argparse.ArgumentTypeError(f"must be a number in [-1, 1] (the action's range), got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--distribution", default="train", help="train, test, all or toy")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(prog="hpo-demo", description=__doc__)
     parser.add_argument(
-        "--lr-action", type=float, default=-0.2, help="constant action on the learning rate, in [-1, 1]"
+        "--distribution", default="train", choices=[*SPLITS, "toy"], help="task families to draw the task from"
+    )
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of reset(seed=...): which task, and its run")
+    parser.add_argument(
+        "--lr-action", type=_action, default=-0.2, help="constant action on the learning rate, in [-1, 1]"
     )
     args = parser.parse_args(argv)
     env = HPOEnv(args.distribution, render_mode="ansi")
@@ -29,7 +47,10 @@ def main(argv: list[str] | None = None) -> None:
         total += reward
         done = terminated or truncated
         print(env.render(), end="")
-    print(f"return {total:+.4f} = log(L_1 / L_T); final validation loss {info['val_loss']:.4g}")
+    if info.get("diverged"):
+        print(f"return {total:+.4f}: the run diverged (the return of a diverged episode is -divergence_penalty)")
+    else:
+        print(f"return {total:+.4f} = log(L_1 / L_T); final validation loss {info['val_loss']:.4g}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -441,6 +442,29 @@ def test_benchmark_rejects_bad_settings(tiny_bundle, tmp_path, capsys):
         bench.make_tasks(_tiny_config(tiny_bundle, tmp_path, total_steps=21, steps_per_action=None))
     assert bench.main(["--policy", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "no policy bundle" in capsys.readouterr().err
+    # Errors name the command line's options.
+    assert bench.main(["--policy", str(tiny_bundle), "--task-seed", "-1", "--out", str(tmp_path / "o")]) == 2
+    assert "error: --task-seed must be an integer >= 0, got -1" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert bench.main(["--policy", str(tiny_bundle), "--out", str(blocker / "o"), "--no-progress"]) == 2
+    assert "cannot be created (Not a directory)" in capsys.readouterr().err
+
+
+def test_benchmark_says_when_a_policy_cannot_or_should_not_be_benchmarked(tiny_bundle, tmp_path):
+    from agents import load_bundle
+
+    bundle = load_bundle(tiny_bundle)
+    no_lr = dataclasses.replace(bundle, decoder=ActionDecoder(("weight_decay",)))
+    with pytest.raises(ValueError, match=r"needs a policy that controls lr; .* controls \['weight_decay'\]"):
+        bench.run_benchmark(_tiny_config(tiny_bundle, tmp_path), policy=no_lr, policy_hash="x")
+    assert bench.trained_families(bundle) == set()  # the toy task: no family of the benchmark's
+    trained = dataclasses.replace(bundle, config={**bundle.config, "env": {"task_families": ["digits_mlp", "tabular"]}})
+    assert bench.trained_families(trained) == {"digits_mlp", "tabular"}
+    with pytest.warns(UserWarning, match=r"meta-trained on \['tabular'\], which this benchmark runs as held-out"):
+        bench._warn_if_trained_on(trained, ("tabular", "digits_cnn"))
+    split = dataclasses.replace(bundle, config={**bundle.config, "env": {"task_distribution": "all"}})
+    assert bench.trained_families(split) >= {"tabular", "digits_cnn"}
 
 
 def test_store_file_is_plain_sqlite(tmp_path):

@@ -469,3 +469,27 @@ def test_fingerprint_ignores_descriptions_and_recorded_results(good_bundle, tmp_
     assert bundle_fingerprint(bundle) == fingerprint
     _edit_json(bundle / "config.json", frame_stack=2)  # defines behaviour: a different policy
     assert bundle_fingerprint(bundle) != fingerprint
+
+
+def test_an_interrupted_replacement_keeps_the_previous_bundle(tmp_path, monkeypatch):
+    from agents.bundle import _write_atomically
+
+    target = tmp_path / "bundle"
+    _write_atomically(target, lambda tmp: (tmp / "config.json").write_text('{"v": 1}'))
+    real_rename = Path.rename
+
+    def interrupted(self, dest):  # Ctrl-C lands between moving the old bundle away and moving the new one in
+        if self.name.endswith(".tmp"):
+            raise KeyboardInterrupt
+        return real_rename(self, dest)
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _write_atomically(target, lambda tmp: (tmp / "config.json").write_text('{"v": 2}'))
+    monkeypatch.setattr(Path, "rename", real_rename)
+    assert (target / "config.json").read_text() == '{"v": 1}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    _write_atomically(target, lambda tmp: (tmp / "config.json").write_text('{"v": 3}'))  # and replacing still works
+    assert (target / "config.json").read_text() == '{"v": 3}' and sorted(p.name for p in tmp_path.iterdir()) == [
+        "bundle"
+    ]

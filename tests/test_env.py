@@ -223,3 +223,22 @@ def test_a_zero_validation_loss_gives_a_finite_reward(monkeypatch):
     assert not info["diverged"] and info["val_loss"] == 0.0
     _, reward, *_ = env.step(np.zeros(2, np.float32))
     assert reward == 0.0  # from a floored 0 to a floored 0
+
+
+def test_hpo_demo_runs_an_episode_and_refuses_bad_options(capsys):
+    from hpo_env.__main__ import main as demo
+
+    demo(["--distribution", "toy", "--seed", "0", "--lr-action", "-0.2"])
+    out = capsys.readouterr().out
+    assert out.count("decision") >= 2 and "= log(L_1 / L_T); final validation loss" in out
+    demo(["--distribution", "toy", "--lr-action", "1"])  # the largest rises make the toy task diverge
+    assert "the run diverged (the return of a diverged episode is -divergence_penalty)" in capsys.readouterr().out
+    for argv, expected in (
+        (["--distribution", "bogus"], "invalid choice: 'bogus'"),
+        (["--lr-action", "nan"], "--lr-action: must be a number in [-1, 1]"),
+        (["--lr-action", "5"], "--lr-action: must be a number in [-1, 1]"),
+        (["--seed", "-1"], "--seed: must be an integer >= 0"),
+    ):
+        with pytest.raises(SystemExit):
+            demo(argv)
+        assert expected in capsys.readouterr().err

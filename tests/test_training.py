@@ -39,6 +39,7 @@ from training.train import (
     TrainSettings,
     _field_docs,
     load_checkpoint_agent,
+    main,
     parse_settings,
     segment_env_seed,
 )
@@ -484,19 +485,52 @@ def test_families_replace_the_splits_families_in_meta_training_only():
         MetaAgentConfig(task_distribution="toy", task_families=("digits_mlp",))
 
 
-def test_evaluating_on_families_that_are_meta_trained_on_warns():
-    from training.train import _warn_if_evaluating_on_trained_families
+def test_meta_training_on_held_out_families_warns():
+    from training.train import _warn_if_held_out_families_are_trained as warn_if
 
     glyphs = parse_settings(["--families", *SPLITS["train"], "glyphs_cnn"])
-    with pytest.warns(UserWarning, match=r"validation families \['glyphs_cnn'\] are also meta-trained on"):
-        _warn_if_evaluating_on_trained_families(glyphs.agent_config(), glyphs.eval_distribution)
-    with pytest.warns(UserWarning, match=r"test families \['tabular', 'digits_cnn'\]"):
-        _warn_if_evaluating_on_trained_families(get_preset("quick", task_distribution="all"), "test")
+    with pytest.warns(UserWarning, match=r"validation families \['glyphs_cnn'\] are also meta-trained on, so the eval"):
+        warn_if(glyphs.agent_config(), glyphs.eval_distribution)
+    with pytest.warns(UserWarning, match=r"validation families \['glyphs_cnn'\] .* so hpo-bench --split validation"):
+        warn_if(glyphs.agent_config(), "test")  # not evaluated on, but a benchmark of that split would mislead
+    # The benchmark's test families, meta-trained on: a warning whatever the evaluation split.
+    tabular = parse_settings(["--families", "digits_mlp", "tabular"])
+    with pytest.warns(
+        UserWarning, match=r"test families \['tabular'\] .* hpo-bench --split test \(the benchmark's held"
+    ):
+        warn_if(tabular.agent_config(), tabular.eval_distribution)
+    for eval_split in ("test", "train"):
+        with pytest.warns(UserWarning) as record:
+            warn_if(get_preset("quick", task_distribution="all"), eval_split)
+        assert [str(w.message).split(" are ")[0] for w in record] == [
+            "hpo-train: the validation families ['small_tabular', 'glyphs_cnn']",
+            "hpo-train: the test families ['tabular', 'digits_cnn']",
+        ]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _warn_if_evaluating_on_trained_families(glyphs.agent_config(), "test")  # not trained on: fine
-        _warn_if_evaluating_on_trained_families(get_preset("quick"), "validation")
-        _warn_if_evaluating_on_trained_families(get_preset("quick", task_distribution="all"), "train")  # as asked
+        warn_if(get_preset("quick"), "validation")
+        warn_if(get_preset("quick"), "test")
+
+
+def test_bad_seed_learning_rate_and_logdir_are_usage_errors_before_any_folder(tmp_path, capsys):
+    for argv, expected in (
+        (["--seed", "-1"], r"--seed must be an integer in \[0, 2\*\*31\)"),
+        (["--seed", str(2**32)], r"--seed must be an integer in \[0, 2\*\*31\)"),
+        (["--learning-rate", "inf"], "--learning-rate must be a finite number > 0"),
+        (["--task-group-size", "3"], "--task-group-size must be a positive integer dividing n_envs"),
+    ):
+        code = None
+        try:
+            code = main([*argv, "--logdir", str(tmp_path / "runs"), "--no-progress-bar"])
+        except SystemExit as err:
+            code = err.code
+        assert code == 2, argv
+        assert re.search(expected, capsys.readouterr().err), argv
+    assert not (tmp_path / "runs").exists()  # refused before a run folder was made
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["--logdir", str(blocker / "sub"), "--total-timesteps", "16", "--no-progress-bar"]) == 2
+    assert "cannot be created (Not a directory): pass a writable --logdir" in capsys.readouterr().err
 
 
 def test_factory_rejects_bad_configuration():
@@ -600,6 +634,15 @@ def test_extending_a_run_keeps_the_events_of_its_last_checkpoint(tmp_path):
     acc = _read_events(tmp_path / "ext")
     assert [e.step for e in acc.Scalars("eval/mean_return")] == [64, 128, 192]
     assert 128 in {e.step for e in acc.Scalars("rollout/ep_rew_mean")}
+
+
+def test_a_smaller_keep_checkpoints_prunes_on_resume(tmp_path):
+    run = tmp_path / "keep"
+    args = [*TINY, "--total-timesteps", "128", "--checkpoint-freq", "64", "--eval-freq", "0", "--keep-checkpoints", "0"]
+    assert main([*args, "--logdir", str(tmp_path), "--run-name", "keep"]) == 0
+    assert len(list((run / "checkpoints").glob("step_*"))) == 2
+    assert main(["--resume", str(run), "--keep-checkpoints", "1"]) == 0  # nothing left to train, still pruned
+    assert [p.name for p in (run / "checkpoints").glob("step_*")] == [find_latest_checkpoint(run / "checkpoints").name]
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path):

@@ -42,6 +42,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,6 +154,10 @@ class BenchmarkConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        for name in ("task_seed", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise ValueError(f"out={str(self.out)!r} is a file; the benchmark writes a folder (report, JSON, plots)")
         check_device(self.device)
@@ -230,6 +235,30 @@ def bundle_fingerprint(path: str | Path) -> str:
 
 # ------------------------------------------------------------------------------------------------
 # tasks and arms
+
+
+def trained_families(bundle: Any) -> set[str]:
+    """The task families a bundle (each member of an ensemble) was meta-trained on, from its config
+    (``env.task_families``, or the families of ``env.task_distribution``); empty where it does not say."""
+    families: set[str] = set()
+    for member in getattr(bundle, "members", None) or [bundle]:
+        env = (getattr(member, "config", None) or {}).get("env") or {}
+        if env.get("task_families"):
+            families |= set(env["task_families"])
+        elif env.get("task_distribution") in SPLITS:
+            families |= set(SPLITS[env["task_distribution"]])
+    return families
+
+
+def _warn_if_trained_on(bundle: Any, families: Sequence[str]) -> None:
+    shared = [f for f in families if f in trained_families(bundle)]
+    if shared:
+        warnings.warn(
+            f"the policy was meta-trained on {shared}, which this benchmark runs as held-out tasks: its numbers "
+            "there measure trained-on families, not generalisation (benchmark families it never saw, e.g. --split "
+            "test for a policy trained on --task-distribution train)",
+            stacklevel=3,
+        )
 
 
 def make_tasks(config: BenchmarkConfig) -> list[TaskSpec]:
@@ -507,12 +536,21 @@ def run_benchmark(config: BenchmarkConfig, policy: Any = None, policy_hash: str 
         raise ValueError("run_benchmark(policy=...) needs a policy_hash naming that policy's stored runs")
     else:
         bundle = policy
+    _warn_if_trained_on(bundle, config.families or SPLITS[config.split])
     decoder = bundle.decoder
+    if "lr" not in decoder.names:
+        raise ValueError(
+            f"the benchmark compares learning-rate schedules, so it needs a policy that controls lr; "
+            f"{config.policy} controls {list(decoder.names)} (meta-train with --hyperparameters lr ...)"
+        )
     exact = schedule_decoder(decoder)
     code_version = config.code_version or default_code_version(config.device)
     tasks = make_tasks(config)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"out={str(out)!r} cannot be created ({err.strerror or err}): pass a writable folder") from err
 
     jobs: list[Job] = []
     arms_by_task = [task_arms(spec, config, exact, policy_hash, decoder) for spec in tasks]
@@ -1039,7 +1077,18 @@ def render_report(summary: dict, plot_paths: Sequence[Path], out: Path) -> str:
         f"- Families: {', '.join(families)} (split `{cfg['split']}`{'; explicit list' if cfg['families'] else ''}); "
         f"{n_tasks} tasks x {cfg['seeds']} seeds = {n_tasks * cfg['seeds']} (task, seed) pairs; task seed {cfg['task_seed']}",
         f"- Tuned oracles: K = {cfg['grid_size']} learning rates, default x 10^[-{cfg['grid_decades']}, +{cfg['grid_decades']}], "
-        "chosen per task on the mean log final validation loss over its seeds (hindsight: an oracle)",
+        "chosen per task on the mean log final validation loss over its seeds (hindsight: an oracle)"
+        + (
+            f". **K = {cfg['grid_size']} is too coarse to stand for a tuned search** ("
+            + (
+                f"neighbouring rates lie {2 * cfg['grid_decades'] / (cfg['grid_size'] - 1):.2g} decades apart"
+                if cfg["grid_size"] > 1
+                else "one rate"
+            )
+            + "): read the oracle rows and their target as a smoke test"
+            if cfg["grid_size"] < 5
+            else ""
+        ),
         "- Schedules without 'default'/'tuned' in their name start from the task's own initial learning rate, like the policy.",
         f"- Code version: `{summary['code_version']}`; runs computed now: {summary['run']['computed_runs']}, "
         f"reused from the store: {summary['run']['reused_runs']}; wall time {summary['run']['wall_s']:.1f} s",
@@ -1155,7 +1204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--policy",
         required=True,
-        help="policy bundle directory (from hpo-train), or a shipped policy's name, e.g. default",
+        help="policy bundle directory (from hpo-train), or a shipped policy's name, e.g. default; it must "
+        "control lr (the baselines are learning-rate schedules)",
     )
     p.add_argument(
         "--split", choices=list(SPLITS), default=d.split, help="task families ('test': held out for the benchmark)"
@@ -1195,7 +1245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\ninterrupted: finished runs are in the store; rerun the same command to resume", file=sys.stderr)
         return 130
     except ValueError as err:  # includes BundleError
-        print(f"hpo-bench: error: {err}", file=sys.stderr)
+        print(f"hpo-bench: error: {_as_flag(str(err))}", file=sys.stderr)
         return 2
     t = result.summary["targets"]
     print(
@@ -1206,6 +1256,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"win rate vs random {_pct(t['win_rate_vs_random'])}, vs replay {_pct(t['win_rate_vs_replay'])}"
     )
     return 0
+
+
+def _as_flag(message: str) -> str:
+    """A config error in the command line's words: ``seeds must be...`` reads ``--seeds must be...``."""
+    fields = {f.name for f in dataclasses.fields(BenchmarkConfig)}
+    name = message.split(" ", 1)[0].split("=", 1)[0]
+    return f"--{name.replace('_', '-')}{message[len(name) :]}" if name in fields else message
 
 
 def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:

@@ -87,6 +87,7 @@ __all__ = [
     "bundle_from_model",
     "find_latest_checkpoint",
     "make_eval_tasks",
+    "prune_checkpoints",
     "read_checkpoint_state",
     "restore_rng_state",
     "schedule_figure",
@@ -618,11 +619,17 @@ def save_checkpoint(
     _write_synced(pointer.with_name(f".{LATEST}.tmp"), json.dumps({"checkpoint": final.name, "num_timesteps": step}))
     os.replace(pointer.with_name(f".{LATEST}.tmp"), pointer)
     _fsync_dir(root)
-    complete = sorted(p for p in root.glob("step_*") if (p / CHECKPOINT_STATE).is_file())
-    for old in complete[: max(0, len(complete) - keep)] if keep > 0 else ():
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(root, keep, protect=final)
     return final
+
+
+def prune_checkpoints(checkpoint_dir: str | os.PathLike, keep: int, *, protect: Path | None = None) -> None:
+    """Remove the complete checkpoints older than the ``keep`` most recent (``keep=0`` keeps them all),
+    never ``protect`` (the one just written)."""
+    complete = sorted(p for p in Path(checkpoint_dir).glob("step_*") if (p / CHECKPOINT_STATE).is_file())
+    for old in complete[: max(0, len(complete) - keep)] if keep > 0 else ():
+        if old != protect:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_synced(path: Path, text: str) -> None:

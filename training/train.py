@@ -44,6 +44,7 @@ import dataclasses
 import inspect
 import json
 import os
+import re
 import shlex
 import sys
 import textwrap
@@ -72,6 +73,10 @@ __all__ = [
 
 #: Seed of the held-out evaluation tasks: fixed, so every run is evaluated on the same tasks.
 EVAL_TASK_SEED = 20240
+
+
+#: Seeds are kept below 2**31, so that seed + slot stays a valid seed for NumPy and SB3 with any --n-envs.
+MAX_SEED = 2**31
 
 
 class RunFolderError(ValueError):
@@ -217,6 +222,10 @@ class TrainSettings:
             raise ValueError(f"--keep-checkpoints must be >= 0 (0 keeps every checkpoint), got {self.keep_checkpoints}")
         if self.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        if not 0 <= self.seed < MAX_SEED:
+            raise ValueError(
+                f"--seed must be an integer in [0, 2**31) (slot i of the run draws its tasks from seed + i), got {self.seed}"
+            )
         if self.run_name is not None and (not self.run_name or os.sep in self.run_name or self.run_name in (".", "..")):
             raise ValueError(f"--run-name must be a plain folder name, got {self.run_name!r}")
         if self.resume is None and Path(self.logdir).exists() and not Path(self.logdir).is_dir():
@@ -464,6 +473,7 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
         PurgingTensorBoardFormat,
         find_latest_checkpoint,
         make_eval_tasks,
+        prune_checkpoints,
         read_checkpoint_state,
         record_settings,
     )
@@ -476,8 +486,8 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
     try:
         config = settings.agent_config()
     except (TypeError, ValueError) as err:
-        raise SettingsError(str(err)) from err
-    _warn_if_evaluating_on_trained_families(config, settings.eval_distribution)
+        raise SettingsError(_as_flags(str(err))) from err
+    _warn_if_held_out_families_are_trained(config, settings.eval_distribution)
     budget = settings.budget
     checkpoint = None
     if settings.resume:
@@ -500,6 +510,9 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
                 "starting it again from the beginning with its settings",
                 flush=True,
             )
+        else:
+            # --keep-checkpoints given smaller on resume applies now, not only at the next checkpoint.
+            prune_checkpoints(run_dir / "checkpoints", settings.keep_checkpoints, protect=checkpoint)
         # Keep what this session changed (e.g. a longer --total-timesteps) for the next --resume.
         _write_settings(
             run_dir, {**json.loads((run_dir / "settings.json").read_text()), **settings.to_dict(), "resume": None}
@@ -512,7 +525,12 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
                 f"run folder {str(run_dir)!r} already exists: continue it with --resume {run_dir} (which starts it "
                 "again if it stopped before its first checkpoint), or pick another --run-name"
             )
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunFolderError(
+                f"the run folder {str(run_dir)!r} cannot be created ({err.strerror or err}): pass a writable --logdir"
+            ) from err
         _write_settings(run_dir, {**settings.to_dict(), "run_name": name, "resume": None})
 
     # -- environment and agent ------------------------------------------------------------------
@@ -630,8 +648,13 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
             slots += " (+ default-LR reference runs)"
         print(
             f"hpo-train: {what}; {config.algorithm} agent, {slots} x {config.n_steps} steps per rollout, "
-            f"{budget.total_timesteps:,} timesteps; held-out evaluation on {len(eval_tasks)} tasks "
-            + (f"every {budget.eval_freq:,}" if budget.eval_freq else "at the end"),
+            f"{budget.total_timesteps:,} timesteps; held-out evaluation on {len(eval_tasks)} "
+            f"task{'s' if len(eval_tasks) != 1 else ''} "
+            + (
+                f"every {budget.eval_freq:,} and at the end"
+                if 0 < budget.eval_freq < budget.total_timesteps
+                else "at the end"
+            ),
             flush=True,
         )
     if checkpoint is None and settings.imitation_tasks > 0:
@@ -800,21 +823,35 @@ def load_checkpoint_agent(checkpoint: Path, config: Any, env_seed: int, settings
     return env, model
 
 
-def _warn_if_evaluating_on_trained_families(config: Any, eval_distribution: str) -> None:
-    """Warn where a held-out evaluation split shares families with meta-training (``--families`` with
-    ``glyphs_cnn``, or ``--task-distribution all``): its evaluations, and the ``best_bundle/`` chosen
-    by them, would then measure tasks the agent trains on."""
+def _as_flags(message: str) -> str:
+    """An agent-config error in the command line's words: ``MetaAgentConfig.n_envs`` reads ``--n-envs``."""
+    fields = {f.name for f in dataclasses.fields(TrainSettings)}
+    return re.sub(r"MetaAgentConfig\.(\w+)", lambda m: f"--{_flag(m[1])}" if m[1] in fields else m[0], message).replace(
+        "MetaAgentConfig: ", ""
+    )
+
+
+def _warn_if_held_out_families_are_trained(config: Any, eval_distribution: str) -> None:
+    """Warn where meta-training shares families with a held-out split (``--families`` with ``glyphs_cnn``
+    or ``tabular``, or ``--task-distribution all``): the evaluations on it (and the ``best_bundle/``
+    they choose), or the benchmark's default test split, would then measure tasks the agent trains on."""
     from hpo_env import SPLITS
 
-    if eval_distribution not in ("validation", "test"):
-        return
     trained = set(config.meta_task_distribution().families)  # the split's, or --families
-    shared = [f for f in SPLITS[eval_distribution] if f in trained]
-    if shared:
+    for split in ("validation", "test"):
+        shared = [f for f in SPLITS[split] if f in trained]
+        if not shared:
+            continue
+        if split == eval_distribution:
+            what, fix = "the evaluations and the best_bundle/ they choose", "benchmark bundle/ (the final policy), or "
+        else:
+            what, fix = f"hpo-bench --split {split}", ""
+        if split == "test" and eval_distribution != "test":
+            what = f"{what} (the benchmark's held-out families)"
         warnings.warn(
-            f"hpo-train: the {eval_distribution} families {shared} are also meta-trained on, so the evaluations and "
-            "the best_bundle/ they choose measure trained-on tasks: benchmark bundle/ (the final policy), or drop "
-            "them from --families/--task-distribution",
+            f"hpo-train: the {split} families {shared} are also meta-trained on, so {what} would measure trained-on "
+            "tasks: "
+            f"{fix}drop them from --families/--task-distribution",
             stacklevel=2,
         )
 
