@@ -448,7 +448,7 @@ def test_benchmark_rejects_bad_settings(tiny_bundle, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert bench.main(["--policy", str(tiny_bundle), "--out", str(blocker / "o"), "--no-progress"]) == 2
-    assert "cannot be created (Not a directory)" in capsys.readouterr().err
+    assert "error: --out '" in (err := capsys.readouterr().err) and "cannot be created (Not a directory)" in err
 
 
 def test_benchmark_says_when_a_policy_cannot_or_should_not_be_benchmarked(tiny_bundle, tmp_path):
@@ -630,7 +630,7 @@ def test_bad_output_folder_and_device_are_usage_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="device='foo' is not a torch device"):
         bench.BenchmarkConfig(policy="unused", device="foo")
     assert bench.main(["--policy", "unused", "--out", str(tmp_path / "a-file")]) == 2
-    assert "hpo-bench: error: out=" in capsys.readouterr().err
+    assert "hpo-bench: error: --out '" in capsys.readouterr().err
     assert bench.main(["--policy", "no-such-policy", "--out", str(tmp_path / "out")]) == 2
     assert "'no-such-policy' is not a policy bundle directory, and no policy named" in capsys.readouterr().err
 

@@ -1262,7 +1262,10 @@ def _as_flag(message: str) -> str:
     """A config error in the command line's words: ``seeds must be...`` reads ``--seeds must be...``."""
     fields = {f.name for f in dataclasses.fields(BenchmarkConfig)}
     name = message.split(" ", 1)[0].split("=", 1)[0]
-    return f"--{name.replace('_', '-')}{message[len(name) :]}" if name in fields else message
+    if name not in fields:
+        return message
+    rest = message[len(name) :]
+    return f"--{name.replace('_', '-')}{' ' + rest[1:] if rest.startswith('=') else rest}"
 
 
 def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
