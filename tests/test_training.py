@@ -643,6 +643,9 @@ def test_a_smaller_keep_checkpoints_prunes_on_resume(tmp_path):
     assert len(list((run / "checkpoints").glob("step_*"))) == 2
     assert main(["--resume", str(run), "--keep-checkpoints", "1"]) == 0  # nothing left to train, still pruned
     assert [p.name for p in (run / "checkpoints").glob("step_*")] == [find_latest_checkpoint(run / "checkpoints").name]
+    # A budget below what the run has done trains nothing, and is not written over the run's own.
+    assert main(["--resume", str(run), "--total-timesteps", "64"]) == 0
+    assert json.loads((run / "settings.json").read_text())["total_timesteps"] == 128
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path):

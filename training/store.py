@@ -5,7 +5,15 @@ seed, code_version)``: the task (:attr:`hpo_env.TaskSpec.task_id`, which hashes 
 task), the schedule with its parameters (e.g. ``"cosine@lr=0.003"`` or ``"policy@<bundle hash>"``),
 the seed index, and the version of the code that produced it. Rows are written in transactions of
 whole batches, so an interrupted benchmark keeps every finished batch and loses at most the one in
-flight; reading back gives the same :class:`RunResult` that was written::
+flight; reading back gives the same :class:`RunResult` that was written.
+
+What the key leaves out: the batch a run was trained in. The trainer and the baselines give the same
+numbers in any batch, but a policy's float32 network may round its actions differently with another
+number of rows (a change of ``--chunk-size``, or a resumed benchmark whose last batch is smaller), so
+a policy run can differ in its last digits (a few 1e-7 relative in the runs checked) from the one a
+single uninterrupted benchmark would have stored. Two processes sharing one store each compute what
+is missing when they start (duplicated work, the last writer's row kept); give them separate stores
+or run them one after the other::
 
     >>> import tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "runs.sqlite")

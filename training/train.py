@@ -513,10 +513,14 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
         else:
             # --keep-checkpoints given smaller on resume applies now, not only at the next checkpoint.
             prune_checkpoints(run_dir / "checkpoints", settings.keep_checkpoints, protect=checkpoint)
-        # Keep what this session changed (e.g. a longer --total-timesteps) for the next --resume.
-        _write_settings(
-            run_dir, {**json.loads((run_dir / "settings.json").read_text()), **settings.to_dict(), "resume": None}
-        )
+        # Keep what this session changed (e.g. a longer --total-timesteps) for the next --resume; a
+        # --total-timesteps below what the run has done trains nothing and is not recorded.
+        saved = json.loads((run_dir / "settings.json").read_text())
+        changed = settings.to_dict()
+        done = int(read_checkpoint_state(checkpoint)["num_timesteps"]) if checkpoint is not None else 0
+        if settings.total_timesteps is not None and settings.total_timesteps < done:
+            changed["total_timesteps"] = saved.get("total_timesteps")
+        _write_settings(run_dir, {**saved, **changed, "resume": None})
     else:
         name = settings.run_name or f"{settings.algorithm}__{settings.preset}__{settings.seed}__{int(time.time())}"
         run_dir = Path(settings.logdir) / name
