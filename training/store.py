@@ -19,7 +19,7 @@ or run them one after the other::
     >>> path = os.path.join(tempfile.mkdtemp(), "runs.sqlite")
     >>> with ResultStore(path) as store:
     ...     key = RunKey("tabular/wine/abc", "constant@lr=0.01", 0, "v1")
-    ...     store.put_many([(key, RunResult(family="tabular", final_val_loss=0.5))])
+    ...     n = store.put_many([(key, RunResult(family="tabular", final_val_loss=0.5))])
     ...     store.get(key).final_val_loss
     0.5
 """
