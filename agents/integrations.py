@@ -298,10 +298,15 @@ def _hf_callback_class() -> type:
                 total = max(1, total - done)
             # The run's length in epochs, for a policy that observes it; given epochs= win.
             kwargs = {"epochs": _epochs_from_args(args, state, train_dataloader), **self.scheduler_kwargs}
-            if isinstance(self.policy, (str, os.PathLike)):
-                self.scheduler = PolicyScheduler.from_pretrained(self.policy, optimizer, total, **kwargs)
-            else:
-                self.scheduler = PolicyScheduler(optimizer, self.policy, total, **kwargs)
+            with warnings.catch_warnings():
+                if saved is not None and not resumed_without_state:
+                    # The resumed optimizer holds the policy's own rates (the state loaded below sets them
+                    # again), not those of another scheduler: no warning about them.
+                    warnings.filterwarnings("ignore", message="a torch LR scheduler")
+                if isinstance(self.policy, (str, os.PathLike)):
+                    self.scheduler = PolicyScheduler.from_pretrained(self.policy, optimizer, total, **kwargs)
+                else:
+                    self.scheduler = PolicyScheduler(optimizer, self.policy, total, **kwargs)
             if saved is not None and not resumed_without_state:
                 self.scheduler.load_state_dict(torch.load(saved, weights_only=True))
             elif resumed_without_state:
@@ -351,6 +356,9 @@ def _hf_callback_class() -> type:
                     stacklevel=2,
                 )
                 self.scheduler._warned_no_train_loss = True  # said here, more precisely than step() would
+            # The Trainer's own scheduler wrote its rate after the last optimiser step (on_step_begin undid
+            # it before every step, so the policy's values ran): put them back before the policy looks.
+            self.scheduler._write()
             self.scheduler.step(metrics[self.metric], train_loss=train_loss)
             metrics["policy_lr"] = self.scheduler.get_last_lr()[0]
 

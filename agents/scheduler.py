@@ -314,7 +314,13 @@ class PolicyScheduler:
                 spec = self.decoder.specs[j]
                 warnings.warn(
                     f"initial {name}={old:g} of param group {self._base_groups[j]} is outside the policy's bounds "
-                    f"[{spec.lower:g}, {spec.upper:g}]; clipped to {new:g}, as in meta-training",
+                    f"[{spec.lower:g}, {spec.upper:g}]; clipped to {new:g}, as in meta-training (to choose the start "
+                    f"yourself, and silence this, create the optimizer with a {name} inside the bounds"
+                    + (
+                        ", e.g. weight_decay=1e-4 or TrainingArguments(weight_decay=1e-4))"
+                        if name == "weight_decay"
+                        else ")"
+                    ),
                     stacklevel=_user_stacklevel(),
                 )
         # Ratios to the clipped base: every group starts from its own value (a clipped base does not drag

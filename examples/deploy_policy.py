@@ -21,7 +21,7 @@ five lines (marked ``# <--`` below)::
         val_loss = evaluate()                                                                  # <--
         scheduler.step(val_loss, train_loss=mean_train_loss)                                   # <--
 
-Run from the repository root (about a minute or two on 2 CPU cores)::
+Run from the repository root (2-3 minutes on 2 CPU cores)::
 
     python examples/deploy_policy.py                       # both problems, 3 seeds
     python examples/deploy_policy.py --problems digits --seeds 1 --out runs/examples
@@ -261,6 +261,8 @@ def table(runs: list[Run]) -> str:
             rs = [r for r in runs if r.problem == problem and r.schedule == schedule]
 
             def stat(values: list[float], fmt: str = ".4f") -> str:
+                if len(values) == 1:  # one seed: no spread to show
+                    return f"{values[0]:{fmt}}"
                 return f"{np.mean(values):{fmt}} ± {np.std(values):{fmt}}"
 
             wins = (

@@ -900,7 +900,11 @@ def test_hf_trainer_end_to_end(tmp_path):
     callback = hf_trainer_callback("default")
     seen_lrs = []
     trainer = _hf_trainer(transformers, args, data, callback, _lr_spy(transformers, seen_lrs))
-    trainer.train()
+    with warnings.catch_warnings():
+        # The Trainer's own scheduler writes its rate after every step, which the callback undoes: not
+        # the "something else writes the hyperparameters" of a second scheduler the user added.
+        warnings.filterwarnings("error", message=".*something else.*writes the hyperparameters")
+        trainer.train()
     sched = callback.scheduler
     assert sched.total_steps == 4 and sched.last_step == 4
     # Every optimiser step ran with the policy's learning rate of its interval, not the linear decay.
@@ -952,7 +956,9 @@ def test_hf_trainer_resumes_the_policy_from_its_checkpoint(tmp_path, default_bun
     full, _ = train()
     checkpoint = tmp_path / "run" / "checkpoint-10"
     assert (checkpoint / HF_SCHEDULER_FILE).is_file()
-    resumed, callback = train(str(checkpoint))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="a torch LR scheduler")  # the resumed rates are the policy's
+        resumed, callback = train(str(checkpoint))
     assert callback.scheduler.total_steps == 4 and callback.scheduler.last_step == 4
     assert resumed == pytest.approx(full[10:], rel=1e-6)
     assert len(set(full)) > 2  # the policy did move the learning rate
