@@ -257,6 +257,11 @@ class MetaAgentConfig:
                 f"MetaAgentConfig.learning_rate_end must lie in [0, learning_rate = {self.learning_rate}] (a decay), "
                 f"got {self.learning_rate_end!r}; use None for a constant learning rate"
             )
+        if not -5 <= self.log_std_init <= 1:
+            raise ValueError(
+                f"MetaAgentConfig.log_std_init must lie in [-5, 1] (an exploration noise of exp(value), 0.007-2.7 in a "
+                f"[-1, 1] action), got {self.log_std_init!r}"
+            )
         if not 0 < self.gamma <= 1 or not 0 < self.gae_lambda <= 1:
             raise ValueError(f"gamma and gae_lambda must lie in (0, 1], got {self.gamma} and {self.gae_lambda}")
         object.__setattr__(self, "net_arch", tuple(int(w) for w in self.net_arch))

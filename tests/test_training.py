@@ -691,6 +691,17 @@ def test_gamma_and_gae_lambda_reach_the_agent_and_the_cli():
         parse_settings(["--gae-lambda", "0"]).agent_config()
 
 
+def test_log_std_init_reaches_the_agent_and_is_checked():
+    argv = ["--log-std-init", "-1.0", "--task-distribution", "toy", "--n-envs", "2"]
+    config = parse_settings(argv).agent_config()
+    assert config.log_std_init == -1.0 and parse_settings([]).agent_config().log_std_init == -0.5
+    model = make_meta_agent(make_meta_env(config, seed=0), config, seed=0, device="cpu")
+    np.testing.assert_allclose(model.policy.log_std.detach().numpy(), -1.0)
+    for bad in ("nan", "2"):
+        with pytest.raises(ValueError, match="log_std_init must lie in"):
+            parse_settings(["--log-std-init", bad]).agent_config()
+
+
 def test_one_seed_makes_one_policy(tiny_meta_training):
     """Meta-training is reproducible on one code version: the same command gives the same weights and
     normalisation statistics, and another seed does not."""

@@ -189,6 +189,8 @@ class TrainSettings:
     """LSTM units of the recurrent policy (default: the preset's)."""
     frame_stack: int | None = None
     """Observations stacked for the framestack control (default: the preset's)."""
+    log_std_init: float | None = None
+    """Initial log standard deviation of the agent's Gaussian actions, its exploration noise in meta-training (default: the preset's, -0.5: about 0.6 in a [-1, 1] action; deployment uses the mean action)."""
     threads: int = 1
     """torch CPU threads. One is fastest here: the agent's and the inner models' tensors are small."""
     progress_bar: bool = True
@@ -288,6 +290,7 @@ class TrainSettings:
             n_epochs=self.n_epochs,
             lstm_hidden_size=self.lstm_hidden_size,
             frame_stack=self.frame_stack,
+            log_std_init=self.log_std_init,
         )
         # 0 turns a preset's cap off (None means "the preset's", so it cannot)
         return dataclasses.replace(config, lr_max_rise=None) if self.lr_max_rise == 0 else config
