@@ -36,12 +36,14 @@ from training.rollout import EpisodeRecord
 from training.train import (
     BUDGETS,
     RESUMABLE_OVERRIDES,
+    RunFolderError,
     TrainSettings,
     _field_docs,
     load_checkpoint_agent,
     main,
     parse_settings,
     segment_env_seed,
+    train,
 )
 
 # A toy run: 4 slots x 16 decisions = 64 timesteps per rollout; toy episodes are 9 decisions long.
@@ -645,6 +647,12 @@ def test_a_smaller_keep_checkpoints_prunes_on_resume(tmp_path):
     assert [p.name for p in (run / "checkpoints").glob("step_*")] == [find_latest_checkpoint(run / "checkpoints").name]
     # A budget below what the run has done trains nothing, and is not written over the run's own.
     assert main(["--resume", str(run), "--total-timesteps", "64"]) == 0
+    assert json.loads((run / "settings.json").read_text())["total_timesteps"] == 128
+    # A checkpoint damaged after it was written: a clear error before anything is changed, not a traceback.
+    latest = find_latest_checkpoint(run / "checkpoints")
+    (latest / "state.json").write_text("{broken")
+    with pytest.raises(RunFolderError, match="cannot resume from .*damaged afterwards"):
+        train(parse_settings(["--resume", str(run), "--total-timesteps", "256"]))
     assert json.loads((run / "settings.json").read_text())["total_timesteps"] == 128
 
 

@@ -520,7 +520,12 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
         # --total-timesteps below what the run has done trains nothing and is not recorded.
         saved = json.loads((run_dir / "settings.json").read_text())
         changed = settings.to_dict()
-        done = int(read_checkpoint_state(checkpoint)["num_timesteps"]) if checkpoint is not None else 0
+        if checkpoint is not None:
+            try:
+                state = read_checkpoint_state(checkpoint)
+            except ValueError as err:
+                raise _damaged_checkpoint(checkpoint, err) from err
+        done = int(state["num_timesteps"]) if checkpoint is not None else 0
         if settings.total_timesteps is not None and settings.total_timesteps < done:
             changed["total_timesteps"] = saved.get("total_timesteps")
         _write_settings(run_dir, {**saved, **changed, "resume": None})
@@ -541,20 +546,15 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
         _write_settings(run_dir, {**settings.to_dict(), "run_name": name, "resume": None})
 
     # -- environment and agent ------------------------------------------------------------------
-    state: dict[str, Any] = {}
-    if checkpoint is not None:
+    if checkpoint is not None:  # its state was read above
         try:
-            state = read_checkpoint_state(checkpoint)
             config = _run_config(state, config)
             env_seed = segment_env_seed(settings.seed, int(state["num_timesteps"]))
             env, model = load_checkpoint_agent(checkpoint, config, env_seed, settings)
         except (ValueError, KeyError, EOFError, OSError, zipfile.BadZipFile) as err:
-            raise RunFolderError(
-                f"cannot resume from {str(checkpoint)!r}: {err}. Checkpoints are written atomically, so this one "
-                "was damaged afterwards (disk, copy); move that folder out of checkpoints/ to resume from the "
-                "one before it"
-            ) from err
+            raise _damaged_checkpoint(checkpoint, err) from err
     else:
+        state = {}
         env_seed = settings.seed
         env = make_meta_env(config, seed=env_seed, device=settings.env_device)
         model = make_meta_agent(env, config, seed=settings.seed, device=settings.device)
@@ -828,6 +828,14 @@ def load_checkpoint_agent(checkpoint: Path, config: Any, env_seed: int, settings
             f"checkpoint {checkpoint} is inconsistent: model at {model.num_timesteps} timesteps, state at {done}"
         )
     return env, model
+
+
+def _damaged_checkpoint(checkpoint: Path, err: BaseException) -> RunFolderError:
+    return RunFolderError(
+        f"cannot resume from {str(checkpoint)!r}: {err}. Checkpoints are written atomically, so this one "
+        "was damaged afterwards (disk, copy); move that folder out of checkpoints/ to resume from the "
+        "one before it"
+    )
 
 
 def _as_flags(message: str) -> str:
