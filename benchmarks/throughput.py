@@ -335,6 +335,7 @@ def measure_ppo(cfg: PPOConfig, seed: int, rollouts: int = 1) -> PPOResult:
     """RecurrentPPO over VecNormalize(HPOVecEnv) on the default distribution; time shares per part."""
     from sb3_contrib import RecurrentPPO
     from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.logger import Logger
     from stable_baselines3.common.vec_env import VecEnvWrapper, VecNormalize
 
     torch.set_num_threads(cfg.threads)
@@ -379,6 +380,7 @@ def measure_ppo(cfg: PPOConfig, seed: int, rollouts: int = 1) -> PPOResult:
         device=cfg.policy_device,
         policy_kwargs={"lstm_hidden_size": cfg.lstm},
     )
+    model.set_logger(Logger(folder=None, output_formats=[]))  # no /tmp/SB3-<date> folder per run
     total = cfg.n_envs * cfg.n_steps * rollouts
     timer = RolloutTimer()
     start = time.perf_counter()

@@ -7,6 +7,13 @@ import os
 # slower on a busy 2-core box. Set before torch is imported, so subprocesses (hpo-train) inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import tempfile  # noqa: E402
+
+# SB3's model.learn() without a logger makes an empty /tmp/SB3-<date> folder per call; keep the ones
+# the tests make in a single folder that goes away with the session.
+_SB3_LOGDIR = tempfile.TemporaryDirectory(prefix="hpo-meta-tests-sb3-")
+os.environ.setdefault("SB3_LOGDIR", _SB3_LOGDIR.name)
+
 import importlib.util  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -15,7 +22,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from hpo_env import BatchedTrainer, TaskSpec
+from hpo_env import BatchedTrainer, TaskSpec  # noqa: E402
 
 
 @pytest.fixture
