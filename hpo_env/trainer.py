@@ -637,7 +637,11 @@ class BatchedTrainer:
             if fused and (optimizer != "sgd" or flat.shape[1] >= _FUSED_SGD_MIN_PARAMS):
                 parts.append(_fused_rows(optimizer, flat[a:b], grad[a:b], g, a, b, hp_rows[a:b]))
             elif optimizer == "sgd":
-                parts.append(_sgd_update(flat[a:b], grad[a:b], g.opt_flat[0][a:b], lr[a:b], wd[a:b], mom[a:b]))
+                parts.append(
+                    _sgd_update(
+                        flat[a:b], grad[a:b], g.opt_flat[0][a:b], lr[a:b], wd[a:b], mom[a:b], hp_rows[a:b, 2] == 0
+                    )
+                )
             else:
                 parts.append(
                     _adamw_update(
@@ -683,10 +687,9 @@ def _fused_rows(optimizer: str, p: torch.Tensor, grad: torch.Tensor, g: _Group, 
                     torch._fused_sgd_(
                         *tensors, **hparams, dampening=0.0, nesterov=False, maximize=False, is_first_step=False
                     )
-                else:  # the fused kernel takes no buffer without momentum; keep it as _sgd_update does
-                    (param,), (grad_row,), (buf,) = tensors
-                    buf.copy_(grad_row.add_(param, alpha=hparams["weight_decay"]))
-                    param.add_(buf, alpha=-hparams["lr"])
+                else:  # torch.optim.SGD leaves the buffer alone without momentum; so does _sgd_update
+                    (param,), (grad_row,), _ = tensors
+                    param.add_(grad_row.add_(param, alpha=hparams["weight_decay"]), alpha=-hparams["lr"])
 
         return sgd
     steps = g.steps[a:b]
@@ -706,15 +709,28 @@ def _fused_rows(optimizer: str, p: torch.Tensor, grad: torch.Tensor, g: _Group, 
     return adamw
 
 
-def _sgd_update(p_s, g_s, buf, lr_s, wd_s, mom_s):
-    """torch.optim.SGD's step (momentum, dampening 0, coupled weight decay) on rows of a stack."""
+def _sgd_update(p_s, g_s, buf, lr_s, wd_s, mom_s, no_momentum: np.ndarray):
+    """torch.optim.SGD's step (momentum, dampening 0, coupled weight decay) on rows of a stack.
+
+    Rows whose momentum is 0 (host flags ``no_momentum``) step with the gradient and leave their buffer
+    as it is, as torch.optim.SGD does: should momentum rise again, the old buffer is what it resumes.
+    """
 
     def sgd() -> None:
         g_s.addcmul_(p_s, wd_s)
         buf.mul_(mom_s).add_(g_s)
         p_s.addcmul_(buf, lr_s, value=-1.0)
 
-    return sgd
+    if not no_momentum.any():
+        return sgd
+    keep = torch.as_tensor(no_momentum, device=buf.device).unsqueeze(1)
+
+    def sgd_some_without_momentum() -> None:
+        g_s.addcmul_(p_s, wd_s)
+        buf.copy_(torch.where(keep, buf, buf * mom_s + g_s))
+        p_s.addcmul_(torch.where(keep, g_s, buf), lr_s, value=-1.0)
+
+    return sgd_some_without_momentum
 
 
 def _adamw_update(p_a, g_a, exp_avg, exp_avg_sq, steps, lr_a, wd_a, beta1):

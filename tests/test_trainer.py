@@ -37,6 +37,30 @@ def test_matches_torch_optim(small_mlp_spec, optimizer, hidden, torch_replica):
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("hidden", [(16, 8), (128, 64)], ids=["small", "large"])  # large: fused SGD kernel
+def test_sgd_momentum_down_to_zero_and_back_matches_torch_optim(small_mlp_spec, hidden, torch_replica):
+    """Without momentum torch.optim.SGD leaves its buffer alone; when momentum returns, so does the old buffer."""
+    spec = small_mlp_spec.replace(optimizer="sgd", activation="tanh", hidden=hidden, lr=0.05, momentum=0.9)
+    trainer = BatchedTrainer(2)  # slot 1 keeps momentum: a stack with rows of both kinds
+    trainer.load(0, spec)
+    trainer.load(1, spec.replace(seed=7))
+    model, opt, data, gen = torch_replica(spec)
+    for momentum in (0.9, 0.0, 0.0, 0.5):
+        trainer.set_hparams(0, np.array([spec.lr, spec.weight_decay, momentum]))
+        trainer.train_chunk([0, 1], steps=spec.steps_per_action)
+        opt.param_groups[0]["momentum"] = momentum
+        idx = torch.randint(len(data.x_train), (spec.steps_per_action, spec.batch_size), generator=gen)
+        for k in range(spec.steps_per_action):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(data.x_train[idx[k]]), data.y_train[idx[k]]).backward()
+            opt.step()
+    ours = torch.cat([p.reshape(-1) for p in trainer.parameters(0)])
+    reference = torch.cat(
+        [torch.cat([lin.weight.T.reshape(-1), lin.bias]) for lin in model if isinstance(lin, torch.nn.Linear)]
+    )
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+
+
 def _padded_group(small_mlp_spec):
     """Tasks of one stack key that differ in width, input features and classes (so padding is used)."""
     return [

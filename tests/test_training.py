@@ -727,6 +727,16 @@ def test_one_seed_makes_one_policy(tiny_meta_training):
     assert not all(np.array_equal(first[k], other[k]) for k in first)
 
 
+def test_training_in_process_gives_back_the_callers_thread_count(tiny_meta_training):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tiny_meta_training("--threads", "1")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_reference_reward_trains_on_the_gain_over_the_default_lr_twin():
     config = get_preset("quick", task_distribution="toy", n_envs=2, reference_reward=True)
     assert parse_settings(["--reference-reward"]).agent_config().reference_reward

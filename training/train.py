@@ -461,7 +461,23 @@ class TrainResult:
 
 
 def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
-    """Run (or resume) meta-training as described by ``settings``; see the module docstring."""
+    """Run (or resume) meta-training as described by ``settings``; see the module docstring.
+
+    Torch runs on ``settings.threads`` threads meanwhile; the caller's thread count is restored after.
+    """
+    import torch
+
+    # Small tensors everywhere (a 64-unit LSTM, inner models of a few thousand weights): extra
+    # threads cost more in synchronisation than they save.
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        return _train(settings, command)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(settings: TrainSettings, command: str | None) -> TrainResult:
     import torch
     from stable_baselines3.common.callbacks import CallbackList
     from stable_baselines3.common.logger import CSVOutputFormat, Logger
@@ -482,9 +498,6 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
     )
 
     t_start = time.perf_counter()
-    # Small tensors everywhere (a 64-unit LSTM, inner models of a few thousand weights): extra
-    # threads cost more in synchronisation than they save. Set here, in the script, never in a library.
-    torch.set_num_threads(settings.threads)
     command = command or shlex.join(["hpo-train", *sys.argv[1:]])
     try:
         config = settings.agent_config()
