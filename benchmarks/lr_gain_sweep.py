@@ -50,6 +50,7 @@ from training.benchmark import (
 from training.benchmark import build_parser as bench_parser
 from training.stats import as_losses, geomean_ratio, loss_ratios, paired_comparison
 from training.store import ResultStore, RunKey
+from training.threads import torch_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,7 +177,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         make_tasks(config)  # unknown families and bad budgets fail here, before any training
     except ValueError as err:
         parser.error(str(err))
-    raw = sweep(config, gains)
+    with torch_threads(config.threads):
+        raw = sweep(config, gains)
     rows = summarise(raw, seed=config.seed, n_boot=config.bootstrap)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from training.stats import (
     win_rate,
 )
 from training.store import ResultStore, RunKey, RunResult
+from training.threads import torch_threads
 
 DECODER = ActionDecoder(("lr", "weight_decay"))
 
@@ -147,9 +148,12 @@ def test_oracle_picks_the_fewest_divergences_then_the_lowest_mean_log_loss():
     assert bench._best_rate(np.array([[inf, inf], [inf, inf]])) == 0
 
 
-def test_code_version_names_the_code_torch_and_device():
-    cpu, cuda = bench.default_code_version("cpu"), bench.default_code_version("cuda:0")
-    assert cpu != cuda and cpu.endswith(", cpu") and cuda.endswith(", cuda")
+def test_code_version_names_the_code_torch_device_and_cpu_threads():
+    cpu, cuda = bench.default_code_version("cpu", threads=1), bench.default_code_version("cuda:0", threads=1)
+    assert cpu != cuda and cpu.endswith(", cpu, 1 thread") and cuda.endswith(", cuda")
+    assert bench.default_code_version("cpu", threads=2).endswith(", cpu, 2 threads")
+    with torch_threads(2):  # by default, the count in use
+        assert bench.default_code_version("cpu") == bench.default_code_version("cpu", threads=2)
     assert f"torch {torch.__version__}" in cpu and f"code {bench.run_code_hash()}" in cpu
     assert len(bench.run_code_hash()) == 12 and bench.run_code_hash() == bench.run_code_hash()
 
@@ -286,8 +290,10 @@ def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_pat
         stored_after_interrupt = len(store)
     assert stored_after_interrupt == 4 + 4  # the policy's and the random policy's batches
 
-    # Resuming computes only what is missing.
-    result = bench.run_benchmark(config)
+    # Resuming computes only what is missing, on the config's one thread, whatever the caller's count.
+    with torch_threads(2):
+        result = bench.run_benchmark(config)
+        assert torch.get_num_threads() == 2
     # 2 tasks x 2 seeds x (policy, 2 defaults, fixed rule, 2x2 grid, 4 schedules, HD, random, replay,
     # replay per task); on a 2-point grid no rate coincides with the default, so every key is distinct.
     total = 2 * 2 * (1 + 3 + 4 + 4 + 1 + 1 + 1 + 1)
@@ -295,6 +301,7 @@ def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_pat
     with ResultStore(config.store_path) as store:
         assert len(store) == total
         schedules = {k.schedule for k in store.keys()}
+        assert {k.code_version for k in store.keys()} == {bench.default_code_version("cpu", threads=1)}
     assert any(s.startswith("policy@") for s in schedules) and any(s.startswith("replay@") for s in schedules)
     # One per-task replay schedule per task, from that task's policy runs.
     assert len({s for s in schedules if s.startswith("replay_task@")}) == 2

@@ -79,6 +79,7 @@ from training.hypergradient import DEFAULT_HYPERGRADIENT_LR, run_hypergradient
 from training.rollout import EpisodeRecord, run_episodes
 from training.stats import beats_all_rate, divergence_rate, headroom, lr_level, paired_comparison
 from training.store import ResultStore, RunKey, RunResult
+from training.threads import torch_threads
 
 __all__ = ["BENCHMARK_VERSION", "BenchmarkConfig", "main", "run_benchmark"]
 
@@ -120,6 +121,9 @@ class BenchmarkConfig:
     """Runs trained together in one batched call (and written to the store together)."""
     device: str = "cpu"
     """Torch device of the inner models."""
+    threads: int | None = 1
+    """Torch CPU threads while it runs (None: the caller's count); part of the stored runs' code version
+    on CPU, where convolutions round differently with another count."""
     hd_beta_sgd: float = DEFAULT_HYPERGRADIENT_LR["sgd"]
     """Hypergradient learning rate of SGD-HD."""
     hd_beta_adamw: float = DEFAULT_HYPERGRADIENT_LR["adamw"]
@@ -158,6 +162,10 @@ class BenchmarkConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.threads is not None and (
+            not isinstance(self.threads, (int, np.integer)) or isinstance(self.threads, bool) or self.threads < 1
+        ):
+            raise ValueError(f"threads must be a positive integer or None, got {self.threads!r}")
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise ValueError(f"out={str(self.out)!r} is a file; the benchmark writes a folder (report, JSON, plots)")
         check_device(self.device)
@@ -187,20 +195,26 @@ def run_code_hash() -> str:
     return digest.hexdigest()[:12]
 
 
-def default_code_version(device: str = "cpu") -> str:
+def default_code_version(device: str = "cpu", threads: int | None = None) -> str:
     """The label stored runs carry, so that a run is reused only where it would be computed the same way.
 
     It names the package, feature-set and protocol versions, a hash of the code that defines an inner
     run (:func:`run_code_hash`: any edit to the trainer, the environment or a baseline makes every
-    stored run stale), the torch version and the device type (their kernels round differently).
+    stored run stale), the torch version and the device type (their kernels round differently), and on
+    CPU the torch thread count (``threads``; None: the current one), since a CNN's convolutions sum in
+    another order with another count.
     """
     import torch
 
     kind = torch.device(device).type
-    return (
+    label = (
         f"hpo-meta {HPO_VERSION}, features {FEATURE_SET_VERSION}, benchmark {BENCHMARK_VERSION}, "
         f"code {run_code_hash()}, torch {torch.__version__}, {kind}"
     )
+    if kind == "cpu":
+        n = torch.get_num_threads() if threads is None else threads
+        label += f", {n} thread{'s' if n != 1 else ''}"
+    return label
 
 
 #: Config entries that describe a bundle rather than define its behaviour (prose, and benchmark results
@@ -528,6 +542,11 @@ def run_benchmark(config: BenchmarkConfig, policy: Any = None, policy_hash: str 
         agents.BundleError: the policy bundle is missing or invalid.
         ValueError: inconsistent settings.
     """
+    with torch_threads(config.threads):
+        return _run_benchmark(config, policy, policy_hash)
+
+
+def _run_benchmark(config: BenchmarkConfig, policy: Any, policy_hash: str | None) -> BenchmarkResult:
     started = time.perf_counter()
     if policy is None:
         bundle = load_bundle(config.policy, device=config.device)
@@ -1222,6 +1241,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=None, help="SQLite results store (default: OUT/results.sqlite)")
     p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="runs trained together in one batch")
     p.add_argument("--device", default=d.device, help="torch device of the inner models")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=d.threads,
+        help="torch CPU threads (one is fastest for these small models; stored runs are kept per count)",
+    )
     p.add_argument("--hd-beta-sgd", type=float, default=d.hd_beta_sgd, help="SGD-HD hypergradient learning rate")
     p.add_argument("--hd-beta-adamw", type=float, default=d.hd_beta_adamw, help="Adam-HD hypergradient learning rate")
     p.add_argument("--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples")
@@ -1287,6 +1312,7 @@ def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
         store=args.store,
         chunk_size=args.chunk_size,
         device=args.device,
+        threads=args.threads,
         hd_beta_sgd=args.hd_beta_sgd,
         hd_beta_adamw=args.hd_beta_adamw,
         bootstrap=args.bootstrap,

@@ -7,21 +7,23 @@ the seed index, and the version of the code that produced it. Rows are written i
 whole batches, so an interrupted benchmark keeps every finished batch and loses at most the one in
 flight; reading back gives the same :class:`RunResult` that was written.
 
-What the key leaves out: the batch a run was trained in. The trainer and the baselines give the same
-numbers in any batch, but a policy's float32 network may round its actions differently with another
-number of rows (a change of ``--chunk-size``, or a resumed benchmark whose last batch is smaller), so
-a policy run can differ in its last digits (a few 1e-7 relative in the runs checked) from the one a
-single uninterrupted benchmark would have stored. Two processes sharing one store each compute what
+What the key leaves out: the batch a run was trained in. A run's numbers depend on its batch only
+through float rounding: tasks sharing a stack are padded to its widest member, which changes the
+order of some sums, and a policy's float32 network may round its actions differently with another
+number of rows. So a run computed in another batch (a change of ``--chunk-size``, or a resumed
+benchmark whose last batch is smaller) can differ in its last digits (up to about 2e-7 relative in
+the final losses checked) from the one a single uninterrupted benchmark would have stored. Two processes sharing one store each compute what
 is missing when they start (duplicated work, the last writer's row kept); give them separate stores
 or run them one after the other::
 
     >>> import tempfile, os
-    >>> path = os.path.join(tempfile.mkdtemp(), "runs.sqlite")
-    >>> with ResultStore(path) as store:
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> with ResultStore(os.path.join(folder.name, "runs.sqlite")) as store:
     ...     key = RunKey("tabular/wine/abc", "constant@lr=0.01", 0, "v1")
     ...     n = store.put_many([(key, RunResult(family="tabular", final_val_loss=0.5))])
     ...     store.get(key).final_val_loss
     0.5
+    >>> folder.cleanup()
 """
 
 from __future__ import annotations

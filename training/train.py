@@ -465,16 +465,12 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
 
     Torch runs on ``settings.threads`` threads meanwhile; the caller's thread count is restored after.
     """
-    import torch
+    from training.threads import torch_threads
 
     # Small tensors everywhere (a 64-unit LSTM, inner models of a few thousand weights): extra
     # threads cost more in synchronisation than they save.
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
-    try:
+    with torch_threads(settings.threads):
         return _train(settings, command)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _train(settings: TrainSettings, command: str | None) -> TrainResult:
