@@ -380,7 +380,7 @@ def hf_trainer_callback(
         total_steps: number of evaluations in the run; default: derived from ``TrainingArguments``
             (``max_steps // eval_steps``, or the number of epochs with ``eval_strategy="epoch"``).
         metric: the evaluation metric shown to the policy as the validation loss.
-        **scheduler_kwargs: ``deterministic``, ``writer``, ``adaptive``, ``epochs``, ``lr_max_rise`` for :class:`PolicyScheduler`
+        **scheduler_kwargs: ``deterministic``, ``seed``, ``writer``, ``adaptive``, ``epochs``, ``lr_max_rise`` for :class:`PolicyScheduler`
             (``epochs`` defaults to the Trainer's optimiser steps times its gradient accumulation over
             the batches per epoch of its training dataloader; pass it for a dataset without a length).
 

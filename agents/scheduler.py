@@ -11,6 +11,7 @@ trajectory through both and checks that they agree bit for bit.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -192,6 +193,9 @@ class PolicyScheduler:
             method on raw observations.
         total_steps: number of ``step()`` calls (decision intervals) in the whole run, >= 1.
         deterministic: use the policy's mean action (True) or sample from it.
+        seed: seed of the sampled actions (``deterministic=False``; None: fresh entropy). They come
+            from the scheduler's own generator, saved in :meth:`state_dict`, never from torch's
+            global one, so sampling neither shifts the training loop's random draws nor depends on them.
         writer: optional ``torch.utils.tensorboard.SummaryWriter``; logs ``scheduler/<hparam>``
             (the base group's value for the next interval), ``scheduler/val_loss``, ``scheduler/train_loss``,
             ``scheduler/action_<hparam>`` and ``scheduler/diverged``, at global step ``t``.
@@ -240,6 +244,7 @@ class PolicyScheduler:
         total_steps: int,
         *,
         deterministic: bool = True,
+        seed: int | None = None,
         writer: Any = None,
         adaptive: bool | None = None,
         epochs: float | None = None,
@@ -275,6 +280,9 @@ class PolicyScheduler:
         self.decoder: ActionDecoder = decoder
         self.total_steps = int(total_steps)
         self.deterministic = bool(deterministic)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise ValueError(f"seed must be an integer >= 0 or None, got {seed!r}")
+        self._sampler = np.random.default_rng(seed)
         self.writer = writer
         if adaptive is None:  # look through wrappers such as accelerate's AcceleratedOptimizer
             adaptive = not isinstance(getattr(optimizer, "optimizer", optimizer), torch.optim.SGD)
@@ -635,7 +643,7 @@ class PolicyScheduler:
                 (``"default"``).
             optimizer, total_steps: as for :class:`PolicyScheduler`.
             device: torch device of the policy network.
-            **kwargs: ``deterministic``, ``writer``, ``adaptive``, ``epochs``, ``lr_max_rise``.
+            **kwargs: ``deterministic``, ``seed``, ``writer``, ``adaptive``, ``epochs``, ``lr_max_rise``.
 
         Raises:
             agents.BundleError: the bundle is missing, corrupted or incompatible (a ``ValueError``).
@@ -745,12 +753,7 @@ class PolicyScheduler:
                 )
             self._last_obs = obs[0]
             if t < self.total_steps:  # the last observation has no interval left to act on
-                raw, self._policy_state = self.bundle.predict(
-                    obs,
-                    state=self._policy_state,
-                    episode_start=np.array([self._episode_start]),
-                    deterministic=self.deterministic,
-                )
+                raw, self._policy_state = self._predict(obs)
                 self._episode_start = False
                 action = np.asarray(raw, dtype=np.float64).reshape(k)
         if action is not None:
@@ -780,13 +783,23 @@ class PolicyScheduler:
         """Every controlled hyperparameter as last set, one value per param group: ``{"lr": [...], ...}``."""
         return {name: [float(v) for v in self._last_values[:, j]] for j, name in enumerate(self.decoder.names)}
 
+    def _predict(self, obs: np.ndarray) -> tuple[np.ndarray, Any]:
+        """The policy's action; a sampled one draws from this scheduler's generator only."""
+        starts = np.array([self._episode_start])
+        if self.deterministic:
+            return self.bundle.predict(obs, state=self._policy_state, episode_start=starts, deterministic=True)
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(self._sampler.integers(2**63)))
+            return self.bundle.predict(obs, state=self._policy_state, episode_start=starts, deterministic=False)
+
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume, except the optimiser and the policy (torch schedulers' convention).
 
         Arrays are stored as tensors, so ``torch.save``/``torch.load(weights_only=True)`` round-trip it.
-        A resumed run repeats the uninterrupted one exactly with ``deterministic=True``; sampled
-        actions (``deterministic=False``) draw from torch's global generator, which is not saved here.
+        A resumed run repeats the uninterrupted one exactly, sampled actions (``deterministic=False``)
+        included: their generator's state is saved here.
         """
         feats = {k: torch.from_numpy(v.copy()) for k, v in self.features.state_dict().items()}
         return {
@@ -798,6 +811,7 @@ class PolicyScheduler:
             "episode_start": self._episode_start,
             "adaptive": self.adaptive,
             "deterministic": self.deterministic,
+            "sampler": json.dumps(self._sampler.bit_generator.state),
             "base": torch.from_numpy(self._base.copy()),
             "initial_base": torch.from_numpy(self._initial_base.copy()),
             "ratios": torch.from_numpy(self._ratios.copy()),
@@ -898,6 +912,8 @@ class PolicyScheduler:
         self._episode_start = bool(state_dict.get("episode_start", self._t == 0))
         self.adaptive = bool(state_dict.get("adaptive", self.adaptive))
         self.deterministic = bool(state_dict.get("deterministic", self.deterministic))
+        if "sampler" in state_dict:
+            self._sampler.bit_generator.state = json.loads(state_dict["sampler"])
         self._base = _as_numpy(state_dict["base"], np.float64)
         self._initial_base = _as_numpy(state_dict.get("initial_base", self._base), np.float64)
         self._ratios = ratios.copy()

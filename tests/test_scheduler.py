@@ -149,6 +149,44 @@ def test_state_dict_round_trip_mid_run_gives_identical_subsequent_hyperparameter
     assert forgetful != expected
 
 
+def test_sampled_actions_follow_the_schedulers_seed_resume_exactly_and_leave_torchs_generator(default_bundle):
+    total, cut = 12, 5
+    losses = _losses(total)
+
+    def schedule(seed, deterministic=False, state=None, start=0):
+        sched = PolicyScheduler(
+            _optimizer("sgd", 0.05, 1e-4, 0.9),
+            default_bundle,
+            total_steps=total,
+            epochs=total,
+            deterministic=deterministic,
+            seed=seed,
+        )
+        if state is not None:
+            sched.load_state_dict(state)
+        lrs, before = [], torch.get_rng_state()
+        for val, train in losses[start:]:
+            sched.step(val, train)
+            lrs.append(sched.get_last_lr()[0])
+            if sched.last_step == cut:
+                buffer = io.BytesIO()
+                torch.save(sched.state_dict(), buffer)
+                buffer.seek(0)
+                schedule.checkpoint = torch.load(buffer, weights_only=True)
+        assert torch.equal(torch.get_rng_state(), before)  # the training loop's own draws are not shifted
+        return lrs
+
+    torch.manual_seed(123)
+    first = schedule(seed=1)
+    checkpoint = schedule.checkpoint
+    torch.manual_seed(999)  # nor do they shift the policy's
+    assert schedule(seed=1) == first
+    assert schedule(seed=2) != first and schedule(seed=1, deterministic=True) != first
+    assert schedule(seed=7, state=checkpoint, start=cut) == first[cut:]  # the saved generator wins
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        PolicyScheduler(_optimizer("sgd", 0.05, 1e-4, 0.9), default_bundle, total_steps=total, epochs=total, seed=-1)
+
+
 def test_load_state_dict_rejects_other_policy_or_groups(default_bundle):
     sched = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), default_bundle, total_steps=4, epochs=4)
     state = sched.state_dict()
