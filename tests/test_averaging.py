@@ -90,6 +90,8 @@ def test_average_run_refuses_runs_it_cannot_average(tiny_meta_training):
         average_run(result.run_dir)
     with pytest.raises(ValueError, match="keep-checkpoints 0"):
         average_run(result.run_dir, last=3)
+    with pytest.raises(ValueError, match="pruned its older ones .* pass --last 2"):  # not silently 2 of 3
+        average_run(result.run_dir, from_timesteps=32)
     # the frame-stacked control averages like the recurrent policy
     averaged = load_bundle(average_run(result.run_dir, last=2))
     assert averaged.frame_stack == load_bundle(result.bundle_path).frame_stack > 1

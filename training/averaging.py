@@ -141,6 +141,13 @@ def average_run(
         )
     # Both selections end with the last checkpoint, which must be the final bundle's policy.
     chosen = checkpoints[-last:] if last is not None else [c for c in checkpoints if c[0] >= from_timesteps]
+    if last is None and checkpoints[0][0] > from_timesteps and not _kept_every_checkpoint(run_dir):
+        kept = ", ".join(f"{t:,}" for t, _ in checkpoints)
+        raise ValueError(
+            f"asked for the checkpoints from {from_timesteps:,} timesteps on, but the run pruned its older ones "
+            f"(it kept {kept} only), so the average would not be of the window asked for: pass --last "
+            f"{len(checkpoints)} to average what is kept, or train with --keep-checkpoints 0 to keep them all"
+        )
     if len(chosen) < 2 or (last is not None and len(chosen) < last):
         kept = ", ".join(f"{t:,}" for t, _ in checkpoints)
         wanted = (

@@ -176,7 +176,7 @@ class TrainSettings:
     learning_rate_end: float | None = None
     """Decay the meta-agent's learning rate linearly from --learning-rate to this over the run (default: the preset's, constant)."""
     gamma: float | None = None
-    """Discount of the meta-agent's returns; 1 makes an episode's return exactly log(L_1 / L_T) (default: the preset's, 0.995)."""
+    """Discount of the meta-agent's returns; 1 makes an episode's return log(L_1 / L_T), less its task group's mean with --task-group-size > 1 (default: the preset's, 0.995)."""
     gae_lambda: float | None = None
     """GAE's lambda: 1 uses whole observed returns (the critic only as a baseline), lower values lean on the critic's estimates (default: the preset's: full 1.0, quick 0.95)."""
     n_steps: int | None = None
