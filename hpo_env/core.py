@@ -123,7 +123,9 @@ class EpisodeBatch:
             self.episodes[s] = _Episode(spec, initial_hp=hp[self._cols].copy())
             if self.reference_runs:
                 self._load_reference(s, spec, hp)
-        l0, _ = self.trainer.evaluate(slots)
+        # Twins too: the untrained loss is the reference their divergence is measured against, as for their slots.
+        twins = [self.n + s for s in slots] if self.reference_runs else []
+        l0 = self.trainer.evaluate(slots + twins)[0][: len(slots)]
         res = self._train(slots)
         hps = np.stack([self.controlled(s) for s in slots])
         progress = np.array([1.0 / self.episodes[s].spec.num_decisions for s in slots])

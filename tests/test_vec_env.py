@@ -151,6 +151,9 @@ def test_reference_runs_report_the_default_lr_twins_gain_and_leave_the_reward_al
         gains[:, 0].sum(), np.log(info_ref[0]["first_val_loss"] / info_ref[0]["val_loss"]), rtol=1e-4
     )
     assert not np.allclose(gains[:, 1], 0)
+    # A twin diverges by the same rule as its slot: against the untrained validation loss.
+    ref = with_ref.trainer._reference_loss
+    np.testing.assert_array_equal(ref[2:], ref[:2])
 
 
 def test_a_diverging_reference_run_stops_counting(monkeypatch):

@@ -604,6 +604,8 @@ def save_checkpoint(
                 "torch": torch.get_rng_state(),
                 "numpy": np.random.get_state(),  # noqa: NPY002 (SB3 seeds the legacy global RNG)
                 "random": random.getstate(),
+                # A meta-agent on the GPU samples its actions from the CUDA generators.
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             },
             tmp / CHECKPOINT_RNG,
         )
@@ -698,6 +700,9 @@ def restore_rng_state(checkpoint: str | os.PathLike) -> bool:
     torch.set_rng_state(states["torch"])
     np.random.set_state(states["numpy"])  # noqa: NPY002 (SB3 seeds the legacy global RNG)
     random.setstate(states["random"])
+    cuda = states.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     return True
 
 
