@@ -825,6 +825,97 @@ def test_hf_epochs_from_the_trainers_steps_and_dataloader():
     assert _epochs_from_args(args, SimpleNamespace(max_steps=0), list(range(40))) is None
 
 
+@pytest.fixture
+def stand_in_transformers(monkeypatch):
+    """A stand-in ``transformers`` module (CI installs no transformers): the callback's own logic runs."""
+    import sys
+    from types import ModuleType
+
+    import agents.integrations as integrations
+
+    fake = ModuleType("transformers")
+    fake.__version__, fake.TrainerCallback = "5.0.0", object
+    monkeypatch.setitem(sys.modules, "transformers", fake)
+    integrations._hf_callback_class.cache_clear()
+    yield integrations
+    integrations._hf_callback_class.cache_clear()
+
+
+def test_hf_callback_driven_as_the_trainer_drives_it(stand_in_transformers, default_bundle, tmp_path):
+    """The Trainer's loop in miniature: 40 steps, a loss logged every 5, an evaluation and a checkpoint every 10."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(
+        eval_strategy="steps", eval_steps=10, logging_steps=5, output_dir=str(tmp_path), gradient_accumulation_steps=1
+    )
+
+    def trainer_state(step=0):
+        return SimpleNamespace(max_steps=40, global_step=step, log_history=[], is_world_process_zero=True, epoch=0.0)
+
+    def run(callback, state, opt, metric="eval_loss"):
+        steps = []
+        callback.on_train_begin(args, state, None, optimizer=opt, train_dataloader=list(range(10)))
+        sched = callback.scheduler
+        real_step = sched.step
+        sched.step = lambda val, train_loss=None: steps.append((val, train_loss)) or real_step(val, train_loss)
+        while state.global_step < 40:
+            callback.on_step_begin(args, state, None)
+            assert opt.param_groups[0]["lr"] == sched.get_last_lr()[0]  # the policy's rate runs, not the Trainer's
+            opt.param_groups[0]["lr"] = 0.5  # the Trainer's own scheduler writes after its step
+            state.global_step += 1
+            if state.global_step % 5 == 0:
+                state.log_history.append({"loss": 1.0 / state.global_step, "step": state.global_step})
+            if state.global_step % 10 == 0:
+                metrics = {metric: 2.0 / state.global_step}
+                callback.on_evaluate(args, state, None, metrics=metrics)
+                if metric == "eval_loss":
+                    assert metrics["policy_lr"] == sched.get_last_lr()[0] != 0.5
+                (tmp_path / f"checkpoint-{state.global_step}").mkdir(exist_ok=True)
+                callback.on_save(args, state, None)
+        callback.on_train_end(args, state, None)
+        return sched, steps
+
+    opt = torch.optim.AdamW(torch.nn.Linear(3, 1).parameters(), lr=1e-3)
+    sched, steps = run(stand_in_transformers.hf_trainer_callback(default_bundle), trainer_state(), opt)
+    # One decision per evaluation, over the run's 4; the epochs come from the dataloader (40 steps / 10).
+    assert sched.total_steps == 4 and sched.last_step == 4 and sched.epochs == pytest.approx(4.0)
+    # Each decision sees the evaluation's loss and the mean of the losses logged since the last one.
+    assert steps == [(2.0 / s, (1.0 / (s - 5) + 1.0 / s) / 2) for s in (10, 20, 30, 40)]
+    assert all((tmp_path / f"checkpoint-{s}" / "policy_scheduler.pt").is_file() for s in (10, 20, 30, 40))
+
+    # Resuming from checkpoint-20: the policy continues from its saved state, not afresh.
+    resumed = stand_in_transformers.hf_trainer_callback(default_bundle)
+    opt2 = torch.optim.AdamW(torch.nn.Linear(3, 1).parameters(), lr=1e-3)
+    resumed.on_train_begin(args, trainer_state(20), None, optimizer=opt2, train_dataloader=list(range(10)))
+    assert resumed.scheduler.last_step == 2 and resumed.scheduler.total_steps == 4
+    # ... and without the saved state it warns and restarts over the evaluations left.
+    (tmp_path / "checkpoint-20" / "policy_scheduler.pt").unlink()
+    afresh = stand_in_transformers.hf_trainer_callback(default_bundle)
+    with pytest.warns(UserWarning, match="without the policy's state"):
+        afresh.on_train_begin(args, trainer_state(20), None, optimizer=opt2, train_dataloader=list(range(10)))
+    assert afresh.scheduler.last_step == 0 and afresh.scheduler.total_steps == 2
+
+    # A metric the evaluations do not have: one warning, and the policy does not act.
+    opt3 = torch.optim.AdamW(torch.nn.Linear(3, 1).parameters(), lr=1e-3)
+    with pytest.warns(UserWarning, match="have no 'eval_loss'") as record:
+        sched, steps = run(stand_in_transformers.hf_trainer_callback(default_bundle), trainer_state(), opt3, "eval_f1")
+    assert len([w for w in record if "have no" in str(w.message)]) == 1 and steps == [] and sched.last_step == 0
+
+
+def test_hf_callback_without_transformers_names_the_install(monkeypatch):
+    import sys
+
+    import agents.integrations as integrations
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
+    integrations._hf_callback_class.cache_clear()
+    try:
+        with pytest.raises(ImportError, match="pip install transformers"):
+            integrations.hf_trainer_callback("default")
+    finally:
+        integrations._hf_callback_class.cache_clear()
+
+
 def test_lightning_trainer_end_to_end(tmp_path):
     pl = pytest.importorskip("lightning.pytorch")
     from agents.integrations import PolicySchedulerMixin, lightning_scheduler_config
