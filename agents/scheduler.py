@@ -392,8 +392,14 @@ class PolicyScheduler:
         inner = getattr(optimizer, "optimizer", optimizer)
         ref = weakref.ref(self)
 
+        checked = []
+
         def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            handle.remove()  # once: the gradients' layout does not change during a run
+            # Once: the gradients' layout does not change during a run. The hook stays registered (removing
+            # it here, while torch iterates the optimizer's hooks, breaks any other hook registered after it).
+            if checked:
+                return
+            checked.append(True)
             scheduler = ref()
             if scheduler is not None:
                 scheduler._check_sparse_gradients()

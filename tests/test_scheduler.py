@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import io
-import math
 import warnings
 
 import numpy as np
@@ -460,7 +459,11 @@ def test_the_optimizer_trains_with_the_written_values(default_bundle):
     model = torch.nn.Linear(4, 1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = PolicyScheduler.from_pretrained("default", opt, total_steps=5, epochs=5)
+    used = []  # the rate and decay each optimiser step ran with (a hook of the user's beside the scheduler's)
+    opt.register_step_pre_hook(lambda o, *_: used.append((o.param_groups[0]["lr"], o.param_groups[0]["weight_decay"])))
+    expected = []
     for _ in range(5):
+        expected += [(sched.get_last_lr()[0], sched.get_last_hparams()["weight_decay"][0])] * 3
         for _ in range(3):
             opt.zero_grad()
             loss = torch.nn.functional.mse_loss(model(x), y)
@@ -471,7 +474,8 @@ def test_the_optimizer_trains_with_the_written_values(default_bundle):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the training loss still carries its graph: taken as is, silently
             sched.step(val, train_loss=loss)
-    assert sched.last_step == 5 and math.isfinite(sched.get_last_lr()[0])
+    assert sched.last_step == 5 and used == expected
+    assert len({lr for lr, _ in used}) > 1 and used[0][0] == 1e-3  # the policy moved the rate from its start
 
 
 # -- bad input -------------------------------------------------------------------------------------

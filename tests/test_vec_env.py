@@ -4,6 +4,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from hpo_env import HPOEnv, HPOVecEnv, TaskDistribution, make_distribution
 from hpo_env.tasks import DEFAULT_HPARAMS
@@ -101,8 +102,13 @@ def test_recurrent_ppo_learns_on_vec_env():
         seed=0,
         policy_kwargs={"lstm_hidden_size": 16, "net_arch": [16]},
     )
+    before = {k: v.clone() for k, v in model.policy.state_dict().items()}
     model.learn(64)
-    assert model.num_timesteps >= 64
+    after = model.policy.state_dict()
+    assert model.num_timesteps == 64
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the policy was updated ...
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())  # ... to finite weights
+    assert model.rollout_buffer.observations.shape[-1] == vec.observation_space.shape[0]
 
 
 def test_a_relative_cap_holds_in_every_slot_across_automatic_resets():
