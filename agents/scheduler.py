@@ -218,6 +218,7 @@ class PolicyScheduler:
     Example:
         >>> import torch
         >>> from agents import PolicyScheduler
+        >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Linear(4, 1)
         >>> x, y = torch.randn(64, 4), torch.randn(64, 1)
         >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -233,8 +234,8 @@ class PolicyScheduler:
         ...     with torch.no_grad():
         ...         val_loss = torch.nn.functional.mse_loss(model(x), y)
         ...     scheduler.step(val_loss, train_loss=train_loss)
-        >>> len(scheduler.get_last_lr())
-        1
+        >>> scheduler.last_step, optimizer.param_groups[0]["lr"] == scheduler.get_last_lr()[0] != 1e-3
+        (20, True)
     """
 
     def __init__(

@@ -80,6 +80,10 @@ class HPOEnv(gym.Env):
         >>> env = gym.make("hpo_env/HPOToy-v0")
         >>> obs, info = env.reset(seed=0)
         >>> obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+        >>> obs.shape == env.observation_space.shape and env.observation_space.contains(obs)
+        True
+        >>> sorted(info["hparams"])  # the optimiser's values; the policy controls lr and weight_decay
+        ['lr', 'momentum', 'weight_decay']
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}

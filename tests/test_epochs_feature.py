@@ -12,6 +12,7 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 from agents import EnsembleBundle, PolicyScheduler, get_preset, load_bundle, make_meta_agent, make_meta_env
+from agents.bundle import BundleError
 from hpo_env import (
     EPOCHS_FEATURE,
     GRADIENT_FEATURES,
@@ -180,12 +181,12 @@ def test_epochs_feature_from_training_to_bundle_to_scheduler(tiny_meta_training)
     assert sched.last_observation[-1] == pytest.approx(log_epochs_feature(40.0))
 
     plain = bundle_from_model(model, None, env.unwrapped.decoder)
-    with pytest.raises(Exception, match="epochs_feature"):
+    with pytest.raises(BundleError, match="epochs_feature"):
         EnsembleBundle([loaded, plain])
     cfg = json.loads((result.bundle_path / "config.json").read_text())
     cfg["epochs_feature"] = "yes"
     (result.bundle_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(Exception, match="epochs_feature='yes'"):
+    with pytest.raises(BundleError, match="epochs_feature='yes'"):
         load_bundle(result.bundle_path)
 
 

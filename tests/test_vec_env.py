@@ -46,7 +46,7 @@ def test_vec_env_matches_separate_envs_on_mixed_families():
     n = 4
     vec = HPOVecEnv(n, dist, hyperparameters=("lr", "weight_decay", "momentum"))
     envs = [HPOEnv(dist, hyperparameters=("lr", "weight_decay", "momentum")) for _ in range(n)]
-    _compare(vec, envs, seed=3, n_steps=12, rng=rng)
+    assert _compare(vec, envs, seed=3, n_steps=12, rng=rng) >= 1  # at least one slot regrouped on a reset
 
 
 def test_vec_env_slots_sample_their_own_tasks():
