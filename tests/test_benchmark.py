@@ -489,6 +489,29 @@ def test_console_script_help():
     assert "--policy" in out and "--grid-size" in out and "Resumable" in out
 
 
+@pytest.mark.parametrize(
+    "flag, value, field, expected",
+    [
+        ("--grid-decades", "2.0", "grid_decades", 2.0),
+        ("--hd-beta-sgd", "0.01", "hd_beta_sgd", 0.01),
+        ("--hd-beta-adamw", "1e-7", "hd_beta_adamw", 1e-7),
+        ("--code-version", "mine", "code_version", "mine"),
+        ("--store", "s.sqlite", "store", "s.sqlite"),
+        ("--threads", "2", "threads", 2),
+        ("--task-seed", "3", "task_seed", 3),
+        ("--chunk-size", "4", "chunk_size", 4),
+    ],
+)
+def test_every_option_reaches_the_config(flag, value, field, expected):
+    args = bench.build_parser().parse_args(["--policy", "default", flag, value])
+    assert getattr(bench.config_from_args(args), field) == expected
+
+
+def test_a_bad_thread_count_is_refused_with_the_flags_name(capsys):
+    assert bench.main(["--policy", "default", "--threads", "0"]) == 2
+    assert "hpo-bench: error: --threads must be a positive integer" in capsys.readouterr().err
+
+
 def test_random_policy_runs_are_stored_per_action_space():
     """A policy with other step sizes or hyperparameters gets its own random-policy control runs."""
     default = bench._decoder_tag(ActionDecoder(("lr", "weight_decay")))

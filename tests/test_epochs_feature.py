@@ -57,6 +57,7 @@ def test_env_observes_the_planned_epochs_constant_over_the_episode(small_mlp_spe
     plain, _ = HPOEnv().reset(seed=0, options={"task": small_mlp_spec})
     np.testing.assert_array_equal(obs[:-1], plain)  # the other features are untouched
     seen = [obs[-1]]
+    env.action_space.seed(0)
     terminated = False
     while not terminated:
         obs, _, terminated, _, _ = env.step(env.action_space.sample())

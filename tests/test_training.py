@@ -737,6 +737,15 @@ def test_one_seed_makes_one_policy(tiny_meta_training):
     assert not all(np.array_equal(first[k], other[k]) for k in first)
 
 
+def test_agent_and_display_options_reach_the_settings():
+    settings = parse_settings(
+        ["--algorithm", "framestack", "--frame-stack", "3", "--lstm-hidden-size", "32", "--no-progress-bar"]
+    )
+    config = settings.agent_config()
+    assert (config.frame_stack, config.lstm_hidden_size, settings.progress_bar) == (3, 32, False)
+    assert parse_settings([]).progress_bar
+
+
 def test_training_in_process_gives_back_the_callers_thread_count(tiny_meta_training):
     before = torch.get_num_threads()
     torch.set_num_threads(2)

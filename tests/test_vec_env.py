@@ -49,6 +49,15 @@ def test_vec_env_matches_separate_envs_on_mixed_families():
     assert _compare(vec, envs, seed=3, n_steps=12, rng=rng) >= 1  # at least one slot regrouped on a reset
 
 
+@pytest.mark.parametrize("family", ["tabular", "small_tabular", "charlm", "digits_cnn", "glyphs_cnn"])
+def test_vec_env_matches_separate_envs_on_the_other_families(family):
+    """Autograd (CNN), embedding (char) and tabular stacks, on SGD and AdamW side by side."""
+    dist = TaskDistribution([family], optimizers=["sgd", "adamw"])
+    vec = HPOVecEnv(3, dist, epochs_feature=True)
+    envs = [HPOEnv(dist, epochs_feature=True) for _ in range(3)]
+    _compare(vec, envs, seed=5, n_steps=4, rng=np.random.default_rng(2))
+
+
 def test_vec_env_slots_sample_their_own_tasks():
     vec = HPOVecEnv(4, "all", seed=0)
     vec.reset()
