@@ -67,6 +67,59 @@ def resolve_policy(path_or_name: str | os.PathLike) -> Path:
         raise ValueError(f"{path_or_name!r} is not a policy bundle directory, and {err}") from None
 
 
+def _distributed_world() -> int:
+    """The number of ranks of an initialised ``torch.distributed`` process group (1 without one)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _resolve_sync_ranks(sync_ranks: bool | None) -> bool:
+    world = _distributed_world()
+    if sync_ranks is None:
+        return world > 1
+    if not isinstance(sync_ranks, bool):
+        raise TypeError(f"sync_ranks must be True, False or None (automatic), got {sync_ranks!r}")
+    if sync_ranks and world == 1:
+        raise ValueError(
+            "sync_ranks=True needs an initialised torch.distributed process group of several ranks "
+            "(torch.distributed.init_process_group before creating the scheduler); use None to sync only then"
+        )
+    return sync_ranks
+
+
+def _collective_device() -> torch.device:
+    """Where the collectives' tensors live: NCCL takes CUDA tensors, the other backends CPU ones."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _mean_over_ranks(val: float, train: float | None) -> tuple[float, float | None]:
+    """Every rank's losses averaged (the training loss over the ranks that gave one); one ``all_reduce``."""
+    x = torch.tensor(
+        [val, 0.0 if train is None else train, 0.0 if train is None else 1.0],
+        dtype=torch.float64,
+        device=_collective_device(),
+    )
+    torch.distributed.all_reduce(x)
+    total_val, total_train, with_train = x.tolist()
+    mean_train = total_train / with_train if with_train > 0 else None
+    return total_val / torch.distributed.get_world_size(), mean_train
+
+
+def _from_rank_zero(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Rank 0's values of ``arrays`` (float64, one ``broadcast``), on every rank."""
+    sizes = [a.size for a in arrays]
+    x = torch.from_numpy(np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays])).to(_collective_device())
+    torch.distributed.broadcast(x, src=0)
+    flat = x.cpu().numpy()
+    out, start = [], 0
+    for a, n in zip(arrays, sizes):
+        out.append(flat[start : start + n].reshape(np.shape(a)).copy())
+        start += n
+    return tuple(out)
+
+
 def _to_float(value: SupportsFloat, what: str) -> float:
     if isinstance(value, (str, bytes, bool, np.bool_)):  # float("0.5") and float(True) work, but are mistakes here
         raise TypeError(f"{what} must be a real number (a loss), got {type(value).__name__} {value!r}")
@@ -207,6 +260,10 @@ class PolicyScheduler:
             place of the policy's own cap (None: the policy's, ``hpo-train --lr-max-rise``, if any). A
             safety rail for a policy trained without one; where it binds, the policy sees its rate held
             where in meta-training it could rise further.
+        sync_ranks: in distributed data-parallel training, make every rank set the same values: each
+            ``step()`` averages the ranks' losses (an ``all_reduce``) and every rank then takes rank 0's
+            decision (a ``broadcast``), so every rank must call ``step()`` at the same points. Default:
+            on when a ``torch.distributed`` process group of several ranks is initialised.
 
     Raises:
         TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``, ``bundle`` has no ``decoder``
@@ -250,6 +307,7 @@ class PolicyScheduler:
         adaptive: bool | None = None,
         epochs: float | None = None,
         lr_max_rise: float | None = None,
+        sync_ranks: bool | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -284,6 +342,7 @@ class PolicyScheduler:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
             raise ValueError(f"seed must be an integer >= 0 or None, got {seed!r}")
         self._sampler = np.random.default_rng(seed)
+        self.sync_ranks = _resolve_sync_ranks(sync_ranks)
         self.writer = writer
         if adaptive is None:  # look through wrappers such as accelerate's AcceleratedOptimizer
             adaptive = not isinstance(getattr(optimizer, "optimizer", optimizer), torch.optim.SGD)
@@ -650,7 +709,8 @@ class PolicyScheduler:
                 (``"default"``).
             optimizer, total_steps: as for :class:`PolicyScheduler`.
             device: torch device of the policy network.
-            **kwargs: ``deterministic``, ``seed``, ``writer``, ``adaptive``, ``epochs``, ``lr_max_rise``.
+            **kwargs: ``deterministic``, ``seed``, ``writer``, ``adaptive``, ``epochs``, ``lr_max_rise``,
+                ``sync_ranks``.
 
         Raises:
             agents.BundleError: the bundle is missing, corrupted or incompatible (a ``ValueError``).
@@ -695,6 +755,8 @@ class PolicyScheduler:
         """
         val = _to_float(metrics, "metrics")
         train = None if train_loss is None else _to_float(train_loss, "train_loss")
+        if self.sync_ranks:
+            val, train = _mean_over_ranks(val, train)
         self._warn_if_changed_outside()
         if train is None and not self._warned_no_train_loss:
             warnings.warn(
@@ -766,6 +828,9 @@ class PolicyScheduler:
         if action is not None:
             self._base = self.decoder.decode(action, self._base, self._initial_base)
             self._last_action = action
+            if self.sync_ranks:  # rank 0's decision everywhere (sampled actions, float differences between devices)
+                self._base, self._last_action = _from_rank_zero(self._base, self._last_action)
+                action = self._last_action
         self._write()
         if self.writer is not None:
             self._log(t, val, train, diverged, action)
