@@ -145,22 +145,36 @@ def plot(rows: list[dict], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     rows = sorted(rows, key=lambda r: r["gain"])
     gains = [r["gain"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.3))
     ax.axhline(1.0, color="grey", lw=0.8)
-    med = [r.get("median_ratio", 1.0) for r in rows]
-    lo = [r.get("median_ratio_low", 1.0) for r in rows]
-    hi = [r.get("median_ratio_high", 1.0) for r in rows]
+    # Gain 1 is the reference (ratio 1 by definition); a gain without a finite median is left out, not drawn at 1.
+    nan = float("nan")
+    med = [1.0 if r["gain"] == 1.0 else r.get("median_ratio", nan) for r in rows]
+    lo = [r.get("median_ratio_low", nan) for r in rows]
+    hi = [r.get("median_ratio_high", nan) for r in rows]
     ax.fill_between(gains, lo, hi, alpha=0.2, label="all pairs: 95% interval")
-    ax.plot(gains, med, "o-", label="all pairs")
+    ax.plot(gains, med, "o-", label="all pairs", zorder=2)
+    ax.plot([1.0], [1.0], "o", mfc="white", color="C0", zorder=4, label="gain 1: the policy as deployed")
     families = next((list(r["family_median_ratio"]) for r in rows if "family_median_ratio" in r), [])
-    for f in families:
-        ax.plot(gains, [r.get("family_median_ratio", {}).get(f, 1.0) for r in rows], "--", marker=".", label=f)
+    for k, f in enumerate(families):
+        values = [1.0 if r["gain"] == 1.0 else r.get("family_median_ratio", {}).get(f, nan) for r in rows]
+        ax.plot(gains, values, "--", marker="sv^D<>"[k % 6], zorder=3, label=f)
+    for r in rows:
+        if r.get("diverged"):
+            ax.annotate(f"{r['diverged']} diverged", (r["gain"], 1.0), textcoords="offset points", xytext=(0, -14),
+                        ha="center", fontsize=7, color="tab:red")  # fmt: skip
     ax.set_xscale("log")
+    ax.set_xticks(gains)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("hidden gain on the policy's learning rate")
-    ax.set_ylabel("median final val loss / gain 1")
+    ax.set_ylabel("median final val loss / gain 1 (below 1: better)")
+    n = next((r.get("pairs") for r in rows if r.get("pairs")), None)
+    ax.set_title("The policy's learning rates scaled by a hidden gain" + (f", {n} pairs" if n else ""), fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

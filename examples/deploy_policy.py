@@ -297,9 +297,20 @@ def plot(runs: list[Run], path: Path) -> None:
         row[0].set(title=f"{problem}: learning rate", xlabel="optimiser step", ylabel="lr", yscale="log")
         # cosine ends at 0; show two decades below the initial learning rate, not the log-scale abyss
         row[0].set_ylim(bottom=min(r.lr[0] for r in runs if r.problem == problem) / 100)
-        row[1].set(title=f"{problem}: validation loss", xlabel="optimiser step", ylabel="loss", yscale="log")
+        losses = np.concatenate([r.val_loss for r in runs if r.problem == problem])
+        losses = losses[np.isfinite(losses) & (losses > 0)]
+        spans_decades = losses.size and losses.max() / losses.min() > 3  # else a log axis magnifies noise
+        row[1].set(
+            title=f"{problem}: validation loss",
+            xlabel="optimiser step",
+            ylabel="validation loss",
+            yscale="log" if spans_decades else "linear",
+        )
+        row[0].set_ylabel("learning rate")
         row[0].legend(fontsize="small")
         row[1].legend(fontsize="small")
+    seeds = len({r.seed for r in runs})
+    fig.suptitle(f"The policy against constant and cosine schedules, {seeds} seed{'s' if seeds > 1 else ''} each")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

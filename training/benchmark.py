@@ -903,8 +903,11 @@ def _describe(results: list[RunResult]) -> dict:
     }
 
 
-_PLOTTED = ("policy", "constant_default", "cosine_default", "cosine_3x_default", "cosine_tuned", "step_decay",
-            "one_cycle", "plateau", "hypergradient", "random", "replay")  # fmt: skip
+_PLOTTED = ("policy", "constant_default", "cosine_default", "cosine_3x_default", "constant_tuned", "cosine_tuned",
+            "step_decay", "linear_decay", "one_cycle", "plateau", "hypergradient", "random", "replay",
+            "replay_task")  # fmt: skip
+#: Drawn dashed in the curves: the controls, not schedules anyone would use.
+_CONTROLS = ("random", "replay", "replay_task")
 
 
 def _example_curves(tasks: list[TaskSpec], chosen: list[dict[str, Arm]], results, code_version: str) -> dict:
@@ -916,7 +919,12 @@ def _example_curves(tasks: list[TaskSpec], chosen: list[dict[str, Arm]], results
         entry = {}
         for row in _PLOTTED:
             r = results[RunKey(spec.task_id, chosen[ti][row].key, 0, code_version)]
-            entry[row] = {"lr": r.hparams.get("lr", []), "val_loss": r.val_loss, "num_decisions": r.num_decisions}
+            entry[row] = {
+                "lr": r.hparams.get("lr", []),
+                "weight_decay": r.hparams.get("weight_decay", []),
+                "val_loss": r.val_loss,
+                "num_decisions": r.num_decisions,
+            }
         curves[spec.family] = {"task_id": spec.task_id, "optimizer": spec.optimizer, "arms": entry}
     return curves
 
@@ -946,26 +954,47 @@ def make_plots(summary: dict, folder: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    def plain_numbers(axis) -> None:  # log axes spanning less than a decade: label the ticks as numbers
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(ScalarFormatter())
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     labels = {r["name"]: r["label"] for r in summary["rows"]} | {"policy": "learned policy"}
-    colours = plt.get_cmap("tab20").colors
+    colours = plt.get_cmap("tab10").colors
     for family, info in summary["curves"].items():
-        fig, (ax_lr, ax_val) = plt.subplots(1, 2, figsize=(14, 4.8))
-        for k, (name, c) in enumerate(info["arms"].items()):
+        with_wd = bool(info["arms"].get("policy", {}).get("weight_decay"))
+        panels = ["lr", "weight_decay", "val_loss"] if with_wd else ["lr", "val_loss"]
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels) + 2.5, 4.8), squeeze=False)
+        ax = dict(zip(panels, axes[0]))
+        schedules = controls = 0
+        for name, c in info["arms"].items():
             t = c["num_decisions"] or 1
-            style = dict(lw=2.5, color="black", zorder=5) if name == "policy" else dict(lw=1.3, color=colours[k % 20])
+            if name == "policy":
+                style = dict(lw=2.5, color="black", zorder=5)
+            elif name in _CONTROLS:
+                style, controls = dict(lw=1.2, ls="--", color=colours[controls % 10]), controls + 1
+            else:
+                style, schedules = dict(lw=1.3, color=colours[schedules % 10]), schedules + 1
             label = labels.get(name, name)
-            if c["lr"]:  # interval i runs from i/T to (i+1)/T
-                ax_lr.step(np.arange(len(c["lr"]) + 1) / t, [*c["lr"], c["lr"][-1]], where="post", label=label, **style)
+            for hp in panels[:-1]:
+                if c.get(hp):  # interval i runs from i/T to (i+1)/T
+                    ax[hp].step(np.arange(len(c[hp]) + 1) / t, [*c[hp], c[hp][-1]], where="post", label=label, **style)
             if c["val_loss"]:
-                ax_val.plot(np.arange(1, len(c["val_loss"]) + 1) / t, c["val_loss"], label=label, **style)
-        ax_lr.set(
-            yscale="log", xlabel="progress", ylabel="learning rate", title=f"{family}: schedules (first task, seed 0)"
+                ax["val_loss"].plot(np.arange(1, len(c["val_loss"]) + 1) / t, c["val_loss"], label=label, **style)
+        budget = "fraction of the training budget"
+        ax["lr"].set(yscale="log", xlabel=budget, ylabel="learning rate", title="learning rate")
+        if with_wd:
+            ax["weight_decay"].set(yscale="log", xlabel=budget, ylabel="weight decay", title="weight decay")
+        ax["val_loss"].set(yscale="log", xlabel=budget, ylabel="validation loss", title="validation loss")
+        plain_numbers(ax["val_loss"].yaxis)
+        ax["val_loss"].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        fig.suptitle(
+            f"{family}: every schedule on one task ({info['task_id']}, {info['optimizer']}), seed 0 "
+            "(the tables pool all tasks and seeds)"
         )
-        ax_val.set(yscale="log", xlabel="progress", ylabel="validation loss", title=f"{family}: validation loss")
-        ax_val.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
         fig.tight_layout()
         path = folder / f"curves_{family}.png"
         fig.savefig(path, dpi=110)
@@ -973,20 +1002,33 @@ def make_plots(summary: dict, folder: Path) -> list[Path]:
         paths.append(path)
 
     rows_ = summary["rows"]
-    fig, (ax_w, ax_r) = plt.subplots(1, 2, figsize=(13, 0.45 * len(rows_) + 1.5), sharey=True)
+    fig, (ax_w, ax_r) = plt.subplots(1, 2, figsize=(13, 0.45 * len(rows_) + 2.0), sharey=True)
     y = np.arange(len(rows_))[::-1]
     win = np.array([r["all"]["win_rate"] for r in rows_])
-    win_err = np.array([[w - r["all"]["win_rate_low"], r["all"]["win_rate_high"] - w] for w, r in zip(win, rows_)]).T
-    ax_w.barh(y, win, xerr=win_err, color=["tab:green" if w > 0.5 else "tab:red" for w in win], capsize=3)
+    low = np.array([r["all"]["win_rate_low"] for r in rows_])
+    high = np.array([r["all"]["win_rate_high"] for r in rows_])
+    # Coloured only where the interval clears 50%: a point estimate above it alone is not a win.
+    colour = ["tab:green" if lo_ > 0.5 else "tab:red" if hi_ < 0.5 else "tab:gray" for lo_, hi_ in zip(low, high)]
+    ax_w.barh(y, win, xerr=np.stack([win - low, high - win]), color=colour, capsize=3)
     ax_w.axvline(0.5, color="k", lw=1, ls="--")
-    ax_w.set(xlim=(0, 1), xlabel="win rate of the policy (95% CI)", yticks=y, yticklabels=[r["label"] for r in rows_])
+    ax_w.set(
+        xlim=(0, 1.02),
+        xlabel="share of pairs where the policy ends lower (95% CI)\ngreen/red: the interval clears 50%",
+        yticks=y,
+        yticklabels=[r["label"] for r in rows_],
+    )
     ratio = np.array([r["all"]["median_ratio"] for r in rows_], dtype=float)
     lo = np.array([r["all"]["median_ratio_low"] for r in rows_], dtype=float)
     hi = np.array([r["all"]["median_ratio_high"] for r in rows_], dtype=float)
     finite = np.isfinite(ratio) & np.isfinite(lo) & np.isfinite(hi) & (ratio > 0) & (lo > 0)
     ax_r.errorbar(ratio[finite], y[finite], xerr=np.stack([ratio - lo, hi - ratio])[:, finite], fmt="o", capsize=3)
     ax_r.axvline(1.0, color="k", lw=1, ls="--")
-    ax_r.set(xscale="log", xlabel="median ratio of final validation loss, policy / baseline (95% CI)")
+    ax_r.set(xscale="log", xlabel="median final validation loss, policy / baseline (95% CI)\nbelow 1: policy better")
+    plain_numbers(ax_r.xaxis)
+    for yi in y[~finite]:  # a median ratio of inf or n/a (divergences): said, not silently dropped
+        ax_r.text(1.0, yi, "  n/a (divergences)", va="center", fontsize=8, color="tab:gray")
+    pairs = rows_[0]["all"]["pairs"] if rows_ else 0
+    fig.suptitle(f"The learned policy against each baseline: {pairs} (task, seed) pairs, all families pooled")
     fig.tight_layout()
     path = folder / "win_rates.png"
     fig.savefig(path, dpi=110)

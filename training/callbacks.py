@@ -500,6 +500,9 @@ class HeldOutEvalCallback(BaseCallback):
         )
 
 
+_READABLE = {"lr": "learning rate", "weight_decay": "weight decay", "momentum": "momentum", "val_loss": "val loss"}
+
+
 def schedule_figure(
     records: Sequence[EpisodeRecord],
     references: Mapping[str, Sequence[EpisodeRecord]],
@@ -536,18 +539,25 @@ def schedule_figure(
             for label, recs in series.items():
                 rec = recs[i]
                 values = rec.val_loss if name == "val_loss" else rec.hparams.get(name, [])
-                if len(values):
+                if not len(values):
+                    continue
+                if name == "val_loss":  # measured after each interval
                     ax.plot(np.arange(1, len(values) + 1), values, label=label, **styles.get(label, {}))
+                else:  # held over each interval
+                    x = np.arange(len(values) + 1)
+                    ax.step(x, [*values, values[-1]], where="post", label=label, **styles.get(label, {}))
             ax.set_yscale("log")
             if col == 0:
-                ax.set_ylabel(name)
+                ax.set_ylabel(_READABLE.get(name, name), fontsize=9)
             if row == 0:
                 ax.set_title(
-                    f"{task.family}/{task.dataset}\n{task.optimizer} {task.arch}{list(task.hidden)}", fontsize=8
+                    f"{task.family}/{task.dataset} ({task.task_id[-6:]})\n{task.optimizer} {task.arch}"
+                    f"{list(task.hidden)}, start lr {task.lr:.2g}",
+                    fontsize=8,
                 )
             if row == len(rows) - 1:
-                ax.set_xlabel("decision interval")
-            ax.tick_params(labelsize=7)
+                ax.set_xlabel("decision interval", fontsize=9)
+            ax.tick_params(labelsize=8)
     axes[0][0].legend(fontsize=7)
     if step is not None:
         fig.suptitle(f"held-out tasks after {step} meta-training timesteps", fontsize=9)
