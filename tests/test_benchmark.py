@@ -268,7 +268,7 @@ def _tiny_config(bundle, out, **kw) -> bench.BenchmarkConfig:
 
 
 def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_path, monkeypatch, capsys, load_script):
-    config = _tiny_config(tiny_bundle, tmp_path / "out")
+    config = _tiny_config(tiny_bundle, tmp_path / "out", threads=1)
     tasks = bench.make_tasks(config)
     assert [t.family for t in tasks] == ["tabular", "digits_cnn"] and all(t.total_steps == 20 for t in tasks)
 

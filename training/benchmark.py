@@ -121,9 +121,10 @@ class BenchmarkConfig:
     """Runs trained together in one batched call (and written to the store together)."""
     device: str = "cpu"
     """Torch device of the inner models."""
-    threads: int | None = 1
-    """Torch CPU threads while it runs (None: the caller's count); part of the stored runs' code version
-    on CPU, where convolutions round differently with another count."""
+    threads: int | None = None
+    """Torch CPU threads while it runs (None: the caller's count, torch's default in ``hpo-bench``, with
+    which the README's tables were computed); part of the stored runs' code version on CPU, where
+    convolutions round differently with another count."""
     hd_beta_sgd: float = DEFAULT_HYPERGRADIENT_LR["sgd"]
     """Hypergradient learning rate of SGD-HD."""
     hd_beta_adamw: float = DEFAULT_HYPERGRADIENT_LR["adamw"]
@@ -1287,7 +1288,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=d.threads,
-        help="torch CPU threads (one is fastest for these small models; stored runs are kept per count)",
+        help="torch CPU threads (default: torch's, one per core; stored runs are kept per count, since the CNNs "
+        "round differently with another)",
     )
     p.add_argument("--hd-beta-sgd", type=float, default=d.hd_beta_sgd, help="SGD-HD hypergradient learning rate")
     p.add_argument("--hd-beta-adamw", type=float, default=d.hd_beta_adamw, help="Adam-HD hypergradient learning rate")
