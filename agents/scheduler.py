@@ -67,6 +67,19 @@ def resolve_policy(path_or_name: str | os.PathLike) -> Path:
         raise ValueError(f"{path_or_name!r} is not a policy bundle directory, and {err}") from None
 
 
+def _is_int(value: Any) -> bool:
+    """A Python or NumPy integer, or a 0-dim integer tensor (state dicts hold either), not a bool."""
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 0 and not value.is_floating_point() and value.dtype != torch.bool
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 0 and value.dtype != torch.bool
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
 def _distributed_world() -> int:
     """The number of ranks of an initialised ``torch.distributed`` process group (1 without one)."""
     dist = torch.distributed
@@ -958,6 +971,32 @@ class PolicyScheduler:
             or (base_groups >= len(ratios)).any()
         ):
             raise ValueError(f"malformed scheduler state: base_groups {base_groups.tolist()}")
+        k = self.decoder.num_actions
+        base = _as_numpy(state_dict["base"], np.float64)
+        initial_base = _as_numpy(state_dict.get("initial_base", base), np.float64)
+        last_action = _as_numpy(state_dict.get("last_action", np.zeros(k)), np.float64)
+        for name, values in (("base", base), ("initial_base", initial_base), ("last_action", last_action)):
+            if values.shape != (k,) or not np.isfinite(values).all():
+                raise ValueError(
+                    f"malformed scheduler state: {name} must hold {k} finite values ({', '.join(self.decoder.names)}), "
+                    f"got {values.tolist()}"
+                )
+        for name, values in (("base", base), ("initial_base", initial_base)):
+            if not np.allclose(self.decoder.clip(values), values, rtol=1e-9, atol=0.0):
+                raise ValueError(
+                    f"malformed scheduler state: {name} {values.tolist()} is outside the policy's bounds for "
+                    f"{list(self.decoder.names)}"
+                )
+        if np.abs(last_action).max(initial=0.0) > 1.0:
+            raise ValueError(f"malformed scheduler state: last_action {last_action.tolist()} is outside [-1, 1]")
+        total_steps, t = state_dict["total_steps"], state_dict["t"]
+        if not (_is_int(total_steps) and total_steps >= 1 and _is_int(t) and t >= 0):
+            raise ValueError(
+                f"malformed scheduler state: total_steps={total_steps!r} must be an integer >= 1 and t={t!r} one >= 0"
+            )
+        saved_epochs = state_dict.get("epochs")
+        if saved_epochs is not None and not (_is_real(saved_epochs) and 0 < float(saved_epochs) < math.inf):
+            raise ValueError(f"malformed scheduler state: epochs={saved_epochs!r} must be a positive number")
         features = {k: _as_numpy(v, None) for k, v in state_dict["features"].items()}
         if self.epochs_feature:
             saved_epochs = state_dict.get("epochs")
@@ -986,11 +1025,11 @@ class PolicyScheduler:
         self.deterministic = bool(state_dict.get("deterministic", self.deterministic))
         if "sampler" in state_dict:
             self._sampler.bit_generator.state = json.loads(state_dict["sampler"])
-        self._base = _as_numpy(state_dict["base"], np.float64)
-        self._initial_base = _as_numpy(state_dict.get("initial_base", self._base), np.float64)
+        self._base = base
+        self._initial_base = initial_base
         self._ratios = ratios.copy()
         self._base_groups = base_groups.copy()
-        self._last_action = _as_numpy(state_dict.get("last_action", np.zeros(self.decoder.num_actions)), np.float64)
+        self._last_action = last_action
         last_obs = state_dict.get("last_obs")
         self._last_obs = None if last_obs is None else _as_numpy(last_obs, np.float32)
         self._policy_state = _copy_state(state_dict["policy_state"], to_torch=False)

@@ -388,9 +388,19 @@ class ObservationBuilder:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for k, v in state.items():
-            cur = getattr(self, k)
-            v = np.asarray(v, dtype=np.float64)
-            if v.shape != cur.shape:
-                raise ValueError(f"observation state {k!r} has shape {v.shape}, expected {cur.shape}")
+        """Restore :meth:`state_dict`; checked whole before anything changes (entries added in later
+        versions, ``_grad_ref`` and ``_epochs``, may be missing from an older state)."""
+        known = self.state_dict()
+        unknown = sorted(set(state) - set(known))
+        missing = sorted(set(known) - set(state) - {"_grad_ref", "_epochs"})
+        if unknown or missing:
+            raise ValueError(
+                f"malformed observation state: unknown entries {unknown}, missing entries {missing} "
+                f"(expected {sorted(known)})"
+            )
+        values = {k: np.asarray(v, dtype=np.float64) for k, v in state.items()}
+        for k, v in values.items():
+            if v.shape != known[k].shape:
+                raise ValueError(f"observation state {k!r} has shape {v.shape}, expected {known[k].shape}")
+        for k, v in values.items():
             setattr(self, k, v.copy())

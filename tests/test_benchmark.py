@@ -163,6 +163,19 @@ def test_report_prints_ratios_to_four_decimals():
     assert bench._ratio(float("inf")) == "inf" and bench._ratio(None) == "n/a"
 
 
+def test_a_foreign_sqlite_file_is_refused_as_a_store(tmp_path):
+    path = tmp_path / "other.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE runs (id INTEGER, name TEXT)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(ValueError, match="'runs' table of another layout .* pass another --store path"):
+        ResultStore(path)
+    (tmp_path / "text.sqlite").write_text("not a database" * 100)
+    with pytest.raises(ValueError, match="is not a usable SQLite results store"):
+        ResultStore(tmp_path / "text.sqlite")
+
+
 def test_store_round_trip_missing_and_replace(tmp_path):
     path = tmp_path / "sub" / "runs.sqlite"
     keys = [RunKey("task/a", "cosine@lr=0.01", s, "v1") for s in range(3)]

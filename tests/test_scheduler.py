@@ -201,6 +201,30 @@ def test_load_state_dict_rejects_other_policy_or_groups(default_bundle):
         sched.load_state_dict({"t": 3})
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"base": torch.tensor([-1.0, 0.01])}, "base .* outside the policy's bounds"),
+        ({"base": torch.tensor([float("nan"), 0.01])}, "base must hold 2 finite values"),
+        ({"base": torch.tensor([0.01])}, "base must hold 2 finite values"),
+        ({"last_action": torch.ones(7)}, "last_action must hold 2"),
+        ({"last_action": torch.tensor([3.0, 0.0])}, r"outside \[-1, 1\]"),
+        ({"t": -3}, "t=-3 one >= 0"),
+        ({"total_steps": 0}, "total_steps=0 must be an integer >= 1"),
+        ({"epochs": -1.0}, "epochs=-1.0 must be a positive number"),
+        ({"features": {}}, r"malformed observation state: unknown entries \[\], missing entries"),
+    ],
+)
+def test_a_damaged_state_dict_is_refused_before_anything_changes(default_bundle, change, message):
+    opt = _optimizer("sgd", 0.1, 1e-4, 0.9)
+    sched = PolicyScheduler(opt, default_bundle, total_steps=4, epochs=4)
+    sched.step(1.0, train_loss=1.0)
+    state, before = sched.state_dict(), sched.get_last_hparams()
+    with pytest.raises(ValueError, match=message):
+        sched.load_state_dict({**state, **change})
+    assert sched.get_last_hparams() == before and opt.param_groups[0]["lr"] == before["lr"][0]
+
+
 def test_load_state_dict_says_when_the_saved_run_length_replaces_the_given_one(default_bundle):
     state = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), default_bundle, total_steps=4, epochs=4).state_dict()
     longer = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), default_bundle, total_steps=8, epochs=16)

@@ -746,6 +746,23 @@ def test_agent_and_display_options_reach_the_settings():
     assert parse_settings([]).progress_bar
 
 
+def test_a_failing_run_closes_its_logger_and_environments(tiny_meta_training, monkeypatch):
+    import threading
+
+    import agents.bundle
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    tiny_meta_training()  # warm: the first run starts threads that stay (matplotlib, tqdm)
+    before = threading.active_count()
+    monkeypatch.setattr(agents.bundle, "save_bundle", broken)
+    for name in ("f1", "f2"):
+        with pytest.raises(RuntimeError, match="disk full"):
+            tiny_meta_training(run_name=name)
+    assert threading.active_count() == before  # no TensorBoard writer thread left per failed run
+
+
 def test_training_in_process_gives_back_the_callers_thread_count(tiny_meta_training):
     before = torch.get_num_threads()
     torch.set_num_threads(2)

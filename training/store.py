@@ -109,12 +109,21 @@ class ResultStore:
         if self.path.exists() and self.path.is_dir():
             raise ValueError(f"result store path {str(self.path)!r} is a directory; expected a .sqlite file path")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(self.path, timeout=timeout)
         try:
-            self._conn = sqlite3.connect(self.path, timeout=timeout)
             self._conn.execute(_SCHEMA)
             self._conn.commit()
+            columns = {row[1] for row in self._conn.execute("PRAGMA table_info(runs)")}
         except sqlite3.DatabaseError as err:
+            self._conn.close()
             raise ValueError(f"{self.path} is not a usable SQLite results store: {err}") from err
+        expected = {"task_id", "schedule", "seed", "code_version", "result"}
+        if not expected <= columns:
+            self._conn.close()
+            raise ValueError(
+                f"{self.path} has a 'runs' table of another layout (columns {sorted(columns)}, expected "
+                f"{sorted(expected)}): it is not an hpo-bench results store; pass another --store path"
+            )
 
     # -- reading -----------------------------------------------------------------------------
     def get(self, key: RunKey) -> RunResult | None:

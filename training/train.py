@@ -585,146 +585,156 @@ def _train(settings: TrainSettings, command: str | None) -> TrainResult:
         ],
     )
     model.set_logger(logger)
-    record_settings(
-        logger,
-        {**settings.to_dict(), "run_dir": str(run_dir), **{f"agent.{k}": v for k, v in config.to_dict().items()}},
-        step=start_timesteps,
-        metrics=("eval/mean_return", "rollout/ep_rew_mean"),
-    )
-
-    decoder = env.unwrapped.decoder
-    frame_stack = frame_stack_of(config)
-
-    def bundle_config() -> dict[str, Any]:
-        return {
-            "env": {
-                "task_distribution": config.task_distribution,
-                "task_families": None if config.task_families is None else list(config.task_families),
-                "init_lr_spread": config.init_lr_spread,
-                "init_lr_center": config.init_lr_center,
-                "lr_gain_spread": config.lr_gain_spread,
-                "lr_max_rise": config.lr_max_rise,
-                "hyperparameters": list(config.hyperparameters),
-                "divergence_penalty": config.divergence_penalty,
-                "gradient_features": config.gradient_features,
-                "epochs_feature": config.epochs_feature,
-            },
-            "training": {
-                "command": command,
-                "seed": settings.seed,
-                "timesteps": int(model.num_timesteps),
-                "preset": settings.preset,
-                "algorithm": settings.algorithm,
-                "run_dir": str(run_dir),
-                "agent_config": config.to_dict(),
-                "hpo_meta_version": hpo_version,
-                "torch_version": torch.__version__,
-            },
-        }
-
-    eval_tasks = make_eval_tasks(
-        budget.eval_tasks, n_seeds=budget.eval_seeds, split=settings.eval_distribution, seed=EVAL_TASK_SEED
-    )
-    evaluator = HeldOutEvalCallback(
-        eval_tasks,
-        decoder,
-        eval_freq=budget.eval_freq,
-        frame_stack=frame_stack,
-        best_bundle_path=run_dir / "best_bundle",
-        bundle_config=bundle_config,
-        device=settings.env_device,
-        best_mean_return=_best_eval_return(state, run_dir / "best_bundle"),
-        verbose=settings.verbose,
-    )
-    evaluator.last_summary = state.get("last_eval") or None
-    episode_logger = HPOEpisodeLogger(config.hyperparameters)
-    episode_logger.episodes_total = int(state.get("episodes_total", 0))
-    checkpointer = CheckpointCallback(
-        run_dir / "checkpoints",
-        budget.checkpoint_freq,
-        state_fn=lambda: {
-            "best_eval_mean_return": evaluator.best_mean_return,
-            "last_eval": evaluator.last_summary or {},
-            "seed": settings.seed,
-            "segments": segments,
-            "agent_config": config.to_dict(),  # the run's identity, whatever the presets become
-            "episodes_total": episode_logger.episodes_total,
-        },
-        keep=settings.keep_checkpoints,
-    )
-    callbacks = CallbackList([episode_logger, evaluator, checkpointer])
-
-    remaining = budget.total_timesteps - start_timesteps
-    if settings.verbose:
-        what = f"resuming {run_dir} at {start_timesteps:,} timesteps" if checkpoint is not None else f"run {run_dir}"
-        slots = f"{config.n_envs} slots"
-        if config.task_group_size > 1:
-            slots += f" ({config.n_envs // config.task_group_size} tasks x {config.task_group_size}, group baseline)"
-        elif config.reference_reward:
-            slots += " (+ default-LR reference runs)"
-        print(
-            f"hpo-train: {what}; {config.algorithm} agent, {slots} x {config.n_steps} steps per rollout, "
-            f"{budget.total_timesteps:,} timesteps; held-out evaluation on {len(eval_tasks)} "
-            f"task{'s' if len(eval_tasks) != 1 else ''} "
-            + (
-                f"every {budget.eval_freq:,} and at the end"
-                if 0 < budget.eval_freq < budget.total_timesteps
-                else "at the end"
-            ),
-            flush=True,
+    try:
+        record_settings(
+            logger,
+            {**settings.to_dict(), "run_dir": str(run_dir), **{f"agent.{k}": v for k, v in config.to_dict().items()}},
+            step=start_timesteps,
+            metrics=("eval/mean_return", "rollout/ep_rew_mean"),
         )
-    if checkpoint is None and settings.imitation_tasks > 0:
-        from training.imitation import warm_start
 
-        summary = warm_start(
-            model,
-            get_vec_normalize(env),
+        decoder = env.unwrapped.decoder
+        frame_stack = frame_stack_of(config)
+
+        def bundle_config() -> dict[str, Any]:
+            return {
+                "env": {
+                    "task_distribution": config.task_distribution,
+                    "task_families": None if config.task_families is None else list(config.task_families),
+                    "init_lr_spread": config.init_lr_spread,
+                    "init_lr_center": config.init_lr_center,
+                    "lr_gain_spread": config.lr_gain_spread,
+                    "lr_max_rise": config.lr_max_rise,
+                    "hyperparameters": list(config.hyperparameters),
+                    "divergence_penalty": config.divergence_penalty,
+                    "gradient_features": config.gradient_features,
+                    "epochs_feature": config.epochs_feature,
+                },
+                "training": {
+                    "command": command,
+                    "seed": settings.seed,
+                    "timesteps": int(model.num_timesteps),
+                    "preset": settings.preset,
+                    "algorithm": settings.algorithm,
+                    "run_dir": str(run_dir),
+                    "agent_config": config.to_dict(),
+                    "hpo_meta_version": hpo_version,
+                    "torch_version": torch.__version__,
+                },
+            }
+
+        eval_tasks = make_eval_tasks(
+            budget.eval_tasks, n_seeds=budget.eval_seeds, split=settings.eval_distribution, seed=EVAL_TASK_SEED
+        )
+        evaluator = HeldOutEvalCallback(
+            eval_tasks,
             decoder,
-            n_tasks=settings.imitation_tasks,
-            seed=settings.seed,
-            gamma=config.gamma,
-            distribution=config.meta_task_distribution(),
-            log=print if settings.verbose else (lambda *a, **k: None),
+            eval_freq=budget.eval_freq,
+            frame_stack=frame_stack,
+            best_bundle_path=run_dir / "best_bundle",
+            bundle_config=bundle_config,
+            device=settings.env_device,
+            best_mean_return=_best_eval_return(state, run_dir / "best_bundle"),
+            verbose=settings.verbose,
         )
-        (run_dir / "imitation.json").write_text(json.dumps(summary, indent=2))
-        for key, value in summary.items():
-            logger.record(f"imitation/{key}", value)
-        logger.dump(0)
-    if remaining > 0:
-        try:
-            model.learn(
-                total_timesteps=remaining,
-                callback=callbacks,
-                progress_bar=settings.progress_bar,
-                reset_num_timesteps=checkpoint is None,
-            )
-        except KeyboardInterrupt:
-            last = find_latest_checkpoint(run_dir / "checkpoints")
-            hint = (
-                f"last checkpoint {last}; continue with: hpo-train --resume {run_dir}" if last else "no checkpoint yet"
-            )
-            print(f"\ninterrupted ({hint})", file=sys.stderr)
-            raise
-    elif settings.verbose:
-        print(f"{run_dir} already has {start_timesteps:,} of {budget.total_timesteps:,} timesteps; nothing to train")
+        evaluator.last_summary = state.get("last_eval") or None
+        episode_logger = HPOEpisodeLogger(config.hyperparameters)
+        episode_logger.episodes_total = int(state.get("episodes_total", 0))
+        checkpointer = CheckpointCallback(
+            run_dir / "checkpoints",
+            budget.checkpoint_freq,
+            state_fn=lambda: {
+                "best_eval_mean_return": evaluator.best_mean_return,
+                "last_eval": evaluator.last_summary or {},
+                "seed": settings.seed,
+                "segments": segments,
+                "agent_config": config.to_dict(),  # the run's identity, whatever the presets become
+                "episodes_total": episode_logger.episodes_total,
+            },
+            keep=settings.keep_checkpoints,
+        )
+        callbacks = CallbackList([episode_logger, evaluator, checkpointer])
 
-    vecnorm = get_vec_normalize(env)
-    final_config = bundle_config()
-    final_config["evaluation"] = _jsonable(evaluator.last_summary or {})
-    bundle_path = save_bundle(
-        run_dir / "bundle",
-        model,
-        decoder,
-        obs_rms=vecnorm.obs_rms if vecnorm is not None and vecnorm.norm_obs else None,
-        clip_obs=vecnorm.clip_obs if vecnorm is not None else config.clip_obs,
-        epsilon=vecnorm.epsilon if vecnorm is not None else 1e-8,
-        frame_stack=frame_stack,
-        config=final_config,
-        gradient_features=config.gradient_features,
-        epochs_feature=config.epochs_feature,
-    )
-    logger.close()
-    env.close()
+        remaining = budget.total_timesteps - start_timesteps
+        if settings.verbose:
+            what = (
+                f"resuming {run_dir} at {start_timesteps:,} timesteps" if checkpoint is not None else f"run {run_dir}"
+            )
+            slots = f"{config.n_envs} slots"
+            if config.task_group_size > 1:
+                slots += (
+                    f" ({config.n_envs // config.task_group_size} tasks x {config.task_group_size}, group baseline)"
+                )
+            elif config.reference_reward:
+                slots += " (+ default-LR reference runs)"
+            print(
+                f"hpo-train: {what}; {config.algorithm} agent, {slots} x {config.n_steps} steps per rollout, "
+                f"{budget.total_timesteps:,} timesteps; held-out evaluation on {len(eval_tasks)} "
+                f"task{'s' if len(eval_tasks) != 1 else ''} "
+                + (
+                    f"every {budget.eval_freq:,} and at the end"
+                    if 0 < budget.eval_freq < budget.total_timesteps
+                    else "at the end"
+                ),
+                flush=True,
+            )
+        if checkpoint is None and settings.imitation_tasks > 0:
+            from training.imitation import warm_start
+
+            summary = warm_start(
+                model,
+                get_vec_normalize(env),
+                decoder,
+                n_tasks=settings.imitation_tasks,
+                seed=settings.seed,
+                gamma=config.gamma,
+                distribution=config.meta_task_distribution(),
+                log=print if settings.verbose else (lambda *a, **k: None),
+            )
+            (run_dir / "imitation.json").write_text(json.dumps(summary, indent=2))
+            for key, value in summary.items():
+                logger.record(f"imitation/{key}", value)
+            logger.dump(0)
+        if remaining > 0:
+            try:
+                model.learn(
+                    total_timesteps=remaining,
+                    callback=callbacks,
+                    progress_bar=settings.progress_bar,
+                    reset_num_timesteps=checkpoint is None,
+                )
+            except KeyboardInterrupt:
+                last = find_latest_checkpoint(run_dir / "checkpoints")
+                hint = (
+                    f"last checkpoint {last}; continue with: hpo-train --resume {run_dir}"
+                    if last
+                    else "no checkpoint yet"
+                )
+                print(f"\ninterrupted ({hint})", file=sys.stderr)
+                raise
+        elif settings.verbose:
+            print(
+                f"{run_dir} already has {start_timesteps:,} of {budget.total_timesteps:,} timesteps; nothing to train"
+            )
+
+        vecnorm = get_vec_normalize(env)
+        final_config = bundle_config()
+        final_config["evaluation"] = _jsonable(evaluator.last_summary or {})
+        bundle_path = save_bundle(
+            run_dir / "bundle",
+            model,
+            decoder,
+            obs_rms=vecnorm.obs_rms if vecnorm is not None and vecnorm.norm_obs else None,
+            clip_obs=vecnorm.clip_obs if vecnorm is not None else config.clip_obs,
+            epsilon=vecnorm.epsilon if vecnorm is not None else 1e-8,
+            frame_stack=frame_stack,
+            config=final_config,
+            gradient_features=config.gradient_features,
+            epochs_feature=config.epochs_feature,
+        )
+    finally:  # a failed run too: no writer thread or open event file left behind
+        logger.close()
+        env.close()
     wall = time.perf_counter() - t_start
     best = run_dir / "best_bundle"
     result = TrainResult(
