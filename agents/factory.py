@@ -100,7 +100,7 @@ from stable_baselines3.common.vec_env import (
 
 from hpo_env import ActionDecoder, HPOVecEnv, TaskDistribution, make_distribution
 from hpo_env.features import OBS_BOUND
-from hpo_env.tasks import DEFAULT_LR_SPREAD, FAMILIES
+from hpo_env.tasks import DEFAULT_LR_SPREAD, FAMILIES, SPLITS
 
 __all__ = [
     "ALGORITHMS",
@@ -245,13 +245,45 @@ class MetaAgentConfig:
             raise ValueError(f"algorithm must be one of {list(ALGORITHMS)}, got {self.algorithm!r}")
         for name in ("n_envs", "n_steps", "batch_size", "n_epochs", "lstm_hidden_size", "frame_stack"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or value < 1:
                 raise ValueError(f"MetaAgentConfig.{name} must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        real = (int, float, np.integer, np.floating)
+        for name, low, high, low_open in (
+            ("learning_rate", 0.0, math.inf, True),
+            ("clip_range", 0.0, math.inf, True),
+            ("clip_obs", 0.0, math.inf, True),
+            ("ent_coef", 0.0, math.inf, False),
+            ("vf_coef", 0.0, math.inf, True),
+            ("max_grad_norm", 0.0, math.inf, True),
+            ("divergence_penalty", 0.0, math.inf, False),
+            ("gamma", 0.0, 1.0, True),
+            ("gae_lambda", 0.0, 1.0, True),
+        ):
+            value = getattr(self, name)
+            ok = isinstance(value, real) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or value < low or (low_open and value == low) or value > high:
+                if math.isfinite(high):
+                    bound = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+                else:
+                    bound = f"{'>' if low_open else '>='} {low:g}"
+                raise ValueError(f"MetaAgentConfig.{name} must be a finite number {bound}, got {value!r}")
+        if self.target_kl is not None and not (
+            isinstance(self.target_kl, real) and math.isfinite(self.target_kl) and self.target_kl > 0
+        ):
+            raise ValueError(f"MetaAgentConfig.target_kl must be a finite number > 0 or None, got {self.target_kl!r}")
+        if isinstance(self.hyperparameters, str):  # one name, not its letters
+            object.__setattr__(self, "hyperparameters", (self.hyperparameters,))
+        if isinstance(self.task_families, str):
+            object.__setattr__(self, "task_families", (self.task_families,))
+        if not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) and w >= 1 for w in self.net_arch):
+            raise ValueError(f"MetaAgentConfig.net_arch must hold positive layer widths, got {self.net_arch!r}")
+        if isinstance(self.task_distribution, str) and self.task_distribution not in (*SPLITS, "toy"):
+            raise ValueError(
+                f"MetaAgentConfig.task_distribution must be one of {[*SPLITS, 'toy']}, got {self.task_distribution!r}"
+            )
         if self.n_steps < 2:
             raise ValueError(f"MetaAgentConfig.n_steps must be >= 2 (GAE needs a next step), got {self.n_steps}")
-        for name in ("learning_rate", "clip_range", "clip_obs"):
-            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
-                raise ValueError(f"MetaAgentConfig.{name} must be a finite number > 0, got {getattr(self, name)!r}")
         if self.learning_rate_end is not None and not 0 <= self.learning_rate_end <= self.learning_rate:
             raise ValueError(
                 f"MetaAgentConfig.learning_rate_end must lie in [0, learning_rate = {self.learning_rate}] (a decay), "
@@ -262,8 +294,6 @@ class MetaAgentConfig:
                 f"MetaAgentConfig.log_std_init must lie in [-5, 1] (an exploration noise of exp(value), 0.007-2.7 in a "
                 f"[-1, 1] action), got {self.log_std_init!r}"
             )
-        if not 0 < self.gamma <= 1 or not 0 < self.gae_lambda <= 1:
-            raise ValueError(f"gamma and gae_lambda must lie in (0, 1], got {self.gamma} and {self.gae_lambda}")
         object.__setattr__(self, "net_arch", tuple(int(w) for w in self.net_arch))
         object.__setattr__(self, "hyperparameters", tuple(self.hyperparameters))
         for name in ("lr_step", "lr_step_up"):
@@ -409,7 +439,9 @@ PRESETS: dict[str, MetaAgentConfig] = {
 
 
 def get_preset(name: str, **overrides: Any) -> MetaAgentConfig:
-    """A preset's :class:`MetaAgentConfig`, with ``overrides`` applied (``None`` values are ignored).
+    """A preset's :class:`MetaAgentConfig`, with ``overrides`` applied (``None`` values are ignored, as
+    for options not given on the command line: to turn off a preset's setting, e.g. its learning-rate
+    cap, use ``get_preset("full").replace(lr_max_rise=None)``).
 
     Raises:
         ValueError: an unknown preset or field.

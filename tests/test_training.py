@@ -737,6 +737,30 @@ def test_one_seed_makes_one_policy(tiny_meta_training):
     assert not all(np.array_equal(first[k], other[k]) for k in first)
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"ent_coef": float("nan")}, "ent_coef must be a finite number >= 0, got nan"),
+        ({"vf_coef": -1.0}, "vf_coef must be a finite number > 0"),
+        ({"max_grad_norm": 0.0}, "max_grad_norm must be a finite number > 0"),
+        ({"target_kl": -1.0}, "target_kl must be a finite number > 0 or None"),
+        ({"divergence_penalty": "x"}, "divergence_penalty must be a finite number >= 0, got 'x'"),
+        ({"learning_rate": "3e-4"}, "learning_rate must be a finite number > 0"),
+        ({"net_arch": (-4,)}, "net_arch must hold positive layer widths"),
+        ({"task_distribution": "bogus"}, "task_distribution must be one of"),
+    ],
+)
+def test_meta_agent_config_refuses_nonsense_at_construction(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        get_preset("quick", **override)
+
+
+def test_meta_agent_config_takes_one_name_and_numpy_integers():
+    config = get_preset("quick", hyperparameters="lr", task_families="charlm", n_envs=np.int64(4), task_group_size=2)
+    assert config.hyperparameters == ("lr",) and config.task_families == ("charlm",)
+    assert config.n_envs == 4 and type(config.n_envs) is int
+
+
 def test_agent_and_display_options_reach_the_settings():
     settings = parse_settings(
         ["--algorithm", "framestack", "--frame-stack", "3", "--lstm-hidden-size", "32", "--no-progress-bar"]
