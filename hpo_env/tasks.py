@@ -313,13 +313,29 @@ class TaskSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> TaskSpec:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        missing = sorted(required - set(data))
+        if unknown or missing:
+            raise ValueError(
+                f"not a TaskSpec dict (as TaskSpec.to_dict() writes): unknown keys {unknown}, missing keys {missing}"
+            )
         data = dict(data)
-        data["hidden"] = tuple(data["hidden"])
+        if "hidden" in data:
+            data["hidden"] = tuple(data["hidden"])
         return cls(**data)
 
 
 # --------------------------------------------------------------------------------------------------
 # family samplers: (rng, optimizer) -> TaskSpec
+
+
+def _check_rng(rng: object) -> None:
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(
+            f"rng must be a numpy.random.Generator, e.g. np.random.default_rng(42), got {type(rng).__name__}"
+        )
 
 
 def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
@@ -583,6 +599,7 @@ class TaskDistribution:
 
     def sample(self, rng: np.random.Generator) -> TaskSpec:
         """Draw one task. All randomness comes from ``rng``."""
+        _check_rng(rng)
         family = self.families[int(rng.integers(len(self.families)))]
         optimizer = self.optimizers[int(rng.integers(len(self.optimizers)))]
         return self._with_gain(_SAMPLERS[family](rng, optimizer, self.lr_spread, self.lr_center), rng)
@@ -596,6 +613,9 @@ class TaskDistribution:
         """Draw one task of a given family (used by benchmarks for per-family tables)."""
         if family not in _SAMPLERS:
             raise ValueError(f"unknown task family {family!r}; choose from {list(FAMILIES)}")
+        _check_rng(rng)
+        if optimizer is not None and optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose from {list(OPTIMIZERS)}")
         optimizer = optimizer or self.optimizers[int(rng.integers(len(self.optimizers)))]
         return self._with_gain(_SAMPLERS[family](rng, optimizer, self.lr_spread, self.lr_center), rng)
 

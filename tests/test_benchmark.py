@@ -109,6 +109,18 @@ def test_bootstrap_interval_covers_the_true_median_about_95_percent_of_the_time(
     assert 0.89 <= hits / reps <= 0.99
 
 
+def test_statistics_refuse_inputs_that_would_give_silent_nonsense():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match=r"reduce the last axis .* np.median\(x, axis=-1\)"):
+        bootstrap_ci(np.arange(10.0), np.median, rng=rng)  # reduces everything: a zero-width interval
+    with pytest.raises(ValueError, match="n_boot must be a positive integer"):
+        bootstrap_ci(np.arange(10.0), rng=rng, n_boot=2.5)
+    with pytest.raises(ValueError, match="one loss per pair"):
+        win_rate(np.ones((2, 3)), np.ones((3, 2)))
+    with pytest.raises(ValueError, match="losses, which are >= 0"):
+        win_rate([-1.0, 2.0], [1.0, -2.0])
+
+
 def test_bootstrap_of_medians_over_diverged_runs_is_infinite_not_nan():
     # Two of five tasks diverged on every seed (ratio inf): many resampled medians are inf.
     ratios = np.repeat([1.0, 1.02, 0.98, np.inf, np.inf], 5)

@@ -83,6 +83,18 @@ def test_distribution_samples_only_its_families(split):
     assert seen == set(SPLITS[split])
 
 
+def test_sampling_and_task_dicts_say_what_they_need():
+    dist = TaskDistribution.default("all")
+    with pytest.raises(TypeError, match=r"numpy.random.Generator, e.g. np.random.default_rng\(42\), got int"):
+        dist.sample(42)
+    with pytest.raises(ValueError, match=r"unknown optimizer 'adam'; choose from \['sgd', 'adamw'\]"):
+        dist.sample_family("tabular", np.random.default_rng(0), optimizer="adam")
+    spec = dist.sample(np.random.default_rng(0))
+    assert TaskSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match=r"unknown keys \['bogus'\], missing keys \[\]"):
+        TaskSpec.from_dict({**spec.to_dict(), "bogus": 1})
+
+
 def test_sampling_is_reproducible_and_varied():
     dist = TaskDistribution.default("all")
     a = [dist.sample(np.random.default_rng(7)) for _ in range(2)]

@@ -41,11 +41,16 @@ def as_losses(values: Sequence[float] | np.ndarray) -> np.ndarray:
 
 
 def _paired(policy, baseline) -> tuple[np.ndarray, np.ndarray]:
+    shapes = [np.shape(v) for v in (policy, baseline)]
+    if any(len(shape) > 1 for shape in shapes):
+        raise ValueError(f"paired comparisons take one loss per pair (1-D), got shapes {shapes[0]} and {shapes[1]}")
     p, b = as_losses(policy), as_losses(baseline)
     if p.shape != b.shape:
         raise ValueError(f"paired comparisons need equally many values, got {p.size} and {b.size}")
     if p.size == 0:
         raise ValueError("paired comparisons need at least one pair, got none")
+    if (p < 0).any() or (b < 0).any():
+        raise ValueError("paired comparisons take losses, which are >= 0; got negative values")
     return p, b
 
 
@@ -230,7 +235,7 @@ def bootstrap_ci(
     x = np.asarray(values, dtype=np.float64).reshape(-1)
     if x.size == 0:
         raise ValueError("bootstrap_ci needs at least one value")
-    if int(n_boot) < 1:
+    if not isinstance(n_boot, (int, np.integer)) or isinstance(n_boot, bool) or n_boot < 1:
         raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
@@ -252,6 +257,11 @@ def bootstrap_ci(
             stats = np.asarray(statistic(samples), dtype=np.float64)
         else:
             stats = np.array([statistic(x[np.concatenate([members[g] for g in row])][None])[0] for row in picks])
+    if stats.shape != (n_boot,):
+        raise ValueError(
+            f"statistic must reduce the last axis of the ({n_boot}, m) resamples to ({n_boot},), got shape "
+            f"{stats.shape}: use e.g. lambda x: np.median(x, axis=-1)"
+        )
     tail = 100 * (1 - confidence) / 2
     # Linear interpolation between two infinite statistics (a median ratio over diverged runs) gives
     # inf - inf = NaN; there, take the order statistics themselves.
