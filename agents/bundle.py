@@ -373,11 +373,27 @@ def save_bundle(
             read from the width of the model's observations).
 
     Raises:
-        BundleError: the model's observations fit no feature set of ``decoder``, or not the one given.
+        BundleError: the model's observations fit no feature set of ``decoder``, or not the one given, or
+            ``frame_stack``, ``clip_obs``, ``epsilon`` or ``obs_rms`` are such that no bundle could load.
     """
     path = Path(path)
+    # What load_bundle would refuse is refused here, before anything is written.
+    if not isinstance(frame_stack, (int, np.integer)) or isinstance(frame_stack, bool) or frame_stack < 1:
+        raise BundleError(f"frame_stack must be a positive integer (1: no stacking), got {frame_stack!r}")
+    for name, value in (("clip_obs", clip_obs), ("epsilon", epsilon)):
+        if not (isinstance(value, (int, float, np.floating)) and math.isfinite(value) and value > 0):
+            raise BundleError(f"{name} must be a finite number > 0 (VecNormalize's), got {value!r}")
     options = feature_options_of(model, decoder, frame_stack, gradient_features, epochs_feature)
     builder = ObservationBuilder(decoder, **options)
+    if obs_rms is not None:
+        mean, var = np.asarray(obs_rms.mean, dtype=np.float64), np.asarray(obs_rms.var, dtype=np.float64)
+        if mean.shape != (builder.dim,) or var.shape != (builder.dim,):
+            raise BundleError(
+                f"obs_rms has shapes {mean.shape} and {var.shape}, expected ({builder.dim},): the statistics of "
+                "another environment's observations (pass the VecNormalize of the model's own environment)"
+            )
+        if not (np.isfinite(mean).all() and np.isfinite(var).all() and (var >= 0).all()):
+            raise BundleError("obs_rms holds non-finite means or variances, or negative variances")
     written = {
         "format_version": CAPPED_BUNDLE_FORMAT_VERSION if decoder.relative_caps else BUNDLE_FORMAT_VERSION,
         "kind": POLICY_KIND,

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+import types
 from pathlib import Path
 
 import numpy as np
@@ -267,6 +268,21 @@ def test_unknown_algorithm(bundle_copy):
     _edit_json(bundle_copy / "config.json", algorithm="DQN")
     with pytest.raises(BundleError, match="unknown algorithm 'DQN'"):
         load_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"frame_stack": 0}, "frame_stack must be a positive integer"),
+        ({"clip_obs": -1.0}, "clip_obs must be a finite number > 0"),
+        ({"obs_rms": types.SimpleNamespace(mean=np.zeros(3), var=np.ones(3))}, r"obs_rms has shapes \(3,\)"),
+    ],
+)
+def test_save_refuses_what_load_would_refuse_before_writing(good_bundle, tmp_path, options, message):
+    bundle = load_bundle(good_bundle)
+    with pytest.raises(BundleError, match=message):
+        save_bundle(tmp_path / "bad", bundle.model, bundle.decoder, **options)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_saved_bundle_is_readable_by_others(good_bundle, tmp_path):
