@@ -157,9 +157,20 @@ class PolicyBundle:
                 f"the policy takes raw observations of shape ({self.obs_dim},) or (n, {self.obs_dim}), got shape "
                 f"{obs.shape}: build them with hpo_env.ObservationBuilder(bundle.decoder, **bundle.feature_options)"
             )
+        if obs.size == 0:
+            raise ValueError(f"the policy needs at least one observation, got shape {obs.shape}")
+        bad = np.flatnonzero(~np.isfinite(obs).all(axis=0) if obs.ndim == 2 else ~np.isfinite(obs))
+        if bad.size:
+            names = ObservationBuilder(self.decoder, **self.feature_options).feature_names()
+            raise ValueError(
+                f"non-finite observation features {[names[i] for i in bad]}: the policy acts on finite features "
+                "(a diverged run's losses are for the scheduler to handle, not the policy)"
+            )
         obs = self.normalize(obs.reshape(-1, self.obs_dim))
         n = len(obs)
-        starts = np.ones(n, bool) if episode_start is None else np.asarray(episode_start, bool).reshape(n)
+        starts = np.ones(n, bool) if episode_start is None else np.asarray(episode_start, bool).reshape(-1)
+        if starts.size != n:
+            raise ValueError(f"episode_start must hold one flag per observation ({n}), got {starts.size}")
         if self.frame_stack > 1 and not self.is_recurrent:
             stacked = self.initial_state(n) if state is None else np.array(state, dtype=np.float32, copy=True)
             d = self.obs_dim
