@@ -220,8 +220,13 @@ class BatchedTrainer:
         group_overhead_flops: float | None = None,
         gradient_stats: bool = False,
     ) -> None:
-        if n_slots < 1:
-            raise ValueError(f"n_slots must be >= 1, got {n_slots}")
+        if not isinstance(n_slots, (int, np.integer)) or isinstance(n_slots, bool) or n_slots < 1:
+            raise ValueError(f"n_slots must be an integer >= 1, got {n_slots!r}")
+        if not (isinstance(divergence_factor, (int, float)) and 1 < divergence_factor < math.inf):
+            raise ValueError(
+                f"divergence_factor must be a finite number > 1 (a run diverges when its loss exceeds that many times "
+                f"its untrained loss), got {divergence_factor!r}"
+            )
         self.n_slots = int(n_slots)
         self.device = check_device(device)
         self.divergence_factor = float(divergence_factor)
@@ -238,6 +243,9 @@ class BatchedTrainer:
 
     def load(self, slot: int, spec: TaskSpec, hparams: np.ndarray | None = None) -> None:
         """Put a fresh task into ``slot``: build its data, initialise its model and optimiser."""
+        self._check_slot(slot)
+        if not isinstance(spec, TaskSpec):
+            raise TypeError(f"spec must be a TaskSpec, got {type(spec).__name__}")
         data = build_splits(spec)
         if self.device.type != "cpu":
             data = DataSplits(
@@ -266,7 +274,14 @@ class BatchedTrainer:
         return self._get(slot).hparams.copy()
 
     def set_hparams(self, slot: int, values: np.ndarray) -> None:
-        self._get(slot).hparams = np.asarray(values, dtype=np.float64).copy()
+        """Set a slot's ``(lr, weight_decay, momentum)``: all finite, >= 0, momentum (Adam's beta1) below 1."""
+        hp = np.asarray(values, dtype=np.float64)
+        if hp.shape != (3,) or not np.isfinite(hp).all() or (hp < 0).any() or hp[2] >= 1:
+            raise ValueError(
+                f"hyperparameters (lr, weight_decay, momentum) must be finite and >= 0, momentum below 1, got "
+                f"{hp.tolist()}"
+            )
+        self._get(slot).hparams = hp.copy()
 
     def steps_done(self, slot: int) -> int:
         return self._get(slot).steps_done
@@ -282,7 +297,12 @@ class BatchedTrainer:
         self._materialize(s)
         return [p.clone() for p in s.params]
 
+    def _check_slot(self, slot: int) -> None:
+        if not isinstance(slot, (int, np.integer)) or isinstance(slot, bool) or not 0 <= slot < self.n_slots:
+            raise IndexError(f"slot must be an integer in [0, {self.n_slots}), got {slot!r}")
+
     def _get(self, slot: int) -> _Slot:
+        self._check_slot(slot)
         s = self._slots[slot]
         if s is None:
             raise RuntimeError(f"slot {slot} holds no task; call load() first")

@@ -130,3 +130,21 @@ def test_divergence_is_reported_per_model_and_contained(small_mlp_spec):
         ref = reference.train_chunk([0])
     assert r.diverged.tolist() == [False, True, False]
     np.testing.assert_allclose(r.val_loss[0], ref.val_loss[0], rtol=1e-5)
+
+
+def test_bad_slots_hyperparameters_and_settings_are_refused_clearly(small_mlp_spec):
+    with pytest.raises(ValueError, match="n_slots must be an integer >= 1"):
+        BatchedTrainer(2.5)
+    with pytest.raises(ValueError, match="divergence_factor must be a finite number > 1"):
+        BatchedTrainer(1, divergence_factor=-1)
+    trainer = BatchedTrainer(2)
+    with pytest.raises(IndexError, match=r"slot must be an integer in \[0, 2\), got 5"):
+        trainer.load(5, small_mlp_spec)
+    with pytest.raises(IndexError, match="got -1"):  # not silently the last slot
+        trainer.load(-1, small_mlp_spec)
+    with pytest.raises(TypeError, match="spec must be a TaskSpec, got dict"):
+        trainer.load(0, small_mlp_spec.to_dict())
+    trainer.load(0, small_mlp_spec)
+    for bad in ([0.1, 1e-4], [-0.1, 1e-4, 0.9], [0.1, 1e-4, 1.0], [np.nan, 0.0, 0.0]):
+        with pytest.raises(ValueError, match="must be finite and >= 0, momentum below 1"):
+            trainer.set_hparams(0, np.array(bad))
