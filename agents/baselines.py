@@ -92,6 +92,12 @@ def lr_grid(optimizer: str, size: int, decades: float) -> list[float]:
     """
     if optimizer not in DEFAULT_HPARAMS:
         raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {sorted(DEFAULT_HPARAMS)}")
+    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"size must be a positive integer (the grid's K), got {size!r}")
+    if not (isinstance(decades, (int, float, np.floating)) and 0 <= decades < math.inf):
+        raise ValueError(
+            f"decades must be a finite number >= 0 (the grid spans 10**[-decades, decades]), got {decades!r}"
+        )
     default = DEFAULT_HPARAMS[optimizer]["lr"]
     if size == 1:
         return [default]

@@ -452,6 +452,8 @@ def save_ensemble(
             members control different hyperparameters.
     """
     path = Path(path)
+    if isinstance(members, (str, os.PathLike)):
+        raise BundleError(f"members must be a list of bundle directories, got one path {str(members)!r}")
     sources = [Path(m) for m in members]
     if len(sources) < 2:
         raise BundleError(f"an ensemble needs at least two member bundles, got {len(sources)}")

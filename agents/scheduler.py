@@ -135,7 +135,8 @@ def _from_rank_zero(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
 
 def _to_float(value: SupportsFloat, what: str) -> float:
     if isinstance(value, (str, bytes, bool, np.bool_)):  # float("0.5") and float(True) work, but are mistakes here
-        raise TypeError(f"{what} must be a real number (a loss), got {type(value).__name__} {value!r}")
+        kind = "a number of passes over the training set" if what == "epochs" else "a loss"
+        raise TypeError(f"{what} must be a real number ({kind}), got {type(value).__name__} {value!r}")
     if isinstance(value, (torch.Tensor, np.ndarray)):
         if (value.numel() if isinstance(value, torch.Tensor) else value.size) != 1:
             raise TypeError(

@@ -95,7 +95,9 @@ class HPOVecEnv(VecEnv):
         self._rngs = [seeding.np_random(None)[0] for _ in range(self.num_envs)]
         self._actions: np.ndarray | None = None
         if seed is not None:
-            self.seed(seed)
+            if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+                raise ValueError(f"seed must be an integer >= 0 (slot i uses seed + i) or None, got {seed!r}")
+            self.seed(int(seed))
 
     @property
     def feature_names(self) -> list[str]:

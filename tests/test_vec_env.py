@@ -239,3 +239,9 @@ def test_task_group_size_must_divide_the_slots_and_members_share_the_leaders_tas
     vec.set_options([{"task": a}, {}])
     vec.reset()
     assert vec.tasks() == [a, a]
+
+
+def test_a_bad_seed_is_refused_at_construction_not_at_reset():
+    for seed in (-5, 1.5, "a"):
+        with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+            HPOVecEnv(2, "toy", seed=seed)
