@@ -80,6 +80,15 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
+def _policy_device(bundle: Any) -> torch.device:
+    """The device a bundle's network runs on (an ensemble's: its first member's); CPU if it does not say."""
+    members = getattr(bundle, "members", None)
+    if members:
+        return _policy_device(members[0])
+    device = getattr(getattr(bundle, "model", None), "device", None)
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
 def _distributed_world() -> int:
     """The number of ranks of an initialised ``torch.distributed`` process group (1 without one)."""
     dist = torch.distributed
@@ -87,32 +96,37 @@ def _distributed_world() -> int:
 
 
 def _resolve_sync_ranks(sync_ranks: bool | None) -> bool:
-    world = _distributed_world()
+    dist = torch.distributed
     if sync_ranks is None:
-        return world > 1
+        return _distributed_world() > 1
     if not isinstance(sync_ranks, bool):
         raise TypeError(f"sync_ranks must be True, False or None (automatic), got {sync_ranks!r}")
-    if sync_ranks and world == 1:
+    if sync_ranks and not (dist.is_available() and dist.is_initialized()):
         raise ValueError(
-            "sync_ranks=True needs an initialised torch.distributed process group of several ranks "
+            "sync_ranks=True needs an initialised torch.distributed process group "
             "(torch.distributed.init_process_group before creating the scheduler); use None to sync only then"
         )
     return sync_ranks
 
 
-def _collective_device() -> torch.device:
-    """Where the collectives' tensors live: NCCL takes CUDA tensors, the other backends CPU ones."""
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def _collective_device(optimizer: torch.optim.Optimizer) -> torch.device:
+    """Where the collectives' tensors live: NCCL takes CUDA tensors (on this rank's GPU: the one its
+    parameters are on, even where the script never called ``torch.cuda.set_device``), the others CPU ones."""
+    if torch.distributed.get_backend() != "nccl":
+        return torch.device("cpu")
+    for group in getattr(optimizer, "param_groups", []):
+        for p in group["params"]:
+            if p.device.type == "cuda":
+                return p.device
+    return torch.device("cuda", torch.cuda.current_device())
 
 
-def _mean_over_ranks(val: float, train: float | None) -> tuple[float, float | None]:
+def _mean_over_ranks(val: float, train: float | None, device: torch.device) -> tuple[float, float | None]:
     """Every rank's losses averaged (the training loss over the ranks that gave one); one ``all_reduce``."""
     x = torch.tensor(
         [val, 0.0 if train is None else train, 0.0 if train is None else 1.0],
         dtype=torch.float64,
-        device=_collective_device(),
+        device=device,
     )
     torch.distributed.all_reduce(x)
     total_val, total_train, with_train = x.tolist()
@@ -120,10 +134,10 @@ def _mean_over_ranks(val: float, train: float | None) -> tuple[float, float | No
     return total_val / torch.distributed.get_world_size(), mean_train
 
 
-def _from_rank_zero(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+def _from_rank_zero(device: torch.device, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     """Rank 0's values of ``arrays`` (float64, one ``broadcast``), on every rank."""
     sizes = [a.size for a in arrays]
-    x = torch.from_numpy(np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays])).to(_collective_device())
+    x = torch.from_numpy(np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays])).to(device)
     torch.distributed.broadcast(x, src=0)
     flat = x.cpu().numpy()
     out, start = [], 0
@@ -429,8 +443,8 @@ class PolicyScheduler:
 
     # -- construction helpers -------------------------------------------------------------------
     def _check_epochs(self, epochs: float | None) -> float | None:
-        if not self.epochs_feature:
-            return None if epochs is None else _to_float(epochs, "epochs")
+        if epochs is None and not self.epochs_feature:
+            return None
         if epochs is None:
             raise ValueError(
                 "this policy observes how many passes over the training set the run makes: pass epochs= "
@@ -770,7 +784,7 @@ class PolicyScheduler:
         val = _to_float(metrics, "metrics")
         train = None if train_loss is None else _to_float(train_loss, "train_loss")
         if self.sync_ranks:
-            val, train = _mean_over_ranks(val, train)
+            val, train = _mean_over_ranks(val, train, _collective_device(self.optimizer))
         self._warn_if_changed_outside()
         if train is None and not self._warned_no_train_loss:
             warnings.warn(
@@ -841,9 +855,10 @@ class PolicyScheduler:
                 action = np.asarray(raw, dtype=np.float64).reshape(k)
         if action is not None:
             self._base = self.decoder.decode(action, self._base, self._initial_base)
-            self._last_action = action
+            self._last_action = np.clip(action, -1.0, 1.0)  # a Gaussian head samples beyond; decode clips too
             if self.sync_ranks:  # rank 0's decision everywhere (sampled actions, float differences between devices)
-                self._base, self._last_action = _from_rank_zero(self._base, self._last_action)
+                device = _collective_device(self.optimizer)
+                self._base, self._last_action = _from_rank_zero(device, self._base, self._last_action)
                 action = self._last_action
         self._write()
         if self.writer is not None:
@@ -874,9 +889,23 @@ class PolicyScheduler:
         starts = np.array([self._episode_start])
         if self.deterministic:
             return self.bundle.predict(obs, state=self._policy_state, episode_start=starts, deterministic=True)
-        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(int(self._sampler.integers(2**63)))
+        # The sampling draws from the generator of the policy's device only: fork it (and the CPU's), seed it
+        # from this scheduler's generator, and give the caller's state back afterwards.
+        device = _policy_device(self.bundle)
+        seed = int(self._sampler.integers(2**63))
+        accelerator = device.type not in ("cpu", "meta")
+        index = device.index if device.index is not None else 0
+        with torch.random.fork_rng(
+            devices=[index] if accelerator else [], device_type=device.type if accelerator else "cuda"
+        ):
+            torch.random.default_generator.manual_seed(seed)
+            if accelerator:
+                module = torch.get_device_module(device.type)
+                if device.type == "cuda":
+                    with torch.cuda.device(index):
+                        module.manual_seed(seed)
+                else:
+                    module.manual_seed(seed)
             return self.bundle.predict(obs, state=self._policy_state, episode_start=starts, deterministic=False)
 
     # -- checkpointing --------------------------------------------------------------------------
@@ -998,6 +1027,13 @@ class PolicyScheduler:
         saved_epochs = state_dict.get("epochs")
         if saved_epochs is not None and not (_is_real(saved_epochs) and 0 < float(saved_epochs) < math.inf):
             raise ValueError(f"malformed scheduler state: epochs={saved_epochs!r} must be a positive number")
+        sampler = None
+        if "sampler" in state_dict:
+            try:
+                sampler = np.random.PCG64()
+                sampler.state = json.loads(state_dict["sampler"])
+            except (TypeError, ValueError, KeyError) as err:
+                raise ValueError(f"malformed scheduler state: sampler ({type(err).__name__}: {err})") from err
         features = {k: _as_numpy(v, None) for k, v in state_dict["features"].items()}
         if self.epochs_feature:
             saved_epochs = state_dict.get("epochs")
@@ -1024,8 +1060,8 @@ class PolicyScheduler:
         self._episode_start = bool(state_dict.get("episode_start", self._t == 0))
         self.adaptive = bool(state_dict.get("adaptive", self.adaptive))
         self.deterministic = bool(state_dict.get("deterministic", self.deterministic))
-        if "sampler" in state_dict:
-            self._sampler.bit_generator.state = json.loads(state_dict["sampler"])
+        if sampler is not None:
+            self._sampler = np.random.Generator(sampler)
         self._base = base
         self._initial_base = initial_base
         self._ratios = ratios.copy()

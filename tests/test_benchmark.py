@@ -696,3 +696,8 @@ def test_a_shipped_policy_is_benchmarked_by_name():
     args = bench.build_parser().parse_args(["--policy", "default"])
     assert bench.config_from_args(args).policy == str(default_policy_path("default"))
     assert "(default: 5)" in " ".join(bench.build_parser().format_help().split()), "--help shows the defaults"
+
+
+def test_a_numpy_thread_count_runs():
+    with torch_threads(np.int64(1)) as n:
+        assert n == 1 == torch.get_num_threads()

@@ -213,6 +213,7 @@ def test_load_state_dict_rejects_other_policy_or_groups(default_bundle):
         ({"total_steps": 0}, "total_steps=0 must be an integer >= 1"),
         ({"epochs": -1.0}, "epochs=-1.0 must be a positive number"),
         ({"features": {}}, r"malformed observation state: unknown entries \[\], missing entries"),
+        ({"sampler": "{broken"}, "malformed scheduler state: sampler"),
     ],
 )
 def test_a_damaged_state_dict_is_refused_before_anything_changes(default_bundle, change, message):
@@ -223,6 +224,19 @@ def test_a_damaged_state_dict_is_refused_before_anything_changes(default_bundle,
     with pytest.raises(ValueError, match=message):
         sched.load_state_dict({**state, **change})
     assert sched.get_last_hparams() == before and opt.param_groups[0]["lr"] == before["lr"][0]
+    assert sched.last_step == 1 and sched.total_steps == 4  # nothing half-loaded
+
+
+def test_a_policy_acting_beyond_its_bounds_saves_a_state_that_loads():
+    """Gaussian heads sample outside [-1, 1]; the decoder clips, and so does the saved last action."""
+    opt = _optimizer("sgd", 0.1, 1e-4, 0.9)
+    sched = PolicyScheduler(opt, ReplayPolicy(ActionDecoder(("lr", "weight_decay")), [[1.7, 1.7]] * 4), total_steps=4)
+    sched.step(1.0, train_loss=1.0)
+    again = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), sched.bundle, total_steps=4)
+    again.load_state_dict(sched.state_dict())
+    assert again.get_last_hparams() == sched.get_last_hparams()
+    with pytest.raises(ValueError, match="epochs must be a finite number > 0"):
+        PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), sched.bundle, total_steps=4, epochs=0.0)
 
 
 def test_load_state_dict_says_when_the_saved_run_length_replaces_the_given_one(default_bundle):

@@ -957,9 +957,12 @@ def make_plots(summary: dict, folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import ScalarFormatter
 
-    def plain_numbers(axis) -> None:  # log axes spanning less than a decade: label the ticks as numbers
-        axis.set_major_formatter(ScalarFormatter())
-        axis.set_minor_formatter(ScalarFormatter())
+    def plain_numbers(axis, values) -> None:
+        """A log axis spanning less than a decade gets few or no labelled decades: label its ticks as numbers."""
+        v = np.asarray([x for x in values if x is not None and np.isfinite(x) and x > 0], dtype=float)
+        if v.size and np.log10(v.max() / v.min()) < 1:
+            axis.set_major_formatter(ScalarFormatter())
+            axis.set_minor_formatter(ScalarFormatter())
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -990,7 +993,7 @@ def make_plots(summary: dict, folder: Path) -> list[Path]:
         if with_wd:
             ax["weight_decay"].set(yscale="log", xlabel=budget, ylabel="weight decay", title="weight decay")
         ax["val_loss"].set(yscale="log", xlabel=budget, ylabel="validation loss", title="validation loss")
-        plain_numbers(ax["val_loss"].yaxis)
+        plain_numbers(ax["val_loss"].yaxis, [x for c in info["arms"].values() for x in c["val_loss"]])
         ax["val_loss"].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
         fig.suptitle(
             f"{family}: every schedule on one task ({info['task_id']}, {info['optimizer']}), seed 0 "
@@ -1025,7 +1028,7 @@ def make_plots(summary: dict, folder: Path) -> list[Path]:
     ax_r.errorbar(ratio[finite], y[finite], xerr=np.stack([ratio - lo, hi - ratio])[:, finite], fmt="o", capsize=3)
     ax_r.axvline(1.0, color="k", lw=1, ls="--")
     ax_r.set(xscale="log", xlabel="median final validation loss, policy / baseline (95% CI)\nbelow 1: policy better")
-    plain_numbers(ax_r.xaxis)
+    plain_numbers(ax_r.xaxis, [*lo[finite], *hi[finite]])
     for yi in y[~finite]:  # a median ratio of inf or n/a (divergences): said, not silently dropped
         ax_r.text(1.0, yi, "  n/a (divergences)", va="center", fontsize=8, color="tab:gray")
     pairs = rows_[0]["all"]["pairs"] if rows_ else 0

@@ -25,13 +25,14 @@ __all__ = ["torch_threads"]
 @contextmanager
 def torch_threads(n: int | None) -> Iterator[int]:
     """Run the block on ``n`` torch threads (None: leave the count as it is); yields the count in use."""
+    import numpy as np
     import torch
 
     previous = torch.get_num_threads()
     if n is not None:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        if not isinstance(n, (int, np.integer)) or isinstance(n, (bool, np.bool_)) or n < 1:
             raise ValueError(f"threads must be a positive integer, got {n!r}")
-        torch.set_num_threads(n)
+        torch.set_num_threads(int(n))
     try:
         yield torch.get_num_threads()
     finally:
