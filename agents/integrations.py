@@ -299,9 +299,10 @@ def _hf_callback_class() -> type:
             # The run's length in epochs, for a policy that observes it; given epochs= win.
             kwargs = {"epochs": _epochs_from_args(args, state, train_dataloader), **self.scheduler_kwargs}
             with warnings.catch_warnings():
-                if saved is not None and not resumed_without_state:
-                    # The resumed optimizer holds the policy's own rates (the state loaded below sets them
-                    # again), not those of another scheduler: no warning about them.
+                if saved is not None:
+                    # The resumed optimizer holds the policy's own rates (with its state, loaded below, they are
+                    # set again; without it, the warning below says the policy restarts from them), not those of
+                    # another scheduler: no warning about them.
                     warnings.filterwarnings("ignore", message="a torch LR scheduler")
                 if isinstance(self.policy, (str, os.PathLike)):
                     self.scheduler = PolicyScheduler.from_pretrained(self.policy, optimizer, total, **kwargs)
@@ -313,7 +314,7 @@ def _hf_callback_class() -> type:
                 warnings.warn(
                     f"resuming at step {state.global_step} without the policy's state (looked for {saved}, which "
                     "this callback writes into every checkpoint it sees saved): the policy restarts its memory and "
-                    f"its progress, over the {total} evaluations left",
+                    f"its progress, over the {total} evaluations left, from the resumed optimizer's rates",
                     stacklevel=2,
                 )
             self._log_index = len(state.log_history)
