@@ -545,7 +545,10 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> PolicyBundle | 
             raise BundleError(f"{path / CONFIG_FILE} has {name}={value!r}, expected true or false")
     obs_dim = ObservationBuilder(decoder, **options).dim
     if config.get("obs_dim") != obs_dim:
-        raise BundleError(f"{path / CONFIG_FILE} says obs_dim={config.get('obs_dim')}, its decoder implies {obs_dim}")
+        raise BundleError(
+            f"{path / CONFIG_FILE} says obs_dim={config.get('obs_dim')!r}, its decoder and feature options "
+            f"(gradient_features, epochs_feature) imply {obs_dim}"
+        )
     norm = _read_json(path / NORM_FILE)
     obs_mean = obs_var = None
     clip_obs, epsilon = OBS_BOUND, 1e-8

@@ -366,6 +366,13 @@ class PolicyScheduler:
         self.bundle = bundle
         self.decoder: ActionDecoder = decoder
         self.total_steps = int(total_steps)
+        for name, value in (("deterministic", deterministic), ("adaptive", adaptive)):
+            if value is not None and not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
+        if writer is not None and not callable(getattr(writer, "add_scalar", None)):
+            raise TypeError(
+                f"writer must be a torch.utils.tensorboard.SummaryWriter (anything with add_scalar), got {writer!r}"
+            )
         self.deterministic = bool(deterministic)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
             raise ValueError(f"seed must be an integer >= 0 or None, got {seed!r}")

@@ -86,8 +86,19 @@ class EpisodeBatch:
         epochs_feature: bool = False,
         reference_runs: bool = False,
     ) -> None:
-        if not 0 <= divergence_penalty < math.inf:
-            raise ValueError(f"divergence_penalty must be a finite number >= 0, got {divergence_penalty}")
+        if not (
+            isinstance(divergence_penalty, (int, float, np.integer, np.floating))
+            and not isinstance(divergence_penalty, bool)
+            and 0 <= divergence_penalty < math.inf
+        ):
+            raise ValueError(f"divergence_penalty must be a finite number >= 0, got {divergence_penalty!r}")
+        for name, value in (
+            ("gradient_features", gradient_features),
+            ("epochs_feature", epochs_feature),
+            ("reference_runs", reference_runs),
+        ):
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
         self.n = n
         self.decoder = decoder
         self.gradient_features = bool(gradient_features)

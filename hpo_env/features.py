@@ -116,8 +116,10 @@ class GradientStats:
     """
 
     def __init__(self, n: int = 1, device: str | torch.device = "cpu", steps_hint: int = 16) -> None:
+        from hpo_env.trainer import check_device  # the trainer imports this module
+
         self.n = int(n)
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self._capacity = max(int(steps_hint), 2)
         self._pair: torch.Tensor | None = None  # (n, 2, P): each run's last two gradients, alternating
         self.reset()

@@ -244,3 +244,10 @@ def test_hpo_demo_runs_an_episode_and_refuses_bad_options(capsys):
         with pytest.raises(SystemExit):
             demo(argv)
         assert expected in capsys.readouterr().err
+
+
+def test_flags_and_penalty_of_the_wrong_type_are_refused_not_read_as_true():
+    with pytest.raises(TypeError, match="gradient_features must be True or False, got 'no'"):
+        HPOEnv("toy", gradient_features="no")
+    with pytest.raises(ValueError, match="divergence_penalty must be a finite number >= 0, got '1'"):
+        HPOEnv("toy", divergence_penalty="1")

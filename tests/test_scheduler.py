@@ -539,6 +539,14 @@ def test_bad_arguments_raise_clear_errors(default_bundle):
         sched.step(torch.ones(3))
 
 
+def test_flags_and_writer_of_the_wrong_type_are_refused_at_construction(default_bundle):
+    opt = _optimizer("sgd", 0.1, 1e-4, 0.9)
+    with pytest.raises(TypeError, match="deterministic must be True or False, got 'no'"):
+        PolicyScheduler(opt, default_bundle, 4, epochs=4, deterministic="no")
+    with pytest.raises(TypeError, match="writer must be a torch.utils.tensorboard.SummaryWriter"):
+        PolicyScheduler(opt, default_bundle, 4, epochs=4, writer="runs/x")
+
+
 def test_metrics_take_one_element_arrays_and_refuse_strings_and_bools(default_bundle):
     sched = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), default_bundle, 5, epochs=5)
     for bad in ("0.5", True):
