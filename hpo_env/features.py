@@ -194,10 +194,20 @@ class ObservationBuilder:
     def __init__(
         self, decoder: ActionDecoder, n: int = 1, *, gradient_features: bool = False, epochs_feature: bool = False
     ) -> None:
+        if not isinstance(decoder, ActionDecoder):
+            raise TypeError(
+                f"decoder must be an ActionDecoder (e.g. a bundle's .decoder), got {type(decoder).__name__}"
+            )
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n (runs tracked at once) must be an integer >= 1, got {n!r}")
+        for name, value in (("gradient_features", gradient_features), ("epochs_feature", epochs_feature)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
         self.decoder = decoder
         self.n = int(n)
         self.gradient_features = bool(gradient_features)
         self.epochs_feature = bool(epochs_feature)
+        self._started = np.zeros(self.n, bool)  # reset() before update(), per slot
         k = decoder.num_actions
         self.dim = len(_BASE_FEATURES) + 3 * k + len(self._optional_names())
         self._grad_ref = np.full(n, np.nan)  # log gradient norm of the first interval with gradients
@@ -276,7 +286,7 @@ class ObservationBuilder:
             epochs: with ``epochs_feature``, how many passes over its training set each run makes in
                 all (> 0).
         """
-        slots = np.asarray(slots, dtype=np.intp)
+        slots = self._check(slots, hparams)
         if self.epochs_feature:
             if epochs is None:
                 raise ValueError(
@@ -297,6 +307,7 @@ class ObservationBuilder:
         self._h0[slots] = self.decoder.clip(hparams)
         self._prev_action[slots] = 0.0
         self._adaptive[slots] = np.broadcast_to(np.asarray(adaptive, dtype=np.float64), slots.shape)
+        self._started[slots] = True
         grad = self._gradient_columns(slots, gradients, first=True)
         return self._features(
             slots,
@@ -322,7 +333,11 @@ class ObservationBuilder:
         gradients: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
         """Advance runs in ``slots`` by one interval; ``action`` is what set ``hparams``."""
-        slots = np.asarray(slots, dtype=np.intp)
+        slots = self._check(slots, hparams)
+        if not self._started[slots].all():
+            raise ValueError(
+                f"slots {slots[~self._started[slots]].tolist()} were never reset(): start a run with reset()"
+            )
         ref = self._ref[slots]
         x_val = self._log_rel(val_loss, ref)
         x_tr = x_val if train_loss is None else self._log_rel(train_loss, ref)
@@ -338,6 +353,21 @@ class ObservationBuilder:
         self._prev_action[slots] = np.clip(np.asarray(action, np.float64), -1.0, 1.0)
         grad = self._gradient_columns(slots, gradients, first=False)
         return self._features(slots, x_val, x_tr, d_val, d_tr, train_loss is not None, hparams, progress, grad)
+
+    def _check(self, slots: np.ndarray | list[int], hparams: np.ndarray) -> np.ndarray:
+        """The slots as an index array, after checking them and the hyperparameters' shape."""
+        slots = np.atleast_1d(np.asarray(slots))
+        if slots.size == 0:
+            return np.zeros(0, np.intp)
+        if slots.dtype.kind not in "iu" or slots.ndim != 1 or ((slots < 0) | (slots >= self.n)).any():
+            raise ValueError(f"slots must be integers in [0, {self.n}), got {slots.tolist()}")
+        expected = (len(slots), self.decoder.num_actions)
+        if np.shape(hparams) != expected:
+            raise ValueError(
+                f"hparams must have shape {expected} (one row per slot: {', '.join(self.decoder.names)}), got "
+                f"{np.shape(hparams)}"
+            )
+        return slots.astype(np.intp)
 
     def _features(self, slots, x_val, x_tr, d_val, d_tr, has_train, hparams, progress, grad=None) -> np.ndarray:
         ema = self._ema[slots]
@@ -406,3 +436,4 @@ class ObservationBuilder:
                 raise ValueError(f"observation state {k!r} has shape {v.shape}, expected {known[k].shape}")
         for k, v in values.items():
             setattr(self, k, v.copy())
+        self._started[:] = True  # a saved state is one of running runs

@@ -150,3 +150,23 @@ def test_builder_state_round_trip():
     np.testing.assert_array_equal(a.update(*args), b.update(*args))
     with pytest.raises(ValueError, match="shape"):
         ObservationBuilder(ActionDecoder(("lr",))).load_state_dict(a.state_dict())
+
+
+def test_observation_builder_says_what_it_needs():
+    from hpo_env import ActionDecoder, ObservationBuilder
+
+    decoder = ActionDecoder(("lr", "weight_decay"))
+    with pytest.raises(ValueError, match="n .* must be an integer >= 1"):
+        ObservationBuilder(decoder, -1)
+    with pytest.raises(TypeError, match="decoder must be an ActionDecoder"):
+        ObservationBuilder(("lr",))
+    builder = ObservationBuilder(decoder, 2)
+    hp = np.array([[0.1, 1e-4]])
+    with pytest.raises(ValueError, match="were never reset"):
+        builder.update([0], np.array([1.0]), None, hp, np.zeros((1, 2)), np.array([0.5]))
+    with pytest.raises(ValueError, match=r"hparams must have shape \(1, 2\)"):
+        builder.reset([0], np.array([1.0]), None, np.array([[0.1]]), np.array([0.5]), adaptive=False)
+    with pytest.raises(ValueError, match=r"slots must be integers in \[0, 2\)"):
+        builder.reset([2], np.array([1.0]), None, hp, np.array([0.5]), adaptive=False)
+    obs = builder.reset([0], np.array([1.0]), None, hp, np.array([0.5]), adaptive=False)
+    assert obs.shape == (1, builder.dim)
