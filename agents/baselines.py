@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from hpo_env import OBS_BOUND, ActionDecoder, HyperparameterSpec, ObservationBuilder
+from hpo_env.checks import is_integer, is_number
 from hpo_env.tasks import DEFAULT_HPARAMS
 
 __all__ = [
@@ -92,9 +93,9 @@ def lr_grid(optimizer: str, size: int, decades: float) -> list[float]:
     """
     if optimizer not in DEFAULT_HPARAMS:
         raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {sorted(DEFAULT_HPARAMS)}")
-    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
+    if not is_integer(size) or size < 1:
         raise ValueError(f"size must be a positive integer (the grid's K), got {size!r}")
-    if not (isinstance(decades, (int, float, np.floating)) and 0 <= decades < math.inf):
+    if not (is_number(decades) and 0 <= decades < math.inf):
         raise ValueError(
             f"decades must be a finite number >= 0 (the grid spans 10**[-decades, decades]), got {decades!r}"
         )

@@ -49,6 +49,7 @@ import numpy as np
 
 from hpo_env import FEATURE_SET_VERSION, OBS_BOUND, OPTIONAL_FEATURES, ActionDecoder, ObservationBuilder, check_device
 from hpo_env import __version__ as HPO_VERSION
+from hpo_env.checks import is_integer, is_number
 
 __all__ = [
     "BUNDLE_FORMAT_VERSION",
@@ -389,10 +390,10 @@ def save_bundle(
     """
     path = Path(path)
     # What load_bundle would refuse is refused here, before anything is written.
-    if not isinstance(frame_stack, (int, np.integer)) or isinstance(frame_stack, bool) or frame_stack < 1:
+    if not is_integer(frame_stack) or frame_stack < 1:
         raise BundleError(f"frame_stack must be a positive integer (1: no stacking), got {frame_stack!r}")
     for name, value in (("clip_obs", clip_obs), ("epsilon", epsilon)):
-        if not (isinstance(value, (int, float, np.floating)) and math.isfinite(value) and value > 0):
+        if not (is_number(value) and math.isfinite(value) and value > 0):
             raise BundleError(f"{name} must be a finite number > 0 (VecNormalize's), got {value!r}")
     options = feature_options_of(model, decoder, frame_stack, gradient_features, epochs_feature)
     builder = ObservationBuilder(decoder, **options)

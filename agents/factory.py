@@ -99,6 +99,7 @@ from stable_baselines3.common.vec_env import (
 )
 
 from hpo_env import ActionDecoder, HPOVecEnv, TaskDistribution, make_distribution
+from hpo_env.checks import is_integer, is_number
 from hpo_env.features import OBS_BOUND
 from hpo_env.tasks import DEFAULT_LR_SPREAD, FAMILIES, SPLITS
 
@@ -245,10 +246,9 @@ class MetaAgentConfig:
             raise ValueError(f"algorithm must be one of {list(ALGORITHMS)}, got {self.algorithm!r}")
         for name in ("n_envs", "n_steps", "batch_size", "n_epochs", "lstm_hidden_size", "frame_stack"):
             value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ValueError(f"MetaAgentConfig.{name} must be a positive integer, got {value!r}")
             object.__setattr__(self, name, int(value))
-        real = (int, float, np.integer, np.floating)
         for name, low, high, low_open in (
             ("learning_rate", 0.0, math.inf, True),
             ("clip_range", 0.0, math.inf, True),
@@ -261,7 +261,7 @@ class MetaAgentConfig:
             ("gae_lambda", 0.0, 1.0, True),
         ):
             value = getattr(self, name)
-            ok = isinstance(value, real) and not isinstance(value, bool) and math.isfinite(value)
+            ok = is_number(value) and math.isfinite(value)
             if not ok or value < low or (low_open and value == low) or value > high:
                 if math.isfinite(high):
                     bound = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
@@ -269,14 +269,14 @@ class MetaAgentConfig:
                     bound = f"{'>' if low_open else '>='} {low:g}"
                 raise ValueError(f"MetaAgentConfig.{name} must be a finite number {bound}, got {value!r}")
         if self.target_kl is not None and not (
-            isinstance(self.target_kl, real) and math.isfinite(self.target_kl) and self.target_kl > 0
+            is_number(self.target_kl) and math.isfinite(self.target_kl) and self.target_kl > 0
         ):
             raise ValueError(f"MetaAgentConfig.target_kl must be a finite number > 0 or None, got {self.target_kl!r}")
         if isinstance(self.hyperparameters, str):  # one name, not its letters
             object.__setattr__(self, "hyperparameters", (self.hyperparameters,))
         if isinstance(self.task_families, str):
             object.__setattr__(self, "task_families", (self.task_families,))
-        if not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) and w >= 1 for w in self.net_arch):
+        if not all(is_integer(w) and w >= 1 for w in self.net_arch):
             raise ValueError(f"MetaAgentConfig.net_arch must hold positive layer widths, got {self.net_arch!r}")
         if isinstance(self.task_distribution, str) and self.task_distribution not in (*SPLITS, "toy"):
             raise ValueError(

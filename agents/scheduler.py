@@ -27,6 +27,7 @@ import torch
 
 from agents.bundle import policy_signature
 from hpo_env import ActionDecoder, GradientStats, ObservationBuilder, log_epochs_feature
+from hpo_env.checks import is_flag, is_integer, is_number
 
 __all__ = ["PolicyScheduler", "default_policy_path", "resolve_policy"]
 
@@ -68,16 +69,17 @@ def resolve_policy(path_or_name: str | os.PathLike) -> Path:
 
 
 def _is_int(value: Any) -> bool:
-    """A Python or NumPy integer, or a 0-dim integer tensor (state dicts hold either), not a bool."""
+    """An integer (:func:`hpo_env.checks.is_integer`), or a 0-dim integer tensor (state dicts hold either)."""
     if isinstance(value, torch.Tensor):
         return value.ndim == 0 and not value.is_floating_point() and value.dtype != torch.bool
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    return is_integer(value)
 
 
 def _is_real(value: Any) -> bool:
+    """A number (:func:`hpo_env.checks.is_number`), or a 0-dim non-bool tensor."""
     if isinstance(value, torch.Tensor):
         return value.ndim == 0 and value.dtype != torch.bool
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    return is_number(value)
 
 
 def _policy_device(bundle: Any) -> torch.device:
@@ -89,19 +91,14 @@ def _policy_device(bundle: Any) -> torch.device:
     return torch.device(device) if device is not None else torch.device("cpu")
 
 
-def _distributed_world() -> int:
-    """The number of ranks of an initialised ``torch.distributed`` process group (1 without one)."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _resolve_sync_ranks(sync_ranks: bool | None) -> bool:
     dist = torch.distributed
+    initialised = dist.is_available() and dist.is_initialized()
     if sync_ranks is None:
-        return _distributed_world() > 1
+        return initialised and dist.get_world_size() > 1
     if not isinstance(sync_ranks, bool):
         raise TypeError(f"sync_ranks must be True, False or None (automatic), got {sync_ranks!r}")
-    if sync_ranks and not (dist.is_available() and dist.is_initialized()):
+    if sync_ranks and not initialised:
         raise ValueError(
             "sync_ranks=True needs an initialised torch.distributed process group "
             "(torch.distributed.init_process_group before creating the scheduler); use None to sync only then"
@@ -147,9 +144,8 @@ def _from_rank_zero(device: torch.device, *arrays: np.ndarray) -> tuple[np.ndarr
     return tuple(out)
 
 
-def _to_float(value: SupportsFloat, what: str) -> float:
+def _to_float(value: SupportsFloat, what: str, kind: str = "a loss") -> float:
     if isinstance(value, (str, bytes, bool, np.bool_)):  # float("0.5") and float(True) work, but are mistakes here
-        kind = "a number of passes over the training set" if what == "epochs" else "a loss"
         raise TypeError(f"{what} must be a real number ({kind}), got {type(value).__name__} {value!r}")
     if isinstance(value, (torch.Tensor, np.ndarray)):
         if (value.numel() if isinstance(value, torch.Tensor) else value.size) != 1:
@@ -367,14 +363,14 @@ class PolicyScheduler:
         self.decoder: ActionDecoder = decoder
         self.total_steps = int(total_steps)
         for name, value in (("deterministic", deterministic), ("adaptive", adaptive)):
-            if value is not None and not isinstance(value, (bool, np.bool_)):
+            if value is not None and not is_flag(value):
                 raise TypeError(f"{name} must be True or False, got {value!r}")
         if writer is not None and not callable(getattr(writer, "add_scalar", None)):
             raise TypeError(
                 f"writer must be a torch.utils.tensorboard.SummaryWriter (anything with add_scalar), got {writer!r}"
             )
         self.deterministic = bool(deterministic)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        if seed is not None and (not is_integer(seed) or seed < 0):
             raise ValueError(f"seed must be an integer >= 0 or None, got {seed!r}")
         self._sampler = np.random.default_rng(seed)
         self.sync_ranks = _resolve_sync_ranks(sync_ranks)
@@ -458,7 +454,7 @@ class PolicyScheduler:
                 "(with one step() per epoch, epochs=total_steps; with one per K optimizer steps, "
                 "epochs=total_steps * K / len(train_loader))"
             )
-        value = _to_float(epochs, "epochs")
+        value = _to_float(epochs, "epochs", "a number of passes over the training set")
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"epochs must be a finite number > 0 (passes over the training set), got {epochs!r}")
         return value
@@ -790,8 +786,9 @@ class PolicyScheduler:
         """
         val = _to_float(metrics, "metrics")
         train = None if train_loss is None else _to_float(train_loss, "train_loss")
-        if self.sync_ranks:
-            val, train = _mean_over_ranks(val, train, _collective_device(self.optimizer))
+        device = _collective_device(self.optimizer) if self.sync_ranks else None
+        if device is not None:
+            val, train = _mean_over_ranks(val, train, device)
         self._warn_if_changed_outside()
         if train is None and not self._warned_no_train_loss:
             warnings.warn(
@@ -863,8 +860,7 @@ class PolicyScheduler:
         if action is not None:
             self._base = self.decoder.decode(action, self._base, self._initial_base)
             self._last_action = np.clip(action, -1.0, 1.0)  # a Gaussian head samples beyond; decode clips too
-            if self.sync_ranks:  # rank 0's decision everywhere (sampled actions, float differences between devices)
-                device = _collective_device(self.optimizer)
+            if device is not None:  # rank 0's decision everywhere (sampled actions, float differences between devices)
                 self._base, self._last_action = _from_rank_zero(device, self._base, self._last_action)
                 action = self._last_action
         self._write()
@@ -1041,9 +1037,8 @@ class PolicyScheduler:
                 sampler.state = json.loads(state_dict["sampler"])
             except (TypeError, ValueError, KeyError) as err:
                 raise ValueError(f"malformed scheduler state: sampler ({type(err).__name__}: {err})") from err
-        features = {k: _as_numpy(v, None) for k, v in state_dict["features"].items()}
+        features = {name: _as_numpy(v, None) for name, v in state_dict["features"].items()}
         if self.epochs_feature:
-            saved_epochs = state_dict.get("epochs")
             if saved_epochs is not None:
                 if not math.isclose(float(saved_epochs), self.epochs, rel_tol=1e-9):
                     warnings.warn(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gymnasium as gym
 
 from hpo_env.actions import CONTROLLABLE, DEFAULT_HYPERPARAMETERS, ActionDecoder, HyperparameterSpec
+from hpo_env.checks import check_device
 from hpo_env.core import EpisodeBatch
 from hpo_env.data import DataSplits, build_splits
 from hpo_env.envs import HPOEnv, make_distribution
@@ -23,7 +24,7 @@ from hpo_env.features import (
     log_epochs_feature,
 )
 from hpo_env.tasks import FAMILIES, SPLITS, TaskDistribution, TaskSpec, ToyTaskDistribution
-from hpo_env.trainer import HPARAM_NAMES, BatchedTrainer, ChunkResult, check_device
+from hpo_env.trainer import HPARAM_NAMES, BatchedTrainer, ChunkResult
 from hpo_env.vec_env import HPOVecEnv
 
 __all__ = [

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from hpo_env.checks import is_number
+
 __all__ = ["CONTROLLABLE", "DEFAULT_HYPERPARAMETERS", "ActionDecoder", "HyperparameterSpec"]
 
 #: Hyperparameters an action can control (``momentum`` is Adam's beta1 for Adam-type optimisers).
@@ -120,10 +122,6 @@ class HyperparameterSpec:
         return np.minimum(self.upper, self.from_log(start + self.max_log10_above_initial))
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
 #: Default bounds and step sizes of every controllable hyperparameter.
 DEFAULT_HYPERPARAMETERS: dict[str, HyperparameterSpec] = {
     "lr": HyperparameterSpec("lr", 1e-5, 1.0, 0.25),
@@ -182,16 +180,16 @@ class ActionDecoder:
                 raise ValueError(f"{arg} given for {extra}, which are not controlled ({list(names)})")
             for name, value in values.items():
                 pair = arg == "bounds"
-                if pair and not (isinstance(value, Sequence) and len(value) == 2 and all(map(_is_number, value))):
+                if pair and not (isinstance(value, Sequence) and len(value) == 2 and all(map(is_number, value))):
                     raise ValueError(f"{arg}[{name!r}] must be a (lower, upper) pair, e.g. {example}; got {value!r}")
-                if not pair and not _is_number(value):
+                if not pair and not is_number(value):
                     raise ValueError(f"{arg}[{name!r}] must be a number of decades, e.g. {example}; got {value!r}")
             return dict(values)
 
         bounds = per_name("bounds", bounds, "{'lr': (1e-5, 1.0)}")
         if isinstance(max_log10_change, Mapping) or max_log10_change is None:
             steps = per_name("max_log10_change", max_log10_change, "{'lr': 0.5} or 0.5")
-        elif _is_number(max_log10_change):
+        elif is_number(max_log10_change):
             steps = {n: max_log10_change for n in names}
         else:
             raise ValueError(

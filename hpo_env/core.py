@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hpo_env.actions import ActionDecoder
+from hpo_env.checks import is_flag, is_number
 from hpo_env.features import ObservationBuilder
 from hpo_env.tasks import DEFAULT_HPARAMS, TaskSpec
 from hpo_env.trainer import HPARAM_NAMES, BatchedTrainer, ChunkResult
@@ -86,18 +87,14 @@ class EpisodeBatch:
         epochs_feature: bool = False,
         reference_runs: bool = False,
     ) -> None:
-        if not (
-            isinstance(divergence_penalty, (int, float, np.integer, np.floating))
-            and not isinstance(divergence_penalty, bool)
-            and 0 <= divergence_penalty < math.inf
-        ):
+        if not (is_number(divergence_penalty) and 0 <= divergence_penalty < math.inf):
             raise ValueError(f"divergence_penalty must be a finite number >= 0, got {divergence_penalty!r}")
         for name, value in (
             ("gradient_features", gradient_features),
             ("epochs_feature", epochs_feature),
             ("reference_runs", reference_runs),
         ):
-            if not isinstance(value, (bool, np.bool_)):
+            if not is_flag(value):
                 raise TypeError(f"{name} must be True or False, got {value!r}")
         self.n = n
         self.decoder = decoder

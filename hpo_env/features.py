@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from hpo_env.actions import ActionDecoder
+from hpo_env.checks import check_device, is_flag, is_integer
 
 __all__ = [
     "EPOCHS_FEATURE",
@@ -116,8 +117,6 @@ class GradientStats:
     """
 
     def __init__(self, n: int = 1, device: str | torch.device = "cpu", steps_hint: int = 16) -> None:
-        from hpo_env.trainer import check_device  # the trainer imports this module
-
         self.n = int(n)
         self.device = check_device(device)
         self._capacity = max(int(steps_hint), 2)
@@ -198,10 +197,10 @@ class ObservationBuilder:
             raise TypeError(
                 f"decoder must be an ActionDecoder (e.g. a bundle's .decoder), got {type(decoder).__name__}"
             )
-        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        if not is_integer(n) or n < 1:
             raise ValueError(f"n (runs tracked at once) must be an integer >= 1, got {n!r}")
         for name, value in (("gradient_features", gradient_features), ("epochs_feature", epochs_feature)):
-            if not isinstance(value, (bool, np.bool_)):
+            if not is_flag(value):
                 raise TypeError(f"{name} must be True or False, got {value!r}")
         self.decoder = decoder
         self.n = int(n)

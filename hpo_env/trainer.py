@@ -40,6 +40,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from hpo_env.checks import check_device, is_integer, is_number
 from hpo_env.data import DataSplits, build_splits
 from hpo_env.features import GradientStats
 from hpo_env.models import (
@@ -54,25 +55,6 @@ from hpo_env.models import (
 from hpo_env.tasks import TaskSpec
 
 __all__ = ["HPARAM_NAMES", "BatchedTrainer", "ChunkResult", "TrainerStats", "check_device"]
-
-
-def check_device(device: str | torch.device, label: str = "device=") -> torch.device:
-    """``device`` as a ``torch.device``, or a ValueError saying what is wrong (``label`` prefixes the value).
-
-    Refuses strings that are not devices and CUDA devices this machine does not have, so that a command
-    fails before it starts rather than deep inside a run.
-    """
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(
-            f"{label}{device!r} is not a torch device ({err}); use e.g. 'cpu', 'cuda' or 'cuda:1'"
-        ) from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{label}{device!r}: no CUDA device is available on this machine; use 'cpu'")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"{label}{device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return dev
 
 
 #: Every hyperparameter the trainer applies per model; ``momentum`` is Adam's beta1 for AdamW.
@@ -220,9 +202,9 @@ class BatchedTrainer:
         group_overhead_flops: float | None = None,
         gradient_stats: bool = False,
     ) -> None:
-        if not isinstance(n_slots, (int, np.integer)) or isinstance(n_slots, bool) or n_slots < 1:
+        if not is_integer(n_slots) or n_slots < 1:
             raise ValueError(f"n_slots must be an integer >= 1, got {n_slots!r}")
-        if not (isinstance(divergence_factor, (int, float)) and 1 < divergence_factor < math.inf):
+        if not (is_number(divergence_factor) and 1 < divergence_factor < math.inf):
             raise ValueError(
                 f"divergence_factor must be a finite number > 1 (a run diverges when its loss exceeds that many times "
                 f"its untrained loss), got {divergence_factor!r}"
@@ -298,7 +280,7 @@ class BatchedTrainer:
         return [p.clone() for p in s.params]
 
     def _check_slot(self, slot: int) -> None:
-        if not isinstance(slot, (int, np.integer)) or isinstance(slot, bool) or not 0 <= slot < self.n_slots:
+        if not is_integer(slot) or not 0 <= slot < self.n_slots:
             raise IndexError(f"slot must be an integer in [0, {self.n_slots}), got {slot!r}")
 
     def _get(self, slot: int) -> _Slot:

@@ -12,6 +12,7 @@ from gymnasium.utils import seeding
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices
 
 from hpo_env.actions import ActionDecoder
+from hpo_env.checks import is_integer
 from hpo_env.core import EpisodeBatch
 from hpo_env.envs import make_distribution
 from hpo_env.features import OBS_BOUND
@@ -95,7 +96,7 @@ class HPOVecEnv(VecEnv):
         self._rngs = [seeding.np_random(None)[0] for _ in range(self.num_envs)]
         self._actions: np.ndarray | None = None
         if seed is not None:
-            if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+            if not is_integer(seed) or seed < 0:
                 raise ValueError(f"seed must be an integer >= 0 (slot i uses seed + i) or None, got {seed!r}")
             self.seed(int(seed))
 

@@ -74,6 +74,7 @@ from hpo_env import (
 )
 from hpo_env import __version__ as HPO_VERSION
 from hpo_env.actions import DEFAULT_HYPERPARAMETERS
+from hpo_env.checks import is_integer
 from hpo_env.tasks import DEFAULT_HPARAMS
 from training.hypergradient import DEFAULT_HYPERGRADIENT_LR, run_hypergradient
 from training.rollout import EpisodeRecord, run_episodes
@@ -163,9 +164,7 @@ class BenchmarkConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        if self.threads is not None and (
-            not isinstance(self.threads, (int, np.integer)) or isinstance(self.threads, bool) or self.threads < 1
-        ):
+        if self.threads is not None and (not is_integer(self.threads) or self.threads < 1):
             raise ValueError(f"threads must be a positive integer or None, got {self.threads!r}")
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise ValueError(f"out={str(self.out)!r} is a file; the benchmark writes a folder (report, JSON, plots)")

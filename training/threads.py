@@ -25,12 +25,13 @@ __all__ = ["torch_threads"]
 @contextmanager
 def torch_threads(n: int | None) -> Iterator[int]:
     """Run the block on ``n`` torch threads (None: leave the count as it is); yields the count in use."""
-    import numpy as np
     import torch
+
+    from hpo_env.checks import is_integer
 
     previous = torch.get_num_threads()
     if n is not None:
-        if not isinstance(n, (int, np.integer)) or isinstance(n, (bool, np.bool_)) or n < 1:
+        if not is_integer(n) or n < 1:
             raise ValueError(f"threads must be a positive integer, got {n!r}")
         torch.set_num_threads(int(n))
     try:

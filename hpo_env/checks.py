@@ -1,0 +1,51 @@
+"""Argument checks shared by every module that validates its input: what counts as an integer, a
+number, a flag and a usable device.
+
+The predicates accept NumPy scalars and refuse ``bool`` (``True`` is an ``int`` in Python, but a flag
+given where a count is meant is a mistake)::
+
+    >>> import numpy as np
+    >>> is_integer(np.int64(3)), is_integer(True), is_number(2.5), is_number("2.5"), is_flag(np.True_)
+    (True, False, True, False, True)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["check_device", "is_flag", "is_integer", "is_number"]
+
+
+def is_integer(value: object) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """A Python or NumPy real number (integer or float), not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def is_flag(value: object) -> bool:
+    """``True`` or ``False`` (Python's or NumPy's), not a truthy stand-in such as ``'no'`` or ``1``."""
+    return isinstance(value, (bool, np.bool_))
+
+
+def check_device(device: str | torch.device, label: str = "device=") -> torch.device:
+    """``device`` as a ``torch.device``, or a ValueError saying what is wrong (``label`` prefixes the value).
+
+    Refuses strings that are not devices and CUDA devices this machine does not have, so that a command
+    fails before it starts rather than deep inside a run.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"{label}{device!r} is not a torch device ({err}); use e.g. 'cpu', 'cuda' or 'cuda:1'"
+        ) from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{label}{device!r}: no CUDA device is available on this machine; use 'cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"{label}{device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
