@@ -880,7 +880,7 @@ def test_hf_epochs_from_the_trainers_steps_and_dataloader():
 
 @pytest.fixture
 def stand_in_transformers(monkeypatch):
-    """A stand-in ``transformers`` module (CI installs no transformers): the callback's own logic runs."""
+    """A stand-in ``transformers`` module: the callback's own logic runs, with transformers installed or not."""
     import sys
     from types import ModuleType
 
@@ -969,6 +969,8 @@ def test_hf_callback_without_transformers_names_the_install(monkeypatch):
         integrations._hf_callback_class.cache_clear()
 
 
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")  # lightning 2.6 on torch 2.13
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # the resumed run writes to its own directory
 def test_lightning_trainer_end_to_end(tmp_path):
     pl = pytest.importorskip("lightning.pytorch")
     from agents.integrations import PolicySchedulerMixin, lightning_scheduler_config
@@ -1060,6 +1062,7 @@ def _lr_spy(transformers, seen: list[float]):
     return Spy()
 
 
+@pytest.mark.filterwarnings("ignore:initial weight_decay=0")  # checked once below, then expected
 def test_hf_trainer_end_to_end(tmp_path):
     transformers = pytest.importorskip("transformers")
     from agents.integrations import hf_trainer_callback
@@ -1082,11 +1085,13 @@ def test_hf_trainer_end_to_end(tmp_path):
     callback = hf_trainer_callback("default")
     seen_lrs = []
     trainer = _hf_trainer(transformers, args, data, callback, _lr_spy(transformers, seen_lrs))
-    with warnings.catch_warnings():
+    # TrainingArguments' default weight_decay=0 is below the policy's bounds: it starts at the bound, and says so.
+    with pytest.warns(UserWarning, match=r"initial weight_decay=0 .*clipped to 1e-06"), warnings.catch_warnings():
         # The Trainer's own scheduler writes its rate after every step, which the callback undoes: not
         # the "something else writes the hyperparameters" of a second scheduler the user added.
         warnings.filterwarnings("error", message=".*something else.*writes the hyperparameters")
         trainer.train()
+    assert trainer.optimizer.param_groups[0]["weight_decay"] > 0
     sched = callback.scheduler
     assert sched.total_steps == 4 and sched.last_step == 4
     # Every optimiser step ran with the policy's learning rate of its interval, not the linear decay.
@@ -1123,6 +1128,7 @@ def test_hf_trainer_resumes_the_policy_from_its_checkpoint(tmp_path, default_bun
         save_strategy="steps",
         save_steps=10,
         lr_scheduler_type="constant",
+        weight_decay=1e-4,  # inside the policy's bounds (the end-to-end test above checks the default 0)
         report_to=[],
         use_cpu=True,
     )
