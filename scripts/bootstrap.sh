@@ -13,5 +13,5 @@ if [ ! -x .venv/bin/python ]; then
     fi
     "$PYTHON" -m venv .venv
 fi
-echo "bootstrap.sh: installing hpo-meta and its pinned dependencies into .venv (1-2 minutes the first time)" >&2
+echo "bootstrap.sh: installing hpo-meta and its pinned dependencies into .venv (about 2 minutes the first time)" >&2
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
