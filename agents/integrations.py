@@ -50,8 +50,13 @@ is ``output_dir/checkpoint-<step>``; a checkpoint without that file (or elsewher
 afresh over the evaluations left, with a warning. The mean training loss of the interval comes from
 the Trainer's ``loss`` logs: keep ``logging_steps`` at most ``eval_steps``.
 
-These integrations follow the libraries' documented hooks but are **not exercised by hpo-meta's
-test suite** unless the libraries happen to be installed.
+The policy starts from the rates the optimiser was created with (``learning_rate``), also when the
+Trainer's own scheduler has a warm-up that has already set them to 0. After a resume, the first
+decision sees the mean of every training loss logged since the last evaluation, those before the
+checkpoint included.
+
+The test suite runs both libraries end to end (``scripts/bootstrap.sh`` installs them with the ``dev``
+extra; ``tests/test_scheduler.py`` skips those tests where they are absent).
 """
 
 from __future__ import annotations
@@ -296,6 +301,14 @@ def _hf_callback_class() -> type:
                     args, state, upto=state.global_step if _eval_strategy(args) == "steps" else state.epoch
                 )
                 total = max(1, total - done)
+            if saved is None:
+                # The Trainer built its own lr scheduler before this hook: with a warm-up it has already set every
+                # group's lr to 0 (or a fraction of it), from which the policy would start (and a group at 0
+                # would never train). The run starts from the rates the optimizer was created with, the
+                # TrainingArguments' learning_rate; the callback overrides that scheduler from here on anyway.
+                for group in optimizer.param_groups:
+                    if "initial_lr" in group:
+                        group["lr"] = group["initial_lr"]
             # The run's length in epochs, for a policy that observes it; given epochs= win.
             kwargs = {"epochs": _epochs_from_args(args, state, train_dataloader), **self.scheduler_kwargs}
             with warnings.catch_warnings():
@@ -317,7 +330,11 @@ def _hf_callback_class() -> type:
                     f"its progress, over the {total} evaluations left, from the resumed optimizer's rates",
                     stacklevel=2,
                 )
-            self._log_index = len(state.log_history)
+            # The interval's training losses are those logged since the last evaluation: a run resumed from a
+            # checkpoint saved between two evaluations keeps the ones logged before it.
+            self._log_index = next(
+                (i + 1 for i in range(len(state.log_history) - 1, -1, -1) if self.metric in state.log_history[i]), 0
+            )
             self._training = True
 
         def on_save(self, args, state, control, **kwargs):
@@ -340,8 +357,9 @@ def _hf_callback_class() -> type:
                 if not self._warned_missing:
                     warnings.warn(
                         f"PolicySchedulerCallback: the evaluation metrics have no {self.metric!r} (they have "
-                        f"{sorted(metrics or {})}), so the policy does not act; pass metric= one of them (with a "
-                        "dict of eval datasets the Trainer names them 'eval_<name>_loss')",
+                        f"{sorted(metrics or {})}), so the policy does not act; pass metric= the name of a validation "
+                        "loss among them (lower is better, as the policy was meta-trained on; with a dict of eval "
+                        "datasets the Trainer names them 'eval_<name>_loss')",
                         stacklevel=2,
                     )
                     self._warned_missing = True
@@ -349,11 +367,19 @@ def _hf_callback_class() -> type:
             losses = [e["loss"] for e in state.log_history[self._log_index :] if "loss" in e]
             self._log_index = len(state.log_history)
             train_loss = sum(losses) / len(losses) if losses else None
-            if train_loss is None and not self.scheduler._warned_no_train_loss:
+            # The last decision only observes (no interval follows): a loss missing there changes nothing, as at
+            # the extra evaluation transformers 5 makes after a last step that is not a multiple of eval_steps.
+            last = self.scheduler.last_step + 1 >= self.scheduler.total_steps
+            if train_loss is None and not last and not self.scheduler._warned_no_train_loss:
+                advice = (
+                    "logging_strategy='epoch' with eval_strategy='epoch'"
+                    if _eval_strategy(args) == "epoch"
+                    else "logging_steps to at most eval_steps"
+                )
                 warnings.warn(
                     f"PolicySchedulerCallback: no training loss was logged before the evaluation at step "
                     f"{state.global_step}, so the policy does not see one (it was meta-trained with it): set "
-                    "logging_steps to at most eval_steps in TrainingArguments",
+                    f"{advice} in TrainingArguments",
                     stacklevel=2,
                 )
                 self.scheduler._warned_no_train_loss = True  # said here, more precisely than step() would
@@ -380,7 +406,8 @@ def hf_trainer_callback(
             :class:`~agents.PolicyBundle`.
         total_steps: number of evaluations in the run; default: derived from ``TrainingArguments``
             (``max_steps // eval_steps``, or the number of epochs with ``eval_strategy="epoch"``).
-        metric: the evaluation metric shown to the policy as the validation loss.
+        metric: the evaluation metric shown to the policy as the validation loss: a loss, lower is
+            better (an accuracy or F1 would be read as a loss that grows as the model improves).
         **scheduler_kwargs: ``deterministic``, ``seed``, ``writer``, ``adaptive``, ``epochs``, ``lr_max_rise`` for :class:`PolicyScheduler`
             (``epochs`` defaults to the Trainer's optimiser steps times its gradient accumulation over
             the batches per epoch of its training dataloader; pass it for a dataset without a length).

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -1110,6 +1111,53 @@ def test_hf_trainer_end_to_end(tmp_path):
         trainer.train()
     assert missing.scheduler.last_step == 0
 
+    # 22 steps: transformers 5 evaluates once more after the last step, with no loss logged since step 20.
+    # That last decision only observes, so no warning about the missing training loss.
+    callback = hf_trainer_callback("default")
+    trainer = _hf_trainer(transformers, dataclasses.replace(args, max_steps=22), data, callback)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="PolicySchedulerCallback: no training loss")
+        trainer.train()
+    assert callback.scheduler.total_steps == callback.scheduler.last_step == 5
+
+
+def test_hf_trainer_with_a_warm_up_starts_every_group_from_its_learning_rate(tmp_path):
+    """The Trainer's warm-up has set every lr to 0 before the callback starts: the policy starts from the
+    TrainingArguments' learning_rate instead (a group left at 0, the biases here, would never train)."""
+    transformers = pytest.importorskip("transformers")
+    from agents.integrations import hf_trainer_callback
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=20,
+        per_device_train_batch_size=8,
+        eval_strategy="steps",
+        eval_steps=5,
+        logging_steps=5,
+        learning_rate=1e-3,
+        weight_decay=1e-4,
+        lr_scheduler_type="linear",
+        warmup_steps=4,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+    )
+    callback, seen = hf_trainer_callback("default"), []
+
+    class GroupSpy(transformers.TrainerCallback):
+        def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
+            seen.append([g["lr"] for g in optimizer.param_groups])
+
+    trainer = _hf_trainer(transformers, args, _regression_data(), callback, GroupSpy())
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(a torch LR scheduler|outside the policy's bounds)")
+        trainer.train()
+    assert len(trainer.optimizer.param_groups) == 2  # weights with decay, the bias without
+    assert seen[0] == pytest.approx([1e-3, 1e-3])
+    assert all(lr > 0 for lrs in seen for lr in lrs)
+    assert all(not torch.equal(before[n], p.detach()) for n, p in trainer.model.named_parameters())
+
 
 def test_hf_trainer_resumes_the_policy_from_its_checkpoint(tmp_path, default_bundle):
     """The callback saves the scheduler into each Trainer checkpoint: a run resumed from one makes the
@@ -1162,6 +1210,14 @@ def test_hf_trainer_resumes_the_policy_from_its_checkpoint(tmp_path, default_bun
 
     with pytest.raises(ValueError, match="already loaded"):
         hf_trainer_callback(default_bundle, device="cpu")
+
+    # A checkpoint saved between two evaluations (at step 7 of the interval 5-10): the decision at step 10
+    # still sees the mean training loss of steps 6-10, so the resumed run keeps the uninterrupted schedule.
+    args = dataclasses.replace(args, output_dir=str(tmp_path / "between"), save_steps=7, logging_steps=1)
+    full, _ = train()
+    resumed, callback = train(str(tmp_path / "between" / "checkpoint-7"))
+    assert callback.scheduler.last_step == 4
+    assert resumed == pytest.approx(full[7:], rel=1e-6)
 
 
 # -- the example and the benchmark run (tiny budgets) ----------------------------------------------
