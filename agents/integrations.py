@@ -20,13 +20,21 @@ provides that hook and :func:`lightning_scheduler_config` builds the config dict
             sched = PolicyScheduler.from_pretrained("default", opt, total_steps=epochs, epochs=epochs)
             return {"optimizer": opt, "lr_scheduler": lightning_scheduler_config(sched, monitor="val_loss")}
 
-Lightning saves and restores the scheduler's ``state_dict`` in its checkpoints; it saves an epoch-end
-checkpoint before it steps such a scheduler and does not make that step when it resumes from it, so
-the mixin also records the pending decision (its losses) in the checkpoint and makes it when the
-resumed run starts its next epoch: a run resumed from an epoch-end checkpoint keeps the uninterrupted
-run's schedule exactly (tested with lightning 2.6.6). From a mid-epoch checkpoint (``every_n_train_steps``)
-no decision is lost either, but the pending one is made with the losses logged before the checkpoint,
-at the start of the next epoch, so the schedule can differ a little from then on. Prefer
+Lightning saves and restores the scheduler's ``state_dict`` in its checkpoints, but on resuming it
+skips the monitored scheduler's step of the epoch it resumes in, and a resumed run starts with no
+logged metrics. The mixin records the latest validation in each checkpoint and makes up for both
+(tested with lightning 2.6.6, see :class:`PolicySchedulerMixin`):
+
+- from a checkpoint saved at validation end (``ModelCheckpoint``'s default), ``interval="epoch"`` or
+  ``"step"``, a resumed run keeps the uninterrupted run's schedule exactly;
+- from a mid-epoch checkpoint (``every_n_train_steps``) no decision is lost, but Lightning replays the
+  epoch's data (unless the dataloader is resumable), so the schedule can differ a little from then on;
+- from a checkpoint saved at an epoch's last training batch, before its validation, Lightning skips
+  that validation when it resumes: the decision it would have fed is lost, with a warning, and the
+  schedule goes on one decision behind.
+
+With ``interval="step"`` and gradient accumulation, Lightning counts ``frequency`` in batches, not
+optimiser steps: ``total_steps`` is ``max_steps * accumulate_grad_batches // frequency``. Prefer
 ``interval="epoch"`` with validation every epoch: Lightning passes the *last logged* value of
 ``monitor``, so with ``interval="step"`` the ``frequency`` must equal the validation interval in
 batches (``val_check_interval``) and divide the batches of an epoch (Lightning counts ``frequency``
@@ -72,8 +80,8 @@ from agents.scheduler import PolicyScheduler
 
 __all__ = ["PolicySchedulerMixin", "hf_trainer_callback", "lightning_scheduler_config"]
 
-#: Lightning checkpoint key of the decisions a checkpoint was saved before (see PolicySchedulerMixin).
-PENDING_DECISIONS_KEY = "hpo_meta_pending_policy_decisions"
+#: Lightning checkpoint key of the latest validation's values, for a resumed run (see PolicySchedulerMixin).
+POLICY_RESUME_KEY = "hpo_meta_policy_resume"
 
 
 # -- PyTorch Lightning -----------------------------------------------------------------------------
@@ -90,7 +98,8 @@ def lightning_scheduler_config(
 
     Args:
         scheduler: the scheduler (its ``total_steps`` must count Lightning's scheduler calls:
-            epochs with ``interval="epoch"``, ``max_steps // frequency`` with ``"step"``).
+            ``max_epochs // frequency`` with ``interval="epoch"``, the run's training batches over
+            ``frequency`` with ``"step"``: ``max_steps * accumulate_grad_batches // frequency``).
         monitor: the logged validation metric passed to ``scheduler.step``.
         interval, frequency: when Lightning steps the scheduler.
         strict: fail if ``monitor`` was not logged (Lightning's option).
@@ -126,8 +135,11 @@ class PolicySchedulerMixin:
     on_epoch=True)``), it is shown to the policy too, as in meta-training.
 
     It also keeps a resumed run on the uninterrupted run's schedule (see the module docstring) through
-    ``on_save_checkpoint``, ``on_load_checkpoint`` and ``on_train_epoch_start``: a module that overrides
-    them must call ``super()``.
+    ``on_save_checkpoint``, ``on_load_checkpoint``, ``on_validation_epoch_end``, ``on_train_start``,
+    ``on_train_epoch_start``, ``on_train_batch_start`` and ``on_train_end``: a module that overrides
+    them must call ``super()``. With manual optimisation (``automatic_optimization = False``, as for
+    several optimisers) Lightning steps no scheduler: call ``scheduler.step(val_loss, train_loss=...)``
+    yourself.
     """
 
     #: ``trainer.callback_metrics`` key of the mean training loss (None: do not pass one).
@@ -145,51 +157,120 @@ class PolicySchedulerMixin:
             if self.policy_train_loss_key and trainer is not None:
                 train_loss = trainer.callback_metrics.get(self.policy_train_loss_key)
             scheduler.step(metric, train_loss=train_loss)
+            state = self._policy_state()
+            state["fed_epoch"] = state["val_epoch"]  # this validation has made its decision
         else:
             super().lr_scheduler_step(scheduler, metric)  # type: ignore[misc]
 
-    # Lightning steps "reduce_on_plateau" schedulers (which get the monitored metric) after the
-    # epoch-end checkpoint callbacks, and does not repeat that step when it resumes from such a
-    # checkpoint (Lightning-AI/pytorch-lightning#14699): the saved scheduler is one decision behind,
-    # and a resumed run would lose it. So a checkpoint also records the decision still pending, with
-    # the losses it would see; a resumed run makes it before its first epoch if Lightning did not.
+    # Resuming. Lightning steps "reduce_on_plateau" schedulers (which get the monitored metric) after the
+    # epoch-end checkpoint callbacks, and skips that step for the epoch a run resumes in
+    # (Lightning-AI/pytorch-lightning#14699); resumed at an epoch's last batch it also skips that epoch's
+    # validation; and a resumed run starts with no logged metrics, so a "step"-interval scheduler due at
+    # the resumed batch found no monitored value (Lightning raised). So the checkpoint also records the
+    # latest validation (its epoch, its monitored value and the training loss then), which a resumed run
+    # puts back among the trainer's metrics, and before every training batch (and when training ends) the
+    # mixin makes any epoch-interval decision that is due but was not made, once per validation: a
+    # validation's result feeds at most one decision, and a decision whose validation Lightning skipped is
+    # lost, with a warning.
+    def _policy_configs(self, interval: str) -> list[Any]:
+        """Lightning's scheduler configs of the PolicySchedulers stepped per ``interval``."""
+        configs = getattr(getattr(self, "trainer", None), "lr_scheduler_configs", None) or []
+        return [c for c in configs if isinstance(c.scheduler, PolicyScheduler) and c.interval == interval]
+
+    def _policy_state(self) -> dict[str, Any]:
+        state = getattr(self, "_policy_resume_state", None)
+        if state is None:
+            state = self._policy_resume_state = {"val_epoch": -1, "fed_epoch": -1, "values": {}, "warned": False}
+        return state
+
+    def on_validation_epoch_end(self) -> None:
+        parent = getattr(super(), "on_validation_epoch_end", None)
+        if parent is not None:
+            parent()
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and not getattr(trainer, "sanity_checking", False):
+            self._policy_state()["val_epoch"] = int(trainer.current_epoch)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         parent = getattr(super(), "on_save_checkpoint", None)
         if parent is not None:
             parent(checkpoint)
-        trainer = getattr(self, "trainer", None)
-        pending = {}
-        for i, config in enumerate(getattr(trainer, "lr_scheduler_configs", None) or []):
-            sched = config.scheduler
-            if not isinstance(sched, PolicyScheduler) or config.interval != "epoch":
-                continue
-            due = (trainer.current_epoch + 1) // max(int(config.frequency), 1)
-            metric = trainer.callback_metrics.get(config.monitor) if config.monitor else None
-            if sched.last_step < min(due, sched.total_steps) and metric is not None:
-                train = trainer.callback_metrics.get(self.policy_train_loss_key) if self.policy_train_loss_key else None
-                pending[i] = {
-                    "last_step": sched.last_step,
-                    "metric": float(metric),
-                    "train_loss": None if train is None else float(train),
-                }
-        checkpoint[PENDING_DECISIONS_KEY] = pending
+        trainer, state = getattr(self, "trainer", None), self._policy_state()
+        values = {}
+        for config in self._policy_configs("epoch") + self._policy_configs("step"):
+            for key in (config.monitor, self.policy_train_loss_key):
+                value = trainer.callback_metrics.get(key) if key else None
+                if value is None:
+                    value = state["values"].get(key)  # restored from the checkpoint resumed from, not logged since
+                if value is not None:
+                    values[key] = float(value)
+        checkpoint[POLICY_RESUME_KEY] = {
+            "val_epoch": state["val_epoch"],
+            "fed_epoch": state["fed_epoch"],
+            "values": values,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         parent = getattr(super(), "on_load_checkpoint", None)
         if parent is not None:
             parent(checkpoint)
-        self._policy_pending = dict(checkpoint.get(PENDING_DECISIONS_KEY) or {})
+        saved = checkpoint.get(POLICY_RESUME_KEY)
+        if saved:
+            self._policy_resume_state = {**saved, "values": dict(saved["values"]), "warned": False}
+
+    def on_train_start(self) -> None:
+        parent = getattr(super(), "on_train_start", None)
+        if parent is not None:
+            parent()
+        import torch
+
+        # A resumed run has logged nothing yet: the latest validation's values are those of the checkpoint.
+        metrics = self.trainer.callback_metrics
+        for key, value in self._policy_state()["values"].items():
+            if key not in metrics:
+                metrics[key] = torch.tensor(value)
 
     def on_train_epoch_start(self) -> None:
         parent = getattr(super(), "on_train_epoch_start", None)
         if parent is not None:
             parent()
-        pending, self._policy_pending = getattr(self, "_policy_pending", None), None
-        configs = getattr(getattr(self, "trainer", None), "lr_scheduler_configs", None) or []
-        for i, decision in (pending or {}).items():
-            sched = configs[int(i)].scheduler if int(i) < len(configs) else None
-            if isinstance(sched, PolicyScheduler) and sched.last_step == decision["last_step"]:
-                sched.step(decision["metric"], train_loss=decision["train_loss"])
+        self._make_due_decisions()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
+        parent = getattr(super(), "on_train_batch_start", None)
+        out = parent(batch, batch_idx) if parent is not None else None
+        self._make_due_decisions()
+        return out
+
+    def on_train_end(self) -> None:
+        parent = getattr(super(), "on_train_end", None)
+        if parent is not None:
+            parent()
+        self._make_due_decisions()  # the last epoch's, when it was the one the run resumed in
+
+    def _make_due_decisions(self) -> None:
+        """Make the epoch-interval decisions Lightning skipped on resuming (see the comment above)."""
+        trainer, state = self.trainer, self._policy_state()
+        for config in self._policy_configs("epoch"):
+            sched = config.scheduler
+            due = min(int(trainer.current_epoch) // max(int(config.frequency), 1), sched.total_steps)
+            if sched.last_step >= due:
+                continue
+            metric = trainer.callback_metrics.get(config.monitor) if config.monitor else None
+            if state["val_epoch"] > state["fed_epoch"] and metric is not None:
+                train = trainer.callback_metrics.get(self.policy_train_loss_key) if self.policy_train_loss_key else None
+                sched.step(metric, train_loss=train)
+                state["fed_epoch"] = state["val_epoch"]
+            elif not state["warned"]:
+                state["warned"] = True
+                warnings.warn(
+                    f"PolicySchedulerMixin: the policy has made {sched.last_step} of the {due} decisions due before "
+                    f"epoch {trainer.current_epoch}, and no validation is left to make the missing one with: Lightning "
+                    "skipped the validation of the epoch the run resumed in (a checkpoint saved at an epoch's last "
+                    "batch, before its validation). The schedule goes on one decision behind; checkpoints saved at "
+                    "validation end (ModelCheckpoint's default) or mid-epoch keep every decision",
+                    stacklevel=2,
+                )
 
 
 # -- Hugging Face transformers ---------------------------------------------------------------------

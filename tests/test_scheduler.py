@@ -778,67 +778,6 @@ def test_lightning_config_and_mixin_without_lightning():
         Module().lr_scheduler_step(sched, None)
 
 
-def test_lightning_mixin_makes_the_decision_an_epoch_end_checkpoint_was_saved_before():
-    """Lightning steps plateau-style schedulers after its epoch-end checkpoint and skips that step when
-    resuming from it; the mixin records the pending decision and makes it once, only if Lightning did not."""
-    from types import SimpleNamespace
-
-    from agents.integrations import PENDING_DECISIONS_KEY, PolicySchedulerMixin
-
-    def run(resume_at: int | None, lightning_steps_on_resume: bool = False) -> list[float]:
-        """Three epochs, checkpointed at the end of each; optionally resumed from epoch ``resume_at``."""
-        opt = _optimizer("sgd", 0.1, 1e-4, 0.9)
-        sched = PolicyScheduler(opt, ReplayPolicy(ActionDecoder(("lr", "weight_decay")), np.full((3, 2), 0.5)), 3)
-        trainer = SimpleNamespace(
-            lr_scheduler_configs=[SimpleNamespace(scheduler=sched, interval="epoch", frequency=1, monitor="val_loss")],
-            current_epoch=0,
-            callback_metrics={},
-        )
-
-        class Module(PolicySchedulerMixin):
-            pass
-
-        module = Module()
-        module.trainer = trainer
-        lrs, checkpoints = [], {}
-        for epoch in range(3):
-            trainer.current_epoch = epoch
-            module.on_train_epoch_start()
-            lrs.append(opt.param_groups[0]["lr"])
-            trainer.callback_metrics = {"val_loss": torch.tensor(1.0 / (epoch + 1)), "train_loss": torch.tensor(0.9)}
-            checkpoint = {"lr_schedulers": [sched.state_dict()]}
-            module.on_save_checkpoint(checkpoint)  # saved before Lightning steps the scheduler
-            checkpoints[epoch] = checkpoint
-            module.lr_scheduler_step(sched, trainer.callback_metrics["val_loss"])
-            if epoch == resume_at:
-                break
-        if resume_at is None:
-            return lrs
-        # A fresh process resumes from the checkpoint of epoch `resume_at`.
-        checkpoint = checkpoints[resume_at]
-        assert checkpoint[PENDING_DECISIONS_KEY][0]["last_step"] == resume_at
-        opt = _optimizer("sgd", 0.1, 1e-4, 0.9)
-        sched = PolicyScheduler(opt, ReplayPolicy(ActionDecoder(("lr", "weight_decay")), np.full((3, 2), 0.5)), 3)
-        trainer.lr_scheduler_configs[0].scheduler = sched
-        module = Module()
-        module.trainer = trainer
-        sched.load_state_dict(checkpoint["lr_schedulers"][0])
-        module.on_load_checkpoint(checkpoint)
-        if lightning_steps_on_resume:  # a Lightning that does make the step: the mixin must not repeat it
-            sched.step(checkpoint[PENDING_DECISIONS_KEY][0]["metric"], train_loss=0.9)
-        for epoch in range(resume_at + 1, 3):
-            trainer.current_epoch = epoch
-            module.on_train_epoch_start()
-            lrs.append(opt.param_groups[0]["lr"])
-            module.lr_scheduler_step(sched, torch.tensor(1.0 / (epoch + 1)))
-        return lrs
-
-    full = run(None)
-    assert len(set(full)) == 3  # the schedule moves
-    assert run(resume_at=0) == full and run(resume_at=1) == full
-    assert run(resume_at=0, lightning_steps_on_resume=True) == full
-
-
 def test_hf_eval_count_from_training_arguments():
     from types import SimpleNamespace
 
@@ -970,8 +909,20 @@ def test_hf_callback_without_transformers_names_the_install(monkeypatch):
         integrations._hf_callback_class.cache_clear()
 
 
-@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")  # lightning 2.6 on torch 2.13
-@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # the resumed run writes to its own directory
+def _quiet_lightning(test):
+    """Lightning's own warnings about what these tests do on purpose."""
+    for message in (
+        "`isinstance\\(treespec, LeafSpec\\)` is deprecated",  # lightning 2.6 on torch 2.13
+        "The dirpath has changed",  # a resumed run writes to its own directory
+        ".*does not have many workers",
+        ".*callbacks used to create the checkpoint need to be provided",
+        ".*resuming from a checkpoint that ended before the epoch ended",  # mid-epoch checkpoints, on purpose
+    ):
+        test = pytest.mark.filterwarnings(f"ignore:{message}")(test)
+    return test
+
+
+@_quiet_lightning
 def test_lightning_trainer_end_to_end(tmp_path):
     pl = pytest.importorskip("lightning.pytorch")
     from agents.integrations import PolicySchedulerMixin, lightning_scheduler_config
@@ -1029,6 +980,89 @@ def test_lightning_trainer_end_to_end(tmp_path):
     model, _, resumed = fit(tmp_path / "resumed", ckpt_path=tmp_path / "full" / "epoch=1.ckpt")
     assert model.policy.last_step == 5
     assert resumed == {epoch: lr for epoch, lr in full.items() if epoch >= 2}
+
+
+def _lightning_fit(pl, tmp_path, name, *, interval="epoch", frequency=1, every_n_train_steps=None, ckpt=None, epochs=3):
+    """``epochs`` epochs of 4 batches of a linear model under the default policy (stepped per epoch, or every
+    ``frequency`` batches with a validation each time, the training loss then logged per step);
+    checkpoints of every save in ``tmp_path/name``. Returns the policy and the learning rate of every
+    optimiser step."""
+    from agents.integrations import PolicySchedulerMixin, lightning_scheduler_config
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randn(64, 1))
+    lrs: list[float] = []
+
+    class Model(PolicySchedulerMixin, pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, i):
+            loss = torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+            self.log("train_loss", loss, on_step=interval == "step", on_epoch=interval == "epoch")
+            return loss
+
+        def validation_step(self, batch, i):
+            self.log("val_loss", torch.nn.functional.mse_loss(self.net(batch[0]), batch[1]))
+
+        def on_before_optimizer_step(self, optimizer):
+            lrs.append(optimizer.param_groups[0]["lr"])
+
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(self.parameters(), lr=1e-3)
+            total = epochs if interval == "epoch" else epochs * 4 // frequency
+            self.policy = PolicyScheduler.from_pretrained("default", opt, total_steps=total, epochs=epochs)
+            config = lightning_scheduler_config(self.policy, monitor="val_loss", interval=interval, frequency=frequency)
+            return {"optimizer": opt, "lr_scheduler": config}
+
+    checkpoints = pl.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / name, save_top_k=-1, filename="{step}", every_n_train_steps=every_n_train_steps
+    )
+    loader = torch.utils.data.DataLoader(data, batch_size=16)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        logger=False,
+        callbacks=[checkpoints],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        val_check_interval=frequency if interval == "step" else None,
+    )
+    model = Model()
+    trainer.fit(model, loader, loader, ckpt_path=ckpt)
+    return model.policy, lrs
+
+
+@_quiet_lightning
+def test_lightning_step_interval_resumes_from_its_validation_checkpoints(tmp_path):
+    """interval="step": a resumed run starts with no logged metrics, and Lightning, stepping the policy at
+    the resumed batch, raised for the missing val_loss; the checkpoint's values now stand in for it."""
+    pl = pytest.importorskip("lightning.pytorch")
+    policy, full = _lightning_fit(pl, tmp_path, "full", interval="step", frequency=2)
+    assert policy.last_step == policy.total_steps == 6 and len(set(full)) > 2
+    for step in (4, 6):  # saved after a validation at an epoch's end, and mid-epoch
+        ckpt = tmp_path / "full" / f"step={step}.ckpt"
+        policy, resumed = _lightning_fit(pl, tmp_path, f"from{step}", interval="step", frequency=2, ckpt=ckpt)
+        assert policy.last_step == 6
+        if step == 4:  # at an epoch's end Lightning resumes exactly (mid-epoch it replays the epoch's data)
+            assert resumed == full[step:]
+
+
+@_quiet_lightning
+def test_lightning_epoch_interval_resumes_from_training_step_checkpoints(tmp_path):
+    """Checkpoints saved every 2 training steps (every_n_train_steps): Lightning skips the decision of the
+    epoch it resumes in; the mixin makes it before the next batch, from the validation that epoch ran.
+    Saved at an epoch's last batch, before its validation, the resumed run skips that validation too: the
+    decision is lost, with a warning, and the schedule goes on one behind."""
+    pl = pytest.importorskip("lightning.pytorch")
+    policy, full = _lightning_fit(pl, tmp_path, "full", every_n_train_steps=2)
+    assert policy.last_step == 3 and len(set(full)) > 1
+    policy, _ = _lightning_fit(pl, tmp_path, "mid", ckpt=tmp_path / "full" / "step=6.ckpt")  # mid epoch 1
+    assert policy.last_step == 3
+    with pytest.warns(UserWarning, match="made 1 of the 2 decisions due before epoch 2.*skipped the validation"):
+        policy, _ = _lightning_fit(pl, tmp_path, "last", ckpt=tmp_path / "full" / "step=8.ckpt")  # epoch 1's end
+    assert policy.last_step == 2  # epoch 1's decision is lost; epoch 2's, which Lightning skipped, is made
 
 
 class _Regressor(torch.nn.Module):
