@@ -458,6 +458,14 @@ def save_ensemble(
     sources = [Path(m) for m in members]
     if len(sources) < 2:
         raise BundleError(f"an ensemble needs at least two member bundles, got {len(sources)}")
+    seen: dict[Path, Path] = {}
+    for src in sources:
+        if src.resolve() in seen:
+            raise BundleError(
+                f"{str(src)!r} and {str(seen[src.resolve()])!r} are the same bundle: an ensemble of a policy with "
+                "itself is that policy; list each member once"
+            )
+        seen[src.resolve()] = src
     for src in sources:
         if src.resolve() == path.resolve() or path.resolve() in src.resolve().parents:
             raise BundleError(
@@ -517,6 +525,11 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> PolicyBundle | 
             f"{CONFIG_FILE}{hint}"
         )
     if not (path / CONFIG_FILE).is_file():
+        if (path / "settings.json").is_file() and ((path / "bundle").is_dir() or (path / "checkpoints").is_dir()):
+            raise BundleError(
+                f"{str(path)!r} is an hpo-train run folder, not a policy bundle: pass {str(path / 'bundle')!r} "
+                f"(the final policy) or {str(path / 'best_bundle')!r} (the best held-out evaluation)"
+            )
         raise BundleError(f"policy bundle {str(path)!r} is missing {CONFIG_FILE}; re-save it with agents.save_bundle")
     config = _read_json(path / CONFIG_FILE)
     if not isinstance(config, dict):
@@ -698,13 +711,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         "acts with the mean of its members' actions. Use the result anywhere a bundle goes: "
         "PolicyScheduler.from_pretrained(OUT, ...), hpo-bench --policy OUT.",
     )
-    parser.add_argument("out", help="the ensemble bundle directory to write (replaced if it exists)")
-    parser.add_argument("members", nargs="+", help="two or more policy bundle directories")
+    parser.add_argument("out", help="the ensemble bundle directory to write (a new one, unless --force)")
+    parser.add_argument(
+        "members", nargs="+", help="two or more policy bundle directories (or names of shipped policies)"
+    )
     parser.add_argument("--description", default=None, help="a line saying what the ensemble is")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
     config = {} if args.description is None else {"description": args.description}
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        what = "a policy bundle" if (out / CONFIG_FILE).is_file() else "a file" if out.is_file() else "a directory"
+        parser.exit(
+            2,
+            f"hpo-ensemble: error: {args.out!r} exists ({what}); the first argument is the ensemble to write: "
+            "choose a new directory, or pass --force to replace it\n",
+        )
+    from agents.scheduler import resolve_policy
+
     try:
-        path = save_ensemble(args.out, args.members, config=config)
+        path = save_ensemble(out, [resolve_policy(m) for m in args.members], config=config)
     except BundleError as err:
         parser.exit(2, f"hpo-ensemble: error: {err}\n")
     print(f"wrote an ensemble of {len(args.members)} policies to {path}")

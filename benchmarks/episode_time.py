@@ -10,12 +10,14 @@ Episodes run with the constant schedule (action 0) through ``HPOEnv``; the vecto
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
 import torch
 
-from hpo_env import FAMILIES, HPOEnv, HPOVecEnv, TaskDistribution
+from hpo_env import FAMILIES, SPLITS, HPOEnv, HPOVecEnv, TaskDistribution
+from training.cli import non_negative_int, positive_int, run_script
 
 
 def episode_times(tasks_per_family: int, seed: int) -> list[tuple[str, float, float, float]]:
@@ -51,12 +53,12 @@ def vec_throughput(n: int, split: str, env_steps: int, seed: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", type=int, default=5, help="tasks per family")
-    parser.add_argument("--slots", type=int, nargs="+", default=[1, 8, 32], help="HPOVecEnv sizes N")
-    parser.add_argument("--split", default="train", help="distribution of the HPOVecEnv runs")
-    parser.add_argument("--env-steps", type=int, default=30, help="vectorised env steps per measurement")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tasks", type=positive_int, default=5, help="tasks per family")
+    parser.add_argument("--slots", type=positive_int, nargs="+", default=[1, 8, 32], help="HPOVecEnv sizes N")
+    parser.add_argument("--split", default="train", choices=sorted(SPLITS), help="distribution of the HPOVecEnv runs")
+    parser.add_argument("--env-steps", type=positive_int, default=30, help="vectorised env steps per measurement")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the task draws")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch threads: {args.threads}")
@@ -70,4 +72,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -31,6 +31,7 @@ import numpy as np
 from agents import PolicyBundle, load_bundle
 from hpo_env import EPOCHS_FEATURE, GRADIENT_FEATURES, ObservationBuilder
 from training.benchmark import build_parser, bundle_fingerprint, config_from_args, run_benchmark
+from training.cli import run_script
 from training.pooling import load_pairs, pooled_summary
 from training.stats import win_rate
 
@@ -143,4 +144,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(None if main() else 1)
+    sys.exit(run_script(main, ok=bool))

@@ -48,6 +48,7 @@ from training.benchmark import (
     seeded,
 )
 from training.benchmark import build_parser as bench_parser
+from training.cli import run_script
 from training.stats import as_losses, geomean_ratio, loss_ratios, paired_comparison
 from training.store import ResultStore, RunKey
 from training.threads import torch_threads
@@ -219,4 +220,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    sys.exit(run_script(main, ok=lambda result: result is not None))

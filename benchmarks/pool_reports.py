@@ -43,6 +43,7 @@ import sys
 from pathlib import Path
 
 from training.benchmark import jsonable
+from training.cli import run_script
 from training.pooling import compare_policies, load_pairs, pooled_summary, settings_summary
 
 __all__ = ["load_pairs", "main", "compare_policies", "pooled_summary", "settings_summary"]
@@ -154,8 +155,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(None if main() else 1)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"pool_reports.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_script(main, ok=bool))

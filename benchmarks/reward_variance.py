@@ -11,6 +11,7 @@ half the difference between a task's two runs (what the actions changed)::
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 import torch
@@ -18,13 +19,14 @@ import torch
 from agents import load_bundle, resolve_policy
 from hpo_env import TaskDistribution
 from hpo_env.core import EpisodeBatch
+from training.cli import non_negative_int, positive_int, run_script
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--policy", default="default", help="a bundle folder, or the name of a shipped policy")
-    p.add_argument("--tasks", type=int, default=48)
-    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--tasks", type=positive_int, default=48, help="tasks drawn from the training distribution")
+    p.add_argument("--seed", type=non_negative_int, default=123, help="seed of the task draws")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)  # the policy's action noise (a script, not library code)
@@ -62,4 +64,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from agents import PolicyScheduler, load_bundle, resolve_policy
+from training.cli import non_negative_int, positive_int, run_script
 
 
 def _time_calls(fn, calls: int) -> np.ndarray:
@@ -36,9 +38,11 @@ def _time_calls(fn, calls: int) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=3000, help="timed step() calls per measurement")
-    parser.add_argument("--warmup", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--calls", type=positive_int, default=3000, help="timed step() calls per measurement")
+    parser.add_argument("--warmup", type=non_negative_int, default=200, help="untimed calls first")
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's choice)"
+    )
     parser.add_argument("--policy", default="default", help="bundle directory or shipped policy name")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = parser.parse_args(argv)
@@ -103,4 +107,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -10,19 +10,21 @@ size's ratio to the first's::
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
 import torch
 
 from agents import get_preset, make_meta_env
+from training.cli import positive_int, run_script
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--group-sizes", type=int, nargs="+", default=[1, 2], help="task group sizes to compare")
-    p.add_argument("--blocks", type=int, default=4, help="interleaved blocks per setting")
-    p.add_argument("--steps", type=int, default=48, help="environment steps per block")
+    p.add_argument("--group-sizes", type=positive_int, nargs="+", default=[1, 2], help="task group sizes to compare")
+    p.add_argument("--blocks", type=positive_int, default=4, help="interleaved blocks per setting")
+    p.add_argument("--steps", type=positive_int, default=48, help="environment steps per block")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     sizes = tuple(dict.fromkeys(args.group_sizes))
@@ -46,4 +48,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

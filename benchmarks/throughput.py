@@ -45,6 +45,7 @@ import hpo_env.trainer as trainer_module
 from hpo_env import HPOEnv, HPOVecEnv, TaskDistribution, TaskSpec
 from hpo_env.tasks import FAMILIES
 from hpo_env.trainer import TrainerStats
+from training.cli import non_negative_int, positive_float, positive_int, run_script
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "throughput.json"
 
@@ -443,13 +444,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
     parser.add_argument("--quick", action="store_true", help="a smaller sweep (about a minute)")
     parser.add_argument("--families", nargs="+", default=None, help=f"task families (default: all of {FAMILIES})")
-    parser.add_argument("--sizes", nargs="+", type=int, default=None, help="slot counts N (default 1 8 32 128)")
-    parser.add_argument("--seconds", type=float, default=None, help="measuring time per env measurement")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for the env measurements")
-    parser.add_argument("--wide", nargs="+", type=int, default=None, help="widths of the wide task (default 256 512)")
+    parser.add_argument(
+        "--sizes", nargs="+", type=positive_int, default=None, help="slot counts N (default 1 8 32 128)"
+    )
+    parser.add_argument("--seconds", type=positive_float, default=None, help="measuring time per env measurement")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads for the env measurements")
+    parser.add_argument(
+        "--wide", nargs="+", type=positive_int, default=None, help="widths of the wide task (default 256 512)"
+    )
     parser.add_argument("--no-naive", action="store_true", help="skip the naive reference")
     parser.add_argument("--no-ppo", action="store_true", help="skip the end-to-end RecurrentPPO runs")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the task draws")
     parser.add_argument(
         "--device",
         default="cpu",
@@ -706,4 +711,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

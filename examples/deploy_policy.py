@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from torch.nn import functional as F
 
 from agents import PolicyScheduler, load_bundle, resolve_policy
 from hpo_env.data import CHAR_VOCAB, python_text_corpus
+from training.cli import positive_float, positive_int, run_script
 
 SCHEDULES = ("policy", "constant", "cosine")
 
@@ -320,28 +322,27 @@ def plot(runs: list[Run], path: Path) -> None:
 def main(argv: list[str] | None = None) -> list[Run]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problems", nargs="+", choices=sorted(PROBLEMS), default=["digits", "charlm"])
-    parser.add_argument("--seeds", type=int, default=3, help="runs per problem and schedule")
+    parser.add_argument("--seeds", type=positive_int, default=3, help="runs per problem and schedule")
     parser.add_argument("--policy", default="default", help="policy bundle directory or shipped name")
     parser.add_argument("--out", type=Path, default=Path("runs/examples"), help="where the plot goes")
-    parser.add_argument("--decisions", type=int, default=None, help="override T (for a quick smoke run)")
+    parser.add_argument("--decisions", type=positive_int, default=None, help="override T (for a quick smoke run)")
     parser.add_argument(
         "--lr-grid",
-        type=float,
+        type=positive_float,
         nargs="+",
         default=[1.0],
         help="also run constant and cosine at these multiples of the initial lr (a tuned-baseline grid)",
     )
     parser.add_argument(
         "--lr-max-rise",
-        type=float,
+        type=positive_float,
         default=None,
-        help="cap the policy's learning rate at 10**D times the initial one (default: the policy's own cap, if any)",
+        help="cap the policy's learning rate at 10**D times the initial one, D > 0 (default: the policy's own cap, "
+        "if any, which a deployment can tighten or loosen but not remove)",
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run best on one)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (tiny models run best on one)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.seeds < 1:
-        parser.error(f"--seeds must be >= 1, got {args.seeds}")
 
     path = resolve_policy(args.policy)
     bundle = load_bundle(path)
@@ -369,4 +370,4 @@ def main(argv: list[str] | None = None) -> list[Run]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents import PolicyScheduler, load_bundle
+from agents import BundleError, PolicyScheduler, load_bundle
 from training.averaging import average_run, average_state_dicts, main, run_checkpoints
 from training.callbacks import CHECKPOINT_MODEL
 
@@ -95,6 +95,12 @@ def test_average_run_refuses_runs_it_cannot_average(tiny_meta_training):
     # the frame-stacked control averages like the recurrent policy
     averaged = load_bundle(average_run(result.run_dir, last=2))
     assert averaged.frame_stack == load_bundle(result.bundle_path).frame_stack > 1
+    # a bundle given for its run folder: the message names the run folder (not "hpo-train --resume BUNDLE")
+    with pytest.raises(ValueError, match="not an hpo-train run folder .*policy bundle; pass the run folder above it"):
+        average_run(result.bundle_path, last=2)
+    # and the run folder given for a bundle: the message names the bundles inside it
+    with pytest.raises(BundleError, match="is an hpo-train run folder, not a policy bundle: pass .*bundle"):
+        load_bundle(result.run_dir)
     shutil.rmtree(result.bundle_path)
     with pytest.raises(ValueError, match="no final bundle"):
         average_run(result.run_dir, last=2)

@@ -429,6 +429,22 @@ def test_ensemble_command_writes_a_loadable_bundle(good_bundle, second_bundle, t
     assert "at least two member bundles, got 1" in capsys.readouterr().err
     assert not (tmp_path / "one").exists()
 
+    # A forgotten OUT makes the first member the output: refused, the bundle untouched, unless --force.
+    before = (good_bundle / "model.zip").read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        ensemble_main([str(good_bundle), str(second_bundle), str(tmp_path / "ens")])
+    assert exc.value.code == 2 and (good_bundle / "model.zip").read_bytes() == before
+    err = capsys.readouterr().err
+    assert "exists (a policy bundle)" in err and "pass --force to replace it" in err
+    with pytest.raises(SystemExit):
+        ensemble_main([str(tmp_path / "ens"), str(good_bundle), str(second_bundle)])  # an existing ensemble too
+    assert ensemble_main([str(tmp_path / "ens"), str(good_bundle), str(second_bundle), "--force"]) == 0
+    assert "description" not in load_bundle(tmp_path / "ens").config
+    # The same bundle twice is not an ensemble.
+    with pytest.raises(SystemExit):
+        ensemble_main([str(tmp_path / "twice"), str(good_bundle), str(good_bundle / ".." / good_bundle.name)])
+    assert "are the same bundle" in capsys.readouterr().err and not (tmp_path / "twice").exists()
+
 
 def test_ensemble_errors(ensemble, good_bundle, tmp_path):
     # members trained for other hyperparameters

@@ -121,6 +121,12 @@ def average_run(
     if last is not None and last < 2:
         raise ValueError(f"last must be >= 2 checkpoints to average, got {last}")
     final_dir = run_dir / "bundle"
+    if not (run_dir / "settings.json").is_file():
+        bundle = (run_dir / "config.json").is_file()
+        raise ValueError(
+            f"{str(run_dir)!r} is not an hpo-train run folder (no settings.json)"
+            + (f": it is a policy bundle; pass the run folder above it, {str(run_dir.parent)!r}" if bundle else "")
+        )
     if not final_dir.is_dir():
         raise ValueError(
             f"{run_dir} has no final bundle ({final_dir}): average a finished run "

@@ -1,0 +1,50 @@
+"""The scripts' shared command-line handling (training.cli): bad input ends with a message, not a traceback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.cli import run_script
+
+
+def test_run_script_reports_bad_configuration_and_interrupts(capsys):
+    def bad(argv):
+        raise ValueError("total_steps must be >= 1, got 0")
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    assert run_script(bad) == 2
+    assert capsys.readouterr().err.endswith("error: total_steps must be >= 1, got 0\n")
+    assert run_script(interrupted) == 130
+    assert run_script(lambda argv: {"a": 1}, ok=bool) == 0
+    assert run_script(lambda argv: {}, ok=bool) == 1
+    with pytest.raises(RuntimeError):  # a bug is not a configuration error: its traceback stays
+        run_script(lambda argv: (_ for _ in ()).throw(RuntimeError("bug")))
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "message"),
+    [
+        ("benchmarks/scheduler_step.py", ["--calls", "0"], "--calls: must be an integer >= 1, got '0'"),
+        ("benchmarks/episode_time.py", ["--split", "nosuch"], "--split: invalid choice"),
+        ("examples/deploy_policy.py", ["--lr-max-rise", "0"], "--lr-max-rise: must be a positive number"),
+        ("examples/deploy_policy.py", ["--threads", "0"], "--threads: must be an integer >= 1"),
+    ],
+)
+def test_scripts_refuse_bad_arguments_before_any_work(load_script, capsys, script, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        run_script(load_script(script).main, argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_script_names_an_unknown_policy(load_script, capsys):
+    main = load_script("examples/deploy_policy.py").main
+    argv = ["--policy", "nosuch", "--problems", "digits", "--seeds", "1", "--decisions", "2"]
+    threads = torch.get_num_threads()
+    try:
+        assert run_script(main, argv) == 2
+    finally:
+        torch.set_num_threads(threads)  # the example sets its own
+    assert "no policy named 'nosuch' ships with hpo-meta" in capsys.readouterr().err

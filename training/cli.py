@@ -1,0 +1,77 @@
+"""What the command-line scripts share: argparse types for counts, and one way to report errors.
+
+The package's commands (``hpo-train``, ``hpo-bench``, ...) and the scripts under ``benchmarks/`` and
+``examples/`` all end the same way on bad input: ``prog: error: message`` on stderr and exit status
+2 (argparse's convention), 130 on Ctrl-C, never a traceback for a mistake on the command line.
+
+>>> positive_int("3")
+3
+>>> positive_int("0")
+Traceback (most recent call last):
+...
+argparse.ArgumentTypeError: must be an integer >= 1, got '0'
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["non_negative_int", "positive_float", "positive_int", "run_script"]
+
+
+def _integer_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+#: argparse ``type=`` for counts (tasks, seeds, steps, threads, ...).
+positive_int = _integer_at_least(1)
+positive_int.__name__ = "positive_int"
+#: argparse ``type=`` for seeds and counts that may be 0.
+non_negative_int = _integer_at_least(0)
+non_negative_int.__name__ = "non_negative_int"
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type=`` for a positive, finite number (seconds, factors, ...)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def run_script(
+    main: Callable[[list[str] | None], Any],
+    argv: list[str] | None = None,
+    *,
+    ok: Callable[[Any], bool] | None = None,
+) -> int:
+    """Run a script's ``main(argv)`` and return its exit status: 0, or 1 where ``ok(result)`` is false; a
+    bad configuration (``ValueError``, which includes :class:`agents.BundleError`, or a missing file) is
+    reported as ``prog: error: ...`` with status 2, and Ctrl-C as status 130."""
+    prog = Path(sys.argv[0]).name
+    try:
+        result = main(argv)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    return 1 if ok is not None and not ok(result) else 0
