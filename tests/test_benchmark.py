@@ -532,6 +532,12 @@ def test_every_option_reaches_the_config(flag, value, field, expected):
     assert getattr(bench.config_from_args(args), field) == expected
 
 
+@pytest.mark.parametrize("families", [["tabular", "digits_cnn"], ["tabular,digits_cnn"], ["tabular, digits_cnn"]])
+def test_families_as_hpo_train_takes_them_or_comma_separated(families):
+    args = bench.build_parser().parse_args(["--policy", "default", "--families", *families])
+    assert bench.config_from_args(args).families == ("tabular", "digits_cnn")
+
+
 def test_a_bad_thread_count_is_refused_with_the_flags_name(capsys):
     assert bench.main(["--policy", "default", "--threads", "0"]) == 2
     assert "hpo-bench: error: --threads must be a positive integer" in capsys.readouterr().err

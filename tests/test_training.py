@@ -290,6 +290,19 @@ def test_parse_settings_types_and_validation():
             parse_settings(bad)
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--algorithm", "framestack", "--lstm-hidden-size", "32"], "--lstm-hidden-size does not apply"),
+        (["--frame-stack", "4"], "--frame-stack does not apply to --algorithm recurrent"),
+    ],
+)
+def test_options_of_the_other_algorithm_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(argv)
+    assert message in capsys.readouterr().err
+
+
 def test_quick_budget_is_whole_rollouts():
     for name, budget in BUDGETS.items():
         config = PRESETS[name]

@@ -1274,7 +1274,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--split", choices=list(SPLITS), default=d.split, help="task families ('test': held out for the benchmark)"
     )
-    p.add_argument("--families", default="", help="comma-separated families, overriding --split")
+    p.add_argument(
+        "--families",
+        nargs="+",
+        default=[],
+        help="families to benchmark, overriding --split (space- or comma-separated, as in hpo-train)",
+    )
     p.add_argument("--tasks-per-family", type=int, default=d.tasks_per_family, help="tasks sampled per family")
     p.add_argument("--seeds", type=int, default=d.seeds, help="seeds per task")
     p.add_argument("--grid-size", "-K", type=int, default=d.grid_size, help="K, learning rates in the oracles' grid")
@@ -1346,7 +1351,7 @@ def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
     config = BenchmarkConfig(
         policy=args.policy,
         split=args.split,
-        families=tuple(f for f in args.families.split(",") if f),
+        families=tuple(f.strip() for arg in args.families for f in arg.split(",") if f.strip()),
         tasks_per_family=args.tasks_per_family,
         seeds=args.seeds,
         grid_size=args.grid_size,

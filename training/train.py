@@ -250,6 +250,19 @@ class TrainSettings:
                     f"{' '.join(self.hyperparameters)} does not control; drop {them} or add lr to --hyperparameters"
                 )
 
+        if self.resume is None:
+            ignored = {"framestack": "lstm_hidden_size", "recurrent": "frame_stack"}[self.algorithm]
+            if getattr(self, ignored) is not None:
+                raise ValueError(
+                    f"--{_flag(ignored)} does not apply to --algorithm {self.algorithm} (it sets the "
+                    + (
+                        "LSTM of the recurrent agent"
+                        if ignored == "lstm_hidden_size"
+                        else "frames the framestack control stacks"
+                    )
+                    + f"): drop it, or choose --algorithm {'recurrent' if ignored == 'lstm_hidden_size' else 'framestack'}"
+                )
+
     @property
     def budget(self) -> RunBudget:
         """The preset's budget with this run's overrides."""
@@ -667,9 +680,16 @@ def _train(settings: TrainSettings, command: str | None) -> TrainResult:
                 )
             elif config.reference_reward:
                 slots += " (+ default-LR reference runs)"
+            rollout = config.n_envs * config.n_steps
+            trained = start_timesteps + -(-max(remaining, 0) // rollout) * rollout  # whole rollouts
+            total = f"{budget.total_timesteps:,} timesteps" + (
+                f" (rounded up to whole rollouts of {rollout:,}: {trained:,})"
+                if trained != budget.total_timesteps
+                else ""
+            )
             print(
                 f"hpo-train: {what}; {config.algorithm} agent, {slots} x {config.n_steps} steps per rollout, "
-                f"{budget.total_timesteps:,} timesteps; held-out evaluation on {len(eval_tasks)} "
+                f"{total}; held-out evaluation on {len(eval_tasks)} "
                 f"task{'s' if len(eval_tasks) != 1 else ''} "
                 + (
                     f"every {budget.eval_freq:,} and at the end"
@@ -708,7 +728,7 @@ def _train(settings: TrainSettings, command: str | None) -> TrainResult:
                 hint = (
                     f"last checkpoint {last}; continue with: hpo-train --resume {run_dir}"
                     if last
-                    else "no checkpoint yet"
+                    else f"no checkpoint yet; hpo-train --resume {run_dir} starts it again"
                 )
                 print(f"\ninterrupted ({hint})", file=sys.stderr)
                 raise
@@ -770,7 +790,7 @@ def _summary(result: TrainResult, settings: TrainSettings, evaluator: Any, start
     if ev:
         n = len(evaluator.tasks)
         lines.append(
-            f"  held-out evaluation ({n} runs, families {', '.join(ev['family_mean_return'])}): mean return "
+            f"  held-out evaluation ({n} run{'s' if n != 1 else ''}, families {', '.join(ev['family_mean_return'])}): mean return "
             f"policy {ev['mean_return']:+.3f} | constant {ev['constant_mean_return']:+.3f} | random "
             f"{ev['random_mean_return']:+.3f}; wins vs constant {ev['win_rate_vs_constant']:.0%}, "
             f"vs random {ev['win_rate_vs_random']:.0%}"
