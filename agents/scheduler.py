@@ -131,6 +131,16 @@ def _mean_over_ranks(val: float, train: float | None, device: torch.device) -> t
     return total_val / torch.distributed.get_world_size(), mean_train
 
 
+def _inner_optimizer(optimizer: Any) -> Any:
+    """The optimiser doing the update inside a wrapper: accelerate's ``AcceleratedOptimizer`` (and the
+    like) hold it in ``.optimizer``, torch's ``ZeroRedundancyOptimizer`` in ``.optim``."""
+    for attribute in ("optimizer", "optim"):
+        inner = getattr(optimizer, attribute, None)
+        if isinstance(inner, torch.optim.Optimizer):
+            return _inner_optimizer(inner)
+    return optimizer
+
+
 def _from_rank_zero(device: torch.device, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     """Rank 0's values of ``arrays`` (float64, one ``broadcast``), on every rank."""
     sizes = [a.size for a in arrays]
@@ -208,7 +218,9 @@ class PolicyScheduler:
 
     The scheduler owns the controlled hyperparameters (those of ``bundle.decoder``, e.g. ``lr`` and
     ``weight_decay``) and writes them at every step; others are left alone. ``momentum`` is SGD's
-    ``momentum`` or, for Adam-type optimisers, ``betas[0]``.
+    ``momentum`` (any optimiser's ``momentum`` key: RMSprop's must be created above 0) or, for Adam-type
+    optimisers, ``betas[0]``. Wrappers are looked through (accelerate's ``AcceleratedOptimizer``, torch's
+    ``ZeroRedundancyOptimizer``).
 
     **Several parameter groups.** For each controlled hyperparameter, the *base* group is the first
     group whose initial value is not zero (group 0, unless it was created with e.g.
@@ -376,7 +388,7 @@ class PolicyScheduler:
         self.sync_ranks = _resolve_sync_ranks(sync_ranks)
         self.writer = writer
         if adaptive is None:  # look through wrappers such as accelerate's AcceleratedOptimizer
-            adaptive = not isinstance(getattr(optimizer, "optimizer", optimizer), torch.optim.SGD)
+            adaptive = not isinstance(_inner_optimizer(optimizer), torch.optim.SGD)
         self.adaptive = bool(adaptive)
         self._keys = self._resolve_keys(optimizer, decoder)
         self._check_weight_decay(optimizer, decoder)
@@ -464,9 +476,18 @@ class PolicyScheduler:
             self.decoder, 1, gradient_features=self.gradient_features, epochs_feature=self.epochs_feature
         )
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A copy or an unpickled scheduler comes with a copy of the optimiser, and torch's optimisers do
+        # not carry their hooks along: register this scheduler's on it again.
+        self.__dict__.update(state)
+        if self.gradient_features:
+            self._register_gradient_hook(self.optimizer)
+        if "weight_decay" in self.decoder.names:
+            self._register_sparse_check(self.optimizer)
+
     def _register_gradient_hook(self, optimizer: torch.optim.Optimizer) -> None:
         """Observe the gradients of every optimiser step (on the innermost optimiser of a wrapper)."""
-        inner = getattr(optimizer, "optimizer", optimizer)
+        inner = _inner_optimizer(optimizer)
         ref = weakref.ref(self)
 
         def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -480,7 +501,7 @@ class PolicyScheduler:
 
     def _register_sparse_check(self, optimizer: torch.optim.Optimizer) -> None:
         """Before the first ``optimizer.step()``, check that no group with weight decay has sparse gradients."""
-        inner = getattr(optimizer, "optimizer", optimizer)
+        inner = _inner_optimizer(optimizer)
         ref = weakref.ref(self)
 
         checked = []
@@ -499,7 +520,7 @@ class PolicyScheduler:
         weakref.finalize(self, handle.remove)
 
     def _check_sparse_gradients(self) -> None:
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        inner = _inner_optimizer(self.optimizer)
         for g, group in enumerate(inner.param_groups):
             decay = float(group.get("weight_decay", 0.0))
             if decay > 0 and any(p.grad is not None and p.grad.is_sparse for p in group["params"]):
@@ -599,6 +620,15 @@ class PolicyScheduler:
                         "use an optimizer that has them, or a policy trained to control only what this optimizer has"
                     )
             keys.append(row)
+        inner = _inner_optimizer(optimizer)
+        if "momentum" in decoder.names and isinstance(inner, torch.optim.RMSprop):
+            zero = [g for g, group in enumerate(inner.param_groups) if group["momentum"] == 0]
+            if zero:
+                raise ValueError(
+                    f"RMSprop keeps a momentum buffer only when created with momentum > 0, and param group(s) {zero} "
+                    "have momentum=0 (torch's default): its step() would fail once the policy raises it. Create it "
+                    "with e.g. momentum=0.9, or use a policy that does not control momentum"
+                )
         return keys
 
     @staticmethod
@@ -611,7 +641,7 @@ class PolicyScheduler:
         """
         if "weight_decay" not in decoder.names:
             return
-        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer and the like
+        inner = _inner_optimizer(optimizer)  # accelerate's AcceleratedOptimizer and the like
         coupled_adaptive = (
             torch.optim.Adam,
             torch.optim.NAdam,
@@ -644,7 +674,7 @@ class PolicyScheduler:
         which :meth:`_check_weight_decay` otherwise refuses) may read its learning rate on another
         scale, or add its weight decay to the gradient, and the policy cannot know.
         """
-        inner = getattr(optimizer, "optimizer", optimizer)
+        inner = _inner_optimizer(optimizer)
         known = (torch.optim.SGD, torch.optim.AdamW, torch.optim.Adam, torch.optim.NAdam, torch.optim.RAdam)
         name = type(inner).__name__
         if isinstance(inner, known) or "AdamW" in name:
@@ -690,6 +720,8 @@ class PolicyScheduler:
         for g, (group, keys) in enumerate(zip(self.optimizer.param_groups, self._keys)):
             for j, key in enumerate(keys):
                 value = group["betas"][0] if key == "betas" else group[key]
+                if isinstance(value, torch.Tensor):
+                    value = value.detach()
                 try:
                     out[g, j] = float(value)
                 except (TypeError, ValueError):
@@ -710,17 +742,26 @@ class PolicyScheduler:
                 "Create the PolicyScheduler after adding every param group"
             )
         values = self._group_values(self._base)
-        for group, keys, row in zip(self.optimizer.param_groups, self._keys, values):
-            for key, v in zip(keys, row):
-                v = float(v)
-                if key == "betas":
-                    betas = group["betas"]
-                    group["betas"] = type(betas)((v, *betas[1:])) if isinstance(betas, (tuple, list)) else (v, betas[1])
-                elif isinstance(group[key], torch.Tensor):
-                    group[key].fill_(v)
-                else:
-                    group[key] = v
-        self._last_values = values
+        written = values.copy()  # what the optimiser holds: a bfloat16 tensor rounds the value
+        with torch.no_grad():  # a tensor hyperparameter may require grad (torch's differentiable=True)
+            for g, (group, keys, row) in enumerate(zip(self.optimizer.param_groups, self._keys, values)):
+                for j, (key, v) in enumerate(zip(keys, row)):
+                    v = float(v)
+                    if key == "betas":
+                        betas = group["betas"]
+                        if isinstance(betas[0], torch.Tensor):  # torch wants both betas tensors or both floats
+                            betas[0].fill_(v)
+                            written[g, j] = float(betas[0])
+                        else:
+                            group["betas"] = (
+                                type(betas)((v, *betas[1:])) if isinstance(betas, (tuple, list)) else (v, betas[1])
+                            )
+                    elif isinstance(group[key], torch.Tensor):
+                        group[key].fill_(v)
+                        written[g, j] = float(group[key])
+                    else:
+                        group[key] = v
+        self._last_values = written
 
     # -- public API -----------------------------------------------------------------------------
     @classmethod
@@ -805,11 +846,12 @@ class PolicyScheduler:
                     "(cross-entropy, MSE, ...), not a log-likelihood, a score or an accuracy"
                 )
         if self._t >= self.total_steps:
-            warnings.warn(
-                f"PolicyScheduler.step() called more than total_steps={self.total_steps} times; "
-                "the hyperparameters are held at their last values",
-                stacklevel=_user_stacklevel(),
-            )
+            if self._t == self.total_steps:  # once
+                warnings.warn(
+                    f"PolicyScheduler.step() called more than total_steps={self.total_steps} times; "
+                    "the hyperparameters are held at their last values",
+                    stacklevel=_user_stacklevel(),
+                )
             self._t += 1
             self._write()
             return
@@ -1060,6 +1102,14 @@ class PolicyScheduler:
         self._t = int(state_dict["t"])
         self._started = bool(state_dict.get("started", self._t > 0))
         self._episode_start = bool(state_dict.get("episode_start", self._t == 0))
+        if "adaptive" in state_dict and bool(state_dict["adaptive"]) != self.adaptive:
+            kinds = {True: "an adaptive (AdamW-like) optimizer", False: "an SGD-like optimizer"}
+            warnings.warn(
+                f"the state was saved with {kinds[bool(state_dict['adaptive'])]} and this scheduler's is "
+                f"{kinds[self.adaptive]} ({type(_inner_optimizer(self.optimizer)).__name__}): the saved rates are on "
+                "the other's scale. Resume with the optimizer class of the run that saved the state",
+                stacklevel=_user_stacklevel(),
+            )
         self.adaptive = bool(state_dict.get("adaptive", self.adaptive))
         self.deterministic = bool(state_dict.get("deterministic", self.deterministic))
         if sampler is not None:

@@ -1281,3 +1281,110 @@ def test_benchmark_script_reports_a_median(tmp_path, load_script):
     results = bench.main(["--calls", "30", "--warmup", "5", "--json", str(tmp_path / "r.json")])
     assert results["policy_scheduler_step_median_ms"] > 0
     assert json.loads((tmp_path / "r.json").read_text()) == pytest.approx(results)
+
+
+# -- optimisers and wrappers as users hold them ------------------------------------------------------
+class _GradientReplay(ReplayPolicy):
+    gradient_features = True
+
+
+def _train_once(opt: torch.optim.Optimizer) -> None:
+    params = [p for group in opt.param_groups for p in group["params"]]
+    opt.zero_grad()
+    sum((p**2).sum() for p in params).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("copy_by", ["deepcopy", "pickle"])
+def test_a_copied_scheduler_still_observes_its_optimizers_steps(copy_by):
+    """torch's optimisers drop their hooks when copied: the copy registers its own again."""
+    import copy
+    import pickle
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=1e-3, weight_decay=1e-4)
+    sched = PolicyScheduler(opt, _GradientReplay(ActionDecoder(), np.zeros((4, 2))), total_steps=4)
+    _train_once(opt)
+    sched.step(1.0, train_loss=1.0)
+    twin = copy.deepcopy(sched) if copy_by == "deepcopy" else pickle.loads(pickle.dumps(sched))
+    assert twin.optimizer is not opt
+    _train_once(twin.optimizer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="no optimizer.step")
+        twin.step(0.9, train_loss=0.9)
+    assert twin.last_observation[-2:].any()  # gradient features observed, not the zeros of "no step ran"
+
+
+def test_tensor_hyperparameters_are_filled_in_place():
+    """Tensor lr and betas stay tensors (torch wants both betas tensors or both floats), also when they
+    require grad; a bfloat16 lr rounds the value, which is not mistaken for an outside write."""
+    param = torch.nn.Parameter(torch.ones(3))
+    betas = (torch.tensor(0.9), torch.tensor(0.999))
+    opt = torch.optim.AdamW([param], lr=torch.tensor(1e-3, dtype=torch.bfloat16), betas=betas, weight_decay=1e-4)
+    lr, beta1 = opt.param_groups[0]["lr"], opt.param_groups[0]["betas"][0]
+    decoder = ActionDecoder(("lr", "weight_decay", "momentum"))
+    sched = PolicyScheduler(opt, ReplayPolicy(decoder, np.full((4, 3), 0.5)), total_steps=4)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*something else")
+        for t in range(3):
+            _train_once(opt)
+            sched.step(1.0 / (t + 1))
+    group = opt.param_groups[0]
+    assert group["lr"] is lr and group["betas"][0] is beta1 and isinstance(group["betas"][1], torch.Tensor)
+    assert float(lr) == pytest.approx(sched.get_last_lr()[0], rel=1e-2) and float(beta1) != 0.9
+
+    grad_lr = torch.tensor(1e-3, requires_grad=True)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=grad_lr, momentum=0.9, weight_decay=1e-4)
+    PolicyScheduler(opt, ReplayPolicy(ActionDecoder(), np.zeros((2, 2))), total_steps=2).step(1.0)
+    assert opt.param_groups[0]["lr"] is grad_lr
+
+
+def test_rmsprop_without_momentum_is_refused_for_a_momentum_policy():
+    """RMSprop creates its momentum buffer only when created with momentum > 0: raising it later crashed torch."""
+    decoder = ActionDecoder(("lr", "momentum"))
+    opt = torch.optim.RMSprop([torch.nn.Parameter(torch.ones(3))], lr=1e-3)
+    with pytest.raises(ValueError, match="RMSprop keeps a momentum buffer only when created with momentum > 0"):
+        PolicyScheduler(opt, ReplayPolicy(decoder, np.zeros((2, 2))), total_steps=2)
+    opt = torch.optim.RMSprop([torch.nn.Parameter(torch.ones(3))], lr=1e-3, momentum=0.9)
+    with pytest.warns(UserWarning, match="RMSprop is neither"):
+        sched = PolicyScheduler(opt, ReplayPolicy(decoder, np.ones((2, 2))), total_steps=2)
+    _train_once(opt)
+    sched.step(1.0)
+    _train_once(opt)
+
+
+def test_wrappers_are_looked_through():
+    """accelerate's AcceleratedOptimizer keeps the optimiser in .optimizer, ZeroRedundancyOptimizer in .optim."""
+    from agents.scheduler import _inner_optimizer
+
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1, momentum=0.9)
+
+    class Accelerated:
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+    class Zero(torch.optim.Optimizer):
+        def __init__(self, optim):
+            self.optim = optim
+
+    assert _inner_optimizer(Accelerated(sgd)) is sgd and _inner_optimizer(Zero(sgd)) is sgd
+    assert _inner_optimizer(Accelerated(Zero(sgd))) is sgd and _inner_optimizer(sgd) is sgd
+
+
+def test_a_state_resumed_into_another_kind_of_optimizer_warns():
+    saved = PolicyScheduler(_optimizer("adamw", 1e-3, 1e-4, 0.9), ReplayPolicy(ActionDecoder(), np.zeros((3, 2))), 3)
+    saved.step(1.0)
+    sched = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), ReplayPolicy(ActionDecoder(), np.zeros((3, 2))), 3)
+    with pytest.warns(
+        UserWarning, match=r"saved with an adaptive .* this scheduler's is an SGD-like optimizer \(SGD\)"
+    ):
+        sched.load_state_dict(saved.state_dict())
+
+
+def test_steps_past_the_end_warn_once():
+    sched = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), ReplayPolicy(ActionDecoder(), np.zeros((2, 2))), 1)
+    sched.step(1.0)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            sched.step(1.0)
+    assert len([w for w in record if "more than total_steps" in str(w.message)]) == 1
