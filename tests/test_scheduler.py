@@ -922,66 +922,6 @@ def _quiet_lightning(test):
     return test
 
 
-@_quiet_lightning
-def test_lightning_trainer_end_to_end(tmp_path):
-    pl = pytest.importorskip("lightning.pytorch")
-    from agents.integrations import PolicySchedulerMixin, lightning_scheduler_config
-
-    torch.manual_seed(0)
-    x, y = torch.randn(64, 4), torch.randn(64, 1)
-    data = torch.utils.data.TensorDataset(x, y)
-
-    class Model(PolicySchedulerMixin, pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = torch.nn.Linear(4, 1)
-
-        def training_step(self, batch, i):
-            loss = torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
-            self.log("train_loss", loss, on_step=False, on_epoch=True)
-            return loss
-
-        def validation_step(self, batch, i):
-            self.log("val_loss", torch.nn.functional.mse_loss(self.net(batch[0]), batch[1]))
-
-        def configure_optimizers(self):
-            opt = torch.optim.AdamW(self.parameters(), lr=1e-3)
-            epochs = self.trainer.max_epochs
-            self.policy = PolicyScheduler.from_pretrained("default", opt, total_steps=epochs, epochs=epochs)
-            return {"optimizer": opt, "lr_scheduler": lightning_scheduler_config(self.policy, monitor="val_loss")}
-
-    class FirstBatchLR(pl.Callback):
-        def __init__(self):
-            self.lrs = {}
-
-        def on_train_batch_start(self, trainer, module, batch, i):
-            self.lrs.setdefault(trainer.current_epoch, trainer.optimizers[0].param_groups[0]["lr"])
-
-    def fit(dirpath, ckpt_path=None):
-        torch.manual_seed(0)
-        model, lrs = Model(), FirstBatchLR()
-        checkpoints = pl.callbacks.ModelCheckpoint(dirpath=dirpath, save_top_k=-1, filename="{epoch}")
-        trainer = pl.Trainer(
-            max_epochs=5,
-            logger=False,
-            callbacks=[checkpoints, lrs],
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        loader = torch.utils.data.DataLoader(data, batch_size=16)
-        trainer.fit(model, loader, loader, ckpt_path=ckpt_path)
-        return model, trainer, lrs.lrs
-
-    model, trainer, full = fit(tmp_path / "full")
-    assert model.policy.last_step == 5
-    assert model.policy.get_last_lr() == [trainer.optimizers[0].param_groups[0]["lr"]]
-    # Resumed from an epoch-end checkpoint, the run keeps the uninterrupted schedule (Lightning saved the
-    # checkpoint before the epoch's decision and does not make it on resume; the mixin does).
-    model, _, resumed = fit(tmp_path / "resumed", ckpt_path=tmp_path / "full" / "epoch=1.ckpt")
-    assert model.policy.last_step == 5
-    assert resumed == {epoch: lr for epoch, lr in full.items() if epoch >= 2}
-
-
 def _lightning_fit(pl, tmp_path, name, *, interval="epoch", frequency=1, every_n_train_steps=None, ckpt=None, epochs=3):
     """``epochs`` epochs of 4 batches of a linear model under the default policy (stepped per epoch, or every
     ``frequency`` batches with a validation each time, the training loss then logged per step);
@@ -1032,6 +972,18 @@ def _lightning_fit(pl, tmp_path, name, *, interval="epoch", frequency=1, every_n
     model = Model()
     trainer.fit(model, loader, loader, ckpt_path=ckpt)
     return model.policy, lrs
+
+
+@_quiet_lightning
+def test_lightning_trainer_end_to_end(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    policy, full = _lightning_fit(pl, tmp_path, "full", epochs=4)
+    assert policy.last_step == 4 and len(set(full)) > 2
+    assert policy.get_last_lr() == [policy.optimizer.param_groups[0]["lr"]]
+    # Resumed from an epoch-end checkpoint (ModelCheckpoint saves it before the epoch's decision, which
+    # Lightning then skips on resuming; the mixin makes it), the run keeps the uninterrupted schedule.
+    policy, resumed = _lightning_fit(pl, tmp_path, "resumed", ckpt=tmp_path / "full" / "step=8.ckpt", epochs=4)
+    assert policy.last_step == 4 and resumed == full[8:]
 
 
 @_quiet_lightning
@@ -1089,6 +1041,24 @@ def _hf_trainer(transformers, args, data, *callbacks):
     )
 
 
+def _hf_args(transformers, output_dir, **overrides):
+    """TrainingArguments of a 20-step CPU run, evaluated (and the loss logged) every 5 steps, at lr 1e-3."""
+    base = dict(
+        output_dir=str(output_dir),
+        max_steps=20,
+        per_device_train_batch_size=8,
+        eval_strategy="steps",
+        eval_steps=5,
+        logging_steps=5,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+    )
+    return transformers.TrainingArguments(**{**base, **overrides})
+
+
 def _lr_spy(transformers, seen: list[float]):
     class Spy(transformers.TrainerCallback):
         def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
@@ -1103,19 +1073,11 @@ def test_hf_trainer_end_to_end(tmp_path):
     from agents.integrations import hf_trainer_callback
 
     data = _regression_data()
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=20,
-        per_device_train_batch_size=8,
-        eval_strategy="steps",
-        eval_steps=5,
-        logging_steps=5,
-        learning_rate=1e-3,
+    args = _hf_args(
+        transformers,
+        tmp_path,
         lr_scheduler_type="linear",  # the callback must win against the Trainer's own schedule
         eval_on_start=True,  # not a decision: no training interval came before it
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
     )
     callback = hf_trainer_callback("default")
     seen_lrs = []
@@ -1161,21 +1123,7 @@ def test_hf_trainer_with_a_warm_up_starts_every_group_from_its_learning_rate(tmp
     transformers = pytest.importorskip("transformers")
     from agents.integrations import hf_trainer_callback
 
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=20,
-        per_device_train_batch_size=8,
-        eval_strategy="steps",
-        eval_steps=5,
-        logging_steps=5,
-        learning_rate=1e-3,
-        weight_decay=1e-4,
-        lr_scheduler_type="linear",
-        warmup_steps=4,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-    )
+    args = _hf_args(transformers, tmp_path, weight_decay=1e-4, lr_scheduler_type="linear", warmup_steps=4)
     callback, seen = hf_trainer_callback("default"), []
 
     class GroupSpy(transformers.TrainerCallback):
@@ -1200,19 +1148,12 @@ def test_hf_trainer_resumes_the_policy_from_its_checkpoint(tmp_path, default_bun
     from agents.integrations import HF_SCHEDULER_FILE, hf_trainer_callback
 
     data = _regression_data()
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "run"),
-        max_steps=20,
-        per_device_train_batch_size=8,
-        eval_strategy="steps",
-        eval_steps=5,
-        logging_steps=5,
+    args = _hf_args(
+        transformers,
+        tmp_path / "run",
         save_strategy="steps",
         save_steps=10,
-        lr_scheduler_type="constant",
         weight_decay=1e-4,  # inside the policy's bounds (the end-to-end test above checks the default 0)
-        report_to=[],
-        use_cpu=True,
     )
 
     def train(resume: str | None = None) -> tuple[list[float], object]:
