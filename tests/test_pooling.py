@@ -82,7 +82,10 @@ def test_pooled_numbers_are_those_of_all_pairs_together(two_sets):
     # Headroom per (set, task): set A's "tab-0" (best defaults 1.5, 1.0 against the oracle's 1.0: 22%
     # behind) and set B's "tab-1" (1.0, 1.0) in different bins; "cnn-0" (0.6, 1.0).
     bins = {b["label"]: (b["tasks"], b["pairs"]) for b in s["headroom_vs_cosine_tuned"]}
-    assert bins == {"defaults within 2% of the oracle": (2, 4), "defaults more than 10% behind the oracle": (1, 2)}
+    assert bins == {
+        "defaults at most 2% behind the oracle, or ahead of it": (2, 4),
+        "defaults more than 10% behind the oracle": (1, 2),
+    }
 
 
 def test_bootstrap_clusters_are_the_tasks_of_each_set(two_sets):

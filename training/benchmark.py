@@ -1323,12 +1323,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:  # includes BundleError
         print(f"hpo-bench: error: {_as_flag(str(err))}", file=sys.stderr)
         return 2
-    t = result.summary["targets"]
+    t, k = result.summary["targets"], result.summary["config"]["grid_size"]
     print(
         f"benchmark done: {result.computed} runs computed, {result.reused} reused\n"
         f"  report: {result.report_path}\n  json:   {result.json_path}\n"
         f"  policy beats both untuned defaults on {_pct(t['beats_both_untuned_defaults'])} of pairs; "
-        f"median ratio to the tuned cosine oracle {_ratio(t['median_ratio_vs_cosine_tuned'])}; "
+        f"median ratio to the tuned cosine oracle {_ratio(t['median_ratio_vs_cosine_tuned'])}"
+        f"{f' (K = {k}: too coarse for a tuned search, a smoke test)' if k < 5 else ''}; "
         f"win rate vs random {_pct(t['win_rate_vs_random'])}, vs replay {_pct(t['win_rate_vs_replay'])}"
     )
     return 0

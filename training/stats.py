@@ -137,7 +137,7 @@ def headroom(
     (the better of the ``defaults`` on each pair, over the ``oracle``'s loss on the same pair). Where
     it is near 1 the untuned defaults are already as good as the tuned oracle, and beating both is
     decided by the seed's noise; where it is large the learning rate has to move far from the default.
-    Tasks are binned at ``edges`` (default: within 2% of the oracle, 2-10%, more than 10%); per bin:
+    Tasks are binned at ``edges`` (default: at most 2% behind the oracle or ahead of it, 2-10%, more than 10%); per bin:
     the number of tasks and pairs, the share of pairs where the policy beats every default and where
     the oracle does (how reachable the first target is there), and the median and geometric mean of
     ``policy / oracle`` (the geometric mean over pairs where neither alone diverged), and a label that says the
@@ -168,7 +168,7 @@ def headroom(
         ratios = loss_ratios(p[idx], o[idx])
         geomean = geomean_ratio(ratios)
         label = (
-            f"defaults within {hi - 1:.0%} of the oracle"
+            f"defaults at most {hi - 1:.0%} behind the oracle, or ahead of it"
             if lo == 0
             else f"defaults more than {lo - 1:.0%} behind the oracle"
             if hi == np.inf
