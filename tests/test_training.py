@@ -274,6 +274,11 @@ def test_every_setting_is_documented_and_a_cli_option():
     for name in fields:
         assert f"--{name.replace('_', '-')}" in help_text
     assert RESUMABLE_OVERRIDES <= set(fields)
+    # "the preset's" defaults are spelled out (budgets and agent settings alike)
+    flat = " ".join(help_text.split())
+    assert "(default: the preset's)" not in flat
+    assert "(default: the preset's: quick 16,384, full 262,144)" in flat
+    assert f"(default: the preset's: quick {PRESETS['quick'].n_envs}, full {PRESETS['full'].n_envs})" in flat
 
 
 def test_parse_settings_types_and_validation():

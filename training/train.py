@@ -356,13 +356,36 @@ def _field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+class _Parser(argparse.ArgumentParser):
+    """Fills the presets' values into the help of options that default to "the preset's" when the help is
+    shown (the presets' agent settings live in :mod:`agents.factory`, which imports SB3: parsing stays fast)."""
+
+    def format_help(self) -> str:
+        from agents.factory import PRESETS
+
+        for action in self._actions:
+            name = action.dest
+            if not (action.help and "(default: the preset's)" in action.help):
+                continue
+            source = BUDGETS if name in RunBudget.__dataclass_fields__ else PRESETS
+            values = {preset: getattr(config, name, None) for preset, config in source.items()}
+            if None in values.values():
+                continue
+            shown = {
+                p: f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else _show(v) for p, v in values.items()
+            }
+            text = shown["quick"] if len(set(shown.values())) == 1 else ", ".join(f"{p} {v}" for p, v in shown.items())
+            action.help = action.help.replace("(default: the preset's)", f"(default: the preset's: {text})")
+        return super().format_help()
+
+
 def build_parser(prog: str = "hpo-train") -> argparse.ArgumentParser:
     """An ``argparse`` parser with one option per :class:`TrainSettings` field (help from its docstring).
 
     Options not given on the command line are absent from the parsed namespace, so a resumed run can
     tell what the user asked to change.
     """
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
         description=(TrainSettings.__doc__ or "").strip(),
         epilog="Example: hpo-train --preset quick --seed 0, then: tensorboard --logdir runs",
