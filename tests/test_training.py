@@ -885,3 +885,21 @@ def test_resuming_a_full_run_made_before_task_groups_keeps_them_off(tmp_path):
     config = parse_settings(["--resume", str(run)]).agent_config()
     assert (config.task_group_size, config.gae_lambda) == (1, 0.95)
     assert parse_settings(["--preset", "full"]).agent_config().task_group_size == 2  # a new run gets the preset's
+
+
+def test_resuming_a_finished_run_leaves_its_bundle_as_it_was(tiny_meta_training):
+    """Nothing to train: the bundle is not saved again (a new model.zip would change the policy's
+    fingerprint, and every benchmark result stored under it would be computed again)."""
+    from training.benchmark import bundle_fingerprint
+    from training.train import parse_settings, train
+
+    result = tiny_meta_training()
+    before = (result.bundle_path / "model.zip").read_bytes()
+    fingerprint = bundle_fingerprint(result.bundle_path)
+    again = train(parse_settings(["--resume", str(result.run_dir), "--no-progress-bar"]))
+    assert (again.bundle_path / "model.zip").read_bytes() == before
+    assert bundle_fingerprint(again.bundle_path) == fingerprint
+    # a bundle that does not load is written again from the final checkpoint
+    (result.bundle_path / "model.zip").write_bytes(b"damaged")
+    train(parse_settings(["--resume", str(result.run_dir), "--no-progress-bar"]))
+    assert load_bundle(result.bundle_path).decoder == load_bundle(result.run_dir / "best_bundle").decoder
