@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from hpo_env import FAMILIES, SPLITS, HPOEnv, HPOVecEnv, TaskDistribution
-from training.cli import non_negative_int, positive_int, run_script
+from training.cli import HelpFormatter, non_negative_int, positive_int, run_script
 
 
 def episode_times(tasks_per_family: int, seed: int) -> list[tuple[str, float, float, float]]:
@@ -52,7 +52,7 @@ def vec_throughput(n: int, split: str, env_steps: int, seed: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--tasks", type=positive_int, default=5, help="tasks per family")
     parser.add_argument("--slots", type=positive_int, nargs="+", default=[1, 8, 32], help="HPOVecEnv sizes N")
     parser.add_argument("--split", default="train", choices=sorted(SPLITS), help="distribution of the HPOVecEnv runs")

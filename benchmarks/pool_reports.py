@@ -43,7 +43,7 @@ import sys
 from pathlib import Path
 
 from training.benchmark import jsonable
-from training.cli import run_script
+from training.cli import HelpFormatter, run_script
 from training.pooling import compare_policies, load_pairs, pooled_summary, settings_summary
 
 __all__ = ["load_pairs", "main", "compare_policies", "pooled_summary", "settings_summary"]
@@ -87,8 +87,14 @@ def _settings_line(g: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("policies", nargs="+", type=_parse, metavar="LABEL=DIR[,DIR...]")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument(
+        "policies",
+        nargs="+",
+        type=_parse,
+        metavar="LABEL=DIR[,DIR...]",
+        help="a label for a policy and the hpo-bench output folders of its task sets (comma-separated)",
+    )
     parser.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
     parser.add_argument(

@@ -19,11 +19,11 @@ import torch
 from agents import load_bundle, resolve_policy
 from hpo_env import TaskDistribution
 from hpo_env.core import EpisodeBatch
-from training.cli import non_negative_int, positive_int, run_script
+from training.cli import HelpFormatter, non_negative_int, positive_int, run_script
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--policy", default="default", help="a bundle folder, or the name of a shipped policy")
     p.add_argument("--tasks", type=positive_int, default=48, help="tasks drawn from the training distribution")
     p.add_argument("--seed", type=non_negative_int, default=123, help="seed of the task draws")

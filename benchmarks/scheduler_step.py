@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from agents import PolicyScheduler, load_bundle, resolve_policy
-from training.cli import non_negative_int, positive_int, run_script
+from training.cli import HelpFormatter, non_negative_int, positive_int, run_script
 
 
 def _time_calls(fn, calls: int) -> np.ndarray:
@@ -37,7 +37,7 @@ def _time_calls(fn, calls: int) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--calls", type=positive_int, default=3000, help="timed step() calls per measurement")
     parser.add_argument("--warmup", type=non_negative_int, default=200, help="untimed calls first")
     parser.add_argument(

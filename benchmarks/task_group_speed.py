@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from agents import get_preset, make_meta_env
-from training.cli import positive_int, run_script
+from training.cli import HelpFormatter, positive_int, run_script
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--group-sizes", type=positive_int, nargs="+", default=[1, 2], help="task group sizes to compare")
     p.add_argument("--blocks", type=positive_int, default=4, help="interleaved blocks per setting")
     p.add_argument("--steps", type=positive_int, default=48, help="environment steps per block")

@@ -45,7 +45,7 @@ import hpo_env.trainer as trainer_module
 from hpo_env import HPOEnv, HPOVecEnv, TaskDistribution, TaskSpec
 from hpo_env.tasks import FAMILIES
 from hpo_env.trainer import TrainerStats
-from training.cli import non_negative_int, positive_float, positive_int, run_script
+from training.cli import HelpFormatter, non_negative_int, positive_float, positive_int, run_script
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "throughput.json"
 
@@ -440,7 +440,7 @@ def _fmt_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
     parser.add_argument("--quick", action="store_true", help="a smaller sweep (about a minute)")
     parser.add_argument("--families", nargs="+", default=None, help=f"task families (default: all of {FAMILIES})")

@@ -45,7 +45,7 @@ from torch.nn import functional as F
 
 from agents import PolicyScheduler, load_bundle, resolve_policy
 from hpo_env.data import CHAR_VOCAB, python_text_corpus
-from training.cli import positive_float, positive_int, run_script
+from training.cli import HelpFormatter, positive_float, positive_int, run_script
 
 SCHEDULES = ("policy", "constant", "cosine")
 
@@ -320,8 +320,10 @@ def plot(runs: list[Run], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[Run]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--problems", nargs="+", choices=sorted(PROBLEMS), default=["digits", "charlm"])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser.add_argument(
+        "--problems", nargs="+", choices=sorted(PROBLEMS), default=["digits", "charlm"], help="models to train"
+    )
     parser.add_argument("--seeds", type=positive_int, default=3, help="runs per problem and schedule")
     parser.add_argument("--policy", default="default", help="policy bundle directory or shipped name")
     parser.add_argument("--out", type=Path, default=Path("runs/examples"), help="where the plot goes")

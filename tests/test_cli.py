@@ -48,3 +48,18 @@ def test_a_script_names_an_unknown_policy(load_script, capsys):
     finally:
         torch.set_num_threads(threads)  # the example sets its own
     assert "no policy named 'nosuch' ships with hpo-meta" in capsys.readouterr().err
+
+
+def test_help_shows_the_defaults_it_does_not_already_state():
+    import argparse
+
+    from training.cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="seed")
+    parser.add_argument("--sizes", nargs="+", default=[1, 8], help="sizes")
+    parser.add_argument("--cap", default=None, help="cap (default: the policy's)")
+    parser.add_argument("--quick", action="store_true", help="smaller")
+    text = " ".join(parser.format_help().split())
+    assert "seed (default: 0)" in text and "sizes (default: 1 8)" in text
+    assert "cap (default: the policy's)" in text and "smaller (default" not in text

@@ -21,7 +21,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["non_negative_int", "positive_float", "positive_int", "run_script"]
+__all__ = ["HelpFormatter", "non_negative_int", "positive_float", "positive_int", "run_script"]
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` with each option's default (where it has one its help does not already state), and the
+    description as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        if "default" in text or default is None or default is False or default is argparse.SUPPRESS or default == []:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {shown})".lstrip()
 
 
 def _integer_at_least(low: int) -> Callable[[str], int]:
