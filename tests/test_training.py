@@ -118,6 +118,12 @@ def test_tiny_run_writes_bundle_and_documented_tensorboard_tags(tmp_path):
     for tag in ("rollout/ep_rew_mean", "train/value_loss", "train/approx_kl", "time/fps"):
         assert tag in written
     assert [e.step for e in acc.Scalars("eval/mean_return")] == [128, 256]
+    # one point per PPO update and rollout: an evaluation between two updates does not write one twice
+    for tag in tags["scalars"]:
+        steps = [e.step for e in acc.Scalars(tag)]
+        assert steps == sorted(set(steps)), f"{tag} has repeated or unordered steps {steps}"
+    # rollouts of 4 x 16 = 64: SB3 writes update k's statistics with rollout k + 1's (the last one unwritten)
+    assert [e.step for e in acc.Scalars("train/value_loss")] == [128, 192, 256]
     assert acc.Images("eval/schedules")[-1].width > 100
     settings = json.loads((run / "settings.json").read_text())
     assert settings["run_name"] == "tiny" and settings["total_timesteps"] == 256

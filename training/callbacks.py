@@ -458,6 +458,12 @@ class HeldOutEvalCallback(BaseCallback):
         self.last_summary = summary
         self.last_eval_timestep = step
         log = self.logger
+        # SB3 writes an update's train/ statistics with the next rollout's dump: hold them back, so that
+        # this dump (at the evaluation's step) writes only the evaluation, and each update keeps one point.
+        held = {
+            key: (log.name_to_value.pop(key), log.name_to_count.pop(key, None), log.name_to_excluded.pop(key, None))
+            for key in list(log.name_to_value)
+        }
         for key in ("mean_return", "divergence_rate", "best_mean_return"):
             log.record(f"eval/{key}", summary[key])
         for name in self.references:
@@ -471,6 +477,12 @@ class HeldOutEvalCallback(BaseCallback):
             fig = schedule_figure(records, self.references, self.decoder, self.n_figure_tasks, step)
             log.record("eval/schedules", Figure(fig, close=True), exclude=_NOT_TEXT)
         log.dump(step)
+        for key, (value, count, excluded) in held.items():
+            log.name_to_value[key] = value
+            if count is not None:
+                log.name_to_count[key] = count
+            if excluded is not None:
+                log.name_to_excluded[key] = excluded
         self.eval_seconds += time.perf_counter() - t0
         if self.verbose:
             print(
