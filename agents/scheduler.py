@@ -286,8 +286,11 @@ class PolicyScheduler:
             from the scheduler's own generator, saved in :meth:`state_dict`, never from torch's
             global one, so sampling neither shifts the training loop's random draws nor depends on them.
         writer: optional ``torch.utils.tensorboard.SummaryWriter``; logs ``scheduler/<hparam>``
-            (the base group's value for the next interval), ``scheduler/val_loss``, ``scheduler/train_loss``,
-            ``scheduler/action_<hparam>`` and ``scheduler/diverged``, at global step ``t``.
+            (the base group's value for the next interval, as torch schedulers' ``get_last_lr()``; the
+            first interval's at step 0), ``scheduler/val_loss``, ``scheduler/train_loss``,
+            ``scheduler/action_<hparam>`` and ``scheduler/diverged``, at global step ``t`` (the
+            ``step()`` calls so far: a run restarted with :meth:`reset` counts from 1 again, so give it
+            its own writer).
         adaptive: whether the optimiser is Adam-type (an observed feature). Default: True unless the
             optimiser is a ``torch.optim.SGD``.
         epochs: how many passes over the training set the whole run makes (> 0; fractions are fine).
@@ -899,6 +902,7 @@ class PolicyScheduler:
                 raw, self._policy_state = self._predict(obs)
                 self._episode_start = False
                 action = np.asarray(raw, dtype=np.float64).reshape(k)
+        started_with = self._base.copy()
         if action is not None:
             self._base = self.decoder.decode(action, self._base, self._initial_base)
             self._last_action = np.clip(action, -1.0, 1.0)  # a Gaussian head samples beyond; decode clips too
@@ -907,6 +911,9 @@ class PolicyScheduler:
                 action = self._last_action
         self._write()
         if self.writer is not None:
+            if t == 1:  # the values the first interval ran with, so the schedule's plot starts where the run did
+                for j, name in enumerate(self.decoder.names):
+                    self.writer.add_scalar(f"scheduler/{name}", float(started_with[j]), 0)
             self._log(t, val, train, diverged, action)
 
     def _log(self, t: int, val: float, train: float | None, diverged: bool, action: np.ndarray | None) -> None:

@@ -725,12 +725,15 @@ class _RecordingWriter:
 
 def test_tensorboard_tags(tmp_path):
     writer = _RecordingWriter()
-    policy = ReplayPolicy(ActionDecoder(("lr", "weight_decay")), np.zeros((3, 2)))
+    policy = ReplayPolicy(ActionDecoder(("lr", "weight_decay")), np.full((3, 2), 0.5))
     sched = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), policy, total_steps=3, writer=writer)
+    lrs = []
     for val in (1.0, 0.5, 0.25):
         sched.step(val, train_loss=val)
+        lrs.append(sched.get_last_lr()[0])
     assert [v for _, v in writer.scalars["scheduler/val_loss"]] == [1.0, 0.5, 0.25]
-    assert [s for s, _ in writer.scalars["scheduler/lr"]] == [1, 2, 3]
+    # step 0: the rate the first interval ran with; step t: the one set for interval t + 1
+    assert writer.scalars["scheduler/lr"] == [(0, pytest.approx(0.1)), *zip([1, 2, 3], lrs)] and lrs[0] > 0.1
     assert {"scheduler/train_loss", "scheduler/weight_decay", "scheduler/action_lr", "scheduler/diverged"} <= set(
         writer.scalars
     )
