@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from hpo_env.checks import is_number
+from hpo_env.checks import as_real_array, is_number
 
 __all__ = ["CONTROLLABLE", "DEFAULT_HYPERPARAMETERS", "ActionDecoder", "HyperparameterSpec"]
 
@@ -241,7 +241,7 @@ class ActionDecoder:
             ValueError: a non-finite action, a shape that does not end in ``k``, or a missing
                 ``initial`` where a cap needs it.
         """
-        actions = np.asarray(actions, dtype=np.float64)
+        actions = as_real_array(actions)
         current = np.asarray(current, dtype=np.float64)
         if actions.shape[-1:] != (self.num_actions,) or actions.shape != current.shape:
             raise ValueError(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["check_device", "is_flag", "is_integer", "is_number"]
+__all__ = ["as_real_array", "check_device", "is_flag", "is_integer", "is_number"]
 
 
 def is_integer(value: object) -> bool:
@@ -30,6 +30,23 @@ def is_number(value: object) -> bool:
 def is_flag(value: object) -> bool:
     """``True`` or ``False`` (Python's or NumPy's), not a truthy stand-in such as ``'no'`` or ``1``."""
     return isinstance(value, (bool, np.bool_))
+
+
+def as_real_array(values: object, label: str = "actions") -> np.ndarray:
+    """``values`` as a float64 array, refusing what only looks numeric to NumPy: strings (which it would
+    parse), booleans, complex numbers and arbitrary objects.
+
+    >>> as_real_array([1, -0.5])
+    array([ 1. , -0.5])
+    >>> as_real_array(["0.1"])
+    Traceback (most recent call last):
+    ...
+    TypeError: actions must be real numbers (floats or integers), got ['0.1'] (dtype <U3)
+    """
+    array = values if isinstance(values, np.ndarray) else np.asarray(values)
+    if array.dtype.kind not in "iuf":
+        raise TypeError(f"{label} must be real numbers (floats or integers), got {values!r} (dtype {array.dtype})")
+    return array.astype(np.float64, copy=False)
 
 
 def check_device(device: str | torch.device, label: str = "device=") -> torch.device:

@@ -19,7 +19,8 @@ to the optimiser's default (the benchmark's untuned baseline; the other hyperpar
 starts them). Its log-loss gain over the same interval is reported as ``info["reference_gain"]``
 (0 once the twin has diverged, and for the interval in which it diverges), so that a wrapper can
 train the agent on the gain *over* the default, a control variate that removes how much a task can
-improve by itself. The environment's own reward is unchanged. It doubles the inner training work.
+improve by itself. The environment's own reward is unchanged, up to float rounding (the twins share
+the batched kernels). It doubles the inner training work.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hpo_env.actions import ActionDecoder
-from hpo_env.checks import is_flag, is_number
+from hpo_env.checks import as_real_array, is_flag, is_number
 from hpo_env.features import ObservationBuilder
 from hpo_env.tasks import DEFAULT_HPARAMS, TaskSpec
 from hpo_env.trainer import HPARAM_NAMES, BatchedTrainer, ChunkResult
@@ -169,7 +170,7 @@ class EpisodeBatch:
                 raise RuntimeError(f"slot {s} has no running episode; reset it before stepping")
         # Check every action before any slot changes, so that a bad one leaves the batch as it was.
         k = self.decoder.num_actions
-        actions = np.asarray(actions, dtype=np.float64)
+        actions = as_real_array(actions)
         # Exactly (n, k), or (n,) with one hyperparameter: a transposed (k, n) array has the right size
         # but would give each slot another slot's values.
         if actions.shape != (len(slots), k) and not (k == 1 and actions.shape == (len(slots),)):

@@ -9,6 +9,7 @@ import gymnasium as gym
 import numpy as np
 
 from hpo_env.actions import ActionDecoder
+from hpo_env.checks import as_real_array
 from hpo_env.core import EpisodeBatch
 from hpo_env.features import OBS_BOUND
 from hpo_env.tasks import DEFAULT_LR_SPREAD, SPLITS, TaskDistribution, TaskSpec, ToyTaskDistribution
@@ -161,7 +162,7 @@ class HPOEnv(gym.Env):
     def step(self, action):
         if self._batch.episodes[0] is None:
             raise RuntimeError("call reset() before step()")
-        action = np.asarray(action, dtype=np.float64)
+        action = as_real_array(action, "the action")
         k = self.decoder.num_actions
         if action.shape != (k,) and not (k == 1 and action.shape == ()):
             raise ValueError(

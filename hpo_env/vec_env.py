@@ -24,9 +24,11 @@ __all__ = ["HPOVecEnv"]
 class HPOVecEnv(VecEnv):
     """N :class:`~hpo_env.HPOEnv` episodes trained as one batched program.
 
-    Slot ``i`` behaves exactly like an ``HPOEnv`` reset with seed ``seed + i`` (SB3's seeding
-    convention): it samples its own tasks from its own generator, so the same seed gives the same
-    tasks whether the slots run here or as N separate environments. Finished slots reset
+    Slot ``i`` behaves like an ``HPOEnv`` reset with seed ``seed + i`` (SB3's seeding convention):
+    it samples its own tasks from its own generator, so the same seed gives the same tasks whether
+    the slots run here or as N separate environments, and the same numbers up to float rounding
+    (which slots share a batched kernel changes its summation order; runs at the edge of stability
+    can amplify that). A rerun with the same slots is bitwise identical. Finished slots reset
     automatically (SB3 semantics): ``infos[i]["terminal_observation"]`` holds the last observation
     of the finished episode and the returned observation is the first of the next one.
 
@@ -45,7 +47,8 @@ class HPOVecEnv(VecEnv):
         reference_runs: also train every slot's task at the optimiser's default learning rate in a
             hidden twin and report the twin's log-loss gain over each interval as
             ``infos[i]["reference_gain"]`` (for a baseline-relative training reward; the reward
-            itself is unchanged). Doubles the inner training work.
+            itself is unchanged up to float rounding, the twins sharing the batched kernels).
+            Doubles the inner training work.
     """
 
     def __init__(

@@ -134,6 +134,16 @@ def test_non_finite_action_is_rejected():
         env.step(np.array([np.nan, 0.0], np.float32))
 
 
+@pytest.mark.parametrize("action", [np.array(["0.1", "0.2"]), [True, False], np.array([1j, 0]), {"lr": 1}, None])
+def test_an_action_that_only_looks_numeric_is_refused(action):
+    """NumPy would parse strings and read booleans as 0/1: a type error names what was given instead."""
+    env = HPOEnv("toy")
+    env.reset(seed=0)
+    with pytest.raises(TypeError, match="the action must be real numbers"):
+        env.step(action)
+    assert env.step(np.array([1, 0]))[0] is not None  # integers are numbers
+
+
 def test_divergence_in_the_first_interval_ends_the_first_step():
     """The first interval runs before any decision; if it diverges, reset still returns a valid
     observation and the first step terminates with the penalty, without training further."""
