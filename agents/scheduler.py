@@ -28,6 +28,7 @@ import torch
 from agents.bundle import policy_signature
 from hpo_env import ActionDecoder, GradientStats, ObservationBuilder, log_epochs_feature
 from hpo_env.checks import is_flag, is_integer, is_number
+from hpo_env.tasks import SGD_MOMENTUM_RANGE
 
 __all__ = ["PolicyScheduler", "default_policy_path", "resolve_policy"]
 
@@ -680,6 +681,18 @@ class PolicyScheduler:
         inner = _inner_optimizer(optimizer)
         known = (torch.optim.SGD, torch.optim.AdamW, torch.optim.Adam, torch.optim.NAdam, torch.optim.RAdam)
         name = type(inner).__name__
+        if isinstance(inner, torch.optim.SGD) and "momentum" not in decoder.names:
+            low, high = SGD_MOMENTUM_RANGE
+            momentum = float(inner.param_groups[0].get("momentum", 0.0))
+            if not low <= momentum <= high:
+                warnings.warn(
+                    f"the policy was meta-trained on SGD with momentum in [{low}, {high}] and sets the learning rate "
+                    f"for it; this SGD has momentum={momentum:g}: over many steps a gradient moves the weights "
+                    f"lr / (1 - momentum) = {1 / (1 - min(momentum, 0.999)):.3g} lr, against 10 lr at momentum 0.9, so the "
+                    "policy's rates act on another scale than it learned. Create the optimizer with e.g. momentum=0.9 "
+                    "(with transformers' Trainer, optim_args='momentum=0.9')",
+                    stacklevel=_user_stacklevel(),
+                )
         if isinstance(inner, known) or "AdamW" in name:
             return
         as_what = "AdamW (adaptive=True)" if adaptive else "SGD with momentum (adaptive=False)"

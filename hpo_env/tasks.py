@@ -77,6 +77,9 @@ SPLITS: dict[str, tuple[str, ...]] = {
 }
 
 # Default initial hyperparameters of each optimiser (PyTorch's defaults where it has sensible ones).
+#: The momentum of meta-training's SGD tasks is drawn from this range (AdamW's beta1 is 0.9).
+SGD_MOMENTUM_RANGE = (0.8, 0.95)
+
 DEFAULT_HPARAMS: dict[str, dict[str, float]] = {
     "sgd": {"lr": 0.01, "weight_decay": 1e-4, "momentum": 0.9},
     "adamw": {"lr": 1e-3, "weight_decay": 1e-2, "momentum": 0.9},
@@ -357,7 +360,7 @@ def _common(
         # Initial hyperparameters vary around the optimiser's default, as users' starting points do.
         lr=float(defaults["lr"] * 10 ** (rng.uniform(-lr_spread, lr_spread) + lr_center)),
         weight_decay=float(defaults["weight_decay"] * 10 ** rng.uniform(-1, 0.5)),
-        momentum=float(rng.uniform(0.8, 0.95)) if optimizer == "sgd" else 0.9,
+        momentum=float(rng.uniform(*SGD_MOMENTUM_RANGE)) if optimizer == "sgd" else 0.9,
         batch_size=int(rng.choice([32, 64, 128])),
         total_steps=decisions * steps_per_action,
         steps_per_action=steps_per_action,

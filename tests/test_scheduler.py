@@ -1332,3 +1332,16 @@ def test_steps_past_the_end_warn_once():
         for _ in range(3):
             sched.step(1.0)
     assert len([w for w in record if "more than total_steps" in str(w.message)]) == 1
+
+
+def test_plain_sgd_warns_that_the_policy_learned_momentum():
+    """Meta-training's SGD has momentum 0.8-0.95: at 0 the same learning rate takes ~10x smaller steps."""
+    params = [torch.nn.Parameter(torch.ones(3))]
+    policy = ReplayPolicy(ActionDecoder(), np.zeros((2, 2)))
+    with pytest.warns(UserWarning, match=r"momentum in \[0.8, 0.95\].*momentum=0: .* = 1 lr, against 10 lr"):
+        PolicyScheduler(torch.optim.SGD(params, lr=0.01, weight_decay=1e-4), policy, total_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PolicyScheduler(torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4), policy, total_steps=2)
+        momentum_policy = ReplayPolicy(ActionDecoder(("lr", "momentum")), np.zeros((2, 2)))  # it moves momentum
+        PolicyScheduler(torch.optim.SGD(params, lr=0.01, momentum=0.85), momentum_policy, total_steps=2)
