@@ -49,7 +49,8 @@ optimiser step, because the Trainer's own learning-rate scheduler (``lr_schedule
 ``learning_rate`` is therefore its own scheduler's value, not the policy's. The callback adds
 ``policy_lr`` to the metrics dict that ``evaluate()`` returns, but the Trainer logs its metrics
 before its callbacks see them, so ``policy_lr`` is not in ``log_history`` or the Trainer's loggers:
-pass ``writer=SummaryWriter(...)`` to see the policy's schedule in TensorBoard (``scheduler/`` tags).
+pass ``writer=SummaryWriter(...)`` to see the policy's schedule in TensorBoard (``scheduler/`` tags, at the
+Trainer's global step).
 Evaluations before the first optimiser step (``eval_on_start``) and after training ends are not
 decisions and are ignored. The callback writes the scheduler's state into every checkpoint the
 Trainer saves (``checkpoint-<step>/policy_scheduler.pt``), and ``trainer.train(resume_from_checkpoint=...)``
@@ -156,7 +157,7 @@ class PolicySchedulerMixin:
             trainer = getattr(self, "trainer", None)
             if self.policy_train_loss_key and trainer is not None:
                 train_loss = trainer.callback_metrics.get(self.policy_train_loss_key)
-            scheduler.step(metric, train_loss=train_loss)
+            scheduler.step(metric, train_loss=train_loss, global_step=getattr(trainer, "global_step", None))
             state = self._policy_state()
             state["fed_epoch"] = state["val_epoch"]  # this validation has made its decision
         else:
@@ -259,7 +260,7 @@ class PolicySchedulerMixin:
             metric = trainer.callback_metrics.get(config.monitor) if config.monitor else None
             if state["val_epoch"] > state["fed_epoch"] and metric is not None:
                 train = trainer.callback_metrics.get(self.policy_train_loss_key) if self.policy_train_loss_key else None
-                sched.step(metric, train_loss=train)
+                sched.step(metric, train_loss=train, global_step=trainer.global_step)
                 state["fed_epoch"] = state["val_epoch"]
             elif not state["warned"]:
                 state["warned"] = True
@@ -467,7 +468,7 @@ def _hf_callback_class() -> type:
             # The Trainer's own scheduler wrote its rate after the last optimiser step (on_step_begin undid
             # it before every step, so the policy's values ran): put them back before the policy looks.
             self.scheduler._write()
-            self.scheduler.step(metrics[self.metric], train_loss=train_loss)
+            self.scheduler.step(metrics[self.metric], train_loss=train_loss, global_step=state.global_step)
             metrics["policy_lr"] = self.scheduler.get_last_lr()[0]
 
     return PolicySchedulerCallback

@@ -833,14 +833,21 @@ class PolicyScheduler:
         self._last_obs: np.ndarray | None = None
         self._write()
 
-    def step(self, metrics: SupportsFloat, train_loss: SupportsFloat | None = None) -> None:
+    def step(
+        self, metrics: SupportsFloat, train_loss: SupportsFloat | None = None, *, global_step: int | None = None
+    ) -> None:
         """Observe the interval that just ended and set the hyperparameters of the next one.
 
         Args:
             metrics: validation loss after the interval (a float, a 0-dim tensor, ...).
             train_loss: mean training loss over the interval. Optional, but the policy was meta-trained
                 with it at every decision: without it a warning is issued (once per run).
+            global_step: where the ``writer``'s scalars of this decision go on TensorBoard's x-axis
+                (default: the ``step()`` calls so far); pass the training loop's optimiser step to line
+                them up with its own curves. The integrations pass the Trainer's.
         """
+        if global_step is not None and (not is_integer(global_step) or global_step < 0):
+            raise ValueError(f"global_step must be an integer >= 0 or None, got {global_step!r}")
         val = _to_float(metrics, "metrics")
         train = None if train_loss is None else _to_float(train_loss, "train_loss")
         device = _collective_device(self.optimizer) if self.sync_ranks else None
@@ -927,7 +934,7 @@ class PolicyScheduler:
             if t == 1:  # the values the first interval ran with, so the schedule's plot starts where the run did
                 for j, name in enumerate(self.decoder.names):
                     self.writer.add_scalar(f"scheduler/{name}", float(started_with[j]), 0)
-            self._log(t, val, train, diverged, action)
+            self._log(t if global_step is None else int(global_step), val, train, diverged, action)
 
     def _log(self, t: int, val: float, train: float | None, diverged: bool, action: np.ndarray | None) -> None:
         w = self.writer

@@ -734,6 +734,15 @@ def test_tensorboard_tags(tmp_path):
     assert [v for _, v in writer.scalars["scheduler/val_loss"]] == [1.0, 0.5, 0.25]
     # step 0: the rate the first interval ran with; step t: the one set for interval t + 1
     assert writer.scalars["scheduler/lr"] == [(0, pytest.approx(0.1)), *zip([1, 2, 3], lrs)] and lrs[0] > 0.1
+    # on the training loop's own x-axis
+    writer = _RecordingWriter()
+    sched = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), policy, total_steps=3, writer=writer)
+    for t in (1, 2):
+        sched.step(1.0 / t, train_loss=1.0, global_step=100 * t)
+    assert [s for s, _ in writer.scalars["scheduler/lr"]] == [0, 100, 200]
+    assert [s for s, _ in writer.scalars["scheduler/val_loss"]] == [100, 200]
+    with pytest.raises(ValueError, match="global_step must be an integer >= 0"):
+        sched.step(1.0, global_step=-1)
     assert {"scheduler/train_loss", "scheduler/weight_decay", "scheduler/action_lr", "scheduler/diverged"} <= set(
         writer.scalars
     )
@@ -853,7 +862,9 @@ def test_hf_callback_driven_as_the_trainer_drives_it(stand_in_transformers, defa
         callback.on_train_begin(args, state, None, optimizer=opt, train_dataloader=list(range(10)))
         sched = callback.scheduler
         real_step = sched.step
-        sched.step = lambda val, train_loss=None: steps.append((val, train_loss)) or real_step(val, train_loss)
+        sched.step = lambda val, train_loss=None, **kw: (
+            steps.append((val, train_loss)) or real_step(val, train_loss, **kw)
+        )
         while state.global_step < 40:
             callback.on_step_begin(args, state, None)
             assert opt.param_groups[0]["lr"] == sched.get_last_lr()[0]  # the policy's rate runs, not the Trainer's
@@ -1082,7 +1093,8 @@ def test_hf_trainer_end_to_end(tmp_path):
         lr_scheduler_type="linear",  # the callback must win against the Trainer's own schedule
         eval_on_start=True,  # not a decision: no training interval came before it
     )
-    callback = hf_trainer_callback("default")
+    writer = _RecordingWriter()
+    callback = hf_trainer_callback("default", writer=writer)
     seen_lrs = []
     trainer = _hf_trainer(transformers, args, data, callback, _lr_spy(transformers, seen_lrs))
     # TrainingArguments' default weight_decay=0 is below the policy's bounds: it starts at the bound, and says so.
@@ -1094,6 +1106,8 @@ def test_hf_trainer_end_to_end(tmp_path):
     assert trainer.optimizer.param_groups[0]["weight_decay"] > 0
     sched = callback.scheduler
     assert sched.total_steps == 4 and sched.last_step == 4
+    # the policy's schedule on the Trainer's x-axis (optimiser steps), beside the Trainer's own curves
+    assert [s for s, _ in writer.scalars["scheduler/val_loss"]] == [5, 10, 15, 20]
     # Every optimiser step ran with the policy's learning rate of its interval, not the linear decay.
     lrs = [seen_lrs[i * 5 : (i + 1) * 5] for i in range(4)]
     assert all(len(set(chunk)) == 1 for chunk in lrs)
