@@ -125,6 +125,14 @@ def test_tiny_run_writes_bundle_and_documented_tensorboard_tags(tmp_path):
     # rollouts of 4 x 16 = 64: SB3 writes update k's statistics with rollout k + 1's (the last one unwritten)
     assert [e.step for e in acc.Scalars("train/value_loss")] == [128, 192, 256]
     assert acc.Images("eval/schedules")[-1].width > 100
+    # the HParams tab: the run's identity as resolved, nothing a resume may change, no "None" columns
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = acc.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
+    hparams = dict(plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams)
+    assert hparams["agent.n_envs"].number_value == 4 and hparams["seed"].number_value == 0
+    assert not {"total_timesteps", "eval_freq", "resume", "run_dir"} & set(hparams)
+    assert all(v.string_value != "None" for v in hparams.values())
     settings = json.loads((run / "settings.json").read_text())
     assert settings["run_name"] == "tiny" and settings["total_timesteps"] == 256
 

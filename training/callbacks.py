@@ -124,11 +124,22 @@ class PurgingTensorBoardFormat(TensorBoardOutputFormat):
         self._is_closed = False
 
 
-def record_settings(logger: Any, settings: Mapping[str, Any], step: int = 0, metrics: Sequence[str] = ()) -> None:
-    """Log a run's settings as a markdown table (``settings/markdown``) and as TensorBoard hparams."""
+def record_settings(
+    logger: Any,
+    settings: Mapping[str, Any],
+    step: int = 0,
+    metrics: Sequence[str] = (),
+    hparams: Mapping[str, Any] | None = None,
+) -> None:
+    """Log a run's settings as a markdown table (``settings/markdown``) and ``hparams`` (default: the
+    settings) as TensorBoard hparams. TensorBoard keeps the first hparams a run folder gets, so a
+    resumed run's hparams should be those that cannot change on resuming."""
     rows = "\n".join(f"|{k}|{_md(v)}|" for k, v in settings.items())
     logger.record("settings/markdown", f"|setting|value|\n|-|-|\n{rows}", exclude=_NOT_TEXT)
-    hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in settings.items()}
+    hparams = {
+        k: v if isinstance(v, (int, float, str, bool)) else str(v)
+        for k, v in (settings if hparams is None else hparams).items()
+    }
     logger.record("hparams", HParam(hparams, {m: 0.0 for m in metrics}), exclude=_NOT_TEXT)
     logger.dump(step)
 

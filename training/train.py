@@ -622,11 +622,23 @@ def _train(settings: TrainSettings, command: str | None) -> TrainResult:
     )
     model.set_logger(logger)
     try:
+        recorded = {
+            **settings.to_dict(),
+            "run_dir": str(run_dir),
+            **{f"agent.{k}": v for k, v in config.to_dict().items()},
+        }
         record_settings(
             logger,
-            {**settings.to_dict(), "run_dir": str(run_dir), **{f"agent.{k}": v for k, v in config.to_dict().items()}},
+            recorded,
             step=start_timesteps,
             metrics=("eval/mean_return", "rollout/ep_rew_mean"),
+            # The run's identity, as resolved (an option left to the preset shows its agent.* value, not None):
+            # TensorBoard keeps a run folder's first hparams, which a resume must not leave stale.
+            hparams={
+                k: v
+                for k, v in recorded.items()
+                if v is not None and k not in RESUMABLE_OVERRIDES | {"resume", "run_dir"}
+            },
         )
 
         decoder = env.unwrapped.decoder
