@@ -691,6 +691,9 @@ def test_bad_output_folder_and_device_are_usage_errors(tmp_path, capsys):
         bench.BenchmarkConfig(policy="unused", out=str(tmp_path / "a-file"))
     with pytest.raises(ValueError, match="device='foo' is not a torch device"):
         bench.BenchmarkConfig(policy="unused", device="foo")
+    with pytest.raises(ValueError, match="grid_decades=0 makes the K=2 grid one learning rate 2 times"):
+        bench.BenchmarkConfig(policy="unused", grid_size=2, grid_decades=0.0)
+    assert bench.BenchmarkConfig(policy="unused", grid_size=1, grid_decades=0.0).grid_size == 1
     assert bench.main(["--policy", "unused", "--out", str(tmp_path / "a-file")]) == 2
     assert "hpo-bench: error: --out '" in capsys.readouterr().err
     assert bench.main(["--policy", "no-such-policy", "--out", str(tmp_path / "out")]) == 2

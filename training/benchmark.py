@@ -152,6 +152,11 @@ class BenchmarkConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not (self.grid_decades >= 0 and math.isfinite(self.grid_decades)):
             raise ValueError(f"grid_decades must be a finite number >= 0, got {self.grid_decades!r}")
+        if self.grid_decades == 0 and self.grid_size > 1:
+            raise ValueError(
+                f"grid_decades=0 makes the K={self.grid_size} grid one learning rate {self.grid_size} times: give the "
+                "grid a span (e.g. 1.5), or grid_size=1"
+            )
         for name in ("hd_beta_sgd", "hd_beta_adamw"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
