@@ -443,7 +443,8 @@ def save_ensemble(
     """Write an ensemble bundle of saved bundles (copied into it) atomically; returns its path.
 
     Args:
-        path: the ensemble directory (replaced if it exists; must not be one of the members).
+        path: the ensemble directory (replaced if it exists, unlike ``hpo-ensemble`` without ``--force``;
+            must not be one of the members).
         members: at least two bundle directories with the same controlled hyperparameters, bounds
             and feature set (each is loaded and validated first).
         config: extra JSON-serialisable settings (description, benchmark summary...).
@@ -731,7 +732,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         path = save_ensemble(out, [resolve_policy(m) for m in args.members], config=config)
-    except BundleError as err:
+    except ValueError as err:  # BundleError included, and resolve_policy's unknown name
         parser.exit(2, f"hpo-ensemble: error: {err}\n")
     print(f"wrote an ensemble of {len(args.members)} policies to {path}")
     return 0

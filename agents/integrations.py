@@ -216,8 +216,9 @@ class PolicySchedulerMixin:
         if parent is not None:
             parent(checkpoint)
         saved = checkpoint.get(POLICY_RESUME_KEY)
+        self._policy_resume_state = None  # nothing of an earlier fit() of this module carries over
         if saved:
-            self._policy_resume_state = {**saved, "values": dict(saved["values"]), "warned": False}
+            self._policy_resume_state = {**saved, "values": dict(saved["values"]), "warned": False, "resumed": True}
 
     def on_train_start(self) -> None:
         parent = getattr(super(), "on_train_start", None)
@@ -252,6 +253,8 @@ class PolicySchedulerMixin:
     def _make_due_decisions(self) -> None:
         """Make the epoch-interval decisions Lightning skipped on resuming (see the comment above)."""
         trainer, state = self.trainer, self._policy_state()
+        if not state.get("resumed") or not getattr(self, "automatic_optimization", True):
+            return  # a fresh run's steps are Lightning's own; under manual optimisation Lightning steps nothing
         for config in self._policy_configs("epoch"):
             sched = config.scheduler
             due = min(int(trainer.current_epoch) // max(int(config.frequency), 1), sched.total_steps)
@@ -383,7 +386,15 @@ def _hf_callback_class() -> type:
                     args, state, upto=state.global_step if _eval_strategy(args) == "steps" else state.epoch
                 )
                 total = max(1, total - done)
-            if saved is None:
+            # The run's length in epochs, for a policy that observes it; given epochs= win.
+            kwargs = {"epochs": _epochs_from_args(args, state, train_dataloader), **self.scheduler_kwargs}
+            if isinstance(self.policy, (str, os.PathLike)):  # loaded once, for every train() of this callback
+                from agents.bundle import load_bundle
+                from agents.scheduler import resolve_policy
+
+                self.policy = load_bundle(resolve_policy(self.policy), device=kwargs.pop("device", "cpu"))
+                self.scheduler_kwargs.pop("device", None)
+            if saved is None and "lr" in self.policy.decoder.names:
                 # The Trainer built its own lr scheduler before this hook: with a warm-up it has already set every
                 # group's lr to 0 (or a fraction of it), from which the policy would start (and a group at 0
                 # would never train). The run starts from the rates the optimizer was created with, the
@@ -391,18 +402,13 @@ def _hf_callback_class() -> type:
                 for group in optimizer.param_groups:
                     if "initial_lr" in group:
                         group["lr"] = group["initial_lr"]
-            # The run's length in epochs, for a policy that observes it; given epochs= win.
-            kwargs = {"epochs": _epochs_from_args(args, state, train_dataloader), **self.scheduler_kwargs}
             with warnings.catch_warnings():
                 if saved is not None:
                     # The resumed optimizer holds the policy's own rates (with its state, loaded below, they are
                     # set again; without it, the warning below says the policy restarts from them), not those of
                     # another scheduler: no warning about them.
                     warnings.filterwarnings("ignore", message="a torch LR scheduler")
-                if isinstance(self.policy, (str, os.PathLike)):
-                    self.scheduler = PolicyScheduler.from_pretrained(self.policy, optimizer, total, **kwargs)
-                else:
-                    self.scheduler = PolicyScheduler(optimizer, self.policy, total, **kwargs)
+                self.scheduler = PolicyScheduler(optimizer, self.policy, total, **kwargs)
             if saved is not None and not resumed_without_state:
                 self.scheduler.load_state_dict(torch.load(saved, weights_only=True))
             elif resumed_without_state:

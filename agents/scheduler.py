@@ -11,6 +11,7 @@ trajectory through both and checks that they agree bit for bit.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -485,6 +486,8 @@ class PolicyScheduler:
         # not carry their hooks along: register this scheduler's on it again.
         self.__dict__.update(state)
         if self.gradient_features:
+            # A shallow copy shares the optimiser: its hook must feed its own statistics, not the original's.
+            self._grad_stats = copy.deepcopy(self._grad_stats)
             self._register_gradient_hook(self.optimizer)
         if "weight_decay" in self.decoder.names:
             self._register_sparse_check(self.optimizer)

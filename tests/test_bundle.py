@@ -444,6 +444,9 @@ def test_ensemble_command_writes_a_loadable_bundle(good_bundle, second_bundle, t
     with pytest.raises(SystemExit):
         ensemble_main([str(tmp_path / "twice"), str(good_bundle), str(good_bundle / ".." / good_bundle.name)])
     assert "are the same bundle" in capsys.readouterr().err and not (tmp_path / "twice").exists()
+    with pytest.raises(SystemExit) as exc:  # a mistyped shipped name: a message, not a traceback
+        ensemble_main([str(tmp_path / "named"), "default", "no-such-policy"])
+    assert exc.value.code == 2 and "no policy named 'no-such-policy' ships" in capsys.readouterr().err
 
 
 def test_ensemble_errors(ensemble, good_bundle, tmp_path):

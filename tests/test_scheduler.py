@@ -936,7 +936,9 @@ def _quiet_lightning(test):
     return test
 
 
-def _lightning_fit(pl, tmp_path, name, *, interval="epoch", frequency=1, every_n_train_steps=None, ckpt=None, epochs=3):
+def _lightning_fit(
+    pl, tmp_path, name, *, interval="epoch", frequency=1, every_n_train_steps=None, ckpt=None, epochs=3, **trainer_kw
+):
     """``epochs`` epochs of 4 batches of a linear model under the default policy (stepped per epoch, or every
     ``frequency`` batches with a validation each time, the training loss then logged per step);
     checkpoints of every save in ``tmp_path/name``. Returns the policy and the learning rate of every
@@ -967,7 +969,9 @@ def _lightning_fit(pl, tmp_path, name, *, interval="epoch", frequency=1, every_n
             opt = torch.optim.AdamW(self.parameters(), lr=1e-3)
             total = epochs if interval == "epoch" else epochs * 4 // frequency
             self.policy = PolicyScheduler.from_pretrained("default", opt, total_steps=total, epochs=epochs)
-            config = lightning_scheduler_config(self.policy, monitor="val_loss", interval=interval, frequency=frequency)
+            config = lightning_scheduler_config(
+                self.policy, monitor="val_loss", interval=interval, frequency=frequency, strict=False
+            )
             return {"optimizer": opt, "lr_scheduler": config}
 
     checkpoints = pl.callbacks.ModelCheckpoint(
@@ -982,6 +986,7 @@ def _lightning_fit(pl, tmp_path, name, *, interval="epoch", frequency=1, every_n
         enable_model_summary=False,
         num_sanity_val_steps=0,
         val_check_interval=frequency if interval == "step" else None,
+        **trainer_kw,
     )
     model = Model()
     trainer.fit(model, loader, loader, ckpt_path=ckpt)
@@ -998,6 +1003,20 @@ def test_lightning_trainer_end_to_end(tmp_path):
     # Lightning then skips on resuming; the mixin makes it), the run keeps the uninterrupted schedule.
     policy, resumed = _lightning_fit(pl, tmp_path, "resumed", ckpt=tmp_path / "full" / "step=8.ckpt", epochs=4)
     assert policy.last_step == 4 and resumed == full[8:]
+
+
+@_quiet_lightning
+@pytest.mark.filterwarnings("ignore:ReduceLROnPlateau conditioned on metric val_loss which is not available")
+def test_lightning_mixin_leaves_a_fresh_run_to_lightning(tmp_path):
+    """Validation every other epoch with strict=False: Lightning skips the epochs without one, and a run
+    that never resumed gets no catch-up decisions and no resume warning."""
+    pl = pytest.importorskip("lightning.pytorch")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="PolicySchedulerMixin")
+        policy, _ = _lightning_fit(pl, tmp_path, "every2", epochs=4, check_val_every_n_epoch=2)
+    # Lightning's own steps only: none at epoch 0 (no val_loss yet), then one per epoch (at epoch 2 with
+    # epoch 1's val_loss still logged: strict=False's stale value)
+    assert policy.last_step == 3
 
 
 @_quiet_lightning
@@ -1270,6 +1289,19 @@ def test_a_copied_scheduler_still_observes_its_optimizers_steps(copy_by):
         warnings.filterwarnings("error", message="no optimizer.step")
         twin.step(0.9, train_loss=0.9)
     assert twin.last_observation[-2:].any()  # gradient features observed, not the zeros of "no step ran"
+
+
+def test_a_shallow_copy_keeps_its_gradient_statistics_apart():
+    import copy
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=1e-3, weight_decay=1e-4)
+    sched = PolicyScheduler(opt, _GradientReplay(ActionDecoder(), np.zeros((4, 2))), total_steps=4)
+    _train_once(opt)
+    twin = copy.copy(sched)  # the same optimiser: two hooks, one per scheduler
+    _train_once(opt)
+    # each counts the step once (the copy from the step it was copied with): before, the original counted 3
+    assert sched._grad_stats.steps_observed()[0] == 2 and twin._grad_stats.steps_observed()[0] == 2
+    assert twin._grad_stats is not sched._grad_stats
 
 
 def test_tensor_hyperparameters_are_filled_in_place():

@@ -6,6 +6,7 @@ import json
 import math
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -917,3 +918,11 @@ def test_resuming_a_finished_run_leaves_its_bundle_as_it_was(tiny_meta_training)
     (result.bundle_path / "model.zip").write_bytes(b"damaged")
     train(parse_settings(["--resume", str(result.run_dir), "--no-progress-bar"]))
     assert load_bundle(result.bundle_path).decoder == load_bundle(result.run_dir / "best_bundle").decoder
+    # ... and so is one older than the last checkpoint (a longer run stopped after it, resumed to that point)
+    older = result.run_dir / "older_bundle"
+    shutil.copytree(result.bundle_path, older)
+    train(parse_settings(["--resume", str(result.run_dir), "--total-timesteps", "64", "--no-progress-bar"]))
+    shutil.rmtree(result.bundle_path)
+    shutil.copytree(older, result.bundle_path)
+    train(parse_settings(["--resume", str(result.run_dir), "--total-timesteps", "64", "--no-progress-bar"]))
+    assert load_bundle(result.bundle_path).config["training"]["timesteps"] == 64

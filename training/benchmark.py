@@ -76,6 +76,7 @@ from hpo_env import __version__ as HPO_VERSION
 from hpo_env.actions import DEFAULT_HYPERPARAMETERS
 from hpo_env.checks import is_integer
 from hpo_env.tasks import DEFAULT_HPARAMS
+from training.cli import HelpFormatter
 from training.hypergradient import DEFAULT_HYPERGRADIENT_LR, run_hypergradient
 from training.rollout import EpisodeRecord, run_episodes
 from training.stats import beats_all_rate, divergence_rate, headroom, lr_level, paired_comparison
@@ -1252,23 +1253,13 @@ def render_report(summary: dict, plot_paths: Sequence[Path], out: Path) -> str:
 # command line
 
 
-class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows an option's default in its help, where it has one worth showing."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        default = action.default
-        if action.required or default is None or default is False or default == "" or "(default" in (action.help or ""):
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = BenchmarkConfig(policy="")
     p = argparse.ArgumentParser(
         prog="hpo-bench",
         description="Benchmark a learned hyperparameter policy against tuned and hand-designed baselines "
         "on held-out task families. Resumable: rerun the same command after an interruption.",
-        formatter_class=_DefaultsHelp,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--policy",

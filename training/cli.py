@@ -24,16 +24,23 @@ from typing import Any
 __all__ = ["HelpFormatter", "non_negative_int", "positive_float", "positive_int", "run_script"]
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """``--help`` with each option's default (where it has one its help does not already state), and the
-    description as written."""
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` with each option's default, where it has one worth showing that its help does not
+    already state."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text, default = action.help or "", action.default
-        if "default" in text or default is None or default is False or default is argparse.SUPPRESS or default == []:
+        if (
+            action.required
+            or "(default" in text
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or default in ("", [])
+        ):
             return text
-        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
-        return f"{text} (default: {shown})".lstrip()
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})".lstrip()
 
 
 def _integer_at_least(low: int) -> Callable[[str], int]:

@@ -251,8 +251,8 @@ class TrainSettings:
                 )
 
         if self.resume is None:
-            ignored = {"framestack": "lstm_hidden_size", "recurrent": "frame_stack"}[self.algorithm]
-            if getattr(self, ignored) is not None:
+            ignored = {"framestack": "lstm_hidden_size", "recurrent": "frame_stack"}.get(self.algorithm)
+            if ignored is not None and getattr(self, ignored) is not None:
                 raise ValueError(
                     f"--{_flag(ignored)} does not apply to --algorithm {self.algorithm} (it sets the "
                     + (
@@ -776,7 +776,7 @@ def _train(settings: TrainSettings, command: str | None) -> TrainResult:
         final_config = bundle_config()
         final_config["evaluation"] = _jsonable(evaluator.last_summary or {})
         bundle_path = run_dir / "bundle"
-        if remaining <= 0 and _loads(bundle_path):
+        if remaining <= 0 and _bundle_timesteps(bundle_path) == model.num_timesteps:
             pass  # a finished run: its bundle stays byte for byte (a rewrite would change its fingerprint)
         else:
             bundle_path = save_bundle(
@@ -810,15 +810,14 @@ def _train(settings: TrainSettings, command: str | None) -> TrainResult:
     return result
 
 
-def _loads(bundle: Path) -> bool:
-    """Whether ``bundle`` is a policy bundle that loads."""
+def _bundle_timesteps(bundle: Path) -> int | None:
+    """The meta-training timesteps of the policy in ``bundle`` (None where it does not load)."""
     from agents import BundleError, load_bundle
 
     try:
-        load_bundle(bundle)
-    except BundleError:
-        return False
-    return True
+        return int(load_bundle(bundle).config["training"]["timesteps"])
+    except (BundleError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _write_settings(run_dir: Path, values: dict[str, Any]) -> None:
