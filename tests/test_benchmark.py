@@ -711,3 +711,21 @@ def test_a_shipped_policy_is_benchmarked_by_name():
 def test_a_numpy_thread_count_runs():
     with torch_threads(np.int64(1)) as n:
         assert n == 1 == torch.get_num_threads()
+
+
+def test_the_progress_bar_knows_its_total_from_the_start(tiny_bundle, tmp_path, monkeypatch):
+    """The replay controls' runs exist only once the policy's have run; the bar counts them from the start."""
+    import tqdm.auto
+
+    bars = []
+
+    class Recording(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": True})
+            self.first_total = kwargs["total"]
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    result = bench.run_benchmark(_tiny_config(tiny_bundle, tmp_path, families=("tabular",), seeds=1, progress=True))
+    (bar,) = bars
+    assert bar.first_total == bar.total == result.computed > 0

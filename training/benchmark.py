@@ -596,7 +596,16 @@ def _run_benchmark(config: BenchmarkConfig, policy: Any, policy_hash: str | None
                 todo.append(j)
                 queued.add(j.key)
         reused = len({j.key for j in jobs}) - len(todo)
-        bar = tqdm(total=len(todo), unit="run", desc="hpo-bench", disable=not config.progress, dynamic_ncols=True)
+        # The replay controls' runs are known only once the policy's have run; new policy runs mean new replays
+        # (two per pair), counted from the start so that the bar's total does not grow at the end.
+        expected_replays = 2 * len(tasks) * config.seeds if any(j.arm.kind == "policy" for j in todo) else 0
+        bar = tqdm(
+            total=len(todo) + expected_replays,
+            unit="run",
+            desc="hpo-bench",
+            disable=not config.progress,
+            dynamic_ncols=True,
+        )
         try:
             # The policy first: the replay control is built from its runs.
             order = {"policy": 0, "random": 1, "schedule": 2, "hypergradient": 3}
@@ -630,7 +639,7 @@ def _run_benchmark(config: BenchmarkConfig, policy: Any, policy_hash: str | None
             missing = set(store.missing([j.key for j in replay_jobs]))
             replay_todo = [j for j in replay_jobs if j.key in missing]
             reused += len(replay_jobs) - len(replay_todo)
-            bar.total += len(replay_todo)
+            bar.total += len(replay_todo) - expected_replays
             bar.refresh()
             computed += run_chunks(replay_todo, exact, bundle, config, store, bar)
         finally:
