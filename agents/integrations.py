@@ -77,6 +77,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from agents.scheduler import PolicyScheduler
 
 __all__ = ["PolicySchedulerMixin", "hf_trainer_callback", "lightning_scheduler_config"]
@@ -137,7 +139,7 @@ class PolicySchedulerMixin:
 
     It also keeps a resumed run on the uninterrupted run's schedule (see the module docstring) through
     ``on_save_checkpoint``, ``on_load_checkpoint``, ``on_validation_epoch_end``, ``on_train_start``,
-    ``on_train_epoch_start``, ``on_train_batch_start`` and ``on_train_end``: a module that overrides
+    ``on_train_batch_start`` and ``on_train_end``: a module that overrides
     them must call ``super()``. With manual optimisation (``automatic_optimization = False``, as for
     several optimisers) Lightning steps no scheduler: call ``scheduler.step(val_loss, train_loss=...)``
     yourself.
@@ -224,19 +226,11 @@ class PolicySchedulerMixin:
         parent = getattr(super(), "on_train_start", None)
         if parent is not None:
             parent()
-        import torch
-
         # A resumed run has logged nothing yet: the latest validation's values are those of the checkpoint.
         metrics = self.trainer.callback_metrics
         for key, value in self._policy_state()["values"].items():
             if key not in metrics:
                 metrics[key] = torch.tensor(value)
-
-    def on_train_epoch_start(self) -> None:
-        parent = getattr(super(), "on_train_epoch_start", None)
-        if parent is not None:
-            parent()
-        self._make_due_decisions()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
         parent = getattr(super(), "on_train_batch_start", None)
@@ -262,9 +256,7 @@ class PolicySchedulerMixin:
                 continue
             metric = trainer.callback_metrics.get(config.monitor) if config.monitor else None
             if state["val_epoch"] > state["fed_epoch"] and metric is not None:
-                train = trainer.callback_metrics.get(self.policy_train_loss_key) if self.policy_train_loss_key else None
-                sched.step(metric, train_loss=train, global_step=trainer.global_step)
-                state["fed_epoch"] = state["val_epoch"]
+                self.lr_scheduler_step(sched, metric)  # as Lightning would have
             elif not state["warned"]:
                 state["warned"] = True
                 warnings.warn(
@@ -359,7 +351,12 @@ def _hf_callback_class() -> type:
             metric: str = "eval_loss",
             **scheduler_kwargs: Any,
         ) -> None:
-            if "device" in scheduler_kwargs and not isinstance(policy, (str, os.PathLike)):
+            if isinstance(policy, (str, os.PathLike)):
+                from agents.bundle import load_bundle
+                from agents.scheduler import resolve_policy
+
+                policy = load_bundle(resolve_policy(policy), device=scheduler_kwargs.pop("device", "cpu"))
+            elif "device" in scheduler_kwargs:
                 raise ValueError(
                     "device= places a policy loaded by name or path; this policy is already loaded (on its own "
                     "device): drop device=, or pass the bundle's path"
@@ -388,12 +385,6 @@ def _hf_callback_class() -> type:
                 total = max(1, total - done)
             # The run's length in epochs, for a policy that observes it; given epochs= win.
             kwargs = {"epochs": _epochs_from_args(args, state, train_dataloader), **self.scheduler_kwargs}
-            if isinstance(self.policy, (str, os.PathLike)):  # loaded once, for every train() of this callback
-                from agents.bundle import load_bundle
-                from agents.scheduler import resolve_policy
-
-                self.policy = load_bundle(resolve_policy(self.policy), device=kwargs.pop("device", "cpu"))
-                self.scheduler_kwargs.pop("device", None)
             if saved is None and "lr" in self.policy.decoder.names:
                 # The Trainer built its own lr scheduler before this hook: with a warm-up it has already set every
                 # group's lr to 0 (or a fraction of it), from which the policy would start (and a group at 0
@@ -490,7 +481,7 @@ def hf_trainer_callback(
     """A ``transformers.TrainerCallback`` that tunes the Trainer's optimiser with a policy.
 
     Args:
-        policy: a bundle directory, a shipped policy name (``"default"``) or a loaded
+        policy: a bundle directory or a shipped policy name (``"default"``), loaded now, or a loaded
             :class:`~agents.PolicyBundle`.
         total_steps: number of evaluations in the run; default: derived from ``TrainingArguments``
             (``max_steps // eval_steps``, or the number of epochs with ``eval_strategy="epoch"``).

@@ -397,6 +397,7 @@ class PolicyScheduler:
         self.adaptive = bool(adaptive)
         self._keys = self._resolve_keys(optimizer, decoder)
         self._check_weight_decay(optimizer, decoder)
+        self._check_momentum(optimizer, decoder)
         self._warn_if_unfamiliar(optimizer, decoder, self.adaptive)
         self.gradient_features = bool(getattr(bundle, "gradient_features", False))
         self.epochs_feature = bool(getattr(bundle, "epochs_feature", False))
@@ -627,16 +628,21 @@ class PolicyScheduler:
                         "use an optimizer that has them, or a policy trained to control only what this optimizer has"
                     )
             keys.append(row)
-        inner = _inner_optimizer(optimizer)
-        if "momentum" in decoder.names and isinstance(inner, torch.optim.RMSprop):
-            zero = [g for g, group in enumerate(inner.param_groups) if group["momentum"] == 0]
-            if zero:
-                raise ValueError(
-                    f"RMSprop keeps a momentum buffer only when created with momentum > 0, and param group(s) {zero} "
-                    "have momentum=0 (torch's default): its step() would fail once the policy raises it. Create it "
-                    "with e.g. momentum=0.9, or use a policy that does not control momentum"
-                )
         return keys
+
+    @staticmethod
+    def _check_momentum(optimizer: torch.optim.Optimizer, decoder: ActionDecoder) -> None:
+        """Refuse a momentum policy on an RMSprop created without momentum, whose step() would then fail."""
+        inner = _inner_optimizer(optimizer)
+        if "momentum" not in decoder.names or not isinstance(inner, torch.optim.RMSprop):
+            return
+        zero = [g for g, group in enumerate(inner.param_groups) if group["momentum"] == 0]
+        if zero:
+            raise ValueError(
+                f"RMSprop keeps a momentum buffer only when created with momentum > 0, and param group(s) {zero} "
+                "have momentum=0 (torch's default): its step() would fail once the policy raises it. Create it "
+                "with e.g. momentum=0.9, or use a policy that does not control momentum"
+            )
 
     @staticmethod
     def _check_weight_decay(optimizer: torch.optim.Optimizer, decoder: ActionDecoder) -> None:
@@ -925,7 +931,9 @@ class PolicyScheduler:
                 raw, self._policy_state = self._predict(obs)
                 self._episode_start = False
                 action = np.asarray(raw, dtype=np.float64).reshape(k)
-        started_with = self._base.copy()
+        if self.writer is not None and t == 1:  # the values the first interval ran with: the plot starts with the run
+            for j, name in enumerate(self.decoder.names):
+                self.writer.add_scalar(f"scheduler/{name}", float(self._base[j]), 0)
         if action is not None:
             self._base = self.decoder.decode(action, self._base, self._initial_base)
             self._last_action = np.clip(action, -1.0, 1.0)  # a Gaussian head samples beyond; decode clips too
@@ -934,9 +942,6 @@ class PolicyScheduler:
                 action = self._last_action
         self._write()
         if self.writer is not None:
-            if t == 1:  # the values the first interval ran with, so the schedule's plot starts where the run did
-                for j, name in enumerate(self.decoder.names):
-                    self.writer.add_scalar(f"scheduler/{name}", float(started_with[j]), 0)
             self._log(t if global_step is None else int(global_step), val, train, diverged, action)
 
     def _log(self, t: int, val: float, train: float | None, diverged: bool, action: np.ndarray | None) -> None:

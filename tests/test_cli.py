@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from training.cli import run_script
+from training.threads import torch_threads
 
 
 def test_run_script_reports_bad_configuration_and_interrupts(capsys):
@@ -42,11 +42,8 @@ def test_scripts_refuse_bad_arguments_before_any_work(load_script, capsys, scrip
 def test_a_script_names_an_unknown_policy(load_script, capsys):
     main = load_script("examples/deploy_policy.py").main
     argv = ["--policy", "nosuch", "--problems", "digits", "--seeds", "1", "--decisions", "2"]
-    threads = torch.get_num_threads()
-    try:
+    with torch_threads(None):  # the example sets its own; the caller's count comes back after
         assert run_script(main, argv) == 2
-    finally:
-        torch.set_num_threads(threads)  # the example sets its own
     assert "no policy named 'nosuch' ships with hpo-meta" in capsys.readouterr().err
 
 

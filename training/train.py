@@ -250,17 +250,16 @@ class TrainSettings:
                     f"{' '.join(self.hyperparameters)} does not control; drop {them} or add lr to --hyperparameters"
                 )
 
-        if self.resume is None:
-            ignored = {"framestack": "lstm_hidden_size", "recurrent": "frame_stack"}.get(self.algorithm)
-            if ignored is not None and getattr(self, ignored) is not None:
+        if self.resume is None:  # (name, what it sets, the algorithm it needs) of the other algorithm's option
+            other = {
+                "framestack": ("lstm_hidden_size", "the recurrent agent's LSTM", "recurrent"),
+                "recurrent": ("frame_stack", "the frames the framestack control stacks", "framestack"),
+            }.get(self.algorithm)
+            if other is not None and getattr(self, other[0]) is not None:
+                name, what, needs = other
                 raise ValueError(
-                    f"--{_flag(ignored)} does not apply to --algorithm {self.algorithm} (it sets the "
-                    + (
-                        "LSTM of the recurrent agent"
-                        if ignored == "lstm_hidden_size"
-                        else "frames the framestack control stacks"
-                    )
-                    + f"): drop it, or choose --algorithm {'recurrent' if ignored == 'lstm_hidden_size' else 'framestack'}"
+                    f"--{_flag(name)} does not apply to --algorithm {self.algorithm} (it sets {what}): drop it, "
+                    f"or choose --algorithm {needs}"
                 )
 
     @property
@@ -715,7 +714,7 @@ def _train(settings: TrainSettings, command: str | None) -> TrainResult:
                 )
             elif config.reference_reward:
                 slots += " (+ default-LR reference runs)"
-            rollout = config.n_envs * config.n_steps
+            rollout = config.rollout_size
             trained = start_timesteps + -(-max(remaining, 0) // rollout) * rollout  # whole rollouts
             total = f"{budget.total_timesteps:,} timesteps" + (
                 f" (rounded up to whole rollouts of {rollout:,}: {trained:,})"
