@@ -729,9 +729,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "choose a new directory, or pass --force to replace it\n",
         )
     from agents.scheduler import resolve_policy
+    from training.cli import readable_warnings
 
     try:
-        path = save_ensemble(out, [resolve_policy(m) for m in args.members], config=config)
+        with readable_warnings("hpo-ensemble"):
+            path = save_ensemble(out, [resolve_policy(m) for m in args.members], config=config)
     except ValueError as err:  # BundleError included, and resolve_policy's unknown name
         parser.exit(2, f"hpo-ensemble: error: {err}\n")
     print(f"wrote an ensemble of {len(args.members)} policies to {path}")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from training.cli import run_script
@@ -60,3 +63,53 @@ def test_help_shows_the_defaults_it_does_not_already_state():
     text = " ".join(parser.format_help().split())
     assert "seed (default: 0)" in text and "sizes (default: 1 8)" in text
     assert "cap (default: the policy's)" in text and "smaller (default" not in text
+
+
+def _show_warnings_as_printed(monkeypatch) -> list[str]:
+    """Route shown warnings through ``warnings.formatwarning`` into a list (pytest records them otherwise)."""
+    import warnings
+
+    shown: list[str] = []
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        shown.append(warnings.formatwarning(message, category, filename, lineno, line))
+
+    monkeypatch.setattr(warnings, "showwarning", show)
+    return shown
+
+
+def test_commands_print_warnings_as_prog_warning_message(monkeypatch, capsys):
+    import warnings
+
+    import training.benchmark
+    import training.train
+
+    shown = _show_warnings_as_printed(monkeypatch)
+
+    def warns(*args, **kwargs):
+        warnings.warn("the policy was meta-trained on ['tabular']", stacklevel=2)
+        warnings.warn("an old option", DeprecationWarning, stacklevel=2)
+        raise KeyboardInterrupt  # stop before any work or printing
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert run_script(lambda argv: warns(), [], ok=None) == 130
+        monkeypatch.setattr(training.train, "train", warns)
+        assert training.train.main(["--preset", "quick"]) == 130
+        monkeypatch.setattr(training.benchmark, "run_benchmark", warns)
+        assert training.benchmark.main(["--policy", "default"]) == 130
+    progs = [Path(sys.argv[0]).name, "hpo-train", "hpo-bench"]
+    assert shown == [
+        line
+        for prog in progs
+        for line in (
+            f"{prog}: warning: the policy was meta-trained on ['tabular']\n",
+            f"{prog}: warning (DeprecationWarning): an old option\n",
+        )
+    ]
+    # Outside the commands, warnings read as Python prints them (the library does not touch the format).
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("plain", UserWarning, stacklevel=1)
+    assert shown[-1].startswith(__file__) and "UserWarning: plain" in shown[-1]
+    capsys.readouterr()

@@ -76,7 +76,7 @@ from hpo_env import __version__ as HPO_VERSION
 from hpo_env.actions import DEFAULT_HYPERPARAMETERS
 from hpo_env.checks import is_integer
 from hpo_env.tasks import DEFAULT_HPARAMS
-from training.cli import HelpFormatter
+from training.cli import HelpFormatter, readable_warnings
 from training.hypergradient import DEFAULT_HYPERGRADIENT_LR, run_hypergradient
 from training.rollout import EpisodeRecord, run_episodes
 from training.stats import beats_all_rate, divergence_rate, headroom, lr_level, paired_comparison
@@ -1321,7 +1321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``hpo-bench`` and ``python -m training.benchmark``."""
     args = build_parser().parse_args(argv)
     try:
-        result = run_benchmark(config_from_args(args))
+        with readable_warnings("hpo-bench"):
+            result = run_benchmark(config_from_args(args))
     except KeyboardInterrupt:
         print("\ninterrupted: finished runs are in the store; rerun the same command to resume", file=sys.stderr)
         return 130

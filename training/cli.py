@@ -2,7 +2,9 @@
 
 The package's commands (``hpo-train``, ``hpo-bench``, ...) and the scripts under ``benchmarks/`` and
 ``examples/`` all end the same way on bad input: ``prog: error: message`` on stderr and exit status
-2 (argparse's convention), 130 on Ctrl-C, never a traceback for a mistake on the command line.
+2 (argparse's convention), 130 on Ctrl-C, never a traceback for a mistake on the command line. Their
+warnings read ``prog: warning: message``, without Python's file, line and source echo (which name
+library internals, not the user's command).
 
 >>> positive_int("3")
 3
@@ -15,13 +17,15 @@ argparse.ArgumentTypeError: must be an integer >= 1, got '0'
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["HelpFormatter", "non_negative_int", "positive_float", "positive_int", "run_script"]
+__all__ = ["HelpFormatter", "non_negative_int", "positive_float", "positive_int", "readable_warnings", "run_script"]
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -75,6 +79,31 @@ def positive_float(text: str) -> float:
     return value
 
 
+@contextlib.contextmanager
+def readable_warnings(prog: str) -> Iterator[None]:
+    """Within the block, warnings print as ``prog: warning: message`` (with the category when it is not a
+    plain ``UserWarning``), the way command-line tools report, instead of Python's
+    ``path/to/module.py:123: UserWarning: message`` and the source line. Filters are unchanged: this
+    only formats what would be shown anyway.
+
+    >>> import warnings
+    >>> with readable_warnings("hpo-bench"):
+    ...     print(warnings.formatwarning("K = 2 is coarse", UserWarning, "benchmark.py", 1), end="")
+    hpo-bench: warning: K = 2 is coarse
+    """
+    original = warnings.formatwarning
+
+    def format_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> str:
+        kind = "" if category is UserWarning else f" ({category.__name__})"
+        return f"{prog}: warning{kind}: {message}\n"
+
+    warnings.formatwarning = format_warning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
+
+
 def run_script(
     main: Callable[[list[str] | None], Any],
     argv: list[str] | None = None,
@@ -86,7 +115,8 @@ def run_script(
     reported as ``prog: error: ...`` with status 2, and Ctrl-C as status 130."""
     prog = Path(sys.argv[0]).name
     try:
-        result = main(argv)
+        with readable_warnings(prog):
+            result = main(argv)
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
         return 130

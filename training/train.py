@@ -59,6 +59,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from training.cli import readable_warnings
+
 __all__ = [
     "BUDGETS",
     "RunBudget",
@@ -951,7 +953,7 @@ def _warn_if_held_out_families_are_trained(config: Any, eval_distribution: str) 
         if split == "test" and eval_distribution != "test":
             what = f"{what} (the benchmark's held-out families)"
         warnings.warn(
-            f"hpo-train: the {split} families {shared} are also meta-trained on, so {what} would measure trained-on "
+            f"the {split} families {shared} are also meta-trained on, so {what} would measure trained-on "
             "tasks: "
             f"{fix}drop them from --families/--task-distribution",
             stacklevel=2,
@@ -984,7 +986,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
     command = shlex.join(["hpo-train", *(sys.argv[1:] if argv is None else argv)])
     try:
-        train(settings, command=command)
+        with readable_warnings("hpo-train"):
+            train(settings, command=command)
     except (RunFolderError, SettingsError) as err:
         print(f"hpo-train: error: {err}", file=sys.stderr)
         return 2
