@@ -73,6 +73,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,35 @@ __all__ = ["PolicySchedulerMixin", "hf_trainer_callback", "lightning_scheduler_c
 
 #: Lightning checkpoint key of the latest validation's values, for a resumed run (see PolicySchedulerMixin).
 POLICY_RESUME_KEY = "hpo_meta_policy_resume"
+
+#: Words of metric names that are scores (higher is better), never a loss.
+_SCORE_WORDS = frozenset(
+    "accuracy acc f1 auc auroc roc precision recall bleu rouge map iou r2 top1 top5 mcc matthews".split()
+)
+
+
+def _check_loss_metric(name: Any, argument: str) -> str:
+    """The metric name the policy reads as its validation loss; a score's name (``"eval_accuracy"``) is
+    refused: the policy would read an improving model as a diverging one.
+
+    >>> _check_loss_metric("val_loss", "monitor")
+    'val_loss'
+    >>> _check_loss_metric("val_acc", "monitor")
+    Traceback (most recent call last):
+    ...
+    ValueError: monitor='val_acc' names a score (higher is better), but the policy reads it as the validation loss (lower is better) and would take an improving model for a diverging one: pass the name of the logged validation loss (e.g. 'val_loss'), or of another lower-is-better metric (perplexity, error rate)
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{argument} must be the name of a logged validation loss, got {name!r}")
+    words = set(re.split(r"[^a-z0-9]+", name.lower()))
+    if "loss" not in name.lower() and words & _SCORE_WORDS:
+        example = "eval_loss" if argument == "metric" else "val_loss"
+        raise ValueError(
+            f"{argument}={name!r} names a score (higher is better), but the policy reads it as the validation loss "
+            f"(lower is better) and would take an improving model for a diverging one: pass the name of the logged "
+            f"validation loss (e.g. {example!r}), or of another lower-is-better metric (perplexity, error rate)"
+        )
+    return name
 
 
 # -- PyTorch Lightning -----------------------------------------------------------------------------
@@ -110,7 +140,8 @@ def lightning_scheduler_config(
 
     Raises:
         TypeError: ``scheduler`` is not a :class:`PolicyScheduler`.
-        ValueError: ``interval`` is not ``"epoch"`` or ``"step"``, or ``frequency < 1``.
+        ValueError: ``interval`` is not ``"epoch"`` or ``"step"``, ``frequency < 1``, or ``monitor`` names a
+            score (``"val_acc"``: higher is better) instead of a loss.
     """
     if not isinstance(scheduler, PolicyScheduler):
         raise TypeError(f"scheduler must be a PolicyScheduler, got {type(scheduler).__name__}")
@@ -118,6 +149,7 @@ def lightning_scheduler_config(
         raise ValueError(f"interval must be 'epoch' or 'step', got {interval!r}")
     if int(frequency) < 1:
         raise ValueError(f"frequency must be >= 1, got {frequency}")
+    _check_loss_metric(monitor, "monitor")
     return {
         "scheduler": scheduler,
         "interval": interval,
@@ -351,6 +383,7 @@ def _hf_callback_class() -> type:
             metric: str = "eval_loss",
             **scheduler_kwargs: Any,
         ) -> None:
+            _check_loss_metric(metric, "metric")
             if isinstance(policy, (str, os.PathLike)):
                 from agents.bundle import load_bundle
                 from agents.scheduler import resolve_policy
@@ -493,6 +526,7 @@ def hf_trainer_callback(
 
     Raises:
         ImportError: ``transformers`` is not installed.
+        ValueError: ``metric`` names a score (``"eval_accuracy"``: higher is better) instead of a loss.
     """
     try:
         cls = _hf_callback_class()

@@ -768,6 +768,12 @@ def test_lightning_config_and_mixin_without_lightning():
         lightning_scheduler_config(torch.optim.lr_scheduler.StepLR(opt, 1))
     with pytest.raises(ValueError, match="interval"):
         lightning_scheduler_config(sched, interval="batch")
+    # A score is refused (the policy would read an improving model as a diverging one); losses pass.
+    for score in ("val_acc", "val/accuracy", "val_f1", "val_auroc"):
+        with pytest.raises(ValueError, match=rf"monitor='{score}' names a score .* \(e\.g\. 'val_loss'\)"):
+            lightning_scheduler_config(sched, monitor=score)
+    for loss in ("val_loss", "val/nll", "val_perplexity", "val_acc_loss", "valid_mse"):
+        assert lightning_scheduler_config(sched, monitor=loss)["monitor"] == loss
 
     class _Trainer:
         callback_metrics = {"train_loss": torch.tensor(0.7)}
@@ -907,6 +913,9 @@ def test_hf_callback_driven_as_the_trainer_drives_it(stand_in_transformers, defa
     with pytest.warns(UserWarning, match="have no 'eval_loss'") as record:
         sched, steps = run(stand_in_transformers.hf_trainer_callback(default_bundle), trainer_state(), opt3, "eval_f1")
     assert len([w for w in record if "have no" in str(w.message)]) == 1 and steps == [] and sched.last_step == 0
+    # A score as the metric fails when the callback is made, before the policy loads.
+    with pytest.raises(ValueError, match=r"metric='eval_accuracy' names a score .* \(e\.g\. 'eval_loss'\)"):
+        stand_in_transformers.hf_trainer_callback("no-such-policy", metric="eval_accuracy")
 
 
 def test_hf_callback_without_transformers_names_the_install(monkeypatch):
