@@ -273,7 +273,7 @@ class EnsembleBundle:
             action, new_state = member.predict(observation, member_state, episode_start, deterministic)
             actions.append(action)
             new_states.append(new_state)
-        return np.mean(actions, axis=0, dtype=np.float64).astype(np.float32), new_states
+        return np.asarray(np.mean(actions, axis=0, dtype=np.float64), dtype=np.float32), new_states
 
 
 def policy_signature(policy: Any) -> str:
@@ -472,10 +472,12 @@ def save_ensemble(
             raise BundleError(
                 f"the ensemble {str(path)!r} would replace its own member {str(src)!r}: write it to another directory"
             )
-    loaded = [load_bundle(src) for src in sources]
-    for src, member in zip(sources, loaded):
+    loaded: list[PolicyBundle] = []
+    for src in sources:
+        member = load_bundle(src)
         if isinstance(member, EnsembleBundle):
             raise BundleError(f"{str(src)!r} is an ensemble; list its members instead of nesting ensembles")
+        loaded.append(member)
     ensemble = EnsembleBundle(loaded)  # checks that the members share one decoder
     names = [f"{MEMBERS_DIR}/{i}" for i in range(len(sources))]
     full_config = {
@@ -665,7 +667,7 @@ def _load_model(file: Path, algorithm: str, device: str) -> Any:
     from sb3_contrib import RecurrentPPO
     from stable_baselines3 import PPO
 
-    classes = {"RecurrentPPO": RecurrentPPO, "PPO": PPO}
+    classes: dict[str, type[RecurrentPPO] | type[PPO]] = {"RecurrentPPO": RecurrentPPO, "PPO": PPO}
     if algorithm not in classes:
         raise BundleError(f"unknown algorithm {algorithm!r} in bundle config; expected one of {list(classes)}")
     try:

@@ -179,6 +179,10 @@ class PolicySchedulerMixin:
 
     #: ``trainer.callback_metrics`` key of the mean training loss (None: do not pass one).
     policy_train_loss_key: str | None = "train_loss"
+    # Annotations only, for type checkers: the LightningModule provides ``trainer``, and the mixin's state
+    # is created on first use (see _policy_state).
+    trainer: Any
+    _policy_resume_state: dict[str, Any] | None
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         if isinstance(scheduler, PolicyScheduler):
@@ -230,8 +234,8 @@ class PolicySchedulerMixin:
         parent = getattr(super(), "on_save_checkpoint", None)
         if parent is not None:
             parent(checkpoint)
-        trainer, state = getattr(self, "trainer", None), self._policy_state()
-        values = {}
+        trainer: Any = getattr(self, "trainer", None)
+        state, values = self._policy_state(), {}
         for config in self._policy_configs("epoch") + self._policy_configs("step"):
             for key in (config.monitor, self.policy_train_loss_key):
                 value = trainer.callback_metrics.get(key) if key else None

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import sys
+import types
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -61,8 +62,7 @@ def resolve_policy(path_or_name: str | os.PathLike) -> Path:
         ValueError: neither an existing path nor a shipped policy's name.
     """
     path = Path(path_or_name)
-    plain_name = isinstance(path_or_name, str) and "/" not in path_or_name and os.sep not in path_or_name
-    if path.exists() or not plain_name:
+    if path.exists() or not isinstance(path_or_name, str) or "/" in path_or_name or os.sep in path_or_name:
         return path  # (a missing path is load_bundle's to report, with what a bundle holds)
     try:
         return default_policy_path(path_or_name)
@@ -185,7 +185,8 @@ def _user_stacklevel() -> int:
     Construction warnings are issued from ``__init__`` and its helpers, reached directly or through
     :meth:`PolicyScheduler.from_pretrained`; either way the warning should name the user's line.
     """
-    frame, level = sys._getframe(1), 1
+    frame: types.FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_code.co_filename == __file__:
         frame, level = frame.f_back, level + 1
     return level
@@ -512,7 +513,7 @@ class PolicyScheduler:
         inner = _inner_optimizer(optimizer)
         ref = weakref.ref(self)
 
-        checked = []
+        checked: list[bool] = []
 
         def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             # Once: the gradients' layout does not change during a run. The hook stays registered (removing
@@ -1117,7 +1118,7 @@ class PolicyScheduler:
         features = {name: _as_numpy(v, None) for name, v in state_dict["features"].items()}
         if self.epochs_feature:
             if saved_epochs is not None:
-                if not math.isclose(float(saved_epochs), self.epochs, rel_tol=1e-9):
+                if self.epochs is not None and not math.isclose(float(saved_epochs), self.epochs, rel_tol=1e-9):
                     warnings.warn(
                         f"the state was saved by a run of epochs={float(saved_epochs):g}; it replaces this scheduler's "
                         f"epochs={self.epochs:g}",

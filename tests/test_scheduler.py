@@ -1146,9 +1146,9 @@ def test_hf_trainer_end_to_end(tmp_path):
     assert sched.last_step == 4
 
     # A metric the evaluation does not produce: a warning naming the ones it does, and no decision.
-    missing = hf_trainer_callback("default", metric="eval_accuracy")
+    missing = hf_trainer_callback("default", metric="eval_mse")
     trainer = _hf_trainer(transformers, args, data, missing)
-    with pytest.warns(UserWarning, match="no 'eval_accuracy'.*eval_loss"):
+    with pytest.warns(UserWarning, match="no 'eval_mse'.*eval_loss"):
         trainer.train()
     assert missing.scheduler.last_step == 0
 

@@ -539,8 +539,8 @@ def test_meta_training_on_held_out_families_warns():
         with pytest.warns(UserWarning) as record:
             warn_if(get_preset("quick", task_distribution="all"), eval_split)
         assert [str(w.message).split(" are ")[0] for w in record] == [
-            "hpo-train: the validation families ['small_tabular', 'glyphs_cnn']",
-            "hpo-train: the test families ['tabular', 'digits_cnn']",
+            "the validation families ['small_tabular', 'glyphs_cnn']",
+            "the test families ['tabular', 'digits_cnn']",
         ]
     with warnings.catch_warnings():
         warnings.simplefilter("error")

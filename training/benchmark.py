@@ -193,7 +193,7 @@ def run_code_hash() -> str:
     digest = hashlib.sha256()
     for name in _RUN_DEFINING_MODULES:
         module = importlib.import_module(name)
-        origin = Path(module.__file__)
+        origin = Path(module.__file__ or name)  # (a package's __init__.py, a module's .py: never None here)
         files = sorted(origin.parent.rglob("*.py")) if origin.name == "__init__.py" else [origin]
         for file in files:
             digest.update(f"{name}:{file.relative_to(origin.parent).as_posix()}\0".encode())
@@ -443,11 +443,10 @@ class _RowPolicies:
     """One SB3-style policy per row of a batch: rows sharing an object are served by one call."""
 
     def __init__(self, policies: Sequence[Any]) -> None:
-        self.groups: dict[int, tuple[Any, np.ndarray]] = {}
+        rows: dict[int, tuple[Any, list[int]]] = {}
         for i, p in enumerate(policies):
-            _, idx = self.groups.get(id(p), (p, []))
-            self.groups[id(p)] = (p, [*idx, i])
-        self.groups = {k: (p, np.asarray(idx)) for k, (p, idx) in self.groups.items()}
+            rows.setdefault(id(p), (p, []))[1].append(i)
+        self.groups: dict[int, tuple[Any, np.ndarray]] = {k: (p, np.asarray(idx)) for k, (p, idx) in rows.items()}
         self.n = len(policies)
         # One batch observes each optional feature group if any policy needs it (none changes the
         # training); each policy sees the columns of its own groups (the optional ones come last).
@@ -674,6 +673,7 @@ def run_chunks(jobs: list[Job], decoder: ActionDecoder, bundle: Any, config: Ben
             elif j.arm.kind == "random":
                 policies.append(RandomPolicy(decoder, seed=_random_seed(j.key.task_id, j.seed_index, config.seed)))
             else:
+                assert j.arm.make is not None, f"the {j.arm.kind} arm {j.arm.key!r} has no make()"
                 policies.append(j.arm.make())
         t0 = time.perf_counter()
         records = run_episodes(
@@ -772,6 +772,7 @@ def summarise(
                 # The oracle: the grid rate with the lowest mean log final validation loss over seeds.
                 grid = np.array([_losses([result(ti, si, arm) for si in seeds]) for arm in candidates])
                 best = candidates[_best_rate(grid)]
+                assert best.lr is not None, "a grid arm has its rate"
                 oracle_choice[row].append(float(best.lr))
                 if row == "cosine_tuned" and config.seeds >= 2:
                     # The same choice made on the task's other seeds: no hindsight on the seed it is scored on.
@@ -792,15 +793,15 @@ def summarise(
         return beats_all_rate(_losses(results_), untuned)
 
     report_rows = []
-    for row in rows(config.grid_size):
-        base = table[row.name]
+    for spec in rows(config.grid_size):
+        base = table[spec.name]
         entry = {
-            "name": row.name,
-            "label": row.label,
-            "cost_runs_per_task_seed": row.cost,
+            "name": spec.name,
+            "label": spec.label,
+            "cost_runs_per_task_seed": spec.cost,
             "wall_s_per_run": float(np.nanmean([r.wall_s for r in base])),
             **_describe(base),
-            "beats_both_untuned_defaults": None if row.name in UNTUNED_DEFAULTS else beats_both(base),
+            "beats_both_untuned_defaults": None if spec.name in UNTUNED_DEFAULTS else beats_both(base),
             "all": paired_comparison(_losses(policy), _losses(base), rng=rng, groups=groups, n_boot=config.bootstrap),
             "by_family": {},
         }
@@ -981,7 +982,7 @@ def make_plots(summary: dict, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     labels = {r["name"]: r["label"] for r in summary["rows"]} | {"policy": "learned policy"}
-    colours = plt.get_cmap("tab10").colors
+    colours = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]  # tab10 is a ListedColormap
     for family, info in summary["curves"].items():
         with_wd = bool(info["arms"].get("policy", {}).get("weight_decay"))
         panels = ["lr", "weight_decay", "val_loss"] if with_wd else ["lr", "val_loss"]

@@ -312,14 +312,15 @@ def bundle_from_model(model: Any, env: VecEnv | None, decoder: ActionDecoder, fr
     features that ``env`` observes).
     """
     vecnorm = get_vec_normalize(env) if env is not None else None
-    options = env_feature_options(env)
+    options: dict[str, Any] = env_feature_options(env)
     if vecnorm is None or not vecnorm.norm_obs:
         return PolicyBundle(model, decoder, frame_stack=frame_stack, **options)
+    obs_rms: Any = vecnorm.obs_rms  # one RunningMeanStd (the meta-environment's observations are a Box)
     return PolicyBundle(
         model,
         decoder,
-        obs_mean=np.array(vecnorm.obs_rms.mean, dtype=np.float64),
-        obs_var=np.array(vecnorm.obs_rms.var, dtype=np.float64),
+        obs_mean=np.array(obs_rms.mean, dtype=np.float64),
+        obs_var=np.array(obs_rms.var, dtype=np.float64),
         clip_obs=float(vecnorm.clip_obs),
         epsilon=float(vecnorm.epsilon),
         frame_stack=frame_stack,
@@ -437,7 +438,7 @@ class HeldOutEvalCallback(BaseCallback):
         self.eval_seconds += time.perf_counter() - t0
         # A resumed run counts eval_freq from its last evaluation, not from the resume: a run stopped
         # more often than eval_freq still evaluates.
-        last = (self.last_summary or {}).get("timesteps")
+        last = self.last_summary.get("timesteps") if self.last_summary else None
         self.last_eval_timestep = int(last) if last is not None else 0
 
     def _on_rollout_start(self) -> None:
@@ -505,6 +506,8 @@ class HeldOutEvalCallback(BaseCallback):
         return summary
 
     def _save_best(self, summary: EvalSummary) -> None:
+        if self.best_bundle_path is None:
+            return
         vecnorm = get_vec_normalize(self.training_env)
         config = dict(self.bundle_config() if callable(self.bundle_config) else self.bundle_config or {})
         config["evaluation"] = _jsonable(summary)
@@ -550,7 +553,7 @@ def schedule_figure(
     fig = MplFigure(figsize=(3.2 * len(chosen), 2.2 * len(rows)), layout="constrained")
     axes = fig.subplots(len(rows), len(chosen), squeeze=False)
     series = {"policy": records, **references}
-    styles = {
+    styles: dict[str, dict[str, Any]] = {
         "policy": dict(color="C0", lw=2),
         "constant": dict(color="C7", ls="--"),
         "random": dict(color="C3", lw=0.8),
