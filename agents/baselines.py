@@ -153,7 +153,7 @@ class LRSchedule:
     """
 
     def __init__(self, decoder: ActionDecoder) -> None:
-        self._lr = _lr_index(decoder)
+        self._lr: int | None = _lr_index(decoder)  # None: a ConstantSchedule of a decoder without lr
         self.decoder = decoder
         self.lr_spec: HyperparameterSpec = decoder.specs[self._lr]
         names = ObservationBuilder(decoder).feature_names()
@@ -431,7 +431,12 @@ class ReplaySchedule(LRSchedule):
         log10_change: the target decades moved since the start at each point, ``(m,)`` or ``(m, k)``.
     """
 
-    def __init__(self, decoder: ActionDecoder, progress: Sequence[float], log10_change: Sequence[float]) -> None:
+    def __init__(
+        self,
+        decoder: ActionDecoder,
+        progress: Sequence[float] | np.ndarray,
+        log10_change: Sequence[float] | Sequence[Sequence[float]] | np.ndarray,
+    ) -> None:
         super().__init__(decoder)
         p = np.asarray(progress, np.float64).reshape(-1)
         y = np.asarray(log10_change, np.float64)

@@ -86,7 +86,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from stable_baselines3.common.vec_env import (
@@ -102,6 +102,10 @@ from hpo_env import ActionDecoder, HPOVecEnv, TaskDistribution, make_distributio
 from hpo_env.checks import is_integer, is_number
 from hpo_env.features import OBS_BOUND
 from hpo_env.tasks import DEFAULT_LR_SPREAD, FAMILIES, SPLITS
+
+if TYPE_CHECKING:
+    from gymnasium import spaces
+    from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs
 
 __all__ = [
     "ALGORITHMS",
@@ -371,7 +375,7 @@ class MetaAgentConfig:
         """The meta-training :class:`TaskDistribution`: ``override`` (an instance is used as is) or
         ``task_distribution``, a split name (or ``task_families``), with this config's ``init_lr_spread``,
         ``init_lr_center`` and ``lr_gain_spread``."""
-        spread = {
+        spread: dict[str, Any] = {
             "lr_spread": self.init_lr_spread,
             "lr_center": self.init_lr_center,
             "lr_gain_spread": self.lr_gain_spread,
@@ -603,7 +607,7 @@ class ReferenceBaseline(VecEnvWrapper):
             ) from None
         return obs, rewards - gains, dones, infos
 
-    def reset(self) -> np.ndarray:
+    def reset(self) -> VecEnvObs:
         return self.venv.reset()
 
 
@@ -635,7 +639,7 @@ class GroupRelativeReward(VecEnvWrapper):
         relative = (grouped - grouped.mean(axis=1, keepdims=True)).reshape(rewards.shape)
         return obs, relative.astype(rewards.dtype), dones, infos
 
-    def reset(self) -> np.ndarray:
+    def reset(self) -> VecEnvObs:
         return self.venv.reset()
 
 
@@ -651,13 +655,13 @@ class ActionChangePenalty(VecEnvWrapper):
         if not penalty >= 0:
             raise ValueError(f"penalty must be >= 0, got {penalty!r}")
         self.penalty = float(penalty)
-        space = venv.action_space
+        space = cast("spaces.Box", venv.action_space)  # a continuous action space, as HPOVecEnv's
         self._low, self._high = space.low, space.high
         self._prev: np.ndarray | None = None
         self._has_prev = np.zeros(venv.num_envs, dtype=bool)
         self._actions: np.ndarray | None = None
 
-    def reset(self) -> np.ndarray:
+    def reset(self) -> VecEnvObs:
         self._has_prev[:] = False
         return self.venv.reset()
 

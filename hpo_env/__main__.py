@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     obs, info = env.reset(seed=args.seed)
     print(f"task {info['task_id']}: {env.task}")
     print(env.render(), end="")
+    assert env.action_space.shape is not None  # a Box, whose shape is never None
     action = np.zeros(env.action_space.shape, dtype=np.float32)
     action[0] = args.lr_action
     total, done = 0.0, False

@@ -97,7 +97,7 @@ class HyperparameterSpec:
     def is_momentum(self) -> bool:
         return self.name == "momentum"
 
-    def to_log(self, value: np.ndarray) -> np.ndarray:
+    def to_log(self, value: np.ndarray | float) -> np.ndarray:
         """Value in the space actions move it in: log10(v), or -log10(1 - v) for momentum."""
         value = np.asarray(value, dtype=np.float64)
         return -np.log10(1.0 - value) if self.is_momentum else np.log10(value)

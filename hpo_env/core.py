@@ -29,6 +29,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -119,6 +120,12 @@ class EpisodeBatch:
     def controlled(self, slot: int) -> np.ndarray:
         return self.trainer.hparams(slot)[self._cols]
 
+    def _episode(self, slot: int) -> _Episode:
+        """The episode of a slot known to hold one (just started, or checked by :meth:`step`)."""
+        ep = self.episodes[slot]
+        assert ep is not None
+        return ep
+
     # ------------------------------------------------------------------------------------------
     def start(self, slots: Sequence[int], specs: Sequence[TaskSpec]) -> tuple[np.ndarray, list[dict]]:
         """Load tasks into ``slots``, run their first interval; returns observations and infos."""
@@ -137,8 +144,8 @@ class EpisodeBatch:
         l0 = self.trainer.evaluate(slots + twins)[0][: len(slots)]
         res = self._train(slots)
         hps = np.stack([self.controlled(s) for s in slots])
-        progress = np.array([1.0 / self.episodes[s].spec.num_decisions for s in slots])
-        adaptive = np.array([self.episodes[s].spec.optimizer != "sgd" for s in slots])
+        progress = np.array([1.0 / self._episode(s).spec.num_decisions for s in slots])
+        adaptive = np.array([self._episode(s).spec.optimizer != "sgd" for s in slots])
         epochs = np.array([self.trainer.planned_epochs(s) for s in slots]) if self.epochs_feature else None
         obs = self.features.reset(
             slots,
@@ -152,7 +159,7 @@ class EpisodeBatch:
         )
         infos = []
         for j, s in enumerate(slots):
-            ep = self.episodes[s]
+            ep = self._episode(s)
             ep.decision, ep.initial_val = 1, float(l0[j])
             ep.first_val = ep.last_val = float(res.val_loss[j])
             # Interval 1 runs before any decision; if it already diverged, the first step ends
@@ -188,10 +195,10 @@ class EpisodeBatch:
         rewards = np.zeros(len(slots))
         terminated = np.zeros(len(slots), dtype=bool)
         infos: list[dict] = [{} for _ in slots]
-        live = [j for j, s in enumerate(slots) if not self.episodes[s].diverged_at_start]
+        live = [j for j, s in enumerate(slots) if not self._episode(s).diverged_at_start]
         for j, s in enumerate(slots):
-            if self.episodes[s].diverged_at_start:
-                ep = self.episodes[s]
+            if self._episode(s).diverged_at_start:
+                ep = self._episode(s)
                 ep.done = True
                 terminated[j], rewards[j] = True, -self.divergence_penalty
                 obs[j] = self.features.update(
@@ -211,21 +218,21 @@ class EpisodeBatch:
             return obs, rewards, terminated, infos
         live_slots = [slots[j] for j in live]
         full = np.stack([self.trainer.hparams(s) for s in live_slots])
-        initial = np.stack([self.episodes[s].initial_hp for s in live_slots])
+        initial = np.stack([cast(np.ndarray, self._episode(s).initial_hp) for s in live_slots])  # set by start()
         full[:, self._cols] = self.decoder.decode(actions[live], full[:, self._cols], initial)  # one call for all slots
         for s, hp in zip(live_slots, full):
             self.trainer.set_hparams(s, hp)
         res = self._train(live_slots)
         hps = full[:, self._cols]  # the controlled values just set (training does not change them)
         for ep_slot in live_slots:
-            self.episodes[ep_slot].decision += 1
-        progress = np.array([self.episodes[s].decision / self.episodes[s].spec.num_decisions for s in live_slots])
+            self._episode(ep_slot).decision += 1
+        progress = np.array([self._episode(s).decision / self._episode(s).spec.num_decisions for s in live_slots])
         obs[live] = self.features.update(
             live_slots, res.val_loss, res.train_loss, hps, actions[live], progress, gradients=self._gradients(res)
         )
         finished = []
         for i, (j, s) in enumerate(zip(live, live_slots)):
-            ep = self.episodes[s]
+            ep = self._episode(s)
             if res.diverged[i]:
                 rewards[j] = _log_loss(ep.last_val) - _log_loss(ep.first_val) - self.divergence_penalty
                 terminated[j] = True
@@ -243,11 +250,11 @@ class EpisodeBatch:
             test_loss, test_acc = self.trainer.evaluate([slots[j] for j in finished], split="test")
             for j, tl, ta in zip(finished, test_loss, test_acc):
                 infos[j]["test_loss"] = float(tl)
-                if self.episodes[slots[j]].spec.task_type == "classification":
+                if self._episode(slots[j]).spec.task_type == "classification":
                     infos[j]["test_accuracy"] = float(ta)
-        for j in np.flatnonzero(terminated):
-            ep = self.episodes[slots[j]]
-            infos[j]["final_val_loss"] = ep.last_val if not infos[j]["diverged"] else float("nan")
+        for t in np.flatnonzero(terminated):
+            ep = self._episode(slots[t])
+            infos[t]["final_val_loss"] = ep.last_val if not infos[t]["diverged"] else float("nan")
         return obs, rewards, terminated, infos
 
     # -- reference twins ----------------------------------------------------------------------
@@ -268,11 +275,11 @@ class EpisodeBatch:
         self._reference_gains: dict[int, float] = {}
         if not self.reference_runs:
             return self.trainer.train_chunk(slots)
-        twins = [s for s in slots if self.episodes[s].decision == 0 or np.isfinite(self.episodes[s].reference_val)]
+        twins = [s for s in slots if self._episode(s).decision == 0 or np.isfinite(self._episode(s).reference_val)]
         res = self.trainer.train_chunk(slots + [self.n + s for s in twins])
         k = len(slots)
         for i, s in enumerate(twins, start=k):
-            ep = self.episodes[s]
+            ep = self._episode(s)
             val = float(res.val_loss[i])
             if res.diverged[i]:
                 ep.reference_val = np.nan
@@ -288,7 +295,7 @@ class EpisodeBatch:
         return (res.grad_cosine, res.grad_log_norm) if self.gradient_features else None
 
     def _info(self, s: int, train: float, val: float, acc: float, diverged: bool) -> dict:
-        ep = self.episodes[s]
+        ep = self._episode(s)
         hp = self.trainer.hparams(s)
         info = {
             "val_loss": float(val),

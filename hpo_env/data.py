@@ -197,14 +197,14 @@ def _split_indices(
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(n)
-    stratify = None
+    stratify: np.ndarray | None = None
     if labels is not None:
         _, counts = np.unique(labels, return_counts=True)
         if counts.min() >= 5:
             stratify = labels
     seed = int(rng.integers(2**31 - 1))
     train, rest = train_test_split(idx, test_size=0.4, random_state=seed, stratify=stratify)
-    rest_strat = None if stratify is None else labels[rest]
+    rest_strat = None if stratify is None else stratify[rest]  # stratify is labels here
     val, test = train_test_split(rest, test_size=0.5, random_state=seed + 1, stratify=rest_strat)
     return np.sort(train), np.sort(val), np.sort(test)
 

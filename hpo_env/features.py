@@ -40,11 +40,16 @@ decision cannot tell such a run from one that needs a larger rate.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from hpo_env.actions import ActionDecoder
 from hpo_env.checks import check_device, is_flag, is_integer
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 __all__ = [
     "EPOCHS_FEATURE",
@@ -253,7 +258,7 @@ class ObservationBuilder:
 
     # ------------------------------------------------------------------------------------------
     @staticmethod
-    def _log_rel(loss: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    def _log_rel(loss: ArrayLike, ref: np.ndarray) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
             x = np.log(np.asarray(loss, np.float64)) - np.log(ref)
         # A non-finite loss (divergence) reads as "as bad as it gets".
@@ -262,13 +267,13 @@ class ObservationBuilder:
     def reset(
         self,
         slots: np.ndarray | list[int],
-        val_loss: np.ndarray,
-        train_loss: np.ndarray | None,
+        val_loss: ArrayLike,
+        train_loss: ArrayLike | None,
         hparams: np.ndarray,
-        progress: np.ndarray,
+        progress: ArrayLike,
         *,
         adaptive: np.ndarray | bool,
-        gradients: tuple[np.ndarray, np.ndarray] | None = None,
+        gradients: tuple[ArrayLike, ArrayLike] | None = None,
         epochs: np.ndarray | float | None = None,
     ) -> np.ndarray:
         """Start runs in ``slots`` from the first interval's losses; returns their observations.
@@ -323,13 +328,13 @@ class ObservationBuilder:
     def update(
         self,
         slots: np.ndarray | list[int],
-        val_loss: np.ndarray,
-        train_loss: np.ndarray | None,
+        val_loss: ArrayLike,
+        train_loss: ArrayLike | None,
         hparams: np.ndarray,
         action: np.ndarray,
-        progress: np.ndarray,
+        progress: ArrayLike,
         *,
-        gradients: tuple[np.ndarray, np.ndarray] | None = None,
+        gradients: tuple[ArrayLike, ArrayLike] | None = None,
     ) -> np.ndarray:
         """Advance runs in ``slots`` by one interval; ``action`` is what set ``hparams``."""
         slots = self._check(slots, hparams)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -195,9 +196,9 @@ def forward(
         # Grouped convolution: model i's channels form group i, so the N models stay independent.
         h = x.transpose(0, 1).reshape(b, n, 8, 8)
         h = F.conv2d(h, c1w.reshape(n * c1, 1, 3, 3), c1b.reshape(n * c1), padding=1, groups=n)
-        h = F.max_pool2d(_act_grouped(act, h, n) if mixed else act(h), 2)
+        h = F.max_pool2d(_act_grouped(cast(StackActivation, act), h, n) if mixed else act(h), 2)
         h = F.conv2d(h, c2w.reshape(n * c2, c1, 3, 3), c2b.reshape(n * c2), padding=1, groups=n)
-        h = F.max_pool2d(_act_grouped(act, h, n) if mixed else act(h), 2)  # (B, N*c2, 2, 2)
+        h = F.max_pool2d(_act_grouped(cast(StackActivation, act), h, n) if mixed else act(h), 2)  # (B, N*c2, 2, 2)
         h = h.reshape(b, n, c2 * 4).transpose(0, 1)
         return torch.baddbmm(fb.unsqueeze(1), h, fw.reshape(n, c2 * 4, -1))
     if arch == "charmlp":
@@ -215,6 +216,33 @@ def forward(
     raise AssertionError(arch)  # pragma: no cover
 
 
+@overload
+def mlp_gradients(
+    act: StackActivation,
+    params: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    loss_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    grads: Sequence[torch.Tensor],
+    input_grad: Literal[False] = ...,
+) -> torch.Tensor: ...
+@overload
+def mlp_gradients(
+    act: StackActivation,
+    params: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    loss_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    grads: Sequence[torch.Tensor],
+    input_grad: Literal[True],
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+@overload
+def mlp_gradients(
+    act: StackActivation,
+    params: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    loss_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    grads: Sequence[torch.Tensor],
+    input_grad: bool = ...,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 def mlp_gradients(
     act: StackActivation,
     params: Sequence[torch.Tensor],

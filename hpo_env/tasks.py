@@ -22,6 +22,7 @@ import functools
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -307,7 +308,7 @@ class TaskSpec:
             lr_gain=1.0,
         )
 
-    def replace(self, **changes: object) -> TaskSpec:
+    def replace(self, **changes: Any) -> TaskSpec:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
@@ -506,7 +507,7 @@ def _charlm(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD, lr_center=0.0):
     )
 
 
-_SAMPLERS: dict[str, Callable[[np.random.Generator, str, float], TaskSpec]] = {
+_SAMPLERS: dict[str, Callable[[np.random.Generator, str, float, float], TaskSpec]] = {
     "teacher_regression": _teacher_regression,
     "teacher_classification": _teacher_classification,
     "make_classification": _make_classification,

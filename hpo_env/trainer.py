@@ -36,6 +36,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TypedDict, cast
 
 import numpy as np
 import torch
@@ -230,14 +231,10 @@ class BatchedTrainer:
             raise TypeError(f"spec must be a TaskSpec, got {type(spec).__name__}")
         data = build_splits(spec)
         if self.device.type != "cpu":
-            data = DataSplits(
-                *(
-                    getattr(data, f).to(self.device)
-                    for f in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
-                ),
-                data.task_type,
-                data.n_outputs,
+            x_train, y_train, x_val, y_val, x_test, y_test = (
+                getattr(data, f).to(self.device) for f in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
             )
+            data = DataSplits(x_train, y_train, x_val, y_val, x_test, y_test, data.task_type, data.n_outputs)
         layout = ModelLayout.build(spec, data)
         gen = torch.Generator().manual_seed(spec.seed)
         params = [p.to(self.device) for p in init_params(layout, gen)]
@@ -277,7 +274,7 @@ class BatchedTrainer:
         """A slot's current parameters in their true (unpadded) shapes."""
         s = self._get(slot)
         self._materialize(s)
-        return [p.clone() for p in s.params]
+        return [p.clone() for p in cast("list[torch.Tensor]", s.params)]  # materialized: not None
 
     def _check_slot(self, slot: int) -> None:
         if not is_integer(slot) or not 0 <= slot < self.n_slots:
@@ -310,14 +307,15 @@ class BatchedTrainer:
         by_key: dict[tuple, list[int]] = {}
         for i in slots:
             by_key.setdefault(self._get(i).group_key, []).append(i)
+        loaded = cast("list[_Slot]", self._slots)  # only the slots just checked by _get are indexed
         out = []
         for key_members in by_key.values():
             for members in self._partition(key_members):
-                first = self._slots[members[0]].group
+                first = loaded[members[0]].group
                 if (
                     first is not None
                     and first.members == tuple(members)
-                    and all(self._slots[m].group is first for m in members)
+                    and all(loaded[m].group is first for m in members)
                 ):
                     out.append((first, members))
                 else:
@@ -326,7 +324,7 @@ class BatchedTrainer:
 
     def _partition(self, members: list[int]) -> list[list[int]]:
         """Split slots of one group key into stacks, trading padding FLOPs against per-stack overhead."""
-        slots = self._slots
+        slots = cast("list[_Slot]", self._slots)  # members are loaded slots (see _groups_for)
         arch = slots[members[0]].layout.arch
         bins: list[tuple[list[int], tuple[tuple[int, ...], ...], int, float]] = []  # members, shapes, batch, flops
         for m in sorted(members, key=lambda m: (-slots[m].cost, m)):
@@ -357,7 +355,7 @@ class BatchedTrainer:
 
     def _build_group(self, members: list[int]) -> _Group:
         start = time.perf_counter()
-        slots = [self._slots[m] for m in members]
+        slots = cast("list[_Slot]", [self._slots[m] for m in members])  # loaded slots (see _groups_for)
         for s in slots:
             self._materialize(s)
         n = len(slots)
@@ -374,9 +372,12 @@ class BatchedTrainer:
                     flat[i, a : a + math.prod(sh)].view(sh)[tuple(slice(0, d) for d in v.shape)] = v
             return flat
 
-        flat = stack([s.params for s in slots])
-        n_buffers = max(len(s.opt_state) for s in slots)
-        opt_flat = [stack([s.opt_state[b] if b < len(s.opt_state) else [] for s in slots]) for b in range(n_buffers)]
+        # All materialized above, so none of these is None.
+        params = cast("list[list[torch.Tensor]]", [s.params for s in slots])
+        opt_states = cast("list[list[list[torch.Tensor]]]", [s.opt_state for s in slots])
+        flat = stack(params)
+        n_buffers = max(len(o) for o in opt_states)
+        opt_flat = [stack([o[b] if b < len(o) else [] for o in opt_states]) for b in range(n_buffers)]
         steps = torch.tensor([[float(s.steps_done)] for s in slots], device=self.device)
         runs: list[tuple[str, int, int]] = []
         for i, s in enumerate(slots):
@@ -478,19 +479,20 @@ class BatchedTrainer:
             self._groups_for(todo)
         start = time.perf_counter()
         seen: set[int] = set()
+        loaded = cast("list[_Slot]", self._slots)  # every slot of a group is loaded
         for s in slots:
-            g = self._slots[s].group
+            g = cast(_Group, loaded[s].group)  # checked by _get and grouped above
             if id(g) in seen:
                 continue
             seen.add(id(g))
             if f"x_{split}" not in g.data:
-                g.data.update(self._stack_split([self._slots[m] for m in g.members], split))
+                g.data.update(self._stack_split([loaded[m] for m in g.members], split))
             l_g, a_g = self._eval_group(g, split)
             for i, m in enumerate(g.members):
                 if m in pos:
                     loss[pos[m]], acc[pos[m]] = l_g[i], a_g[i]
                 # The untrained validation loss is the reference that divergence is measured against.
-                if split == "val" and self._slots[m].steps_done == 0 and np.isnan(self._reference_loss[m]):
+                if split == "val" and loaded[m].steps_done == 0 and np.isnan(self._reference_loss[m]):
                     self._reference_loss[m] = l_g[i] if np.isfinite(l_g[i]) else np.nan
         self.stats.eval_seconds += time.perf_counter() - start
         return loss, acc
@@ -513,7 +515,7 @@ class BatchedTrainer:
                 unpad = [tuple(slice(0, d) for d in true) for true in s.layout.shapes]
                 params = [v[i][sl] for v, sl in zip(g.views(g.flat), unpad)]
             else:
-                params = s.params
+                params = cast("list[torch.Tensor]", s.params)  # not in a group: its own tensors
             y = forward(s.layout.arch, s.layout.activation, [p.unsqueeze(0) for p in params], x.unsqueeze(0))[0]
             out.append((y.argmax(-1) if data.task_type == "classification" else y).cpu().numpy())
         return out
@@ -538,12 +540,14 @@ class BatchedTrainer:
         (1 but in meta-training with gains), and :meth:`hparams` keeps reporting the rate as set.
         """
         n = len(slots)
+        grad_cosine, grad_log_norm = np.full(n, np.nan), np.full(n, np.nan)
         res = ChunkResult(
-            *(np.full(n, np.nan) for _ in range(3)), np.zeros(n, bool), np.full(n, np.nan), np.full(n, np.nan)
+            np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, bool), grad_cosine, grad_log_norm
         )
         pos = {s: k for k, s in enumerate(slots)}
+        loaded = cast("list[_Slot]", self._slots)  # every slot of a group is loaded
         for g, members in self._groups_for(list(slots)):
-            ks = [steps or self._slots[m].spec.steps_per_action for m in members]  # ascending (row order)
+            ks = [steps or loaded[m].spec.steps_per_action for m in members]  # ascending (row order)
             start = time.perf_counter()
             tr, va, acc, div, grad_stats = self._train_group(g, ks)
             st = self.stats
@@ -551,13 +555,13 @@ class BatchedTrainer:
             st.model_steps += sum(ks)
             st.group_steps += ks[-1]
             st.flops += g.flops / len(members) * sum(ks)
-            st.model_flops += sum(self._slots[m].flops * k for m, k in zip(members, ks))
+            st.model_flops += sum(loaded[m].flops * k for m, k in zip(members, ks))
             for i, m in enumerate(members):
                 j = pos[m]
                 res.train_loss[j], res.val_loss[j], res.val_accuracy[j], res.diverged[j] = tr[i], va[i], acc[i], div[i]
                 if grad_stats is not None:
-                    res.grad_cosine[j], res.grad_log_norm[j] = grad_stats[0][i], grad_stats[1][i]
-                self._slots[m].steps_done += ks[i]
+                    grad_cosine[j], grad_log_norm[j] = grad_stats[0][i], grad_stats[1][i]
+                loaded[m].steps_done += ks[i]
         # A validation loss that exploded relative to the first one counts as divergence too.
         for j, m in enumerate(slots):
             ref = self._reference_loss[m]
@@ -569,7 +573,7 @@ class BatchedTrainer:
 
     def _train_group(self, g: _Group, ks: list[int]):
         """Train a stack's rows for ``ks`` steps each (ascending, as the rows are ordered)."""
-        slots = [self._slots[m] for m in g.members]
+        slots = cast("list[_Slot]", [self._slots[m] for m in g.members])  # a group's slots are loaded
         n, dev, k_max = len(slots), self.device, ks[-1]
         # Minibatch indices from each slot's own generator: identical alone or in any batch. Padded
         # samples (beyond a slot's own batch size or its K) point at sample 0 and get zero loss weight.
@@ -673,12 +677,28 @@ _FUSED_OPTIMIZERS = hasattr(torch, "_fused_adamw_") and hasattr(torch, "_fused_s
 _FUSED_SGD_MIN_PARAMS = 8192
 
 
+class _SGDArgs(TypedDict):
+    """A model row's own hyperparameters for ``torch._fused_sgd_``."""
+
+    lr: float
+    weight_decay: float
+    momentum: float
+
+
+class _AdamWArgs(TypedDict):
+    """A model row's own hyperparameters for ``torch._fused_adamw_``."""
+
+    lr: float
+    weight_decay: float
+    beta1: float
+
+
 def _fused_rows(optimizer: str, p: torch.Tensor, grad: torch.Tensor, g: _Group, a: int, b: int, hp: np.ndarray):
     """One fused PyTorch optimiser call per model row, each with the model's own hyperparameters."""
     rows = range(b - a)
     bufs = [buf[a:b] for buf in g.opt_flat]
     if optimizer == "sgd":
-        calls = [
+        calls: list[tuple[tuple[list[torch.Tensor], ...], _SGDArgs]] = [
             (([p[i]], [grad[i]], [bufs[0][i]]), {"lr": float(lr), "weight_decay": float(wd), "momentum": float(mom)})
             for i, (lr, wd, mom) in zip(rows, hp)
         ]  # fmt: skip
@@ -695,7 +715,7 @@ def _fused_rows(optimizer: str, p: torch.Tensor, grad: torch.Tensor, g: _Group, 
 
         return sgd
     steps = g.steps[a:b]
-    calls = [
+    adamw_calls: list[tuple[tuple[list[torch.Tensor], ...], _AdamWArgs]] = [
         (
             ([p[i]], [grad[i]], [bufs[0][i]], [bufs[1][i]], [], [steps[i]]),
             {"lr": float(lr), "weight_decay": float(wd), "beta1": float(beta1)},
@@ -705,7 +725,7 @@ def _fused_rows(optimizer: str, p: torch.Tensor, grad: torch.Tensor, g: _Group, 
 
     def adamw() -> None:
         steps.add_(1)  # the caller counts steps, as torch.optim does before its fused call
-        for tensors, hparams in calls:
+        for tensors, hparams in adamw_calls:
             torch._fused_adamw_(*tensors, **hparams, beta2=_ADAM_BETA2, eps=_ADAM_EPS, amsgrad=False, maximize=False)
 
     return adamw

@@ -240,6 +240,6 @@ def _count(name: str, value: object) -> int:
     if isinstance(value, bool):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     try:
-        return operator.index(value)
+        return operator.index(value)  # type: ignore[arg-type]  # probes any object: TypeError is caught
     except TypeError:
         raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})") from None

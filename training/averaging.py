@@ -29,7 +29,7 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -90,7 +90,8 @@ def _policy_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
         ) from err
     if not params or "policy" not in params:
         raise BundleError(f"{checkpoint / CHECKPOINT_MODEL} holds no policy weights")
-    return params["policy"]
+    # sb3 annotates params as a TensorDict, but each entry is a whole module's state dict.
+    return params["policy"]  # type: ignore[return-value]
 
 
 def average_run(
@@ -146,8 +147,9 @@ def average_run(
             "--checkpoint-freq that leaves several checkpoints"
         )
     # Both selections end with the last checkpoint, which must be the final bundle's policy.
-    chosen = checkpoints[-last:] if last is not None else [c for c in checkpoints if c[0] >= from_timesteps]
-    if last is None and checkpoints[0][0] > from_timesteps and not _kept_every_checkpoint(run_dir):
+    # With last None, from_timesteps is given (exactly one of the two is).
+    chosen = checkpoints[-last:] if last is not None else [c for c in checkpoints if c[0] >= cast(int, from_timesteps)]
+    if last is None and checkpoints[0][0] > cast(int, from_timesteps) and not _kept_every_checkpoint(run_dir):
         kept = ", ".join(f"{t:,}" for t, _ in checkpoints)
         raise ValueError(
             f"asked for the checkpoints from {from_timesteps:,} timesteps on, but the run pruned its older ones "

@@ -121,7 +121,8 @@ def run_hypergradient(
     data = build_splits(spec)
     if dev.type != "cpu":
         fields = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
-        data = DataSplits(*(getattr(data, f).to(dev) for f in fields), data.task_type, data.n_outputs)
+        x_train, y_train, x_val, y_val, x_test, y_test = (getattr(data, f).to(dev) for f in fields)
+        data = DataSplits(x_train, y_train, x_val, y_val, x_test, y_test, data.task_type, data.n_outputs)
     gen = torch.Generator().manual_seed(spec.seed)
     layout = ModelLayout.build(spec, data)
     flat = torch.cat([p.reshape(-1) for p in init_params(layout, gen)]).to(dev)
@@ -180,8 +181,8 @@ def run_hypergradient(
             else:
                 rec.rewards.append(-divergence_penalty)
             break
-        for h in decoder.names:
-            rec.hparams.setdefault(h, []).append(float(np.mean(lrs)) if h == "lr" else float(values[h]))
+        for name in decoder.names:
+            rec.hparams.setdefault(name, []).append(float(np.mean(lrs)) if name == "lr" else float(values[name]))
         rec.val_loss.append(val)
         rec.train_loss.append(float(np.mean(losses)))
         if data.task_type == "classification":

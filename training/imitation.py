@@ -68,8 +68,8 @@ class OracleCosine(CosineSchedule):
     def __init__(
         self,
         decoder: ActionDecoder,
-        initial_lr: np.ndarray,
-        best_lr: np.ndarray,
+        initial_lr: np.ndarray | Sequence[float],
+        best_lr: np.ndarray | Sequence[float],
         *,
         gradient_features: bool = False,
         epochs_feature: bool = False,

@@ -125,7 +125,7 @@ def run_episodes(
                 rec.test_loss = info.get("test_loss", float("nan"))
                 rec.test_accuracy = info.get("test_accuracy", float("nan"))
                 if rec.task.task_type == "classification" and not rec.diverged:
-                    rec.test_macro_f1 = _macro_f1(batch, s)
+                    rec.test_macro_f1 = _macro_f1(batch, int(s))
     return records
 
 

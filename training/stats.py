@@ -16,6 +16,7 @@ correlated) when groups are given, always from an explicit ``numpy.random.Genera
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -101,7 +102,7 @@ def median_ratio(policy, baseline) -> float:
     return float(np.median(loss_ratios(policy, baseline)))
 
 
-def lr_level(policy_lr, baseline_lr, families: Sequence[str] | None = None) -> dict:
+def lr_level(policy_lr, baseline_lr, families: Sequence[str] | np.ndarray | None = None) -> dict:
     """How hot the policy runs: per pair ``policy / baseline`` mean learning rate over the run.
 
     Returns the median ratio (above 1: the policy trains at a higher learning rate), the share of
@@ -114,7 +115,7 @@ def lr_level(policy_lr, baseline_lr, families: Sequence[str] | None = None) -> d
         raise ValueError(f"policy and baseline must have one learning rate per pair, got {p.shape} and {b.shape}")
     ok = np.isfinite(p) & np.isfinite(b) & (p > 0) & (b > 0)
     ratio = p[ok] / b[ok]
-    level = (
+    level: dict[str, Any] = (
         {"median_ratio": float(np.median(ratio)), "share_higher": float(np.mean(ratio > 1)), "pairs": int(ratio.size)}
         if ratio.size
         else {"median_ratio": float("nan"), "share_higher": float("nan"), "pairs": 0}
@@ -129,7 +130,7 @@ HEADROOM_EDGES = (1.02, 1.10)
 
 
 def headroom(
-    policy, oracle, defaults: Sequence, groups: Sequence[str], edges: Sequence[float] = HEADROOM_EDGES
+    policy, oracle, defaults: Sequence, groups: Sequence[str] | np.ndarray, edges: Sequence[float] = HEADROOM_EDGES
 ) -> list[dict]:
     """Where the targets are won or lost: pairs binned by how much a tuned schedule gains on their task.
 
@@ -267,7 +268,7 @@ def bootstrap_ci(
     tail = 100 * (1 - confidence) / 2
     # Linear interpolation between two infinite statistics (a median ratio over diverged runs) gives
     # inf - inf = NaN; there, take the order statistics themselves.
-    method = "linear" if np.all(np.isfinite(stats)) else "inverted_cdf"
+    method: Literal["linear", "inverted_cdf"] = "linear" if np.all(np.isfinite(stats)) else "inverted_cdf"
     low, high = np.percentile(stats, [tail, 100 - tail], method=method)
     return float(low), float(high)
 
@@ -284,7 +285,7 @@ def paired_comparison(
     """Win rate and median loss ratio of ``policy`` against ``baseline``, each with its interval."""
     wins = win_indicators(policy, baseline)
     ratios = loss_ratios(policy, baseline)
-    kw = dict(rng=rng, groups=groups, n_boot=n_boot, confidence=confidence)
+    kw: dict[str, Any] = dict(rng=rng, groups=groups, n_boot=n_boot, confidence=confidence)
     win_lo, win_hi = bootstrap_ci(wins, _mean, **kw)
     ratio_lo, ratio_hi = bootstrap_ci(ratios, _median, **kw)
     return {

@@ -159,7 +159,8 @@ class ResultStore:
 
     def keys(self, code_version: str | None = None) -> list[RunKey]:
         """All stored keys (of one code version, if given)."""
-        query, args = "SELECT task_id, schedule, seed, code_version FROM runs", ()
+        query = "SELECT task_id, schedule, seed, code_version FROM runs"
+        args: tuple[str, ...] = ()
         if code_version is not None:
             query, args = query + " WHERE code_version=?", (code_version,)
         return [RunKey(*row) for row in self._conn.execute(query, args)]
