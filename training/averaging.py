@@ -232,10 +232,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help=f"bundle directory to write (default RUN/{AVERAGED_BUNDLE})")
     parser.add_argument("--description", default=None, help="a line saying what the bundle is")
     args = parser.parse_args(argv)
+    from training.cli import readable_warnings
+
     try:
-        path = average_run(
-            args.run, from_timesteps=args.from_timesteps, last=args.last, out=args.out, description=args.description
-        )
+        with readable_warnings("hpo-average"):
+            path = average_run(
+                args.run, from_timesteps=args.from_timesteps, last=args.last, out=args.out, description=args.description
+            )
     except ValueError as err:  # BundleError included
         parser.exit(2, f"hpo-average: error: {err}\n")
     steps = load_bundle(path).config["averaged"]["checkpoints"]
