@@ -841,6 +841,8 @@ class PolicyScheduler:
         self._policy_state = init(1) if callable(init) else None
         self._episode_start = True
         self._last_obs: np.ndarray | None = None
+        self._history: dict[str, list[float]] = {column: [] for column in self._history_columns()}
+        self._record(0, None, math.nan, None, False, None)  # row 0: the values the first interval runs with
         self._write()
 
     def step(
@@ -887,6 +889,7 @@ class PolicyScheduler:
                 )
             self._t += 1
             self._write()
+            self._record(self._t, global_step, val, train, False, None)
             return
         self._t += 1
         t, k = self._t, self.decoder.num_actions
@@ -933,8 +936,8 @@ class PolicyScheduler:
                 self._episode_start = False
                 action = np.asarray(raw, dtype=np.float64).reshape(k)
         if self.writer is not None and t == 1:  # the values the first interval ran with: the plot starts with the run
-            for j, name in enumerate(self.decoder.names):
-                self.writer.add_scalar(f"scheduler/{name}", float(self._base[j]), 0)
+            for name in self.decoder.names:
+                self.writer.add_scalar(f"scheduler/{name}", self._history[name][0], 0)
         if action is not None:
             self._base = self.decoder.decode(action, self._base, self._initial_base)
             self._last_action = np.clip(action, -1.0, 1.0)  # a Gaussian head samples beyond; decode clips too
@@ -942,20 +945,109 @@ class PolicyScheduler:
                 self._base, self._last_action = _from_rank_zero(device, self._base, self._last_action)
                 action = self._last_action
         self._write()
+        self._record(t, global_step, val, train, diverged, action)
         if self.writer is not None:
-            self._log(t if global_step is None else int(global_step), val, train, diverged, action)
+            self._log(t if global_step is None else int(global_step))
 
-    def _log(self, t: int, val: float, train: float | None, diverged: bool, action: np.ndarray | None) -> None:
-        w = self.writer
-        if math.isfinite(val):
-            w.add_scalar("scheduler/val_loss", val, t)
-        if train is not None and math.isfinite(train):
-            w.add_scalar("scheduler/train_loss", train, t)
+    # -- what the run did: history, TensorBoard, plot -------------------------------------------
+    def _history_columns(self) -> list[str]:
+        names = self.decoder.names
+        return ["step", "global_step", "val_loss", "train_loss", "diverged", *names, *(f"action_{n}" for n in names)]
+
+    def _record(
+        self, t: int, global_step: int | None, val: float, train: float | None, diverged: bool, action: Any
+    ) -> None:
+        """Append a row to the history: what ``step()`` number ``t`` observed, and the values it set."""
+        row = {
+            "step": t,
+            "global_step": math.nan if global_step is None else global_step,
+            "val_loss": val,
+            "train_loss": math.nan if train is None else train,
+            "diverged": float(diverged),
+        }
         for j, name in enumerate(self.decoder.names):
-            w.add_scalar(f"scheduler/{name}", float(self._base[j]), t)
-            if action is not None:
-                w.add_scalar(f"scheduler/action_{name}", float(action[j]), t)
-        w.add_scalar("scheduler/diverged", float(diverged), t)
+            row[name] = float(self._base[j])
+            row[f"action_{name}"] = math.nan if action is None else float(action[j])
+        for column, values in self._history.items():
+            values.append(float(row[column]))
+
+    def _log(self, x: int) -> None:
+        """Write the latest history row to the ``writer``, at ``x`` on TensorBoard's axis."""
+        w, row = self.writer, {column: values[-1] for column, values in self._history.items()}
+        for key in ("val_loss", "train_loss"):
+            if math.isfinite(row[key]):
+                w.add_scalar(f"scheduler/{key}", row[key], x)
+        for name in self.decoder.names:
+            w.add_scalar(f"scheduler/{name}", row[name], x)
+            if math.isfinite(row[f"action_{name}"]):
+                w.add_scalar(f"scheduler/action_{name}", row[f"action_{name}"], x)
+        w.add_scalar("scheduler/diverged", row["diverged"], x)
+
+    @property
+    def history(self) -> dict[str, np.ndarray]:
+        """The run so far, as columns of equal length (``pandas.DataFrame(scheduler.history)`` makes a table).
+
+        Row 0 is the start (``step`` 0: the hyperparameters the first interval runs with); then one row
+        per ``step()`` call: ``step`` (its number), ``global_step`` (as passed, else NaN), ``val_loss``
+        and ``train_loss`` as observed (NaN: not given), ``diverged`` (1.0 where a loss was not finite),
+        and per controlled hyperparameter (``lr``, ``weight_decay``, ...) the value set for the next
+        interval (the first param group's, or the base group's; other groups keep their ratio to it)
+        and ``action_<name>``, the policy's action (NaN where it did not act: the last step, and calls
+        past ``total_steps``). It survives ``state_dict()``/``load_state_dict()``; ``reset()`` clears it.
+        """
+        return {column: np.array(values, dtype=np.float64) for column, values in self._history.items()}
+
+    def plot(self, path: str | os.PathLike | None = None, *, title: str | None = None) -> Any:
+        """Draw the run so far: the losses the policy observed, and the schedule it set for each hyperparameter.
+
+        The x-axis is the ``global_step`` passed to ``step()`` where every call passed one, else the
+        ``step()`` count. Returns a ``matplotlib`` figure, made without ``pyplot`` (no window opens and
+        nothing needs closing; a notebook shows it); with ``path``, also saves it there (PNG, SVG, PDF...
+        by the suffix).
+
+        >>> import torch
+        >>> from agents import PolicyScheduler
+        >>> opt = torch.optim.AdamW(torch.nn.Linear(2, 1).parameters(), lr=1e-3, weight_decay=1e-4)
+        >>> sched = PolicyScheduler.from_pretrained("default", opt, total_steps=3, epochs=3)
+        >>> for val_loss in (1.0, 0.8, 0.7):
+        ...     sched.step(val_loss, train_loss=val_loss * 1.1)
+        >>> sched.history["step"].tolist(), sched.history["val_loss"][1:].tolist()
+        ([0.0, 1.0, 2.0, 3.0], [1.0, 0.8, 0.7])
+        >>> fig = sched.plot()  # or sched.plot("schedule.png")
+        >>> [ax.get_ylabel() for ax in fig.axes]
+        ['loss', 'lr', 'weight decay']
+        """
+        from matplotlib.figure import Figure
+
+        h = self.history
+        names = list(self.decoder.names)
+        given = h["global_step"][1:]
+        use_global = len(given) > 0 and bool(np.isfinite(given).all())
+        x = np.concatenate([[0.0], given]) if use_global else h["step"]
+        fig = Figure(figsize=(7.0, 2.2 * (1 + len(names))), layout="constrained")
+        axes = fig.subplots(1 + len(names), 1, sharex=True, squeeze=False)[:, 0]
+        losses = axes[0]
+        for key, style in (("val_loss", {"marker": "o", "markersize": 3}), ("train_loss", {"linestyle": "--"})):
+            if np.isfinite(h[key]).any():
+                losses.plot(x, h[key], label=key.replace("_", " "), **style)
+        bad = h["diverged"] > 0
+        if bad.any():
+            top = np.full(int(bad.sum()), losses.get_ylim()[1])
+            losses.scatter(x[bad], top, marker="x", color="red", label="non-finite loss", clip_on=False)
+        if losses.has_data():
+            losses.set_yscale("log")
+            losses.legend(fontsize=8)
+        losses.set_ylabel("loss")
+        for ax, name in zip(axes[1:], names):
+            ax.step(x, h[name], where="post")  # row i's value holds from x[i] to x[i + 1]
+            if name != "momentum":
+                ax.set_yscale("log")
+            ax.set_ylabel(name.replace("_", " "))
+        axes[-1].set_xlabel("global step" if use_global else "scheduler step")
+        fig.suptitle(title or f"PolicyScheduler: {self._t} of {self.total_steps} decisions")
+        if path is not None:
+            fig.savefig(path)
+        return fig
 
     def get_last_lr(self) -> list[float]:
         """The learning rate of every param group, as last set by the scheduler."""
@@ -1020,6 +1112,7 @@ class PolicyScheduler:
             "epochs": self.epochs,
             "policy_state": _copy_state(self._policy_state, to_torch=True),
             "policy_kind": policy_signature(self.bundle),
+            "history": {column: torch.tensor(values, dtype=torch.float64) for column, values in self._history.items()},
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -1115,6 +1208,7 @@ class PolicyScheduler:
                 sampler.state = json.loads(state_dict["sampler"])
             except (TypeError, ValueError, KeyError) as err:
                 raise ValueError(f"malformed scheduler state: sampler ({type(err).__name__}: {err})") from err
+        history = self._history_from_state(state_dict.get("history"), int(t), initial_base)
         features = {name: _as_numpy(v, None) for name, v in state_dict["features"].items()}
         if self.epochs_feature:
             if saved_epochs is not None:
@@ -1158,7 +1252,26 @@ class PolicyScheduler:
         last_obs = state_dict.get("last_obs")
         self._last_obs = None if last_obs is None else _as_numpy(last_obs, np.float32)
         self._policy_state = _copy_state(state_dict["policy_state"], to_torch=False)
+        self._history = history
         self._write()
+
+    def _history_from_state(self, saved: Any, t: int, initial_base: np.ndarray) -> dict[str, list[float]]:
+        """A saved history, checked (one row per step() call and one for the start); a state saved before
+        the history existed gives the start's row only."""
+        columns = self._history_columns()
+        if saved is None:
+            start = {"step": 0.0, **{name: float(v) for name, v in zip(self.decoder.names, initial_base)}}
+            return {column: [start.get(column, math.nan)] for column in columns}
+        try:
+            history = {column: _as_numpy(saved[column], np.float64).reshape(-1).tolist() for column in columns}
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"malformed scheduler state: history ({type(err).__name__}: {err})") from err
+        lengths = {column: len(values) for column, values in history.items()}
+        if set(lengths.values()) != {t + 1}:
+            raise ValueError(
+                f"malformed scheduler state: the history must hold t + 1 = {t + 1} rows in every column, got {lengths}"
+            )
+        return history
 
     def __repr__(self) -> str:
         hp = ", ".join(f"{n}={v:.3g}" for n, v in zip(self.decoder.names, self._base))

@@ -215,6 +215,8 @@ def test_load_state_dict_rejects_other_policy_or_groups(default_bundle):
         ({"epochs": -1.0}, "epochs=-1.0 must be a positive number"),
         ({"features": {}}, r"malformed observation state: unknown entries \[\], missing entries"),
         ({"sampler": "{broken"}, "malformed scheduler state: sampler"),
+        ({"history": {"step": torch.zeros(2)}}, r"malformed scheduler state: history \(KeyError"),
+        ({"t": 3}, r"the history must hold t \+ 1 = 4 rows in every column"),
     ],
 )
 def test_a_damaged_state_dict_is_refused_before_anything_changes(default_bundle, change, message):
@@ -753,6 +755,84 @@ def test_tensorboard_tags(tmp_path):
         sched = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), policy, total_steps=2, writer=tb)
         sched.step(1.0)
     assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+def test_the_history_holds_what_tensorboard_gets_and_survives_a_checkpoint(default_bundle, tmp_path):
+    writer = _RecordingWriter()
+    total, cut = 6, 3
+    losses = _losses(total)
+    opt = _optimizer("adamw", 1e-3, 1e-2, 0.9)
+    sched = PolicyScheduler(opt, default_bundle, total_steps=total, epochs=total, writer=writer)
+    for i, (val, train) in enumerate(losses[:cut]):
+        sched.step(val, train, global_step=10 * (i + 1))
+    checkpoint = io.BytesIO()
+    torch.save(sched.state_dict(), checkpoint)
+    checkpoint.seek(0)
+    for i, (val, train) in enumerate(losses[cut:], start=cut):
+        sched.step(val, train, global_step=10 * (i + 1))
+    with pytest.warns(UserWarning, match="more than total_steps"):
+        sched.step(0.5, 0.5)  # past the end: recorded, values held, no action
+    h = sched.history
+    assert set(h) == {"step", "global_step", "val_loss", "train_loss", "diverged", "lr", "weight_decay"} | {
+        "action_lr",
+        "action_weight_decay",
+    }
+    assert all(len(column) == total + 2 for column in h.values())
+    assert h["step"].tolist() == list(range(total + 2))
+    assert h["global_step"][1:-1].tolist() == [10 * t for t in range(1, total + 1)] and np.isnan(h["global_step"][-1])
+    assert h["val_loss"][1:-1].tolist() == [v for v, _ in losses] and np.isnan(h["val_loss"][0])
+    # Every value TensorBoard got is the history's, at the same place on the axis.
+    for tag, column in (("lr", "lr"), ("val_loss", "val_loss"), ("action_lr", "action_lr")):
+        rows = np.flatnonzero(np.isfinite(h[column][: total + 1]))
+        x = np.where(rows == 0, 0, h["global_step"][rows]).astype(int).tolist()
+        assert writer.scalars[f"scheduler/{tag}"] == list(zip(x, h[column][rows].tolist())), tag
+    assert (
+        h["lr"][-1] == h["lr"][-2] == sched.get_last_lr()[0] and np.isnan(h["action_lr"][[0, total, total + 1]]).all()
+    )
+    assert h["lr"][0] == pytest.approx(1e-3) and (h["diverged"] == 0).all()
+    # A resumed scheduler continues the history; reset() starts it again.
+    resumed = PolicyScheduler(_optimizer("adamw", 1e-3, 1e-2, 0.9), default_bundle, total_steps=total, epochs=total)
+    resumed.load_state_dict(torch.load(checkpoint, weights_only=True))
+    for i, (val, train) in enumerate(losses[cut:], start=cut):
+        resumed.step(val, train, global_step=10 * (i + 1))
+    assert set(resumed.history) == set(h)
+    for column, values in resumed.history.items():
+        np.testing.assert_array_equal(values, h[column][:-1], err_msg=column)  # NaN where NaN, exactly
+    resumed.reset()
+    assert resumed.history["step"].tolist() == [0.0] and resumed.history["lr"][0] == pytest.approx(1e-3)
+    # A state saved before the history existed: the start's row only, then it goes on.
+    old_state = {k: v for k, v in sched.state_dict().items() if k != "history"}
+    old = PolicyScheduler(_optimizer("adamw", 1e-3, 1e-2, 0.9), default_bundle, total_steps=total, epochs=total)
+    old.load_state_dict(old_state)
+    assert old.history["step"].tolist() == [0.0] and old.history["lr"][0] == pytest.approx(1e-3)
+
+
+def test_plot_draws_the_losses_and_the_schedule(default_bundle, tmp_path):
+    opt = _optimizer("adamw", 1e-3, 1e-2, 0.9)
+    sched = PolicyScheduler(opt, default_bundle, total_steps=4, epochs=4)
+    for t, val in enumerate((1.0, 0.8, float("nan"), 0.6), start=1):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the non-finite loss's warning
+            sched.step(val, train_loss=1.0, global_step=50 * t)
+    fig = sched.plot(tmp_path / "schedule.png", title="my run")
+    assert (tmp_path / "schedule.png").stat().st_size > 10_000 and fig._suptitle.get_text() == "my run"
+    losses, lr, wd = fig.axes
+    assert [ax.get_ylabel() for ax in fig.axes] == ["loss", "lr", "weight decay"]
+    assert lr.get_xlabel() == "" and wd.get_xlabel() == "global step" and lr.get_yscale() == "log"
+    (line,) = lr.get_lines()
+    assert (
+        line.get_xdata().tolist() == [0, 50, 100, 150, 200]
+        and line.get_ydata().tolist() == sched.history["lr"].tolist()
+    )
+    assert [text.get_text() for text in losses.get_legend().get_texts()] == [
+        "val loss",
+        "train loss",
+        "non-finite loss",
+    ]
+    # Without global steps, the x-axis counts step() calls.
+    sched.reset()
+    sched.step(1.0, train_loss=1.0)
+    assert sched.plot().axes[-1].get_xlabel() == "scheduler step"
 
 
 # -- integrations ----------------------------------------------------------------------------------
