@@ -87,10 +87,13 @@ __all__ = ["PolicySchedulerMixin", "hf_trainer_callback", "lightning_scheduler_c
 #: Lightning checkpoint key of the latest validation's values, for a resumed run (see PolicySchedulerMixin).
 POLICY_RESUME_KEY = "hpo_meta_policy_resume"
 
-#: Words of metric names that are scores (higher is better), never a loss.
+#: Words of metric names that are scores (higher is better), never a loss (after trailing digits are
+#: dropped: ``rouge1``, ``map50``, ``acc1``).
 _SCORE_WORDS = frozenset(
-    "accuracy acc f1 auc auroc roc precision recall bleu rouge map iou r2 top1 top5 mcc matthews".split()
+    "accuracy acc f auc auroc auprc roc precision recall bleu rouge map ap iou miou dice r mcc matthews top".split()
 )
+#: Words that make a name a loss whatever else it holds (``val_top1_error``, ``val_r2_loss``).
+_LOSS_WORDS = frozenset("loss err error nll perplexity ppl mse mae rmse mape".split())
 
 
 def _check_loss_metric(name: Any, argument: str) -> str:
@@ -106,8 +109,11 @@ def _check_loss_metric(name: Any, argument: str) -> str:
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"{argument} must be the name of a logged validation loss, got {name!r}")
-    words = set(re.split(r"[^a-z0-9]+", name.lower()))
-    if "loss" not in name.lower() and words & _SCORE_WORDS:
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()  # valAcc -> val_acc
+    words = {w.rstrip("0123456789") for w in re.split(r"[^a-z0-9]+", spaced)}
+    if "exact_match" in spaced:
+        words.add("acc")
+    if not words & _LOSS_WORDS and words & _SCORE_WORDS:
         example = "eval_loss" if argument == "metric" else "val_loss"
         raise ValueError(
             f"{argument}={name!r} names a score (higher is better), but the policy reads it as the validation loss "
@@ -139,7 +145,7 @@ def lightning_scheduler_config(
         name: label for Lightning's ``LearningRateMonitor``.
 
     Raises:
-        TypeError: ``scheduler`` is not a :class:`PolicyScheduler`.
+        TypeError: ``scheduler`` is not a :class:`PolicyScheduler`, or ``monitor`` is not a non-empty string.
         ValueError: ``interval`` is not ``"epoch"`` or ``"step"``, ``frequency < 1``, or ``monitor`` names a
             score (``"val_acc"``: higher is better) instead of a loss.
     """
@@ -531,6 +537,7 @@ def hf_trainer_callback(
     Raises:
         ImportError: ``transformers`` is not installed.
         ValueError: ``metric`` names a score (``"eval_accuracy"``: higher is better) instead of a loss.
+        TypeError: ``metric`` is not a non-empty string.
     """
     try:
         cls = _hf_callback_class()

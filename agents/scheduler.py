@@ -405,6 +405,7 @@ class PolicyScheduler:
         self.epochs = self._check_epochs(epochs)
         self.features = self._observation_builder()
         self._grad_stats: GradientStats | None = None
+        self._history: dict[str, list[float]] = {}  # (reset() starts it)
         if self.gradient_features:
             self._register_gradient_hook(optimizer)
         if "weight_decay" in decoder.names:
@@ -487,6 +488,8 @@ class PolicyScheduler:
         # A copy or an unpickled scheduler comes with a copy of the optimiser, and torch's optimisers do
         # not carry their hooks along: register this scheduler's on it again.
         self.__dict__.update(state)
+        # A shallow copy would append its steps to the original's history: each keeps its own.
+        self._history = {column: list(values) for column, values in self._history.items()}
         if self.gradient_features:
             # A shallow copy shares the optimiser: its hook must feed its own statistics, not the original's.
             self._grad_stats = copy.deepcopy(self._grad_stats)
@@ -841,7 +844,7 @@ class PolicyScheduler:
         self._policy_state = init(1) if callable(init) else None
         self._episode_start = True
         self._last_obs: np.ndarray | None = None
-        self._history: dict[str, list[float]] = {column: [] for column in self._history_columns()}
+        self._history = {column: [] for column in self._history_columns()}
         self._record(0, None, math.nan, None, False, None)  # row 0: the values the first interval runs with
         self._write()
 
@@ -889,7 +892,8 @@ class PolicyScheduler:
                 )
             self._t += 1
             self._write()
-            self._record(self._t, global_step, val, train, False, None)
+            nonfinite = not math.isfinite(val) or (train is not None and not math.isfinite(train))
+            self._record(self._t, global_step, val, train, nonfinite, None)
             return
         self._t += 1
         t, k = self._t, self.decoder.num_actions
@@ -992,8 +996,11 @@ class PolicyScheduler:
         and ``train_loss`` as observed (NaN: not given), ``diverged`` (1.0 where a loss was not finite),
         and per controlled hyperparameter (``lr``, ``weight_decay``, ...) the value set for the next
         interval (the first param group's, or the base group's; other groups keep their ratio to it)
-        and ``action_<name>``, the policy's action (NaN where it did not act: the last step, and calls
-        past ``total_steps``). It survives ``state_dict()``/``load_state_dict()``; ``reset()`` clears it.
+        and ``action_<name>``, the action taken, as TensorBoard's ``scheduler/action_<name>`` (the
+        policy's, or after a non-finite loss the largest learning-rate decrease; NaN where none was:
+        the last step, and calls past ``total_steps``). It survives ``state_dict()``/``load_state_dict()``
+        (a state saved by an older hpo-meta gives NaN rows for the steps before it); ``reset()`` clears
+        it. A row takes about 0.5 kB: a million ``step()`` calls hold about 0.5 GB.
         """
         return {column: np.array(values, dtype=np.float64) for column, values in self._history.items()}
 
@@ -1038,8 +1045,10 @@ class PolicyScheduler:
             losses.set_yscale("log")
             losses.legend(fontsize=8)
         losses.set_ylabel("loss")
+        # Row i's value holds from x[i] to x[i + 1]; the last one, set for the next interval, one interval more.
+        x_end = np.append(x, x[-1] + (x[-1] - x[-2] if len(x) > 1 else 1.0))
         for ax, name in zip(axes[1:], names):
-            ax.step(x, h[name], where="post")  # row i's value holds from x[i] to x[i + 1]
+            ax.step(x_end, np.append(h[name], h[name][-1]), where="post")
             if name != "momentum":
                 ax.set_yscale("log")
             ax.set_ylabel(name.replace("_", " "))
@@ -1256,12 +1265,13 @@ class PolicyScheduler:
         self._write()
 
     def _history_from_state(self, saved: Any, t: int, initial_base: np.ndarray) -> dict[str, list[float]]:
-        """A saved history, checked (one row per step() call and one for the start); a state saved before
-        the history existed gives the start's row only."""
+        """A saved history, checked (one row per step() call and one for the start); for a state saved
+        before the history existed, the start's values and NaN rows for the steps before the save."""
         columns = self._history_columns()
-        if saved is None:
-            start = {"step": 0.0, **{name: float(v) for name, v in zip(self.decoder.names, initial_base)}}
-            return {column: [start.get(column, math.nan)] for column in columns}
+        if saved is None:  # the rows of the steps before the save are unknown (NaN), but their count
+            rows = [{"step": float(i)} for i in range(t + 1)]
+            rows[0].update({name: float(v) for name, v in zip(self.decoder.names, initial_base)})
+            return {column: [row.get(column, math.nan) for row in rows] for column in columns}
         try:
             history = {column: _as_numpy(saved[column], np.float64).reshape(-1).tolist() for column in columns}
         except (KeyError, TypeError, ValueError) as err:

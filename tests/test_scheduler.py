@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import json
@@ -804,7 +805,29 @@ def test_the_history_holds_what_tensorboard_gets_and_survives_a_checkpoint(defau
     old_state = {k: v for k, v in sched.state_dict().items() if k != "history"}
     old = PolicyScheduler(_optimizer("adamw", 1e-3, 1e-2, 0.9), default_bundle, total_steps=total, epochs=total)
     old.load_state_dict(old_state)
-    assert old.history["step"].tolist() == [0.0] and old.history["lr"][0] == pytest.approx(1e-3)
+    h_old = old.history
+    assert h_old["step"].tolist() == list(range(total + 2)) and h_old["lr"][0] == pytest.approx(1e-3)
+    assert np.isnan(h_old["val_loss"]).all() and np.isnan(h_old["lr"][1:]).all()  # unknown before the save
+    old.step(0.4, 0.4)  # (past the end, already warned about in the saved run)
+    again = PolicyScheduler(_optimizer("adamw", 1e-3, 1e-2, 0.9), default_bundle, total_steps=total, epochs=total)
+    again.load_state_dict(old.state_dict())  # and it resumes again
+    assert again.history["val_loss"][-1] == 0.4 and len(again.history["step"]) == total + 3
+    # Past the end, a non-finite loss is still marked.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again.step(float("nan"), 0.4)
+    assert again.history["diverged"][-1] == 1.0 and again.history["diverged"][-2] == 0.0
+
+
+def test_a_shallow_copy_keeps_its_own_history(default_bundle):
+    sched = PolicyScheduler(_optimizer("adamw", 1e-3, 1e-2, 0.9), default_bundle, total_steps=4, epochs=4)
+    sched.step(1.0, 1.0)
+    twin = copy.copy(sched)
+    twin.step(0.9, 0.9)
+    assert len(sched.history["step"]) == 2 and len(twin.history["step"]) == 3
+    PolicyScheduler(_optimizer("adamw", 1e-3, 1e-2, 0.9), default_bundle, total_steps=4, epochs=4).load_state_dict(
+        sched.state_dict()
+    )
 
 
 def test_plot_draws_the_losses_and_the_schedule(default_bundle, tmp_path):
@@ -821,8 +844,8 @@ def test_plot_draws_the_losses_and_the_schedule(default_bundle, tmp_path):
     assert lr.get_xlabel() == "" and wd.get_xlabel() == "global step" and lr.get_yscale() == "log"
     (line,) = lr.get_lines()
     assert (
-        line.get_xdata().tolist() == [0, 50, 100, 150, 200]
-        and line.get_ydata().tolist() == sched.history["lr"].tolist()
+        line.get_xdata().tolist() == [0, 50, 100, 150, 200, 250]  # the last value holds one interval more
+        and line.get_ydata().tolist() == [*sched.history["lr"].tolist(), sched.history["lr"][-1]]
     )
     assert [text.get_text() for text in losses.get_legend().get_texts()] == [
         "val loss",
@@ -849,10 +872,10 @@ def test_lightning_config_and_mixin_without_lightning():
     with pytest.raises(ValueError, match="interval"):
         lightning_scheduler_config(sched, interval="batch")
     # A score is refused (the policy would read an improving model as a diverging one); losses pass.
-    for score in ("val_acc", "val/accuracy", "val_f1", "val_auroc"):
+    for score in ("val_acc", "val/accuracy", "val_f1", "val_auroc", "eval_rouge1", "val_mAP50-95", "valAcc"):
         with pytest.raises(ValueError, match=rf"monitor='{score}' names a score .* \(e\.g\. 'val_loss'\)"):
             lightning_scheduler_config(sched, monitor=score)
-    for loss in ("val_loss", "val/nll", "val_perplexity", "val_acc_loss", "valid_mse"):
+    for loss in ("val_loss", "val/nll", "val_perplexity", "val_acc_loss", "valid_mse", "val_top1_error", "val_mape"):
         assert lightning_scheduler_config(sched, monitor=loss)["monitor"] == loss
 
     class _Trainer:
