@@ -193,6 +193,8 @@ class TrainSettings:
     """Observations stacked for the framestack control (default: the preset's)."""
     log_std_init: float | None = None
     """Initial log standard deviation of the agent's Gaussian actions, its exploration noise in meta-training (default: the preset's, -0.5: about 0.6 in a [-1, 1] action; deployment uses the mean action)."""
+    ent_coef: float | None = None
+    """PPO's entropy bonus, which keeps the agent's exploration noise from shrinking early (default: the preset's)."""
     threads: int = 1
     """torch CPU threads. One is fastest here: the agent's and the inner models' tensors are small."""
     progress_bar: bool = True
@@ -305,6 +307,7 @@ class TrainSettings:
             lstm_hidden_size=self.lstm_hidden_size,
             frame_stack=self.frame_stack,
             log_std_init=self.log_std_init,
+            ent_coef=self.ent_coef,
         )
         # 0 turns a preset's cap off (None means "the preset's", so it cannot)
         return dataclasses.replace(config, lr_max_rise=None) if self.lr_max_rise == 0 else config
