@@ -753,6 +753,14 @@ def test_log_std_init_reaches_the_agent_and_is_checked():
             parse_settings(["--log-std-init", bad]).agent_config()
 
 
+def test_ent_coef_reaches_the_agent_and_is_checked():
+    config = parse_settings(["--ent-coef", "0.01", "--task-distribution", "toy", "--n-envs", "2"]).agent_config()
+    assert config.ent_coef == 0.01 and parse_settings([]).agent_config().ent_coef == 0.0
+    assert make_meta_agent(make_meta_env(config, seed=0), config, seed=0, device="cpu").ent_coef == 0.01
+    with pytest.raises(ValueError, match="ent_coef must be a finite number >= 0"):
+        parse_settings(["--ent-coef", "-0.1"]).agent_config()
+
+
 def test_one_seed_makes_one_policy(tiny_meta_training):
     """Meta-training is reproducible on one code version: the same command gives the same weights and
     normalisation statistics, and another seed does not."""
