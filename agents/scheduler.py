@@ -337,6 +337,8 @@ class PolicyScheduler:
         (20, True)
     """
 
+    _history: dict[str, list[float]]  # column -> one value per row (reset() starts it; see history)
+
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
@@ -405,7 +407,6 @@ class PolicyScheduler:
         self.epochs = self._check_epochs(epochs)
         self.features = self._observation_builder()
         self._grad_stats: GradientStats | None = None
-        self._history: dict[str, list[float]] = {}  # (reset() starts it)
         if self.gradient_features:
             self._register_gradient_hook(optimizer)
         if "weight_decay" in decoder.names:

@@ -216,38 +216,25 @@ def forward(
     raise AssertionError(arch)  # pragma: no cover
 
 
+#: A loss's value and its gradient with respect to the model outputs.
+LossGrad = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 @overload
 def mlp_gradients(
-    act: StackActivation,
-    params: Sequence[torch.Tensor],
-    x: torch.Tensor,
-    loss_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    grads: Sequence[torch.Tensor],
-    input_grad: Literal[False] = ...,
-) -> torch.Tensor: ...
+    act: StackActivation, params: Sequence[torch.Tensor], x: torch.Tensor, loss_grad: LossGrad,
+    grads: Sequence[torch.Tensor], input_grad: Literal[False] = ...,
+) -> torch.Tensor: ...  # fmt: skip
 @overload
 def mlp_gradients(
-    act: StackActivation,
-    params: Sequence[torch.Tensor],
-    x: torch.Tensor,
-    loss_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    grads: Sequence[torch.Tensor],
-    input_grad: Literal[True],
-) -> tuple[torch.Tensor, torch.Tensor]: ...
-@overload
+    act: StackActivation, params: Sequence[torch.Tensor], x: torch.Tensor, loss_grad: LossGrad,
+    grads: Sequence[torch.Tensor], input_grad: Literal[True],
+) -> tuple[torch.Tensor, torch.Tensor]: ...  # fmt: skip
 def mlp_gradients(
     act: StackActivation,
     params: Sequence[torch.Tensor],
     x: torch.Tensor,
-    loss_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    grads: Sequence[torch.Tensor],
-    input_grad: bool = ...,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
-def mlp_gradients(
-    act: StackActivation,
-    params: Sequence[torch.Tensor],
-    x: torch.Tensor,
-    loss_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    loss_grad: LossGrad,
     grads: Sequence[torch.Tensor],
     input_grad: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -296,7 +283,7 @@ def gradients(
     act: StackActivation,
     params: Sequence[torch.Tensor],
     x: torch.Tensor,
-    loss_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    loss_grad: LossGrad,
     grads: Sequence[torch.Tensor],
 ) -> torch.Tensor:
     """Hand-written forward and backward of a stack of one of :data:`HAND_WRITTEN_BACKWARD`.

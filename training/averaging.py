@@ -35,6 +35,7 @@ import torch
 
 from agents.bundle import NORM_FILE, BundleError, PolicyBundle, load_bundle, save_bundle
 from training.callbacks import CHECKPOINT_MODEL, list_checkpoints, read_checkpoint_state
+from training.cli import readable_warnings
 
 __all__ = ["average_run", "average_state_dicts", "run_checkpoints"]
 
@@ -232,8 +233,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help=f"bundle directory to write (default RUN/{AVERAGED_BUNDLE})")
     parser.add_argument("--description", default=None, help="a line saying what the bundle is")
     args = parser.parse_args(argv)
-    from training.cli import readable_warnings
-
     try:
         with readable_warnings("hpo-average"):
             path = average_run(
