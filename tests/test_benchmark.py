@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -204,6 +205,11 @@ def test_store_round_trip_missing_and_replace(tmp_path):
         store.put_many([(keys[0], RunResult("tabular", final_val_loss=0.25))])
         assert store.get(keys[0]).final_val_loss == 0.25 and len(store) == 2
         assert store.get(RunKey("task/a", "cosine@lr=0.01", 0, "v2")) is None  # another code version
+        # Runs missing under v2 that v1 holds: what a code edit made stale.
+        v2 = [k._replace(code_version="v2") for k in keys]
+        store.put_many([(RunKey("task/a", "cosine@lr=0.01", 0, "v0"), result)])
+        assert store.other_versions(v2 + v2) == {"v1": 2, "v0": 1}
+        assert store.other_versions(keys[:1]) == {"v0": 1} and store.other_versions(keys[2:]) == {}
         with pytest.raises(TypeError, match="RunKey"):
             store.put_many([(("a", "b", 0, "v"), result)])
     (tmp_path / "junk.sqlite").write_text("not a database " * 100)
@@ -294,6 +300,7 @@ def _tiny_config(bundle, out, **kw) -> bench.BenchmarkConfig:
 
 def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_path, monkeypatch, capsys, load_script):
     config = _tiny_config(tiny_bundle, tmp_path / "out", threads=1)
+    real_run_chunks = bench.run_chunks
     tasks = bench.make_tasks(config)
     assert [t.family for t in tasks] == ["tabular", "digits_cnn"] and all(t.total_steps == 20 for t in tasks)
 
@@ -395,6 +402,16 @@ def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_pat
     assert "0 runs computed" in printed and "(K = 2: too coarse for a tuned search, a smoke test)" in printed
     again = json.loads(result.json_path.read_text())
     assert again["rows"] == summary["rows"] and again["run"]["computed_runs"] == 0
+
+    # Under another code version nothing is reused, and the warning says how to reuse the stored runs.
+    monkeypatch.setattr(bench, "run_chunks", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    stale = dataclasses.replace(config, code_version="edited code")
+    label, todo = bench.default_code_version("cpu", threads=1), total - 2 * 4  # the replays come later
+    with pytest.warns(UserWarning, match=rf"{todo} of the {todo} runs to compute are in the store under another "
+                      rf"code version, '{re.escape(label)}'.*--code-version '{re.escape(label)}'"):  # fmt: skip
+        with pytest.raises(KeyboardInterrupt):
+            bench.run_benchmark(stale)
+    monkeypatch.setattr(bench, "run_chunks", real_run_chunks)
 
     # Pooling reports (benchmarks/pool_reports.py): one report pooled alone keeps its statistics; the
     # same report twice would count its tasks twice, and a report of another policy does not pool.

@@ -40,6 +40,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import shlex
 import sys
 import time
 import warnings
@@ -279,6 +280,21 @@ def _warn_if_trained_on(bundle: Any, families: Sequence[str]) -> None:
             "test for a policy trained on --task-distribution train)",
             stacklevel=3,
         )
+
+
+def _warn_if_stale(other_versions: dict[str, int], todo: int, code_version: str) -> None:
+    """Say so when runs about to be computed are stored under another code version (and how to reuse them)."""
+    if not other_versions:
+        return
+    version, count = next(iter(other_versions.items()))
+    more = f" (and runs under {len(other_versions) - 1} other version(s))" if len(other_versions) > 1 else ""
+    warnings.warn(
+        f"{count} of the {todo} runs to compute are in the store under another code version, {version!r}{more}, "
+        f"and are recomputed under {code_version!r}: the code that defines a run (hpo_env, the baselines, the "
+        "policy's loading, the episode runner), the torch version, the device or the thread count changed since. "
+        f"If that change cannot alter any run's numbers, reuse them with --code-version {shlex.quote(version)}",
+        stacklevel=3,
+    )
 
 
 def make_tasks(config: BenchmarkConfig) -> list[TaskSpec]:
@@ -595,6 +611,7 @@ def _run_benchmark(config: BenchmarkConfig, policy: Any, policy_hash: str | None
                 todo.append(j)
                 queued.add(j.key)
         reused = len({j.key for j in jobs}) - len(todo)
+        _warn_if_stale(store.other_versions(j.key for j in todo), len(todo), code_version)
         # The replay controls' runs are known only once the policy's have run; new policy runs mean new replays
         # (two per pair), counted from the start so that the bar's total does not grow at the end.
         expected_replays = 2 * len(tasks) * config.seeds if any(j.arm.kind == "policy" for j in todo) else 0

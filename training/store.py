@@ -157,6 +157,22 @@ class ResultStore:
                 todo.append(key)
         return todo
 
+    def other_versions(self, keys: Iterable[RunKey]) -> dict[str, int]:
+        """For keys with no result, the code versions that hold the same run (task, schedule, seed) instead.
+
+        Returns ``{code_version: count of keys it holds}``, most first: the runs an edit of the code (or
+        another torch version or thread count) made stale, which ``--code-version`` can reuse.
+        """
+        counts: dict[str, int] = {}
+        for key in set(keys):
+            rows = self._conn.execute(
+                "SELECT code_version FROM runs WHERE task_id=? AND schedule=? AND seed=? AND code_version!=?",
+                tuple(key),
+            ).fetchall()
+            for (version,) in rows:
+                counts[version] = counts.get(version, 0) + 1
+        return dict(sorted(counts.items(), key=lambda item: -item[1]))
+
     def keys(self, code_version: str | None = None) -> list[RunKey]:
         """All stored keys (of one code version, if given)."""
         query = "SELECT task_id, schedule, seed, code_version FROM runs"
