@@ -403,6 +403,20 @@ def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_pat
     again = json.loads(result.json_path.read_text())
     assert again["rows"] == summary["rows"] and again["run"]["computed_runs"] == 0
 
+    # Two worker processes train the same batches as one process did: the same stored numbers, the same report.
+    parallel = bench.run_benchmark(dataclasses.replace(config, workers=2, threads=None, out=str(tmp_path / "par")))
+    assert parallel.computed == total and parallel.summary["code_version"] == summary["code_version"]
+    untimed = [
+        [{k: v for k, v in row.items() if k != "wall_s_per_run"} for row in r["rows"]]
+        for r in (parallel.summary, summary)
+    ]
+    assert untimed[0] == untimed[1]
+    with ResultStore(config.store_path) as one, ResultStore(tmp_path / "par" / "results.sqlite") as two:
+        assert set(one.keys()) == set(two.keys())
+        for key in one.keys():
+            a, b = (dataclasses.replace(s.get(key), wall_s=0.0).to_json() for s in (one, two))
+            assert a == b, key
+
     # Under another code version nothing is reused, and the warning says how to reuse the stored runs.
     monkeypatch.setattr(bench, "run_chunks", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     stale = dataclasses.replace(config, code_version="edited code")
@@ -543,6 +557,7 @@ def test_console_script_help():
         ("--threads", "2", "threads", 2),
         ("--task-seed", "3", "task_seed", 3),
         ("--chunk-size", "4", "chunk_size", 4),
+        ("--workers", "2", "workers", 2),
     ],
 )
 def test_every_option_reaches_the_config(flag, value, field, expected):
@@ -554,6 +569,14 @@ def test_every_option_reaches_the_config(flag, value, field, expected):
 def test_families_as_hpo_train_takes_them_or_comma_separated(families):
     args = bench.build_parser().parse_args(["--policy", "default", "--families", *families])
     assert bench.config_from_args(args).families == ("tabular", "digits_cnn")
+
+
+def test_workers_load_the_policy_themselves(tiny_bundle, tmp_path):
+    with pytest.raises(ValueError, match="workers must be a positive integer, got 0"):
+        _tiny_config(tiny_bundle, tmp_path, workers=0)
+    bundle = load_bundle(tiny_bundle)
+    with pytest.raises(ValueError, match="each worker process loads the policy from config.policy"):
+        bench.run_benchmark(_tiny_config(tiny_bundle, tmp_path, workers=2), policy=bundle, policy_hash="abc")
 
 
 def test_a_bad_thread_count_is_refused_with_the_flags_name(capsys):

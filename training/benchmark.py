@@ -126,8 +126,11 @@ class BenchmarkConfig:
     """Torch device of the inner models."""
     threads: int | None = None
     """Torch CPU threads while it runs (None: the caller's count, torch's default in ``hpo-bench``, with
-    which the README's tables were computed); part of the stored runs' code version on CPU, where
-    convolutions round differently with another count."""
+    which the README's tables were computed; with ``workers > 1``, one per worker); part of the stored
+    runs' code version on CPU, where convolutions round differently with another count."""
+    workers: int = 1
+    """Processes computing runs side by side, each on ``threads`` torch threads. The batches are the ones a
+    single process trains, so the stored runs are the same numbers; the policy is loaded from ``policy``."""
     hd_beta_sgd: float = DEFAULT_HYPERGRADIENT_LR["sgd"]
     """Hypergradient learning rate of SGD-HD."""
     hd_beta_adamw: float = DEFAULT_HYPERGRADIENT_LR["adamw"]
@@ -148,7 +151,7 @@ class BenchmarkConfig:
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {self.split!r}")
         self.families = tuple(self.families)
-        for name in ("tasks_per_family", "seeds", "grid_size", "chunk_size", "bootstrap"):
+        for name in ("tasks_per_family", "seeds", "grid_size", "chunk_size", "bootstrap", "workers"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -563,35 +566,31 @@ def run_benchmark(config: BenchmarkConfig, policy: Any = None, policy_hash: str 
         agents.BundleError: the policy bundle is missing or invalid.
         ValueError: inconsistent settings.
     """
+    if config.workers > 1:
+        if policy is not None:
+            raise ValueError(
+                f"run_benchmark(policy=...) with workers={config.workers}: each worker process loads the policy from "
+                "config.policy, so an in-memory policy cannot be used; save it as a bundle, or use workers=1"
+            )
+        if config.threads is None:
+            config = dataclasses.replace(config, threads=1)
     with torch_threads(config.threads):
         return _run_benchmark(config, policy, policy_hash)
 
 
-def _run_benchmark(config: BenchmarkConfig, policy: Any, policy_hash: str | None) -> BenchmarkResult:
-    started = time.perf_counter()
+def _load_policy(config: BenchmarkConfig, policy: Any, policy_hash: str | None) -> tuple[Any, str]:
+    """The policy under test and the hash its runs are stored under."""
     if policy is None:
-        bundle = load_bundle(config.policy, device=config.device)
-        policy_hash = bundle_fingerprint(config.policy)
-    elif not policy_hash:
+        return load_bundle(config.policy, device=config.device), bundle_fingerprint(config.policy)
+    if not policy_hash:
         raise ValueError("run_benchmark(policy=...) needs a policy_hash naming that policy's stored runs")
-    else:
-        bundle = policy
-    _warn_if_trained_on(bundle, config.families or SPLITS[config.split])
-    decoder = bundle.decoder
-    if "lr" not in decoder.names:
-        raise ValueError(
-            f"the benchmark compares learning-rate schedules, so it needs a policy that controls lr; "
-            f"{config.policy} controls {list(decoder.names)} (meta-train with --hyperparameters lr ...)"
-        )
-    exact = schedule_decoder(decoder)
-    code_version = config.code_version or default_code_version(config.device)
-    tasks = make_tasks(config)
-    out = Path(config.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"out={str(out)!r} cannot be created ({err.strerror or err}): pass a writable folder") from err
+    return policy, policy_hash
 
+
+def _plan(config: BenchmarkConfig, decoder: ActionDecoder, policy_hash: str, code_version: str):
+    """The tasks, their arms and every run to make (before the replay controls), in the benchmark's order."""
+    exact = schedule_decoder(decoder)
+    tasks = make_tasks(config)
     jobs: list[Job] = []
     arms_by_task = [task_arms(spec, config, exact, policy_hash, decoder) for spec in tasks]
     for ti, (spec, arms) in enumerate(zip(tasks, arms_by_task)):
@@ -599,6 +598,26 @@ def _run_benchmark(config: BenchmarkConfig, policy: Any, policy_hash: str | None
             for arm in arms:
                 run_spec = seeded(spec.replace(lr=arm.lr) if arm.lr is not None else spec, si)
                 jobs.append(Job(ti, si, arm, RunKey(spec.task_id, arm.key, si, code_version), run_spec))
+    return tasks, exact, arms_by_task, jobs
+
+
+def _run_benchmark(config: BenchmarkConfig, policy: Any, policy_hash: str | None) -> BenchmarkResult:
+    started = time.perf_counter()
+    bundle, policy_hash = _load_policy(config, policy, policy_hash)
+    _warn_if_trained_on(bundle, config.families or SPLITS[config.split])
+    decoder = bundle.decoder
+    if "lr" not in decoder.names:
+        raise ValueError(
+            f"the benchmark compares learning-rate schedules, so it needs a policy that controls lr; "
+            f"{config.policy} controls {list(decoder.names)} (meta-train with --hyperparameters lr ...)"
+        )
+    code_version = config.code_version or default_code_version(config.device)
+    tasks, exact, arms_by_task, jobs = _plan(config, decoder, policy_hash, code_version)
+    out = Path(config.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"out={str(out)!r} cannot be created ({err.strerror or err}): pass a writable folder") from err
 
     from tqdm.auto import tqdm
 
@@ -626,12 +645,15 @@ def _run_benchmark(config: BenchmarkConfig, policy: Any, policy_hash: str | None
             # The policy first: the replay control is built from its runs.
             order = {"policy": 0, "random": 1, "schedule": 2, "hypergradient": 3}
             todo.sort(key=lambda j: (order[j.arm.kind], j.task_index, j.seed_index))
-            for kind in ("policy", "random", "schedule"):
-                batch = [j for j in todo if j.arm.kind == kind]
-                dec = exact if kind == "schedule" else decoder
-                computed += run_chunks(batch, dec, bundle, config, store, bar)
-            for j in (j for j in todo if j.arm.kind == "hypergradient"):
-                computed += _run_hypergradient_job(j, decoder, config, store, bar)
+            if config.workers > 1:
+                computed += _run_in_workers(todo, config, code_version, bar)
+            else:
+                for kind in ("policy", "random", "schedule"):
+                    batch = [j for j in todo if j.arm.kind == kind]
+                    dec = exact if kind == "schedule" else decoder
+                    computed += run_chunks(batch, dec, bundle, config, store, bar)
+                for j in (j for j in todo if j.arm.kind == "hypergradient"):
+                    computed += _run_hypergradient_job(j, decoder, config, store, bar)
 
             # The replay of the policy's average schedule over all its runs of this benchmark.
             policy_keys = [j.key for j in jobs if j.arm.kind == "policy"]
@@ -705,6 +727,71 @@ def run_chunks(jobs: list[Job], decoder: ActionDecoder, bundle: Any, config: Ben
         done += len(chunk)
         bar.update(len(chunk))
     return done
+
+
+def _work_units(todo: list[Job], config: BenchmarkConfig) -> list[tuple[str, list[RunKey]]]:
+    """The batches one process would train, in its order: ``(kind, keys)`` per chunk (one per HD run)."""
+    units = []
+    for kind in ("policy", "random", "schedule"):
+        batch = [j.key for j in todo if j.arm.kind == kind]
+        units += [(kind, batch[i : i + config.chunk_size]) for i in range(0, len(batch), config.chunk_size)]
+    return units + [("hypergradient", [j.key]) for j in todo if j.arm.kind == "hypergradient"]
+
+
+def _run_in_workers(todo: list[Job], config: BenchmarkConfig, code_version: str, bar) -> int:
+    """Compute ``todo`` in ``config.workers`` processes, batch by batch as :func:`run_chunks` would."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    units = _work_units(todo, config)
+    if not units:
+        return 0
+    context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's thread pools
+    computed = 0
+    with ProcessPoolExecutor(
+        min(config.workers, len(units)), mp_context=context, initializer=_worker_start, initargs=(config, code_version)
+    ) as pool:
+        pending = {pool.submit(_worker_run, kind, keys) for kind, keys in units}
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    n = future.result()  # a worker's error stops the benchmark here
+                    computed += n
+                    bar.update(n)
+        except BaseException:
+            for future in pending:
+                future.cancel()  # what finished is stored; the batches in flight finish before the pool closes
+            raise
+    return computed
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_start(config: BenchmarkConfig, code_version: str) -> None:
+    """A worker process: its thread count, the policy and the benchmark's runs, keyed."""
+    import torch
+
+    torch.set_num_threads(config.threads or 1)
+    bundle, policy_hash = _load_policy(config, None, None)
+    _, exact, _, jobs = _plan(config, bundle.decoder, policy_hash, code_version)
+    _WORKER.update(config=config, bundle=bundle, exact=exact, jobs={j.key: j for j in jobs})
+
+
+def _worker_run(kind: str, keys: list[RunKey]) -> int:
+    """Train one batch of the benchmark's runs in a worker and store it; returns how many."""
+    config, bundle, exact, jobs = (_WORKER[k] for k in ("config", "bundle", "exact", "jobs"))
+    batch = [jobs[key] for key in keys]
+    with ResultStore(config.store_path) as store:
+        if kind == "hypergradient":
+            return _run_hypergradient_job(batch[0], bundle.decoder, config, store, _NoBar())
+        return run_chunks(batch, exact if kind == "schedule" else bundle.decoder, bundle, config, store, _NoBar())
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
 
 
 def _run_hypergradient_job(job: Job, decoder: ActionDecoder, config: BenchmarkConfig, store, bar) -> int:
@@ -1318,8 +1405,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=d.threads,
-        help="torch CPU threads (default: torch's, one per core; stored runs are kept per count, since the CNNs "
-        "round differently with another)",
+        help="torch CPU threads (default: torch's, one per core; with --workers, 1 per worker; stored runs are kept "
+        "per count, since the CNNs round differently with another)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=d.workers,
+        help="processes computing runs side by side, each on --threads threads (default: 1). On CPU, one per core "
+        "is the fastest for these small models; the stored runs are the numbers one process computes",
     )
     p.add_argument("--hd-beta-sgd", type=float, default=d.hd_beta_sgd, help="SGD-HD hypergradient learning rate")
     p.add_argument("--hd-beta-adamw", type=float, default=d.hd_beta_adamw, help="Adam-HD hypergradient learning rate")
@@ -1389,6 +1483,7 @@ def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
         chunk_size=args.chunk_size,
         device=args.device,
         threads=args.threads,
+        workers=args.workers,
         hd_beta_sgd=args.hd_beta_sgd,
         hd_beta_adamw=args.hd_beta_adamw,
         bootstrap=args.bootstrap,
