@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -403,26 +404,12 @@ def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_pat
     again = json.loads(result.json_path.read_text())
     assert again["rows"] == summary["rows"] and again["run"]["computed_runs"] == 0
 
-    # Two worker processes train the same batches as one process did: the same stored numbers, the same report.
-    parallel = bench.run_benchmark(dataclasses.replace(config, workers=2, threads=None, out=str(tmp_path / "par")))
-    assert parallel.computed == total and parallel.summary["code_version"] == summary["code_version"]
-    untimed = [
-        [{k: v for k, v in row.items() if k != "wall_s_per_run"} for row in r["rows"]]
-        for r in (parallel.summary, summary)
-    ]
-    assert untimed[0] == untimed[1]
-    with ResultStore(config.store_path) as one, ResultStore(tmp_path / "par" / "results.sqlite") as two:
-        assert set(one.keys()) == set(two.keys())
-        for key in one.keys():
-            a, b = (dataclasses.replace(s.get(key), wall_s=0.0).to_json() for s in (one, two))
-            assert a == b, key
-
     # Under another code version nothing is reused, and the warning says how to reuse the stored runs.
     monkeypatch.setattr(bench, "run_chunks", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     stale = dataclasses.replace(config, code_version="edited code")
     label, todo = bench.default_code_version("cpu", threads=1), total - 2 * 4  # the replays come later
-    with pytest.warns(UserWarning, match=rf"{todo} of the {todo} runs to compute are in the store under another "
-                      rf"code version, '{re.escape(label)}'.*--code-version '{re.escape(label)}'"):  # fmt: skip
+    with pytest.warns(UserWarning, match=rf"{todo} of the {todo} runs to compute are stored under another code "
+                      rf"version .*--code-version '{re.escape(label)}'"):  # fmt: skip
         with pytest.raises(KeyboardInterrupt):
             bench.run_benchmark(stale)
     monkeypatch.setattr(bench, "run_chunks", real_run_chunks)
@@ -571,7 +558,46 @@ def test_families_as_hpo_train_takes_them_or_comma_separated(families):
     assert bench.config_from_args(args).families == ("tabular", "digits_cnn")
 
 
-def test_workers_load_the_policy_themselves(tiny_bundle, tmp_path):
+def test_workers_store_the_runs_one_process_stores(tiny_bundle, tmp_path):
+    """Batch for batch the same runs, also where two arms share a key (an odd K's middle rate and the default)."""
+    config = _tiny_config(tiny_bundle, tmp_path / "one", grid_size=7, grid_decades=0.9, chunk_size=3, threads=1)
+    one = bench.run_benchmark(config)
+    two = bench.run_benchmark(dataclasses.replace(config, workers=2, threads=None, out=str(tmp_path / "two")))
+    assert two.computed == one.computed and two.summary["code_version"] == one.summary["code_version"]
+    untimed = [
+        [{k: v for k, v in row.items() if k != "wall_s_per_run"} for row in r.summary["rows"]] for r in (one, two)
+    ]
+    assert untimed[0] == untimed[1]
+    with ResultStore(tmp_path / "one" / "results.sqlite") as a, ResultStore(tmp_path / "two" / "results.sqlite") as b:
+        assert set(a.keys()) == set(b.keys())
+        for key in a.keys():
+            assert (
+                dataclasses.replace(a.get(key), wall_s=0.0).to_json()
+                == dataclasses.replace(b.get(key), wall_s=0.0).to_json()
+            ), key
+
+    # A worker's error reaches the caller (here: the bundle's hash is not the one the benchmark started with).
+    code_version = bench.default_code_version("cpu", threads=1)
+    _, _, _, jobs = bench._plan(config, load_bundle(tiny_bundle).decoder, "not-its-hash", code_version)
+    with pytest.raises(ValueError, match="changed while the benchmark ran"):
+        bench._run_in_workers(
+            jobs[:4], dataclasses.replace(config, workers=2), code_version, "not-its-hash", bench._NoBar()
+        )
+
+
+def test_the_stale_runs_warning_says_what_changed():
+    old = "hpo-meta 0.1.0, features 1, benchmark 1, code abc, torch 2.13.0+cpu, cpu, 2 threads"
+    with pytest.warns(UserWarning, match=r"3 of the 5 runs .*\('2 threads' then, '1 thread' now; runs under 1 more "
+                      r"version\(s\) too\).* pass --threads 2 to reuse them$"):  # fmt: skip
+        bench._warn_if_stale({old: 3, "v0": 1}, 5, old.replace("2 threads", "1 thread"))
+    with pytest.warns(UserWarning, match=r"\('code abc' then, 'code def' now\).*--code-version 'hpo-meta.*2 threads'$"):
+        bench._warn_if_stale({old: 3}, 3, old.replace("abc", "def"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bench._warn_if_stale({}, 3, old)
+
+
+def test_workers_refuse_an_in_memory_policy_and_a_bad_count(tiny_bundle, tmp_path):
     with pytest.raises(ValueError, match="workers must be a positive integer, got 0"):
         _tiny_config(tiny_bundle, tmp_path, workers=0)
     bundle = load_bundle(tiny_bundle)

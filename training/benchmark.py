@@ -40,6 +40,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import shlex
 import sys
 import time
@@ -130,7 +131,9 @@ class BenchmarkConfig:
     runs' code version on CPU, where convolutions round differently with another count."""
     workers: int = 1
     """Processes computing runs side by side, each on ``threads`` torch threads. The batches are the ones a
-    single process trains, so the stored runs are the same numbers; the policy is loaded from ``policy``."""
+    single process trains, so the stored runs are the same numbers; the policy is loaded from ``policy``.
+    The workers are spawned: a script calling :func:`run_benchmark` with ``workers > 1`` needs the
+    ``if __name__ == "__main__":`` guard."""
     hd_beta_sgd: float = DEFAULT_HYPERGRADIENT_LR["sgd"]
     """Hypergradient learning rate of SGD-HD."""
     hd_beta_adamw: float = DEFAULT_HYPERGRADIENT_LR["adamw"]
@@ -286,16 +289,32 @@ def _warn_if_trained_on(bundle: Any, families: Sequence[str]) -> None:
 
 
 def _warn_if_stale(other_versions: dict[str, int], todo: int, code_version: str) -> None:
-    """Say so when runs about to be computed are stored under another code version (and how to reuse them)."""
+    """Say so when runs about to be computed are stored under another code version, what differs, and how
+    to reuse them where that is sound."""
     if not other_versions:
         return
     version, count = next(iter(other_versions.items()))
-    more = f" (and runs under {len(other_versions) - 1} other version(s))" if len(other_versions) > 1 else ""
+    theirs, ours = version.split(", "), code_version.split(", ")
+    changed = [part for part in theirs if part not in ours]
+    now = [part for part in ours if part not in theirs]
+    what = f"{', '.join(changed) or version!r} then, {', '.join(now) or code_version!r} now"
+    more = f"; runs under {len(other_versions) - 1} more version(s) too" if len(other_versions) > 1 else ""
+    thread_part = re.compile(r"(\d+) threads?")
+    counts = [m.group(1) for m in map(thread_part.fullmatch, changed) if m]
+    code_changed = [part for part in changed if not thread_part.fullmatch(part)] or not changed
+    advice = []
+    if counts:
+        advice.append(f"They were computed on {counts[0]} torch thread(s): pass --threads {counts[0]} to reuse them")
+    if code_changed:
+        advice.append(
+            "the code that defines a run (hpo_env, the baselines, the policy's loading, the episode runner), the "
+            "torch version or the device changed: if that change cannot alter any run's numbers, reuse them with "
+            f"--code-version {shlex.quote(version)}"
+        )
+    advice[0] = advice[0][0].upper() + advice[0][1:]
     warnings.warn(
-        f"{count} of the {todo} runs to compute are in the store under another code version, {version!r}{more}, "
-        f"and are recomputed under {code_version!r}: the code that defines a run (hpo_env, the baselines, the "
-        "policy's loading, the episode runner), the torch version, the device or the thread count changed since. "
-        f"If that change cannot alter any run's numbers, reuse them with --code-version {shlex.quote(version)}",
+        f"{count} of the {todo} runs to compute are stored under another code version ({what}{more}), and are "
+        f"computed again. {'; and '.join(advice)}",
         stacklevel=3,
     )
 
@@ -646,7 +665,7 @@ def _run_benchmark(config: BenchmarkConfig, policy: Any, policy_hash: str | None
             order = {"policy": 0, "random": 1, "schedule": 2, "hypergradient": 3}
             todo.sort(key=lambda j: (order[j.arm.kind], j.task_index, j.seed_index))
             if config.workers > 1:
-                computed += _run_in_workers(todo, config, code_version, bar)
+                computed += _run_in_workers(todo, config, code_version, policy_hash, bar)
             else:
                 for kind in ("policy", "random", "schedule"):
                     batch = [j for j in todo if j.arm.kind == kind]
@@ -738,49 +757,90 @@ def _work_units(todo: list[Job], config: BenchmarkConfig) -> list[tuple[str, lis
     return units + [("hypergradient", [j.key]) for j in todo if j.arm.kind == "hypergradient"]
 
 
-def _run_in_workers(todo: list[Job], config: BenchmarkConfig, code_version: str, bar) -> int:
-    """Compute ``todo`` in ``config.workers`` processes, batch by batch as :func:`run_chunks` would."""
+def _run_in_workers(todo: list[Job], config: BenchmarkConfig, code_version: str, policy_hash: str, bar) -> int:
+    """Compute ``todo`` in ``config.workers`` processes, batch by batch as :func:`run_chunks` would.
+
+    At most one batch per worker is handed out at a time. Ctrl-C reaches the main process only (the
+    workers ignore it), which then stops the workers: the batches in flight are lost, as one process
+    loses its batch in flight, and every finished batch is stored.
+    """
     import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    import signal
+    import threading
 
     units = _work_units(todo, config)
     if not units:
         return 0
+    processes = min(config.workers, len(units))
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's thread pools
+    main_thread = threading.current_thread() is threading.main_thread()
+    # Spawned workers start with SIGINT ignored (an ignored signal stays ignored in a new interpreter).
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+    try:
+        pool = context.Pool(processes, _worker_start, (config, code_version, policy_hash))
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
     computed = 0
-    with ProcessPoolExecutor(
-        min(config.workers, len(units)), mp_context=context, initializer=_worker_start, initargs=(config, code_version)
-    ) as pool:
-        pending = {pool.submit(_worker_run, kind, keys) for kind, keys in units}
-        try:
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    n = future.result()  # a worker's error stops the benchmark here
-                    computed += n
-                    bar.update(n)
-        except BaseException:
-            for future in pending:
-                future.cancel()  # what finished is stored; the batches in flight finish before the pool closes
-            raise
+    try:
+        queue, running = list(reversed(units)), []
+        while queue or running:
+            while queue and len(running) < processes:
+                running.append(pool.apply_async(_worker_run, queue.pop()))
+            finished = next((r for r in running if r.ready()), None)
+            if finished is None:
+                running[0].wait(0.05)
+                continue
+            running.remove(finished)
+            n = finished.get()  # a worker's error stops the benchmark here
+            computed += n
+            bar.update(n)
+    except BaseException:
+        pool.terminate()
+        raise
+    else:
+        pool.close()
+    finally:
+        pool.join()
     return computed
 
 
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_start(config: BenchmarkConfig, code_version: str) -> None:
-    """A worker process: its thread count, the policy and the benchmark's runs, keyed."""
+def _worker_start(config: BenchmarkConfig, code_version: str, policy_hash: str) -> None:
+    """A worker process: its thread count, the policy and the benchmark's runs, keyed.
+
+    An error is kept for the first batch to raise (a pool's initializer that raises would be restarted
+    for ever).
+    """
+    import signal
+
     import torch
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(config.threads or 1)
-    bundle, policy_hash = _load_policy(config, None, None)
-    _, exact, _, jobs = _plan(config, bundle.decoder, policy_hash, code_version)
-    _WORKER.update(config=config, bundle=bundle, exact=exact, jobs={j.key: j for j in jobs})
+    try:
+        bundle, found_hash = _load_policy(config, None, None)
+        if found_hash != policy_hash:
+            raise ValueError(
+                f"the policy bundle {config.policy} changed while the benchmark ran (hash {found_hash}, started with "
+                f"{policy_hash}): rerun the command once it is written"
+            )
+        _, exact, _, jobs = _plan(config, bundle.decoder, policy_hash, code_version)
+    except Exception as err:  # raised again by _worker_run, and so in the main process
+        _WORKER["error"] = err
+        return
+    by_key: dict[RunKey, Job] = {}
+    for j in jobs:  # the first job of a key, as the main process queues it
+        by_key.setdefault(j.key, j)
+    _WORKER.update(config=config, bundle=bundle, exact=exact, jobs=by_key)
 
 
 def _worker_run(kind: str, keys: list[RunKey]) -> int:
     """Train one batch of the benchmark's runs in a worker and store it; returns how many."""
+    if "error" in _WORKER:
+        raise _WORKER["error"]
     config, bundle, exact, jobs = (_WORKER[k] for k in ("config", "bundle", "exact", "jobs"))
     batch = [jobs[key] for key in keys]
     with ResultStore(config.store_path) as store:
