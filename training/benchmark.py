@@ -765,6 +765,7 @@ def _run_in_workers(todo: list[Job], config: BenchmarkConfig, code_version: str,
     loses its batch in flight, and every finished batch is stored.
     """
     import multiprocessing
+    import multiprocessing.pool
     import signal
     import threading
 
@@ -783,7 +784,8 @@ def _run_in_workers(todo: list[Job], config: BenchmarkConfig, code_version: str,
             signal.signal(signal.SIGINT, previous)
     computed = 0
     try:
-        queue, running = list(reversed(units)), []
+        queue = list(reversed(units))
+        running: list[multiprocessing.pool.AsyncResult] = []
         while queue or running:
             while queue and len(running) < processes:
                 running.append(pool.apply_async(_worker_run, queue.pop()))
