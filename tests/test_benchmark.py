@@ -597,12 +597,17 @@ def test_the_stale_runs_warning_says_what_changed():
         bench._warn_if_stale({}, 3, old)
 
 
-def test_workers_refuse_an_in_memory_policy_and_a_bad_count(tiny_bundle, tmp_path):
+def test_workers_refuse_an_in_memory_policy_and_a_bad_count(tiny_bundle, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="workers must be a positive integer, got 0"):
         _tiny_config(tiny_bundle, tmp_path, workers=0)
     bundle = load_bundle(tiny_bundle)
     with pytest.raises(ValueError, match="each worker process loads the policy from config.policy"):
         bench.run_benchmark(_tiny_config(tiny_bundle, tmp_path, workers=2), policy=bundle, policy_hash="abc")
+    # More threads than cores: said, and run anyway.
+    monkeypatch.setattr(bench, "available_cores", lambda: 2)
+    config = _tiny_config(tiny_bundle, tmp_path / "out", workers=2, threads=2, tasks_per_family=1, seeds=1, grid_size=1)
+    with pytest.warns(UserWarning, match=r"2 workers x 2 thread\(s\) on 2 available CPU core\(s\)"):
+        bench.run_benchmark(config)
 
 
 def test_a_bad_thread_count_is_refused_with_the_flags_name(capsys):

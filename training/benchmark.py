@@ -40,6 +40,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import shlex
 import sys
@@ -591,10 +592,25 @@ def run_benchmark(config: BenchmarkConfig, policy: Any = None, policy_hash: str 
                 f"run_benchmark(policy=...) with workers={config.workers}: each worker process loads the policy from "
                 "config.policy, so an in-memory policy cannot be used; save it as a bundle, or use workers=1"
             )
-        if config.threads is None:
-            config = dataclasses.replace(config, threads=1)
+        threads = 1 if config.threads is None else config.threads
+        config = dataclasses.replace(config, threads=threads)
+        cores = available_cores()
+        if cores is not None and config.workers * threads > cores:
+            warnings.warn(
+                f"{config.workers} workers x {threads} thread(s) on {cores} available CPU core(s): they share cores, "
+                f"which is slower than one thread per core (e.g. --workers {cores} --threads 1)",
+                stacklevel=2,
+            )
     with torch_threads(config.threads):
         return _run_benchmark(config, policy, policy_hash)
+
+
+def available_cores() -> int | None:
+    """CPU cores this process may run on (None where the platform does not say)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count()
 
 
 def _load_policy(config: BenchmarkConfig, policy: Any, policy_hash: str | None) -> tuple[Any, str]:
