@@ -683,12 +683,10 @@ def _run_benchmark(config: BenchmarkConfig, policy: Any, policy_hash: str | None
             if config.workers > 1:
                 computed += _run_in_workers(todo, config, code_version, policy_hash, bar)
             else:
-                for kind in ("policy", "random", "schedule"):
-                    batch = [j for j in todo if j.arm.kind == kind]
-                    dec = exact if kind == "schedule" else decoder
-                    computed += run_chunks(batch, dec, bundle, config, store, bar)
-                for j in (j for j in todo if j.arm.kind == "hypergradient"):
-                    computed += _run_hypergradient_job(j, decoder, config, store, bar)
+                by_key = {j.key: j for j in todo}
+                for kind, keys in _work_units(todo, config):
+                    batch = [by_key[key] for key in keys]
+                    computed += _run_unit(kind, batch, bundle, exact, config, store, bar)
 
             # The replay of the policy's average schedule over all its runs of this benchmark.
             policy_keys = [j.key for j in jobs if j.arm.kind == "policy"]
@@ -765,7 +763,8 @@ def run_chunks(jobs: list[Job], decoder: ActionDecoder, bundle: Any, config: Ben
 
 
 def _work_units(todo: list[Job], config: BenchmarkConfig) -> list[tuple[str, list[RunKey]]]:
-    """The batches one process would train, in its order: ``(kind, keys)`` per chunk (one per HD run)."""
+    """The batches to train, in order: ``(kind, keys)`` per chunk (one per HD run). One process and the
+    workers train these same batches, so their runs round alike."""
     units = []
     for kind in ("policy", "random", "schedule"):
         batch = [j.key for j in todo if j.arm.kind == kind]
@@ -860,11 +859,17 @@ def _worker_run(kind: str, keys: list[RunKey]) -> int:
     if "error" in _WORKER:
         raise _WORKER["error"]
     config, bundle, exact, jobs = (_WORKER[k] for k in ("config", "bundle", "exact", "jobs"))
-    batch = [jobs[key] for key in keys]
     with ResultStore(config.store_path) as store:
-        if kind == "hypergradient":
-            return _run_hypergradient_job(batch[0], bundle.decoder, config, store, _NoBar())
-        return run_chunks(batch, exact if kind == "schedule" else bundle.decoder, bundle, config, store, _NoBar())
+        return _run_unit(kind, [jobs[key] for key in keys], bundle, exact, config, store, _NoBar())
+
+
+def _run_unit(
+    kind: str, batch: list[Job], bundle: Any, exact: ActionDecoder, config: BenchmarkConfig, store, bar
+) -> int:
+    """Train one of :func:`_work_units`' batches and store it; returns how many runs."""
+    if kind == "hypergradient":
+        return _run_hypergradient_job(batch[0], bundle.decoder, config, store, bar)
+    return run_chunks(batch, exact if kind == "schedule" else bundle.decoder, bundle, config, store, bar)
 
 
 class _NoBar:
