@@ -467,6 +467,7 @@ def make_meta_env(
     task_distribution: TaskDistribution | str | None = None,
     device: str = "cpu",
     vec_normalize_path: str | os.PathLike | None = None,
+    workers: int = 1,
 ) -> VecEnv:
     """The vectorised meta-training environment for ``config``.
 
@@ -478,6 +479,9 @@ def make_meta_env(
         device: torch device of the inner models.
         vec_normalize_path: a ``VecNormalize`` saved with ``.save()`` (a checkpoint's): its running
             statistics and settings replace fresh ones, to resume training.
+        workers: processes that step the slots (:class:`~hpo_env.subproc.HPOSubprocVecEnv`, each worker on
+            the caller's torch thread count); 1 steps them here, in one :class:`~hpo_env.HPOVecEnv`. The
+            slots draw the same tasks either way; their numbers agree up to float rounding.
 
     Returns:
         ``HPOVecEnv -> VecMonitor [-> ReferenceBaseline | GroupRelativeReward] [-> ActionChangePenalty]
@@ -487,9 +491,7 @@ def make_meta_env(
     """
     if not isinstance(config, MetaAgentConfig):
         raise TypeError(f"config must be a MetaAgentConfig, got {type(config).__name__}")
-    venv: VecEnv = HPOVecEnv(
-        config.n_envs,
-        config.meta_task_distribution(task_distribution),
+    venv_kwargs: dict[str, Any] = dict(
         hyperparameters=config.hyperparameters,
         divergence_penalty=config.divergence_penalty,
         gradient_features=config.gradient_features,
@@ -502,6 +504,26 @@ def make_meta_env(
         reference_runs=config.reference_reward,
         task_group_size=config.task_group_size,
     )
+    distribution = config.meta_task_distribution(task_distribution)
+    venv: VecEnv
+    if workers == 1:
+        venv = HPOVecEnv(config.n_envs, distribution, **venv_kwargs)
+    else:
+        import torch
+
+        from hpo_env.subproc import HPOSubprocVecEnv
+
+        venv = HPOSubprocVecEnv(
+            config.n_envs, distribution, workers=workers, threads=torch.get_num_threads(), **venv_kwargs
+        )
+    try:
+        return _wrap_meta_env(venv, config, vec_normalize_path)
+    except BaseException:
+        venv.close()  # (an environment's worker processes too)
+        raise
+
+
+def _wrap_meta_env(venv: VecEnv, config: MetaAgentConfig, vec_normalize_path: str | os.PathLike | None) -> VecEnv:
     venv = VecMonitor(venv)
     if config.reference_reward:
         venv = ReferenceBaseline(venv)

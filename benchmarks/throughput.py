@@ -24,6 +24,8 @@ It prints a table last and writes every number as JSON (``--out``)::
                                                 # ... and what the trainer's fast paths gain
     python benchmarks/throughput.py --families digits_mlp --sizes 32 --no-naive --paths --wide 256
                                                 # ... also end to end (and the PPO sweep)
+    python benchmarks/throughput.py --families digits_mlp --sizes 32 --no-naive --no-ppo --wide 256 --env-workers 2
+                                                # ... and meta-training with its slots in 1 and 2 processes
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import torch
 
 import hpo_env.trainer as trainer_module
 from hpo_env import HPOEnv, HPOVecEnv, TaskDistribution, TaskSpec
+from hpo_env.subproc import HPOSubprocVecEnv
 from hpo_env.tasks import FAMILIES
 from hpo_env.trainer import TrainerStats
 from training.cli import HelpFormatter, non_negative_int, positive_float, positive_int, run_script
@@ -304,6 +307,31 @@ def measure_paths_end_to_end(seed: int, repeats: int = 2, rollouts: int = 2) -> 
     return {mode: asdict(r) for mode, r in best.items()}
 
 
+def measure_workers_end_to_end(seed: int, workers: int, repeats: int = 2, rollouts: int = 2) -> dict:
+    """Meta-training decisions/s with the full preset's PPO settings, the slots stepped in this process and
+    in ``workers`` processes (``hpo-train --env-workers``), interleaved; the best of ``repeats`` each."""
+    from agents import PRESETS
+
+    full = PRESETS["full"]
+    best: dict[str, PPOResult] = {}
+    for _ in range(repeats):
+        for w in (1, workers):
+            cfg = PPOConfig(
+                1,
+                full.lstm_hidden_size,
+                full.batch_size,
+                full.n_envs,
+                full.n_steps,
+                n_epochs=full.n_epochs,
+                env_workers=w,
+            )
+            r = measure_ppo(cfg, seed, rollouts=rollouts)
+            key = f"{w} env worker{'s' if w > 1 else ''}"
+            if key not in best or r.timesteps_per_s > best[key].timesteps_per_s:
+                best[key] = r
+    return {key: asdict(r) for key, r in best.items()}
+
+
 # --------------------------------------------------------------------------------------------------
 # end to end
 
@@ -318,6 +346,7 @@ class PPOConfig:
     n_epochs: int = 10
     env_device: str = "cpu"  # the inner models'
     policy_device: str = "cpu"  # the meta-agent's
+    env_workers: int = 1  # processes stepping the slots (HPOSubprocVecEnv, one thread each); 1: HPOVecEnv here
 
 
 @dataclass
@@ -369,7 +398,13 @@ def measure_ppo(cfg: PPOConfig, seed: int, rollouts: int = 1) -> PPOResult:
         def _on_step(self) -> bool:
             return True
 
-    timed = TimedVecEnv(HPOVecEnv(cfg.n_envs, "train", seed=seed, device=cfg.env_device))
+    if cfg.env_workers > 1:
+        inner = HPOSubprocVecEnv(
+            cfg.n_envs, "train", seed=seed, device=cfg.env_device, workers=cfg.env_workers, threads=cfg.threads
+        )
+    else:
+        inner = HPOVecEnv(cfg.n_envs, "train", seed=seed, device=cfg.env_device)
+    timed = TimedVecEnv(inner)
     venv = VecNormalize(timed, gamma=0.99)
     model = RecurrentPPO(
         "MlpLstmPolicy",
@@ -385,7 +420,10 @@ def measure_ppo(cfg: PPOConfig, seed: int, rollouts: int = 1) -> PPOResult:
     total = cfg.n_envs * cfg.n_steps * rollouts
     timer = RolloutTimer()
     start = time.perf_counter()
-    model.learn(total, callback=timer)
+    try:
+        model.learn(total, callback=timer)
+    finally:
+        venv.close()
     wall = time.perf_counter() - start
     env = timed.seconds
     return PPOResult(
@@ -484,12 +522,22 @@ def main(argv: list[str] | None = None) -> dict:
         "full preset's PPO settings (unless --no-ppo)",
     )
     parser.add_argument(
+        "--env-workers",
+        type=int,
+        default=0,
+        metavar="W",
+        help="also measure meta-training end to end with the full preset's PPO settings, its slots stepped in one "
+        "process and in W processes (hpo-train --env-workers W), interleaved; 0: off",
+    )
+    parser.add_argument(
         "--gradient-cost",
         action="store_true",
         help="also measure what the optional gradient features (hpo-train --gradient-features) cost the batched "
         "env, per family and N (with and without, interleaved)",
     )
     args = parser.parse_args(argv)
+    if args.env_workers < 0 or args.env_workers == 1:
+        parser.error(f"--env-workers must be 0 (off) or at least 2 (compared with 1), got {args.env_workers}")
 
     quick = args.quick
     try:
@@ -556,6 +604,15 @@ def main(argv: list[str] | None = None) -> dict:
             report["paths_end_to_end"] = measure_paths_end_to_end(args.seed)
             torch.set_num_threads(args.threads)
         print(f"[{time.perf_counter() - t0:6.0f}s] fast vs reference paths done", flush=True)
+    if args.env_workers > 1:
+        report["env_workers_end_to_end"] = measure_workers_end_to_end(args.seed, args.env_workers)
+        torch.set_num_threads(args.threads)
+        for key, r in report["env_workers_end_to_end"].items():
+            print(
+                f"[{time.perf_counter() - t0:6.0f}s] full preset end to end, {key}: {r['timesteps_per_s']:,.0f} "
+                f"decisions/s (environments {100 * r['env_share']:.0f}% of the wall time)",
+                flush=True,
+            )
     if args.gradient_cost:
         mix = [(f, TaskDistribution([f], name=f)) for f in families] + [("default mix", TaskDistribution.default())]
         report["gradient_cost"] = measure_gradient_cost(mix, sizes, seconds, args.seed)
@@ -706,6 +763,15 @@ def main(argv: list[str] | None = None) -> dict:
                 ],
             )
         )
+    if "env_workers_end_to_end" in report:
+        rows = [
+            [key, f"{r['timesteps_per_s']:,.0f}", f"{100 * r['env_share']:.0f}%", f"{100 * r['update_share']:.0f}%"]
+            for key, r in report["env_workers_end_to_end"].items()
+        ]
+        one, many = (r["timesteps_per_s"] for r in report["env_workers_end_to_end"].values())
+        print("\nfull preset end to end (RecurrentPPO, one thread per process), best of 2 interleaved runs each:")
+        print(_fmt_table(["slots stepped by", "decisions/s", "env", "update"], rows))
+        print(f"speed-up with {args.env_workers} env workers: {many / one:.2f}x")
     print(f"\n{report['seconds']:.0f} s in all; full numbers in {args.out}")
     return report
 

@@ -23,6 +23,7 @@ from hpo_env.features import (
     ObservationBuilder,
     log_epochs_feature,
 )
+from hpo_env.subproc import HPOSubprocVecEnv
 from hpo_env.tasks import FAMILIES, SPLITS, TaskDistribution, TaskSpec, ToyTaskDistribution
 from hpo_env.trainer import HPARAM_NAMES, BatchedTrainer, ChunkResult
 from hpo_env.vec_env import HPOVecEnv
@@ -45,6 +46,7 @@ __all__ = [
     "EpisodeBatch",
     "GradientStats",
     "HPOEnv",
+    "HPOSubprocVecEnv",
     "HPOVecEnv",
     "HyperparameterSpec",
     "ObservationBuilder",

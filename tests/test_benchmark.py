@@ -409,9 +409,10 @@ def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_pat
     stale = dataclasses.replace(config, code_version="edited code")
     label, todo = bench.default_code_version("cpu", threads=1), total - 2 * 4  # the replays come later
     with pytest.warns(UserWarning, match=rf"{todo} of the {todo} runs to compute are stored under another code "
-                      rf"version .*--code-version '{re.escape(label)}'"):  # fmt: skip
+                      rf"version .*--code-version '{re.escape(label)}'") as warned:  # fmt: skip
         with pytest.raises(KeyboardInterrupt):
             bench.run_benchmark(stale)
+    assert warned[0].filename == __file__  # it points at the call of run_benchmark
     monkeypatch.setattr(bench, "run_chunks", real_run_chunks)
 
     # Pooling reports (benchmarks/pool_reports.py): one report pooled alone keeps its statistics; the

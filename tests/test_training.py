@@ -672,6 +672,20 @@ def test_extending_a_run_keeps_the_events_of_its_last_checkpoint(tmp_path):
     assert 128 in {e.step for e in acc.Scalars("rollout/ep_rew_mean")}
 
 
+def test_env_workers_train_a_run_and_a_resume_may_change_them(tmp_path, capsys):
+    """--env-workers steps the slots in processes; the count is a resumable setting, not the run's identity."""
+    args = [*TINY, "--total-timesteps", "128", "--eval-freq", "64", "--logdir", str(tmp_path), "--run-name", "w"]
+    assert main([*args[:-2], "--run-name", "too_many", "--env-workers", "5"]) == 2  # 4 slots: 4 groups at most
+    assert "--env-workers 5 is more than the run's 4 task groups" in capsys.readouterr().err
+    assert not (tmp_path / "too_many").exists()
+    assert main(args) == 0
+    assert main(["--resume", str(tmp_path / "w"), "--total-timesteps", "192", "--env-workers", "2"]) == 0
+    state = read_checkpoint_state(find_latest_checkpoint(tmp_path / "w" / "checkpoints"))
+    assert state["num_timesteps"] == 192 and [s["start"] for s in state["segments"]] == [0, 128]
+    assert load_bundle(tmp_path / "w" / "bundle").config["training"]["timesteps"] == 192
+    assert [e.step for e in _read_events(tmp_path / "w").Scalars("eval/mean_return")] == [64, 128, 192]
+
+
 def test_a_smaller_keep_checkpoints_prunes_on_resume(tmp_path):
     run = tmp_path / "keep"
     args = [*TINY, "--total-timesteps", "128", "--checkpoint-freq", "64", "--eval-freq", "0", "--keep-checkpoints", "0"]

@@ -285,7 +285,7 @@ def _warn_if_trained_on(bundle: Any, families: Sequence[str]) -> None:
             f"the policy was meta-trained on {shared}, which this benchmark runs as held-out tasks: its numbers "
             "there measure trained-on families, not generalisation (benchmark families it never saw, e.g. --split "
             "test for a policy trained on --task-distribution train)",
-            stacklevel=3,
+            stacklevel=4,  # the caller of run_benchmark
         )
 
 
@@ -316,7 +316,7 @@ def _warn_if_stale(other_versions: dict[str, int], todo: int, code_version: str)
     warnings.warn(
         f"{count} of the {todo} runs to compute are stored under another code version ({what}{more}), and are "
         f"computed again. {'; and '.join(advice)}",
-        stacklevel=3,
+        stacklevel=4,  # the caller of run_benchmark
     )
 
 

@@ -1,0 +1,315 @@
+""":class:`HPOSubprocVecEnv`: the slots of an :class:`~hpo_env.HPOVecEnv` split across processes.
+
+One :class:`~hpo_env.HPOVecEnv` steps its N slots as one batched program on one core (one torch
+thread is the fastest for these small tensors). On a machine with more cores, the slots can be
+split into P worker processes, each holding an ``HPOVecEnv`` of about N / P slots, stepped at the
+same time: SB3's ``SubprocVecEnv`` idea, with a batched environment in each process instead of one
+episode.
+
+Slot ``i`` is the same slot as in one ``HPOVecEnv``: it draws its tasks from a generator seeded with
+``seed + i`` and task groups are never split, so the environment samples the same tasks and trains
+them the same way. The numbers agree up to float rounding (which slots share a batched kernel changes
+its summation order), and a rerun with the same number of workers is bitwise identical.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import signal
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
+
+import gymnasium as gym
+import numpy as np
+from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices
+
+from hpo_env.vec_env import HPOVecEnv, _count
+
+__all__ = ["HPOSubprocVecEnv", "shard_sizes"]
+
+
+def shard_sizes(num_envs: int, workers: int, task_group_size: int = 1) -> list[int]:
+    """Slots per worker: whole task groups, spread as evenly as they go (the first workers get one more).
+
+    >>> shard_sizes(32, 2, 2)
+    [16, 16]
+    >>> shard_sizes(10, 3, 2)
+    [4, 4, 2]
+    """
+    groups = num_envs // task_group_size
+    if not 1 <= workers <= groups:
+        raise ValueError(
+            f"workers must be between 1 and the number of task groups ({num_envs} slots / task_group_size "
+            f"{task_group_size} = {groups}): each worker steps whole groups; got {workers}"
+        )
+    per, extra = divmod(groups, workers)
+    return [(per + (k < extra)) * task_group_size for k in range(workers)]
+
+
+#: Attributes every slot shares that the main process holds too (``get_attr`` answers them without a round trip).
+_SHARED_HERE = frozenset(
+    {"render_mode", "decoder", "task_distribution", "task_group_size", "gradient_features", "epochs_feature"}
+)
+
+
+class HPOSubprocVecEnv(VecEnv):
+    """An :class:`~hpo_env.HPOVecEnv` of ``num_envs`` slots, stepped by ``workers`` processes.
+
+    Args:
+        num_envs, task_distribution, seed, task_group_size and the keyword arguments: as for
+            :class:`~hpo_env.HPOVecEnv` (checked here, with its errors, before a process starts).
+        workers: processes; each steps whole task groups (:func:`shard_sizes`).
+        threads: torch CPU threads of each worker (one is the fastest for these small models; keep
+            ``workers * threads`` within the machine's cores).
+        start_method: multiprocessing start method; ``spawn`` (the default) never forks a process that
+            holds torch's thread pools. A script that builds this environment at import time needs the
+            ``if __name__ == "__main__":`` guard, as any spawned worker does.
+
+    The attribute protocol is :class:`~hpo_env.HPOVecEnv`'s: ``get_attr("task")`` is per slot, other
+    attributes and methods are shared by every slot (``set_attr`` and ``env_method`` apply to all of
+    them, in every worker). ``decoder``, ``feature_names``, ``task_distribution`` and the option flags
+    are also read here directly. Close it (or use it as a context manager) to stop the workers; they are
+    daemons, so they also end with the main process, and they ignore Ctrl-C, which the main process
+    handles.
+    """
+
+    def __init__(
+        self,
+        num_envs: int,
+        task_distribution: Any = None,
+        *,
+        workers: int = 2,
+        threads: int = 1,
+        seed: int | None = None,
+        start_method: str = "spawn",
+        **kwargs: Any,
+    ) -> None:
+        # One HPOVecEnv of all the slots checks every argument (it builds no model before a reset).
+        probe = HPOVecEnv(num_envs, task_distribution, seed=seed, **kwargs)
+        workers, threads = _count("workers", workers), _count("threads", threads)
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1 (torch threads per worker), got {threads}")
+        self.sizes = shard_sizes(probe.num_envs, workers, probe.task_group_size)
+        self.offsets = np.cumsum([0, *self.sizes[:-1]]).tolist()
+        self.decoder = probe.decoder
+        self.task_distribution = probe.task_distribution
+        self.task_group_size = probe.task_group_size
+        self.gradient_features = probe.gradient_features
+        self.epochs_feature = probe.epochs_feature
+        self.feature_names = probe.feature_names
+        self.render_mode = None
+        super().__init__(probe.num_envs, probe.observation_space, probe.action_space)
+        self.reset_infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
+        self._kwargs = {"task_distribution": probe.task_distribution, **kwargs}
+        self._waiting = False
+        self.closed = False
+
+        context: Any = multiprocessing.get_context(start_method)
+        self._pipes: list[multiprocessing.connection.Connection] = []
+        self._processes: list[Any] = []
+        try:
+            for size in self.sizes:
+                here, there = context.Pipe()
+                process = context.Process(
+                    target=_worker, args=(there, size, self._kwargs, threads), daemon=True, name="hpo-env-worker"
+                )
+                process.start()
+                there.close()
+                self._pipes.append(here)
+                self._processes.append(process)
+            self._receive_all()  # each worker's "ready", or the error that stopped it
+        except BaseException:
+            self.close()
+            raise
+        if seed is not None:
+            self.seed(int(seed))
+
+    # -- the VecEnv protocol ---------------------------------------------------------------------------
+    def reset(self) -> np.ndarray:
+        seeds, options = list(self._seeds), list(self._options)
+        for k, (o, n) in enumerate(zip(self.offsets, self.sizes)):
+            self._send(k, "reset", (seeds[o : o + n], options[o : o + n]))
+        results = self._receive_all()
+        self.reset_infos = [info for _, infos in results for info in infos]
+        self._reset_seeds()
+        self._reset_options()
+        return np.concatenate([obs for obs, _ in results])
+
+    def step_async(self, actions: np.ndarray) -> None:
+        actions = np.asarray(actions)
+        for k, (o, n) in enumerate(zip(self.offsets, self.sizes)):
+            self._send(k, "step", actions[o : o + n])
+        self._waiting = True
+
+    def step_wait(self):
+        if not self._waiting:
+            raise RuntimeError("step_async() must be called before step_wait()")
+        try:
+            results = self._receive_all()
+        finally:
+            self._waiting = False
+        infos: list[dict[str, Any]] = []
+        for o, (_, _, _, shard_infos, reset_infos) in zip(self.offsets, results):
+            infos += shard_infos
+            for j, info in reset_infos.items():
+                self.reset_infos[o + j] = info
+        obs, rewards, dones = (np.concatenate([r[i] for r in results]) for i in range(3))
+        return obs, rewards, dones, infos
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for pipe in self._pipes:
+            try:
+                if self._waiting and pipe.poll(30):
+                    pipe.recv()  # the step in flight, so that the worker reads the close
+                pipe.send(("close", None))
+            except (OSError, EOFError):
+                pass
+        for process in self._processes:
+            process.join(5)
+            if process.is_alive():
+                process.terminate()
+                process.join()
+        for pipe in self._pipes:
+            pipe.close()
+
+    def __enter__(self) -> HPOSubprocVecEnv:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def tasks(self) -> list[Any]:
+        """The task currently running in each slot."""
+        return self.get_attr("task")
+
+    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        wanted = list(self._get_indices(indices))
+        if attr_name in _SHARED_HERE:  # (also read by VecEnv.__init__, before the workers start)
+            return [getattr(self, attr_name) for _ in wanted]
+        for k in range(len(self._pipes)):
+            self._send(k, "get_attr", attr_name)
+        values = [value for shard in self._receive_all() for value in shard]
+        return [values[i] for i in wanted]
+
+    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        self._all_slots(indices, f"set_attr({attr_name!r})")
+        for k in range(len(self._pipes)):
+            self._send(k, "set_attr", (attr_name, value))
+        self._receive_all()
+
+    def env_method(self, method_name: str, *method_args, indices: VecEnvIndices = None, **method_kwargs) -> list[Any]:
+        """Runs the method once in every worker (on its slots); returns each slot's worker's result."""
+        self._all_slots(indices, f"env_method({method_name!r})")
+        for k in range(len(self._pipes)):
+            self._send(k, "env_method", (method_name, method_args, method_kwargs))
+        results = self._receive_all()
+        return [result for result, n in zip(results, self.sizes) for _ in range(n)]
+
+    def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
+        return [False for _ in self._get_indices(indices)]
+
+    def get_images(self) -> Sequence[np.ndarray | None]:
+        return [None for _ in range(self.num_envs)]
+
+    # -- plumbing ------------------------------------------------------------------------------------
+    def _all_slots(self, indices: VecEnvIndices, what: str) -> None:
+        if sorted(set(self._get_indices(indices))) != list(range(self.num_envs)):
+            raise ValueError(
+                f"HPOSubprocVecEnv.{what} with indices={indices!r}: its slots are batched programs that share "
+                "their attributes and methods, so they apply to every slot; call it without indices"
+            )
+
+    def _send(self, k: int, command: str, payload: Any) -> None:
+        if self.closed:
+            raise RuntimeError("this HPOSubprocVecEnv is closed: its workers have stopped; build a new one")
+        try:
+            self._pipes[k].send((command, payload))
+        except (BrokenPipeError, ConnectionResetError) as err:
+            self._worker_died(k, err)
+
+    def _receive_all(self) -> list[Any]:
+        """Every worker's answer to the last command; the first worker's error is raised once all answered."""
+        answers = []
+        for k, pipe in enumerate(self._pipes):
+            try:
+                answers.append(pipe.recv())
+            except (EOFError, ConnectionResetError) as err:
+                self._worker_died(k, err)
+        for k, (status, payload) in enumerate(answers):
+            if status == "error":
+                error, trace = payload
+                raise error from _RemoteTraceback(f"raised in environment worker {k} of {len(self._pipes)}:\n{trace}")
+        return [payload for _, payload in answers]
+
+    def _worker_died(self, k: int, err: BaseException) -> NoReturn:
+        code = self._processes[k].exitcode if k < len(self._processes) else None
+        self.close()
+        raise RuntimeError(
+            f"environment worker {k} of {len(self._pipes)} stopped (exit code {code}); the environment is closed"
+        ) from err
+
+
+class _RemoteTraceback(Exception):
+    """A worker's traceback, chained to the error it raised (as ``concurrent.futures`` does)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _worker(pipe: multiprocessing.connection.Connection, size: int, kwargs: Mapping[str, Any], threads: int) -> None:
+    """An environment worker: one HPOVecEnv of ``size`` slots, driven by commands on ``pipe``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and closes the workers
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        env = HPOVecEnv(size, **kwargs)
+        pipe.send(("ok", None))
+    except BaseException as err:
+        _send_error(pipe, err)
+        return
+    while True:
+        try:
+            command, payload = pipe.recv()
+        except EOFError:  # the main process has gone
+            return
+        try:
+            if command == "close":
+                env.close()
+                return
+            if command == "step":
+                env.step_async(payload)
+                obs, rewards, dones, infos = env.step_wait()
+                restarted = {int(j): env.reset_infos[j] for j in np.flatnonzero(dones)}
+                result: Any = (obs, rewards, dones, infos, restarted)
+            elif command == "reset":
+                env._seeds, env._options = payload  # this worker's slice of the main process's
+                result = (env.reset(), env.reset_infos)
+            elif command == "get_attr":
+                result = env.get_attr(payload)
+            elif command == "set_attr":
+                env.set_attr(*payload)
+                result = None
+            elif command == "env_method":
+                name, args, kw = payload
+                result = env.env_method(name, *args, **kw)[0]
+            else:
+                raise ValueError(f"unknown command {command!r}")
+        except BaseException as err:
+            _send_error(pipe, err)
+            continue
+        pipe.send(("ok", result))
+
+
+def _send_error(pipe: multiprocessing.connection.Connection, err: BaseException) -> None:
+    """Send ``err`` and its traceback to the main process (as a RuntimeError if it cannot be pickled)."""
+    trace = traceback.format_exc()
+    try:
+        pipe.send(("error", (err, trace)))
+    except Exception:
+        pipe.send(("error", (RuntimeError(f"{type(err).__name__}: {err}"), trace)))

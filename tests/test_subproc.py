@@ -1,0 +1,109 @@
+"""HPOSubprocVecEnv: the slots of one HPOVecEnv stepped by worker processes, the same slots as in one process."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from hpo_env import HPOVecEnv, make_distribution
+from hpo_env.subproc import HPOSubprocVecEnv, shard_sizes
+
+
+def _step_both(one: HPOVecEnv, split: HPOSubprocVecEnv, actions: np.ndarray):
+    a, b = one.step(actions), split.step(actions)
+    np.testing.assert_array_equal(a[2], b[2])  # the same episodes end at the same decision
+    np.testing.assert_allclose(b[0], a[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(b[1], a[1], rtol=1e-3, atol=1e-5)
+    for ia, ib in zip(a[3], b[3]):
+        assert ia.keys() == ib.keys() and ia["task_id"] == ib["task_id"] and ia["decision"] == ib["decision"]
+        if "terminal_observation" in ia:
+            np.testing.assert_allclose(ib["terminal_observation"], ia["terminal_observation"], rtol=1e-4, atol=1e-5)
+            assert ia["TimeLimit.truncated"] == ib["TimeLimit.truncated"]
+    return a
+
+
+def test_the_split_slots_are_the_slots_of_one_process_across_automatic_resets():
+    # 6 slots in groups of 2: workers of 4 and 2 slots; every slot draws the tasks it draws in one process.
+    kwargs = dict(task_group_size=2, seed=11)
+    one = HPOVecEnv(6, "toy", **kwargs)
+    with HPOSubprocVecEnv(6, "toy", workers=2, **kwargs) as split:
+        assert split.sizes == [4, 2] and split.feature_names == one.feature_names
+        assert split.observation_space == one.observation_space and split.action_space == one.action_space
+        np.testing.assert_allclose(split.reset(), one.reset(), rtol=1e-5, atol=1e-6)
+        assert split.tasks() == one.tasks() and split.reset_infos == one.reset_infos
+        rng = np.random.default_rng(0)
+        ended = 0
+        for _ in range(30):
+            dones = _step_both(one, split, rng.uniform(-1, 1, (6, 2)).astype(np.float32))[2]
+            ended += int(dones.sum())
+            assert split.tasks() == one.tasks()
+            assert [i["hparams"] for i in split.reset_infos] == [i["hparams"] for i in one.reset_infos]
+        assert ended >= 6  # every slot restarted at least once (toy episodes are 9 decisions)
+        assert split.get_attr("task", [1, 4]) == [one.tasks()[1], one.tasks()[4]]
+        assert split.get_attr("decoder")[0].names == one.decoder.names
+        assert split.env_method("tasks") == [one.tasks()[:4]] * 4 + [one.tasks()[4:]] * 2  # run once per worker
+
+
+def test_seeds_options_and_a_divergence_in_the_workers():
+    dist = make_distribution("toy")
+    spec = dist.sample(np.random.default_rng(5))
+    with HPOSubprocVecEnv(4, dist, workers=2, task_group_size=2) as split:
+        split.seed(100)
+        split.set_options([{}, {}, {"task": spec}, {"task": spec}])
+        split.reset()
+        tasks = split.tasks()
+        assert tasks[2:] == [spec, spec]
+        reference = HPOVecEnv(4, dist, seed=100, task_group_size=2)
+        reference.reset()
+        assert tasks[:2] == reference.tasks()[:2]
+        split.reset()  # no seed, no options now: slot 2 draws from its own generator
+        assert split.tasks()[2] != spec
+
+        # A divergence ends the group's episode with its penalty, as in one process.
+        sgd = dataclasses.replace(spec, optimizer="sgd", lr=0.1)
+        split.set_options([{}, {}, {"task": sgd}, {"task": sgd}])
+        split.reset()
+        up = np.array([[0, 0], [0, 0], [1, 0], [-0.5, 0]], np.float32)  # slot 2 raises SGD's rate until it diverges
+        for _ in range(sgd.num_decisions):
+            _, rewards, dones, infos = split.step(up)
+            if dones[2:].any():
+                break
+        assert dones[2] and dones[3] and infos[2]["diverged"] and infos[3]["TimeLimit.truncated"]
+        assert np.isfinite(rewards).all() and split.tasks()[2] != sgd
+
+
+def test_errors_are_the_environments_errors_and_a_dead_worker_closes_it():
+    with pytest.raises(ValueError, match="workers must be between 1 and the number of task groups"):
+        HPOSubprocVecEnv(4, "toy", workers=3, task_group_size=2)  # refused before any process starts
+    with pytest.raises(ValueError, match="task_group_size must be a positive integer that divides"):
+        HPOSubprocVecEnv(3, "toy", workers=2, task_group_size=2)  # HPOVecEnv's own check
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        HPOSubprocVecEnv(2, "toy", workers=2, threads=0)
+    assert shard_sizes(10, 3, 2) == [4, 4, 2] and shard_sizes(5, 5) == [1] * 5
+    split = HPOSubprocVecEnv(2, "toy", workers=2, seed=0)
+    split.set_options({"bogus": 1})
+    with pytest.raises(ValueError, match=r"unknown reset options \['bogus'\]") as caught:
+        split.reset()
+    assert "environment worker 0 of 2" in str(caught.value.__cause__)  # the worker's traceback, chained
+    split.set_options(None)  # (a reset that raised leaves its options, as in HPOVecEnv)
+    obs = split.reset()  # every worker answered: the pipes are still in step
+    assert obs.shape == (2, split.observation_space.shape[0])
+    with pytest.raises(ValueError, match="apply to every slot; call it without indices"):
+        split.set_attr("divergence_penalty", 2.0, indices=[0])
+    split.set_attr("some_flag", 3)
+    assert split.get_attr("some_flag") == [3, 3]
+    with pytest.raises(AttributeError):
+        split.get_attr("no_such_attribute")
+
+    os.kill(split._processes[1].pid, signal.SIGKILL)
+    split._processes[1].join()
+    with pytest.raises(RuntimeError, match=r"environment worker 1 of 2 stopped \(exit code -9\)"):
+        split.step(np.zeros((2, 2), np.float32))
+    assert split.closed and not any(p.is_alive() for p in split._processes)
+    with pytest.raises(RuntimeError, match="closed"):
+        split.reset()
+    split.close()  # twice is fine
