@@ -355,6 +355,11 @@ class PolicyScheduler:
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not optimizer.param_groups:
+            raise ValueError(
+                f"the {type(optimizer).__name__} has no param groups, so there is nothing to schedule: build the "
+                "PolicyScheduler once the optimizer holds its parameters"
+            )
         decoder = getattr(bundle, "decoder", None)
         if not isinstance(decoder, ActionDecoder) or not callable(getattr(bundle, "predict", None)):
             raise TypeError(

@@ -101,6 +101,8 @@ def test_average_run_refuses_runs_it_cannot_average(tiny_meta_training):
     # and the run folder given for a bundle: the message names the bundles inside it
     with pytest.raises(BundleError, match="is an hpo-train run folder, not a policy bundle: pass .*bundle"):
         load_bundle(result.run_dir)
+    with pytest.raises(BundleError, match=r"holds hpo-train runs, not a policy bundle: pass one run's bundle, e\.g\. "):
+        load_bundle(result.run_dir.parent)  # the --logdir of runs
     shutil.rmtree(result.bundle_path)
     with pytest.raises(ValueError, match="no final bundle"):
         average_run(result.run_dir, last=2)

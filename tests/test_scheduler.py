@@ -572,6 +572,10 @@ def test_an_optimizer_without_a_numeric_learning_rate_is_refused_clearly():
         PolicyScheduler(
             RelativeStep(torch.nn.Linear(2, 2).parameters()), ReplayPolicy(ActionDecoder(("lr",)), [[0.0]]), 3
         )
+    empty = torch.optim.AdamW(torch.nn.Linear(2, 1).parameters(), lr=1e-3)
+    empty.param_groups.clear()
+    with pytest.raises(ValueError, match="the AdamW has no param groups, so there is nothing to schedule"):
+        PolicyScheduler(empty, ReplayPolicy(ActionDecoder(("lr",)), [[0.0]]), 3)
 
 
 def test_another_lr_scheduler_is_reported_not_silently_overridden():

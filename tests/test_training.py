@@ -684,6 +684,10 @@ def test_env_workers_train_a_run_and_a_resume_may_change_them(tmp_path, capsys):
     assert state["num_timesteps"] == 192 and [s["start"] for s in state["segments"]] == [0, 128]
     assert load_bundle(tmp_path / "w" / "bundle").config["training"]["timesteps"] == 192
     assert [e.step for e in _read_events(tmp_path / "w").Scalars("eval/mean_return")] == [64, 128, 192]
+    capsys.readouterr()
+    assert main(["--resume", str(tmp_path / "w"), "--total-timesteps", "64"]) == 0  # a smaller budget: nothing to do
+    out = capsys.readouterr().out
+    assert "64 timesteps (it already has 192)" in out and "already has 192 of 64 timesteps; nothing to train" in out
 
 
 def test_a_smaller_keep_checkpoints_prunes_on_resume(tmp_path):

@@ -733,11 +733,11 @@ def _train(settings: TrainSettings, command: str | None) -> TrainResult:
                 slots += f" stepped by {settings.env_workers} processes"
             rollout = config.rollout_size
             trained = start_timesteps + -(-max(remaining, 0) // rollout) * rollout  # whole rollouts
-            total = f"{budget.total_timesteps:,} timesteps" + (
-                f" (rounded up to whole rollouts of {rollout:,}: {trained:,})"
-                if trained != budget.total_timesteps
-                else ""
-            )
+            total = f"{budget.total_timesteps:,} timesteps"
+            if remaining < 0:
+                total += f" (it already has {start_timesteps:,})"
+            elif trained != budget.total_timesteps:
+                total += f" (rounded up to whole rollouts of {rollout:,}: {trained:,})"
             print(
                 f"hpo-train: {what}; {config.algorithm} agent, {slots} x {config.n_steps} steps per rollout, "
                 f"{total}; held-out evaluation on {len(eval_tasks)} "
