@@ -533,9 +533,7 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> PolicyBundle | 
                 f"{str(path)!r} is an hpo-train run folder, not a policy bundle: pass {str(path / 'bundle')!r} "
                 f"(the final policy) or {str(path / 'best_bundle')!r} (the best held-out evaluation)"
             )
-        inside = sorted(
-            str(found.parent) for found in path.glob(f"*/*/{CONFIG_FILE}") if found.parent.name == "bundle"
-        )
+        inside = sorted(str(found.parent) for found in path.glob(f"*/*/{CONFIG_FILE}") if found.parent.name == "bundle")
         if inside:  # a --logdir of runs
             more = f" (and {len(inside) - 1} more)" if len(inside) > 1 else ""
             raise BundleError(
