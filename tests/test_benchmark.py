@@ -559,11 +559,13 @@ def test_families_as_hpo_train_takes_them_or_comma_separated(families):
     assert bench.config_from_args(args).families == ("tabular", "digits_cnn")
 
 
-def test_workers_store_the_runs_one_process_stores(tiny_bundle, tmp_path):
+def test_workers_store_the_runs_one_process_stores(tiny_bundle, tmp_path, monkeypatch):
     """Batch for batch the same runs, also where two arms share a key (an odd K's middle rate and the default)."""
     config = _tiny_config(tiny_bundle, tmp_path / "one", grid_size=7, grid_decades=0.9, chunk_size=3, threads=1)
     one = bench.run_benchmark(config)
-    two = bench.run_benchmark(dataclasses.replace(config, workers=2, threads=None, out=str(tmp_path / "two")))
+    with monkeypatch.context() as m:  # every run, the replay controls' too, is trained in the (spawned) workers
+        m.setattr(bench, "run_chunks", lambda *a, **k: pytest.fail("a run was trained in the main process"))
+        two = bench.run_benchmark(dataclasses.replace(config, workers=2, threads=None, out=str(tmp_path / "two")))
     assert two.computed == one.computed and two.summary["code_version"] == one.summary["code_version"]
     untimed = [
         [{k: v for k, v in row.items() if k != "wall_s_per_run"} for row in r.summary["rows"]] for r in (one, two)
@@ -582,7 +584,7 @@ def test_workers_store_the_runs_one_process_stores(tiny_bundle, tmp_path):
     _, _, _, jobs = bench._plan(config, load_bundle(tiny_bundle).decoder, "not-its-hash", code_version)
     with pytest.raises(ValueError, match="changed while the benchmark ran"):
         bench._run_in_workers(
-            jobs[:4], dataclasses.replace(config, workers=2), code_version, "not-its-hash", bench._NoBar()
+            jobs[:4], dataclasses.replace(config, workers=2), code_version, "not-its-hash", bench._NoBar(), list
         )
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -676,47 +677,39 @@ def _run_benchmark(config: BenchmarkConfig, policy: Any, policy_hash: str | None
             disable=not config.progress,
             dynamic_ncols=True,
         )
-        try:
-            # The policy first: the replay control is built from its runs.
-            order = {"policy": 0, "random": 1, "schedule": 2, "hypergradient": 3}
-            todo.sort(key=lambda j: (order[j.arm.kind], j.task_index, j.seed_index))
-            if config.workers > 1:
-                computed += _run_in_workers(todo, config, code_version, policy_hash, bar)
-            else:
-                by_key = {j.key: j for j in todo}
-                for kind, keys in _work_units(todo, config):
-                    batch = [by_key[key] for key in keys]
-                    computed += _run_unit(kind, batch, bundle, exact, config, store, bar)
+        replay: ReplaySchedule | None = None
 
-            # The replay of the policy's average schedule over all its runs of this benchmark.
-            policy_keys = [j.key for j in jobs if j.arm.kind == "policy"]
-            policy_runs = store.get_many(policy_keys)
-            replay = _replay_from_results(exact, list(policy_runs.values()), tasks)
-            replay_arm = _replay_arm("replay", replay, policy_hash)
-            # ... and, a harder control, the replay of its average schedule on each task (over that task's
-            # seeds, the scored one included): an open-loop schedule per task. The global replay can be
-            # beaten by adapting the schedule to the task alone; beating this one takes reacting to the
-            # seed's own run.
-            replay_jobs = []
-            for ti, spec in enumerate(tasks):
-                task_runs = [policy_runs[j.key] for j in jobs if j.arm.kind == "policy" and j.task_index == ti]
-                task_arm = _replay_arm("replay_task", _replay_from_results(exact, task_runs, tasks), policy_hash)
-                arms_by_task[ti] = [*arms_by_task[ti], replay_arm, task_arm]
-                for si in range(config.seeds):
-                    for arm in (replay_arm, task_arm):
-                        key = RunKey(spec.task_id, arm.key, si, code_version)
-                        replay_jobs.append(Job(ti, si, arm, key, seeded(spec, si)))
-            jobs += replay_jobs
+        def replay_units() -> list[tuple[str, list[Any]]]:
+            """The replay controls' batches, planned from the policy's stored runs (all of them must be in)."""
+            nonlocal replay, reused
+            replay, replay_jobs = _plan_replays(store, jobs, tasks, arms_by_task, exact, policy_hash, code_version)
+            jobs.extend(replay_jobs)
             missing = set(store.missing([j.key for j in replay_jobs]))
             replay_todo = [j for j in replay_jobs if j.key in missing]
             reused += len(replay_jobs) - len(replay_todo)
             bar.total += len(replay_todo) - expected_replays
             bar.refresh()
-            computed += run_chunks(replay_todo, exact, bundle, config, store, bar)
+            size = config.chunk_size
+            return [("replay", replay_todo[i : i + size]) for i in range(0, len(replay_todo), size)]
+
+        try:
+            # The policy first: the replay controls are built from its runs.
+            order = {"policy": 0, "random": 1, "schedule": 2, "hypergradient": 3}
+            todo.sort(key=lambda j: (order[j.arm.kind], j.task_index, j.seed_index))
+            if config.workers > 1:  # (the replays are queued as soon as the policy's runs are in)
+                computed += _run_in_workers(todo, config, code_version, policy_hash, bar, replay_units)
+            else:
+                by_key = {j.key: j for j in todo}
+                for kind, keys in _work_units(todo, config):
+                    batch = [by_key[key] for key in keys]
+                    computed += _run_unit(kind, batch, bundle, exact, config, store, bar)
+                for kind, batch in replay_units():
+                    computed += _run_unit(kind, batch, bundle, exact, config, store, bar)
         finally:
             bar.close()
         results = store.get_many([j.key for j in jobs])
 
+    assert replay is not None  # (planned once the policy's runs were in)
     summary = summarise(config, tasks, arms_by_task, results, code_version, policy_hash, replay)
     summary["run"] = {
         "computed_runs": computed,
@@ -730,6 +723,36 @@ def _run_benchmark(config: BenchmarkConfig, policy: Any, policy_hash: str | None
     report_path = out / "report.md"
     report_path.write_text(render_report(summary, plot_paths, out))
     return BenchmarkResult(summary, report_path, json_path, plot_paths, computed, reused)
+
+
+def _plan_replays(
+    store: ResultStore,
+    jobs: list[Job],
+    tasks: list[TaskSpec],
+    arms_by_task: list[list[Arm]],
+    exact: ActionDecoder,
+    policy_hash: str,
+    code_version: str,
+) -> tuple[ReplaySchedule, list[Job]]:
+    """The replay controls of the policy's stored runs: the replay of its average schedule over all its runs
+    of this benchmark, and, a harder control, the replay of its average schedule on each task (over that
+    task's seeds, the scored one included), an open-loop schedule per task. The global replay can be
+    beaten by adapting the schedule to the task alone; beating the per-task one takes reacting to the
+    seed's own run. Adds their arms to ``arms_by_task``; returns the global replay and every replay run."""
+    seeds = sorted({j.seed_index for j in jobs})
+    policy_runs = store.get_many([j.key for j in jobs if j.arm.kind == "policy"])
+    replay = _replay_from_results(exact, list(policy_runs.values()), tasks)
+    replay_arm = _replay_arm("replay", replay, policy_hash)
+    replay_jobs = []
+    for ti, spec in enumerate(tasks):
+        task_runs = [policy_runs[j.key] for j in jobs if j.arm.kind == "policy" and j.task_index == ti]
+        task_arm = _replay_arm("replay_task", _replay_from_results(exact, task_runs, tasks), policy_hash)
+        arms_by_task[ti] = [*arms_by_task[ti], replay_arm, task_arm]
+        for si in seeds:
+            for arm in (replay_arm, task_arm):
+                key = RunKey(spec.task_id, arm.key, si, code_version)
+                replay_jobs.append(Job(ti, si, arm, key, seeded(spec, si)))
+    return replay, replay_jobs
 
 
 def run_chunks(jobs: list[Job], decoder: ActionDecoder, bundle: Any, config: BenchmarkConfig, store, bar) -> int:
@@ -764,7 +787,8 @@ def run_chunks(jobs: list[Job], decoder: ActionDecoder, bundle: Any, config: Ben
 
 def _work_units(todo: list[Job], config: BenchmarkConfig) -> list[tuple[str, list[RunKey]]]:
     """The batches to train, in order: ``(kind, keys)`` per chunk (one per HD run). One process and the
-    workers train these same batches, so their runs round alike."""
+    workers train these same batches (and the replay controls' chunks after them), so their runs round
+    alike."""
     units = []
     for kind in ("policy", "random", "schedule"):
         batch = [j.key for j in todo if j.arm.kind == kind]
@@ -772,8 +796,16 @@ def _work_units(todo: list[Job], config: BenchmarkConfig) -> list[tuple[str, lis
     return units + [("hypergradient", [j.key]) for j in todo if j.arm.kind == "hypergradient"]
 
 
-def _run_in_workers(todo: list[Job], config: BenchmarkConfig, code_version: str, policy_hash: str, bar) -> int:
-    """Compute ``todo`` in ``config.workers`` processes, batch by batch as :func:`run_chunks` would.
+def _run_in_workers(
+    todo: list[Job],
+    config: BenchmarkConfig,
+    code_version: str,
+    policy_hash: str,
+    bar,
+    then: Callable[[], list[tuple[str, list[Any]]]],
+) -> int:
+    """Compute ``todo`` in ``config.workers`` processes, batch by batch as :func:`run_chunks` would, and
+    then the batches ``then()`` returns (the replay controls), queued once every policy batch is in.
 
     At most one batch per worker is handed out at a time. Ctrl-C reaches the main process only (the
     workers ignore it), which then stops the workers: the batches in flight are lost, as one process
@@ -784,7 +816,10 @@ def _run_in_workers(todo: list[Job], config: BenchmarkConfig, code_version: str,
     import signal
     import threading
 
-    units = _work_units(todo, config)
+    units: list[tuple[str, list[Any]]] = list(_work_units(todo, config))
+    policy_left = sum(kind == "policy" for kind, _ in units)
+    if not policy_left:  # every policy run was stored already
+        units += then()
     if not units:
         return 0
     processes = min(config.workers, len(units))
@@ -809,9 +844,13 @@ def _run_in_workers(todo: list[Job], config: BenchmarkConfig, code_version: str,
                 running[0].wait(0.05)
                 continue
             running.remove(finished)
-            n = finished.get()  # a worker's error stops the benchmark here
+            kind, n = finished.get()  # a worker's error stops the benchmark here
             computed += n
             bar.update(n)
+            if kind == "policy":
+                policy_left -= 1
+                if not policy_left:
+                    queue[:0] = reversed(then())  # after the batches queued (the queue is popped from its end)
     except BaseException:
         pool.terminate()
         raise
@@ -854,13 +893,15 @@ def _worker_start(config: BenchmarkConfig, code_version: str, policy_hash: str) 
     _WORKER.update(config=config, bundle=bundle, exact=exact, jobs=by_key)
 
 
-def _worker_run(kind: str, keys: list[RunKey]) -> int:
-    """Train one batch of the benchmark's runs in a worker and store it; returns how many."""
+def _worker_run(kind: str, items: list[Any]) -> tuple[str, int]:
+    """Train one batch of the benchmark's runs in a worker and store it; returns its kind and how many runs.
+    ``items`` are the batch's keys, or for the replay controls (planned after the workers started) its jobs."""
     if "error" in _WORKER:
         raise _WORKER["error"]
     config, bundle, exact, jobs = (_WORKER[k] for k in ("config", "bundle", "exact", "jobs"))
+    batch = items if kind == "replay" else [jobs[key] for key in items]
     with ResultStore(config.store_path) as store:
-        return _run_unit(kind, [jobs[key] for key in keys], bundle, exact, config, store, _NoBar())
+        return kind, _run_unit(kind, batch, bundle, exact, config, store, _NoBar())
 
 
 def _run_unit(
@@ -869,7 +910,7 @@ def _run_unit(
     """Train one of :func:`_work_units`' batches and store it; returns how many runs."""
     if kind == "hypergradient":
         return _run_hypergradient_job(batch[0], bundle.decoder, config, store, bar)
-    return run_chunks(batch, exact if kind == "schedule" else bundle.decoder, bundle, config, store, bar)
+    return run_chunks(batch, exact if kind in ("schedule", "replay") else bundle.decoder, bundle, config, store, bar)
 
 
 class _NoBar:
@@ -889,7 +930,11 @@ def _run_hypergradient_job(job: Job, decoder: ActionDecoder, config: BenchmarkCo
 def _replay_arm(row: str, schedule: ReplaySchedule, policy_hash: str) -> Arm:
     """A replay control's arm, keyed by the policy and the replayed curve."""
     curve = hashlib.sha1(np.round(schedule.log10_change, 6).tobytes()).hexdigest()[:8]
-    return Arm(f"{row}@{policy_hash}:{curve}", row, "replay", None, lambda: schedule)
+    return Arm(f"{row}@{policy_hash}:{curve}", row, "replay", None, functools.partial(_same, schedule))
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def _replay_from_results(decoder: ActionDecoder, results: list[RunResult], tasks: list[TaskSpec]) -> ReplaySchedule:
