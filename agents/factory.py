@@ -479,9 +479,10 @@ def make_meta_env(
         device: torch device of the inner models.
         vec_normalize_path: a ``VecNormalize`` saved with ``.save()`` (a checkpoint's): its running
             statistics and settings replace fresh ones, to resume training.
-        workers: processes that step the slots (:class:`~hpo_env.subproc.HPOSubprocVecEnv`, each worker on
-            the caller's torch thread count); 1 steps them here, in one :class:`~hpo_env.HPOVecEnv`. The
-            slots draw the same tasks either way; their numbers agree up to float rounding.
+        workers: processes that step the slots (:class:`~hpo_env.subproc.HPOSubprocVecEnv`; they share the
+            caller's torch thread count, at least one thread each); 1 steps them here, in one
+            :class:`~hpo_env.HPOVecEnv`. The slots draw the same tasks either way; their numbers agree up
+            to float rounding.
 
     Returns:
         ``HPOVecEnv -> VecMonitor [-> ReferenceBaseline | GroupRelativeReward] [-> ActionChangePenalty]
@@ -514,7 +515,11 @@ def make_meta_env(
         from hpo_env.subproc import HPOSubprocVecEnv
 
         venv = HPOSubprocVecEnv(
-            config.n_envs, distribution, workers=workers, threads=torch.get_num_threads(), **venv_kwargs
+            config.n_envs,
+            distribution,
+            workers=workers,
+            threads=max(1, torch.get_num_threads() // workers),
+            **venv_kwargs,
         )
     try:
         return _wrap_meta_env(venv, config, vec_normalize_path)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.connection
+import pickle
 import signal
+import threading
 import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
@@ -25,7 +27,8 @@ import gymnasium as gym
 import numpy as np
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices
 
-from hpo_env.vec_env import HPOVecEnv, _count
+from hpo_env.checks import as_real_array
+from hpo_env.vec_env import HPOVecEnv, _count, check_reset_options
 
 __all__ = ["HPOSubprocVecEnv", "shard_sizes"]
 
@@ -48,10 +51,24 @@ def shard_sizes(num_envs: int, workers: int, task_group_size: int = 1) -> list[i
     return [(per + (k < extra)) * task_group_size for k in range(workers)]
 
 
-#: Attributes every slot shares that the main process holds too (``get_attr`` answers them without a round trip).
+#: Attributes every slot shares that the main process holds too: ``get_attr`` answers them here (the
+#: slot count and reset infos of the whole environment, not a worker's), and ``set_attr`` sets them here too.
 _SHARED_HERE = frozenset(
-    {"render_mode", "decoder", "task_distribution", "task_group_size", "gradient_features", "epochs_feature"}
+    {
+        "render_mode",
+        "decoder",
+        "task_distribution",
+        "task_group_size",
+        "gradient_features",
+        "epochs_feature",
+        "num_envs",
+        "reset_infos",
+    }
 )
+
+#: Methods of the whole environment: ``env_method`` runs them here (the workers' seeds and options are the
+#: main process's, sent with each reset).
+_METHODS_HERE = frozenset({"seed", "set_options"})
 
 
 class HPOSubprocVecEnv(VecEnv):
@@ -69,10 +86,11 @@ class HPOSubprocVecEnv(VecEnv):
 
     The attribute protocol is :class:`~hpo_env.HPOVecEnv`'s: ``get_attr("task")`` is per slot, other
     attributes and methods are shared by every slot (``set_attr`` and ``env_method`` apply to all of
-    them, in every worker). ``decoder``, ``feature_names``, ``task_distribution`` and the option flags
-    are also read here directly. Close it (or use it as a context manager) to stop the workers; they are
-    daemons, so they also end with the main process, and they ignore Ctrl-C, which the main process
-    handles.
+    them, in every worker). Actions and reset options are checked here before any worker changes, as
+    one ``HPOVecEnv`` checks them before any slot changes. Close it (or use it as a context manager) to
+    stop the workers; they are daemons, so they also end with the main process, and they ignore
+    Ctrl-C, which the main process handles. A wait for the workers that is interrupted (Ctrl-C in a
+    notebook) closes the environment: its workers would be a step ahead of what the caller saw.
     """
 
     def __init__(
@@ -103,22 +121,33 @@ class HPOSubprocVecEnv(VecEnv):
         super().__init__(probe.num_envs, probe.observation_space, probe.action_space)
         self.reset_infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
         self._kwargs = {"task_distribution": probe.task_distribution, **kwargs}
-        self._waiting = False
+        self._stepping = False  # step_async() sent actions that step_wait() has not collected
+        self._pending: set[int] = set()  # workers whose answer has not been read
         self.closed = False
+        self._closed_because = "close() was called"
 
         context: Any = multiprocessing.get_context(start_method)
         self._pipes: list[multiprocessing.connection.Connection] = []
         self._processes: list[Any] = []
+        main_thread = threading.current_thread() is threading.main_thread()
         try:
-            for size in self.sizes:
-                here, there = context.Pipe()
-                process = context.Process(
-                    target=_worker, args=(there, size, self._kwargs, threads), daemon=True, name="hpo-env-worker"
-                )
-                process.start()
-                there.close()
-                self._pipes.append(here)
-                self._processes.append(process)
+            # Spawned workers start with SIGINT ignored (an ignored signal stays ignored in a new interpreter),
+            # so a Ctrl-C while they import torch does not print their tracebacks.
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+            try:
+                for size in self.sizes:
+                    here, there = context.Pipe()
+                    process = context.Process(
+                        target=_worker, args=(there, size, self._kwargs, threads), daemon=True, name="hpo-env-worker"
+                    )
+                    process.start()
+                    there.close()
+                    self._pipes.append(here)
+                    self._processes.append(process)
+            finally:
+                if main_thread:
+                    signal.signal(signal.SIGINT, previous)
+            self._pending = set(range(len(self._pipes)))
             self._receive_all()  # each worker's "ready", or the error that stopped it
         except BaseException:
             self.close()
@@ -128,6 +157,9 @@ class HPOSubprocVecEnv(VecEnv):
 
     # -- the VecEnv protocol ---------------------------------------------------------------------------
     def reset(self) -> np.ndarray:
+        check_reset_options(self._options, self.task_group_size)  # before any worker changes
+        if self._stepping:  # a step in flight is dropped, as one HPOVecEnv drops the actions it was given
+            self.step_wait()
         seeds, options = list(self._seeds), list(self._options)
         for k, (o, n) in enumerate(zip(self.offsets, self.sizes)):
             self._send(k, "reset", (seeds[o : o + n], options[o : o + n]))
@@ -138,18 +170,30 @@ class HPOSubprocVecEnv(VecEnv):
         return np.concatenate([obs for obs, _ in results])
 
     def step_async(self, actions: np.ndarray) -> None:
-        actions = np.asarray(actions)
-        for k, (o, n) in enumerate(zip(self.offsets, self.sizes)):
-            self._send(k, "step", actions[o : o + n])
-        self._waiting = True
+        if self._stepping:
+            raise RuntimeError("step_async() was called twice: call step_wait() for the step in flight first")
+        actions = as_real_array(actions)
+        k = self.decoder.num_actions
+        if actions.shape != (self.num_envs, k) and not (k == 1 and actions.shape == (self.num_envs,)):
+            raise ValueError(
+                f"expected actions of shape ({self.num_envs}, {k}) (one row per slot, one value per controlled "
+                f"hyperparameter {list(self.decoder.names)}), got an array of shape {actions.shape}"
+            )
+        actions = actions.reshape(self.num_envs, k)
+        bad = ~np.isfinite(actions).all(axis=1)
+        if bad.any():
+            raise ValueError(f"actions must be finite; slot(s) {np.flatnonzero(bad).tolist()} got {actions[bad]}")
+        for w, (o, n) in enumerate(zip(self.offsets, self.sizes)):
+            self._send(w, "step", actions[o : o + n])
+        self._stepping = True
 
     def step_wait(self):
-        if not self._waiting:
+        if not self._stepping:
             raise RuntimeError("step_async() must be called before step_wait()")
         try:
             results = self._receive_all()
         finally:
-            self._waiting = False
+            self._stepping = False
         infos: list[dict[str, Any]] = []
         for o, (_, _, _, shard_infos, reset_infos) in zip(self.offsets, results):
             infos += shard_infos
@@ -162,18 +206,20 @@ class HPOSubprocVecEnv(VecEnv):
         if self.closed:
             return
         self.closed = True
-        for pipe in self._pipes:
+        for k, pipe in enumerate(self._pipes):
             try:
-                if self._waiting and pipe.poll(30):
-                    pipe.recv()  # the step in flight, so that the worker reads the close
+                if k in self._pending and pipe.poll(10):
+                    pipe.recv()  # the answer in flight, so that the worker reads the close
                 pipe.send(("close", None))
-            except (OSError, EOFError):
+            except Exception:  # (a dead worker, an answer that cannot be read: it is stopped below)
                 pass
+        self._pending.clear()
         for process in self._processes:
             process.join(5)
-            if process.is_alive():
-                process.terminate()
-                process.join()
+            for stop in (process.terminate, process.kill):
+                if process.is_alive():
+                    stop()
+                    process.join(5)
         for pipe in self._pipes:
             pipe.close()
 
@@ -201,10 +247,16 @@ class HPOSubprocVecEnv(VecEnv):
         for k in range(len(self._pipes)):
             self._send(k, "set_attr", (attr_name, value))
         self._receive_all()
+        if attr_name in _SHARED_HERE:
+            setattr(self, attr_name, value)
 
     def env_method(self, method_name: str, *method_args, indices: VecEnvIndices = None, **method_kwargs) -> list[Any]:
-        """Runs the method once in every worker (on its slots); returns each slot's worker's result."""
+        """Runs the method once in every worker (on its slots); returns each slot's worker's result.
+        ``seed`` and ``set_options`` run here: the workers take the seeds and options with the next reset."""
         self._all_slots(indices, f"env_method({method_name!r})")
+        if method_name in _METHODS_HERE:
+            result = getattr(self, method_name)(*method_args, **method_kwargs)
+            return [result for _ in range(self.num_envs)]
         for k in range(len(self._pipes)):
             self._send(k, "env_method", (method_name, method_args, method_kwargs))
         results = self._receive_all()
@@ -226,28 +278,45 @@ class HPOSubprocVecEnv(VecEnv):
 
     def _send(self, k: int, command: str, payload: Any) -> None:
         if self.closed:
-            raise RuntimeError("this HPOSubprocVecEnv is closed: its workers have stopped; build a new one")
+            raise RuntimeError(f"this HPOSubprocVecEnv is closed ({self._closed_because}): build a new one")
+        if k in self._pending:
+            raise RuntimeError(f"HPOSubprocVecEnv.{command}() while a step is in flight: call step_wait() first")
         try:
             self._pipes[k].send((command, payload))
         except (BrokenPipeError, ConnectionResetError) as err:
             self._worker_died(k, err)
+        self._pending.add(k)
 
     def _receive_all(self) -> list[Any]:
-        """Every worker's answer to the last command; the first worker's error is raised once all answered."""
+        """Every worker's answer to the last command; the first worker's error is raised once all answered.
+
+        A wait that does not end with every answer read (Ctrl-C, an answer that cannot be unpickled) closes
+        the environment: the workers would answer out of step from then on."""
         answers = []
-        for k, pipe in enumerate(self._pipes):
-            try:
-                answers.append(pipe.recv())
-            except (EOFError, ConnectionResetError) as err:
-                self._worker_died(k, err)
+        try:
+            for k, pipe in enumerate(self._pipes):
+                try:
+                    answers.append(pipe.recv())
+                except (EOFError, ConnectionResetError) as err:
+                    self._worker_died(k, err)
+                self._pending.discard(k)
+        except BaseException as err:
+            if not self.closed:
+                self._closed_because = f"a wait for its workers was interrupted by {type(err).__name__}"
+                self.close()
+            raise
         for k, (status, payload) in enumerate(answers):
             if status == "error":
                 error, trace = payload
-                raise error from _RemoteTraceback(f"raised in environment worker {k} of {len(self._pipes)}:\n{trace}")
+                o, n = self.offsets[k], self.sizes[k]
+                raise error from _RemoteTraceback(
+                    f"raised in environment worker {k} of {len(self._pipes)} (slots {o}-{o + n - 1}):\n{trace}"
+                )
         return [payload for _, payload in answers]
 
     def _worker_died(self, k: int, err: BaseException) -> NoReturn:
         code = self._processes[k].exitcode if k < len(self._processes) else None
+        self._closed_because = f"environment worker {k} stopped"
         self.close()
         raise RuntimeError(
             f"environment worker {k} of {len(self._pipes)} stopped (exit code {code}); the environment is closed"
@@ -276,7 +345,7 @@ def _worker(pipe: multiprocessing.connection.Connection, size: int, kwargs: Mapp
     while True:
         try:
             command, payload = pipe.recv()
-        except EOFError:  # the main process has gone
+        except (EOFError, OSError):  # the main process has gone
             return
         try:
             if command == "close":
@@ -291,25 +360,41 @@ def _worker(pipe: multiprocessing.connection.Connection, size: int, kwargs: Mapp
                 env._seeds, env._options = payload  # this worker's slice of the main process's
                 result = (env.reset(), env.reset_infos)
             elif command == "get_attr":
-                result = env.get_attr(payload)
+                result = _sendable(env.get_attr(payload), f"get_attr({payload!r})")
             elif command == "set_attr":
                 env.set_attr(*payload)
                 result = None
             elif command == "env_method":
                 name, args, kw = payload
-                result = env.env_method(name, *args, **kw)[0]
+                result = _sendable(env.env_method(name, *args, **kw)[0], f"env_method({name!r})")
             else:
                 raise ValueError(f"unknown command {command!r}")
+            pipe.send(("ok", result))
+        except (BrokenPipeError, ConnectionResetError):  # the main process has gone
+            return
         except BaseException as err:
             _send_error(pipe, err)
-            continue
-        pipe.send(("ok", result))
+
+
+def _sendable(value: Any, what: str) -> Any:
+    """``value`` if it can be sent to the main process; else a TypeError that says so."""
+    try:
+        pickle.dumps(value)
+    except Exception as err:
+        raise TypeError(
+            f"{what}: the value cannot be sent from a worker process ({type(err).__name__}: {err}); read it from "
+            "one HPOVecEnv instead"
+        ) from None
+    return value
 
 
 def _send_error(pipe: multiprocessing.connection.Connection, err: BaseException) -> None:
-    """Send ``err`` and its traceback to the main process (as a RuntimeError if it cannot be pickled)."""
+    """Send ``err`` and its traceback to the main process (as a RuntimeError where it would not arrive intact)."""
     trace = traceback.format_exc()
     try:
+        pickle.loads(pickle.dumps(err))  # an error that cannot be unpickled would stop the main process's read
         pipe.send(("error", (err, trace)))
+    except (BrokenPipeError, ConnectionResetError):
+        pass
     except Exception:
         pipe.send(("error", (RuntimeError(f"{type(err).__name__}: {err}"), trace)))

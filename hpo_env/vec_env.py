@@ -18,7 +18,7 @@ from hpo_env.envs import make_distribution
 from hpo_env.features import OBS_BOUND
 from hpo_env.tasks import TaskDistribution, TaskSpec
 
-__all__ = ["HPOVecEnv"]
+__all__ = ["HPOVecEnv", "check_reset_options"]
 
 
 class HPOVecEnv(VecEnv):
@@ -136,32 +136,16 @@ class HPOVecEnv(VecEnv):
         if seed is not None:
             self._rngs[i] = seeding.np_random(seed)[0]
         task = self._options[i].get("task") if self._options[i] else None
-        unknown = set(self._options[i] or {}) - {"task"}
-        if unknown:
-            raise ValueError(f"unknown reset options {sorted(unknown)}; supported: ['task']")
-        if task is not None and not isinstance(task, TaskSpec):
-            raise TypeError(f"options['task'] must be a TaskSpec, got {type(task).__name__}")
         return task if task is not None else self.task_distribution.sample(self._rngs[i])
 
     def _leader(self, i: int) -> int:
         return i - i % self.task_group_size
 
-    def _group_tasks(self, specs: list[TaskSpec]) -> list[TaskSpec]:
-        """Every slot of a group gets its leader's task; a different task asked for a member is refused."""
-        grouped = [specs[self._leader(i)] for i in range(len(specs))]
-        for i, leader in enumerate(grouped):
-            if self._options[i] and self._options[i].get("task") not in (None, leader):
-                raise ValueError(
-                    f"slot {i} shares the task of slot {self._leader(i)} (task_group_size = {self.task_group_size});"
-                    " set options['task'] for the group's first slot only, or for every slot of the group alike"
-                )
-        return grouped
-
     def reset(self) -> np.ndarray:
+        check_reset_options(self._options, self.task_group_size)  # before any slot changes
         slots = list(range(self.num_envs))
         specs = [self._next_task(i) for i in slots]
-        if self.task_group_size > 1:
-            specs = self._group_tasks(specs)
+        specs = [specs[self._leader(i)] for i in slots]  # a group trains its first slot's task
         obs, infos = self._batch.start(slots, specs)
         self.reset_infos = infos
         # Seeds and options apply to one reset only (SB3 convention).
@@ -233,6 +217,25 @@ class HPOVecEnv(VecEnv):
 
     def get_images(self) -> Sequence[np.ndarray | None]:
         return [None for _ in range(self.num_envs)]
+
+
+def check_reset_options(options: Sequence[Mapping[str, Any] | None], task_group_size: int = 1) -> None:
+    """Check every slot's reset options (``VecEnv.set_options``) before a reset changes anything: only
+    ``task`` (a :class:`TaskSpec`) is known, and a member of a task group may only ask for its group's task."""
+    for i, option in enumerate(options):
+        unknown = set(option or {}) - {"task"}
+        if unknown:
+            raise ValueError(f"unknown reset options {sorted(unknown)}; supported: ['task']")
+        task = option.get("task") if option else None
+        if task is not None and not isinstance(task, TaskSpec):
+            raise TypeError(f"options['task'] must be a TaskSpec, got {type(task).__name__}")
+        leader = i - i % task_group_size
+        leader_option = options[leader]
+        if task is not None and task != (leader_option.get("task") if leader_option else None):
+            raise ValueError(
+                f"slot {i} shares the task of slot {leader} (task_group_size = {task_group_size}); set "
+                "options['task'] for the group's first slot only, or for every slot of the group alike"
+            )
 
 
 def _count(name: str, value: object) -> int:

@@ -43,6 +43,14 @@ def test_the_split_slots_are_the_slots_of_one_process_across_automatic_resets():
             assert split.tasks() == one.tasks()
             assert [i["hparams"] for i in split.reset_infos] == [i["hparams"] for i in one.reset_infos]
         assert ended >= 6  # every slot restarted at least once (toy episodes are 9 decisions)
+        # Bad actions are refused before any worker steps: the slots stay in step with one process.
+        with pytest.raises(ValueError, match=r"expected actions of shape \(6, 2\) .* got an array of shape \(5, 2\)"):
+            split.step(np.zeros((5, 2), np.float32))
+        nan = np.zeros((6, 2), np.float32)
+        nan[4, 1] = np.nan
+        with pytest.raises(ValueError, match=r"actions must be finite; slot\(s\) \[4\]"):
+            split.step(nan)
+        _step_both(one, split, np.zeros((6, 2), np.float32))
         assert split.get_attr("task", [1, 4]) == [one.tasks()[1], one.tasks()[4]]
         assert split.get_attr("decoder")[0].names == one.decoder.names
         assert split.env_method("tasks") == [one.tasks()[:4]] * 4 + [one.tasks()[4:]] * 2  # run once per worker
@@ -62,6 +70,18 @@ def test_seeds_options_and_a_divergence_in_the_workers():
         assert tasks[:2] == reference.tasks()[:2]
         split.reset()  # no seed, no options now: slot 2 draws from its own generator
         assert split.tasks()[2] != spec
+        before = split.tasks()
+        split.set_options([{}, {}, {}, {"task": spec}])  # a group member alone: refused, nothing restarted
+        with pytest.raises(ValueError, match="slot 3 shares the task of slot 2"):
+            split.reset()
+        assert split.tasks() == before
+        split.set_options(None)
+        split.env_method("seed", 7)  # the environment's seeds, taken by the workers at the next reset
+        split.reset()
+        reference.seed(7)
+        reference.reset()
+        assert split.tasks() == reference.tasks()
+        assert split.get_attr("num_envs") == [4] * 4 and split.get_attr("reset_infos")[0] == split.reset_infos
 
         # A divergence ends the group's episode with its penalty, as in one process.
         sgd = dataclasses.replace(spec, optimizer="sgd", lr=0.1)
@@ -86,10 +106,12 @@ def test_errors_are_the_environments_errors_and_a_dead_worker_closes_it():
     assert shard_sizes(10, 3, 2) == [4, 4, 2] and shard_sizes(5, 5) == [1] * 5
     split = HPOSubprocVecEnv(2, "toy", workers=2, seed=0)
     split.set_options({"bogus": 1})
-    with pytest.raises(ValueError, match=r"unknown reset options \['bogus'\]") as caught:
-        split.reset()
-    assert "environment worker 0 of 2" in str(caught.value.__cause__)  # the worker's traceback, chained
+    with pytest.raises(ValueError, match=r"unknown reset options \['bogus'\]"):
+        split.reset()  # (checked here, before any worker resets)
     split.set_options(None)  # (a reset that raised leaves its options, as in HPOVecEnv)
+    with pytest.raises(RuntimeError, match=r"step_async\(\) must be called before step_wait\(\)") as caught:
+        split.env_method("step_wait")  # an error in the workers: raised here, with the worker's traceback
+    assert "environment worker 0 of 2 (slots 0-0)" in str(caught.value.__cause__)
     obs = split.reset()  # every worker answered: the pipes are still in step
     assert obs.shape == (2, split.observation_space.shape[0])
     with pytest.raises(ValueError, match="apply to every slot; call it without indices"):
@@ -98,6 +120,13 @@ def test_errors_are_the_environments_errors_and_a_dead_worker_closes_it():
     assert split.get_attr("some_flag") == [3, 3]
     with pytest.raises(AttributeError):
         split.get_attr("no_such_attribute")
+    with pytest.raises(TypeError, match=r"get_attr\('trainer'\): the value cannot be sent from a worker process"):
+        split.get_attr("trainer")
+    split.step_async(np.zeros((2, 2), np.float32))
+    with pytest.raises(RuntimeError, match=r"get_attr\(\) while a step is in flight: call step_wait\(\) first"):
+        split.get_attr("task")
+    split.reset()  # drops the step in flight, as HPOVecEnv drops the actions it was given
+    assert split.get_attr("task", [1])[0] is not None
 
     os.kill(split._processes[1].pid, signal.SIGKILL)
     split._processes[1].join()
@@ -107,3 +136,30 @@ def test_errors_are_the_environments_errors_and_a_dead_worker_closes_it():
     with pytest.raises(RuntimeError, match="closed"):
         split.reset()
     split.close()  # twice is fine
+
+
+class _InterruptedPipe:
+    """A pipe whose next read is interrupted, as Ctrl-C interrupts a wait in a notebook."""
+
+    def __init__(self, pipe) -> None:
+        self.pipe, self.interrupt = pipe, True
+
+    def recv(self):
+        if self.interrupt:
+            self.interrupt = False
+            raise KeyboardInterrupt
+        return self.pipe.recv()
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+
+def test_an_interrupted_wait_closes_the_environment_instead_of_answering_out_of_step():
+    split = HPOSubprocVecEnv(2, "toy", workers=2, seed=0)
+    split.reset()
+    split._pipes[1] = _InterruptedPipe(split._pipes[1])
+    with pytest.raises(KeyboardInterrupt):
+        split.step(np.zeros((2, 2), np.float32))
+    assert split.closed and not any(p.is_alive() for p in split._processes)
+    with pytest.raises(RuntimeError, match=r"closed \(a wait for its workers was interrupted by KeyboardInterrupt\)"):
+        split.step(np.zeros((2, 2), np.float32))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import random
 import re
 import shutil
@@ -265,6 +266,10 @@ def test_a_damaged_checkpoint_is_a_clear_error(tmp_path, capsys):
     (checkpoint / "model.zip").write_bytes(b"not a zip")
     assert main(["--resume", str(tmp_path / "dmg"), "--total-timesteps", "128"]) == 2
     assert "move that folder out of checkpoints/" in capsys.readouterr().err
+    # with env workers: the same error, and the workers are stopped (not left running in this process)
+    assert main(["--resume", str(tmp_path / "dmg"), "--total-timesteps", "128", "--env-workers", "2"]) == 2
+    assert "move that folder out of checkpoints/" in capsys.readouterr().err
+    assert not [p for p in multiprocessing.active_children() if p.name == "hpo-env-worker"]
 
 
 def test_existing_run_folder_is_not_overwritten(tmp_path, capsys):
