@@ -20,7 +20,8 @@ import pickle
 import signal
 import threading
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import gymnasium as gym
@@ -30,7 +31,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices
 from hpo_env.checks import as_real_array
 from hpo_env.vec_env import HPOVecEnv, _count, check_reset_options
 
-__all__ = ["HPOSubprocVecEnv", "shard_sizes"]
+__all__ = ["HPOSubprocVecEnv", "ignore_sigint", "shard_sizes", "sigint_blocked"]
 
 
 def shard_sizes(num_envs: int, workers: int, task_group_size: int = 1) -> list[int]:
@@ -129,12 +130,8 @@ class HPOSubprocVecEnv(VecEnv):
         context: Any = multiprocessing.get_context(start_method)
         self._pipes: list[multiprocessing.connection.Connection] = []
         self._processes: list[Any] = []
-        main_thread = threading.current_thread() is threading.main_thread()
         try:
-            # Spawned workers start with SIGINT ignored (an ignored signal stays ignored in a new interpreter),
-            # so a Ctrl-C while they import torch does not print their tracebacks.
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
-            try:
+            with sigint_blocked():  # the workers ignore Ctrl-C from their first instruction
                 for size in self.sizes:
                     here, there = context.Pipe()
                     process = context.Process(
@@ -144,9 +141,6 @@ class HPOSubprocVecEnv(VecEnv):
                     there.close()
                     self._pipes.append(here)
                     self._processes.append(process)
-            finally:
-                if main_thread:
-                    signal.signal(signal.SIGINT, previous)
             self._pending = set(range(len(self._pipes)))
             self._receive_all()  # each worker's "ready", or the error that stopped it
         except BaseException:
@@ -330,9 +324,35 @@ class _RemoteTraceback(Exception):
         return str(self.args[0])
 
 
+@contextmanager
+def sigint_blocked() -> Iterator[None]:
+    """Start child processes in this block so that they never see a Ctrl-C, and this process still does.
+
+    The children start with SIGINT ignored (an ignored signal stays ignored across ``exec``, so a Ctrl-C
+    while they import torch prints no traceback); :func:`ignore_sigint` keeps it so. Here SIGINT is
+    blocked meanwhile too: a blocked signal is kept pending rather than dropped, and reaches this
+    process's own handler when the block ends. Outside the main thread, or where signal masks do not
+    exist (Windows), it does nothing."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a Ctrl-C pending since the block began arrives now
+
+
+def ignore_sigint() -> None:
+    """In a child process started under :func:`sigint_blocked`: keep ignoring Ctrl-C (the parent handles it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _worker(pipe: multiprocessing.connection.Connection, size: int, kwargs: Mapping[str, Any], threads: int) -> None:
     """An environment worker: one HPOVecEnv of ``size`` slots, driven by commands on ``pipe``."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and closes the workers
+    ignore_sigint()  # the main process handles Ctrl-C and closes the workers
     try:
         import torch
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import sys
+import time
 
 import numpy as np
 import pytest
 
 from hpo_env import HPOVecEnv, make_distribution
-from hpo_env.subproc import HPOSubprocVecEnv, shard_sizes
+from hpo_env.subproc import HPOSubprocVecEnv, shard_sizes, sigint_blocked
 
 
 def _step_both(one: HPOVecEnv, split: HPOSubprocVecEnv, actions: np.ndarray):
@@ -163,3 +165,21 @@ def test_an_interrupted_wait_closes_the_environment_instead_of_answering_out_of_
     assert split.closed and not any(p.is_alive() for p in split._processes)
     with pytest.raises(RuntimeError, match=r"closed \(a wait for its workers was interrupted by KeyboardInterrupt\)"):
         split.step(np.zeros((2, 2), np.float32))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_ignore_ctrl_c_from_their_start_and_a_ctrl_c_meanwhile_reaches_this_process():
+    with HPOSubprocVecEnv(2, "toy", workers=2) as split:
+        for process in split._processes:  # SIGINT (signal 2) is bit 1 of the ignored set
+            ignored = next(line for line in open(f"/proc/{process.pid}/status") if line.startswith("SigIgn"))
+            assert int(ignored.split()[1], 16) & (1 << (signal.SIGINT - 1))
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # (a CI runner may start us ignoring it)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with sigint_blocked():  # as while workers start: ignored for them, kept pending for this process
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+            pytest.fail("the Ctrl-C sent while the workers started was lost")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)

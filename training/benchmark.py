@@ -813,8 +813,8 @@ def _run_in_workers(
     """
     import multiprocessing
     import multiprocessing.pool
-    import signal
-    import threading
+
+    from hpo_env.subproc import sigint_blocked
 
     units: list[tuple[str, list[Any]]] = list(_work_units(todo, config))
     policy_left = sum(kind == "policy" for kind, _ in units)
@@ -824,14 +824,8 @@ def _run_in_workers(
         return 0
     processes = min(config.workers, len(units))
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's thread pools
-    main_thread = threading.current_thread() is threading.main_thread()
-    # Spawned workers start with SIGINT ignored (an ignored signal stays ignored in a new interpreter).
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
-    try:
+    with sigint_blocked():  # the workers ignore Ctrl-C from their first instruction (_worker_start)
         pool = context.Pool(processes, _worker_start, (config, code_version, policy_hash))
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGINT, previous)
     computed = 0
     try:
         queue = list(reversed(units))
@@ -870,11 +864,11 @@ def _worker_start(config: BenchmarkConfig, code_version: str, policy_hash: str) 
     An error is kept for the first batch to raise (a pool's initializer that raises would be restarted
     for ever).
     """
-    import signal
-
     import torch
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from hpo_env.subproc import ignore_sigint
+
+    ignore_sigint()  # the main process handles Ctrl-C and stops the workers
     torch.set_num_threads(config.threads or 1)
     try:
         bundle, found_hash = _load_policy(config, None, None)
