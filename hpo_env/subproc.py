@@ -331,7 +331,9 @@ def sigint_blocked() -> Iterator[None]:
     The children start with SIGINT ignored (an ignored signal stays ignored across ``exec``, so a Ctrl-C
     while they import torch prints no traceback); :func:`ignore_sigint` keeps it so. Here SIGINT is
     blocked meanwhile too: a blocked signal is kept pending rather than dropped, and reaches this
-    process's own handler when the block ends. Outside the main thread, or where signal masks do not
+    process's own handler when the block ends. The block lasts the few milliseconds the starts take; a
+    Ctrl-C in them that the kernel hands to another thread of this process (one that does not block it)
+    is dropped, and a second Ctrl-C is needed. Outside the main thread, or where signal masks do not
     exist (Windows), it does nothing."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield

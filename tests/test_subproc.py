@@ -6,6 +6,7 @@ import dataclasses
 import os
 import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -177,7 +178,8 @@ def test_workers_ignore_ctrl_c_from_their_start_and_a_ctrl_c_meanwhile_reaches_t
     try:
         with pytest.raises(KeyboardInterrupt):
             with sigint_blocked():  # as while workers start: ignored for them, kept pending for this process
-                os.kill(os.getpid(), signal.SIGINT)
+                # (sent to this thread: a process-wide one may go to another thread of the test process)
+                signal.pthread_kill(threading.get_ident(), signal.SIGINT)
                 time.sleep(0.05)
             pytest.fail("the Ctrl-C sent while the workers started was lost")
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
