@@ -176,21 +176,7 @@ class EpisodeBatch:
             if ep is None or ep.done:
                 raise RuntimeError(f"slot {s} has no running episode; reset it before stepping")
         # Check every action before any slot changes, so that a bad one leaves the batch as it was.
-        k = self.decoder.num_actions
-        actions = as_real_array(actions)
-        # Exactly (n, k), or (n,) with one hyperparameter: a transposed (k, n) array has the right size
-        # but would give each slot another slot's values.
-        if actions.shape != (len(slots), k) and not (k == 1 and actions.shape == (len(slots),)):
-            raise ValueError(
-                f"expected actions of shape ({len(slots)}, {k}) (one row per slot, one value per controlled "
-                f"hyperparameter {list(self.decoder.names)}), got an array of shape {actions.shape}"
-            )
-        actions = actions.reshape(len(slots), k)
-        bad = ~np.isfinite(actions).all(axis=1)
-        if bad.any():
-            raise ValueError(
-                f"actions must be finite; slot(s) {[slots[j] for j in np.flatnonzero(bad)]} got {actions[bad]}"
-            )
+        actions = checked_actions(actions, slots, self.decoder)
         obs = np.zeros((len(slots), self.obs_dim), dtype=np.float32)
         rewards = np.zeros(len(slots))
         terminated = np.zeros(len(slots), dtype=bool)
@@ -313,3 +299,24 @@ class EpisodeBatch:
         if ep.spec.task_type == "classification":
             info["val_accuracy"] = float(acc)
         return info
+
+
+def checked_actions(actions: object, slots: Sequence[int], decoder: ActionDecoder) -> np.ndarray:
+    """``actions`` as a finite ``(len(slots), k)`` array, one row per slot of ``slots``; a ValueError that
+    names the shape or the slots otherwise."""
+    k = decoder.num_actions
+    array = as_real_array(actions)
+    # Exactly (n, k), or (n,) with one hyperparameter: a transposed (k, n) array has the right size
+    # but would give each slot another slot's values.
+    if array.shape != (len(slots), k) and not (k == 1 and array.shape == (len(slots),)):
+        raise ValueError(
+            f"expected actions of shape ({len(slots)}, {k}) (one row per slot, one value per controlled "
+            f"hyperparameter {list(decoder.names)}), got an array of shape {array.shape}"
+        )
+    array = array.reshape(len(slots), k)
+    bad = ~np.isfinite(array).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"actions must be finite; slot(s) {[slots[int(j)] for j in np.flatnonzero(bad)]} got {array[bad]}"
+        )
+    return array

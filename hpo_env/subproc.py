@@ -28,7 +28,7 @@ import gymnasium as gym
 import numpy as np
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices
 
-from hpo_env.checks import as_real_array
+from hpo_env.core import checked_actions
 from hpo_env.vec_env import HPOVecEnv, _count, check_reset_options
 
 __all__ = ["HPOSubprocVecEnv", "ignore_sigint", "shard_sizes", "sigint_blocked"]
@@ -166,17 +166,7 @@ class HPOSubprocVecEnv(VecEnv):
     def step_async(self, actions: np.ndarray) -> None:
         if self._stepping:
             raise RuntimeError("step_async() was called twice: call step_wait() for the step in flight first")
-        actions = as_real_array(actions)
-        k = self.decoder.num_actions
-        if actions.shape != (self.num_envs, k) and not (k == 1 and actions.shape == (self.num_envs,)):
-            raise ValueError(
-                f"expected actions of shape ({self.num_envs}, {k}) (one row per slot, one value per controlled "
-                f"hyperparameter {list(self.decoder.names)}), got an array of shape {actions.shape}"
-            )
-        actions = actions.reshape(self.num_envs, k)
-        bad = ~np.isfinite(actions).all(axis=1)
-        if bad.any():
-            raise ValueError(f"actions must be finite; slot(s) {np.flatnonzero(bad).tolist()} got {actions[bad]}")
+        actions = checked_actions(actions, range(self.num_envs), self.decoder)  # before any worker steps
         for w, (o, n) in enumerate(zip(self.offsets, self.sizes)):
             self._send(w, "step", actions[o : o + n])
         self._stepping = True

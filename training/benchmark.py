@@ -689,8 +689,7 @@ def _run_benchmark(config: BenchmarkConfig, policy: Any, policy_hash: str | None
             reused += len(replay_jobs) - len(replay_todo)
             bar.total += len(replay_todo) - expected_replays
             bar.refresh()
-            size = config.chunk_size
-            return [("replay", replay_todo[i : i + size]) for i in range(0, len(replay_todo), size)]
+            return [("replay", chunk) for chunk in _chunked(replay_todo, config.chunk_size)]
 
         try:
             # The policy first: the replay controls are built from its runs.
@@ -759,8 +758,7 @@ def run_chunks(jobs: list[Job], decoder: ActionDecoder, bundle: Any, config: Ben
     """Train ``jobs`` (``config.chunk_size`` per batched call; ``bundle`` serves the policy arms) and store
     each chunk's results as soon as it ends; returns how many were run."""
     done = 0
-    for start in range(0, len(jobs), config.chunk_size):
-        chunk = jobs[start : start + config.chunk_size]
+    for chunk in _chunked(jobs, config.chunk_size):
         policies = []
         for j in chunk:
             if j.arm.kind == "policy":
@@ -791,9 +789,13 @@ def _work_units(todo: list[Job], config: BenchmarkConfig) -> list[tuple[str, lis
     alike."""
     units = []
     for kind in ("policy", "random", "schedule"):
-        batch = [j.key for j in todo if j.arm.kind == kind]
-        units += [(kind, batch[i : i + config.chunk_size]) for i in range(0, len(batch), config.chunk_size)]
+        units += [(kind, chunk) for chunk in _chunked([j.key for j in todo if j.arm.kind == kind], config.chunk_size)]
     return units + [("hypergradient", [j.key]) for j in todo if j.arm.kind == "hypergradient"]
+
+
+def _chunked(items: list, size: int) -> list[list]:
+    """``items`` cut into consecutive batches of ``size`` (the last one shorter)."""
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _run_in_workers(

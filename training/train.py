@@ -944,13 +944,18 @@ def load_checkpoint_agent(checkpoint: Path, config: Any, env_seed: int, settings
 
 
 def _check_env_workers(workers: int, config: Any) -> None:
-    """--env-workers must split the slots into whole task groups, before any process starts."""
-    groups = config.n_envs // config.task_group_size
-    if workers > groups:
+    """--env-workers must split the slots into whole task groups (:func:`hpo_env.subproc.shard_sizes`), checked
+    before any process starts."""
+    from hpo_env.subproc import shard_sizes
+
+    try:
+        shard_sizes(config.n_envs, workers, config.task_group_size)
+    except ValueError:
+        groups = config.n_envs // config.task_group_size
         raise SettingsError(
             f"--env-workers {workers} is more than the run's {groups} task groups ({config.n_envs} slots in groups "
             f"of {config.task_group_size}): each worker steps whole groups; pass --env-workers {groups} or fewer"
-        )
+        ) from None
 
 
 def _damaged_checkpoint(checkpoint: Path, err: BaseException) -> RunFolderError:
