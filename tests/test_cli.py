@@ -113,3 +113,52 @@ def test_commands_print_warnings_as_prog_warning_message(monkeypatch, capsys):
         warnings.warn("plain", UserWarning, stacklevel=1)
     assert shown[-1].startswith(__file__) and "UserWarning: plain" in shown[-1]
     capsys.readouterr()
+
+
+def test_installed_commands_start_through_launch(monkeypatch):
+    """Every installed command of the package is a ``training.cli`` function that launches its own
+    module's ``main`` under its own name."""
+    import importlib
+    from importlib.metadata import entry_points
+
+    import training.cli
+
+    scripts = {ep.name: ep for ep in entry_points(group="console_scripts") if ep.dist and ep.dist.name == "hpo-meta"}
+    launched = []
+    monkeypatch.setattr(training.cli, "launch", lambda module, prog: launched.append((module, prog)) or 0)
+    for prog, ep in scripts.items():
+        assert ep.module == "training.cli", ep.value
+        assert ep.load()() == 0
+        assert launched[-1][1] == prog
+        assert callable(importlib.import_module(launched[-1][0]).main)
+    assert sorted(scripts) == ["hpo-average", "hpo-bench", "hpo-demo", "hpo-ensemble", "hpo-train"]
+
+
+def test_launch_returns_the_status_of_main(monkeypatch, capsys):
+    import types
+
+    import training.cli
+
+    fake = types.SimpleNamespace(main=lambda: 2)
+    monkeypatch.setattr(training.cli.importlib, "import_module", lambda module: fake)
+    assert training.cli.launch("x", "hpo-x") == 2
+    fake.main = lambda: None  # hpo-demo's main returns nothing
+    assert training.cli.launch("x", "hpo-x") == 0
+
+
+def test_a_ctrl_c_while_a_command_imports_exits_130_without_a_traceback():
+    """A real interrupt 50 ms into ``hpo-train``, while torch is still importing (a second or more)."""
+    import subprocess
+
+    code = (
+        "import signal, sys\n"
+        "import training.cli\n"
+        "def interrupt(*_):\n"
+        "    raise KeyboardInterrupt\n"
+        "signal.signal(signal.SIGALRM, interrupt)\n"
+        "sys.argv = ['hpo-train', '--help']  # if the imports ever won the race: help, status 0, no training\n"
+        "signal.setitimer(signal.ITIMER_REAL, 0.05)\n"
+        "sys.exit(training.cli.hpo_train())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (130, "\nhpo-train: interrupted\n")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import math
 import sys
 import warnings
@@ -25,7 +26,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["HelpFormatter", "non_negative_int", "positive_float", "positive_int", "readable_warnings", "run_script"]
+__all__ = [
+    "HelpFormatter",
+    "launch",
+    "non_negative_int",
+    "positive_float",
+    "positive_int",
+    "readable_warnings",
+    "run_script",
+]
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -124,3 +133,37 @@ def run_script(
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     return 1 if ok is not None and not ok(result) else 0
+
+
+def launch(module: str, prog: str) -> int:
+    """Import a command's module and return the exit status of its ``main()``: the installed commands
+    start here, so that a Ctrl-C while torch and the rest import (a few seconds) ends like one later,
+    ``prog: interrupted`` and status 130, not a traceback through the importing libraries."""
+    try:
+        main = importlib.import_module(module).main
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+    status = main()
+    return 0 if status is None else int(status)
+
+
+# The installed commands (``[project.scripts]`` in pyproject.toml). This module imports nothing heavy.
+def hpo_train() -> int:
+    return launch("training.train", "hpo-train")
+
+
+def hpo_bench() -> int:
+    return launch("training.benchmark", "hpo-bench")
+
+
+def hpo_average() -> int:
+    return launch("training.averaging", "hpo-average")
+
+
+def hpo_ensemble() -> int:
+    return launch("agents.bundle", "hpo-ensemble")
+
+
+def hpo_demo() -> int:
+    return launch("hpo_env.__main__", "hpo-demo")
