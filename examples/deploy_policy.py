@@ -1,8 +1,10 @@
 """Tune two models the policy has never seen, in a plain PyTorch training loop.
 
 Trains (1) a small CNN on scikit-learn's ``load_digits`` with SGD and (2) a character-level GRU
-language model on the docstrings of Python's standard library with AdamW, each with three
-learning-rate schedules at the same step budget and the same initial hyperparameters:
+language model on the docstrings of Python's standard library with AdamW, and with ``--problems
+transformer`` (3) a two-layer causal Transformer on the same text, with AdamW's usual two param groups
+(no weight decay on biases, norms and positions); each with three learning-rate schedules at the same
+step budget and the same initial hyperparameters:
 
 * ``policy``: the meta-trained :class:`~agents.PolicyScheduler` (``lr`` and ``weight_decay``),
 * ``constant``: the optimiser's initial learning rate throughout,
@@ -23,8 +25,9 @@ five lines (marked ``# <--`` below)::
 
 Run from the repository root (2-3 minutes on 2 CPU cores)::
 
-    python examples/deploy_policy.py                       # both problems, 3 seeds
+    python examples/deploy_policy.py                       # the digits CNN and the GRU, 3 seeds
     python examples/deploy_policy.py --problems digits --seeds 1 --out runs/examples
+    python examples/deploy_policy.py --problems transformer --lr-grid 1 0.3 3   # an architecture not meta-trained on
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ SCHEDULES = ("policy", "constant", "cosine")
 
 
 # --------------------------------------------------------------------------------------------------
-# The two problems: data, model, optimiser, minibatches and evaluation in plain PyTorch.
+# The problems: data, model, optimiser, minibatches and evaluation in plain PyTorch.
 @dataclass
 class Problem:
     """One training problem in plain PyTorch.
@@ -144,8 +147,43 @@ class CharGRU(nn.Module):
         return self.head(out)
 
 
-def charlm_problem(window: int = 48) -> Problem:
-    """A character-level GRU language model, AdamW at its PyTorch defaults (lr 1e-3, weight decay 1e-2)."""
+class CharTransformer(nn.Module):
+    """Causal self-attention over characters: embedding plus learned positions, pre-norm Transformer
+    layers, next-character logits at every position (an architecture absent from meta-training)."""
+
+    def __init__(self, vocab: int, window: int, width: int = 64, heads: int = 4, layers: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.position = nn.Parameter(0.02 * torch.randn(window, width))
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab)
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(window), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        n = ids.shape[1]
+        hidden = self.blocks(self.embed(ids) + self.position[:n], mask=self.causal[:n, :n], is_causal=True)
+        return self.head(self.norm(hidden))
+
+
+def transformer_adamw(model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW as Transformers are usually trained: weight decay on the matrices only (a second param group
+    with ``weight_decay=0`` for biases, norms and positions, which the scheduler keeps at 0)."""
+    named = list(model.named_parameters())
+    decay = [p for name, p in named if p.dim() >= 2 and name != "position"]
+    no_decay = [p for name, p in named if p.dim() < 2 or name == "position"]
+    return torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3, weight_decay=1e-2)
+
+
+def char_lm_problem(
+    name: str,
+    make_model: Callable[[int], nn.Module],
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    window: int = 48,
+) -> Problem:
+    """A character-level language model on the docstrings of Python's standard library: 80/10/10 split,
+    minibatches of 32 random windows, 500 optimiser steps; ``make_model(window)`` builds the model."""
     ids = torch.from_numpy(python_text_corpus())
     n = len(ids)
     train_ids, val_ids, test_ids = ids[: int(0.8 * n)], ids[int(0.8 * n) : int(0.9 * n)], ids[int(0.9 * n) :]
@@ -167,9 +205,9 @@ def charlm_problem(window: int = 48) -> Problem:
         return ce, int((logits.argmax(-1) == yb).sum()), yb.numel()
 
     return Problem(
-        name="char-LM GRU (AdamW)",
-        make_model=lambda: CharGRU(len(CHAR_VOCAB)),
-        make_optimizer=lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=1e-2),
+        name=name,
+        make_model=lambda: make_model(window),
+        make_optimizer=make_optimizer,
         batch=batch,
         loss=loss,
         val=val,
@@ -181,7 +219,24 @@ def charlm_problem(window: int = 48) -> Problem:
     )
 
 
-PROBLEMS = {"digits": digits_problem, "charlm": charlm_problem}
+def charlm_problem() -> Problem:
+    """A character-level GRU language model, AdamW at its PyTorch defaults (lr 1e-3, weight decay 1e-2)."""
+    return char_lm_problem(
+        "char-LM GRU (AdamW)",
+        lambda window: CharGRU(len(CHAR_VOCAB)),
+        lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=1e-2),
+    )
+
+
+def transformer_problem() -> Problem:
+    """A two-layer causal Transformer on the same characters, AdamW (lr 1e-3, weight decay 1e-2 on the
+    matrices only)."""
+    return char_lm_problem(
+        "char-LM Transformer", lambda window: CharTransformer(len(CHAR_VOCAB), window), transformer_adamw
+    )
+
+
+PROBLEMS = {"digits": digits_problem, "charlm": charlm_problem, "transformer": transformer_problem}
 
 
 # --------------------------------------------------------------------------------------------------

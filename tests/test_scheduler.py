@@ -1369,6 +1369,32 @@ def test_example_script_runs_and_writes_its_plot(tmp_path, capsys, load_script):
         assert re.search(row, out), r.schedule
 
 
+def test_example_transformer_keeps_its_no_decay_group_at_zero(load_script):
+    """The example's Transformer trains under the policy with AdamW's usual two groups: the policy moves the
+    decayed group's rates, and the group of biases, norms and positions keeps weight decay 0."""
+    example = load_script("examples/deploy_policy.py")
+    problem = example.transformer_problem()
+    torch.manual_seed(0)
+    model = problem.make_model()
+    optimizer = problem.make_optimizer(model)
+    decayed, plain = optimizer.param_groups
+    assert plain["weight_decay"] == 0 and decayed["weight_decay"] == 1e-2
+    assert sum(p.numel() for g in (decayed, plain) for p in g["params"]) == sum(p.numel() for p in model.parameters())
+    scheduler = PolicyScheduler.from_pretrained("default", optimizer, total_steps=4, epochs=problem.epochs)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        for _ in range(2):
+            loss, _, _ = problem.loss(model, *problem.batch(rng))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        val_loss, accuracy = example.evaluate(problem, model, problem.val)
+        assert math.isfinite(val_loss) and 0 <= accuracy <= 1
+        scheduler.step(val_loss, train_loss=loss.item())
+    assert decayed["lr"] == plain["lr"] != 1e-3  # the policy moved the rate; both groups keep their 1:1 ratio
+    assert decayed["weight_decay"] != 1e-2 and plain["weight_decay"] == 0
+
+
 def test_benchmark_script_reports_a_median(tmp_path, load_script):
     bench = load_script("benchmarks/scheduler_step.py")
     results = bench.main(["--calls", "30", "--warmup", "5", "--json", str(tmp_path / "r.json")])
