@@ -59,6 +59,20 @@ _FAMILY_DATA: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "glyphs_cnn": (("glyphs",), ("cnn",)),
     "small_tabular": (tuple(SMALL_TABULAR_DATASETS), ("mlp",)),
 }
+#: The data fields each family reads (hpo_env.data; ``embedding_dim`` and ``context_length`` also
+#: shape the char model). A spec may not set another data field off its default: it would change the
+#: task's id and say something about the task that is not true (``_DATA_DEFAULTS``, below TaskSpec).
+_FAMILY_FIELDS: dict[str, tuple[str, ...]] = {
+    "teacher_regression": ("n_samples", "n_features", "label_noise"),
+    "teacher_classification": ("n_samples", "n_features", "n_classes", "label_noise"),
+    "make_classification": ("n_samples", "n_features", "n_classes", "label_noise"),
+    "tabular": ("subset_fraction", "label_noise"),
+    "digits_mlp": ("subset_fraction", "label_noise", "permute_pixels"),  # its sampler leaves pixels in place
+    "digits_cnn": ("subset_fraction", "label_noise", "permute_pixels"),
+    "charlm": ("n_samples", "context_length", "embedding_dim"),
+    "glyphs_cnn": ("n_samples", "n_classes", "label_noise", "permute_pixels"),
+    "small_tabular": ("n_samples", "n_features", "n_classes", "label_noise"),
+}
 #: All task families.
 FAMILIES: tuple[str, ...] = tuple(_FAMILY_DATA)
 #: Families per split. Whole families are held out of meta-training: ``"test"`` for the benchmark, and
@@ -195,6 +209,13 @@ class TaskSpec:
         if not isinstance(self.permute_pixels, (bool, np.bool_)):
             raise bad("permute_pixels", self.permute_pixels, "True or False")
         object.__setattr__(self, "permute_pixels", bool(self.permute_pixels))
+        for name, default in _DATA_DEFAULTS.items():
+            if name not in _FAMILY_FIELDS[self.family] and getattr(self, name) != default:
+                reads = ", ".join(_FAMILY_FIELDS[self.family])
+                raise ValueError(
+                    f"TaskSpec.{name}={getattr(self, name)!r} has no effect on family {self.family!r}, whose data "
+                    f"reads only {reads}: leave {name} at its default {default!r}"
+                )
         if self.arch == "cnn" and len(self.hidden) != 2:
             raise bad("hidden", self.hidden, "two conv channel counts (c1, c2) for the CNN")
         for name in ("batch_size", "total_steps", "steps_per_action"):
@@ -333,6 +354,12 @@ class TaskSpec:
 
 # --------------------------------------------------------------------------------------------------
 # family samplers: (rng, optimizer) -> TaskSpec
+
+
+#: The data fields of every family, with their defaults (TaskSpec checks the fields a family does not read).
+_DATA_DEFAULTS = {
+    f.name: f.default for f in dataclasses.fields(TaskSpec) if any(f.name in fs for fs in _FAMILY_FIELDS.values())
+}
 
 
 def _check_rng(rng: object) -> None:

@@ -199,6 +199,23 @@ def test_specs_that_would_fail_inside_the_data_builders_are_refused():
     assert np.int64(7) == cls.replace(seed=np.int64(7)).seed and type(cls.replace(seed=np.int64(7)).seed) is int
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_data_field_the_family_does_not_read_is_refused(family):
+    """A spec that sets a data field its family ignores (features of a bundled table, pixels of text)
+    would get a new task id for the same task; it is refused, saying which fields the family reads."""
+    from hpo_env.tasks import _DATA_DEFAULTS, _FAMILY_FIELDS
+
+    spec = TaskDistribution.default("all").sample_family(family, np.random.default_rng(0))
+    unread = [name for name in _DATA_DEFAULTS if name not in _FAMILY_FIELDS[family]]
+    assert unread  # every family ignores some of them
+    for name in unread:
+        value = True if name == "permute_pixels" else 0.5 if name in ("label_noise", "subset_fraction") else 7
+        with pytest.raises(ValueError, match=rf"TaskSpec\.{name}=.* has no effect on family '{family}'.* default"):
+            spec.replace(**{name: value})
+    for name in _FAMILY_FIELDS[family]:  # the fields it reads stay settable
+        assert getattr(spec.replace(**{name: getattr(spec, name)}), name) == getattr(spec, name)
+
+
 def test_one_family_by_name():
     assert TaskDistribution("tabular").families == ("tabular",)
 
