@@ -30,6 +30,7 @@ from hpo_env.data import SMALL_TABULAR_DATASETS, TABULAR_DATASETS, TEXT_CORPUS_V
 
 __all__ = [
     "ARCHITECTURES",
+    "DECISIONS_PER_RUN",
     "DEFAULT_LR_SPREAD",
     "FAMILIES",
     "OPTIMIZERS",
@@ -46,6 +47,9 @@ ACTIVATIONS = ("relu", "tanh", "gelu")
 #: A task's initial learning rate is the optimiser's default times ``10 ** U(-spread, spread)``; the
 #: built-in splits (and so every benchmark task) use this spread, meta-training may widen it.
 DEFAULT_LR_SPREAD = 0.5
+#: Decisions per run of every sampled task (``total_steps / steps_per_action``): the horizons a policy is
+#: meta-trained on, and the range a deployed PolicyScheduler warns outside of.
+DECISIONS_PER_RUN = (10, 15, 20, 25, 30)
 
 # family -> (allowed datasets, allowed architectures)
 _FAMILY_DATA: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -381,7 +385,7 @@ def _common(
     rng: np.random.Generator, optimizer: str, lr_spread: float = DEFAULT_LR_SPREAD, lr_center: float = 0.0
 ) -> dict:
     defaults = DEFAULT_HPARAMS[optimizer]
-    decisions = int(rng.choice([10, 15, 20, 25, 30]))
+    decisions = int(rng.choice(DECISIONS_PER_RUN))
     steps_per_action = int(rng.choice([10, 20]))
     return dict(
         optimizer=optimizer,

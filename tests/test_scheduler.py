@@ -252,9 +252,10 @@ def test_load_state_dict_says_when_the_saved_run_length_replaces_the_given_one(d
     assert "epochs=4; it replaces this scheduler's epochs=16" in messages
     assert "total_steps=4 step() calls; it replaces this scheduler's total_steps=8" in messages
     assert (longer.total_steps, longer.epochs) == (4, 4.0)
+    same = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), default_bundle, 4, epochs=4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same length: silent
-        PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), default_bundle, 4, epochs=4).load_state_dict(state)
+        same.load_state_dict(state)
 
 
 def test_reset_restores_initial_values_and_replays_the_same_schedule(default_bundle):
@@ -309,7 +310,7 @@ def test_a_no_decay_group_first_does_not_become_the_weight_decay_base():
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # 0 is not clipped: it is not the base
-        sched = PolicyScheduler(opt, ReplayPolicy(decoder, [[0.5, -1.0]]), total_steps=4)
+        sched = PolicyScheduler(opt, ReplayPolicy(decoder, [[0.5, -1.0]]), total_steps=10)
     sched.step(1.0)
     g0, g1 = opt.param_groups
     assert g0["weight_decay"] == 0.0
@@ -321,7 +322,7 @@ def test_a_no_decay_group_first_does_not_become_the_weight_decay_base():
             [{"params": [model.bias], "weight_decay": 0.0}, {"params": [model.weight], "weight_decay": 0.05}], lr=1e-3
         ),
         ReplayPolicy(decoder, [[0.5, -1.0]]),
-        total_steps=4,
+        total_steps=10,
     )
     restored.load_state_dict(sched.state_dict())
     assert restored.get_last_hparams() == sched.get_last_hparams()
@@ -360,6 +361,26 @@ def test_a_missing_train_loss_warns_once_per_run():
     sched.reset()
     with pytest.warns(UserWarning, match="no train_loss"):
         sched.step(1.0)
+
+
+def test_a_horizon_far_from_meta_training_warns():
+    """Meta-training runs have 10-30 decisions; far outside that (fewer than 10, more than 60) the
+    scheduler says so at construction, pointing at the caller's line, and says how to fix it."""
+    from hpo_env.tasks import DECISIONS_PER_RUN
+
+    assert (min(DECISIONS_PER_RUN), max(DECISIONS_PER_RUN)) == (10, 30)
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1, momentum=0.9)
+    policy = ReplayPolicy(ActionDecoder(("lr",)), [[0.0]])
+    for total_steps in (1, 9, 61, 500):
+        with pytest.warns(
+            UserWarning, match=rf"total_steps={total_steps} step\(\) calls.*runs of 10-30 decisions.*10-60"
+        ) as caught:
+            PolicyScheduler(opt, policy, total_steps=total_steps)
+        assert caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for total_steps in (10, 25, 60):
+            PolicyScheduler(opt, policy, total_steps=total_steps)
 
 
 def test_a_clipped_base_does_not_move_the_other_groups_and_no_group_leaves_the_bounds():
@@ -471,15 +492,15 @@ def test_an_optimizer_unlike_those_meta_trained_on_warns():
     params = list(torch.nn.Linear(2, 2).parameters())
     policy = ReplayPolicy(ActionDecoder(("lr", "weight_decay")), [[0.0, 0.0]])
     with pytest.warns(UserWarning, match=r"Lion is neither.*treated as AdamW \(adaptive=True\).*decays the weights"):
-        PolicyScheduler(Lion(params), policy, total_steps=3)
+        PolicyScheduler(Lion(params), policy, total_steps=10)
     with pytest.warns(UserWarning, match=r"treated as SGD with momentum \(adaptive=False\)") as record:
-        PolicyScheduler(Lion(params), ReplayPolicy(ActionDecoder(("lr",)), [[0.0]]), total_steps=3, adaptive=False)
+        PolicyScheduler(Lion(params), ReplayPolicy(ActionDecoder(("lr",)), [[0.0]]), total_steps=10, adaptive=False)
     assert "decays the weights" not in str(record[0].message), "weight decay is mentioned only when controlled"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sgd = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
         for opt in (AdamW8bit(params), torch.optim.AdamW(params), sgd):
-            PolicyScheduler(opt, policy, total_steps=3)
+            PolicyScheduler(opt, policy, total_steps=10)
 
 
 def test_tensor_learning_rate_is_updated_in_place():
@@ -1395,6 +1416,22 @@ def test_example_transformer_keeps_its_no_decay_group_at_zero(load_script):
     assert decayed["weight_decay"] != 1e-2 and plain["weight_decay"] == 0
 
 
+def test_horizon_script_runs_the_policy_at_each_number_of_decisions(tmp_path, load_script):
+    bench = load_script("benchmarks/horizon.py")
+    threads = torch.get_num_threads()
+    try:
+        results = bench.main(
+            ["--problems", "digits", "--seeds", "1", "--steps", "20", "--decisions", "2", "10"]
+            + ["--json", str(tmp_path / "h.json")]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    rows = results["digits CNN (SGD)"]
+    assert list(rows) == ["constant", "cosine", "policy, 2 decisions", "policy, 10 decisions"]
+    assert all(math.isfinite(row["test_loss"]) for row in rows.values())
+    assert json.loads((tmp_path / "h.json").read_text()) == results
+
+
 def test_benchmark_script_reports_a_median(tmp_path, load_script):
     bench = load_script("benchmarks/scheduler_step.py")
     results = bench.main(["--calls", "30", "--warmup", "5", "--json", str(tmp_path / "r.json")])
@@ -1527,9 +1564,9 @@ def test_plain_sgd_warns_that_the_policy_learned_momentum():
     params = [torch.nn.Parameter(torch.ones(3))]
     policy = ReplayPolicy(ActionDecoder(), np.zeros((2, 2)))
     with pytest.warns(UserWarning, match=r"momentum in \[0.8, 0.95\].*momentum=0: .* = 1 lr, against 10 lr"):
-        PolicyScheduler(torch.optim.SGD(params, lr=0.01, weight_decay=1e-4), policy, total_steps=2)
+        PolicyScheduler(torch.optim.SGD(params, lr=0.01, weight_decay=1e-4), policy, total_steps=10)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        PolicyScheduler(torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4), policy, total_steps=2)
+        PolicyScheduler(torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4), policy, total_steps=10)
         momentum_policy = ReplayPolicy(ActionDecoder(("lr", "momentum")), np.zeros((2, 2)))  # it moves momentum
-        PolicyScheduler(torch.optim.SGD(params, lr=0.01, momentum=0.85), momentum_policy, total_steps=2)
+        PolicyScheduler(torch.optim.SGD(params, lr=0.01, momentum=0.85), momentum_policy, total_steps=10)

@@ -1,0 +1,107 @@
+"""How often to call ``PolicyScheduler.step()``: the same run, decided 10 to 250 times.
+
+Meta-training runs have 10-30 decisions (``hpo_env.tasks.DECISIONS_PER_RUN``). A user may call
+``step()`` once per epoch over 200 epochs, or once per 2 optimiser steps. This script trains the
+problems of ``examples/deploy_policy.py`` (models the policy never saw) for their usual number of
+optimiser steps (500), with the policy deciding every ``500 / T`` steps for each ``T`` given, and
+prints the test loss per ``T`` (mean ± sd over seeds), with the peak and final learning rate as
+multiples of the start, next to the untuned constant and cosine schedules, whose runs do not depend
+on ``T``.
+
+Run from the repository root (about 15 minutes on 2 CPU cores for the defaults)::
+
+    python benchmarks/horizon.py
+    python benchmarks/horizon.py --problems digits --seeds 5 --decisions 10 25 50 100 250
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agents import load_bundle, resolve_policy
+from training.cli import HelpFormatter, positive_int, run_script
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "deploy_policy.py"
+
+
+def _example():
+    """``examples/deploy_policy.py`` as a module (its problems and its training loop)."""
+    spec = importlib.util.spec_from_file_location("deploy_policy", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["deploy_policy"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv: list[str] | None = None) -> dict:
+    example = _example()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser.add_argument(
+        "--problems", nargs="+", choices=sorted(example.PROBLEMS), default=["digits", "charlm", "transformer"]
+    )
+    parser.add_argument("--seeds", type=positive_int, default=3, help="runs per problem and number of decisions")
+    parser.add_argument(
+        "--decisions",
+        type=positive_int,
+        nargs="+",
+        default=[10, 25, 50, 100, 250],
+        help="numbers of step() calls per run; each must divide the problem's optimiser steps (500)",
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="optimiser steps per run (default: the problem's, 500)"
+    )
+    parser.add_argument("--policy", default="default", help="policy bundle directory or shipped name")
+    parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # tiny models run best on one thread
+    # Horizons outside 10-60 decisions are what this measures: the scheduler's warning about them is known.
+    warnings.filterwarnings("ignore", message=r"total_steps=\d+ step\(\) calls")
+    bundle = load_bundle(resolve_policy(args.policy))
+    results: dict = {}
+    for key in args.problems:
+        problem = example.PROBLEMS[key]()
+        total = args.steps or problem.steps_per_decision * problem.decisions
+        bad = [t for t in args.decisions if total % t]
+        if bad:
+            parser.error(f"--decisions {bad} do not divide {problem.name}'s {total} optimiser steps")
+        rows = results[problem.name] = {}
+        # The baselines' runs do not depend on the decisions, only on when validation is measured.
+        problem.steps_per_decision, problem.decisions = total // args.decisions[0], args.decisions[0]
+        for schedule in ("constant", "cosine"):
+            test = [example.train(problem, schedule, seed, bundle).test_loss for seed in range(args.seeds)]
+            rows[schedule] = {"test_loss": float(np.mean(test)), "sd": float(np.std(test))}
+            print(f"{problem.name:22s} {schedule:>14s}  test {np.mean(test):.4f} ± {np.std(test):.4f}", flush=True)
+        for decisions in args.decisions:
+            problem.steps_per_decision, problem.decisions = total // decisions, decisions
+            runs = [example.train(problem, "policy", seed, bundle) for seed in range(args.seeds)]
+            test = [r.test_loss for r in runs]
+            peak = float(np.mean([max(r.lr) / r.lr[0] for r in runs]))
+            final = float(np.mean([r.lr[-1] / r.lr[0] for r in runs]))
+            rows[f"policy, {decisions} decisions"] = {
+                "test_loss": float(np.mean(test)),
+                "sd": float(np.std(test)),
+                "peak_lr_x": peak,
+                "final_lr_x": final,
+            }
+            print(
+                f"{problem.name:22s} {decisions:4d} decisions  test {np.mean(test):.4f} ± {np.std(test):.4f}  "
+                f"(every {total // decisions} steps; lr peak x{peak:.1f}, final x{final:.2f})",
+                flush=True,
+            )
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(run_script(main))
