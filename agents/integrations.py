@@ -80,7 +80,7 @@ from typing import Any
 
 import torch
 
-from agents.scheduler import PolicyScheduler
+from agents.scheduler import HORIZON_WARNING, PolicyScheduler, _warn_about_the_horizon
 
 __all__ = ["PolicySchedulerMixin", "hf_trainer_callback", "lightning_scheduler_config"]
 
@@ -436,7 +436,15 @@ def _hf_callback_class() -> type:
                 for group in optimizer.param_groups:
                     if "initial_lr" in group:
                         group["lr"] = group["initial_lr"]
+            if saved is None:  # a resumed run was judged when it started
+                _warn_about_the_horizon(
+                    total,
+                    what="evaluations (the callback's decisions)",
+                    fix="Set eval_strategy/eval_steps so that the run has {low}-{high} evaluations",
+                    stacklevel=2,
+                )
             with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=HORIZON_WARNING)  # said above, in the Trainer's terms
                 if saved is not None:
                     # The resumed optimizer holds the policy's own rates (with its state, loaded below, they are
                     # set again; without it, the warning below says the policy restarts from them), not those of

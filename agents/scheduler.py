@@ -211,19 +211,29 @@ def _copy_state(state: Any, to_torch: bool) -> Any:
 
 #: ``total_steps`` outside this range warns: below the shortest meta-training run, or over twice the longest.
 HORIZON_WITHOUT_WARNING = (min(DECISIONS_PER_RUN), 2 * max(DECISIONS_PER_RUN))
+#: A ``warnings.filterwarnings`` message pattern of that warning.
+HORIZON_WARNING = r".*the policy was meta-trained on runs of \d+-\d+ decisions"
 
 
-def _warn_about_the_horizon(total_steps: int) -> None:
+def _warn_about_the_horizon(
+    total_steps: int,
+    what: str = "step() calls",
+    fix: str = "Call step() every K optimiser steps or every few epochs so that the run has {low}-{high} decisions, "
+    "with total_steps counting them",
+    stacklevel: int | None = None,
+) -> None:
+    """Warn when a run of ``total_steps`` decisions is far from the meta-training runs' (see
+    :data:`HORIZON_WITHOUT_WARNING`); ``what`` names the decisions and ``fix`` says how to change their
+    number, in the caller's terms (the Hugging Face callback's are evaluations)."""
     low, high = HORIZON_WITHOUT_WARNING
     if low <= total_steps <= high:
         return
     warnings.warn(
-        f"total_steps={total_steps} step() calls: the policy was meta-trained on runs of "
-        f"{min(DECISIONS_PER_RUN)}-{max(DECISIONS_PER_RUN)} decisions, and it schedules worse far from that "
-        "(examples/deploy_policy.py's digits CNN, the same 500 optimiser steps: test loss 0.15 with 25 decisions, "
-        "0.38 with 10, 0.34 with 250). Call step() every K optimiser steps or every few epochs so that the run "
-        f"has {low}-{high} decisions, with total_steps counting them",
-        stacklevel=_user_stacklevel(),
+        f"{total_steps} {what} in the run: the policy was meta-trained on runs of {min(DECISIONS_PER_RUN)}-"
+        f"{max(DECISIONS_PER_RUN)} decisions, and it schedules worse far from that (examples/deploy_policy.py's "
+        "digits CNN, the same 500 optimiser steps: test loss 0.15 with 25 decisions, 0.38 with 10, 0.34 with 250). "
+        + fix.format(low=low, high=high),
+        stacklevel=_user_stacklevel() if stacklevel is None else stacklevel,
     )
 
 
@@ -405,7 +415,7 @@ class PolicyScheduler:
         self.bundle = bundle
         self.decoder: ActionDecoder = decoder
         self.total_steps = int(total_steps)
-        _warn_about_the_horizon(self.total_steps)
+        _warn_about_the_horizon(self.total_steps, what=f"step() calls (total_steps={self.total_steps})")
         for name, value in (("deterministic", deterministic), ("adaptive", adaptive)):
             if value is not None and not is_flag(value):
                 raise TypeError(f"{name} must be True or False, got {value!r}")
@@ -1040,7 +1050,7 @@ class PolicyScheduler:
         >>> import torch
         >>> from agents import PolicyScheduler
         >>> opt = torch.optim.AdamW(torch.nn.Linear(2, 1).parameters(), lr=1e-3, weight_decay=1e-4)
-        >>> sched = PolicyScheduler.from_pretrained("default", opt, total_steps=3, epochs=3)
+        >>> sched = PolicyScheduler.from_pretrained("default", opt, total_steps=20, epochs=20)
         >>> for val_loss in (1.0, 0.8, 0.7):
         ...     sched.step(val_loss, train_loss=val_loss * 1.1)
         >>> sched.history["step"].tolist(), sched.history["val_loss"][1:].tolist()

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from agents import load_bundle, resolve_policy
+from agents.scheduler import HORIZON_WARNING
 from training.cli import HelpFormatter, positive_int, run_script
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "deploy_policy.py"
@@ -63,9 +64,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny models run best on one thread
-    # Horizons outside 10-60 decisions are what this measures: the scheduler's warning about them is known.
-    warnings.filterwarnings("ignore", message=r"total_steps=\d+ step\(\) calls")
     bundle = load_bundle(resolve_policy(args.policy))
+    with warnings.catch_warnings():  # horizons outside 10-60 decisions are what this measures: known
+        warnings.filterwarnings("ignore", message=HORIZON_WARNING)
+        results = _measure(example, parser, args, bundle)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _measure(example, parser: argparse.ArgumentParser, args: argparse.Namespace, bundle) -> dict:
     results: dict = {}
     for key in args.problems:
         problem = example.PROBLEMS[key]()
@@ -97,9 +106,6 @@ def main(argv: list[str] | None = None) -> dict:
                 f"(every {total // decisions} steps; lr peak x{peak:.1f}, final x{final:.2f})",
                 flush=True,
             )
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
     return results
 
 

@@ -220,6 +220,11 @@ class TaskSpec:
                     f"TaskSpec.{name}={getattr(self, name)!r} has no effect on family {self.family!r}, whose data "
                     f"reads only {reads}: leave {name} at its default {default!r}"
                 )
+        if self.dataset == "friedman1" and self.n_classes != 0:  # the one regression table of small_tabular
+            raise ValueError(
+                f"TaskSpec.n_classes={self.n_classes!r} has no effect on the regression dataset 'friedman1': "
+                "leave n_classes at its default 0"
+            )
         if self.arch == "cnn" and len(self.hidden) != 2:
             raise bad("hidden", self.hidden, "two conv channel counts (c1, c2) for the CNN")
         for name in ("batch_size", "total_steps", "steps_per_action"):

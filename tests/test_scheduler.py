@@ -372,9 +372,10 @@ def test_a_horizon_far_from_meta_training_warns():
     opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1, momentum=0.9)
     policy = ReplayPolicy(ActionDecoder(("lr",)), [[0.0]])
     for total_steps in (1, 9, 61, 500):
-        with pytest.warns(
-            UserWarning, match=rf"total_steps={total_steps} step\(\) calls.*runs of 10-30 decisions.*10-60"
-        ) as caught:
+        match = (
+            rf"{total_steps} step\(\) calls \(total_steps={total_steps}\) in the run.*runs of 10-30 decisions.*10-60"
+        )
+        with pytest.warns(UserWarning, match=match) as caught:
             PolicyScheduler(opt, policy, total_steps=total_steps)
         assert caught[0].filename == __file__
     with warnings.catch_warnings():
@@ -1044,6 +1045,38 @@ def test_hf_callback_driven_as_the_trainer_drives_it(stand_in_transformers, defa
     # A score as the metric fails when the callback is made, before the policy loads.
     with pytest.raises(ValueError, match=r"metric='eval_accuracy' names a score .* \(e\.g\. 'eval_loss'\)"):
         stand_in_transformers.hf_trainer_callback("no-such-policy", metric="eval_accuracy")
+
+
+def test_hf_callback_warns_about_the_horizon_in_the_trainers_terms(stand_in_transformers, default_bundle, tmp_path):
+    """The callback builds the scheduler, so the warning about too few or too many decisions names what the
+    user sets, evaluations, and only once."""
+    from types import SimpleNamespace
+
+    def begin(max_steps):
+        args = SimpleNamespace(
+            eval_strategy="steps",
+            eval_steps=10,
+            logging_steps=5,
+            output_dir=str(tmp_path),
+            gradient_accumulation_steps=1,
+        )
+        state = SimpleNamespace(
+            max_steps=max_steps, global_step=0, log_history=[], is_world_process_zero=True, epoch=0.0
+        )
+        opt = torch.optim.AdamW(torch.nn.Linear(3, 1).parameters(), lr=1e-3)
+        callback = stand_in_transformers.hf_trainer_callback(default_bundle)
+        callback.on_train_begin(args, state, None, optimizer=opt, train_dataloader=list(range(10)))
+        return callback
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        begin(40)
+    horizon = [str(w.message) for w in caught if "meta-trained on runs of" in str(w.message)]
+    assert len(horizon) == 1 and horizon[0].startswith("4 evaluations (the callback's decisions) in the run")
+    assert "Set eval_strategy/eval_steps so that the run has 10-60 evaluations" in horizon[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert begin(200).scheduler.total_steps == 20
 
 
 def test_hf_callback_without_transformers_names_the_install(monkeypatch):

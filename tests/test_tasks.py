@@ -214,6 +214,13 @@ def test_a_data_field_the_family_does_not_read_is_refused(family):
             spec.replace(**{name: value})
     for name in _FAMILY_FIELDS[family]:  # the fields it reads stay settable
         assert getattr(spec.replace(**{name: getattr(spec, name)}), name) == getattr(spec, name)
+    if family == "small_tabular":  # its regression table has no classes
+        regression = TaskDistribution.default("all").sample_family(family, np.random.default_rng(0))
+        while regression.dataset != "friedman1":
+            regression = TaskDistribution.default("all").sample_family(family, np.random.default_rng(regression.seed))
+        assert regression.n_classes == 0
+        with pytest.raises(ValueError, match="n_classes=3 has no effect on the regression dataset 'friedman1'"):
+            regression.replace(n_classes=3)
 
 
 def test_one_family_by_name():

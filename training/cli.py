@@ -20,7 +20,9 @@ import argparse
 import contextlib
 import importlib
 import math
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -137,14 +139,29 @@ def run_script(
 
 def launch(module: str, prog: str) -> int:
     """Import a command's module and return the exit status of its ``main()``: the installed commands
-    start here, so that a Ctrl-C while torch and the rest import (a few seconds) ends like one later,
-    ``prog: interrupted`` and status 130, not a traceback through the importing libraries."""
+    start here, so that a Ctrl-C while torch and the rest import (a few seconds), or in a command that
+    does not catch it itself, ends with ``prog: interrupted`` and status 130, not a traceback.
+
+    During the imports a Ctrl-C is held until they finish: raised inside a C extension's import it
+    would surface as that library's ``ImportError`` (numpy's "Importing the numpy C-extensions failed")."""
+    interrupted: list[int] = []
+    hold = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) not in (
+        signal.SIG_IGN,
+        None,
+    )
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum)) if hold else None
     try:
         main = importlib.import_module(module).main
-    except KeyboardInterrupt:
+    finally:
+        if hold:
+            signal.signal(signal.SIGINT, previous)
+    try:
+        if interrupted:
+            raise KeyboardInterrupt
+        status = main()
+    except KeyboardInterrupt:  # the commands that handle it themselves (hpo-train, hpo-bench) return 130 first
         print(f"\n{prog}: interrupted", file=sys.stderr)
         return 130
-    status = main()
     return 0 if status is None else int(status)
 
 
