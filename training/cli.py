@@ -129,8 +129,7 @@ def run_script(
         with readable_warnings(prog):
             result = main(argv)
     except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted(prog)
     except (ValueError, FileNotFoundError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
@@ -143,7 +142,10 @@ def launch(module: str, prog: str) -> int:
     does not catch it itself, ends with ``prog: interrupted`` and status 130, not a traceback.
 
     During the imports a Ctrl-C is held until they finish: raised inside a C extension's import it
-    would surface as that library's ``ImportError`` (numpy's "Importing the numpy C-extensions failed")."""
+    would surface as that library's ``ImportError`` (numpy's "Importing the numpy C-extensions failed").
+    A Python handler that only records it holds it (it runs in the main thread, whichever thread the
+    kernel hands the signal to); :func:`hpo_env.subproc.sigint_blocked`, which masks the signal for the
+    milliseconds of a process start, would import the very packages this waits for."""
     interrupted: list[int] = []
     hold = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) not in (
         signal.SIG_IGN,
@@ -160,9 +162,14 @@ def launch(module: str, prog: str) -> int:
             raise KeyboardInterrupt
         status = main()
     except KeyboardInterrupt:  # the commands that handle it themselves (hpo-train, hpo-bench) return 130 first
-        print(f"\n{prog}: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted(prog)
     return 0 if status is None else int(status)
+
+
+def _interrupted(prog: str) -> int:
+    """Report a Ctrl-C as the commands do, and return its exit status."""
+    print(f"\n{prog}: interrupted", file=sys.stderr)
+    return 130
 
 
 # The installed commands (``[project.scripts]`` in pyproject.toml). This module imports nothing heavy.
