@@ -80,7 +80,14 @@ from typing import Any
 
 import torch
 
-from agents.scheduler import HORIZON_WARNING, PolicyScheduler, _warn_about_the_horizon
+from agents.scheduler import (
+    HORIZON_WARNING,
+    HORIZON_WITHOUT_WARNING,
+    SUGGESTED_DECISIONS,
+    PolicyScheduler,
+    _warn_about_the_horizon,
+)
+from hpo_env.checks import is_integer
 
 __all__ = ["PolicySchedulerMixin", "hf_trainer_callback", "lightning_scheduler_config"]
 
@@ -419,15 +426,18 @@ def _hf_callback_class() -> type:
             total = self.total_steps
             if total is None:
                 total = _decisions_from_args(args, state, final_eval=final_eval)
+            # The run's length in epochs, for a policy that observes it; given epochs= win.
+            kwargs = {"epochs": _epochs_from_args(args, state, train_dataloader), **self.scheduler_kwargs}
             saved = _scheduler_file(args, state.global_step) if state.global_step > 0 else None
             resumed_without_state = saved is not None and not saved.is_file()
             if resumed_without_state:  # the policy starts afresh over the evaluations left
                 done = _decisions_from_args(
                     args, state, upto=state.global_step if _eval_strategy(args) == "steps" else state.epoch
                 )
-                total = max(1, total - done)
-            # The run's length in epochs, for a policy that observes it; given epochs= win.
-            kwargs = {"epochs": _epochs_from_args(args, state, train_dataloader), **self.scheduler_kwargs}
+                left = max(1, total - done)
+                if is_integer(kwargs.get("decisions")):  # grouped evaluations: as many per decision as before
+                    kwargs["decisions"] = max(1, min(left, round(kwargs["decisions"] * left / total)))
+                total = left
             if saved is None and "lr" in self.policy.decoder.names:
                 # The Trainer built its own lr scheduler before this hook: with a warm-up it has already set every
                 # group's lr to 0 (or a fraction of it), from which the policy would start (and a group at 0
@@ -436,11 +446,26 @@ def _hf_callback_class() -> type:
                 for group in optimizer.param_groups:
                     if "initial_lr" in group:
                         group["lr"] = group["initial_lr"]
-            if saved is None:  # a resumed run was judged when it started
+            if saved is None and kwargs.get("decisions") is None:  # a resumed run was judged when it started
                 _warn_about_the_horizon(
                     total,
                     what="evaluations (the callback's decisions)",
-                    fix="Set eval_strategy/eval_steps so that the run has {low}-{high} evaluations",
+                    fix="Set eval_strategy/eval_steps so that the run has {low}-{high} evaluations"
+                    + (
+                        f", or pass decisions={SUGGESTED_DECISIONS} to the callback (the policy then decides at that "
+                        "many evenly spaced evaluations)"
+                        if total > HORIZON_WITHOUT_WARNING[1]
+                        else ""
+                    ),
+                    stacklevel=2,
+                )
+            elif saved is None and is_integer(kwargs["decisions"]) and 1 <= kwargs["decisions"] <= total:
+                # (a wrong decisions= is PolicyScheduler's to refuse, below)
+                _warn_about_the_horizon(
+                    kwargs["decisions"],
+                    what=f"decisions (decisions={kwargs['decisions']}, over {total} evaluations)",
+                    fix="Pass decisions= between {low} and {high}, and set eval_strategy/eval_steps so that the run "
+                    "has at least {low} evaluations",
                     stacklevel=2,
                 )
             with warnings.catch_warnings():
@@ -538,7 +563,8 @@ def hf_trainer_callback(
             (``max_steps // eval_steps``, or the number of epochs with ``eval_strategy="epoch"``).
         metric: the evaluation metric shown to the policy as the validation loss: a loss, lower is
             better (an accuracy or F1 would be read as a loss that grows as the model improves).
-        **scheduler_kwargs: ``deterministic``, ``seed``, ``writer``, ``adaptive``, ``epochs``, ``lr_max_rise`` for :class:`PolicyScheduler`
+        **scheduler_kwargs: ``deterministic``, ``seed``, ``writer``, ``adaptive``, ``epochs``, ``lr_max_rise``,
+            ``decisions`` (at how many of the evaluations the policy decides) for :class:`PolicyScheduler`
             (``epochs`` defaults to the Trainer's optimiser steps times its gradient accumulation over
             the batches per epoch of its training dataloader; pass it for a dataset without a length).
 

@@ -213,6 +213,16 @@ def _copy_state(state: Any, to_torch: bool) -> Any:
 HORIZON_WITHOUT_WARNING = (min(DECISIONS_PER_RUN), 2 * max(DECISIONS_PER_RUN))
 #: A ``warnings.filterwarnings`` message pattern of that warning.
 HORIZON_WARNING = r".*the policy was meta-trained on runs of \d+-\d+ decisions"
+#: The number of decisions the horizon warning suggests: among the best of ``benchmarks/horizon.py``.
+SUGGESTED_DECISIONS = 25
+_GROUP_CALLS = (
+    f"Pass decisions={SUGGESTED_DECISIONS}: the policy then decides once per {{every:.3g}} step() calls on average, on the "
+    "latest validation loss and the mean training loss since its last decision, and holds its values in between"
+)
+_FEWER_CALLS = (
+    "Pass decisions= between {low} and {high} (the policy decides at that many evenly spaced step() calls), "
+    "calling step() more often if total_steps is below {low}"
+)
 
 
 def _warn_about_the_horizon(
@@ -287,6 +297,15 @@ class PolicyScheduler:
     **Too many calls.** ``step()`` after the ``total_steps``-th call warns and holds the
     hyperparameters.
 
+    **Fewer decisions than calls.** The policy was meta-trained on runs of 10-30 decisions and schedules
+    worse far from that (``benchmarks/horizon.py``); construction warns outside 10-60. With
+    ``decisions=d`` (fewer than ``total_steps``), ``step()`` can still be called every epoch: the policy
+    decides at ``d`` evenly spaced calls (call ``t`` where ``t * d // total_steps`` grows; the last call
+    is the last decision) and observes there the latest validation loss and the mean of the training
+    losses passed since its previous decision; between decisions the hyperparameters are held, and a
+    non-finite loss still takes the largest learning-rate decrease at once. The policy's progress
+    feature counts decisions; :attr:`last_step` and the :attr:`history` count calls.
+
     **The only scheduler.** The policy must be the only writer of the hyperparameters it controls: a
     torch LR scheduler (a warm-up ``LambdaLR``...) that already moved ``lr`` warns at construction, and a
     controlled value changed by anything else between two ``step()`` calls warns once, at the next one.
@@ -334,11 +353,13 @@ class PolicyScheduler:
             ``step()`` averages the ranks' losses (an ``all_reduce``) and every rank then takes rank 0's
             decision (a ``broadcast``), so every rank must call ``step()`` at the same points. Default:
             on when a ``torch.distributed`` process group of several ranks is initialised.
+        decisions: at how many of the ``total_steps`` calls the policy decides, evenly spaced (None: at
+            every call). Give about 25 when you call ``step()`` far more often than 60 times in a run.
 
     Raises:
         TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``, ``bundle`` has no ``decoder``
-            and ``predict``, or ``total_steps`` is not an integer.
-        ValueError: ``total_steps < 1``, a parameter group lacks a hyperparameter the policy
+            and ``predict``, or ``total_steps`` or ``decisions`` is not an integer.
+        ValueError: ``total_steps < 1``, ``decisions`` outside ``[1, total_steps]``, a parameter group lacks a hyperparameter the policy
             controls (e.g. a policy trained for momentum on an optimiser without one), or the policy
             observes the epochs and ``epochs`` is missing or not positive.
 
@@ -380,6 +401,7 @@ class PolicyScheduler:
         epochs: float | None = None,
         lr_max_rise: float | None = None,
         sync_ranks: bool | None = None,
+        decisions: int | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -415,7 +437,17 @@ class PolicyScheduler:
         self.bundle = bundle
         self.decoder: ActionDecoder = decoder
         self.total_steps = int(total_steps)
-        _warn_about_the_horizon(self.total_steps, what=f"step() calls (total_steps={self.total_steps})")
+        self.decisions = self._check_decisions(decisions, self.total_steps)
+        if decisions is not None:
+            _warn_about_the_horizon(self.decisions, what=f"decisions (decisions={self.decisions})", fix=_FEWER_CALLS)
+        elif self.total_steps > HORIZON_WITHOUT_WARNING[1]:
+            _warn_about_the_horizon(
+                self.total_steps,
+                what=f"step() calls (total_steps={self.total_steps}), each a decision,",
+                fix=_GROUP_CALLS.format(every=self.total_steps / SUGGESTED_DECISIONS),
+            )
+        else:
+            _warn_about_the_horizon(self.total_steps, what=f"step() calls (total_steps={self.total_steps})")
         for name, value in (("deterministic", deterministic), ("adaptive", adaptive)):
             if value is not None and not is_flag(value):
                 raise TypeError(f"{name} must be True or False, got {value!r}")
@@ -500,6 +532,23 @@ class PolicyScheduler:
             )
 
     # -- construction helpers -------------------------------------------------------------------
+    @staticmethod
+    def _check_decisions(decisions: int | None, total_steps: int) -> int:
+        """How many of the ``total_steps`` calls the policy decides at (None: every one)."""
+        if decisions is None:
+            return total_steps
+        if not is_integer(decisions):
+            raise TypeError(
+                f"decisions must be an int (how many of the step() calls the policy decides at), got {decisions!r}"
+            )
+        if not 1 <= decisions <= total_steps:
+            raise ValueError(
+                f"decisions must be between 1 and total_steps={total_steps} (the step() calls, which it groups), got "
+                f"{decisions}; to give the policy more decisions than that, call step() more often (every K optimizer "
+                "steps instead of every epoch)"
+            )
+        return int(decisions)
+
     def _check_epochs(self, epochs: float | None) -> float | None:
         if epochs is None and not self.epochs_feature:
             return None
@@ -861,6 +910,11 @@ class PolicyScheduler:
         return self._t
 
     @property
+    def decisions_made(self) -> int:
+        """Number of the ``step()`` calls so far at which the policy decided (all of them unless ``decisions=``)."""
+        return min(self._t, self.total_steps) * self.decisions // self.total_steps
+
+    @property
     def last_observation(self) -> np.ndarray | None:
         """The raw observation shown to the policy at the last step (None before the first)."""
         return None if self._last_obs is None else self._last_obs.copy()
@@ -868,6 +922,7 @@ class PolicyScheduler:
     def reset(self) -> None:
         """Start a new run: restore the initial hyperparameters (as clipped at construction) and forget the past."""
         self._t = 0
+        self._group_train = (0.0, 0)  # the finite training losses passed since the last decision: sum, count
         self._warned_no_train_loss = False
         self._started = False
         self._base = self._initial_base.copy()
@@ -932,9 +987,23 @@ class PolicyScheduler:
             return
         self._t += 1
         t, k = self._t, self.decoder.num_actions
-        progress = np.array([t / self.total_steps])
-        gradients = self._interval_gradients()
         diverged = not math.isfinite(val) or (train is not None and not math.isfinite(train))
+        if train is not None and math.isfinite(train):
+            total, count = self._group_train
+            self._group_train = (total + train, count + 1)
+        if self.writer is not None and t == 1:  # the values the first interval ran with: the plot starts with the run
+            for name in self.decoder.names:
+                self.writer.add_scalar(f"scheduler/{name}", self._history[name][0], 0)
+        decides = self._decides_at(t)
+        last = False  # the last decision only observes: no interval is left to act on
+        if decides:
+            decided = self.decisions_made
+            last = decided == self.decisions
+            progress = np.array([decided / self.decisions])
+            total, count = self._group_train
+            self._group_train = (0.0, 0)
+            observed_train = None if count == 0 else total / count  # grouped calls: the mean since the last decision
+            gradients = self._interval_gradients()
         action = None
         if diverged:
             response = (
@@ -946,12 +1015,12 @@ class PolicyScheduler:
                 f"non-finite loss at scheduler step {t} (val={val}, train={train}) is treated as divergence: {response}",
                 stacklevel=_user_stacklevel(),
             )
-            if t < self.total_steps:
+            if not last:  # at once, also between two decisions
                 action = np.zeros(k)
                 if "lr" in self.decoder.names:
                     action[self.decoder.names.index("lr")] = -1.0
-        else:
-            tr = None if train is None else np.array([train])
+        elif decides:
+            tr = None if observed_train is None else np.array([observed_train])
             hp = self._base[None]
             if not self._started:
                 obs = self.features.reset(
@@ -970,13 +1039,10 @@ class PolicyScheduler:
                     [0], np.array([val]), tr, hp, self._last_action[None], progress, gradients=gradients
                 )
             self._last_obs = obs[0]
-            if t < self.total_steps:  # the last observation has no interval left to act on
+            if not last:
                 raw, self._policy_state = self._predict(obs)
                 self._episode_start = False
                 action = np.asarray(raw, dtype=np.float64).reshape(k)
-        if self.writer is not None and t == 1:  # the values the first interval ran with: the plot starts with the run
-            for name in self.decoder.names:
-                self.writer.add_scalar(f"scheduler/{name}", self._history[name][0], 0)
         if action is not None:
             self._base = self.decoder.decode(action, self._base, self._initial_base)
             self._last_action = np.clip(action, -1.0, 1.0)  # a Gaussian head samples beyond; decode clips too
@@ -987,6 +1053,10 @@ class PolicyScheduler:
         self._record(t, global_step, val, train, diverged, action)
         if self.writer is not None:
             self._log(t if global_step is None else int(global_step))
+
+    def _decides_at(self, t: int) -> bool:
+        """Whether ``step()`` call ``t`` is a decision: ``decisions`` evenly spaced calls, the last one last."""
+        return t * self.decisions // self.total_steps > (t - 1) * self.decisions // self.total_steps
 
     # -- what the run did: history, TensorBoard, plot -------------------------------------------
     def _history_columns(self) -> list[str]:
@@ -1088,7 +1158,8 @@ class PolicyScheduler:
                 ax.set_yscale("log")
             ax.set_ylabel(name.replace("_", " "))
         axes[-1].set_xlabel("global step" if use_global else "scheduler step")
-        fig.suptitle(title or f"PolicyScheduler: {self._t} of {self.total_steps} decisions")
+        calls = "" if self.decisions == self.total_steps else f" ({self._t} of {self.total_steps} step() calls)"
+        fig.suptitle(title or f"PolicyScheduler: {self.decisions_made} of {self.decisions} decisions{calls}")
         if path is not None:
             fig.savefig(path)
         return fig
@@ -1138,7 +1209,9 @@ class PolicyScheduler:
             "version": _STATE_VERSION,
             "decoder": self.decoder.to_config(),
             "total_steps": self.total_steps,
+            "decisions": self.decisions,
             "t": self._t,
+            "group_train": torch.tensor(self._group_train, dtype=torch.float64),
             "started": self._started,
             "episode_start": self._episode_start,
             "adaptive": self.adaptive,
@@ -1242,6 +1315,16 @@ class PolicyScheduler:
             raise ValueError(
                 f"malformed scheduler state: total_steps={total_steps!r} must be an integer >= 1 and t={t!r} one >= 0"
             )
+        decisions = state_dict.get("decisions", total_steps)  # states saved before grouping decided at every call
+        if not (_is_int(decisions) and 1 <= decisions <= total_steps):
+            raise ValueError(
+                f"malformed scheduler state: decisions={decisions!r} must be an integer in [1, total_steps={total_steps}]"
+            )
+        group_train = _as_numpy(state_dict.get("group_train", np.zeros(2)), np.float64)
+        if group_train.shape != (2,) or not np.isfinite(group_train).all() or group_train[1] < 0:
+            raise ValueError(
+                f"malformed scheduler state: group_train must hold a finite sum and a count >= 0, got {group_train.tolist()}"
+            )
         saved_epochs = state_dict.get("epochs")
         if saved_epochs is not None and not (_is_real(saved_epochs) and 0 < float(saved_epochs) < math.inf):
             raise ValueError(f"malformed scheduler state: epochs={saved_epochs!r} must be a positive number")
@@ -1272,7 +1355,15 @@ class PolicyScheduler:
                 f"this scheduler's total_steps={self.total_steps} (the policy's progress feature follows the saved run)",
                 stacklevel=_user_stacklevel(),
             )
+        if int(decisions) != self.decisions and int(total_steps) == self.total_steps:
+            warnings.warn(
+                f"the state was saved by a run of decisions={int(decisions)}; it replaces this scheduler's "
+                f"decisions={self.decisions}",
+                stacklevel=_user_stacklevel(),
+            )
         self.total_steps = int(state_dict["total_steps"])
+        self.decisions = int(decisions)
+        self._group_train = (float(group_train[0]), int(group_train[1]))
         self._t = int(state_dict["t"])
         self._started = bool(state_dict.get("started", self._t > 0))
         self._episode_start = bool(state_dict.get("episode_start", self._t == 0))
@@ -1320,4 +1411,5 @@ class PolicyScheduler:
 
     def __repr__(self) -> str:
         hp = ", ".join(f"{n}={v:.3g}" for n, v in zip(self.decoder.names, self._base))
-        return f"PolicyScheduler(step {self._t}/{self.total_steps}, {hp}, optimizer={type(self.optimizer).__name__})"
+        grouped = "" if self.decisions == self.total_steps else f", decision {self.decisions_made}/{self.decisions}"
+        return f"PolicyScheduler(step {self._t}/{self.total_steps}{grouped}, {hp}, optimizer={type(self.optimizer).__name__})"

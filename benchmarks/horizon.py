@@ -6,12 +6,15 @@ problems of ``examples/deploy_policy.py`` (models the policy never saw) for thei
 optimiser steps (500), with the policy deciding every ``500 / T`` steps for each ``T`` given, and
 prints the test loss per ``T`` (mean ± sd over seeds), with the peak and final learning rate as
 multiples of the start, next to the untuned constant and cosine schedules, whose runs do not depend
-on ``T``.
+on ``T``. With ``--grouped D``, every ``T`` above ``D`` also runs with ``step()`` called ``T`` times
+and ``PolicyScheduler(decisions=D)``: the policy then decides ``D`` times on the same run, which should
+match the ``T = D`` row (the training loss it sees is a mean of means there, equal up to float rounding).
 
 Run from the repository root (about 15 minutes on 2 CPU cores for the defaults)::
 
     python benchmarks/horizon.py
     python benchmarks/horizon.py --problems digits --seeds 5 --decisions 10 25 50 100 250
+    python benchmarks/horizon.py --problems digits --seeds 5 --decisions 25 100 250 --grouped 25
 """
 
 from __future__ import annotations
@@ -58,6 +61,13 @@ def main(argv: list[str] | None = None) -> dict:
         help="numbers of step() calls per run; each must divide the problem's optimiser steps (500)",
     )
     parser.add_argument(
+        "--grouped",
+        type=positive_int,
+        default=None,
+        metavar="D",
+        help="also run every number of calls above D with PolicyScheduler(decisions=D)",
+    )
+    parser.add_argument(
         "--steps", type=positive_int, default=None, help="optimiser steps per run (default: the problem's, 500)"
     )
     parser.add_argument("--policy", default="default", help="policy bundle directory or shipped name")
@@ -89,21 +99,28 @@ def _measure(example, parser: argparse.ArgumentParser, args: argparse.Namespace,
             test = [example.train(problem, schedule, seed, bundle).test_loss for seed in range(args.seeds)]
             rows[schedule] = {"test_loss": float(np.mean(test)), "sd": float(np.std(test))}
             print(f"{problem.name:22s} {schedule:>14s}  test {np.mean(test):.4f} ± {np.std(test):.4f}", flush=True)
-        for decisions in args.decisions:
-            problem.steps_per_decision, problem.decisions = total // decisions, decisions
-            runs = [example.train(problem, "policy", seed, bundle) for seed in range(args.seeds)]
+        variants = [(calls, None) for calls in args.decisions]
+        if args.grouped is not None:
+            variants += [(calls, args.grouped) for calls in args.decisions if calls > args.grouped]
+        for calls, grouped in variants:
+            problem.steps_per_decision, problem.decisions = total // calls, calls
+            runs = [
+                example.train(problem, "policy", seed, bundle, policy_decisions=grouped) for seed in range(args.seeds)
+            ]
             test = [r.test_loss for r in runs]
             peak = float(np.mean([max(r.lr) / r.lr[0] for r in runs]))
             final = float(np.mean([r.lr[-1] / r.lr[0] for r in runs]))
-            rows[f"policy, {decisions} decisions"] = {
+            label = f"{calls} decisions" if grouped is None else f"{calls} calls, decisions={grouped}"
+            rows[f"policy, {label}"] = {
                 "test_loss": float(np.mean(test)),
                 "sd": float(np.std(test)),
                 "peak_lr_x": peak,
                 "final_lr_x": final,
+                "test_losses": [float(v) for v in test],
             }
             print(
-                f"{problem.name:22s} {decisions:4d} decisions  test {np.mean(test):.4f} ± {np.std(test):.4f}  "
-                f"(every {total // decisions} steps; lr peak x{peak:.1f}, final x{final:.2f})",
+                f"{problem.name:22s} {label:>26s}  test {np.mean(test):.4f} ± {np.std(test):.4f}  "
+                f"(step() every {total // calls} steps; lr peak x{peak:.1f}, final x{final:.2f})",
                 flush=True,
             )
     return results

@@ -266,7 +266,13 @@ def evaluate(problem: Problem, model: nn.Module, split: tuple[torch.Tensor, torc
 
 
 def train(
-    problem: Problem, schedule: str, seed: int, bundle, lr_scale: float = 1.0, lr_max_rise: float | None = None
+    problem: Problem,
+    schedule: str,
+    seed: int,
+    bundle,
+    lr_scale: float = 1.0,
+    lr_max_rise: float | None = None,
+    policy_decisions: int | None = None,
 ) -> Run:
     torch.manual_seed(seed)  # model initialisation (a script, not library code)
     rng = np.random.default_rng(seed)  # minibatch order
@@ -278,7 +284,12 @@ def train(
     scheduler = None
     if schedule == "policy":
         scheduler = PolicyScheduler(
-            optimizer, bundle, total_steps=problem.decisions, epochs=problem.epochs, lr_max_rise=lr_max_rise
+            optimizer,
+            bundle,
+            total_steps=problem.decisions,  # the step() calls: one per interval of K optimiser steps
+            epochs=problem.epochs,
+            lr_max_rise=lr_max_rise,
+            decisions=policy_decisions,  # None: the policy decides at every call
         )
     elif schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)

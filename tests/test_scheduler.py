@@ -372,16 +372,128 @@ def test_a_horizon_far_from_meta_training_warns():
     opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1, momentum=0.9)
     policy = ReplayPolicy(ActionDecoder(("lr",)), [[0.0]])
     for total_steps in (1, 9, 61, 500):
-        match = (
-            rf"{total_steps} step\(\) calls \(total_steps={total_steps}\) in the run.*runs of 10-30 decisions.*10-60"
-        )
-        with pytest.warns(UserWarning, match=match) as caught:
+        calls = rf"{total_steps} step\(\) calls \(total_steps={total_steps}\)"
+        fix = "10-60 decisions, with total_steps" if total_steps < 10 else "Pass decisions=25"
+        each = "" if total_steps < 10 else ", each a decision,"
+        with pytest.warns(UserWarning, match=calls + each + r" in the run.*runs of 10-30 decisions.*" + fix) as caught:
             PolicyScheduler(opt, policy, total_steps=total_steps)
         assert caught[0].filename == __file__
+    with pytest.warns(UserWarning, match=r"decides once per 20 step\(\) calls on average"):
+        PolicyScheduler(opt, policy, total_steps=500)
+    # With decisions=, the decisions are what counts.
+    for decisions in (5, 100):
+        with pytest.warns(
+            UserWarning, match=rf"^{decisions} decisions \(decisions={decisions}\) in the run.*between 10"
+        ):
+            PolicyScheduler(opt, policy, total_steps=500, decisions=decisions)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for total_steps in (10, 25, 60):
             PolicyScheduler(opt, policy, total_steps=total_steps)
+        PolicyScheduler(opt, policy, total_steps=500, decisions=25)
+        PolicyScheduler(opt, policy, total_steps=25, decisions=25)
+
+
+def _grouped_run(policy, total_steps, decisions, losses):
+    """Drive a scheduler through ``losses`` (val, train per step() call); its hyperparameters after each call."""
+    opt = _optimizer("sgd", 0.1, 1e-3, 0.9)
+    sched = PolicyScheduler(opt, policy, total_steps=total_steps, decisions=decisions)
+    after = []
+    for val, train in losses:
+        sched.step(val, train_loss=train)
+        after.append(sched.get_last_hparams())
+    return sched, after
+
+
+def test_decisions_group_the_calls_and_the_policy_sees_what_it_would_with_one_call_per_decision():
+    """13 calls grouped into 5 decisions (at calls 3, 6, 8, 11 and 13) show the policy exactly what 5
+    calls would: the deciding call's validation loss, the mean training loss since the last decision."""
+    decoder = ActionDecoder(("lr", "weight_decay"))
+    actions = [[0.8, -0.3], [-0.5, 0.6], [1.0, 1.0], [-1.0, 0.2]]
+    rng = np.random.default_rng(1)
+    calls = [(float(v), float(tr)) for v, tr in zip(rng.uniform(0.5, 2.0, 13), rng.uniform(0.5, 2.0, 13))]
+    deciding = [3, 6, 8, 11, 13]
+    starts = [0, *deciding[:-1]]
+    grouped_losses = [(calls[d - 1][0], float(np.mean([tr for _, tr in calls[a:d]]))) for a, d in zip(starts, deciding)]
+
+    direct = ReplayPolicy(decoder, actions)
+    _, after_direct = _grouped_run(direct, 5, None, grouped_losses)
+    grouped = ReplayPolicy(decoder, actions)
+    sched, after = _grouped_run(grouped, 13, 5, calls)
+
+    assert len(grouped.seen) == len(direct.seen) == 4  # the last decision only observes
+    for a, b in zip(grouped.seen, direct.seen):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
+    assert [after[d - 1] for d in deciding] == after_direct
+    before = [{"lr": [0.1], "weight_decay": [1e-3]}, *after[:-1]]  # the values each call started from
+    for call in set(range(1, 14)) - set(deciding):  # between decisions the values are held
+        assert after[call - 1] == before[call - 1], call
+    assert (sched.last_step, sched.decisions_made, sched.decisions) == (13, 5, 5)
+    h = sched.history
+    assert h["step"].tolist() == list(range(14))
+    assert np.flatnonzero(np.isfinite(h["action_lr"])).tolist() == deciding[:-1]
+    assert h["train_loss"][1:].tolist() == [tr for _, tr in calls]  # the history keeps what each call passed
+    assert "decision 5/5" in repr(sched)
+
+
+def test_a_divergence_between_decisions_cuts_the_rate_at_once_and_keeps_the_decision_points():
+    decoder = ActionDecoder(("lr", "weight_decay"))
+    policy = ReplayPolicy(decoder, np.full((5, 2), 0.5))
+    opt = _optimizer("sgd", 0.1, 1e-4, 0.9)
+    sched = PolicyScheduler(opt, policy, total_steps=12, decisions=4)  # decisions at calls 3, 6, 9, 12
+    sched.step(1.0, train_loss=1.0)
+    with pytest.warns(UserWarning, match="non-finite loss at scheduler step 2"):
+        sched.step(1.0, train_loss=float("nan"))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 10**-0.25)
+    assert len(policy.seen) == 0
+    sched.step(0.9, train_loss=3.0)
+    assert len(policy.seen) == 1  # the third call still decides, on the finite training losses (1 and 3)
+    names = sched.features.feature_names()
+    assert policy.seen[0][0][names.index("log_train_loss")] == pytest.approx(
+        np.log(2.0 / 0.9), abs=1e-6
+    )  # over the first val loss
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 10**-0.25 * 10**0.125)  # then the policy's +0.5
+    h = sched.history
+    assert h["diverged"].tolist() == [0.0, 0.0, 1.0, 0.0] and h["action_lr"][2] == -1.0
+
+
+def test_grouped_calls_resume_mid_group_exactly(default_bundle):
+    losses = [(2.0 * 0.95**t, 2.1 * 0.94**t) for t in range(40)]
+    opt = _optimizer("adamw", 1e-3, 1e-2, 0.9)
+    sched = PolicyScheduler(opt, default_bundle, total_steps=40, epochs=40, decisions=15)
+    for val, train in losses[:17]:  # 17 * 15 // 40 = 6 decisions, then a group in progress
+        sched.step(val, train_loss=train)
+    state = sched.state_dict()
+    assert sched.decisions_made == 6 and state["group_train"][1] == 1
+    expected = []
+    for val, train in losses[17:]:
+        sched.step(val, train_loss=train)
+        expected.append(sched.get_last_hparams())
+    resumed = PolicyScheduler(_optimizer("adamw", 1e-3, 1e-2, 0.9), default_bundle, 40, epochs=40, decisions=15)
+    resumed.load_state_dict(state)
+    got = []
+    for val, train in losses[17:]:
+        resumed.step(val, train_loss=train)
+        got.append(resumed.get_last_hparams())
+    assert got == expected and resumed.decisions_made == 15
+    # A state saved before grouping existed decided at every call; a different decisions= is said.
+    old = {k: v for k, v in state.items() if k not in ("decisions", "group_train")}
+    every = PolicyScheduler(_optimizer("adamw", 1e-3, 1e-2, 0.9), default_bundle, 40, epochs=40, decisions=15)
+    with pytest.warns(UserWarning, match="decisions=40; it replaces this scheduler's decisions=15"):
+        every.load_state_dict(old)
+    assert every.decisions == 40
+    with pytest.raises(ValueError, match=r"decisions=41 must be an integer in \[1, total_steps=40\]"):
+        every.load_state_dict({**state, "decisions": 41})
+
+
+def test_bad_decisions_are_refused(default_bundle):
+    opt = _optimizer("sgd", 0.1, 1e-4, 0.9)
+    with pytest.raises(ValueError, match=r"between 1 and total_steps=20 .* got 21; .* call step\(\) more often"):
+        PolicyScheduler(opt, default_bundle, total_steps=20, epochs=20, decisions=21)
+    with pytest.raises(ValueError, match="got 0"):
+        PolicyScheduler(opt, default_bundle, total_steps=20, epochs=20, decisions=0)
+    with pytest.raises(TypeError, match="decisions must be an int"):
+        PolicyScheduler(opt, default_bundle, total_steps=20, epochs=20, decisions=2.5)
 
 
 def test_a_clipped_base_does_not_move_the_other_groups_and_no_group_leaves_the_bounds():
@@ -1052,7 +1164,7 @@ def test_hf_callback_warns_about_the_horizon_in_the_trainers_terms(stand_in_tran
     user sets, evaluations, and only once."""
     from types import SimpleNamespace
 
-    def begin(max_steps):
+    def begin(max_steps, **kwargs):
         args = SimpleNamespace(
             eval_strategy="steps",
             eval_steps=10,
@@ -1064,7 +1176,7 @@ def test_hf_callback_warns_about_the_horizon_in_the_trainers_terms(stand_in_tran
             max_steps=max_steps, global_step=0, log_history=[], is_world_process_zero=True, epoch=0.0
         )
         opt = torch.optim.AdamW(torch.nn.Linear(3, 1).parameters(), lr=1e-3)
-        callback = stand_in_transformers.hf_trainer_callback(default_bundle)
+        callback = stand_in_transformers.hf_trainer_callback(default_bundle, **kwargs)
         callback.on_train_begin(args, state, None, optimizer=opt, train_dataloader=list(range(10)))
         return callback
 
@@ -1077,6 +1189,14 @@ def test_hf_callback_warns_about_the_horizon_in_the_trainers_terms(stand_in_tran
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert begin(200).scheduler.total_steps == 20
+        grouped = begin(2000, decisions=25).scheduler  # 200 evaluations, 25 of them decisions
+        assert (grouped.total_steps, grouped.decisions) == (200, 25)
+    with pytest.warns(UserWarning, match=r"^200 evaluations .*or pass decisions=25 to the callback") as caught:
+        begin(2000)
+    assert len(caught) == 1
+    with pytest.warns(UserWarning, match=r"^5 decisions \(decisions=5, over 200 evaluations\) in the run") as caught:
+        begin(2000, decisions=5)
+    assert len(caught) == 1
 
 
 def test_hf_callback_without_transformers_names_the_install(monkeypatch):
@@ -1454,14 +1574,22 @@ def test_horizon_script_runs_the_policy_at_each_number_of_decisions(tmp_path, lo
     threads = torch.get_num_threads()
     try:
         results = bench.main(
-            ["--problems", "digits", "--seeds", "1", "--steps", "20", "--decisions", "2", "10"]
+            ["--problems", "digits", "--seeds", "1", "--steps", "20", "--decisions", "2", "10", "--grouped", "2"]
             + ["--json", str(tmp_path / "h.json")]
         )
     finally:
         torch.set_num_threads(threads)
     rows = results["digits CNN (SGD)"]
-    assert list(rows) == ["constant", "cosine", "policy, 2 decisions", "policy, 10 decisions"]
+    assert list(rows) == [
+        "constant",
+        "cosine",
+        "policy, 2 decisions",
+        "policy, 10 decisions",
+        "policy, 10 calls, decisions=2",
+    ]
     assert all(math.isfinite(row["test_loss"]) for row in rows.values())
+    # Ten calls grouped into two decisions are the run of two calls.
+    assert rows["policy, 10 calls, decisions=2"]["test_loss"] == pytest.approx(rows["policy, 2 decisions"]["test_loss"])
     assert json.loads((tmp_path / "h.json").read_text()) == results
 
 
