@@ -225,6 +225,11 @@ class TaskSpec:
                 f"TaskSpec.n_classes={self.n_classes!r} has no effect on the regression dataset 'friedman1': "
                 "leave n_classes at its default 0"
             )
+        if self.family == "tabular" and TABULAR_DATASETS[self.dataset] == "regression" and self.label_noise != 0:
+            raise ValueError(
+                f"TaskSpec.label_noise={self.label_noise!r} has no effect on the regression table {self.dataset!r}: the "
+                "bundled tables' label noise flips class labels, and this one has none. Leave label_noise at 0"
+            )
         if self.arch == "cnn" and len(self.hidden) != 2:
             raise bad("hidden", self.hidden, "two conv channel counts (c1, c2) for the CNN")
         for name in ("batch_size", "total_steps", "steps_per_action"):
@@ -459,13 +464,17 @@ def _make_classification(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD, lr_center=
 
 
 def _tabular(rng, optimizer, lr_spread=DEFAULT_LR_SPREAD, lr_center=0.0):
+    dataset = str(rng.choice(list(TABULAR_DATASETS)))
+    hidden = _mlp_hidden(rng)
+    subset_fraction = float(rng.uniform(0.5, 1.0))
+    noise = float(rng.uniform(0.0, 0.1))  # drawn for every table, so that the draws after it do not move
     return TaskSpec(
         family="tabular",
-        dataset=str(rng.choice(list(TABULAR_DATASETS))),
+        dataset=dataset,
         arch="mlp",
-        hidden=_mlp_hidden(rng),
-        subset_fraction=float(rng.uniform(0.5, 1.0)),
-        label_noise=float(rng.uniform(0.0, 0.1)),
+        hidden=hidden,
+        subset_fraction=subset_fraction,
+        label_noise=noise if TABULAR_DATASETS[dataset] == "classification" else 0.0,  # diabetes: no labels to flip
         **_common(rng, optimizer, lr_spread, lr_center),
     )
 

@@ -221,6 +221,14 @@ def test_a_data_field_the_family_does_not_read_is_refused(family):
         assert regression.n_classes == 0
         with pytest.raises(ValueError, match="n_classes=3 has no effect on the regression dataset 'friedman1'"):
             regression.replace(n_classes=3)
+    if family == "tabular":  # label noise flips class labels: the regression table has none
+        rng = np.random.default_rng(0)
+        tables = [TaskDistribution.default("all").sample_family(family, rng) for _ in range(40)]
+        diabetes = [t for t in tables if t.dataset == "diabetes"]
+        assert diabetes and all(t.label_noise == 0.0 for t in diabetes)
+        assert all(t.label_noise > 0 for t in tables if t.dataset != "diabetes")
+        with pytest.raises(ValueError, match="label_noise=0.05 has no effect on the regression table 'diabetes'"):
+            diabetes[0].replace(label_noise=0.05)
 
 
 def test_one_family_by_name():
