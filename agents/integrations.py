@@ -435,7 +435,9 @@ def _hf_callback_class() -> type:
                     args, state, upto=state.global_step if _eval_strategy(args) == "steps" else state.epoch
                 )
                 left = max(1, total - done)
-                if is_integer(kwargs.get("decisions")):  # grouped evaluations: as many per decision as before
+                d = kwargs.get("decisions")
+                if is_integer(d) and 1 <= d <= total:  # grouped evaluations: as many per decision as before
+                    # (an invalid decisions= goes through unchanged, for PolicyScheduler to refuse)
                     kwargs["decisions"] = max(1, min(left, round(kwargs["decisions"] * left / total)))
                 total = left
             if saved is None and "lr" in self.policy.decoder.names:
@@ -482,7 +484,13 @@ def _hf_callback_class() -> type:
                 warnings.warn(
                     f"resuming at step {state.global_step} without the policy's state (looked for {saved}, which "
                     "this callback writes into every checkpoint it sees saved): the policy restarts its memory and "
-                    f"its progress, over the {total} evaluations left, from the resumed optimizer's rates",
+                    f"its progress, over the {total} evaluations left"
+                    + (
+                        f" ({self.scheduler.decisions} of them decisions)"
+                        if self.scheduler.decisions != self.scheduler.total_steps
+                        else ""
+                    )
+                    + ", from the resumed optimizer's rates",
                     stacklevel=2,
                 )
             # The interval's training losses are those logged since the last evaluation: a run resumed from a

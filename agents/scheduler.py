@@ -248,14 +248,16 @@ def _warn_about_the_horizon(
 
 
 class PolicyScheduler:
-    """Sets an optimiser's hyperparameters with a trained meta-agent, one decision per ``step()``.
+    """Sets an optimiser's hyperparameters with a trained meta-agent, one decision per ``step()`` (or per
+    group of calls, with ``decisions=``).
 
     Call ``step(val_loss)`` after every decision interval: every K optimiser steps or every epoch,
     whatever you choose, as long as ``total_steps`` counts those calls. The first call comes after
     the first interval, which runs with the optimiser's initial hyperparameters; call ``t`` shows the
     policy its progress ``t / total_steps`` and sets the hyperparameters of interval ``t + 1`` (the
     last call, ``t = total_steps``, only observes: no interval follows). This is exactly the
-    protocol of the environment the policy was trained in (see :mod:`hpo_env.features`).
+    protocol of the environment the policy was trained in (see :mod:`hpo_env.features`). With
+    ``decisions=d`` the same holds for the ``d`` deciding calls: decision ``j`` shows progress ``j / d``.
 
     The scheduler owns the controlled hyperparameters (those of ``bundle.decoder``, e.g. ``lr`` and
     ``weight_decay``) and writes them at every step; others are left alone. ``momentum`` is SGD's
@@ -318,7 +320,7 @@ class PolicyScheduler:
     reads the gradients at every ``optimizer.step()`` through a step post-hook (nothing to add to the
     training loop; with ``optimizer.step(closure)`` it reads the gradients the closure computed),
     keeping the last two gradients as float32 (twice the parameters' size in memory, plus a temporary
-    flat copy during each step, on the device of the first parameter with a gradient). A state dict saved in the middle of an interval
+    flat copy during each step, on the device of the first parameter with a gradient). A state dict saved in the middle of an interval (or, with ``decisions=``, between two decisions)
     does not hold that interval's gradient statistics: save it right after ``step()``, as usual.
 
     **Epochs.** A policy trained with the epochs feature (``bundle.epochs_feature``) also sees how
@@ -478,6 +480,7 @@ class PolicyScheduler:
         if "weight_decay" in decoder.names:
             self._register_sparse_check(optimizer)
         self._warned_outside_change = False
+        self._warned_grad_save = False
         self._warn_if_lr_scheduled(optimizer, decoder)
         expected_dim = getattr(bundle, "obs_dim", self.features.dim)
         if expected_dim != self.features.dim:
@@ -688,8 +691,8 @@ class PolicyScheduler:
             return None
         if self._grad_stats is None or self._grad_stats.steps_observed()[0] == 0:
             warnings.warn(
-                "the policy observes gradients, but no optimizer.step() with gradients ran since the last "
-                "scheduler.step(): its gradient features read as unknown (0)",
+                "the policy observes gradients, but no optimizer.step() with gradients ran since its last "
+                "decision (or the last divergence): its gradient features read as unknown (0)",
                 stacklevel=_user_stacklevel(),
             )
             return np.array([np.nan]), np.array([np.nan])
@@ -959,7 +962,8 @@ class PolicyScheduler:
         if device is not None:
             val, train = _mean_over_ranks(val, train, device)
         self._warn_if_changed_outside()
-        if train is None and not self._warned_no_train_loss:
+        group_without_train = self._group_train[1] == 0 and train is None
+        if group_without_train and self._decides_at(self._t + 1) and not self._warned_no_train_loss:
             warnings.warn(
                 "step() got no train_loss: the policy was meta-trained with the interval's mean training loss at "
                 "every decision, so without it the policy sees inputs it never saw in training and its schedule "
@@ -1019,6 +1023,10 @@ class PolicyScheduler:
                 action = np.zeros(k)
                 if "lr" in self.decoder.names:
                     action[self.decoder.names.index("lr")] = -1.0
+            if not decides:  # the next decision observes what came after the cut, as an interval would
+                self._group_train = (0.0, 0)
+                if self._grad_stats is not None:
+                    self._grad_stats.reset()
         elif decides:
             tr = None if observed_train is None else np.array([observed_train])
             hp = self._base[None]
@@ -1202,8 +1210,20 @@ class PolicyScheduler:
 
         Arrays are stored as tensors, so ``torch.save``/``torch.load(weights_only=True)`` round-trip it.
         A resumed run repeats the uninterrupted one exactly, sampled actions (``deterministic=False``)
-        included: their generator's state is saved here.
+        included: their generator's state is saved here. For a policy that observes gradients, only
+        when saved right after a decision: the gradient statistics of optimiser steps since then are
+        not saved (they pair each gradient with the previous one, as large as the model), so the next
+        decision sees only the steps after the resume; a warning says so.
         """
+        if self._grad_stats is not None and self._grad_stats.steps_observed()[0] > 0 and not self._warned_grad_save:
+            warnings.warn(
+                f"state_dict() after {int(self._grad_stats.steps_observed()[0])} optimizer steps since the policy's "
+                "last decision: their gradient statistics are not saved, so a run resumed from this state shows the "
+                "policy those of the steps after the resume only. Save right after a deciding step() "
+                "(when scheduler.decisions_made grows) to resume exactly",
+                stacklevel=_user_stacklevel(),
+            )
+            self._warned_grad_save = True
         feats = {k: torch.from_numpy(v.copy()) for k, v in self.features.state_dict().items()}
         return {
             "version": _STATE_VERSION,
@@ -1321,9 +1341,31 @@ class PolicyScheduler:
                 f"malformed scheduler state: decisions={decisions!r} must be an integer in [1, total_steps={total_steps}]"
             )
         group_train = _as_numpy(state_dict.get("group_train", np.zeros(2)), np.float64)
-        if group_train.shape != (2,) or not np.isfinite(group_train).all() or group_train[1] < 0:
+        if (
+            group_train.shape == (2,)
+            and _is_int(decisions)
+            and _is_int(total_steps)
+            and _is_int(t)
+            and total_steps >= 1
+        ):
+            n, d, calls = int(total_steps), int(decisions), min(int(t), int(total_steps))
+            last_decision = -(-(calls * d // n) * n // d)  # the call of the last decision (0: none yet)
+            in_group = calls - last_decision
+        else:
+            in_group = -1
+        total, count = (group_train.reshape(-1).tolist() + [math.nan, math.nan])[:2]
+        if not (
+            group_train.shape == (2,)
+            and math.isfinite(total)
+            and total >= 0
+            and float(count).is_integer()
+            and 0 <= count <= in_group
+            and (count > 0 or total == 0)
+        ):
             raise ValueError(
-                f"malformed scheduler state: group_train must hold a finite sum and a count >= 0, got {group_train.tolist()}"
+                "malformed scheduler state: group_train must hold the sum (>= 0, 0 without losses) and the count of the "
+                f"finite training losses of the {max(in_group, 0)} step() calls since the last decision, got "
+                f"{group_train.tolist()}"
             )
         saved_epochs = state_dict.get("epochs")
         if saved_epochs is not None and not (_is_real(saved_epochs) and 0 < float(saved_epochs) < math.inf):
@@ -1349,16 +1391,15 @@ class PolicyScheduler:
             if "_epochs" not in features:  # a state saved before the feature existed: the epochs given now
                 features["_epochs"] = np.atleast_1d(log_epochs_feature(self.epochs))
         self.features.load_state_dict(features)
-        if int(state_dict["total_steps"]) != self.total_steps:
+        if int(state_dict["total_steps"]) != self.total_steps or int(decisions) != self.decisions:
+            saved_run = f"total_steps={int(state_dict['total_steps'])} step() calls"
+            this_run = f"total_steps={self.total_steps}"
+            if int(decisions) != int(state_dict["total_steps"]) or self.decisions != self.total_steps:  # grouped
+                saved_run += f" and decisions={int(decisions)}"
+                this_run += f" and decisions={self.decisions}"
             warnings.warn(
-                f"the state was saved by a run of total_steps={int(state_dict['total_steps'])} step() calls; it replaces "
-                f"this scheduler's total_steps={self.total_steps} (the policy's progress feature follows the saved run)",
-                stacklevel=_user_stacklevel(),
-            )
-        if int(decisions) != self.decisions and int(total_steps) == self.total_steps:
-            warnings.warn(
-                f"the state was saved by a run of decisions={int(decisions)}; it replaces this scheduler's "
-                f"decisions={self.decisions}",
+                f"the state was saved by a run of {saved_run}; it replaces this scheduler's {this_run} (the policy's "
+                "progress feature follows the saved run)",
                 stacklevel=_user_stacklevel(),
             )
         self.total_steps = int(state_dict["total_steps"])

@@ -218,6 +218,11 @@ def test_load_state_dict_rejects_other_policy_or_groups(default_bundle):
         ({"sampler": "{broken"}, "malformed scheduler state: sampler"),
         ({"history": {"step": torch.zeros(2)}}, r"malformed scheduler state: history \(KeyError"),
         ({"t": 3}, r"the history must hold t \+ 1 = 4 rows in every column"),
+        ({"decisions": 7}, r"decisions=7 must be an integer in \[1, total_steps=4\]"),
+        ({"group_train": torch.tensor([1.0, 1.0])}, r"losses of the 0 step\(\) calls since the last decision"),
+        ({"total_steps": 8, "decisions": 2, "group_train": torch.tensor([5.0, 0.0])}, "0 without losses"),
+        ({"total_steps": 8, "decisions": 2, "group_train": torch.tensor([1.0, 0.5])}, "group_train must hold"),
+        ({"total_steps": 8, "decisions": 2, "group_train": torch.tensor([-1.0, 1.0])}, "group_train must hold"),
     ],
 )
 def test_a_damaged_state_dict_is_refused_before_anything_changes(default_bundle, change, message):
@@ -447,10 +452,10 @@ def test_a_divergence_between_decisions_cuts_the_rate_at_once_and_keeps_the_deci
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 10**-0.25)
     assert len(policy.seen) == 0
     sched.step(0.9, train_loss=3.0)
-    assert len(policy.seen) == 1  # the third call still decides, on the finite training losses (1 and 3)
+    assert len(policy.seen) == 1  # the third call still decides, on the training loss after the cut (3)
     names = sched.features.feature_names()
     assert policy.seen[0][0][names.index("log_train_loss")] == pytest.approx(
-        np.log(2.0 / 0.9), abs=1e-6
+        np.log(3.0 / 0.9), abs=1e-6
     )  # over the first val loss
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 10**-0.25 * 10**0.125)  # then the policy's +0.5
     h = sched.history
@@ -479,11 +484,50 @@ def test_grouped_calls_resume_mid_group_exactly(default_bundle):
     # A state saved before grouping existed decided at every call; a different decisions= is said.
     old = {k: v for k, v in state.items() if k not in ("decisions", "group_train")}
     every = PolicyScheduler(_optimizer("adamw", 1e-3, 1e-2, 0.9), default_bundle, 40, epochs=40, decisions=15)
-    with pytest.warns(UserWarning, match="decisions=40; it replaces this scheduler's decisions=15"):
+    with pytest.warns(
+        UserWarning, match="and decisions=40; it replaces this scheduler's total_steps=40 and decisions=15"
+    ):
         every.load_state_dict(old)
     assert every.decisions == 40
     with pytest.raises(ValueError, match=r"decisions=41 must be an integer in \[1, total_steps=40\]"):
         every.load_state_dict({**state, "decisions": 41})
+
+
+def test_a_group_without_any_training_loss_warns_not_one_call_without(default_bundle):
+    opt = _optimizer("sgd", 0.1, 1e-4, 0.9)
+    sched = PolicyScheduler(opt, default_bundle, total_steps=40, epochs=40, decisions=20)  # decides every 2nd call
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched.step(1.0)  # the group's other call brings a training loss
+        sched.step(0.9, train_loss=0.95)
+        sched.step(0.8, train_loss=0.9)
+        sched.step(0.7)
+    with pytest.warns(UserWarning, match=r"step\(\) got no train_loss"):
+        sched.step(0.6)
+        sched.step(0.5)  # a decision without any training loss since the last one
+
+
+def test_saving_between_decisions_says_the_gradient_statistics_are_not_saved():
+    policy = ReplayPolicy(ActionDecoder(("lr", "weight_decay")), np.zeros((10, 2)))
+    policy.gradient_features = True
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    sched = PolicyScheduler(opt, policy, total_steps=20, decisions=10)
+
+    def train_step():
+        opt.zero_grad()
+        model(torch.ones(4, 3)).pow(2).mean().backward()
+        opt.step()
+
+    train_step()
+    sched.step(1.0, train_loss=1.0)  # not a decision: the step's statistics wait for the next one
+    with pytest.warns(UserWarning, match=r"state_dict\(\) after 1 optimizer steps since the policy's last decision"):
+        sched.state_dict()
+    train_step()
+    sched.step(0.9, train_loss=0.9)  # a decision
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched.state_dict()
 
 
 def test_bad_decisions_are_refused(default_bundle):
