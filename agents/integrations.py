@@ -309,10 +309,10 @@ class PolicySchedulerMixin:
             elif not state["warned"]:
                 state["warned"] = True
                 warnings.warn(
-                    f"PolicySchedulerMixin: the policy has made {sched.last_step} of the {due} decisions due before "
+                    f"PolicySchedulerMixin: the scheduler has had {sched.last_step} of the {due} step() calls due before "
                     f"epoch {trainer.current_epoch}, and no validation is left to make the missing one with: Lightning "
                     "skipped the validation of the epoch the run resumed in (a checkpoint saved at an epoch's last "
-                    "batch, before its validation). The schedule goes on one decision behind; checkpoints saved at "
+                    "batch, before its validation). The schedule goes on one call behind; checkpoints saved at "
                     "validation end (ModelCheckpoint's default) or mid-epoch keep every decision",
                     stacklevel=2,
                 )
