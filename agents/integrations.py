@@ -31,9 +31,11 @@ logged metrics. The mixin records the latest validation in each checkpoint and m
   epoch's data (unless the dataloader is resumable), so the schedule can differ a little from then on;
 - from a checkpoint saved at an epoch's last training batch, before its validation, Lightning skips
   that validation when it resumes: the decision it would have fed is lost, with a warning, and the
-  schedule goes on one decision behind.
+  schedule goes on one ``step()`` call behind.
 
-With ``interval="step"`` and gradient accumulation, Lightning counts ``frequency`` in batches, not
+For a run of many more epochs than the policy's 10-60 decisions, pass ``decisions=`` to the scheduler
+(``PolicyScheduler(..., total_steps=epochs, decisions=25)``): Lightning still steps it every epoch, and
+the policy decides at 25 of them. With ``interval="step"`` and gradient accumulation, Lightning counts ``frequency`` in batches, not
 optimiser steps: ``total_steps`` is ``max_steps * accumulate_grad_batches // frequency``. Prefer
 ``interval="epoch"`` with validation every epoch: Lightning passes the *last logged* value of
 ``monitor``, so with ``interval="step"`` the ``frequency`` must equal the validation interval in
@@ -57,7 +59,8 @@ Trainer saves (``checkpoint-<step>/policy_scheduler.pt``), and ``trainer.train(r
 continues the policy where it was (its memory, its progress, its hyperparameters) when the checkpoint
 is ``output_dir/checkpoint-<step>``; a checkpoint without that file (or elsewhere) starts the policy
 afresh over the evaluations left, with a warning. The mean training loss of the interval comes from
-the Trainer's ``loss`` logs: keep ``logging_steps`` at most ``eval_steps``.
+the Trainer's ``loss`` logs: keep ``logging_steps`` at most ``eval_steps``. With many evaluations,
+``hf_trainer_callback(decisions=25)`` has the policy decide at 25 of them, evenly spaced.
 
 The policy starts from the rates the optimiser was created with (``learning_rate``), also when the
 Trainer's own scheduler has a warm-up that has already set them to 0. After a resume, the first
