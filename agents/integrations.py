@@ -33,7 +33,7 @@ logged metrics. The mixin records the latest validation in each checkpoint and m
   that validation when it resumes: the decision it would have fed is lost, with a warning, and the
   schedule goes on one ``step()`` call behind.
 
-For a run of many more epochs than the policy's 10-60 decisions, pass ``decisions=`` to the scheduler
+For a run of many more epochs than the 10-60 decisions the policy schedules well with, pass ``decisions=`` to the scheduler
 (``PolicyScheduler(..., total_steps=epochs, decisions=25)``): Lightning still steps it every epoch, and
 the policy decides at 25 of them. With ``interval="step"`` and gradient accumulation, Lightning counts ``frequency`` in batches, not
 optimiser steps: ``total_steps`` is ``max_steps * accumulate_grad_batches // frequency``. Prefer
@@ -451,6 +451,12 @@ def _hf_callback_class() -> type:
                 for group in optimizer.param_groups:
                     if "initial_lr" in group:
                         group["lr"] = group["initial_lr"]
+            d = kwargs.get("decisions")
+            if is_integer(d) and d > total:  # said in the Trainer's terms, before PolicyScheduler refuses it
+                raise ValueError(
+                    f"decisions={d} is more than the run's {total} evaluations, the policy's chances to decide: leave "
+                    "decisions unset (every evaluation decides), or evaluate more often (eval_steps)"
+                )
             if saved is None and kwargs.get("decisions") is None:  # a resumed run was judged when it started
                 _warn_about_the_horizon(
                     total,
@@ -535,12 +541,17 @@ def _hf_callback_class() -> type:
             train_loss = sum(losses) / len(losses) if losses else None
             # The last decision only observes (no interval follows): a loss missing there changes nothing, as at
             # the extra evaluation transformers 5 makes after a last step that is not a multiple of eval_steps.
-            last = self.scheduler.last_step + 1 >= self.scheduler.total_steps
-            if train_loss is None and not last and not self.scheduler._warned_no_train_loss:
+            sched = self.scheduler
+            last = sched.last_step + 1 >= sched.total_steps
+            # With decisions= grouping the evaluations, a decision sees the losses logged since the previous one.
+            sees_none = sched.next_step_decides and sched._group_train[1] == 0
+            if train_loss is None and sees_none and not last and not sched._warned_no_train_loss:
                 advice = (
                     "logging_strategy='epoch' with eval_strategy='epoch'"
                     if _eval_strategy(args) == "epoch"
                     else "logging_steps to at most eval_steps"
+                    if sched.decisions == sched.total_steps
+                    else "logging_steps to at most the steps between two decisions"
                 )
                 warnings.warn(
                     f"PolicySchedulerCallback: no training loss was logged before the evaluation at step "

@@ -216,13 +216,18 @@ HORIZON_WARNING = r".*the policy was meta-trained on runs of \d+-\d+ decisions"
 #: The number of decisions the horizon warning suggests: among the best of ``benchmarks/horizon.py``.
 SUGGESTED_DECISIONS = 25
 _GROUP_CALLS = (
-    f"Pass decisions={SUGGESTED_DECISIONS}: the policy then decides once per {{every:.3g}} step() calls on average, on the "
+    f"Pass decisions={SUGGESTED_DECISIONS}: the policy then decides once per {{every}} step() calls on average, on the "
     "latest validation loss and the mean training loss since its last decision, and holds its values in between"
 )
 _FEWER_CALLS = (
     "Pass decisions= between {low} and {high} (the policy decides at that many evenly spaced step() calls), "
     "calling step() more often if total_steps is below {low}"
 )
+
+
+def _readable(x: float) -> str:
+    """A count for a message: ``2.4``, ``8``, ``40,000``."""
+    return f"{x:.1f}" if x < 10 and x != int(x) else f"{x:,.0f}"
 
 
 def _warn_about_the_horizon(
@@ -321,7 +326,8 @@ class PolicyScheduler:
     training loop; with ``optimizer.step(closure)`` it reads the gradients the closure computed),
     keeping the last two gradients as float32 (twice the parameters' size in memory, plus a temporary
     flat copy during each step, on the device of the first parameter with a gradient). A state dict saved in the middle of an interval (or, with ``decisions=``, between two decisions)
-    does not hold that interval's gradient statistics: save it right after ``step()``, as usual.
+    does not hold that interval's gradient statistics: save it right after ``step()`` (with ``decisions=``, right
+    after a deciding one: :attr:`next_step_decides` was True before it), as usual.
 
     **Epochs.** A policy trained with the epochs feature (``bundle.epochs_feature``) also sees how
     many passes over its training set the whole run makes: pass ``epochs`` (as for
@@ -446,7 +452,7 @@ class PolicyScheduler:
             _warn_about_the_horizon(
                 self.total_steps,
                 what=f"step() calls (total_steps={self.total_steps}), each a decision,",
-                fix=_GROUP_CALLS.format(every=self.total_steps / SUGGESTED_DECISIONS),
+                fix=_GROUP_CALLS.format(every=_readable(self.total_steps / SUGGESTED_DECISIONS)),
             )
         else:
             _warn_about_the_horizon(self.total_steps, what=f"step() calls (total_steps={self.total_steps})")
@@ -544,11 +550,16 @@ class PolicyScheduler:
             raise TypeError(
                 f"decisions must be an int (how many of the step() calls the policy decides at), got {decisions!r}"
             )
-        if not 1 <= decisions <= total_steps:
+        if decisions < 1:
             raise ValueError(
-                f"decisions must be between 1 and total_steps={total_steps} (the step() calls, which it groups), got "
-                f"{decisions}; to give the policy more decisions than that, call step() more often (every K optimizer "
-                "steps instead of every epoch)"
+                f"decisions must be at least 1, got {decisions}: pass how many of the total_steps={total_steps} step() "
+                "calls the policy decides at (about 25), or None for every call"
+            )
+        if decisions > total_steps:
+            raise ValueError(
+                f"decisions={decisions} is more than total_steps={total_steps}, the step() calls it groups: leave decisions "
+                "unset (None: every call decides), or call step() more often (every K optimizer steps instead of every "
+                "epoch) and count those calls in total_steps"
             )
         return int(decisions)
 
@@ -898,7 +909,7 @@ class PolicyScheduler:
             optimizer, total_steps: as for :class:`PolicyScheduler`.
             device: torch device of the policy network.
             **kwargs: ``deterministic``, ``seed``, ``writer``, ``adaptive``, ``epochs``, ``lr_max_rise``,
-                ``sync_ranks``.
+                ``sync_ranks``, ``decisions``.
 
         Raises:
             agents.BundleError: the bundle is missing, corrupted or incompatible (a ``ValueError``).
@@ -911,6 +922,12 @@ class PolicyScheduler:
     def last_step(self) -> int:
         """Number of ``step()`` calls so far (``t``)."""
         return self._t
+
+    @property
+    def next_step_decides(self) -> bool:
+        """Whether the next ``step()`` call is a decision (always, unless ``decisions=`` groups the calls; never
+        past ``total_steps``)."""
+        return self._t < self.total_steps and self._decides_at(self._t + 1)
 
     @property
     def decisions_made(self) -> int:
@@ -963,7 +980,7 @@ class PolicyScheduler:
             val, train = _mean_over_ranks(val, train, device)
         self._warn_if_changed_outside()
         group_without_train = self._group_train[1] == 0 and train is None
-        if group_without_train and self._decides_at(self._t + 1) and not self._warned_no_train_loss:
+        if group_without_train and self.next_step_decides and not self._warned_no_train_loss:
             warnings.warn(
                 "step() got no train_loss: the policy was meta-trained with the interval's mean training loss at "
                 "every decision, so without it the policy sees inputs it never saw in training and its schedule "
@@ -1010,11 +1027,12 @@ class PolicyScheduler:
             gradients = self._interval_gradients()
         action = None
         if diverged:
-            response = (
-                "the learning rate is decreased by the largest step the policy may take"
-                if "lr" in self.decoder.names
-                else "the hyperparameters are held (the policy does not control the learning rate)"
-            )
+            if last:
+                response = "nothing is left to set (it was the run's last decision)"
+            elif "lr" in self.decoder.names:
+                response = "the learning rate is decreased by the largest step the policy may take"
+            else:
+                response = "the hyperparameters are held (the policy does not control the learning rate)"
             warnings.warn(
                 f"non-finite loss at scheduler step {t} (val={val}, train={train}) is treated as divergence: {response}",
                 stacklevel=_user_stacklevel(),

@@ -6,9 +6,10 @@ problems of ``examples/deploy_policy.py`` (models the policy never saw) for thei
 optimiser steps (500), with the policy deciding every ``500 / T`` steps for each ``T`` given, and
 prints the test loss per ``T`` (mean ± sd over seeds), with the peak and final learning rate as
 multiples of the start, next to the untuned constant and cosine schedules, whose runs do not depend
-on ``T``. With ``--grouped D``, every ``T`` above ``D`` also runs with ``step()`` called ``T`` times
-and ``PolicyScheduler(decisions=D)``: the policy then decides ``D`` times on the same run, which should
-match the ``T = D`` row (the training loss it sees is a mean of means there, equal up to float rounding).
+on ``T``. With ``--grouped D`` (``D`` among the ``T``, dividing every larger one), every ``T`` above ``D``
+also runs with ``step()`` called ``T`` times and ``PolicyScheduler(decisions=D)``: the policy then
+decides every ``T / D`` calls, at the same optimiser steps as the ``T = D`` row, which these runs should
+match (the training loss it sees is a mean of means, equal up to float rounding).
 
 Run from the repository root (about 15 minutes on 2 CPU cores for the defaults)::
 
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
         type=positive_int,
         default=None,
         metavar="D",
-        help="also run every number of calls above D with PolicyScheduler(decisions=D)",
+        help="also run every number of calls above D with PolicyScheduler(decisions=D), to compare with the D row "
+        "(D must be one of --decisions and divide the larger ones)",
     )
     parser.add_argument(
         "--steps", type=positive_int, default=None, help="optimiser steps per run (default: the problem's, 500)"
@@ -73,6 +75,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--policy", default="default", help="policy bundle directory or shipped name")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
+    if args.grouped is not None:
+        uneven = [t for t in args.decisions if t > args.grouped and t % args.grouped]
+        if args.grouped not in args.decisions or uneven:
+            parser.error(
+                f"--grouped {args.grouped} must be one of --decisions {args.decisions} and divide the larger ones"
+                + (f" (not {uneven})" if uneven else "")
+                + ", so that the grouped runs decide at the same optimiser steps as that row"
+            )
     torch.set_num_threads(1)  # tiny models run best on one thread
     bundle = load_bundle(resolve_policy(args.policy))
     with warnings.catch_warnings():  # horizons outside 10-60 decisions are what this measures: known

@@ -124,7 +124,8 @@ class TaskSpec:
         n_samples: number of samples to generate (synthetic), or characters of text (charlm).
         n_features: input features of synthetic data.
         n_classes: classes of synthetic classification data.
-        label_noise: label-flip rate (classification) or relative target noise (regression).
+        label_noise: label-flip rate (classification) or relative target noise (``teacher_regression`` and
+            ``small_tabular``'s ``friedman1``); 0 for ``tabular``'s regression table ``diabetes``, which has none.
         subset_fraction: fraction of a bundled dataset to keep.
         permute_pixels: apply a fixed random pixel permutation to images (a harder vision variant).
         context_length: characters of context for text tasks.

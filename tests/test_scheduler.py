@@ -532,9 +532,9 @@ def test_saving_between_decisions_says_the_gradient_statistics_are_not_saved():
 
 def test_bad_decisions_are_refused(default_bundle):
     opt = _optimizer("sgd", 0.1, 1e-4, 0.9)
-    with pytest.raises(ValueError, match=r"between 1 and total_steps=20 .* got 21; .* call step\(\) more often"):
+    with pytest.raises(ValueError, match=r"decisions=21 is more than total_steps=20.*call step\(\) more often"):
         PolicyScheduler(opt, default_bundle, total_steps=20, epochs=20, decisions=21)
-    with pytest.raises(ValueError, match="got 0"):
+    with pytest.raises(ValueError, match="decisions must be at least 1, got 0"):
         PolicyScheduler(opt, default_bundle, total_steps=20, epochs=20, decisions=0)
     with pytest.raises(TypeError, match="decisions must be an int"):
         PolicyScheduler(opt, default_bundle, total_steps=20, epochs=20, decisions=2.5)
@@ -1201,6 +1201,37 @@ def test_hf_callback_driven_as_the_trainer_drives_it(stand_in_transformers, defa
     # A score as the metric fails when the callback is made, before the policy loads.
     with pytest.raises(ValueError, match=r"metric='eval_accuracy' names a score .* \(e\.g\. 'eval_loss'\)"):
         stand_in_transformers.hf_trainer_callback("no-such-policy", metric="eval_accuracy")
+
+
+def test_hf_callback_with_grouped_decisions(stand_in_transformers, default_bundle, tmp_path):
+    """40 evaluations, 20 decisions: a loss logged every 20 steps reaches every decision, so no warning; more
+    decisions than evaluations are refused in the Trainer's terms."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(
+        eval_strategy="steps", eval_steps=10, logging_steps=20, output_dir=str(tmp_path), gradient_accumulation_steps=1
+    )
+    state = SimpleNamespace(max_steps=400, global_step=0, log_history=[], is_world_process_zero=True, epoch=0.0)
+    opt = torch.optim.AdamW(torch.nn.Linear(3, 1).parameters(), lr=1e-3)
+    callback = stand_in_transformers.hf_trainer_callback(default_bundle, decisions=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        callback.on_train_begin(args, state, None, optimizer=opt, train_dataloader=list(range(10)))
+        while state.global_step < 400:
+            callback.on_step_begin(args, state, None)
+            state.global_step += 1
+            if state.global_step % 20 == 0:
+                state.log_history.append({"loss": 1.0, "step": state.global_step})
+            if state.global_step % 10 == 0:
+                callback.on_evaluate(args, state, None, metrics={"eval_loss": 2.0})
+    sched = callback.scheduler
+    assert (sched.total_steps, sched.decisions, sched.last_step, sched.decisions_made) == (40, 20, 40, 20)
+    assert np.isfinite(sched.history["action_lr"]).sum() == 19  # every second evaluation, the last only observes
+
+    too_many = stand_in_transformers.hf_trainer_callback(default_bundle, decisions=50)
+    fresh = SimpleNamespace(max_steps=400, global_step=0, log_history=[], is_world_process_zero=True, epoch=0.0)
+    with pytest.raises(ValueError, match="decisions=50 is more than the run's 40 evaluations.*eval_steps"):
+        too_many.on_train_begin(args, fresh, None, optimizer=opt, train_dataloader=list(range(10)))
 
 
 def test_hf_callback_warns_about_the_horizon_in_the_trainers_terms(stand_in_transformers, default_bundle, tmp_path):
