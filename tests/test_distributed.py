@@ -26,7 +26,12 @@ _RANKS_SCRIPT = textwrap.dedent(
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     out = {}
-    runs = {"synced": {}, "sampled": {"deterministic": False, "seed": rank}, "unsynced": {"sync_ranks": False}}
+    runs = {
+        "synced": {},
+        "sampled": {"deterministic": False, "seed": rank},
+        "unsynced": {"sync_ranks": False},
+        "grouped": {"decisions": 3},  # decisions at calls 2, 4 and 6; every call's losses are averaged
+    }
     for name, kwargs in runs.items():
         torch.manual_seed(0)
         opt = torch.optim.SGD(torch.nn.Linear(4, 1).parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -51,19 +56,22 @@ def test_ranks_with_different_losses_set_the_same_hyperparameters(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["synced"]["sync_ranks"] and not rank0["unsynced"]["sync_ranks"]  # on by default under DDP
-    for name in ("synced", "sampled"):  # rank 0's decision everywhere, sampled actions with other seeds too
+    for name in ("synced", "sampled", "grouped"):  # rank 0's decision everywhere, sampled actions with other seeds too
         assert rank0[name]["values"] == rank1[name]["values"]
     assert rank0["unsynced"]["values"] != rank1["unsynced"]["values"]  # what the sync prevents
     # The decisions are those a single process makes on the ranks' mean losses.
-    torch.manual_seed(0)
-    opt = torch.optim.SGD(torch.nn.Linear(4, 1).parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    single = PolicyScheduler.from_pretrained("default", opt, total_steps=6, epochs=6)
-    values = []
-    for t in range(6):
-        val = (1.0 / (t + 1) + 2.0 / (t + 1) ** 2) / 2
-        single.step(val, train_loss=(1.2 / (t + 1) + 2.4 / (t + 1) ** 2) / 2)
-        values.append([opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"]])
-    np.testing.assert_allclose(rank0["synced"]["values"], values, rtol=1e-6)
+    for name, kwargs in (("synced", {}), ("grouped", {"decisions": 3})):
+        torch.manual_seed(0)
+        opt = torch.optim.SGD(torch.nn.Linear(4, 1).parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        single = PolicyScheduler.from_pretrained("default", opt, total_steps=6, epochs=6, **kwargs)
+        values = []
+        for t in range(6):
+            val = (1.0 / (t + 1) + 2.0 / (t + 1) ** 2) / 2
+            single.step(val, train_loss=(1.2 / (t + 1) + 2.4 / (t + 1) ** 2) / 2)
+            values.append([opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"]])
+        np.testing.assert_allclose(rank0[name]["values"], values, rtol=1e-6)
+    grouped = rank0["grouped"]["values"]
+    assert grouped[0] == [0.01, 1e-4] and grouped[2] == grouped[1] and grouped[4] == grouped[3]  # held in between
 
 
 def test_sync_ranks_without_a_process_group_is_refused():

@@ -462,6 +462,25 @@ def test_a_divergence_between_decisions_cuts_the_rate_at_once_and_keeps_the_deci
     assert h["diverged"].tolist() == [0.0, 0.0, 1.0, 0.0] and h["action_lr"][2] == -1.0
 
 
+def test_a_divergence_at_a_deciding_call_and_at_the_last_one():
+    policy = ReplayPolicy(ActionDecoder(("lr", "weight_decay")), np.full((5, 2), 0.5))
+    opt = _optimizer("sgd", 0.1, 1e-4, 0.9)
+    sched = PolicyScheduler(opt, policy, total_steps=6, decisions=3)  # decisions at calls 2, 4 and 6
+    sched.step(1.0, train_loss=1.0)
+    with pytest.warns(UserWarning, match="step 2 .* the learning rate is decreased"):
+        sched.step(float("inf"), train_loss=1.0)  # a decision: the cut replaces it, the policy is not asked
+    assert len(policy.seen) == 0 and sched.decisions_made == 1
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 10**-0.25)
+    sched.step(0.9, train_loss=0.9)
+    sched.step(0.8, train_loss=0.8)  # decision 2: the policy starts its observations here
+    assert len(policy.seen) == 1
+    lr = opt.param_groups[0]["lr"]
+    sched.step(0.7, train_loss=0.7)
+    with pytest.warns(UserWarning, match="step 6 .* nothing is left to set"):
+        sched.step(float("nan"), train_loss=0.7)
+    assert opt.param_groups[0]["lr"] == lr and sched.decisions_made == 3
+
+
 def test_grouped_calls_resume_mid_group_exactly(default_bundle):
     losses = [(2.0 * 0.95**t, 2.1 * 0.94**t) for t in range(40)]
     opt = _optimizer("adamw", 1e-3, 1e-2, 0.9)
