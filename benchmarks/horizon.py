@@ -14,8 +14,8 @@ match (the training loss it sees is a mean of means, equal up to float rounding)
 Run from the repository root (about 15 minutes on 2 CPU cores for the defaults)::
 
     python benchmarks/horizon.py
-    python benchmarks/horizon.py --problems digits --seeds 5 --decisions 10 25 50 100 250
-    python benchmarks/horizon.py --problems digits --seeds 5 --decisions 25 100 250 --grouped 25
+    python benchmarks/horizon.py --problems digits --seeds 5 --calls 10 25 50 100 250
+    python benchmarks/horizon.py --problems digits --seeds 5 --calls 25 100 250 --grouped 25
 """
 
 from __future__ import annotations
@@ -55,11 +55,14 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--seeds", type=positive_int, default=3, help="runs per problem and number of decisions")
     parser.add_argument(
+        "--calls",
         "--decisions",
+        dest="calls",
         type=positive_int,
         nargs="+",
         default=[10, 25, 50, 100, 250],
-        help="numbers of step() calls per run; each must divide the problem's optimiser steps (500)",
+        help="numbers of step() calls per run, T, each a decision (unless --grouped); each must divide the "
+        "problem's optimiser steps (500)",
     )
     parser.add_argument(
         "--grouped",
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         metavar="D",
         help="also run every number of calls above D with PolicyScheduler(decisions=D), to compare with the D row "
-        "(D must be one of --decisions and divide the larger ones)",
+        "(D must be one of --calls and divide the larger ones)",
     )
     parser.add_argument(
         "--steps", type=positive_int, default=None, help="optimiser steps per run (default: the problem's, 500)"
@@ -76,10 +79,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
     if args.grouped is not None:
-        uneven = [t for t in args.decisions if t > args.grouped and t % args.grouped]
-        if args.grouped not in args.decisions or uneven:
+        uneven = [t for t in args.calls if t > args.grouped and t % args.grouped]
+        if args.grouped not in args.calls or uneven:
             parser.error(
-                f"--grouped {args.grouped} must be one of --decisions {args.decisions} and divide the larger ones"
+                f"--grouped {args.grouped} must be one of --calls {args.calls} and divide the larger ones"
                 + (f" (not {uneven})" if uneven else "")
                 + ", so that the grouped runs decide at the same optimiser steps as that row"
             )
@@ -99,19 +102,19 @@ def _measure(example, parser: argparse.ArgumentParser, args: argparse.Namespace,
     for key in args.problems:
         problem = example.PROBLEMS[key]()
         total = args.steps or problem.steps_per_decision * problem.decisions
-        bad = [t for t in args.decisions if total % t]
+        bad = [t for t in args.calls if total % t]
         if bad:
-            parser.error(f"--decisions {bad} do not divide {problem.name}'s {total} optimiser steps")
+            parser.error(f"--calls {bad} do not divide {problem.name}'s {total} optimiser steps")
         rows = results[problem.name] = {}
         # The baselines' runs do not depend on the decisions, only on when validation is measured.
-        problem.steps_per_decision, problem.decisions = total // args.decisions[0], args.decisions[0]
+        problem.steps_per_decision, problem.decisions = total // args.calls[0], args.calls[0]
         for schedule in ("constant", "cosine"):
             test = [example.train(problem, schedule, seed, bundle).test_loss for seed in range(args.seeds)]
             rows[schedule] = {"test_loss": float(np.mean(test)), "sd": float(np.std(test))}
             print(f"{problem.name:22s} {schedule:>14s}  test {np.mean(test):.4f} ± {np.std(test):.4f}", flush=True)
-        variants = [(calls, None) for calls in args.decisions]
+        variants = [(calls, None) for calls in args.calls]
         if args.grouped is not None:
-            variants += [(calls, args.grouped) for calls in args.decisions if calls > args.grouped]
+            variants += [(calls, args.grouped) for calls in args.calls if calls > args.grouped]
         for calls, grouped in variants:
             problem.steps_per_decision, problem.decisions = total // calls, calls
             runs = [

@@ -1670,7 +1670,7 @@ def test_horizon_script_runs_the_policy_at_each_number_of_decisions(tmp_path, lo
     threads = torch.get_num_threads()
     try:
         results = bench.main(
-            ["--problems", "digits", "--seeds", "1", "--steps", "20", "--decisions", "2", "10", "--grouped", "2"]
+            ["--problems", "digits", "--seeds", "1", "--steps", "20", "--calls", "2", "10", "--grouped", "2"]
             + ["--json", str(tmp_path / "h.json")]
         )
     finally:
