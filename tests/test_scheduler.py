@@ -1321,7 +1321,17 @@ def _quiet_lightning(test):
 
 
 def _lightning_fit(
-    pl, tmp_path, name, *, interval="epoch", frequency=1, every_n_train_steps=None, ckpt=None, epochs=3, **trainer_kw
+    pl,
+    tmp_path,
+    name,
+    *,
+    interval="epoch",
+    frequency=1,
+    every_n_train_steps=None,
+    ckpt=None,
+    epochs=3,
+    decisions=None,
+    **trainer_kw,
 ):
     """``epochs`` epochs of 4 batches of a linear model under the default policy (stepped per epoch, or every
     ``frequency`` batches with a validation each time, the training loss then logged per step);
@@ -1352,7 +1362,9 @@ def _lightning_fit(
         def configure_optimizers(self):
             opt = torch.optim.AdamW(self.parameters(), lr=1e-3)
             total = epochs if interval == "epoch" else epochs * 4 // frequency
-            self.policy = PolicyScheduler.from_pretrained("default", opt, total_steps=total, epochs=epochs)
+            self.policy = PolicyScheduler.from_pretrained(
+                "default", opt, total_steps=total, epochs=epochs, decisions=decisions
+            )
             config = lightning_scheduler_config(
                 self.policy, monitor="val_loss", interval=interval, frequency=frequency, strict=False
             )
@@ -1387,6 +1399,20 @@ def test_lightning_trainer_end_to_end(tmp_path):
     # Lightning then skips on resuming; the mixin makes it), the run keeps the uninterrupted schedule.
     policy, resumed = _lightning_fit(pl, tmp_path, "resumed", ckpt=tmp_path / "full" / "step=8.ckpt", epochs=4)
     assert policy.last_step == 4 and resumed == full[8:]
+
+
+@_quiet_lightning
+def test_lightning_with_grouped_decisions_resumes_mid_group_exactly(tmp_path):
+    """Six epochs, stepped every epoch, three decisions (after epochs 2, 4 and 6, the last only observing):
+    the rate holds for two epochs at a time, and a run resumed after epoch 3, inside a group, keeps it."""
+    pl = pytest.importorskip("lightning.pytorch")
+    policy, full = _lightning_fit(pl, tmp_path, "full", epochs=6, decisions=3)
+    assert (policy.last_step, policy.decisions_made) == (6, 3)
+    assert [len(set(full[i : i + 8])) for i in (0, 8, 16)] == [1, 1, 1] and len(set(full)) == 3  # 4 batches an epoch
+    policy, resumed = _lightning_fit(
+        pl, tmp_path, "resumed", ckpt=tmp_path / "full" / "step=12.ckpt", epochs=6, decisions=3
+    )
+    assert (policy.last_step, policy.decisions_made) == (6, 3) and resumed == full[12:]
 
 
 @_quiet_lightning
