@@ -310,7 +310,8 @@ class PolicyScheduler:
     decides at ``d`` evenly spaced calls (call ``t`` where ``t * d // total_steps`` grows; the last call
     is the last decision) and observes there the latest validation loss and the mean of the training
     losses passed since its previous decision; between decisions the hyperparameters are held, and a
-    non-finite loss still takes the largest learning-rate decrease at once. The policy's progress
+    non-finite loss still takes the largest learning-rate decrease at once. The calls between decisions
+    may pass ``metrics=None`` and skip the evaluation (:attr:`next_step_decides` says which call decides). The policy's progress
     feature counts decisions; :attr:`last_step` and the :attr:`history` count calls.
 
     **The only scheduler.** The policy must be the only writer of the hyperparameters it controls: a
@@ -959,12 +960,14 @@ class PolicyScheduler:
         self._write()
 
     def step(
-        self, metrics: SupportsFloat, train_loss: SupportsFloat | None = None, *, global_step: int | None = None
+        self, metrics: SupportsFloat | None, train_loss: SupportsFloat | None = None, *, global_step: int | None = None
     ) -> None:
         """Observe the interval that just ended and set the hyperparameters of the next one.
 
         Args:
-            metrics: validation loss after the interval (a float, a 0-dim tensor, ...).
+            metrics: validation loss after the interval (a float, a 0-dim tensor, ...). With ``decisions=``,
+                None at a call between two decisions (:attr:`next_step_decides` is False), whose validation
+                loss the policy does not see: skip that evaluation.
             train_loss: mean training loss over the interval. Optional, but the policy was meta-trained
                 with it at every decision: without it a warning is issued (once per run).
             global_step: where the ``writer``'s scalars of this decision go on TensorBoard's x-axis
@@ -973,11 +976,18 @@ class PolicyScheduler:
         """
         if global_step is not None and (not is_integer(global_step) or global_step < 0):
             raise ValueError(f"global_step must be an integer >= 0 or None, got {global_step!r}")
-        val = _to_float(metrics, "metrics")
+        if metrics is None and self.next_step_decides:
+            raise ValueError(
+                f"step() call {self._t + 1} of {self.total_steps} is one of the policy's decisions, so it needs the "
+                "validation loss: metrics=None is only for the calls between two decisions (with decisions=, where "
+                "scheduler.next_step_decides is False)"
+            )
+        val = None if metrics is None else _to_float(metrics, "metrics")
         train = None if train_loss is None else _to_float(train_loss, "train_loss")
         device = _collective_device(self.optimizer) if self.sync_ranks else None
         if device is not None:
-            val, train = _mean_over_ranks(val, train, device)
+            mean_val, train = _mean_over_ranks(0.0 if val is None else val, train, device)
+            val = None if val is None else mean_val  # (every rank decides at the same calls)
         self._warn_if_changed_outside()
         group_without_train = self._group_train[1] == 0 and train is None
         if group_without_train and self.next_step_decides and not self._warned_no_train_loss:
@@ -1003,12 +1013,12 @@ class PolicyScheduler:
                 )
             self._t += 1
             self._write()
-            nonfinite = not math.isfinite(val) or (train is not None and not math.isfinite(train))
-            self._record(self._t, global_step, val, train, nonfinite, None)
+            nonfinite = any(v is not None and not math.isfinite(v) for v in (val, train))
+            self._record(self._t, global_step, math.nan if val is None else val, train, nonfinite, None)
             return
         self._t += 1
         t, k = self._t, self.decoder.num_actions
-        diverged = not math.isfinite(val) or (train is not None and not math.isfinite(train))
+        diverged = any(v is not None and not math.isfinite(v) for v in (val, train))
         if train is not None and math.isfinite(train):
             total, count = self._group_train
             self._group_train = (total + train, count + 1)
@@ -1076,7 +1086,7 @@ class PolicyScheduler:
                 self._base, self._last_action = _from_rank_zero(device, self._base, self._last_action)
                 action = self._last_action
         self._write()
-        self._record(t, global_step, val, train, diverged, action)
+        self._record(t, global_step, math.nan if val is None else val, train, diverged, action)
         if self.writer is not None:
             self._log(t if global_step is None else int(global_step))
 
@@ -1166,8 +1176,9 @@ class PolicyScheduler:
         axes = fig.subplots(1 + len(names), 1, sharex=True, squeeze=False)[:, 0]
         losses = axes[0]
         for key, style in (("val_loss", {"marker": "o", "markersize": 3}), ("train_loss", {"linestyle": "--"})):
-            if np.isfinite(h[key]).any():
-                losses.plot(x, h[key], label=key.replace("_", " "), **style)
+            given = np.isfinite(h[key])  # a line through the calls that passed one (metrics=None skips)
+            if given.any():
+                losses.plot(x[given], h[key][given], label=key.replace("_", " "), **style)
         bad = h["diverged"] > 0
         if bad.any():
             top = np.full(int(bad.sum()), losses.get_ylim()[1])

@@ -441,6 +441,29 @@ def test_decisions_group_the_calls_and_the_policy_sees_what_it_would_with_one_ca
     assert "decision 5/5" in repr(sched)
 
 
+def test_calls_between_decisions_need_no_validation_loss(default_bundle):
+    """The policy sees the validation loss only at its decisions: the calls in between may skip the
+    evaluation (metrics=None) and the schedule is the same; a decision without one is refused."""
+    losses = [(2.0 * 0.95**t, 2.1 * 0.94**t) for t in range(40)]
+
+    def run(skip):
+        opt = _optimizer("adamw", 1e-3, 1e-2, 0.9)
+        sched = PolicyScheduler(opt, default_bundle, total_steps=40, epochs=40, decisions=10)
+        for val, train in losses:
+            sched.step(None if skip and not sched.next_step_decides else val, train_loss=train)
+        return sched
+
+    full, skipping = run(False), run(True)
+    assert full.history["lr"].tolist() == skipping.history["lr"].tolist()
+    assert np.isnan(skipping.history["val_loss"][1:]).sum() == 30  # the rows of the calls that skipped it
+    sched = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), default_bundle, total_steps=4, epochs=4, decisions=2)
+    sched.step(None, train_loss=1.0)  # call 1 of 4: between decisions
+    with pytest.raises(
+        ValueError, match=r"step\(\) call 2 of 4 is one of the policy's decisions.*needs the validation"
+    ):
+        sched.step(None, train_loss=1.0)
+
+
 def test_a_divergence_between_decisions_cuts_the_rate_at_once_and_keeps_the_decision_points():
     decoder = ActionDecoder(("lr", "weight_decay"))
     policy = ReplayPolicy(decoder, np.full((5, 2), 0.5))
