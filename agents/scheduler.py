@@ -120,17 +120,19 @@ def _collective_device(optimizer: torch.optim.Optimizer) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _mean_over_ranks(val: float, train: float | None, device: torch.device) -> tuple[float, float | None]:
-    """Every rank's losses averaged (the training loss over the ranks that gave one); one ``all_reduce``."""
+def _mean_over_ranks(val: float | None, train: float | None, device: torch.device) -> tuple[float | None, float | None]:
+    """Every rank's losses averaged, each over the ranks that gave one (None where none did); one ``all_reduce``."""
     x = torch.tensor(
-        [val, 0.0 if train is None else train, 0.0 if train is None else 1.0],
+        [0.0 if v is None else w for v in (val, train) for w in (v, 1.0)],
         dtype=torch.float64,
         device=device,
     )
     torch.distributed.all_reduce(x)
-    total_val, total_train, with_train = x.tolist()
-    mean_train = total_train / with_train if with_train > 0 else None
-    return total_val / torch.distributed.get_world_size(), mean_train
+    total_val, with_val, total_train, with_train = x.tolist()
+    return (
+        total_val / with_val if with_val > 0 else None,
+        total_train / with_train if with_train > 0 else None,
+    )
 
 
 def _inner_optimizer(optimizer: Any) -> Any:
@@ -976,18 +978,17 @@ class PolicyScheduler:
         """
         if global_step is not None and (not is_integer(global_step) or global_step < 0):
             raise ValueError(f"global_step must be an integer >= 0 or None, got {global_step!r}")
-        if metrics is None and self.next_step_decides:
+        val = None if metrics is None else _to_float(metrics, "metrics")
+        train = None if train_loss is None else _to_float(train_loss, "train_loss")
+        device = _collective_device(self.optimizer) if self.sync_ranks else None
+        if device is not None:
+            val, train = _mean_over_ranks(val, train, device)  # every rank then agrees on a divergence
+        if val is None and self.next_step_decides:  # (with ranks: when none of them gave one, on every rank)
             raise ValueError(
                 f"step() call {self._t + 1} of {self.total_steps} is one of the policy's decisions, so it needs the "
                 "validation loss: metrics=None is only for the calls between two decisions (with decisions=, where "
                 "scheduler.next_step_decides is False)"
             )
-        val = None if metrics is None else _to_float(metrics, "metrics")
-        train = None if train_loss is None else _to_float(train_loss, "train_loss")
-        device = _collective_device(self.optimizer) if self.sync_ranks else None
-        if device is not None:
-            mean_val, train = _mean_over_ranks(0.0 if val is None else val, train, device)
-            val = None if val is None else mean_val  # (every rank decides at the same calls)
         self._warn_if_changed_outside()
         group_without_train = self._group_train[1] == 0 and train is None
         if group_without_train and self.next_step_decides and not self._warned_no_train_loss:
@@ -1176,9 +1177,10 @@ class PolicyScheduler:
         axes = fig.subplots(1 + len(names), 1, sharex=True, squeeze=False)[:, 0]
         losses = axes[0]
         for key, style in (("val_loss", {"marker": "o", "markersize": 3}), ("train_loss", {"linestyle": "--"})):
-            given = np.isfinite(h[key])  # a line through the calls that passed one (metrics=None skips)
-            if given.any():
-                losses.plot(x[given], h[key][given], label=key.replace("_", " "), **style)
+            # A line through the calls that passed a loss (metrics=None skips one), with gaps at divergences.
+            shown = np.isfinite(h[key]) | (h["diverged"] > 0)
+            if np.isfinite(h[key]).any():
+                losses.plot(x[shown], h[key][shown], label=key.replace("_", " "), **style)
         bad = h["diverged"] > 0
         if bad.any():
             top = np.full(int(bad.sum()), losses.get_ylim()[1])

@@ -31,6 +31,7 @@ _RANKS_SCRIPT = textwrap.dedent(
         "sampled": {"deterministic": False, "seed": rank},
         "unsynced": {"sync_ranks": False},
         "grouped": {"decisions": 3},  # decisions at calls 2, 4 and 6; every call's losses are averaged
+        "rank0_evaluates": {"decisions": 3},  # only rank 0 passes a validation loss
     }
     for name, kwargs in runs.items():
         torch.manual_seed(0)
@@ -38,7 +39,8 @@ _RANKS_SCRIPT = textwrap.dedent(
         sched = PolicyScheduler.from_pretrained("default", opt, total_steps=6, epochs=6, **kwargs)
         values = []
         for t in range(6):  # each rank's own losses: they differ between ranks, in level and in shape
-            sched.step((1 + rank) / (t + 1) ** (1 + rank), train_loss=1.2 * (1 + rank) / (t + 1) ** (1 + rank))
+            val = None if name == "rank0_evaluates" and rank == 1 else (1 + rank) / (t + 1) ** (1 + rank)
+            sched.step(val, train_loss=1.2 * (1 + rank) / (t + 1) ** (1 + rank))
             values.append([opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"]])
         out[name] = {"values": values, "sync_ranks": sched.sync_ranks}
     with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
@@ -56,17 +58,17 @@ def test_ranks_with_different_losses_set_the_same_hyperparameters(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["synced"]["sync_ranks"] and not rank0["unsynced"]["sync_ranks"]  # on by default under DDP
-    for name in ("synced", "sampled", "grouped"):  # rank 0's decision everywhere, sampled actions with other seeds too
+    for name in ("synced", "sampled", "grouped", "rank0_evaluates"):  # rank 0's decision everywhere
         assert rank0[name]["values"] == rank1[name]["values"]
     assert rank0["unsynced"]["values"] != rank1["unsynced"]["values"]  # what the sync prevents
     # The decisions are those a single process makes on the ranks' mean losses.
-    for name, kwargs in (("synced", {}), ("grouped", {"decisions": 3})):
+    for name, kwargs in (("synced", {}), ("grouped", {"decisions": 3}), ("rank0_evaluates", {"decisions": 3})):
         torch.manual_seed(0)
         opt = torch.optim.SGD(torch.nn.Linear(4, 1).parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
         single = PolicyScheduler.from_pretrained("default", opt, total_steps=6, epochs=6, **kwargs)
         values = []
-        for t in range(6):
-            val = (1.0 / (t + 1) + 2.0 / (t + 1) ** 2) / 2
+        for t in range(6):  # the validation loss is averaged over the ranks that gave one
+            val = 1.0 / (t + 1) if name == "rank0_evaluates" else (1.0 / (t + 1) + 2.0 / (t + 1) ** 2) / 2
             single.step(val, train_loss=(1.2 / (t + 1) + 2.4 / (t + 1) ** 2) / 2)
             values.append([opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"]])
         np.testing.assert_allclose(rank0[name]["values"], values, rtol=1e-6)

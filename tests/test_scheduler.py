@@ -1076,6 +1076,8 @@ def test_plot_draws_the_losses_and_the_schedule(default_bundle, tmp_path):
         "train loss",
         "non-finite loss",
     ]
+    val_line = losses.get_lines()[0]  # a gap at the divergence (step 150), not a line through it
+    assert val_line.get_xdata().tolist() == [50, 100, 150, 200] and np.isnan(val_line.get_ydata()[2])
     # Without global steps, the x-axis counts step() calls.
     sched.reset()
     sched.step(1.0, train_loss=1.0)
