@@ -29,9 +29,11 @@ _RANKS_SCRIPT = textwrap.dedent(
     runs = {
         "synced": {},
         "sampled": {"deterministic": False, "seed": rank},
-        "unsynced": {"sync_ranks": False},
         "grouped": {"decisions": 3},  # decisions at calls 2, 4 and 6; every call's losses are averaged
         "rank0_evaluates": {"decisions": 3},  # only rank 0 passes a validation loss
+        # Last, without collectives: a rank that tears the group down while another still finishes a
+        # collective aborts that one (gloo: "terminate called without an active exception").
+        "unsynced": {"sync_ranks": False},
     }
     for name, kwargs in runs.items():
         torch.manual_seed(0)
@@ -45,6 +47,7 @@ _RANKS_SCRIPT = textwrap.dedent(
         out[name] = {"values": values, "sync_ranks": sched.sync_ranks}
     with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
+    dist.barrier()
     dist.destroy_process_group()
     """
 )
