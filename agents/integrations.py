@@ -433,15 +433,15 @@ def _hf_callback_class() -> type:
             kwargs = {"epochs": _epochs_from_args(args, state, train_dataloader), **self.scheduler_kwargs}
             saved = _scheduler_file(args, state.global_step) if state.global_step > 0 else None
             resumed_without_state = saved is not None and not saved.is_file()
+            d = kwargs.get("decisions")
             if resumed_without_state:  # the policy starts afresh over the evaluations left
                 done = _decisions_from_args(
                     args, state, upto=state.global_step if _eval_strategy(args) == "steps" else state.epoch
                 )
                 left = max(1, total - done)
-                d = kwargs.get("decisions")
                 if is_integer(d) and 1 <= d <= total:  # grouped evaluations: as many per decision as before
                     # (an invalid decisions= goes through unchanged, for PolicyScheduler to refuse)
-                    kwargs["decisions"] = max(1, min(left, round(kwargs["decisions"] * left / total)))
+                    d = kwargs["decisions"] = max(1, min(left, round(d * left / total)))
                 total = left
             if saved is None and "lr" in self.policy.decoder.names:
                 # The Trainer built its own lr scheduler before this hook: with a warm-up it has already set every
@@ -451,13 +451,12 @@ def _hf_callback_class() -> type:
                 for group in optimizer.param_groups:
                     if "initial_lr" in group:
                         group["lr"] = group["initial_lr"]
-            d = kwargs.get("decisions")
             if is_integer(d) and d > total:  # said in the Trainer's terms, before PolicyScheduler refuses it
                 raise ValueError(
                     f"decisions={d} is more than the run's {total} evaluations, the policy's chances to decide: leave "
                     "decisions unset (every evaluation decides), or evaluate more often (eval_steps)"
                 )
-            if saved is None and kwargs.get("decisions") is None:  # a resumed run was judged when it started
+            if saved is None and d is None:  # a resumed run was judged when it started
                 _warn_about_the_horizon(
                     total,
                     what="evaluations (the callback's decisions)",
@@ -470,11 +469,10 @@ def _hf_callback_class() -> type:
                     ),
                     stacklevel=2,
                 )
-            elif saved is None and is_integer(kwargs["decisions"]) and 1 <= kwargs["decisions"] <= total:
-                # (a wrong decisions= is PolicyScheduler's to refuse, below)
+            elif saved is None and is_integer(d) and 1 <= d <= total:  # (a wrong one is PolicyScheduler's to refuse)
                 _warn_about_the_horizon(
-                    kwargs["decisions"],
-                    what=f"decisions (decisions={kwargs['decisions']}, over {total} evaluations)",
+                    d,
+                    what=f"decisions (decisions={d}, over {total} evaluations)",
                     fix="Pass decisions= between {low} and {high}, and set eval_strategy/eval_steps so that the run "
                     "has at least {low} evaluations",
                     stacklevel=2,
