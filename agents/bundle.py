@@ -540,7 +540,15 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> PolicyBundle | 
                 f"{str(path)!r} holds hpo-train runs, not a policy bundle: pass one run's bundle, e.g. "
                 f"{inside[0]!r}{more}"
             )
-        raise BundleError(f"policy bundle {str(path)!r} is missing {CONFIG_FILE}; re-save it with agents.save_bundle")
+        if (path / MODEL_FILE).is_file() or (path / NORM_FILE).is_file():
+            raise BundleError(
+                f"policy bundle {str(path)!r} is missing {CONFIG_FILE}; re-save it with agents.save_bundle"
+            )
+        raise BundleError(
+            f"{str(path)!r} is not a policy bundle: a bundle is a directory holding {MODEL_FILE}, {NORM_FILE} and "
+            f"{CONFIG_FILE}, as hpo-train writes to RUN/bundle and agents.save_bundle writes (or pass 'default', "
+            "the shipped policy)"
+        )
     config = _read_json(path / CONFIG_FILE)
     if not isinstance(config, dict):
         raise BundleError(f"{path / CONFIG_FILE} must hold a JSON object, got {type(config).__name__}")

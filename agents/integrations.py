@@ -73,7 +73,9 @@ extra; ``tests/test_scheduler.py`` skips those tests where they are absent).
 
 from __future__ import annotations
 
+import difflib
 import functools
+import inspect
 import math
 import os
 import re
@@ -104,6 +106,38 @@ _SCORE_WORDS = frozenset(
 )
 #: Words that make a name a loss whatever else it holds (``val_top1_error``, ``val_r2_loss``).
 _LOSS_WORDS = frozenset("loss err error nll perplexity ppl mse mae rmse mape".split())
+
+
+def _check_scheduler_kwargs(policy: Any, total_steps: int | None, kwargs: dict[str, Any]) -> None:
+    """Refuse what :class:`PolicyScheduler` would refuse, now rather than inside ``trainer.train()``.
+
+    Builds a throwaway scheduler on a one-parameter AdamW with the given settings (warnings muted: the
+    run's own scheduler gives them, with the run's numbers).
+    """
+    allowed = [name for name in inspect.signature(PolicyScheduler.__init__).parameters if name not in _NOT_KWARGS]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        close = {name: difflib.get_close_matches(name, allowed, n=1) for name in unknown}
+        hints = "".join(f" ({name}: did you mean {match[0]}?)" for name, match in close.items() if match)
+        raise TypeError(f"hf_trainer_callback got unknown scheduler argument(s) {unknown}{hints}; it takes {allowed}")
+    decisions = kwargs.get("decisions")
+    if decisions is not None and (not is_integer(decisions) or decisions < 1):
+        raise ValueError(
+            f"decisions must be an integer >= 1 (at how many of the run's evaluations the policy decides, about "
+            f"{SUGGESTED_DECISIONS}) or None (every evaluation), got {decisions!r}"
+        )
+    total = total_steps if total_steps is not None else decisions or 1
+    trial = dict(kwargs)
+    if getattr(policy, "epochs_feature", False):
+        trial.setdefault("epochs", 1.0)  # derived from the Trainer at the start when not given
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3, weight_decay=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        PolicyScheduler(optimizer, policy, total, **trial)
+
+
+#: PolicyScheduler's arguments that the HF callback sets itself.
+_NOT_KWARGS = frozenset({"self", "optimizer", "bundle", "total_steps"})
 
 
 def _check_loss_metric(name: Any, argument: str) -> str:
@@ -414,6 +448,11 @@ def _hf_callback_class() -> type:
                     "device= places a policy loaded by name or path; this policy is already loaded (on its own "
                     "device): drop device=, or pass the bundle's path"
                 )
+            if total_steps is not None and (not is_integer(total_steps) or total_steps < 1):
+                raise ValueError(
+                    f"total_steps must be an integer >= 1 (the run's evaluations) or None, got {total_steps!r}"
+                )
+            _check_scheduler_kwargs(policy, total_steps, scheduler_kwargs)
             self.policy = policy
             self.total_steps = total_steps
             self.metric = metric

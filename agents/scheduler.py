@@ -61,6 +61,12 @@ def resolve_policy(path_or_name: str | os.PathLike) -> Path:
     Raises:
         ValueError: neither an existing path nor a shipped policy's name.
     """
+    if not isinstance(path_or_name, (str, os.PathLike)) or str(path_or_name) == "":
+        error = TypeError if not isinstance(path_or_name, (str, os.PathLike)) else ValueError
+        raise error(
+            f"the policy must be a bundle directory (a str or os.PathLike) or a shipped policy's name such as "
+            f"'default', got {path_or_name!r}"
+        )
     path = Path(path_or_name)
     if path.exists() or not isinstance(path_or_name, str) or "/" in path_or_name or os.sep in path_or_name:
         return path  # (a missing path is load_bundle's to report, with what a bundle holds)
@@ -351,7 +357,8 @@ class PolicyScheduler:
             first interval's at step 0), ``scheduler/val_loss``, ``scheduler/train_loss``,
             ``scheduler/action_<hparam>`` and ``scheduler/diverged``, at global step ``t`` (the
             ``step()`` calls so far: a run restarted with :meth:`reset` counts from 1 again, so give it
-            its own writer).
+            its own writer). A copy (``copy.deepcopy``, pickle) does not take the writer along: set
+            ``scheduler.writer`` on the copy to log from it.
         adaptive: whether the optimiser is Adam-type (an observed feature). Default: True unless the
             optimiser is a ``torch.optim.SGD``.
         epochs: how many passes over the training set the whole run makes (> 0; fractions are fine).
@@ -436,14 +443,12 @@ class PolicyScheduler:
                 raise ValueError(
                     f"lr_max_rise caps the learning rate, which this policy does not control ({list(decoder.names)})"
                 )
-            if isinstance(lr_max_rise, bool) or not (
-                isinstance(lr_max_rise, (int, float)) and 0 < lr_max_rise and math.isfinite(lr_max_rise)
-            ):
+            if not (is_number(lr_max_rise) and 0 < lr_max_rise and math.isfinite(lr_max_rise)):
                 raise ValueError(
                     "lr_max_rise must be a positive number of decades above the initial learning rate (1.5: at most"
                     f" 31.6x), got {lr_max_rise!r}; use None to keep the policy's own cap, if any"
                 )
-            decoder = decoder.with_cap("lr", lr_max_rise)
+            decoder = decoder.with_cap("lr", float(lr_max_rise))
         self.optimizer = optimizer
         self.bundle = bundle
         self.decoder: ActionDecoder = decoder
@@ -584,6 +589,13 @@ class PolicyScheduler:
         return ObservationBuilder(
             self.decoder, 1, gradient_features=self.gradient_features, epochs_feature=self.epochs_feature
         )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A TensorBoard writer holds an open file and a thread: a copy or an unpickled scheduler logs
+        # nowhere until given a writer of its own (``scheduler.writer = SummaryWriter(...)``).
+        state = self.__dict__.copy()
+        state["writer"] = None
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # A copy or an unpickled scheduler comes with a copy of the optimiser, and torch's optimisers do
@@ -863,14 +875,20 @@ class PolicyScheduler:
                     ) from None
         return out
 
-    def _write(self) -> None:
-        """Write the current hyperparameters into the optimiser (also undoes outside changes)."""
+    def _check_groups(self) -> None:
+        """Refuse an optimiser whose param groups changed since construction (before any state moves)."""
         if len(self.optimizer.param_groups) != len(self._keys):
             raise ValueError(
                 f"the optimizer has {len(self.optimizer.param_groups)} param groups, but this PolicyScheduler was "
                 f"built for {len(self._keys)}: groups added with add_param_group() afterwards are not controlled. "
-                "Create the PolicyScheduler after adding every param group"
+                "Create the PolicyScheduler after adding every param group; to unfreeze layers later, put their "
+                "parameters in the optimizer from the start with requires_grad_(False) (optimizer.step() skips "
+                "parameters without a gradient) and turn requires_grad back on when they should train"
             )
+
+    def _write(self) -> None:
+        """Write the current hyperparameters into the optimiser (also undoes outside changes)."""
+        self._check_groups()
         values = self._group_values(self._base)
         written = values.copy()  # what the optimiser holds: a bfloat16 tensor rounds the value
         with torch.no_grad():  # a tensor hyperparameter may require grad (torch's differentiable=True)
@@ -976,13 +994,15 @@ class PolicyScheduler:
                 (default: the ``step()`` calls so far); pass the training loop's optimiser step to line
                 them up with its own curves. The integrations pass the Trainer's.
         """
-        if global_step is not None and (not is_integer(global_step) or global_step < 0):
+        if global_step is not None and (not _is_int(global_step) or global_step < 0):
             raise ValueError(f"global_step must be an integer >= 0 or None, got {global_step!r}")
+        global_step = None if global_step is None else int(global_step)  # also a 0-dim integer tensor
         val = None if metrics is None else _to_float(metrics, "metrics")
         train = None if train_loss is None else _to_float(train_loss, "train_loss")
         device = _collective_device(self.optimizer) if self.sync_ranks else None
         if device is not None:
             val, train = _mean_over_ranks(val, train, device)  # every rank then agrees on a divergence
+        self._check_groups()  # before the step changes anything, so a caught error leaves the scheduler usable
         if val is None and self.next_step_decides:  # (with ranks: when none of them gave one, on every rank)
             raise ValueError(
                 f"step() call {self._t + 1} of {self.total_steps} is one of the policy's decisions, so it needs the "
@@ -1186,7 +1206,9 @@ class PolicyScheduler:
             top = np.full(int(bad.sum()), losses.get_ylim()[1])
             losses.scatter(x[bad], top, marker="x", color="red", label="non-finite loss", clip_on=False)
         if losses.has_data():
-            losses.set_yscale("log")
+            observed = np.concatenate([h["val_loss"], h["train_loss"]])
+            if (observed[np.isfinite(observed)] > 0).any():  # all-zero losses (allowed) stay on a linear axis
+                losses.set_yscale("log")
             losses.legend(fontsize=8)
         losses.set_ylabel("loss")
         # Row i's value holds from x[i] to x[i + 1]; the last one, set for the next interval, one interval more.
@@ -1293,13 +1315,21 @@ class PolicyScheduler:
         required = {"version", "decoder", "total_steps", "t", "base", "ratios", "features", "policy_state"}
         missing = required - set(state_dict)
         if missing:
-            raise ValueError(f"not a PolicyScheduler state dict: missing {sorted(missing)}")
+            hint = ""
+            nested = [key for key, value in state_dict.items() if isinstance(value, Mapping) and required <= set(value)]
+            if nested:
+                hint = f"; it holds one under {nested[0]!r}: pass state_dict[{nested[0]!r}]"
+            raise ValueError(
+                f"not a PolicyScheduler state dict: missing {sorted(missing)} (it has keys {sorted(map(str, state_dict))})"
+                f"{hint}"
+            )
         if state_dict["version"] != _STATE_VERSION:
             raise ValueError(f"scheduler state version {state_dict['version']!r}, expected {_STATE_VERSION}")
         saved = ActionDecoder.from_config(state_dict["decoder"])
         if (
             saved != self.decoder
             and "lr" in saved.names
+            and "lr" in self.decoder.names
             and saved.with_cap("lr", None) == self.decoder.with_cap("lr", None)
         ):
             raise ValueError(
@@ -1310,7 +1340,7 @@ class PolicyScheduler:
         if saved != self.decoder:
             raise ValueError(
                 f"the state was saved for a policy controlling {state_dict['decoder']}, this scheduler's policy "
-                f"controls {self.decoder.to_config()}"
+                f"controls {self.decoder.to_config()}: load it into a scheduler of the bundle that saved it"
             )
         saved_kind, kind = state_dict.get("policy_kind"), policy_signature(self.bundle)
         if saved_kind is not None and saved_kind != kind:

@@ -646,8 +646,15 @@ def test_negative_losses_and_param_groups_added_later_are_refused():
     with pytest.warns(UserWarning, match="treated as divergence"):
         sched.step(float("-inf"))  # a non-finite loss is a divergence, never an exception
     opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
-    with pytest.raises(ValueError, match="add_param_group"):
+    with pytest.raises(ValueError, match="add_param_group.*requires_grad_"):
         sched.step(0.5)
+    # The refused call changed nothing: with the group removed again the run goes on, and its state loads.
+    assert sched.last_step == 1 and len(sched.history["step"]) == 2
+    opt.param_groups.pop()
+    sched.step(0.5)
+    twin = PolicyScheduler(opt, ReplayPolicy(ActionDecoder(("lr",)), [[0.0]]), total_steps=3)
+    twin.load_state_dict(sched.state_dict())
+    assert twin.last_step == 2
 
 
 def test_adam_momentum_is_beta1_and_beta2_is_kept():
@@ -756,6 +763,10 @@ def test_bad_arguments_raise_clear_errors(default_bundle):
         PolicyScheduler(opt, default_bundle, 2.5)
     with pytest.raises(ValueError, match="is not a policy bundle directory"):
         PolicyScheduler.from_pretrained("no-such-policy", opt, 5)
+    with pytest.raises(TypeError, match="bundle directory .* or a shipped policy's name .* got None"):
+        PolicyScheduler.from_pretrained(None, opt, 5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="got ''"):
+        PolicyScheduler.from_pretrained("", opt, 5)
     sched = PolicyScheduler(opt, default_bundle, 5, epochs=5)
     with pytest.raises(TypeError, match="metrics must be a real number"):
         sched.step("low")
@@ -769,6 +780,63 @@ def test_flags_and_writer_of_the_wrong_type_are_refused_at_construction(default_
         PolicyScheduler(opt, default_bundle, 4, epochs=4, deterministic="no")
     with pytest.raises(TypeError, match="writer must be a torch.utils.tensorboard.SummaryWriter"):
         PolicyScheduler(opt, default_bundle, 4, epochs=4, writer="runs/x")
+
+
+def test_a_directory_that_is_not_a_bundle_says_what_a_bundle_is(default_bundle, tmp_path):
+    opt = _optimizer("sgd", 0.1, 1e-4, 0.9)
+    with pytest.raises(ValueError, match="is not a policy bundle: a bundle is a directory holding model.zip"):
+        PolicyScheduler.from_pretrained(tmp_path, opt, 5, epochs=5)
+    (tmp_path / "model.zip").write_bytes(b"")  # a bundle that lost its config: re-save it
+    with pytest.raises(ValueError, match="is missing config.json; re-save it"):
+        PolicyScheduler.from_pretrained(tmp_path, opt, 5, epochs=5)
+
+
+def test_numpy_and_tensor_scalars_are_accepted_where_numbers_are(default_bundle):
+    opt = _optimizer("sgd", 0.1, 1e-4, 0.9)
+    sched = PolicyScheduler(opt, default_bundle, 5, epochs=np.float32(5), lr_max_rise=np.float32(1.0))
+    assert sched.decoder.specs[0].max_log10_above_initial == 1.0
+    sched.step(1.0, train_loss=1.0, global_step=torch.tensor(7))  # a step counter kept as a tensor
+    sched.step(0.9, train_loss=0.9, global_step=np.int64(9))
+    assert sched.history["global_step"][1:].tolist() == [7.0, 9.0]
+    with pytest.raises(ValueError, match="global_step must be an integer >= 0"):
+        sched.step(0.8, global_step=torch.tensor(11.0))
+
+
+def test_a_state_dict_of_another_policy_or_a_whole_checkpoint_is_refused_clearly():
+    lr_opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1, momentum=0.9)
+    lr_sched = PolicyScheduler(lr_opt, ReplayPolicy(ActionDecoder(("lr",)), [[0.0]]), total_steps=3)
+    mom_sched = PolicyScheduler(
+        torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1, momentum=0.9),
+        ReplayPolicy(ActionDecoder(("momentum",)), [[0.0]]),
+        total_steps=3,
+    )
+    for source, target in ((lr_sched, mom_sched), (mom_sched, lr_sched)):
+        with pytest.raises(
+            ValueError, match="saved for a policy controlling .* load it into a scheduler of the bundle"
+        ):
+            target.load_state_dict(source.state_dict())
+    checkpoint = {"model": {}, "optimizer": lr_opt.state_dict(), "scheduler": lr_sched.state_dict()}
+    with pytest.raises(
+        ValueError, match=r"has keys \['model', 'optimizer', 'scheduler'\]\); .* pass state_dict\['scheduler'\]"
+    ):
+        lr_sched.load_state_dict(checkpoint)
+
+
+@pytest.mark.parametrize("copy_by", ["deepcopy", "pickle"])
+def test_a_copy_leaves_the_tensorboard_writer_behind(default_bundle, tmp_path, copy_by):
+    import pickle
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    sched = PolicyScheduler(_optimizer("adamw", 1e-3, 1e-4, 0.9), default_bundle, 4, epochs=4, writer=writer)
+    sched.step(1.0, train_loss=1.0)
+    twin = copy.deepcopy(sched) if copy_by == "deepcopy" else pickle.loads(pickle.dumps(sched))
+    assert twin.writer is None and sched.writer is writer
+    twin.step(0.9, train_loss=0.9)  # logs nowhere, schedules as the original does
+    sched.step(0.9, train_loss=0.9)
+    assert twin.get_last_lr() == sched.get_last_lr()
+    writer.close()
 
 
 def test_metrics_take_one_element_arrays_and_refuse_strings_and_bools(default_bundle):
@@ -1054,6 +1122,16 @@ def test_a_shallow_copy_keeps_its_own_history(default_bundle):
     )
 
 
+def test_plot_of_losses_that_are_exactly_zero_keeps_a_linear_axis_without_warnings(default_bundle):
+    sched = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), default_bundle, 4, epochs=4)
+    for _ in range(2):
+        sched.step(0.0, train_loss=0.0)  # allowed: the log-loss features saturate at their clip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = sched.plot()
+    assert fig.axes[0].get_yscale() == "linear" and fig.axes[1].get_yscale() == "log"
+
+
 def test_plot_draws_the_losses_and_the_schedule(default_bundle, tmp_path):
     opt = _optimizer("adamw", 1e-3, 1e-2, 0.9)
     sched = PolicyScheduler(opt, default_bundle, total_steps=4, epochs=4)
@@ -1276,6 +1354,28 @@ def test_hf_callback_with_grouped_decisions(stand_in_transformers, default_bundl
     fresh = SimpleNamespace(max_steps=400, global_step=0, log_history=[], is_world_process_zero=True, epoch=0.0)
     with pytest.raises(ValueError, match="decisions=50 is more than the run's 40 evaluations.*eval_steps"):
         too_many.on_train_begin(args, fresh, None, optimizer=opt, train_dataloader=list(range(10)))
+
+
+def test_hf_callback_refuses_bad_scheduler_arguments_when_built(stand_in_transformers, default_bundle):
+    """A typo or a bad value fails at hf_trainer_callback(...), not inside trainer.train() after its set-up."""
+    build = stand_in_transformers.hf_trainer_callback
+    with pytest.raises(
+        TypeError, match=r"unknown scheduler argument\(s\) \['decison'\] \(decison: did you mean decisions\?\)"
+    ):
+        build(default_bundle, decison=25)
+    with pytest.raises(ValueError, match="decisions must be an integer >= 1 .* evaluations"):
+        build(default_bundle, decisions=0)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        build(default_bundle, seed=-1)
+    with pytest.raises(ValueError, match="lr_max_rise must be a positive number"):
+        build(default_bundle, lr_max_rise="1.5")
+    with pytest.raises(TypeError, match="writer must be a torch.utils.tensorboard.SummaryWriter"):
+        build(default_bundle, writer="runs/tb")
+    with pytest.raises(ValueError, match="total_steps must be an integer >= 1"):
+        build(default_bundle, total_steps=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the trial scheduler's warnings are the run's to give
+        build(default_bundle, decisions=5, seed=3, lr_max_rise=1.0)
 
 
 def test_hf_callback_warns_about_the_horizon_in_the_trainers_terms(stand_in_transformers, default_bundle, tmp_path):
