@@ -540,6 +540,13 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> PolicyBundle | 
                 f"{str(path)!r} holds hpo-train runs, not a policy bundle: pass one run's bundle, e.g. "
                 f"{inside[0]!r}{more}"
             )
+        if (path / MODEL_FILE).is_file() and (path / "vecnormalize.pkl").is_file():  # hpo-train's checkpoints/step_*
+            run = path.parent.parent
+            raise BundleError(
+                f"{str(path)!r} is an hpo-train checkpoint, not a policy bundle: pass the run's {str(run / 'bundle')!r} "
+                f"(its final policy) or {str(run / 'best_bundle')!r}, or make a bundle of its late checkpoints with "
+                f"hpo-average {str(run)!r} --last N"
+            )
         if (path / MODEL_FILE).is_file() or (path / NORM_FILE).is_file():
             raise BundleError(
                 f"policy bundle {str(path)!r} is missing {CONFIG_FILE}; re-save it with agents.save_bundle"

@@ -338,6 +338,11 @@ class MetaAgentConfig:
                     f"MetaAgentConfig.task_families has unknown or no families {unknown or list(self.task_families)};"
                     f" choose from {list(FAMILIES)}"
                 )
+            if len(set(self.task_families)) != len(self.task_families):
+                raise ValueError(
+                    f"MetaAgentConfig.task_families must not repeat, got {list(self.task_families)}: tasks are drawn "
+                    "from each family equally often, so a repeated name would double its share"
+                )
             if self.task_distribution == "toy":
                 raise ValueError(
                     "MetaAgentConfig.task_families replaces a split's families; the 'toy' distribution has none"

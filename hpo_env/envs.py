@@ -160,8 +160,11 @@ class HPOEnv(gym.Env):
         return obs[0], infos[0]
 
     def step(self, action):
-        if self._batch.episodes[0] is None:
+        episode = self._batch.episodes[0]
+        if episode is None:
             raise RuntimeError("call reset() before step()")
+        if episode.done:
+            raise RuntimeError("the episode has ended (terminated or truncated): call reset() before step()")
         action = as_real_array(action, "the action")
         k = self.decoder.num_actions
         if action.shape != (k,) and not (k == 1 and action.shape == ()):

@@ -39,12 +39,24 @@ __all__ = [
 HAND_WRITTEN_BACKWARD = ("mlp", "charmlp")
 
 _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "gelu": F.gelu}
-#: Each activation's backward ``(grad_out, input, output) -> grad_in``: the kernels autograd runs.
-_ACTIVATION_GRADS: dict[str, Callable] = {
-    "relu": lambda d, z, h: torch.ops.aten.threshold_backward(d, h, 0),
-    "tanh": lambda d, z, h: torch.ops.aten.tanh_backward(d, h),
-    "gelu": lambda d, z, h: torch.ops.aten.gelu_backward(d, z),
-}
+
+
+# Each activation's backward ``(grad_out, input, output) -> grad_in``: the kernels autograd runs (named
+# functions, not lambdas, so that an environment holding them pickles).
+def _relu_grad(d: torch.Tensor, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.threshold_backward(d, h, 0)
+
+
+def _tanh_grad(d: torch.Tensor, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.tanh_backward(d, h)
+
+
+def _gelu_grad(d: torch.Tensor, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.gelu_backward(d, z)
+
+
+#: Each activation's backward, by name.
+_ACTIVATION_GRADS: dict[str, Callable] = {"relu": _relu_grad, "tanh": _tanh_grad, "gelu": _gelu_grad}
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,17 @@ def test_averaged_bundle_holds_the_mean_of_the_kept_checkpoints(tiny_meta_traini
     assert "mean of 3 policies (32 to 96 timesteps)" in capsys.readouterr().out
     assert load_bundle(out).config["averaged"]["checkpoints"] == [32, 64, 96]
     assert load_bundle(out).config["description"] == "three"
+    with pytest.raises(SystemExit) as exit_info:  # an existing --out is replaced only with --force
+        main([str(result.run_dir), "--last", "2", "--out", str(out)])
+    assert exit_info.value.code == 2 and "exists (a policy bundle): choose a new directory, or pass --force" in (
+        capsys.readouterr().err
+    )
+    assert main([str(result.run_dir), "--last", "2", "--out", str(out), "--force"]) == 0
+    assert load_bundle(out).config["averaged"]["checkpoints"] == [64, 96]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([str(result.run_dir), "--from-timesteps", "-1"])
+    assert "must be an integer >= 0, got '-1'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main([str(result.run_dir), "--last", "4"])
     assert exit_info.value.code == 2

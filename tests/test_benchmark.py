@@ -559,6 +559,15 @@ def test_families_as_hpo_train_takes_them_or_comma_separated(families):
     assert bench.config_from_args(args).families == ("tabular", "digits_cnn")
 
 
+def test_empty_or_repeated_families_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        bench.build_parser().parse_args(["--policy", "default", "--families", ","])
+    assert "--families needs at least one name, got ','" in capsys.readouterr().err
+    args = bench.build_parser().parse_args(["--policy", "default", "--families", "tabular", "tabular"])
+    with pytest.raises(ValueError, match=r"families must not repeat .* got \['tabular', 'tabular'\]"):
+        bench.config_from_args(args)
+
+
 def test_workers_store_the_runs_one_process_stores(tiny_bundle, tmp_path, monkeypatch):
     """Batch for batch the same runs, also where two arms share a key (an odd K's middle rate and the default)."""
     config = _tiny_config(tiny_bundle, tmp_path / "one", grid_size=7, grid_decades=0.9, chunk_size=3, threads=1)
@@ -590,11 +599,16 @@ def test_workers_store_the_runs_one_process_stores(tiny_bundle, tmp_path, monkey
 
 def test_the_stale_runs_warning_says_what_changed():
     old = "hpo-meta 0.1.0, features 1, benchmark 1, code abc, torch 2.13.0+cpu, cpu, 2 threads"
-    with pytest.warns(UserWarning, match=r"3 of the 5 runs .*\('2 threads' then, '1 thread' now; runs under 1 more "
+    with pytest.warns(UserWarning, match=r"3 of the 5 runs to compute \(before any replay controls\) .*\('2 threads' then, '1 thread' now; runs under 1 more "
                       r"version\(s\) too\).* pass --threads 2 to reuse them$"):  # fmt: skip
         bench._warn_if_stale({old: 3, "v0": 1}, 5, old.replace("2 threads", "1 thread"))
     with pytest.warns(UserWarning, match=r"\('code abc' then, 'code def' now\).*--code-version 'hpo-meta.*2 threads'$"):
         bench._warn_if_stale({old: 3}, 3, old.replace("abc", "def"))
+    # A --code-version label of the user's: no threads or code to blame, only the label to change.
+    with pytest.warns(
+        UserWarning, match=r"not under --code-version mylabel, .* pass --code-version 'hpo-meta.*2 threads'$"
+    ):
+        bench._warn_if_stale({old: 3}, 3, "mylabel", labelled=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         bench._warn_if_stale({}, 3, old)

@@ -70,6 +70,21 @@ def test_huge_learning_rate_diverges_with_a_penalty_not_an_exception():
             break
     assert info["diverged"] and steps < 9
     assert total == pytest.approx(-1.5), "a diverged episode returns exactly -divergence_penalty"
+    with pytest.raises(RuntimeError, match=r"the episode has ended .*: call reset\(\) before step\(\)"):
+        env.step(np.zeros(2, np.float32))
+
+
+def test_a_running_env_pickles_and_its_copy_steps_identically():
+    """An environment sent to a subprocess (or saved) after reset() goes on exactly where it was."""
+    import pickle
+
+    env = gym.make("hpo_env/HPO-v0").unwrapped
+    env.reset(seed=3)
+    twin = pickle.loads(pickle.dumps(env))
+    action = np.array([0.5, -0.5], np.float32)
+    a, b = env.step(action), twin.step(action)
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[1] == b[1]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -789,6 +789,12 @@ def test_a_directory_that_is_not_a_bundle_says_what_a_bundle_is(default_bundle, 
     (tmp_path / "model.zip").write_bytes(b"")  # a bundle that lost its config: re-save it
     with pytest.raises(ValueError, match="is missing config.json; re-save it"):
         PolicyScheduler.from_pretrained(tmp_path, opt, 5, epochs=5)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_000000000064"  # hpo-train's checkpoint layout
+    checkpoint.mkdir(parents=True)
+    for name in ("model.zip", "vecnormalize.pkl"):
+        (checkpoint / name).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"is an hpo-train checkpoint, not a policy bundle: pass the run's .*bundle"):
+        PolicyScheduler.from_pretrained(checkpoint, opt, 5, epochs=5)
 
 
 def test_numpy_and_tensor_scalars_are_accepted_where_numbers_are(default_bundle):

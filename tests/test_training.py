@@ -137,6 +137,14 @@ def test_tiny_run_writes_bundle_and_documented_tensorboard_tags(tmp_path):
     assert all(v.string_value != "None" for v in hparams.values())
     settings = json.loads((run / "settings.json").read_text())
     assert settings["run_name"] == "tiny" and settings["total_timesteps"] == 256
+    # progress.csv: every row, the evaluations' included, says where it is on the run's x-axis
+    import csv
+
+    with open(run / "progress.csv") as f:
+        rows = list(csv.DictReader(f))
+    evaluations = [row for row in rows if row.get("eval/mean_return")]
+    assert [row["time/total_timesteps"] for row in evaluations] == ["128", "256"]
+    assert all(row["time/total_timesteps"] for row in rows)
 
 
 def test_killed_run_resumes_to_the_full_timestep_count(tmp_path):
@@ -524,6 +532,21 @@ def test_families_replace_the_splits_families_in_meta_training_only():
         MetaAgentConfig(task_families=("digits_mlp", "imagenet"))
     with pytest.raises(ValueError, match="'toy' distribution has none"):
         MetaAgentConfig(task_distribution="toy", task_families=("digits_mlp",))
+    with pytest.raises(ValueError, match="task_families must not repeat"):
+        MetaAgentConfig(task_families=("digits_mlp", "digits_mlp"))
+
+
+def test_families_and_hyperparameters_take_commas_and_refuse_repeats_in_the_flags_words(capsys):
+    settings = parse_settings(["--families", "digits_mlp,charlm", "--hyperparameters", "lr,", "weight_decay"])
+    assert settings.families == ("digits_mlp", "charlm") and settings.hyperparameters == ("lr", "weight_decay")
+    for argv, message in (
+        (["tabular", "tabular"], "error: --families must not repeat, got ['tabular', 'tabular']"),
+        (["imagenet"], "error: --families has unknown or no families ['imagenet']"),
+        ([","], "error: --families needs at least one name, got ','"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_settings(["--families", *argv])
+        assert message in capsys.readouterr().err
 
 
 def test_meta_training_on_held_out_families_warns():

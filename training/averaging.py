@@ -35,7 +35,7 @@ import torch
 
 from agents.bundle import NORM_FILE, BundleError, PolicyBundle, load_bundle, save_bundle
 from training.callbacks import CHECKPOINT_MODEL, list_checkpoints, read_checkpoint_state
-from training.cli import readable_warnings
+from training.cli import non_negative_int, readable_warnings
 
 __all__ = ["average_run", "average_state_dicts", "run_checkpoints"]
 
@@ -228,11 +228,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("run", help="the run directory (runs/NAME)")
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--from-timesteps", type=int, help="average every checkpoint at or after this many timesteps")
-    which.add_argument("--last", type=int, help="average the N most recent checkpoints")
-    parser.add_argument("--out", default=None, help=f"bundle directory to write (default RUN/{AVERAGED_BUNDLE})")
+    which.add_argument(
+        "--from-timesteps", type=non_negative_int, help="average every checkpoint at or after this many timesteps"
+    )
+    which.add_argument("--last", type=non_negative_int, help="average the N most recent checkpoints")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help=f"bundle directory to write (default RUN/{AVERAGED_BUNDLE}, replaced if it exists; another existing "
+        "directory only with --force)",
+    )
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--description", default=None, help="a line saying what the bundle is")
     args = parser.parse_args(argv)
+    if args.out is not None and Path(args.out).exists() and not args.force:
+        out = Path(args.out)
+        what = "a policy bundle" if (out / "config.json").is_file() else "a file" if out.is_file() else "a directory"
+        parser.exit(
+            2,
+            f"hpo-average: error: --out {args.out!r} exists ({what}): choose a new directory, or pass --force to "
+            "replace it\n",
+        )
     try:
         with readable_warnings("hpo-average"):
             path = average_run(

@@ -80,7 +80,7 @@ from hpo_env import __version__ as HPO_VERSION
 from hpo_env.actions import DEFAULT_HYPERPARAMETERS
 from hpo_env.checks import is_integer
 from hpo_env.tasks import DEFAULT_HPARAMS
-from training.cli import HelpFormatter, readable_warnings
+from training.cli import HelpFormatter, NameList, readable_warnings
 from training.hypergradient import DEFAULT_HYPERGRADIENT_LR, run_hypergradient
 from training.rollout import EpisodeRecord, run_episodes
 from training.stats import beats_all_rate, divergence_rate, headroom, lr_level, paired_comparison
@@ -156,6 +156,8 @@ class BenchmarkConfig:
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {self.split!r}")
         self.families = tuple(self.families)
+        if len(set(self.families)) != len(self.families):
+            raise ValueError(f"families must not repeat (each is benchmarked once), got {list(self.families)}")
         for name in ("tasks_per_family", "seeds", "grid_size", "chunk_size", "bootstrap", "workers"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value < 1:
@@ -290,12 +292,21 @@ def _warn_if_trained_on(bundle: Any, families: Sequence[str]) -> None:
         )
 
 
-def _warn_if_stale(other_versions: dict[str, int], todo: int, code_version: str) -> None:
+def _warn_if_stale(other_versions: dict[str, int], todo: int, code_version: str, labelled: bool = False) -> None:
     """Say so when runs about to be computed are stored under another code version, what differs, and how
-    to reuse them where that is sound."""
+    to reuse them where that is sound (``labelled``: the version is the user's ``--code-version``)."""
     if not other_versions:
         return
     version, count = next(iter(other_versions.items()))
+    if labelled:  # nothing was detected to differ: the label chosen is not the one the runs were stored under
+        more = f"; runs under {len(other_versions) - 1} more version(s) too" if len(other_versions) > 1 else ""
+        warnings.warn(
+            f"{count} of the {todo} runs to compute (before any replay controls) are stored under another code "
+            f"version, {version!r}{more}, not under --code-version {shlex.quote(code_version)}, and are computed "
+            f"again. To reuse them, pass --code-version {shlex.quote(version)}",
+            stacklevel=4,  # the caller of run_benchmark
+        )
+        return
     theirs, ours = version.split(", "), code_version.split(", ")
     changed = [part for part in theirs if part not in ours]
     now = [part for part in ours if part not in theirs]
@@ -315,7 +326,8 @@ def _warn_if_stale(other_versions: dict[str, int], todo: int, code_version: str)
         )
     advice[0] = advice[0][0].upper() + advice[0][1:]
     warnings.warn(
-        f"{count} of the {todo} runs to compute are stored under another code version ({what}{more}), and are "
+        f"{count} of the {todo} runs to compute (before any replay controls) are stored under another code version "
+        f"({what}{more}), and are "
         f"computed again. {'; and '.join(advice)}",
         stacklevel=4,  # the caller of run_benchmark
     )
@@ -666,7 +678,9 @@ def _run_benchmark(config: BenchmarkConfig, policy: Any, policy_hash: str | None
                 todo.append(j)
                 queued.add(j.key)
         reused = len({j.key for j in jobs}) - len(todo)
-        _warn_if_stale(store.other_versions(j.key for j in todo), len(todo), code_version)
+        _warn_if_stale(
+            store.other_versions(j.key for j in todo), len(todo), code_version, labelled=config.code_version is not None
+        )
         # The replay controls' runs are known only once the policy's have run; new policy runs mean new replays
         # (two per pair), counted from the start so that the bar's total does not grow at the end.
         expected_replays = 2 * len(tasks) * config.seeds if any(j.arm.kind == "policy" for j in todo) else 0
@@ -1383,7 +1397,8 @@ def render_report(summary: dict, plot_paths: Sequence[Path], out: Path) -> str:
         "",
         f"- Policy: `{cfg['policy']}` (fingerprint `{summary['policy_fingerprint']}`)",
         f"- Families: {', '.join(families)} (split `{cfg['split']}`{'; explicit list' if cfg['families'] else ''}); "
-        f"{n_tasks} tasks x {cfg['seeds']} seeds = {n_tasks * cfg['seeds']} (task, seed) pairs; task seed {cfg['task_seed']}",
+        f"{_count(n_tasks, 'task')} x {_count(cfg['seeds'], 'seed')} = {n_tasks * cfg['seeds']} (task, seed) "
+        f"pair{'s' if n_tasks * cfg['seeds'] != 1 else ''}; task seed {cfg['task_seed']}",
         f"- Tuned oracles: K = {cfg['grid_size']} learning rates, default x 10^[-{cfg['grid_decades']}, +{cfg['grid_decades']}], "
         "chosen per task on the mean log final validation loss over its seeds (hindsight: an oracle)"
         + (
@@ -1511,6 +1526,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--families",
         nargs="+",
+        action=NameList,
         default=[],
         help="families to benchmark, overriding --split (space- or comma-separated, as in hpo-train)",
     )
@@ -1577,13 +1593,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' if n != 1 else ''}"
+
+
 def _as_flag(message: str) -> str:
     """A config error in the command line's words: ``seeds must be...`` reads ``--seeds must be...``."""
     fields = {f.name for f in dataclasses.fields(BenchmarkConfig)}
     name = message.split(" ", 1)[0].split("=", 1)[0]
     if name not in fields:
         return message
-    rest = message[len(name) :]
+    rest = message[len(name) :].replace(" or None", "")  # (None: the flag left out, which a command line cannot say)
     return f"--{name.replace('_', '-')}{' ' + rest[1:] if rest.startswith('=') else rest}"
 
 
@@ -1594,7 +1614,7 @@ def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
     config = BenchmarkConfig(
         policy=args.policy,
         split=args.split,
-        families=tuple(f.strip() for arg in args.families for f in arg.split(",") if f.strip()),
+        families=tuple(args.families),
         tasks_per_family=args.tasks_per_family,
         seeds=args.seeds,
         grid_size=args.grid_size,

@@ -476,6 +476,8 @@ class HeldOutEvalCallback(BaseCallback):
             key: (log.name_to_value.pop(key), log.name_to_count.pop(key, None), log.name_to_excluded.pop(key, None))
             for key in list(log.name_to_value)
         }
+        # progress.csv's x-axis on the evaluation's row too (TensorBoard has the step; SB3's dump writes it there)
+        log.record("time/total_timesteps", step, exclude=("tensorboard",))
         for key in ("mean_return", "divergence_rate", "best_mean_return"):
             log.record(f"eval/{key}", summary[key])
         for name in self.references:

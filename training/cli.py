@@ -30,6 +30,7 @@ from typing import Any
 
 __all__ = [
     "HelpFormatter",
+    "NameList",
     "launch",
     "non_negative_int",
     "positive_float",
@@ -56,6 +57,18 @@ class HelpFormatter(argparse.HelpFormatter):
             return text
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
         return f"{text} (default: {shown.replace('%', '%%')})".lstrip()
+
+
+class NameList(argparse.Action):
+    """An option taking names space- or comma-separated (``--families a b`` or ``--families a,b``), stored
+    as one flat list; a list with no name in it (``--families ,``) is an error, not the default."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None):
+        given = [values] if isinstance(values, str) else list(values)
+        names = [name.strip() for value in given for name in str(value).split(",") if name.strip()]
+        if not names:
+            parser.error(f"{option} needs at least one name, got {' '.join(map(str, given))!r}")
+        setattr(namespace, self.dest, names)
 
 
 def _integer_at_least(low: int) -> Callable[[str], int]:

@@ -59,7 +59,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from training.cli import readable_warnings
+from training.cli import NameList, readable_warnings
 
 __all__ = [
     "BUDGETS",
@@ -136,9 +136,9 @@ class TrainSettings:
     task_distribution: Literal["train", "all", "toy"] | None = None
     """Meta-training tasks: train (the meta-training families), all, or toy (tests) (default: train)."""
     families: tuple[str, ...] | None = None
-    """Meta-training task families instead of the split's, e.g. the train split's plus glyphs_cnn (default: the split's)."""
+    """Meta-training task families instead of the split's, e.g. the train split's plus glyphs_cnn, space- or comma-separated (default: the split's)."""
     hyperparameters: tuple[str, ...] | None = None
-    """Controlled hyperparameters, in action order (default: lr weight_decay)."""
+    """Controlled hyperparameters, in action order, space- or comma-separated (default: lr weight_decay)."""
     lr_step: float | None = None
     """Largest learning-rate change per decision, in decades (default: the preset's, 0.5)."""
     lr_step_up: float | None = None
@@ -248,6 +248,17 @@ class TrainSettings:
         for name in ("hyperparameters", "families"):
             if getattr(self, name) is not None:
                 setattr(self, name, tuple(getattr(self, name)))
+        if self.families is not None:
+            from hpo_env import FAMILIES
+
+            unknown = [f for f in self.families if f not in FAMILIES]
+            if unknown or not self.families:
+                raise ValueError(f"--families has unknown or no families {unknown or []}; choose from {list(FAMILIES)}")
+            if len(set(self.families)) != len(self.families):
+                raise ValueError(
+                    f"--families must not repeat, got {list(self.families)}: tasks are drawn from each family equally "
+                    "often, so a repeated name would double its share"
+                )
         # a run made before this check (where such options were ignored) can still be resumed
         if self.resume is None and self.hyperparameters is not None and "lr" not in self.hyperparameters:
             given = [f"--{_flag(n)}" for n in ("lr_step", "lr_step_up", "lr_max_rise") if getattr(self, n)]
@@ -412,7 +423,7 @@ def build_parser(prog: str = "hpo-train") -> argparse.ArgumentParser:
             choices = typing.get_args(kind)
             kwargs.update(choices=choices, type=type(choices[0]), metavar="{" + ",".join(map(str, choices)) + "}")
         elif typing.get_origin(kind) is tuple:
-            kwargs.update(nargs="+", type=typing.get_args(kind)[0], metavar="NAME")
+            kwargs.update(nargs="+", action=NameList, metavar="NAME")  # space- or comma-separated
         else:
             kwargs.update(type=kind, metavar=f.name.upper() if kind is not str else _metavar(f.name))
         parser.add_argument(f"--{_flag(f.name)}", **kwargs)
