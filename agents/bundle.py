@@ -186,6 +186,18 @@ class PolicyBundle:
         return (action[0] if single else action), new_state
 
 
+def _decoder_difference(a: ActionDecoder, b: ActionDecoder) -> str:
+    """What differs between two decoders, in a few words: the hyperparameters, or each differing setting."""
+    if a.names != b.names:
+        return f"hyperparameters {list(a.names)} against {list(b.names)}"
+    diffs = []
+    for spec_a, spec_b in zip(a.to_config()["hyperparameters"], b.to_config()["hyperparameters"]):
+        for key in sorted(set(spec_a) | set(spec_b)):
+            if spec_a.get(key) != spec_b.get(key):
+                diffs.append(f"{spec_a['name']} {key} {spec_a.get(key)} against {spec_b.get(key)}")
+    return "; ".join(diffs) or "the same settings, in another form"
+
+
 @dataclass
 class EnsembleBundle:
     """Several policies acting as one: the mean of their actions (in the decoder's [-1, 1] space).
@@ -213,7 +225,8 @@ class EnsembleBundle:
             if member.decoder != first:
                 raise BundleError(
                     f"ensemble member {i} controls {member.decoder.to_config()}, member 0 controls "
-                    f"{first.to_config()}: members must be trained with the same hyperparameters and bounds"
+                    f"{first.to_config()} ({_decoder_difference(first, member.decoder)}): members must be trained "
+                    "with the same hyperparameters and bounds"
                 )
             for option in OPTIONAL_FEATURES:
                 if getattr(member, option) != getattr(self.members[0], option):

@@ -456,7 +456,9 @@ def test_ensemble_errors(ensemble, good_bundle, tmp_path):
     data = json.loads((other / "config.json").read_text())
     data["action_decoder"]["hyperparameters"][0]["upper"] = 0.5
     (other / "config.json").write_text(json.dumps(data))
-    with pytest.raises(BundleError, match="member 1 controls .*same hyperparameters and bounds"):
+    with pytest.raises(
+        BundleError, match=r"member 1 controls .*\(lr upper 1.0 against 0.5\): .*same hyperparameters and bounds"
+    ):
         save_ensemble(tmp_path / "mixed", [good_bundle, other])
     with pytest.raises(BundleError, match="is an ensemble; list its members"):
         save_ensemble(tmp_path / "nested", [ensemble, good_bundle])
@@ -528,3 +530,14 @@ def test_an_interrupted_replacement_keeps_the_previous_bundle(tmp_path, monkeypa
     assert (target / "config.json").read_text() == '{"v": 3}' and sorted(p.name for p in tmp_path.iterdir()) == [
         "bundle"
     ]
+
+
+def test_the_ensemble_error_says_what_differs_between_two_decoders():
+    from agents.bundle import _decoder_difference
+    from hpo_env import ActionDecoder
+
+    assert _decoder_difference(ActionDecoder(("lr",)), ActionDecoder(("lr", "weight_decay"))) == (
+        "hyperparameters ['lr'] against ['lr', 'weight_decay']"
+    )
+    capped = ActionDecoder(("lr",)).with_cap("lr", 1.5)
+    assert _decoder_difference(ActionDecoder(("lr",)), capped) == "lr max_log10_above_initial None against 1.5"
