@@ -408,8 +408,9 @@ def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_pat
     monkeypatch.setattr(bench, "run_chunks", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     stale = dataclasses.replace(config, code_version="edited code")
     label, todo = bench.default_code_version("cpu", threads=1), total - 2 * 4  # the replays come later
-    with pytest.warns(UserWarning, match=rf"{todo} of the {todo} runs to compute are stored under another code "
-                      rf"version .*--code-version '{re.escape(label)}'") as warned:  # fmt: skip
+    with pytest.warns(UserWarning, match=rf"{todo} of the {todo} runs to compute \(before any replay controls\) are "
+                      rf"stored under another code version, '{re.escape(label)}', not under --code-version 'edited "
+                      rf"code', .* pass --code-version '{re.escape(label)}'$") as warned:  # fmt: skip
         with pytest.raises(KeyboardInterrupt):
             bench.run_benchmark(stale)
     assert warned[0].filename == __file__  # it points at the call of run_benchmark

@@ -16,6 +16,13 @@ from hpo_env import HPOVecEnv, make_distribution
 from hpo_env.subproc import HPOSubprocVecEnv, shard_sizes, sigint_blocked
 
 
+class _BecomesALock:
+    """Sent to a worker as a plain object, unpickled there as a ``threading.Lock``."""
+
+    def __reduce__(self):
+        return (threading.Lock, ())
+
+
 def _step_both(one: HPOVecEnv, split: HPOSubprocVecEnv, actions: np.ndarray):
     a, b = one.step(actions), split.step(actions)
     np.testing.assert_array_equal(a[2], b[2])  # the same episodes end at the same decision
@@ -123,8 +130,10 @@ def test_errors_are_the_environments_errors_and_a_dead_worker_closes_it():
     assert split.get_attr("some_flag") == [3, 3]
     with pytest.raises(AttributeError):
         split.get_attr("no_such_attribute")
-    with pytest.raises(TypeError, match=r"get_attr\('trainer'\): the value cannot be sent from a worker process"):
-        split.get_attr("trainer")
+    split.set_attr("lock", _BecomesALock())  # in the workers: a lock, which pickle cannot send back
+    with pytest.raises(TypeError, match=r"get_attr\('lock'\): the value cannot be sent from a worker process"):
+        split.get_attr("lock")
+    assert split.get_attr("trainer")[0].__class__.__name__ == "BatchedTrainer"  # (the trainer itself is sendable)
     split.step_async(np.zeros((2, 2), np.float32))
     with pytest.raises(RuntimeError, match=r"get_attr\(\) while a step is in flight: call step_wait\(\) first"):
         split.get_attr("task")
