@@ -101,7 +101,7 @@ from stable_baselines3.common.vec_env import (
 from hpo_env import ActionDecoder, HPOVecEnv, TaskDistribution, make_distribution
 from hpo_env.checks import is_integer, is_number
 from hpo_env.features import OBS_BOUND
-from hpo_env.tasks import DEFAULT_LR_SPREAD, FAMILIES, SPLITS
+from hpo_env.tasks import DEFAULT_LR_SPREAD, SPLITS, check_families
 
 if TYPE_CHECKING:
     from gymnasium import spaces
@@ -331,18 +331,9 @@ class MetaAgentConfig:
         if isinstance(self.task_distribution, TaskDistribution):
             raise TypeError("MetaAgentConfig.task_distribution is a name; pass a TaskDistribution to make_meta_env")
         if self.task_families is not None:
-            object.__setattr__(self, "task_families", tuple(self.task_families))
-            unknown = [f for f in self.task_families if f not in FAMILIES]
-            if not self.task_families or unknown:
-                raise ValueError(
-                    f"MetaAgentConfig.task_families has unknown or no families {unknown or list(self.task_families)};"
-                    f" choose from {list(FAMILIES)}"
-                )
-            if len(set(self.task_families)) != len(self.task_families):
-                raise ValueError(
-                    f"MetaAgentConfig.task_families must not repeat, got {list(self.task_families)}: tasks are drawn "
-                    "from each family equally often, so a repeated name would double its share"
-                )
+            object.__setattr__(
+                self, "task_families", check_families(self.task_families, "MetaAgentConfig.task_families")
+            )
             if self.task_distribution == "toy":
                 raise ValueError(
                     "MetaAgentConfig.task_families replaces a split's families; the 'toy' distribution has none"

@@ -61,9 +61,9 @@ def resolve_policy(path_or_name: str | os.PathLike) -> Path:
     Raises:
         ValueError: neither an existing path nor a shipped policy's name.
     """
-    if not isinstance(path_or_name, (str, os.PathLike)) or str(path_or_name) == "":
-        error = TypeError if not isinstance(path_or_name, (str, os.PathLike)) else ValueError
-        raise error(
+    wrong_type = not isinstance(path_or_name, (str, os.PathLike))
+    if wrong_type or str(path_or_name) == "":
+        raise (TypeError if wrong_type else ValueError)(
             f"the policy must be a bundle directory (a str or os.PathLike) or a shipped policy's name such as "
             f"'default', got {path_or_name!r}"
         )
@@ -561,7 +561,7 @@ class PolicyScheduler:
         if decisions < 1:
             raise ValueError(
                 f"decisions must be at least 1, got {decisions}: pass how many of the total_steps={total_steps} step() "
-                "calls the policy decides at (about 25), or None for every call"
+                f"calls the policy decides at (about {SUGGESTED_DECISIONS}), or None for every call"
             )
         if decisions > total_steps:
             raise ValueError(

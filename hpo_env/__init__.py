@@ -24,7 +24,7 @@ from hpo_env.features import (
     log_epochs_feature,
 )
 from hpo_env.subproc import HPOSubprocVecEnv
-from hpo_env.tasks import FAMILIES, SPLITS, TaskDistribution, TaskSpec, ToyTaskDistribution
+from hpo_env.tasks import FAMILIES, SPLITS, TaskDistribution, TaskSpec, ToyTaskDistribution, check_families
 from hpo_env.trainer import HPARAM_NAMES, BatchedTrainer, ChunkResult
 from hpo_env.vec_env import HPOVecEnv
 
@@ -52,6 +52,7 @@ __all__ = [
     "ObservationBuilder",
     "TaskDistribution",
     "TaskSpec",
+    "check_families",
     "ToyTaskDistribution",
     "build_splits",
     "check_device",

@@ -37,6 +37,7 @@ __all__ = [
     "SPLITS",
     "TaskDistribution",
     "TaskSpec",
+    "check_families",
 ]
 
 #: Inner optimisers the trainer implements (with PyTorch's update rules).
@@ -565,6 +566,24 @@ _SAMPLERS: dict[str, Callable[[np.random.Generator, str, float, float], TaskSpec
     "glyphs_cnn": _glyphs_cnn,
 }
 assert set(_SAMPLERS) == set(FAMILIES)
+
+
+def check_families(families: Sequence[str], label: str) -> tuple[str, ...]:
+    """``families`` as a tuple for meta-training, refusing an empty list, unknown names and repeats (tasks
+    are drawn from each family equally often, so a repeat would silently double its share); ``label``
+    names the setting in the message (``"--families"``)."""
+    families = tuple(families)
+    unknown = [f for f in families if f not in FAMILIES]
+    if not families or unknown:
+        raise ValueError(
+            f"{label} has unknown or no families {unknown or list(families)}; choose from {list(FAMILIES)}"
+        )
+    if len(set(families)) != len(families):
+        raise ValueError(
+            f"{label} must not repeat, got {list(families)}: tasks are drawn from each family equally often, so a "
+            "repeated name would double its share"
+        )
+    return families
 
 
 class TaskDistribution:

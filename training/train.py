@@ -249,16 +249,9 @@ class TrainSettings:
             if getattr(self, name) is not None:
                 setattr(self, name, tuple(getattr(self, name)))
         if self.families is not None:
-            from hpo_env import FAMILIES
+            from hpo_env import check_families
 
-            unknown = [f for f in self.families if f not in FAMILIES]
-            if unknown or not self.families:
-                raise ValueError(f"--families has unknown or no families {unknown or []}; choose from {list(FAMILIES)}")
-            if len(set(self.families)) != len(self.families):
-                raise ValueError(
-                    f"--families must not repeat, got {list(self.families)}: tasks are drawn from each family equally "
-                    "often, so a repeated name would double its share"
-                )
+            self.families = check_families(self.families, "--families")
         # a run made before this check (where such options were ignored) can still be resumed
         if self.resume is None and self.hyperparameters is not None and "lr" not in self.hyperparameters:
             given = [f"--{_flag(n)}" for n in ("lr_step", "lr_step_up", "lr_max_rise") if getattr(self, n)]
