@@ -21,6 +21,12 @@ cosine oracle on their task (:func:`training.stats.headroom`), with the share be
 the policy and for the oracle itself, and the policy's ratios to the oracle. ``--json PATH`` writes the
 same numbers.
 
+``--descriptors`` adds, per policy, whether its misses against the tuned cosine oracle vary with what
+is known of a task before training it (:func:`training.pooling.descriptor_summary`): per task, the
+policy's learning-rate level and log loss ratio against the oracle, correlated within families with the
+model's parameter count, the run's epochs, and the oracle's learning rate over the starting one. A
+descriptor that the misses do not vary with would give a policy observing it nothing to correct.
+
 ``--paired`` (two labels, the same task sets in the same order) also compares the first policy with the
 second pair by pair: on how many pairs its final validation loss is lower, and the median (with its
 interval) and geometric mean of its loss over the second's. Use it for two policies of one run, e.g.
@@ -42,11 +48,30 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from training.benchmark import jsonable
 from training.cli import HelpFormatter, run_script
-from training.pooling import compare_policies, load_pairs, pooled_summary, settings_summary
+from training.pooling import (
+    DESCRIPTORS,
+    OUTCOMES,
+    compare_policies,
+    descriptor_summary,
+    load_pairs,
+    pooled_summary,
+    settings_summary,
+)
 
 __all__ = ["load_pairs", "main", "compare_policies", "pooled_summary", "settings_summary"]
+
+#: How the descriptor lines name the outcomes and descriptors.
+_SHORT = {
+    "log10_lr_over_oracle": "lr level",
+    "log_loss_over_oracle": "loss ratio",
+    "log10_params": "parameters",
+    "log10_epochs": "epochs",
+    "log10_oracle_lr_over_start": "oracle lr / start",
+}
 
 
 def _parse(arg: str) -> tuple[str, list[str]]:
@@ -71,6 +96,29 @@ def _headroom_bin(b: dict) -> str:
         f"{b['policy_beats_all_defaults']:.1%}, oracle {b['oracle_beats_all_defaults']:.1%}; policy/oracle median "
         f"{b['median_ratio']:.3f}, geomean {b['geomean_ratio']:.3f}"
     )
+
+
+def _num(value: float, spec: str = "+.2f") -> str:
+    """A correlation or slope, or ``n/a`` where there is none (fewer than 3 tasks, or a constant)."""
+    return "n/a" if np.isnan(value) else format(value, spec)
+
+
+def _descriptor_lines(d: dict) -> list[str]:
+    """Per outcome, its within-family correlation with each descriptor (and per family)."""
+    lines = [f"task descriptors ({d['tasks']} tasks; correlation within families, per family in brackets):"]
+    for outcome in OUTCOMES:
+        parts = []
+        for desc in DESCRIPTORS:
+            c = d["correlations"][outcome][desc]
+            fams = ", ".join(f"{f} {_num(v['r'])}" for f, v in c["by_family"].items())
+            parts.append(f"{_SHORT[desc]} {_num(c['r'])} ({fams})")
+        lines.append(f"  {_SHORT[outcome]} vs oracle ~ " + "; ".join(parts))
+    follows = ", ".join(
+        f"{f} {_num(t['slope'], '.2f')} (r {_num(t['r'])}; reverse {_num(t['reverse_slope'], '.2f')})"
+        for f, t in d["tracking"].items()
+    )
+    lines.append(f"  slope of policy lr / start on oracle lr / start: {follows}")
+    return lines
 
 
 def _settings_line(g: dict) -> str:
@@ -101,6 +149,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--headroom",
         action="store_true",
         help="also break each policy's pairs down by how far the untuned defaults are from the tuned oracle",
+    )
+    parser.add_argument(
+        "--descriptors",
+        action="store_true",
+        help="also correlate each policy's misses against the tuned oracle with task descriptors (parameters, ...)",
     )
     parser.add_argument(
         "--paired", action="store_true", help="also compare the first policy with the second, pair by pair"
@@ -139,6 +192,10 @@ def main(argv: list[str] | None = None) -> dict:
         if args.headroom:
             for b in s["headroom_vs_cosine_tuned"]:
                 print(f"{'':<{width}}    {_headroom_bin(b)}")
+        if args.descriptors:
+            s["task_descriptors"] = descriptor_summary(dict(args.policies)[label])
+            for line in _descriptor_lines(s["task_descriptors"]):
+                print(f"{'':<{width}}    {line}")
     if args.paired:
         (label_a, folders_a), (label_b, folders_b) = args.policies
         p = compare_policies(folders_a, folders_b, seed=args.seed)

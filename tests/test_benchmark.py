@@ -20,6 +20,8 @@ import torch
 from agents import load_bundle
 from agents.baselines import ConstantSchedule, schedule_decoder
 from hpo_env import ActionDecoder, BatchedTrainer, TaskDistribution, ToyTaskDistribution
+from hpo_env.data import build_splits
+from hpo_env.models import ModelLayout
 from training import benchmark as bench
 from training.hypergradient import run_hypergradient
 from training.rollout import run_episodes
@@ -33,6 +35,7 @@ from training.stats import (
     paired_comparison,
     win_indicators,
     win_rate,
+    within_family_correlation,
 )
 from training.store import ResultStore, RunKey, RunResult
 from training.threads import torch_threads
@@ -66,6 +69,24 @@ def test_lr_level_is_the_median_ratio_of_mean_learning_rates_over_pairs_that_hav
     }
     with pytest.raises(ValueError, match="one learning rate per pair"):
         lr_level([0.1, 0.2], [0.1])
+
+
+def test_within_family_correlation_removes_each_familys_means_before_pooling():
+    # Within each family y rises with x exactly; family b sits far higher in both, and a correlation over
+    # all tasks as they are would mix that offset in. A NaN task is left out.
+    x = [0.0, 1.0, 2.0, 10.0, 11.0, 12.0, np.nan]
+    y = [5.0, 6.0, 7.0, -3.0, -2.0, -1.0, 1.0]
+    fams = ["a", "a", "a", "b", "b", "b", "b"]
+    c = within_family_correlation(x, y, fams)
+    assert c["r"] == pytest.approx(1.0) and c["tasks"] == 6
+    assert c["by_family"] == {"a": {"r": pytest.approx(1.0), "tasks": 3}, "b": {"r": pytest.approx(1.0), "tasks": 3}}
+    assert np.corrcoef(x[:6], y[:6])[0, 1] < 0  # pooled as they are, the families' offset reverses the sign
+    # Fewer than three tasks, or a constant, has no correlation.
+    few = within_family_correlation([1.0, 2.0], [1.0, 3.0], ["a", "a"])
+    assert math.isnan(few["r"]) and math.isnan(few["by_family"]["a"]["r"])
+    assert math.isnan(within_family_correlation([1.0, 1.0, 1.0], [1.0, 2.0, 3.0], ["a"] * 3)["r"])
+    with pytest.raises(ValueError, match="one x, y and family per task"):
+        within_family_correlation([1.0, 2.0], [1.0], ["a", "a"])
 
 
 def test_headroom_bins_tasks_by_how_far_their_defaults_end_from_the_oracle():
@@ -443,6 +464,20 @@ def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_pat
     assert pooled["headroom_vs_cosine_tuned"] == summary["headroom_vs_cosine_tuned"]
     printed = capsys.readouterr().out
     assert "once  pairs    4" in printed and f"{bins[0]['label']}: {bins[0]['tasks']} tasks" in printed
+    # --descriptors: each task's parameter count and epochs as its model and data give them; with one
+    # task per family there is no correlation to take (NaN, written to JSON as null).
+    described = pool.main([f"once={config.out}", "--descriptors", "--json", str(tmp_path / "described.json")])
+    d = described["once"]["task_descriptors"]
+    assert d["tasks"] == 2 and set(d["family_means"]) == {"tabular", "digits_cnn"}
+    for spec in tasks:
+        data = build_splits(spec)
+        means = d["family_means"][spec.family]
+        assert 10 ** means["log10_params"] == pytest.approx(ModelLayout.build(spec, data).num_params)
+        assert 10 ** means["log10_epochs"] == pytest.approx(spec.total_steps * spec.batch_size / len(data.x_train))
+    assert math.isnan(d["correlations"]["log10_lr_over_oracle"]["log10_params"]["r"])
+    strict = json.loads((tmp_path / "described.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert strict["once"]["task_descriptors"]["tracking"]["tabular"]["slope"] is None
+    assert "lr level vs oracle ~ parameters n/a (tabular n/a, digits_cnn n/a)" in capsys.readouterr().out
     # --paired: a report against itself is level on every pair; against a copy whose policy lost 10%
     # more everywhere, it is lower on every pair at a ratio of 1/1.1.
     worse = tmp_path / "worse"

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from training import pooling
 from training.pooling import load_pairs, pooled_summary, settings_summary
 
 
@@ -169,3 +170,34 @@ def test_settings_summary_is_the_mean_and_spread_over_runs():
         settings_summary([runs[0], {**runs[1], "pairs": 80}])
     with pytest.raises(ValueError, match="at least one run"):
         settings_summary([])
+
+
+def test_descriptor_summary_says_how_far_the_policy_follows_the_oracle(monkeypatch):
+    # Four tasks per family; the policy moves half as far from the start as the oracle on "a", as far on
+    # "b". Its level against the oracle then falls as the oracle rises on "a" (-1 correlation) and is
+    # flat on "b", and the parameter count varies with neither.
+    oracle = np.array([-1.0, 0.0, 1.0, 2.0, -1.0, 0.0, 1.0, 2.0])
+    policy = np.concatenate([0.5 * oracle[:4], oracle[4:] + 0.1])
+    level = policy - oracle
+    level[4:] += np.array([0.01, -0.01, 0.01, -0.01])  # so that "b"'s level is not a constant
+    fake = {
+        "tasks": np.array([f"0:t{i}" for i in range(8)]),
+        "families": np.array(["a"] * 4 + ["b"] * 4),
+        "log10_params": np.array([3.0, 4.0, 4.0, 3.0, 3.0, 4.0, 4.0, 3.0]),
+        "log10_epochs": np.arange(8.0),
+        "log10_oracle_lr_over_start": oracle,
+        "log10_lr_over_oracle": level,
+        "log_loss_over_oracle": np.zeros(8),
+    }
+    monkeypatch.setattr(pooling, "task_descriptors", lambda folders: fake)
+    s = pooling.descriptor_summary(["unused"])
+    assert s["tasks"] == 8
+    assert s["tracking"]["a"]["slope"] == pytest.approx(0.5) and s["tracking"]["a"]["r"] == pytest.approx(1.0)
+    assert s["tracking"]["a"]["reverse_slope"] == pytest.approx(2.0)  # the oracle moves twice as far
+    assert s["tracking"]["b"]["slope"] == pytest.approx(1.0, abs=0.02)
+    c = s["correlations"]["log10_lr_over_oracle"]
+    assert c["log10_oracle_lr_over_start"]["by_family"]["a"]["r"] == pytest.approx(-1.0)
+    assert c["log10_params"]["by_family"]["a"]["r"] == pytest.approx(0.0, abs=1e-12)
+    # A loss ratio that never varies has no correlation with anything.
+    assert np.isnan(s["correlations"]["log_loss_over_oracle"]["log10_params"]["r"])
+    assert s["family_means"]["a"]["log10_lr_over_oracle"] == pytest.approx(np.mean(level[:4]))

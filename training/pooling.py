@@ -12,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from hpo_env.data import build_splits
+from hpo_env.models import ModelLayout
+from hpo_env.tasks import TaskSpec
 from training.benchmark import UNTUNED_DEFAULTS
 from training.stats import (
     beats_all_rate,
@@ -23,9 +26,19 @@ from training.stats import (
     median_ratio,
     paired_comparison,
     win_rate,
+    within_family_correlation,
 )
 
-__all__ = ["compare_policies", "load_pairs", "pooled_summary", "settings_summary"]
+__all__ = [
+    "DESCRIPTORS",
+    "OUTCOMES",
+    "compare_policies",
+    "descriptor_summary",
+    "load_pairs",
+    "pooled_summary",
+    "settings_summary",
+    "task_descriptors",
+]
 
 
 def load_pairs(folders: list[str | Path]) -> dict[str, dict]:
@@ -188,3 +201,103 @@ def settings_summary(summaries: list[dict]) -> dict:
             "sd": float(values.std(ddof=1)) if values.size > 1 else None,
         }
     return out
+
+
+#: What :func:`task_descriptors` knows of each task before training it: the model's parameter count,
+#: how many passes over its training set the run makes, and where the tuned cosine oracle's learning
+#: rate (its mean over the run) sits relative to the rate the run starts at.
+DESCRIPTORS = ("log10_params", "log10_epochs", "log10_oracle_lr_over_start")
+#: How the policy did on each task against the tuned cosine oracle, over the task's seeds: the mean of
+#: ``log10`` of its mean learning rate over the oracle's (above 0: it ran hotter), and the mean log
+#: ratio of final validation losses (above 0: it ended worse; pairs where either diverged left out).
+OUTCOMES = ("log10_lr_over_oracle", "log_loss_over_oracle")
+
+
+def _report_tasks(folder: str | Path) -> list[dict]:
+    path = Path(folder) / "benchmark.json"
+    tasks = json.loads(path.read_text()).get("tasks")
+    if not isinstance(tasks, list) or not all(isinstance(t, dict) and "task_id" in t for t in tasks):
+        raise ValueError(f"{path} does not list its tasks; rerun hpo-bench to write a report that does")
+    return tasks
+
+
+def task_descriptors(folders: list[str | Path]) -> dict:
+    """Per task of one policy's reports: its family, :data:`DESCRIPTORS` and :data:`OUTCOMES`.
+
+    Made to ask whether a task descriptor would help the policy (as an observation) before training one
+    with it: if the policy's misses against the oracle do not vary with a descriptor, there is nothing
+    for it to correct. The model is built from the report's task spec (its data from the bundled
+    datasets, as the benchmark did) to count its parameters. Returns a dict of per-task arrays (and
+    ``tasks``, the ``set:task_id`` groups as :func:`load_pairs` names them).
+    """
+    rows = load_pairs(folders)
+    groups = np.asarray(rows["policy"]["groups"])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lr_log = np.log10(rows["policy"]["mean_lr"] / rows["cosine_tuned"]["mean_lr"])
+        loss_log = np.log(loss_ratios(rows["policy"]["losses"], rows["cosine_tuned"]["losses"]))
+    out: dict[str, list] = {"tasks": [], "families": [], **{k: [] for k in (*DESCRIPTORS, *OUTCOMES)}}
+    for k, folder in enumerate(folders):
+        for t in _report_tasks(folder):
+            group = f"{k}:{t['task_id']}"
+            pairs = groups == group
+            if not pairs.any():
+                raise ValueError(f"{folder} lists task {t['task_id']!r} but holds no run of it")
+            spec = TaskSpec.from_dict({key: v for key, v in t.items() if key != "task_id"})
+            data = build_splits(spec)
+            lr, loss = lr_log[pairs], loss_log[pairs]
+            oracle_lr = rows["cosine_tuned"]["mean_lr"][pairs]
+            out["tasks"].append(group)
+            out["families"].append(spec.family)
+            out["log10_params"].append(np.log10(ModelLayout.build(spec, data).num_params))
+            out["log10_epochs"].append(np.log10(spec.total_steps * spec.batch_size / data.x_train.shape[0]))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out["log10_oracle_lr_over_start"].append(float(np.nanmean(np.log10(oracle_lr / spec.lr))))
+            # Mean over the seeds with a finite value; NaN (left out of the correlations) if none has one.
+            out["log10_lr_over_oracle"].append(float(lr[np.isfinite(lr)].mean()) if np.isfinite(lr).any() else np.nan)
+            out["log_loss_over_oracle"].append(
+                float(loss[np.isfinite(loss)].mean()) if np.isfinite(loss).any() else np.nan
+            )
+    return {key: np.asarray(v) for key, v in out.items()}
+
+
+def descriptor_summary(folders: list[str | Path]) -> dict:
+    """How each of :data:`OUTCOMES` correlates with each of :data:`DESCRIPTORS` over one policy's tasks.
+
+    Per outcome and descriptor, :func:`training.stats.within_family_correlation` (pooled after removing
+    each family's means, and per family), and per family the mean of each outcome.
+
+    The learning-rate level correlates with the oracle's rate over the start by construction (both hold
+    the oracle's rate, with opposite signs: a policy that ignored the task would give -1), so
+    ``tracking`` says how far the policy follows the oracle from the start instead: per family, the
+    least-squares slope of ``log10(policy lr / start)`` on ``log10(oracle lr / start)`` (1: it moves
+    as far as the oracle; 0: not at all), their correlation, and the slope the other way round,
+    ``reverse_slope``. A policy that guesses the oracle's rate from partial information should move
+    less than the oracle (slope below 1) and yet be calibrated: the oracle then moves, on average, as
+    far as the policy does (reverse slope 1). A reverse slope above 1 says its moves are too timid.
+    """
+    d = task_descriptors(folders)
+    fams = d["families"]
+    oracle = d["log10_oracle_lr_over_start"]
+    policy = d["log10_lr_over_oracle"] + oracle
+    tracking = {}
+    for f in dict.fromkeys(fams.tolist()):
+        m = (fams == f) & np.isfinite(oracle) & np.isfinite(policy)
+        fit = m.sum() >= 3 and np.ptp(oracle[m]) > 0 and np.ptp(policy[m]) > 0
+        tracking[f] = {
+            "slope": float(np.polyfit(oracle[m], policy[m], 1)[0]) if fit else float("nan"),
+            "reverse_slope": float(np.polyfit(policy[m], oracle[m], 1)[0]) if fit else float("nan"),
+            "r": within_family_correlation(oracle[m], policy[m], fams[m])["r"],
+            "tasks": int(m.sum()),
+        }
+    return {
+        "tasks": int(fams.size),
+        "correlations": {
+            outcome: {desc: within_family_correlation(d[desc], d[outcome], fams) for desc in DESCRIPTORS}
+            for outcome in OUTCOMES
+        },
+        "tracking": tracking,
+        "family_means": {
+            f: {key: float(np.nanmean(d[key][fams == f])) for key in (*DESCRIPTORS, *OUTCOMES)}
+            for f in dict.fromkeys(fams.tolist())
+        },
+    }

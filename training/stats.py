@@ -34,6 +34,7 @@ __all__ = [
     "paired_comparison",
     "win_indicators",
     "win_rate",
+    "within_family_correlation",
 ]
 
 
@@ -124,6 +125,36 @@ def lr_level(policy_lr, baseline_lr, families: Sequence[str] | np.ndarray | None
         fams = np.asarray(families)
         level["by_family"] = {f: lr_level(p[fams == f], b[fams == f]) for f in dict.fromkeys(fams.tolist())}
     return level
+
+
+def within_family_correlation(x, y, families: Sequence[str] | np.ndarray) -> dict:
+    """Pearson correlation of ``x`` and ``y`` (one value each per task) within each family, and pooled.
+
+    Families differ in both (a CNN family trains at other learning rates than a tabular one), which
+    would make a correlation over all tasks say more about the families than about a variable, so the
+    pooled one is taken after subtracting each family's means. Tasks where either value is not finite
+    are left out; a correlation of fewer than 3 tasks, or of a constant, is NaN. Returns ``r`` and
+    ``tasks`` for the pool, and the same per family under ``by_family``.
+    """
+    xs, ys = (np.asarray(v, dtype=np.float64).reshape(-1) for v in (x, y))
+    fams = np.asarray(families).reshape(-1)
+    if not xs.shape == ys.shape == fams.shape:
+        raise ValueError(f"need one x, y and family per task, got {xs.size}, {ys.size} and {fams.size}")
+    ok = np.isfinite(xs) & np.isfinite(ys)
+    xs, ys, fams = xs[ok], ys[ok], fams[ok]
+
+    def pearson(a: np.ndarray, b: np.ndarray) -> float:
+        if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+            return float("nan")
+        return float(np.corrcoef(a, b)[0, 1])
+
+    by_family, dx, dy = {}, xs.copy(), ys.copy()
+    for f in dict.fromkeys(fams.tolist()):
+        m = fams == f
+        by_family[f] = {"r": pearson(xs[m], ys[m]), "tasks": int(m.sum())}
+        dx[m] -= xs[m].mean()
+        dy[m] -= ys[m].mean()
+    return {"r": pearson(dx, dy), "tasks": int(xs.size), "by_family": by_family}
 
 
 HEADROOM_EDGES = (1.02, 1.10)
