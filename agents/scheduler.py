@@ -437,7 +437,15 @@ class PolicyScheduler:
         if isinstance(total_steps, bool) or not isinstance(total_steps, (int, np.integer)):
             raise TypeError(f"total_steps must be an int (the number of step() calls), got {total_steps!r}")
         if total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1 (the number of step() calls in the run), got {total_steps}")
+            hint = (
+                " (-1 is what Lightning's trainer.max_epochs reads when the Trainer is given max_steps instead: "
+                "count the step() calls from max_steps, e.g. max_steps // steps per decision)"
+                if total_steps == -1
+                else ""
+            )
+            raise ValueError(
+                f"total_steps must be >= 1 (the number of step() calls in the run), got {total_steps}{hint}"
+            )
         if lr_max_rise is not None:
             if "lr" not in decoder.names:
                 raise ValueError(

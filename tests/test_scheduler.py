@@ -759,6 +759,8 @@ def test_bad_arguments_raise_clear_errors(default_bundle):
         PolicyScheduler(opt, object(), 5)
     with pytest.raises(ValueError, match="total_steps must be >= 1"):
         PolicyScheduler(opt, default_bundle, 0)
+    with pytest.raises(ValueError, match=r"got -1 \(-1 is what Lightning's trainer.max_epochs reads .* max_steps"):
+        PolicyScheduler(opt, default_bundle, -1)  # total_steps=trainer.max_epochs in a run given max_steps
     with pytest.raises(TypeError, match="total_steps must be an int"):
         PolicyScheduler(opt, default_bundle, 2.5)
     with pytest.raises(ValueError, match="is not a policy bundle directory"):

@@ -713,9 +713,13 @@ def test_env_workers_train_a_run_and_a_resume_may_change_them(tmp_path, capsys):
     assert load_bundle(tmp_path / "w" / "bundle").config["training"]["timesteps"] == 192
     assert [e.step for e in _read_events(tmp_path / "w").Scalars("eval/mean_return")] == [64, 128, 192]
     capsys.readouterr()
+    files = sorted(p.name for p in (tmp_path / "w").iterdir())
     assert main(["--resume", str(tmp_path / "w"), "--total-timesteps", "64"]) == 0  # a smaller budget: nothing to do
     out = capsys.readouterr().out
-    assert "64 timesteps (it already has 192)" in out and "already has 192 of 64 timesteps; nothing to train" in out
+    assert "w already has 192 of 64 timesteps; nothing to train" in out and "timesteps/s" not in out
+    # Nothing is opened: no new events file or progress CSV, and the bundle is left as it was.
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == files
+    assert load_bundle(tmp_path / "w" / "bundle").config["training"]["timesteps"] == 192
 
 
 def test_a_smaller_keep_checkpoints_prunes_on_resume(tmp_path):

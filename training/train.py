@@ -588,6 +588,26 @@ def _train(settings: TrainSettings, command: str | None) -> TrainResult:
         if settings.total_timesteps is not None and settings.total_timesteps < done:
             changed["total_timesteps"] = saved.get("total_timesteps")
         _write_settings(run_dir, {**saved, **changed, "resume": None})
+        if checkpoint is not None and done >= budget.total_timesteps and _bundle_timesteps(run_dir / "bundle") == done:
+            # A finished run with nothing left to train: no environment, agent or logger (which would add an
+            # empty events file and CSV), and its bundle stays byte for byte.
+            if settings.verbose:
+                print(
+                    f"hpo-train: {run_dir} already has {done:,} of {budget.total_timesteps:,} timesteps; nothing to "
+                    f"train (its policy: {run_dir / 'bundle'}; train it longer with --resume {run_dir} "
+                    "--total-timesteps N)",
+                    flush=True,
+                )
+            best = run_dir / "best_bundle"
+            return TrainResult(
+                run_dir=run_dir,
+                bundle_path=run_dir / "bundle",
+                best_bundle_path=best if best.is_dir() else None,
+                num_timesteps=done,
+                wall_time_s=time.perf_counter() - t_start,
+                evaluation=dict(state.get("last_eval") or {}),
+                resumed_from=done,
+            )
     else:
         name = settings.run_name or f"{settings.algorithm}__{settings.preset}__{settings.seed}__{int(time.time())}"
         run_dir = Path(settings.logdir) / name
