@@ -273,7 +273,10 @@ def descriptor_summary(folders: list[str | Path]) -> dict:
     as far as the oracle; 0: not at all), their correlation, and the slope the other way round,
     ``reverse_slope``. A policy that guesses the oracle's rate from partial information should move
     less than the oracle (slope below 1) and yet be calibrated: the oracle then moves, on average, as
-    far as the policy does (reverse slope 1). A reverse slope above 1 says its moves are too timid.
+    far as the policy does (reverse slope 1). A reverse slope above 1 says its run-mean rate moves less
+    than the oracle's; run means mix level and schedule shape (a cosine averages half its peak, and the
+    policy's first interval runs at the start), so check a reading in closed loop before acting on it
+    (``benchmarks/lr_gain_sweep.py`` scales every rate the policy sets).
     """
     d = task_descriptors(folders)
     fams = d["families"]
