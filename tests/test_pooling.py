@@ -201,3 +201,8 @@ def test_descriptor_summary_says_how_far_the_policy_follows_the_oracle(monkeypat
     # A loss ratio that never varies has no correlation with anything.
     assert np.isnan(s["correlations"]["log_loss_over_oracle"]["log10_params"]["r"])
     assert s["family_means"]["a"]["log10_lr_over_oracle"] == pytest.approx(np.mean(level[:4]))
+
+
+def test_descriptors_need_reports_that_list_their_tasks(two_sets):
+    with pytest.raises(ValueError, match="does not list its tasks; rerun hpo-bench"):
+        pooling.task_descriptors(list(two_sets))
