@@ -438,7 +438,8 @@ class PolicyScheduler:
             raise TypeError(f"total_steps must be an int (the number of step() calls), got {total_steps!r}")
         if total_steps < 1:
             hint = (
-                " (-1 is what Lightning's trainer.max_epochs reads when the Trainer is given max_steps instead: "
+                " (-1 is what Lightning's trainer.max_epochs reads when the Trainer is given max_steps or max_time "
+                "instead: "
                 "count the step() calls from max_steps, e.g. max_steps // steps per decision)"
                 if total_steps == -1
                 else ""

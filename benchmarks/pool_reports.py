@@ -24,8 +24,9 @@ same numbers.
 ``--descriptors`` adds, per policy, whether its misses against the tuned cosine oracle vary with what
 is known of a task before training it (:func:`training.pooling.descriptor_summary`): per task, the
 policy's learning-rate level and log loss ratio against the oracle, correlated within families with the
-model's parameter count, the run's epochs, and the oracle's learning rate over the starting one. A
-descriptor that the misses do not vary with would give a policy observing it nothing to correct.
+model's parameter count and the run's epochs (both known before training, so candidate observations),
+and, as a diagnostic, the oracle's learning rate over the starting one. A descriptor that the misses do
+not vary with would give a policy observing it nothing to correct.
 
 ``--paired`` (two labels, the same task sets in the same order) also compares the first policy with the
 second pair by pair: on how many pairs its final validation loss is lower, and the median (with its
@@ -105,13 +106,22 @@ def _num(value: float, spec: str = "+.2f") -> str:
 
 def _descriptor_lines(d: dict) -> list[str]:
     """Per outcome, its within-family correlation with each descriptor (and per family)."""
-    lines = [f"task descriptors ({d['tasks']} tasks; correlation within families, per family in brackets):"]
+    counts = ", ".join(f"{f} {n}" for f, n in d["family_tasks"].items())
+    lines = [
+        f"task descriptors ({d['tasks']} tasks: {counts}; correlation within families, per family in brackets; "
+        "with 20 tasks, |r| below 0.44 is within chance at the 5% level):"
+    ]
     for outcome in OUTCOMES:
         parts = []
         for desc in DESCRIPTORS:
             c = d["correlations"][outcome][desc]
             fams = ", ".join(f"{f} {_num(v['r'])}" for f, v in c["by_family"].items())
-            parts.append(f"{_SHORT[desc]} {_num(c['r'])} ({fams})")
+            built_in = (
+                " [by construction]"
+                if (outcome, desc) == ("log10_lr_over_oracle", "log10_oracle_lr_over_start")
+                else ""
+            )
+            parts.append(f"{_SHORT[desc]} {_num(c['r'])} ({fams}){built_in}")
         lines.append(f"  {_SHORT[outcome]} vs oracle ~ " + "; ".join(parts))
     follows = ", ".join(
         f"{f} {_num(t['slope'], '.2f')} (r {_num(t['r'])}; reverse {_num(t['reverse_slope'], '.2f')})"

@@ -206,3 +206,14 @@ def test_descriptor_summary_says_how_far_the_policy_follows_the_oracle(monkeypat
 def test_descriptors_need_reports_that_list_their_tasks(two_sets):
     with pytest.raises(ValueError, match="does not list its tasks; rerun hpo-bench"):
         pooling.task_descriptors(list(two_sets))
+
+
+def test_a_run_without_a_learning_rate_reads_as_nan(two_sets):
+    # hpo-bench writes a NaN mean learning rate as null (its JSON has no NaN).
+    path = two_sets[0] / "benchmark.json"
+    report = json.loads(path.read_text())
+    for runs in report["per_run"].values():
+        for r in runs:
+            r["mean_lr"] = None
+    path.write_text(json.dumps(report))
+    assert np.isnan(load_pairs([two_sets[0]])["policy"]["mean_lr"]).all()

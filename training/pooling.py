@@ -98,7 +98,9 @@ def load_pairs(folders: list[str | Path]) -> dict[str, dict]:
             for r in runs:
                 entry["losses"].append(np.inf if r["diverged"] else float(r["final_val_loss"]))
                 # Reports made before the learning-rate level existed have no mean_lr: NaN, left out.
-                entry["mean_lr"].append(float(r.get("mean_lr", np.nan)))
+                # A run that recorded none is written as null (hpo-bench's JSON has no NaN).
+                mean_lr = r.get("mean_lr")
+                entry["mean_lr"].append(np.nan if mean_lr is None else float(mean_lr))
                 entry["families"].append(r["family"])
                 entry["groups"].append(f"{k}:{r['task_id']}")
     for row, entry in pooled.items():
@@ -203,9 +205,10 @@ def settings_summary(summaries: list[dict]) -> dict:
     return out
 
 
-#: What :func:`task_descriptors` knows of each task before training it: the model's parameter count,
-#: how many passes over its training set the run makes, and where the tuned cosine oracle's learning
-#: rate (its mean over the run) sits relative to the rate the run starts at.
+#: What :func:`task_descriptors` records of each task: two things known before training it (the model's
+#: parameter count, and how many passes over its training set the run makes), and, as a diagnostic that
+#: no policy could observe, where the tuned cosine oracle's learning rate (its mean over the run) sits
+#: relative to the rate the run starts at.
 DESCRIPTORS = ("log10_params", "log10_epochs", "log10_oracle_lr_over_start")
 #: How the policy did on each task against the tuned cosine oracle, over the task's seeds: the mean of
 #: ``log10`` of its mean learning rate over the oracle's (above 0: it ran hotter), and the mean log
@@ -235,6 +238,8 @@ def task_descriptors(folders: list[str | Path]) -> dict:
     with np.errstate(divide="ignore", invalid="ignore"):
         lr_log = np.log10(rows["policy"]["mean_lr"] / rows["cosine_tuned"]["mean_lr"])
         loss_log = np.log(loss_ratios(rows["policy"]["losses"], rows["cosine_tuned"]["losses"]))
+    # A pair where either side diverged has no loss ratio to average (loss_ratios calls two divergences a tie).
+    loss_log[np.isinf(rows["policy"]["losses"]) | np.isinf(rows["cosine_tuned"]["losses"])] = np.nan
     out: dict[str, list] = {"tasks": [], "families": [], **{k: [] for k in (*DESCRIPTORS, *OUTCOMES)}}
     for k, folder in enumerate(folders):
         for t in _report_tasks(folder):
@@ -299,6 +304,7 @@ def descriptor_summary(folders: list[str | Path]) -> dict:
             for outcome in OUTCOMES
         },
         "tracking": tracking,
+        "family_tasks": {f: int(np.sum(fams == f)) for f in dict.fromkeys(fams.tolist())},
         "family_means": {
             f: {key: float(np.nanmean(d[key][fams == f])) for key in (*DESCRIPTORS, *OUTCOMES)}
             for f in dict.fromkeys(fams.tolist())
