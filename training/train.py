@@ -819,22 +819,20 @@ def _train(settings: TrainSettings, command: str | None) -> TrainResult:
         vecnorm = get_vec_normalize(env)
         final_config = bundle_config()
         final_config["evaluation"] = _jsonable(evaluator.last_summary or {})
-        bundle_path = run_dir / "bundle"
-        if remaining <= 0 and _bundle_timesteps(bundle_path) == model.num_timesteps:
-            pass  # a finished run: its bundle stays byte for byte (a rewrite would change its fingerprint)
-        else:
-            bundle_path = save_bundle(
-                run_dir / "bundle",
-                model,
-                decoder,
-                obs_rms=vecnorm.obs_rms if vecnorm is not None and vecnorm.norm_obs else None,
-                clip_obs=vecnorm.clip_obs if vecnorm is not None else config.clip_obs,
-                epsilon=vecnorm.epsilon if vecnorm is not None else 1e-8,
-                frame_stack=frame_stack,
-                config=final_config,
-                gradient_features=config.gradient_features,
-                epochs_feature=config.epochs_feature,
-            )
+        # (A finished run whose bundle is up to date returned before building anything: its bundle stays
+        # byte for byte, as a rewrite would change its fingerprint. One that is missing or stale is rewritten.)
+        bundle_path = save_bundle(
+            run_dir / "bundle",
+            model,
+            decoder,
+            obs_rms=vecnorm.obs_rms if vecnorm is not None and vecnorm.norm_obs else None,
+            clip_obs=vecnorm.clip_obs if vecnorm is not None else config.clip_obs,
+            epsilon=vecnorm.epsilon if vecnorm is not None else 1e-8,
+            frame_stack=frame_stack,
+            config=final_config,
+            gradient_features=config.gradient_features,
+            epochs_feature=config.epochs_feature,
+        )
     finally:  # a failed run too: no writer thread or open event file left behind
         logger.close()
         env.close()
