@@ -121,7 +121,8 @@ def _descriptor_lines(d: dict) -> list[str]:
                 if (outcome, desc) == ("log10_lr_over_oracle", "log10_oracle_lr_over_start")
                 else ""
             )
-            parts.append(f"{_SHORT[desc]} {_num(c['r'])} ({fams}){built_in}")
+            # No family in brackets where no task had both values (reports without learning rates).
+            parts.append(f"{_SHORT[desc]} {_num(c['r'])}{f' ({fams})' if fams else ''}{built_in}")
         lines.append(f"  {_SHORT[outcome]} vs oracle ~ " + "; ".join(parts))
     follows = ", ".join(
         f"{f} {_num(t['slope'], '.2f')} (r {_num(t['r'])}; reverse {_num(t['reverse_slope'], '.2f')})"

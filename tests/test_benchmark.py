@@ -85,6 +85,11 @@ def test_within_family_correlation_removes_each_familys_means_before_pooling():
     few = within_family_correlation([1.0, 2.0], [1.0, 3.0], ["a", "a"])
     assert math.isnan(few["r"]) and math.isnan(few["by_family"]["a"]["r"])
     assert math.isnan(within_family_correlation([1.0, 1.0, 1.0], [1.0, 2.0, 3.0], ["a"] * 3)["r"])
+    # Constant within every family (0.1 three times does not average to exactly 0.1): no pooled correlation.
+    flat = within_family_correlation(
+        [0.1, 0.1, 0.1, 0.7, 0.7, 0.7], [1.0, 2.0, 3.0, 4.0, 6.0, 5.0], ["a"] * 3 + ["b"] * 3
+    )
+    assert math.isnan(flat["r"])
     with pytest.raises(ValueError, match="one x, y and family per task"):
         within_family_correlation([1.0, 2.0], [1.0], ["a", "a"])
 

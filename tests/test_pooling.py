@@ -203,6 +203,25 @@ def test_descriptor_summary_says_how_far_the_policy_follows_the_oracle(monkeypat
     assert s["family_means"]["a"]["log10_lr_over_oracle"] == pytest.approx(np.mean(level[:4]))
 
 
+def test_descriptor_lines_of_reports_without_learning_rates(monkeypatch, load_script):
+    # Reports from before learning rates were recorded: every lr level is NaN, so those correlations
+    # have no task at all, and their line says n/a without an empty "()" for the families.
+    fake = {
+        "tasks": np.array([f"0:t{i}" for i in range(6)]),
+        "families": np.array(["a"] * 3 + ["b"] * 3),
+        "log10_params": np.array([3.0, 4.0, 5.0, 3.0, 4.0, 5.0]),
+        "log10_epochs": np.arange(6.0),
+        "log10_oracle_lr_over_start": np.full(6, np.nan),
+        "log10_lr_over_oracle": np.full(6, np.nan),
+        "log_loss_over_oracle": np.array([0.1, 0.0, 0.2, 0.3, 0.1, 0.2]),
+    }
+    monkeypatch.setattr(pooling, "task_descriptors", lambda folders: fake)
+    lines = load_script("benchmarks/pool_reports.py")._descriptor_lines(pooling.descriptor_summary(["unused"]))
+    assert "()" not in "\n".join(lines)
+    assert lines[1].startswith("  lr level vs oracle ~ parameters n/a; epochs n/a;")
+    assert "parameters +" in lines[2] and "(a " in lines[2]  # the loss ratio still has both families
+
+
 def test_descriptors_need_reports_that_list_their_tasks(two_sets):
     with pytest.raises(ValueError, match="does not list its tasks; rerun hpo-bench"):
         pooling.task_descriptors(list(two_sets))

@@ -265,6 +265,12 @@ def task_descriptors(folders: list[str | Path]) -> dict:
     return {key: np.asarray(v) for key, v in out.items()}
 
 
+def _finite_mean(values: np.ndarray) -> float:
+    """The mean of the finite values, NaN (without numpy's empty-slice warning) where there are none."""
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
 def descriptor_summary(folders: list[str | Path]) -> dict:
     """How each of :data:`OUTCOMES` correlates with each of :data:`DESCRIPTORS` over one policy's tasks.
 
@@ -306,7 +312,7 @@ def descriptor_summary(folders: list[str | Path]) -> dict:
         "tracking": tracking,
         "family_tasks": {f: int(np.sum(fams == f)) for f in dict.fromkeys(fams.tolist())},
         "family_means": {
-            f: {key: float(np.nanmean(d[key][fams == f])) for key in (*DESCRIPTORS, *OUTCOMES)}
+            f: {key: _finite_mean(d[key][fams == f]) for key in (*DESCRIPTORS, *OUTCOMES)}
             for f in dict.fromkeys(fams.tolist())
         },
     }

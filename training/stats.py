@@ -152,8 +152,10 @@ def within_family_correlation(x, y, families: Sequence[str] | np.ndarray) -> dic
     for f in dict.fromkeys(fams.tolist()):
         m = fams == f
         by_family[f] = {"r": pearson(xs[m], ys[m]), "tasks": int(m.sum())}
-        dx[m] -= xs[m].mean()
-        dy[m] -= ys[m].mean()
+        # A value constant within the family demeans to exactly 0, not to rounding leftovers that
+        # would give a constant-in-every-family pool a spurious correlation instead of NaN.
+        dx[m] = 0.0 if np.ptp(xs[m]) == 0 else xs[m] - xs[m].mean()
+        dy[m] = 0.0 if np.ptp(ys[m]) == 0 else ys[m] - ys[m].mean()
     return {"r": pearson(dx, dy), "tasks": int(xs.size), "by_family": by_family}
 
 
