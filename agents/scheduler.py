@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from agents.bundle import policy_signature
-from hpo_env import ActionDecoder, GradientStats, ObservationBuilder, log_epochs_feature
+from hpo_env import DIVERGENCE_FACTOR, ActionDecoder, GradientStats, ObservationBuilder, log_epochs_feature
 from hpo_env.checks import is_flag, is_integer, is_number
 from hpo_env.tasks import DECISIONS_PER_RUN, SGD_MOMENTUM_RANGE
 
@@ -37,6 +37,8 @@ __all__ = ["PolicyScheduler", "default_policy_path", "resolve_policy"]
 #: Name of the policy bundle shipped inside the package (``agents/policies/default``).
 DEFAULT_POLICY = "default"
 _STATE_VERSION = 1
+#: What a shallow copy of a scheduler shares with the original: nothing a step() changes in place.
+_SHARED_BY_COPIES = frozenset({"optimizer", "bundle", "decoder", "writer"})
 
 
 def default_policy_path(name: str = DEFAULT_POLICY) -> Path:
@@ -300,14 +302,16 @@ class PolicyScheduler:
     (a float32 loss that rounds to zero) is taken as the environment takes it: the log feature saturates
     at its clip, and a zero first loss is no reference (1.0 is used).
 
-    **Divergence.** A NaN or infinite ``metrics`` (or ``train_loss``) is treated as divergence: a
-    warning is issued, the policy is *not* shown the value (it never saw a diverged run continue in
-    training), and the learning rate takes the largest decrease one decision allows (action -1 on
-    ``lr``, other hyperparameters held; a policy that does not control ``lr`` holds them all). The
-    next finite loss is shown to the policy as usual, with that decrease as the previous action (if
-    no finite loss came before, it starts the observation history, as a first call does). The
-    scheduler never raises on a non-finite loss; whether to stop or restore a checkpoint is the
-    training loop's decision.
+    **Divergence.** A NaN or infinite ``metrics`` (or ``train_loss``), or a ``metrics`` above
+    :data:`hpo_env.DIVERGENCE_FACTOR` (1000) times the run's first finite one (the environments' rule),
+    is treated as divergence: a warning is issued, the policy is *not* shown the value (it never saw
+    a diverged run continue in training), and the learning rate takes the largest decrease one
+    decision allows (action -1 on ``lr``, other hyperparameters held; a policy that does not control
+    ``lr`` holds them all). The next loss below that is shown to the policy as usual, with that
+    decrease as the previous action (if no finite loss came before, it starts the observation
+    history, as a first call does, with the rate's change since the run's start). The scheduler
+    never raises on a diverged loss; whether to stop or restore a checkpoint is the training loop's
+    decision.
 
     **Too many calls.** ``step()`` after the ``total_steps``-th call warns and holds the
     hyperparameters.
@@ -607,14 +611,15 @@ class PolicyScheduler:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # A copy or an unpickled scheduler comes with a copy of the optimiser, and torch's optimisers do
-        # not carry their hooks along: register this scheduler's on it again.
+        # A shallow copy (copy.copy) is handed the original's objects. It shares the optimiser, as a copy
+        # of a torch scheduler does, and the policy, which no step changes; everything a step() changes in
+        # place (the observation builder's averages, the sampler, the history, the gradient statistics)
+        # is copied, so that stepping the copy leaves what the original observes and draws unchanged.
+        state = {key: value if key in _SHARED_BY_COPIES else copy.deepcopy(value, {}) for key, value in state.items()}
         self.__dict__.update(state)
-        # A shallow copy would append its steps to the original's history: each keeps its own.
-        self._history = {column: list(values) for column, values in self._history.items()}
+        # A copy or an unpickled scheduler comes with a copy of the optimiser (or shares it), and torch's
+        # optimisers do not carry their hooks along: register this scheduler's on it again.
         if self.gradient_features:
-            # A shallow copy shares the optimiser: its hook must feed its own statistics, not the original's.
-            self._grad_stats = copy.deepcopy(self._grad_stats)
             self._register_gradient_hook(self.optimizer)
         if "weight_decay" in self.decoder.names:
             self._register_sparse_check(self.optimizer)
@@ -970,8 +975,13 @@ class PolicyScheduler:
         return None if self._last_obs is None else self._last_obs.copy()
 
     def reset(self) -> None:
-        """Start a new run: restore the initial hyperparameters (as clipped at construction) and forget the past."""
+        """Start a new run: restore the initial hyperparameters (as clipped at construction) and forget the past.
+
+        Sampled actions (``deterministic=False``) go on drawing from the same generator, as a Gymnasium
+        environment's ``reset()`` without a seed does: the new run's draws are not the first run's.
+        """
         self._t = 0
+        self._reference_val: float | None = None  # the run's first finite validation loss
         self._group_train = (0.0, 0)  # the finite training losses passed since the last decision: sum, count
         self._warned_no_train_loss = False
         self._started = False
@@ -1049,6 +1059,11 @@ class PolicyScheduler:
         self._t += 1
         t, k = self._t, self.decoder.num_actions
         diverged = any(v is not None and not math.isfinite(v) for v in (val, train))
+        # As in the environments, a finite validation loss far above the run's first one is a divergence too.
+        ref = self._reference_val
+        exploded = not diverged and val is not None and ref is not None and val > DIVERGENCE_FACTOR * max(ref, 1e-8)
+        if ref is None and val is not None and math.isfinite(val):
+            self._reference_val = val
         if train is not None and math.isfinite(train):
             total, count = self._group_train
             self._group_train = (total + train, count + 1)
@@ -1066,17 +1081,21 @@ class PolicyScheduler:
             observed_train = None if count == 0 else total / count  # grouped calls: the mean since the last decision
             gradients = self._interval_gradients()
         action = None
-        if diverged:
+        if diverged or exploded:
             if last:
                 response = "nothing is left to set (it was the run's last decision)"
             elif "lr" in self.decoder.names:
                 response = "the learning rate is decreased by the largest step the policy may take"
             else:
                 response = "the hyperparameters are held (the policy does not control the learning rate)"
-            warnings.warn(
-                f"non-finite loss at scheduler step {t} (val={val}, train={train}) is treated as divergence: {response}",
-                stacklevel=_user_stacklevel(),
+            what = (
+                f"validation loss {val:g} at scheduler step {t}, above {DIVERGENCE_FACTOR:g}x the run's first one "
+                f"({ref:g}),"
+                if exploded
+                else f"non-finite loss at scheduler step {t} (val={val}, train={train})"
             )
+            warnings.warn(f"{what} is treated as divergence: {response}", stacklevel=_user_stacklevel())
+            diverged = True
             if not last:  # at once, also between two decisions
                 action = np.zeros(k)
                 if "lr" in self.decoder.names:
@@ -1098,6 +1117,9 @@ class PolicyScheduler:
                     adaptive=np.array([self.adaptive]),
                     gradients=gradients,
                     epochs=self.epochs if self.epochs_feature else None,
+                    # The same as hp and zeros, unless a divergence before this first decision cut the rate.
+                    initial=self._initial_base[None],
+                    prev_action=self._last_action[None],
                 )
                 self._started = True
             else:
@@ -1309,6 +1331,7 @@ class PolicyScheduler:
             "epochs_feature": self.epochs_feature,
             "gradient_features": self.gradient_features,
             "epochs": self.epochs,
+            "reference_val": self._reference_val,
             "policy_state": _copy_state(self._policy_state, to_torch=True),
             "policy_kind": policy_signature(self.bundle),
             "history": {column: torch.tensor(values, dtype=torch.float64) for column, values in self._history.items()},
@@ -1448,19 +1471,35 @@ class PolicyScheduler:
             except (TypeError, ValueError, KeyError) as err:
                 raise ValueError(f"malformed scheduler state: sampler ({type(err).__name__}: {err})") from err
         history = self._history_from_state(state_dict.get("history"), int(t), initial_base)
+        reference_val = state_dict.get("reference_val")
+        if reference_val is not None and not (_is_real(reference_val) and math.isfinite(float(reference_val))):
+            raise ValueError(
+                f"malformed scheduler state: reference_val={reference_val!r} must be a finite number or None"
+            )
         features = {name: _as_numpy(v, None) for name, v in state_dict["features"].items()}
+        epochs = self.epochs
         if self.epochs_feature:
             if saved_epochs is not None:
-                if self.epochs is not None and not math.isclose(float(saved_epochs), self.epochs, rel_tol=1e-9):
-                    warnings.warn(
-                        f"the state was saved by a run of epochs={float(saved_epochs):g}; it replaces this scheduler's "
-                        f"epochs={self.epochs:g}",
-                        stacklevel=_user_stacklevel(),
-                    )
-                self.epochs = float(saved_epochs)
+                epochs = float(saved_epochs)
             if "_epochs" not in features:  # a state saved before the feature existed: the epochs given now
-                features["_epochs"] = np.atleast_1d(log_epochs_feature(self.epochs))
-        self.features.load_state_dict(features)
+                features["_epochs"] = np.atleast_1d(log_epochs_feature(epochs))
+        loaded = self._observation_builder()
+        loaded.load_state_dict(features)  # the last check: nothing below refuses, so a refused state changes nothing
+        if self.epochs_feature and self.epochs is not None and epochs is not None:
+            if not math.isclose(epochs, self.epochs, rel_tol=1e-9):
+                warnings.warn(
+                    f"the state was saved by a run of epochs={epochs:g}; it replaces this scheduler's "
+                    f"epochs={self.epochs:g}",
+                    stacklevel=_user_stacklevel(),
+                )
+        self.epochs = epochs
+        self.features = loaded
+        if self._grad_stats is not None:  # optimiser steps seen before the load belong to another run
+            self._grad_stats.reset()
+        if reference_val is None and bool(state_dict.get("started", int(t) > 0)):
+            # A state saved before the reference was: the first decision's validation loss, as the features hold it.
+            reference_val = float(loaded.state_dict()["_ref"][0])
+        self._reference_val = None if reference_val is None else float(reference_val)
         if int(state_dict["total_steps"]) != self.total_steps or int(decisions) != self.decisions:
             saved_run = f"total_steps={int(state_dict['total_steps'])} step() calls"
             this_run = f"total_steps={self.total_steps}"
@@ -1487,6 +1526,13 @@ class PolicyScheduler:
                 stacklevel=_user_stacklevel(),
             )
         self.adaptive = bool(state_dict.get("adaptive", self.adaptive))
+        if "deterministic" in state_dict and bool(state_dict["deterministic"]) != self.deterministic:
+            modes = {True: "deterministic actions", False: "sampled actions"}
+            warnings.warn(
+                f"the state was saved by a run of {modes[bool(state_dict['deterministic'])]}; it replaces this "
+                f"scheduler's {modes[self.deterministic]}",
+                stacklevel=_user_stacklevel(),
+            )
         self.deterministic = bool(state_dict.get("deterministic", self.deterministic))
         if sampler is not None:
             self._sampler = np.random.Generator(sampler)

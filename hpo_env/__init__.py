@@ -25,12 +25,13 @@ from hpo_env.features import (
 )
 from hpo_env.subproc import HPOSubprocVecEnv
 from hpo_env.tasks import FAMILIES, SPLITS, TaskDistribution, TaskSpec, ToyTaskDistribution, check_families
-from hpo_env.trainer import HPARAM_NAMES, BatchedTrainer, ChunkResult
+from hpo_env.trainer import DIVERGENCE_FACTOR, HPARAM_NAMES, BatchedTrainer, ChunkResult
 from hpo_env.vec_env import HPOVecEnv
 
 __all__ = [
     "CONTROLLABLE",
     "DEFAULT_HYPERPARAMETERS",
+    "DIVERGENCE_FACTOR",
     "EPOCHS_FEATURE",
     "FAMILIES",
     "FEATURE_SET_VERSION",

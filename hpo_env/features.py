@@ -275,6 +275,8 @@ class ObservationBuilder:
         adaptive: np.ndarray | bool,
         gradients: tuple[ArrayLike, ArrayLike] | None = None,
         epochs: np.ndarray | float | None = None,
+        initial: np.ndarray | None = None,
+        prev_action: np.ndarray | None = None,
     ) -> np.ndarray:
         """Start runs in ``slots`` from the first interval's losses; returns their observations.
 
@@ -289,8 +291,17 @@ class ObservationBuilder:
                 norm)`` per slot (:meth:`GradientStats.result`).
             epochs: with ``epochs_feature``, how many passes over its training set each run makes in
                 all (> 0).
+            initial: ``(len(slots), k)`` hyperparameters each run started from, if they differ from
+                ``hparams`` (a deployed run whose first interval diverged and was cut); the log
+                changes are observed from these. None: ``hparams``.
+            prev_action: ``(len(slots), k)`` the action that led to ``hparams``, if any (the cut);
+                None: zeros.
         """
         slots = self._check(slots, hparams)
+        k = self.decoder.num_actions
+        for name, given in (("initial", initial), ("prev_action", prev_action)):
+            if given is not None and np.shape(given) != (len(slots), k):
+                raise ValueError(f"{name} must have shape ({len(slots)}, {k}), got {np.shape(given)}")
         if self.epochs_feature:
             if epochs is None:
                 raise ValueError(
@@ -308,8 +319,8 @@ class ObservationBuilder:
         self._last_val[slots], self._last_train[slots] = x_val, x_tr
         self._ema[slots] = np.stack([x_val, x_val, x_tr, x_tr], axis=-1)
         self._best[slots] = x_val
-        self._h0[slots] = self.decoder.clip(hparams)
-        self._prev_action[slots] = 0.0
+        self._h0[slots] = self.decoder.clip(hparams if initial is None else initial)
+        self._prev_action[slots] = 0.0 if prev_action is None else np.clip(prev_action, -1.0, 1.0)
         self._adaptive[slots] = np.broadcast_to(np.asarray(adaptive, dtype=np.float64), slots.shape)
         self._started[slots] = True
         grad = self._gradient_columns(slots, gradients, first=True)

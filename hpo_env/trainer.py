@@ -60,6 +60,10 @@ __all__ = ["HPARAM_NAMES", "BatchedTrainer", "ChunkResult", "TrainerStats", "che
 
 #: Every hyperparameter the trainer applies per model; ``momentum`` is Adam's beta1 for AdamW.
 HPARAM_NAMES = ("lr", "weight_decay", "momentum")
+
+#: A validation loss above this many times a run's reference loss counts as divergence (as a non-finite one
+#: does): the environments' default, and the deployed scheduler's rule.
+DIVERGENCE_FACTOR = 1e3
 _ADAM_BETA2 = 0.999
 _ADAM_EPS = 1e-8
 
@@ -199,7 +203,7 @@ class BatchedTrainer:
         self,
         n_slots: int,
         device: str | torch.device = "cpu",
-        divergence_factor: float = 1e3,
+        divergence_factor: float = DIVERGENCE_FACTOR,
         group_overhead_flops: float | None = None,
         gradient_stats: bool = False,
     ) -> None:

@@ -130,6 +130,21 @@ def test_observations_are_scale_invariant_and_bounded():
     assert np.all(np.isfinite(bad)) and np.all(np.abs(bad) <= OBS_BOUND)
 
 
+def test_a_run_can_start_its_observations_from_a_cut_start():
+    # A deployed run whose first interval diverged: its first observation shows the cut from the start.
+    dec = ActionDecoder()
+    hp, start = np.array([[1e-2 * 10**-0.25, 1e-4]]), np.array([[1e-2, 1e-4]])
+    b = ObservationBuilder(dec)
+    obs = b.reset([0], [2.0], [2.1], hp, [0.1], adaptive=False, initial=start, prev_action=np.array([[-1.0, 0.0]]))
+    names = b.feature_names()
+    assert obs[0, names.index("lr_log_change")] == pytest.approx(-0.25)
+    assert obs[0, names.index("lr_prev_action")] == -1.0 and obs[0, names.index("weight_decay_log_change")] == 0.0
+    plain = ObservationBuilder(dec).reset([0], [2.0], [2.1], hp, [0.1], adaptive=False)
+    assert plain[0, names.index("lr_log_change")] == 0.0 and plain[0, names.index("lr_prev_action")] == 0.0
+    with pytest.raises(ValueError, match=r"initial must have shape \(1, 2\), got \(2,\)"):
+        b.reset([0], [2.0], [2.1], hp, [0.1], adaptive=False, initial=start[0])
+
+
 def test_missing_train_loss_is_flagged():
     b = ObservationBuilder(ActionDecoder())
     obs = b.reset([0], [2.0], None, np.array([[1e-3, 1e-2]]), [0.1], adaptive=True)

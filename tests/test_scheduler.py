@@ -223,6 +223,7 @@ def test_load_state_dict_rejects_other_policy_or_groups(default_bundle):
         ({"total_steps": 8, "decisions": 2, "group_train": torch.tensor([5.0, 0.0])}, "0 without losses"),
         ({"total_steps": 8, "decisions": 2, "group_train": torch.tensor([1.0, 0.5])}, "group_train must hold"),
         ({"total_steps": 8, "decisions": 2, "group_train": torch.tensor([-1.0, 1.0])}, "group_train must hold"),
+        ({"reference_val": float("inf")}, "reference_val=inf must be a finite number"),
     ],
 )
 def test_a_damaged_state_dict_is_refused_before_anything_changes(default_bundle, change, message):
@@ -234,6 +235,19 @@ def test_a_damaged_state_dict_is_refused_before_anything_changes(default_bundle,
         sched.load_state_dict({**state, **change})
     assert sched.get_last_hparams() == before and opt.param_groups[0]["lr"] == before["lr"][0]
     assert sched.last_step == 1 and sched.total_steps == 4  # nothing half-loaded
+
+
+def test_a_state_whose_features_are_refused_leaves_the_epochs_as_they_were(default_bundle):
+    # The observation state is checked last; a run length saved with it must not be taken before that.
+    sched = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), default_bundle, total_steps=4, epochs=12)
+    sched.step(1.0, train_loss=1.0)
+    state = sched.state_dict()
+    features = {**state["features"], "_ema": torch.zeros(3)}
+    with pytest.raises(ValueError, match="observation state '_ema' has shape"):
+        sched.load_state_dict({**state, "epochs": 50.0, "features": features})
+    assert sched.epochs == 12.0 and sched.state_dict()["features"]["_epochs"].item() == pytest.approx(
+        state["features"]["_epochs"].item()
+    )
 
 
 def test_a_policy_acting_beyond_its_bounds_saves_a_state_that_loads():
@@ -257,6 +271,12 @@ def test_load_state_dict_says_when_the_saved_run_length_replaces_the_given_one(d
     assert "epochs=4; it replaces this scheduler's epochs=16" in messages
     assert "total_steps=4 step() calls; it replaces this scheduler's total_steps=8" in messages
     assert (longer.total_steps, longer.epochs) == (4, 4.0)
+    sampled = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), default_bundle, 4, epochs=4, deterministic=False)
+    with pytest.warns(
+        UserWarning, match="saved by a run of deterministic actions; it replaces this scheduler's sampled"
+    ):
+        sampled.load_state_dict(state)
+    assert sampled.deterministic
     same = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), default_bundle, 4, epochs=4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same length: silent
@@ -1002,6 +1022,37 @@ def test_non_finite_first_loss_starts_the_features_at_the_next_finite_one():
     sched.step(2.0)
     names = sched.features.feature_names()
     assert sched.last_observation[names.index("log_val_loss")] == 0.0  # 2.0 is the reference loss
+    # The first decision sees the cut: the rate is a step below where the run started, by the action -1.
+    assert sched.last_observation[names.index("lr_log_change")] == pytest.approx(-0.25)
+    assert sched.last_observation[names.index("lr_prev_action")] == -1.0
+
+
+def test_a_loss_far_above_the_runs_first_is_divergence_as_in_the_environment():
+    policy = ReplayPolicy(ActionDecoder(("lr",)), np.zeros((8, 1)))
+    opt = _optimizer("sgd", 0.1, 1e-4, 0.9)
+    sched = PolicyScheduler(opt, policy, total_steps=6)
+    sched.step(2.0, 2.0)
+    sched.step(1999.0, 1999.0)  # below DIVERGENCE_FACTOR x the first: shown to the policy
+    assert len(policy.seen) == 2 and opt.param_groups[0]["lr"] == pytest.approx(0.1)
+    state = sched.state_dict()
+    with pytest.warns(UserWarning, match=r"validation loss 2001 at scheduler step 3, above 1000x the run's first one"):
+        sched.step(2001.0, 2001.0)
+    assert len(policy.seen) == 2 and opt.param_groups[0]["lr"] == pytest.approx(0.1 * 10**-0.25)
+    assert sched.history["diverged"][3] == 1.0
+    # The reference is part of the state: a resumed run calls the same loss a divergence.
+    again = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), policy, total_steps=6)
+    again.load_state_dict(state)
+    with pytest.warns(UserWarning, match="above 1000x the run's first one"):
+        again.step(2001.0, 2001.0)
+    # A state saved before the reference was (no "reference_val") takes the first decision's loss.
+    old = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), policy, total_steps=6)
+    old.load_state_dict({k: v for k, v in state.items() if k != "reference_val"})
+    with pytest.warns(UserWarning, match=r"above 1000x the run's first one \(2\)"):
+        old.step(2001.0, 2001.0)
+    sched.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched.step(5000.0, 5000.0)  # a new run: its first loss is the reference again
 
 
 def test_steps_beyond_total_steps_warn_and_hold():
@@ -1119,15 +1170,29 @@ def test_the_history_holds_what_tensorboard_gets_and_survives_a_checkpoint(defau
     assert again.history["diverged"][-1] == 1.0 and again.history["diverged"][-2] == 0.0
 
 
-def test_a_shallow_copy_keeps_its_own_history(default_bundle):
-    sched = PolicyScheduler(_optimizer("adamw", 1e-3, 1e-2, 0.9), default_bundle, total_steps=4, epochs=4)
-    sched.step(1.0, 1.0)
+@pytest.mark.filterwarnings("ignore:param group 0's lr is")  # the copy writes the optimiser they share
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_a_shallow_copy_keeps_its_own_history_observations_and_draws(default_bundle, deterministic):
+    def scheduler():
+        opt = _optimizer("adamw", 1e-3, 1e-2, 0.9)
+        return PolicyScheduler(opt, default_bundle, total_steps=8, epochs=8, deterministic=deterministic, seed=3)
+
+    losses = [(1.0, 1.1), (0.8, 0.9), (0.7, 0.75), (0.65, 0.6), (0.6, 0.55)]
+    sched, reference = scheduler(), scheduler()
+    for val, train in losses[:2]:
+        sched.step(val, train)
+        reference.step(val, train)
     twin = copy.copy(sched)
-    twin.step(0.9, 0.9)
-    assert len(sched.history["step"]) == 2 and len(twin.history["step"]) == 3
-    PolicyScheduler(_optimizer("adamw", 1e-3, 1e-2, 0.9), default_bundle, total_steps=4, epochs=4).load_state_dict(
-        sched.state_dict()
-    )
+    assert twin.optimizer is sched.optimizer  # as a copy of a torch scheduler, it steps the same optimiser
+    for val, train in ((3.0, 2.5), (2.0, 2.2)):  # the copy sees another run
+        twin.step(val, train)
+    assert len(sched.history["step"]) == 3 and len(twin.history["step"]) == 5
+    for val, train in losses[2:]:  # the original goes on as if no copy had been made
+        sched.step(val, train)
+        reference.step(val, train)
+        np.testing.assert_array_equal(sched.last_observation, reference.last_observation)
+        assert sched.get_last_hparams() == reference.get_last_hparams()
+    scheduler().load_state_dict(sched.state_dict())
 
 
 def test_plot_of_losses_that_are_exactly_zero_keeps_a_linear_axis_without_warnings(default_bundle):

@@ -35,7 +35,7 @@ import math
 import numpy as np
 import torch
 
-from hpo_env import ActionDecoder, TaskSpec, build_splits
+from hpo_env import DIVERGENCE_FACTOR, ActionDecoder, TaskSpec, build_splits
 from hpo_env.data import DataSplits
 from hpo_env.models import ModelLayout, forward, init_params
 from training.rollout import EpisodeRecord
@@ -91,7 +91,7 @@ def run_hypergradient(
     beta: float | None = None,
     seed_index: int = 0,
     device: str = "cpu",
-    divergence_factor: float = 1e3,
+    divergence_factor: float = DIVERGENCE_FACTOR,
     divergence_penalty: float = 1.0,
 ) -> EpisodeRecord:
     """Train ``spec`` for its whole budget with SGD-HD or Adam-HD (by ``spec.optimizer``).
