@@ -417,7 +417,7 @@ class MetaAgentConfig:
 
 
 #: Named configurations. ``quick``: about 2 minutes of meta-training on 2 CPU cores (with the
-#: training script's budget); ``full``: about 30-60 minutes. Both train on the ``"train"`` families.
+#: training script's budget); ``full``: about 25-65 minutes. Both train on the ``"train"`` families.
 PRESETS: dict[str, MetaAgentConfig] = {
     "quick": MetaAgentConfig(
         n_envs=16, n_steps=32, batch_size=256, n_epochs=4, learning_rate=5e-4, epochs_feature=True

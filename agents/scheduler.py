@@ -37,6 +37,22 @@ __all__ = ["PolicyScheduler", "default_policy_path", "resolve_policy"]
 #: Name of the policy bundle shipped inside the package (``agents/policies/default``).
 DEFAULT_POLICY = "default"
 _STATE_VERSION = 1
+
+
+class _Missing:
+    """The default of ``step(metrics)``, so that ``step()`` without a loss gets a message, not Python's."""
+
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+_MISSING = _Missing()
+_NEEDS_A_LOSS = (
+    "PolicyScheduler.step() needs the validation loss of the interval that just ended, as "
+    "ReduceLROnPlateau.step(metrics) does: step(val_loss, train_loss=mean training loss). A torch scheduler "
+    "combinator (ChainedScheduler, SequentialLR) cannot hold it: the policy schedules the run from its first "
+    "step, warm-up included"
+)
 #: What a shallow copy of a scheduler shares with the original: nothing a step() changes in place.
 _SHARED_BY_COPIES = frozenset({"optimizer", "bundle", "decoder", "writer"})
 
@@ -434,9 +450,14 @@ class PolicyScheduler:
             )
         decoder = getattr(bundle, "decoder", None)
         if not isinstance(decoder, ActionDecoder) or not callable(getattr(bundle, "predict", None)):
+            named = (
+                f"; for a policy by name or folder use PolicyScheduler.from_pretrained({str(bundle)!r}, optimizer, ...)"
+                if isinstance(bundle, (str, os.PathLike))
+                else ""
+            )
             raise TypeError(
                 f"bundle must be a PolicyBundle (agents.load_bundle(path)) or have a `decoder` (ActionDecoder) "
-                f"and a `predict` method, got {type(bundle).__name__}"
+                f"and a `predict` method, got {type(bundle).__name__}{named}"
             )
         if isinstance(total_steps, bool) or not isinstance(total_steps, (int, np.integer)):
             raise TypeError(f"total_steps must be an int (the number of step() calls), got {total_steps!r}")
@@ -999,7 +1020,11 @@ class PolicyScheduler:
         self._write()
 
     def step(
-        self, metrics: SupportsFloat | None, train_loss: SupportsFloat | None = None, *, global_step: int | None = None
+        self,
+        metrics: SupportsFloat | None | _Missing = _MISSING,
+        train_loss: SupportsFloat | None = None,
+        *,
+        global_step: int | None = None,
     ) -> None:
         """Observe the interval that just ended and set the hyperparameters of the next one.
 
@@ -1016,11 +1041,20 @@ class PolicyScheduler:
         if global_step is not None and (not _is_int(global_step) or global_step < 0):
             raise ValueError(f"global_step must be an integer >= 0 or None, got {global_step!r}")
         global_step = None if global_step is None else int(global_step)  # also a 0-dim integer tensor
+        if isinstance(metrics, _Missing):
+            raise TypeError(_NEEDS_A_LOSS)
         val = None if metrics is None else _to_float(metrics, "metrics")
         train = None if train_loss is None else _to_float(train_loss, "train_loss")
         device = _collective_device(self.optimizer) if self.sync_ranks else None
         if device is not None:
             val, train = _mean_over_ranks(val, train, device)  # every rank then agrees on a divergence
+        # Before any warning: a call that fails warns of nothing.
+        for name, value in (("metrics", val), ("train_loss", train)):
+            if value is not None and math.isfinite(value) and value < 0:  # -inf is a divergence, below
+                raise ValueError(
+                    f"{name}={value:g} is negative, but the policy observes log losses: pass a positive loss "
+                    "(cross-entropy, MSE, ...), not a log-likelihood, a score or an accuracy"
+                )
         self._check_groups()  # before the step changes anything, so a caught error leaves the scheduler usable
         if val is None and self.next_step_decides:  # (with ranks: when none of them gave one, on every rank)
             raise ValueError(
@@ -1038,12 +1072,6 @@ class PolicyScheduler:
                 stacklevel=_user_stacklevel(),
             )
             self._warned_no_train_loss = True
-        for name, value in (("metrics", val), ("train_loss", train)):
-            if value is not None and math.isfinite(value) and value < 0:  # -inf is a divergence, below
-                raise ValueError(
-                    f"{name}={value:g} is negative, but the policy observes log losses: pass a positive loss "
-                    "(cross-entropy, MSE, ...), not a log-likelihood, a score or an accuracy"
-                )
         if self._t >= self.total_steps:
             if self._t == self.total_steps:  # once
                 warnings.warn(
@@ -1141,6 +1169,10 @@ class PolicyScheduler:
         self._record(t, global_step, math.nan if val is None else val, train, diverged, action)
         if self.writer is not None:
             self._log(t if global_step is None else int(global_step))
+
+    def _update_lr(self, epoch: int | None = None) -> None:
+        """What torch's ``SequentialLR`` calls on the scheduler it hands over to: refused with the reason."""
+        raise TypeError(_NEEDS_A_LOSS)
 
     def _decides_at(self, t: int) -> bool:
         """Whether ``step()`` call ``t`` is a decision: ``decisions`` evenly spaced calls, the last one last."""

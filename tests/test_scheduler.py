@@ -655,11 +655,31 @@ def test_lr_max_rise_caps_a_deployed_policy_relative_to_the_start():
             PolicyScheduler(opt2, ReplayPolicy(decoder, [[1.0]]), total_steps=8, lr_max_rise=bad)
 
 
+@pytest.mark.filterwarnings("ignore:a torch LR scheduler")  # the warm-up beside it, whose hand-over is refused
+def test_step_without_a_loss_and_torch_scheduler_combinators_say_what_to_do():
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    sched = PolicyScheduler(opt, ReplayPolicy(ActionDecoder(("lr",)), [[0.0]]), total_steps=3)
+    # The torch habit of step() without a loss (and ChainedScheduler, which calls it so) is told what to pass.
+    with pytest.raises(TypeError, match=r"needs the validation loss .* step\(val_loss, train_loss="):
+        sched.step()
+    with pytest.raises(TypeError, match="needs the validation loss"):
+        torch.optim.lr_scheduler.ChainedScheduler([sched]).step()
+    warm_up = torch.optim.lr_scheduler.LinearLR(opt, total_iters=1)
+    sequence = torch.optim.lr_scheduler.SequentialLR(opt, [warm_up, sched], milestones=[1])
+    with pytest.raises(TypeError, match="SequentialLR.* cannot hold it"):
+        sequence.step()  # the hand-over
+    assert sched.last_step == 0
+
+
 def test_negative_losses_and_param_groups_added_later_are_refused():
     opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
     sched = PolicyScheduler(opt, ReplayPolicy(ActionDecoder(("lr",)), [[0.0]]), total_steps=3)
-    with pytest.raises(ValueError, match="negative.*log losses"):
-        sched.step(-0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a call that fails does not also warn (of the missing train_loss)
+        with pytest.raises(ValueError, match="negative.*log losses"):
+            sched.step(-0.5)
+    with pytest.raises(TypeError, match=r"from_pretrained\('default', optimizer"):
+        PolicyScheduler(opt, "default", total_steps=3)
     with pytest.raises(ValueError, match="train_loss=-1 is negative"):
         sched.step(0.5, train_loss=-1.0)
     assert sched.last_step == 0  # nothing was consumed

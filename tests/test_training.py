@@ -137,6 +137,9 @@ def test_tiny_run_writes_bundle_and_documented_tensorboard_tags(tmp_path):
     assert all(v.string_value != "None" for v in hparams.values())
     settings = json.loads((run / "settings.json").read_text())
     assert settings["run_name"] == "tiny" and settings["total_timesteps"] == 256
+    # the options as given (null: the preset's), and the values they resolved to, for a reader
+    assert settings["lr_step"] is None and settings["agent_config"]["lr_step"] == 0.5
+    assert settings["agent_config"]["n_envs"] == 4
     # progress.csv: every row, the evaluations' included, says where it is on the run's x-axis
     import csv
 

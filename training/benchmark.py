@@ -119,7 +119,7 @@ class BenchmarkConfig:
     """Override every task's inner step budget (None: the sampled budgets)."""
     steps_per_action: int | None = None
     """Override every task's steps per decision (None: the sampled ones)."""
-    out: str = "benchmark"
+    out: str = "runs/benchmark"
     """Output folder (report.md, benchmark.json, plots/)."""
     store: str | None = None
     """SQLite results store (default: ``<out>/results.sqlite``)."""
@@ -1562,7 +1562,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--code-version",
         default=None,
-        help="label of stored runs (default: package, protocol and torch versions, a hash of the code that defines an inner run, and the device type; pass a fixed label to reuse runs across code edits knowingly)",
+        help="label of stored runs (default: package, protocol and torch versions, a hash of the code that defines an inner run, the device type and, on CPU, the torch thread count; pass a fixed label to reuse runs across code edits knowingly)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="no PNG plots")

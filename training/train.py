@@ -2,7 +2,7 @@
 
 A whole run, top to bottom (:func:`train`):
 
-1. settings: a preset (``quick``: 2-3 minutes on 2 CPU cores; ``full``: about 30-60 minutes) plus any
+1. settings: a preset (``quick``: 2-3 minutes on 2 CPU cores; ``full``: about 25-65 minutes) plus any
    option given on the command line (:class:`TrainSettings`, one documented field per option);
 2. the environment: ``HPOVecEnv`` slots training inner models on tasks sampled from the meta-training
    families, wrapped in ``VecMonitor`` and ``VecNormalize`` (:func:`agents.make_meta_env`);
@@ -17,7 +17,8 @@ A whole run, top to bottom (:func:`train`):
 
 Everything of a run lives in one folder, ``<logdir>/<run_name>/``::
 
-    settings.json        the resolved settings (``--resume`` reads them back)
+    settings.json        the options as given, null where the preset's value applies (``--resume``
+                         reads them back), and under ``agent_config`` the values they resolve to
     events.out.tfevents.*  TensorBoard logs (tags documented in training/callbacks.py)
     progress*.csv        the same scalars as CSV
     checkpoints/         step_<timesteps>/ (model, VecNormalize statistics, RNG state), latest.json
@@ -112,7 +113,7 @@ class TrainSettings:
     """Meta-train a RecurrentPPO agent that schedules hyperparameters while networks train."""
 
     preset: Literal["quick", "full"] = "quick"
-    """Named defaults: quick (2-3 minutes on 2 CPU cores) or full (about 30-60 minutes)."""
+    """Named defaults: quick (2-3 minutes on 2 CPU cores) or full (about 25-65 minutes)."""
     algorithm: Literal["recurrent", "framestack"] = "recurrent"
     """recurrent: RecurrentPPO with an LSTM policy; framestack: MLP PPO over stacked observations (the control)."""
     total_timesteps: int | None = None
@@ -622,7 +623,10 @@ def _train(settings: TrainSettings, command: str | None) -> TrainResult:
             raise RunFolderError(
                 f"the run folder {str(run_dir)!r} cannot be created ({err.strerror or err}): pass a writable --logdir"
             ) from err
-        _write_settings(run_dir, {**settings.to_dict(), "run_name": name, "resume": None})
+        # The options as given (None: the preset's value), and for the reader the values they resolve to.
+        _write_settings(
+            run_dir, {**settings.to_dict(), "run_name": name, "resume": None, "agent_config": config.to_dict()}
+        )
 
     # -- environment and agent ------------------------------------------------------------------
     if checkpoint is not None:  # its state was read above
