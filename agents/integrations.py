@@ -12,8 +12,7 @@ provides that hook and :func:`lightning_scheduler_config` builds the config dict
         def validation_step(self, batch, i):
             self.log("val_loss", loss)
         def training_step(self, batch, i):
-            self.log("train_loss", loss, on_step=False, on_epoch=True)  # shown to the policy too
-            return loss
+            return loss  # the mixin shows the policy the interval's mean of these too
         def configure_optimizers(self):
             opt = torch.optim.AdamW(self.parameters(), lr=1e-3)
             epochs = self.trainer.max_epochs
@@ -25,8 +24,10 @@ skips the monitored scheduler's step of the epoch it resumes in, and a resumed r
 logged metrics. The mixin records the latest validation in each checkpoint and makes up for both
 (tested with lightning 2.6.6, see :class:`PolicySchedulerMixin`):
 
-- from a checkpoint saved at validation end (``ModelCheckpoint``'s default), ``interval="epoch"`` or
-  ``"step"``, a resumed run keeps the uninterrupted run's schedule exactly;
+- from a checkpoint saved at validation end or at a training epoch's end (``ModelCheckpoint``'s
+  default, which saves at the epoch's end when validation runs every epoch), ``interval="epoch"`` or
+  ``"step"``, a resumed run keeps the uninterrupted run's schedule exactly (the checkpoint holds the
+  interval's training losses as well);
 - from a mid-epoch checkpoint (``every_n_train_steps``) no decision is lost, but Lightning replays the
   epoch's data (unless the dataloader is resumable), so the schedule can differ a little from then on;
 - from a checkpoint saved at an epoch's last training batch, before its validation, Lightning skips
@@ -36,11 +37,17 @@ logged metrics. The mixin records the latest validation in each checkpoint and m
 For a run of many more epochs than the 10-60 decisions the policy schedules well with, pass ``decisions=`` to the scheduler
 (``PolicyScheduler(..., total_steps=epochs, decisions=25)``): Lightning still steps it every epoch, and
 the policy decides at 25 of them. With ``interval="step"`` and gradient accumulation, Lightning counts ``frequency`` in batches, not
-optimiser steps: ``total_steps`` is ``max_steps * accumulate_grad_batches // frequency``. Prefer
-``interval="epoch"`` with validation every epoch: Lightning passes the *last logged* value of
-``monitor``, so with ``interval="step"`` the ``frequency`` must equal the validation interval in
-batches (``val_check_interval``) and divide the batches of an epoch (Lightning counts ``frequency``
-within each epoch), or the policy sees the same stale loss several times.
+optimiser steps, and steps the scheduler only on batches that end an accumulation: ``frequency`` must
+be a multiple of ``accumulate_grad_batches`` (refused otherwise), and ``total_steps`` is
+``max_steps * accumulate_grad_batches // frequency``. Prefer ``interval="epoch"`` with validation
+every epoch: Lightning passes the *last logged* value of ``monitor``, so with ``interval="step"`` the
+``frequency`` must equal the validation interval in batches (``val_check_interval``) and divide the
+batches of an epoch (Lightning counts ``frequency`` within each epoch). The mixin checks before
+training that the validation interval divides the ``frequency`` (``check_val_every_n_epoch``, an
+integer ``val_check_interval``, ``limit_val_batches=0``): with ``strict=True`` (the default) it
+refuses a mismatch, with ``strict=False`` it warns and the policy is stepped on the last logged value.
+At the end of a run that reached ``max_epochs``/``max_steps`` with fewer ``step()`` calls than
+``total_steps``, it warns that ``total_steps`` miscounts Lightning's calls.
 
 **Hugging Face ``transformers.Trainer``.** :func:`hf_trainer_callback` returns a
 ``transformers.TrainerCallback`` that builds the scheduler around the Trainer's optimiser when
@@ -53,7 +60,7 @@ optimiser step, because the Trainer's own learning-rate scheduler (``lr_schedule
 before its callbacks see them, so ``policy_lr`` is not in ``log_history`` or the Trainer's loggers:
 pass ``writer=SummaryWriter(...)`` to see the policy's schedule in TensorBoard (``scheduler/`` tags, at the
 Trainer's global step).
-Evaluations before the first optimiser step (``eval_on_start``) and after training ends are not
+Evaluations before the first optimiser step (``eval_on_start``, also in a resumed run) and after training ends are not
 decisions and are ignored. The callback writes the scheduler's state into every checkpoint the
 Trainer saves (``checkpoint-<step>/policy_scheduler.pt``), and ``trainer.train(resume_from_checkpoint=...)``
 continues the policy where it was (its memory, its progress, its hyperparameters) when the checkpoint
@@ -80,6 +87,7 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -215,20 +223,22 @@ def lightning_scheduler_config(
 class PolicySchedulerMixin:
     """Mix into a ``LightningModule`` (before it) to step :class:`PolicyScheduler` s with the metric.
 
-    Other schedulers are stepped as Lightning would. If the module logs the mean training loss of
-    the interval under :attr:`policy_train_loss_key` (e.g. ``self.log("train_loss", loss,
-    on_epoch=True)``), it is shown to the policy too, as in meta-training.
+    Other schedulers are stepped as Lightning would. The policy is also shown the mean training loss
+    of the interval, as in meta-training: the mean of the losses ``training_step`` returned since the
+    policy's last step (:attr:`policy_train_loss`; nothing needs to be logged for it).
 
-    It also keeps a resumed run on the uninterrupted run's schedule (see the module docstring) through
-    ``on_save_checkpoint``, ``on_load_checkpoint``, ``on_validation_epoch_end``, ``on_train_start``,
-    ``on_train_batch_start`` and ``on_train_end``: a module that overrides
-    them must call ``super()``. With manual optimisation (``automatic_optimization = False``, as for
-    several optimisers) Lightning steps no scheduler: call ``scheduler.step(val_loss, train_loss=...)``
-    yourself.
+    It checks at the start of training that Lightning will step the policy when a validation has
+    just run (a validation interval that the scheduler's ``frequency`` is a multiple of), and warns at
+    the end of a run that made fewer ``step()`` calls than ``total_steps``. It keeps a resumed run on
+    the uninterrupted run's schedule (see the module docstring) through ``on_save_checkpoint``,
+    ``on_load_checkpoint``, ``on_validation_epoch_end``, ``on_train_start``, ``on_train_batch_start``,
+    ``on_train_batch_end`` and ``on_train_end``: a module that overrides them must call ``super()``.
+    With manual optimisation (``automatic_optimization = False``, as for several optimisers)
+    Lightning steps no scheduler: call ``scheduler.step(val_loss, train_loss=...)`` yourself.
     """
 
-    #: ``trainer.callback_metrics`` key of the mean training loss (None: do not pass one).
-    policy_train_loss_key: str | None = "train_loss"
+    #: Show the policy the mean of the losses ``training_step`` returned over the interval (False: none).
+    policy_train_loss: bool = True
     # Annotations only, for type checkers: the LightningModule provides ``trainer``, and the mixin's state
     # is created on first use (see _policy_state).
     trainer: Any
@@ -241,12 +251,12 @@ class PolicySchedulerMixin:
                     "PolicyScheduler needs the validation loss: configure it with "
                     "agents.integrations.lightning_scheduler_config(scheduler, monitor='val_loss')"
                 )
-            train_loss = None
             trainer = getattr(self, "trainer", None)
-            if self.policy_train_loss_key and trainer is not None:
-                train_loss = trainer.callback_metrics.get(self.policy_train_loss_key)
-            scheduler.step(metric, train_loss=train_loss, global_step=getattr(trainer, "global_step", None))
             state = self._policy_state()
+            total, count = state["train"]
+            train_loss = total / count if count and self.policy_train_loss else None
+            scheduler.step(metric, train_loss=train_loss, global_step=getattr(trainer, "global_step", None))
+            state["train"] = [0.0, 0]  # the next interval's losses
             state["fed_epoch"] = state["val_epoch"]  # this validation has made its decision
         else:
             super().lr_scheduler_step(scheduler, metric)  # type: ignore[misc]
@@ -269,8 +279,28 @@ class PolicySchedulerMixin:
     def _policy_state(self) -> dict[str, Any]:
         state = getattr(self, "_policy_resume_state", None)
         if state is None:
-            state = self._policy_resume_state = {"val_epoch": -1, "fed_epoch": -1, "values": {}, "warned": False}
+            state = self._policy_resume_state = {
+                "val_epoch": -1,
+                "fed_epoch": -1,
+                "values": {},
+                "warned": False,
+                "train": [0.0, 0],  # the interval's training losses: sum (a tensor on the loss's device), count
+            }
         return state
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        parent = getattr(super(), "on_train_batch_end", None)
+        if parent is not None:
+            parent(outputs, batch, batch_idx)
+        if not self.policy_train_loss or not getattr(self, "automatic_optimization", True):
+            return  # under manual optimisation the loop calls step() with its own training loss
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            # Lightning hands over the loss divided by accumulate_grad_batches (the closure's); kept on its
+            # device, so that a GPU run does not wait for it at every batch.
+            scale = max(int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1), 1)
+            state = self._policy_state()
+            state["train"] = [state["train"][0] + loss.detach().reshape(()).double() * scale, state["train"][1] + 1]
 
     def on_validation_epoch_end(self) -> None:
         parent = getattr(super(), "on_validation_epoch_end", None)
@@ -287,16 +317,20 @@ class PolicySchedulerMixin:
         trainer: Any = getattr(self, "trainer", None)
         state, values = self._policy_state(), {}
         for config in self._policy_configs("epoch") + self._policy_configs("step"):
-            for key in (config.monitor, self.policy_train_loss_key):
-                value = trainer.callback_metrics.get(key) if key else None
-                if value is None:
-                    value = state["values"].get(key)  # restored from the checkpoint resumed from, not logged since
-                if value is not None:
-                    values[key] = float(value)
+            key = config.monitor
+            value = trainer.callback_metrics.get(key) if key else None
+            if value is None:
+                value = state["values"].get(key)  # restored from the checkpoint resumed from, not logged since
+            if value is not None:
+                values[key] = float(value)
+        total, count = state["train"]
         checkpoint[POLICY_RESUME_KEY] = {
             "val_epoch": state["val_epoch"],
             "fed_epoch": state["fed_epoch"],
             "values": values,
+            # The training losses since the last decision: saved at validation end, a checkpoint holds the
+            # whole interval's, which Lightning averages only later (at the epoch's end).
+            "train": [float(total), int(count)],
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -306,12 +340,19 @@ class PolicySchedulerMixin:
         saved = checkpoint.get(POLICY_RESUME_KEY)
         self._policy_resume_state = None  # nothing of an earlier fit() of this module carries over
         if saved:
-            self._policy_resume_state = {**saved, "values": dict(saved["values"]), "warned": False, "resumed": True}
+            self._policy_resume_state = {
+                **saved,
+                "values": dict(saved["values"]),
+                "warned": False,
+                "resumed": True,
+                "train": list(saved.get("train", [0.0, 0])),  # (none in checkpoints of earlier versions)
+            }
 
     def on_train_start(self) -> None:
         parent = getattr(super(), "on_train_start", None)
         if parent is not None:
             parent()
+        self._check_validation_lines_up()
         # A resumed run has logged nothing yet: the latest validation's values are those of the checkpoint.
         metrics = self.trainer.callback_metrics
         for key, value in self._policy_state()["values"].items():
@@ -329,6 +370,70 @@ class PolicySchedulerMixin:
         if parent is not None:
             parent()
         self._make_due_decisions()  # the last epoch's, when it was the one the run resumed in
+        self._warn_if_steps_were_missed()
+
+    def _check_validation_lines_up(self) -> None:
+        """Before training: refuse (``strict``) or warn of a scheduler config under which Lightning would step
+        the policy without a fresh validation, or count its steps otherwise than ``total_steps`` says."""
+        trainer = self.trainer
+        if not getattr(self, "automatic_optimization", True):
+            return
+        for config in self._policy_configs("epoch") + self._policy_configs("step"):
+            f, problems = int(config.frequency), []
+            if getattr(trainer, "limit_val_batches", 1) == 0:
+                problems.append("limit_val_batches=0 runs no validation, whose loss the policy needs")
+            every: Any = getattr(trainer, "check_val_every_n_epoch", None)
+            if config.interval == "epoch" and is_integer(every) and f % every:
+                problems.append(
+                    f"validation runs every {every} epochs (check_val_every_n_epoch) but the policy steps every {f}: "
+                    f"pass lightning_scheduler_config(..., frequency={every}) with total_steps=max_epochs // {every}"
+                )
+            accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+            if config.interval == "step" and f % accumulate:  # a miscount whatever strict says
+                raise ValueError(
+                    f"PolicySchedulerMixin: with accumulate_grad_batches={accumulate} Lightning steps a 'step' scheduler "
+                    f"only on batches that end an accumulation, so frequency={f} must be a multiple of {accumulate} "
+                    "(total_steps is then max_steps * accumulate_grad_batches // frequency)"
+                )
+            interval: Any = getattr(trainer, "val_check_interval", None)
+            if config.interval == "step" and is_integer(interval) and f % int(interval):
+                problems.append(
+                    f"validation runs every {interval} batches (val_check_interval) but the policy steps every {f}: "
+                    "set frequency to a multiple of val_check_interval (equal, for one decision per validation)"
+                )
+            if not problems:
+                continue
+            message = "PolicySchedulerMixin: " + "; ".join(problems)
+            if config.strict:
+                raise ValueError(message + " (or strict=False, to step it on the last logged value)")
+            warnings.warn(message + " (strict=False: the policy is stepped on the last logged value)", stacklevel=2)
+
+    def _warn_if_steps_were_missed(self) -> None:
+        """At the planned end of a run: say so if it made fewer step() calls than the scheduler's total_steps."""
+        trainer = self.trainer
+        max_epochs: Any = getattr(trainer, "max_epochs", None)
+        max_steps: Any = getattr(trainer, "max_steps", -1)
+        finished = (is_integer(max_epochs) and max_epochs > 0 and trainer.current_epoch >= max_epochs) or (
+            is_integer(max_steps) and max_steps > 0 and trainer.global_step >= max_steps
+        )
+        if not finished or getattr(trainer, "interrupted", False) or self._policy_state()["warned"]:
+            return  # stopped early (EarlyStopping, Ctrl-C): fewer calls are expected; or a lost one was said
+        for config in self._policy_configs("epoch") + self._policy_configs("step"):
+            sched = config.scheduler
+            if sched.last_step < sched.total_steps:
+                count = (
+                    "max_epochs // frequency"
+                    if config.interval == "epoch"
+                    else "the run's batches over frequency (max_steps * accumulate_grad_batches // frequency, with "
+                    "frequency a multiple of accumulate_grad_batches and dividing the batches of an epoch)"
+                )
+                warnings.warn(
+                    f"PolicySchedulerMixin: the run ended after {sched.last_step} of the scheduler's "
+                    f"total_steps={sched.total_steps} step() calls, so the policy saw a run cut short (its progress "
+                    f"feature ended at {sched.last_step / sched.total_steps:.0%}): total_steps must count Lightning's "
+                    f"calls, {count}",
+                    stacklevel=2,
+                )
 
     def _make_due_decisions(self) -> None:
         """Make the epoch-interval decisions Lightning skipped on resuming (see the comment above)."""
@@ -396,8 +501,12 @@ def _decisions_from_args(args: Any, state: Any, *, upto: float | None = None, fi
 
 
 def _epochs_from_args(args: Any, state: Any, train_dataloader: Any) -> float | None:
-    """Passes over the training set in a Trainer run: its optimiser steps times the gradient
-    accumulation, over the batches of one epoch (None where the dataloader has no length)."""
+    """Passes over the training set in a Trainer run (None where the dataloader has no length).
+
+    An epoch of ``B`` batches under gradient accumulation ``G`` takes ``ceil(B / G)`` optimiser steps, the
+    last over the batches left; ``max_steps`` ending within an epoch counts the batches it got to, as the
+    Trainer's ``state.epoch`` does.
+    """
     try:
         batches = len(train_dataloader)
     except TypeError:  # None, or an iterable dataset without a length
@@ -405,7 +514,10 @@ def _epochs_from_args(args: Any, state: Any, train_dataloader: Any) -> float | N
     steps = getattr(state, "max_steps", 0) or 0
     if batches < 1 or steps < 1:
         return None
-    return steps * max(int(getattr(args, "gradient_accumulation_steps", 1) or 1), 1) / batches
+    accumulation = max(int(getattr(args, "gradient_accumulation_steps", 1) or 1), 1)
+    per_epoch = math.ceil(batches / accumulation)
+    full, left = divmod(int(steps), per_epoch)
+    return full + min(left * accumulation, batches) / batches
 
 
 #: The file, in each Trainer checkpoint folder, that holds the policy scheduler's state.
@@ -461,6 +573,9 @@ def _hf_callback_class() -> type:
             self._log_index = 0
             self._training = False
             self._warned_missing = False
+            self._seen_metric = False
+            self._missing_at: tuple[int, list[str]] | None = None
+            self._start_step = 0
 
         def on_train_begin(self, args, state, control, optimizer=None, train_dataloader=None, **kwargs):
             if optimizer is None:
@@ -544,6 +659,7 @@ def _hf_callback_class() -> type:
             self._log_index = next(
                 (i + 1 for i in range(len(state.log_history) - 1, -1, -1) if self.metric in state.log_history[i]), 0
             )
+            self._start_step = state.global_step  # an evaluation before any new optimiser step is no decision
             self._training = True
 
         def on_save(self, args, state, control, **kwargs):
@@ -554,25 +670,40 @@ def _hf_callback_class() -> type:
 
         def on_train_end(self, args, state, control, **kwargs):
             self._training = False  # a trainer.evaluate() afterwards is not a decision
+            if not self._seen_metric and not self._warned_missing and self._missing_at is not None:
+                self._warn_missing()
+
+        def _warn_missing(self) -> None:
+            assert self._missing_at is not None
+            warnings.warn(
+                f"PolicySchedulerCallback: the evaluation metrics have no {self.metric!r} (they have "
+                f"{self._missing_at[1]}), so the policy does not act; pass metric= the name of a validation loss "
+                "among them (lower is better, as the policy was meta-trained on; with a dict of eval datasets the "
+                "Trainer names them 'eval_<name>_loss')",
+                stacklevel=3,
+            )
+            self._warned_missing = True
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self.scheduler is not None:
                 self.scheduler._write()  # undo the Trainer's own lr scheduler
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            if self.scheduler is None or not self._training or state.global_step == 0:
-                return  # before the first optimiser step (eval_on_start) or after training
-            if not metrics or self.metric not in metrics:
-                if not self._warned_missing:
-                    warnings.warn(
-                        f"PolicySchedulerCallback: the evaluation metrics have no {self.metric!r} (they have "
-                        f"{sorted(metrics or {})}), so the policy does not act; pass metric= the name of a validation "
-                        "loss among them (lower is better, as the policy was meta-trained on; with a dict of eval "
-                        "datasets the Trainer names them 'eval_<name>_loss')",
-                        stacklevel=2,
-                    )
-                    self._warned_missing = True
+            if self.scheduler is None or not self._training or state.global_step == self._start_step:
+                # Before the run's (or the resumed run's) first optimiser step (eval_on_start: a resumed run's
+                # checkpoint already holds the decision of that step's evaluation), or after training.
                 return
+            if not metrics or self.metric not in metrics:
+                # With a dict of eval datasets each is evaluated on its own, and only one holds the metric: the
+                # others are no decision. Missing from every evaluation of a step, the metric is wrong: said at
+                # the next step's evaluations (or when training ends), once.
+                if not self._seen_metric and not self._warned_missing:
+                    if self._missing_at is None:
+                        self._missing_at = (state.global_step, sorted(metrics or {}))
+                    elif state.global_step != self._missing_at[0]:
+                        self._warn_missing()
+                return
+            self._seen_metric = True
             losses = [e["loss"] for e in state.log_history[self._log_index :] if "loss" in e]
             self._log_index = len(state.log_history)
             train_loss = sum(losses) / len(losses) if losses else None
@@ -583,12 +714,16 @@ def _hf_callback_class() -> type:
             # With decisions= grouping the evaluations, a decision sees the losses logged since the previous one.
             sees_none = sched.next_step_decides and sched._group_train[1] == 0
             if train_loss is None and sees_none and not last and not sched._warned_no_train_loss:
+                logging = getattr(args, "logging_strategy", "steps")
                 advice = (
                     "logging_strategy='epoch' with eval_strategy='epoch'"
                     if _eval_strategy(args) == "epoch"
-                    else "logging_steps to at most eval_steps"
-                    if sched.decisions == sched.total_steps
-                    else "logging_steps to at most the steps between two decisions"
+                    else ("logging_strategy='steps' and " if str(getattr(logging, "value", logging)) != "steps" else "")
+                    + (
+                        "logging_steps to at most eval_steps"
+                        if sched.decisions == sched.total_steps
+                        else "logging_steps to at most the steps between two decisions"
+                    )
                 )
                 warnings.warn(
                     f"PolicySchedulerCallback: no training loss was logged before the evaluation at step "

@@ -1276,7 +1276,8 @@ def test_lightning_config_and_mixin_without_lightning():
         assert lightning_scheduler_config(sched, monitor=loss)["monitor"] == loss
 
     class _Trainer:
-        callback_metrics = {"train_loss": torch.tensor(0.7)}
+        callback_metrics: dict = {}
+        accumulate_grad_batches = 2
 
     class Base:
         def lr_scheduler_step(self, scheduler, metric):
@@ -1285,9 +1286,17 @@ def test_lightning_config_and_mixin_without_lightning():
     class Module(PolicySchedulerMixin, Base):
         trainer = _Trainer()
 
-    Module().lr_scheduler_step(sched, torch.tensor(1.0))
+    # The interval's training loss is the mean of what training_step returned (Lightning hands it over divided
+    # by accumulate_grad_batches), whether as a tensor or as a dict's "loss"; nothing else counts.
+    module = Module()
+    for outputs in (torch.tensor(0.3), {"loss": torch.tensor(0.4), "extra": 1}, None):
+        module.on_train_batch_end(outputs, None, 0)
+    module.lr_scheduler_step(sched, torch.tensor(1.0))
     names = sched.features.feature_names()
     assert sched.last_step == 1 and sched.last_observation[names.index("has_train_loss")] == 1.0
+    assert sched.history["train_loss"][1] == pytest.approx(0.7)
+    module.lr_scheduler_step(sched, torch.tensor(0.9))  # no batch since: no training loss
+    assert math.isnan(sched.history["train_loss"][2])
     other = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
     opt.step()  # (no gradients: a no-op that keeps torch's call-order check quiet)
     Module().lr_scheduler_step(other, None)  # non-policy schedulers are stepped as Lightning would
@@ -1334,6 +1343,10 @@ def test_hf_epochs_from_the_trainers_steps_and_dataloader():
     assert _epochs_from_args(args, state, list(range(40))) == pytest.approx(5.0)  # 200 batches over 40 per epoch
     assert _epochs_from_args(args, state, iter(range(40))) is None  # no length: the user passes epochs=
     assert _epochs_from_args(args, SimpleNamespace(max_steps=0), list(range(40))) is None
+    # 20 batches under accumulation 8: an epoch is 3 optimiser steps (8 + 8 + 4 batches), as the Trainer counts.
+    eight = SimpleNamespace(gradient_accumulation_steps=8)
+    assert _epochs_from_args(eight, SimpleNamespace(max_steps=9), list(range(20))) == pytest.approx(3.0)
+    assert _epochs_from_args(eight, SimpleNamespace(max_steps=7), list(range(20))) == pytest.approx(2.4)
 
 
 @pytest.fixture
@@ -1549,6 +1562,8 @@ def _lightning_fit(
     ckpt=None,
     epochs=3,
     decisions=None,
+    strict=False,
+    save_on_train_epoch_end=None,
     **trainer_kw,
 ):
     """``epochs`` epochs of 4 batches of a linear model under the default policy (stepped per epoch, or every
@@ -1584,12 +1599,16 @@ def _lightning_fit(
                 "default", opt, total_steps=total, epochs=epochs, decisions=decisions
             )
             config = lightning_scheduler_config(
-                self.policy, monitor="val_loss", interval=interval, frequency=frequency, strict=False
+                self.policy, monitor="val_loss", interval=interval, frequency=frequency, strict=strict
             )
             return {"optimizer": opt, "lr_scheduler": config}
 
     checkpoints = pl.callbacks.ModelCheckpoint(
-        dirpath=tmp_path / name, save_top_k=-1, filename="{step}", every_n_train_steps=every_n_train_steps
+        dirpath=tmp_path / name,
+        save_top_k=-1,
+        filename="{step}",
+        every_n_train_steps=every_n_train_steps,
+        save_on_train_epoch_end=save_on_train_epoch_end,
     )
     loader = torch.utils.data.DataLoader(data, batch_size=16)
     trainer = pl.Trainer(
@@ -1620,6 +1639,22 @@ def test_lightning_trainer_end_to_end(tmp_path):
 
 
 @_quiet_lightning
+def test_lightning_resumes_exactly_from_a_checkpoint_saved_at_validation_end(tmp_path):
+    """Saved at validation end, before Lightning averages the epoch's training loss: the checkpoint holds the
+    interval's training losses as the mixin summed them, so the decision made up after resuming sees the
+    same mean as the uninterrupted run's."""
+    pl = pytest.importorskip("lightning.pytorch")
+    policy, full = _lightning_fit(pl, tmp_path, "full", epochs=4, save_on_train_epoch_end=False)
+    assert policy.last_step == 4
+    trained = policy.history["train_loss"]
+    policy, resumed = _lightning_fit(
+        pl, tmp_path, "resumed", ckpt=tmp_path / "full" / "step=8.ckpt", epochs=4, save_on_train_epoch_end=False
+    )
+    assert policy.last_step == 4 and resumed == full[8:]
+    np.testing.assert_array_equal(policy.history["train_loss"][2:], trained[2:])  # the made-up decision included
+
+
+@_quiet_lightning
 def test_lightning_with_grouped_decisions_resumes_mid_group_exactly(tmp_path):
     """Six epochs, stepped every epoch, three decisions (after epochs 2, 4 and 6, the last only observing):
     the rate holds for two epochs at a time, and a run resumed after epoch 3, inside a group, keeps it."""
@@ -1637,14 +1672,28 @@ def test_lightning_with_grouped_decisions_resumes_mid_group_exactly(tmp_path):
 @pytest.mark.filterwarnings("ignore:ReduceLROnPlateau conditioned on metric val_loss which is not available")
 def test_lightning_mixin_leaves_a_fresh_run_to_lightning(tmp_path):
     """Validation every other epoch with strict=False: Lightning skips the epochs without one, and a run
-    that never resumed gets no catch-up decisions and no resume warning."""
+    that never resumed gets no catch-up decisions and no resume warning; the mixin says before training
+    that the validations do not line up with the policy's steps, and after it that a step was missed."""
     pl = pytest.importorskip("lightning.pytorch")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="PolicySchedulerMixin")
+    with pytest.warns(UserWarning, match="PolicySchedulerMixin") as record:
         policy, _ = _lightning_fit(pl, tmp_path, "every2", epochs=4, check_val_every_n_epoch=2)
+    said = [str(w.message) for w in record if "PolicySchedulerMixin" in str(w.message)]
+    assert len(said) == 2
+    assert "validation runs every 2 epochs (check_val_every_n_epoch) but the policy steps every 1" in said[0]
+    assert "the run ended after 3 of the scheduler's total_steps=4 step() calls" in said[1]
     # Lightning's own steps only: none at epoch 0 (no val_loss yet), then one per epoch (at epoch 2 with
     # epoch 1's val_loss still logged: strict=False's stale value)
     assert policy.last_step == 3
+
+
+@_quiet_lightning
+def test_lightning_mixin_refuses_validations_that_do_not_line_up_before_training(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    with pytest.raises(ValueError, match=r"frequency=3 must be a multiple of 2 \(total_steps is then"):
+        _lightning_fit(pl, tmp_path, "acc", interval="step", frequency=3, accumulate_grad_batches=2)
+    assert not list((tmp_path / "acc").glob("*.ckpt"))  # refused before the first batch
+    with pytest.raises(ValueError, match=r"validation runs every 2 epochs .* \(or strict=False, to step it"):
+        _lightning_fit(pl, tmp_path, "every2", epochs=4, check_val_every_n_epoch=2, strict=True)
 
 
 @_quiet_lightning
@@ -1783,6 +1832,31 @@ def test_hf_trainer_end_to_end(tmp_path):
     assert callback.scheduler.total_steps == callback.scheduler.last_step == 5
 
 
+@pytest.mark.filterwarnings("ignore:initial weight_decay=0")
+def test_hf_trainer_with_several_eval_datasets_decides_on_the_named_one(tmp_path):
+    """Each eval dataset of a dict is evaluated on its own: the one without the metric is no decision and
+    no warning; a metric in none of them is said once, at the next step's evaluations."""
+    transformers = pytest.importorskip("transformers")
+    from agents.integrations import hf_trainer_callback
+
+    data = _regression_data()
+    for metric, decisions in (("eval_a_loss", 4), ("eval_b_loss", 4), ("eval_c_loss", 0)):
+        callback = hf_trainer_callback("default", metric=metric)
+        trainer = transformers.Trainer(
+            model=_Regressor(),
+            args=_hf_args(transformers, tmp_path),
+            train_dataset=data,
+            eval_dataset={"a": data[:16], "b": data[16:32]},
+            callbacks=[callback],
+        )
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            trainer.train()
+        said = [str(w.message) for w in record if "evaluation metrics have no" in str(w.message)]
+        assert callback.scheduler.last_step == decisions
+        assert len(said) == (decisions == 0), said
+
+
 def test_hf_trainer_with_a_warm_up_starts_every_group_from_its_learning_rate(tmp_path):
     """The Trainer's warm-up has set every lr to 0 before the callback starts: the policy starts from the
     TrainingArguments' learning_rate instead (a group left at 0, the biases here, would never train)."""
@@ -1820,6 +1894,7 @@ def test_hf_trainer_resumes_the_policy_from_its_checkpoint(tmp_path, default_bun
         save_strategy="steps",
         save_steps=10,
         weight_decay=1e-4,  # inside the policy's bounds (the end-to-end test above checks the default 0)
+        eval_on_start=True,  # a resumed run evaluates on start too: no decision, as in a fresh one
     )
 
     def train(resume: str | None = None) -> tuple[list[float], object]:
