@@ -89,8 +89,7 @@ class EpisodeBatch:
         epochs_feature: bool = False,
         reference_runs: bool = False,
     ) -> None:
-        if not (is_number(divergence_penalty) and 0 <= divergence_penalty < math.inf):
-            raise ValueError(f"divergence_penalty must be a finite number >= 0, got {divergence_penalty!r}")
+        self.divergence_penalty = divergence_penalty
         for name, value in (
             ("gradient_features", gradient_features),
             ("epochs_feature", epochs_feature),
@@ -109,9 +108,19 @@ class EpisodeBatch:
         self.features = ObservationBuilder(
             decoder, n, gradient_features=self.gradient_features, epochs_feature=self.epochs_feature
         )
-        self.divergence_penalty = float(divergence_penalty)
         self._cols = [HPARAM_NAMES.index(h) for h in decoder.names]
         self.episodes: list[_Episode | None] = [None] * n
+
+    @property
+    def divergence_penalty(self) -> float:
+        """The return of a diverged episode is ``-divergence_penalty`` (settable between steps)."""
+        return self._divergence_penalty
+
+    @divergence_penalty.setter
+    def divergence_penalty(self, value: float) -> None:
+        if not (is_number(value) and 0 <= value < math.inf):
+            raise ValueError(f"divergence_penalty must be a finite number >= 0, got {value!r}")
+        self._divergence_penalty = float(value)
 
     @property
     def obs_dim(self) -> int:

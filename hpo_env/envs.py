@@ -48,7 +48,53 @@ def make_distribution(
     )
 
 
-class HPOEnv(gym.Env):
+class EpisodeSettings:
+    """What :class:`HPOEnv` and :class:`~hpo_env.HPOVecEnv` share about their episodes (both hold an
+    :class:`~hpo_env.core.EpisodeBatch` as ``_batch``): the settings that may change between steps, and
+    those fixed at construction."""
+
+    _batch: EpisodeBatch
+    _task_distribution: TaskDistribution
+
+    @property
+    def divergence_penalty(self) -> float:
+        """The return of a diverged episode is ``-divergence_penalty``; settable (``set_attr`` too)."""
+        return self._batch.divergence_penalty
+
+    @divergence_penalty.setter
+    def divergence_penalty(self, value: float) -> None:
+        self._batch.divergence_penalty = value
+
+    @property
+    def task_distribution(self) -> TaskDistribution:
+        """Where the next tasks come from; settable (``set_attr`` too), to a distribution or a split name."""
+        return self._task_distribution
+
+    @task_distribution.setter
+    def task_distribution(self, value: TaskDistribution | str) -> None:
+        self._task_distribution = make_distribution(value)
+
+    @property
+    def decoder(self) -> ActionDecoder:
+        """The actions' meaning (fixed at construction: the action and observation spaces follow from it)."""
+        return self._batch.decoder
+
+    @property
+    def feature_names(self) -> list[str]:
+        return self._batch.features.feature_names()
+
+    @property
+    def gradient_features(self) -> bool:
+        """Whether the observations include the gradient features."""
+        return self._batch.gradient_features
+
+    @property
+    def epochs_feature(self) -> bool:
+        """Whether the observations include the run's planned number of epochs."""
+        return self._batch.epochs_feature
+
+
+class HPOEnv(EpisodeSettings, gym.Env):
     """Schedule the hyperparameters of an inner training run.
 
     Each episode trains one inner model on one task (sampled from ``task_distribution`` at reset, or
@@ -107,12 +153,10 @@ class HPOEnv(gym.Env):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
         self.task_distribution = make_distribution(task_distribution)
-        self.decoder = ActionDecoder(
-            hyperparameters, bounds, max_log10_change, max_log10_increase, max_log10_above_initial
-        )
+        decoder = ActionDecoder(hyperparameters, bounds, max_log10_change, max_log10_increase, max_log10_above_initial)
         self._batch = EpisodeBatch(
             1,
-            self.decoder,
+            decoder,
             device=device,
             divergence_penalty=divergence_penalty,
             gradient_features=gradient_features,
@@ -124,20 +168,6 @@ class HPOEnv(gym.Env):
         self.observation_space = gym.spaces.Box(-OBS_BOUND, OBS_BOUND, (self._batch.obs_dim,), np.float32)
         self._last_info: dict[str, Any] = {}
         self._last_reward = 0.0
-
-    @property
-    def feature_names(self) -> list[str]:
-        return self._batch.features.feature_names()
-
-    @property
-    def gradient_features(self) -> bool:
-        """Whether the observations include the gradient features."""
-        return self._batch.gradient_features
-
-    @property
-    def epochs_feature(self) -> bool:
-        """Whether the observations include the run's planned number of epochs."""
-        return self._batch.epochs_feature
 
     @property
     def task(self) -> TaskSpec | None:

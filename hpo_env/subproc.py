@@ -29,7 +29,8 @@ import numpy as np
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices
 
 from hpo_env.core import checked_actions
-from hpo_env.vec_env import HPOVecEnv, _count, check_reset_options
+from hpo_env.envs import make_distribution
+from hpo_env.vec_env import HPOVecEnv, _count, check_reset_options, checked_seed
 
 __all__ = ["HPOSubprocVecEnv", "ignore_sigint", "shard_sizes", "sigint_blocked"]
 
@@ -123,6 +124,7 @@ class HPOSubprocVecEnv(VecEnv):
         self.reset_infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
         self._kwargs = {"task_distribution": probe.task_distribution, **kwargs}
         self._stepping = False  # step_async() sent actions that step_wait() has not collected
+        self._out_of_step: str | None = None  # why the workers' episodes no longer agree (reset() mends it)
         self._pending: set[int] = set()  # workers whose answer has not been read
         self.closed = False
         self._closed_because = "close() was called"
@@ -157,7 +159,12 @@ class HPOSubprocVecEnv(VecEnv):
         seeds, options = list(self._seeds), list(self._options)
         for k, (o, n) in enumerate(zip(self.offsets, self.sizes)):
             self._send(k, "reset", (seeds[o : o + n], options[o : o + n]))
-        results = self._receive_all()
+        try:
+            results = self._receive_all()
+        except Exception as err:
+            self._out_of_step = f"a worker raised {type(err).__name__} during reset()"
+            raise
+        self._out_of_step = None
         self.reset_infos = [info for _, infos in results for info in infos]
         self._reset_seeds()
         self._reset_options()
@@ -166,6 +173,11 @@ class HPOSubprocVecEnv(VecEnv):
     def step_async(self, actions: np.ndarray) -> None:
         if self._stepping:
             raise RuntimeError("step_async() was called twice: call step_wait() for the step in flight first")
+        if self._out_of_step is not None:
+            raise RuntimeError(
+                f"{self._out_of_step}, so its workers' episodes are out of step with each other (the others' "
+                "results were dropped): call reset() before stepping again"
+            )
         actions = checked_actions(actions, range(self.num_envs), self.decoder)  # before any worker steps
         for w, (o, n) in enumerate(zip(self.offsets, self.sizes)):
             self._send(w, "step", actions[o : o + n])
@@ -176,6 +188,9 @@ class HPOSubprocVecEnv(VecEnv):
             raise RuntimeError("step_async() must be called before step_wait()")
         try:
             results = self._receive_all()
+        except Exception as err:
+            self._out_of_step = f"a worker raised {type(err).__name__} during step()"
+            raise
         finally:
             self._stepping = False
         infos: list[dict[str, Any]] = []
@@ -230,9 +245,12 @@ class HPOSubprocVecEnv(VecEnv):
         self._all_slots(indices, f"set_attr({attr_name!r})")
         for k in range(len(self._pipes)):
             self._send(k, "set_attr", (attr_name, value))
-        self._receive_all()
+        self._receive_all()  # (the workers refuse what HPOVecEnv.set_attr refuses, before anything here changes)
         if attr_name in _SHARED_HERE:
-            setattr(self, attr_name, value)
+            setattr(self, attr_name, make_distribution(value) if attr_name == "task_distribution" else value)
+
+    def seed(self, seed: int | None = None) -> Sequence[None | int]:
+        return super().seed(checked_seed(seed))
 
     def env_method(self, method_name: str, *method_args, indices: VecEnvIndices = None, **method_kwargs) -> list[Any]:
         """Runs the method once in every worker (on its slots); returns each slot's worker's result.

@@ -61,6 +61,29 @@ __all__ = ["HPARAM_NAMES", "BatchedTrainer", "ChunkResult", "TrainerStats", "che
 #: Every hyperparameter the trainer applies per model; ``momentum`` is Adam's beta1 for AdamW.
 HPARAM_NAMES = ("lr", "weight_decay", "momentum")
 
+
+def _in_torch_defaults(method):
+    """Run a trainer entry point the same whatever the caller's torch modes.
+
+    Autograd is on (also under the caller's ``torch.no_grad()`` or ``torch.inference_mode()``: the CNN
+    takes its gradients from autograd), and float32 is the default dtype (under
+    ``torch.set_default_dtype(torch.float64)`` a seed would otherwise draw other parameters, or the
+    float32 data would meet float64 weights).
+    """
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        dtype = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                return method(*args, **kwargs)
+        finally:
+            torch.set_default_dtype(dtype)
+
+    return wrapper
+
+
 #: A validation loss above this many times a run's reference loss counts as divergence (as a non-finite one
 #: does): the environments' default, and the deployed scheduler's rule.
 DIVERGENCE_FACTOR = 1e3
@@ -228,6 +251,7 @@ class BatchedTrainer:
     # ------------------------------------------------------------------------------------------
     # slot management
 
+    @_in_torch_defaults
     def load(self, slot: int, spec: TaskSpec, hparams: np.ndarray | None = None) -> None:
         """Put a fresh task into ``slot``: build its data, initialise its model and optimiser."""
         self._check_slot(slot)
@@ -470,6 +494,7 @@ class BatchedTrainer:
     # ------------------------------------------------------------------------------------------
     # public: evaluation and training
 
+    @_in_torch_defaults
     @torch.no_grad()
     def evaluate(self, slots: list[int], split: str = "val") -> tuple[np.ndarray, np.ndarray]:
         """Mean loss and accuracy (NaN for regression) of each slot's model on a split."""
@@ -501,6 +526,7 @@ class BatchedTrainer:
         self.stats.eval_seconds += time.perf_counter() - start
         return loss, acc
 
+    @_in_torch_defaults
     @torch.no_grad()
     def predictions(self, slots: list[int], split: str = "test") -> list[np.ndarray]:
         """Each slot's predictions on a split: class ids ``(n,)``, or regression outputs ``(n, out)``.
@@ -536,6 +562,7 @@ class BatchedTrainer:
         both = torch.stack([loss, acc.to(loss.dtype)]).cpu().numpy().astype(np.float64)
         return both[0], both[1]
 
+    @_in_torch_defaults
     def train_chunk(self, slots: list[int], steps: int | None = None) -> ChunkResult:
         """Run each slot's ``steps_per_action`` inner steps (or ``steps``) and evaluate on validation.
 

@@ -14,14 +14,38 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices
 from hpo_env.actions import ActionDecoder
 from hpo_env.checks import is_integer
 from hpo_env.core import EpisodeBatch
-from hpo_env.envs import make_distribution
+from hpo_env.envs import EpisodeSettings, make_distribution
 from hpo_env.features import OBS_BOUND
 from hpo_env.tasks import TaskDistribution, TaskSpec
 
 __all__ = ["HPOVecEnv", "check_reset_options"]
 
 
-class HPOVecEnv(VecEnv):
+#: What ``set_attr`` refuses: settings from which the spaces, the slots or the observations follow.
+FIXED_SETTINGS = frozenset(
+    {
+        "decoder",
+        "num_envs",
+        "task_group_size",
+        "observation_space",
+        "action_space",
+        "gradient_features",
+        "epochs_feature",
+    }
+)
+
+
+def checked_seed(seed: int | None) -> int:
+    """``VecEnv.seed``'s argument: an integer >= 0, or None for one from the operating system's entropy
+    (SB3 would draw it from NumPy's global generator, which the library never touches)."""
+    if seed is None:
+        return int(np.random.SeedSequence().generate_state(1)[0])
+    if not is_integer(seed) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0 (slot i uses seed + i) or None, got {seed!r}")
+    return int(seed)
+
+
+class HPOVecEnv(EpisodeSettings, VecEnv):
     """N :class:`~hpo_env.HPOEnv` episodes trained as one batched program.
 
     Slot ``i`` behaves like an ``HPOEnv`` reset with seed ``seed + i`` (SB3's seeding convention):
@@ -79,12 +103,10 @@ class HPOVecEnv(VecEnv):
             )
         self.task_group_size = task_group_size
         self.task_distribution = make_distribution(task_distribution)
-        self.decoder = ActionDecoder(
-            hyperparameters, bounds, max_log10_change, max_log10_increase, max_log10_above_initial
-        )
+        decoder = ActionDecoder(hyperparameters, bounds, max_log10_change, max_log10_increase, max_log10_above_initial)
         self._batch = EpisodeBatch(
             num_envs,
-            self.decoder,
+            decoder,
             device=device,
             divergence_penalty=divergence_penalty,
             gradient_features=gradient_features,
@@ -99,23 +121,7 @@ class HPOVecEnv(VecEnv):
         self._rngs = [seeding.np_random(None)[0] for _ in range(self.num_envs)]
         self._actions: np.ndarray | None = None
         if seed is not None:
-            if not is_integer(seed) or seed < 0:
-                raise ValueError(f"seed must be an integer >= 0 (slot i uses seed + i) or None, got {seed!r}")
-            self.seed(int(seed))
-
-    @property
-    def feature_names(self) -> list[str]:
-        return self._batch.features.feature_names()
-
-    @property
-    def gradient_features(self) -> bool:
-        """Whether the observations include the gradient features."""
-        return self._batch.gradient_features
-
-    @property
-    def epochs_feature(self) -> bool:
-        """Whether the observations include the run's planned number of epochs."""
-        return self._batch.epochs_feature
+            self.seed(seed)
 
     @property
     def trainer(self):
@@ -148,6 +154,7 @@ class HPOVecEnv(VecEnv):
         specs = [specs[self._leader(i)] for i in slots]  # a group trains its first slot's task
         obs, infos = self._batch.start(slots, specs)
         self.reset_infos = infos
+        self._actions = None  # a step in flight is dropped (as HPOSubprocVecEnv drops it)
         # Seeds and options apply to one reset only (SB3 convention).
         self._reset_seeds()
         self._reset_options()
@@ -198,7 +205,15 @@ class HPOVecEnv(VecEnv):
 
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
         self._all_slots(indices, f"set_attr({attr_name!r})")
+        if attr_name in FIXED_SETTINGS:
+            raise ValueError(
+                f"set_attr({attr_name!r}): {attr_name} is fixed at construction (the spaces, the slots and the "
+                "features follow from it): build a new environment"
+            )
         setattr(self, attr_name, value)
+
+    def seed(self, seed: int | None = None) -> Sequence[None | int]:
+        return super().seed(checked_seed(seed))
 
     def env_method(self, method_name: str, *method_args, indices: VecEnvIndices = None, **method_kwargs) -> list[Any]:
         self._all_slots(indices, f"env_method({method_name!r})")

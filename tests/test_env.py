@@ -276,3 +276,50 @@ def test_flags_and_penalty_of_the_wrong_type_are_refused_not_read_as_true():
         HPOEnv("toy", gradient_features="no")
     with pytest.raises(ValueError, match="divergence_penalty must be a finite number >= 0, got '1'"):
         HPOEnv("toy", divergence_penalty="1")
+
+
+def _episode_start(family: str) -> np.ndarray:
+    env = HPOEnv(TaskDistribution([family]))
+    obs, _ = env.reset(seed=3)
+    rows = [obs]
+    for _ in range(2):
+        obs, reward, *_ = env.step(np.zeros(env.action_space.shape, np.float32))
+        rows.append(np.append(obs, reward))
+    return np.concatenate(rows)
+
+
+@pytest.mark.parametrize("family", ["digits_cnn", "digits_mlp"])  # autograd's backward, and the hand-written one
+def test_an_episode_is_the_same_whatever_the_callers_torch_modes(family):
+    """Under torch.no_grad() or inference_mode() (an evaluation loop), the CNN's autograd used to fail; under a
+    float64 default dtype, parameters were drawn in float64 and met float32 data. The same seed now gives
+    the same episode in every mode, and the caller's modes are left as they were."""
+    import torch
+
+    reference = _episode_start(family)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            np.testing.assert_array_equal(_episode_start(family), reference)
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        np.testing.assert_array_equal(_episode_start(family), reference)
+        assert torch.get_default_dtype() == torch.float64
+    finally:
+        torch.set_default_dtype(dtype)
+
+
+def test_the_divergence_penalty_can_change_between_episodes_and_the_decoder_cannot():
+    env = HPOEnv("toy", bounds={"lr": (1e-5, 1e4)}, max_log10_change=2.0)
+    env.divergence_penalty = 3.0  # what a curriculum might do: the next divergence returns -3
+    env.reset(seed=0)
+    total, terminated = 0.0, False
+    while not terminated:
+        _, reward, terminated, _, info = env.step(np.ones(env.action_space.shape, np.float32))
+        total += reward
+    assert info["diverged"] and total == pytest.approx(-3.0)
+    with pytest.raises(ValueError, match="divergence_penalty must be a finite number >= 0"):
+        env.divergence_penalty = -1.0
+    with pytest.raises(AttributeError):
+        env.decoder = env.decoder  # the spaces follow from it
+    env.task_distribution = "validation"
+    assert isinstance(env.task_distribution, TaskDistribution)

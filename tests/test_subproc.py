@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from hpo_env import HPOVecEnv, make_distribution
+from hpo_env import ActionDecoder, HPOVecEnv, ToyTaskDistribution, make_distribution
 from hpo_env.subproc import HPOSubprocVecEnv, shard_sizes, sigint_blocked
 
 
@@ -21,6 +21,19 @@ class _BecomesALock:
 
     def __reduce__(self):
         return (threading.Lock, ())
+
+
+class _FailsWhileAFileExists(ToyTaskDistribution):
+    """Toy tasks, except that drawing one raises while ``path`` exists (in whichever process draws it)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def sample(self, rng):
+        if os.path.exists(self.path):
+            raise ValueError("no task today")
+        return super().sample(rng)
 
 
 def _step_both(one: HPOVecEnv, split: HPOSubprocVecEnv, actions: np.ndarray):
@@ -139,6 +152,18 @@ def test_errors_are_the_environments_errors_and_a_dead_worker_closes_it():
         split.get_attr("task")
     split.reset()  # drops the step in flight, as HPOVecEnv drops the actions it was given
     assert split.get_attr("task", [1])[0] is not None
+    # What cannot change is refused by the workers before anything changes here; what can takes effect there.
+    decoder = split.decoder
+    with pytest.raises(ValueError, match="decoder is fixed at construction"):
+        split.set_attr("decoder", ActionDecoder(("lr",)))
+    assert split.decoder is decoder
+    split.set_attr("task_distribution", "toy")  # a split name, made a distribution here and in the workers
+    assert isinstance(split.task_distribution, ToyTaskDistribution)
+    assert all(isinstance(d, ToyTaskDistribution) for d in split.get_attr("task_distribution"))
+    split.set_attr("divergence_penalty", 2.0)
+    assert split.get_attr("divergence_penalty") == [2.0, 2.0]
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        split.seed(-1)
 
     os.kill(split._processes[1].pid, signal.SIGKILL)
     split._processes[1].join()
@@ -148,6 +173,26 @@ def test_errors_are_the_environments_errors_and_a_dead_worker_closes_it():
     with pytest.raises(RuntimeError, match="closed"):
         split.reset()
     split.close()  # twice is fine
+
+
+def test_a_worker_error_in_a_step_asks_for_a_reset_before_the_next(tmp_path):
+    """A worker that raised while stepping (here drawing its next task) left the others' results unread:
+    the workers' episodes no longer agree, so stepping again is refused until a reset."""
+    flag = tmp_path / "fail"
+    split = HPOSubprocVecEnv(2, _FailsWhileAFileExists(str(flag)), workers=2, seed=0)
+    try:
+        split.reset()
+        flag.touch()
+        with pytest.raises(ValueError, match="no task today"):
+            for _ in range(200):  # until an episode ends and its worker draws the next task
+                split.step(np.zeros((2, 2), np.float32))
+        with pytest.raises(RuntimeError, match=r"a worker raised ValueError during step\(\), so .* call reset\(\)"):
+            split.step(np.zeros((2, 2), np.float32))
+        flag.unlink()
+        split.reset()
+        assert split.step(np.zeros((2, 2), np.float32))[0].shape[0] == 2
+    finally:
+        split.close()
 
 
 class _InterruptedPipe:

@@ -245,3 +245,31 @@ def test_a_bad_seed_is_refused_at_construction_not_at_reset():
     for seed in (-5, 1.5, "a"):
         with pytest.raises(ValueError, match="seed must be an integer >= 0"):
             HPOVecEnv(2, "toy", seed=seed)
+
+
+def test_set_attr_changes_what_the_slots_use_and_refuses_what_is_fixed():
+    vec = HPOVecEnv(2, "toy", seed=0)
+    vec.set_attr("divergence_penalty", 50.0)
+    assert vec._batch.divergence_penalty == 50.0 and vec.get_attr("divergence_penalty") == [50.0, 50.0]
+    with pytest.raises(ValueError, match="divergence_penalty must be a finite number >= 0"):
+        vec.set_attr("divergence_penalty", -1.0)
+    for name in ("decoder", "num_envs", "action_space"):
+        with pytest.raises(ValueError, match=f"{name} is fixed at construction"):
+            vec.set_attr(name, None)
+    vec.set_attr("task_distribution", "train")  # a split name becomes a distribution
+    assert isinstance(vec.task_distribution, TaskDistribution)
+    assert isinstance(vec.reset(), np.ndarray)
+
+
+def test_reset_drops_a_step_in_flight_and_seed_none_leaves_numpy_alone():
+    vec = HPOVecEnv(2, "toy", seed=0)
+    vec.reset()
+    vec.step_async(np.ones((2, 2), np.float32))
+    vec.reset()
+    with pytest.raises(RuntimeError, match=r"step_async\(\) must be called before step_wait\(\)"):
+        vec.step_wait()  # (as HPOSubprocVecEnv: the new episodes do not take the old actions)
+    state = np.random.get_state()[1].copy()  # noqa: NPY002 (the global state SB3's seed(None) drew from)
+    vec.seed()
+    assert np.array_equal(np.random.get_state()[1], state)  # noqa: NPY002
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        vec.seed(-1)
