@@ -132,7 +132,7 @@ class GradientStats:
         """Forget the interval (call at the start of each one)."""
         # Per step and run, the new gradient's dot products with both slots of the pair: one is its
         # squared norm, the other its dot with the previous gradient (which slot is which alternates).
-        self._dots = torch.zeros(self._capacity, self.n, 1, 2, device=self.device)
+        self._dots = torch.zeros(self._capacity, self.n, 1, 2, dtype=torch.float32, device=self.device)
         self._steps = np.zeros(self.n, dtype=np.int64)
         self._t = 0
         self._start = 0
@@ -149,7 +149,7 @@ class GradientStats:
         self._start = start
         pair = self._pair
         if pair is None or pair.shape[2] != grad.shape[1] or pair.device != grad.device:
-            self._pair = pair = torch.zeros(self.n, 2, grad.shape[1], device=grad.device)
+            self._pair = pair = torch.zeros(self.n, 2, grad.shape[1], dtype=torch.float32, device=grad.device)
         if self._t == self._capacity:  # grow the per-step buffer
             self._capacity *= 2
             self._dots = torch.cat([self._dots, torch.zeros_like(self._dots)])
