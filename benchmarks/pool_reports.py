@@ -104,12 +104,26 @@ def _num(value: float, spec: str = "+.2f") -> str:
     return "n/a" if np.isnan(value) else format(value, spec)
 
 
+def _chance_r(n: int) -> float:
+    """The |r| that a Pearson correlation of ``n`` pairs reaches by chance 5% of the time (two-sided)."""
+    from scipy import stats
+
+    t = stats.t.ppf(0.975, n - 2)
+    return float(t / np.sqrt(n - 2 + t * t))
+
+
 def _descriptor_lines(d: dict) -> list[str]:
     """Per outcome, its within-family correlation with each descriptor (and per family)."""
     counts = ", ".join(f"{f} {n}" for f, n in d["family_tasks"].items())
+    n = min(d["family_tasks"].values(), default=0)
+    chance = (
+        f"with {n} tasks, |r| below {_chance_r(n):.2f} is within chance at the 5% level"
+        if n > 3
+        else "too few tasks to tell a correlation from chance"
+    )
     lines = [
         f"task descriptors ({d['tasks']} tasks: {counts}; correlation within families, per family in brackets; "
-        "with 20 tasks, |r| below 0.44 is within chance at the 5% level):"
+        f"{chance}):"
     ]
     for outcome in OUTCOMES:
         parts = []

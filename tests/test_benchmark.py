@@ -214,6 +214,21 @@ def test_a_foreign_sqlite_file_is_refused_as_a_store(tmp_path):
     (tmp_path / "text.sqlite").write_text("not a database" * 100)
     with pytest.raises(ValueError, match="is not a usable SQLite results store"):
         ResultStore(tmp_path / "text.sqlite")
+    # A store whose header is intact but a later page is damaged is refused when opened, not mid-benchmark.
+    damaged = tmp_path / "damaged.sqlite"
+    with ResultStore(damaged) as store:
+        store.put_many(
+            (RunKey(f"task/{i}", "constant", 0, "v1"), RunResult("tabular", final_val_loss=1.0, val_loss=[1.0] * 50))
+            for i in range(200)
+        )
+    with open(damaged, "r+b") as f:
+        f.seek(4096 * 3)
+        f.write(b"\xde\xad" * 2048)
+    with pytest.raises(ValueError, match=r"not a usable SQLite results store \(.*\): move it aside"):
+        ResultStore(damaged)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="folder .*a_file' cannot be created"):
+        ResultStore(tmp_path / "a_file" / "runs.sqlite")
 
 
 def test_store_round_trip_missing_and_replace(tmp_path):
@@ -763,9 +778,15 @@ def test_baseline_keys_tell_custom_bounds_apart_and_keep_the_default_keys():
     default = keys(ActionDecoder())
     assert default["constant_default"] == f"constant@lr={bench._fmt_lr(1e-3 if spec.optimizer == 'adamw' else 1e-2)}"
     assert keys(ActionDecoder(("lr", "weight_decay", "momentum"))) == default  # default bounds: shared runs
-    custom = keys(ActionDecoder(bounds={"lr": (1e-4, 0.1)}))
+    custom = keys(ActionDecoder(bounds={"lr": (2e-5, 0.5)}))
     tag = custom["step_decay"][custom["step_decay"].index("@bounds=") :]
     assert len(tag) == len("@bounds=") + 10 and all(key.endswith(tag) for key in custom.values())
+    # A grid that leaves the bounds would run its end rates at the bound under their own names: refused.
+    with pytest.raises(ValueError, match=r"learning rates \[.*\] lie outside the policy's learning-rate bounds"):
+        keys(ActionDecoder(bounds={"lr": (1e-4, 0.1)}))
+    wide = bench.BenchmarkConfig(policy="unused", grid_decades=3.0)
+    with pytest.raises(ValueError, match="Narrow --grid-decades \\(now 3\\)"):
+        bench.task_arms(spec, wide, schedule_decoder(ActionDecoder()), "hash", ActionDecoder())
 
 
 def test_lr_gain_sweep_scales_the_rates_and_compares_pair_by_pair(tiny_bundle, tmp_path, load_script, capsys):

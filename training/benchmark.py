@@ -13,8 +13,9 @@ minibatch order, the same data), it trains the task's model once per *arm*:
 * untuned defaults: constant and cosine at the optimiser's default learning rate
   (:data:`hpo_env.tasks.DEFAULT_HPARAMS`), and the fixed rule "cosine decay from 3x the default";
 * tuned oracles: constant and cosine at each of ``K`` log-spaced learning rates around the default
-  (``K`` runs); per task, the rate with the lowest mean log final validation loss over the seeds is
-  chosen (with hindsight, on the very losses that are compared: an oracle, not a tuning procedure);
+  (``K`` runs); per task, the rate with the fewest divergences, then the lowest mean log final
+  validation loss over the seeds, is chosen (with hindsight, on the very losses that are compared:
+  an oracle, not a tuning procedure);
 * step decay, linear decay, OneCycle and ReduceLROnPlateau from the task's own initial learning
   rate (as the policy starts), and hypergradient descent (:mod:`training.hypergradient`);
 * controls: the random policy and the replay of the policy's average schedule (over all its runs
@@ -419,6 +420,15 @@ def task_arms(
     """Every arm except the replay (which needs the policy's runs first); ``decoder`` is the policy's."""
     default = DEFAULT_HPARAMS[spec.optimizer]["lr"]
     b = _bounds_tag(decoder)  # baselines clip their starting values to the policy's bounds
+    bounds = decoder.specs[decoder.names.index("lr")]
+    outside = [lr for lr in (default, 3 * default, *grid_lrs(spec, config)) if not bounds.lower <= lr <= bounds.upper]
+    if outside:
+        raise ValueError(
+            f"{spec.optimizer} learning rates {[float(f'{lr:.3g}') for lr in outside]} lie outside the policy's "
+            f"learning-rate bounds [{bounds.lower:g}, {bounds.upper:g}], within which every schedule runs: they "
+            f"would run at the bound under another rate's name. Narrow --grid-decades (now {config.grid_decades:g}) "
+            f"so that the default {default:g} x 10^[-d, +d] stays inside"
+        )
     arms = [
         Arm(f"policy@{policy_hash}", "policy", "policy"),
         Arm(
@@ -1400,7 +1410,8 @@ def render_report(summary: dict, plot_paths: Sequence[Path], out: Path) -> str:
         f"{_count(n_tasks, 'task')} x {_count(cfg['seeds'], 'seed')} = {n_tasks * cfg['seeds']} (task, seed) "
         f"pair{'s' if n_tasks * cfg['seeds'] != 1 else ''}; task seed {cfg['task_seed']}",
         f"- Tuned oracles: K = {cfg['grid_size']} learning rates, default x 10^[-{cfg['grid_decades']}, +{cfg['grid_decades']}], "
-        "chosen per task on the mean log final validation loss over its seeds (hindsight: an oracle)"
+        "chosen per task on the fewest divergences, then the mean log final validation loss over its seeds "
+        "(hindsight: an oracle)"
         + (
             f". **K = {cfg['grid_size']} is too coarse to stand for a tuned search** ("
             + (
@@ -1413,6 +1424,8 @@ def render_report(summary: dict, plot_paths: Sequence[Path], out: Path) -> str:
             else ""
         ),
         "- Schedules without 'default'/'tuned' in their name start from the task's own initial learning rate, like the policy.",
+        "- Every schedule runs within the policy's learning-rate bounds, as the policy does: a decay that would go "
+        "below the lower bound holds it for the rest of the run.",
         f"- Code version: `{summary['code_version']}`; runs computed now: {summary['run']['computed_runs']}, "
         f"reused from the store: {summary['run']['reused_runs']}; wall time {summary['run']['wall_s']:.1f} s",
         "",

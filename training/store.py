@@ -108,15 +108,28 @@ class ResultStore:
         self.path = Path(path)
         if self.path.exists() and self.path.is_dir():
             raise ValueError(f"result store path {str(self.path)!r} is a directory; expected a .sqlite file path")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(
+                f"the result store's folder {str(self.path.parent)!r} cannot be created ({err.strerror or err}): "
+                "pass a --store path in a writable folder"
+            ) from err
         self._conn = sqlite3.connect(self.path, timeout=timeout)
         try:
+            # A damaged page deep in the file would otherwise surface mid-benchmark: check the whole file now.
+            check = self._conn.execute("PRAGMA quick_check").fetchone()
+            if check is None or check[0] != "ok":
+                raise sqlite3.DatabaseError(f"integrity check: {check[0] if check else 'no answer'}")
             self._conn.execute(_SCHEMA)
             self._conn.commit()
             columns = {row[1] for row in self._conn.execute("PRAGMA table_info(runs)")}
         except sqlite3.DatabaseError as err:
             self._conn.close()
-            raise ValueError(f"{self.path} is not a usable SQLite results store: {err}") from err
+            raise ValueError(
+                f"{self.path} is not a usable SQLite results store ({err}): move it aside (its runs are recomputed) "
+                "or pass another --store path"
+            ) from err
         expected = {"task_id", "schedule", "seed", "code_version", "result"}
         if not expected <= columns:
             self._conn.close()
