@@ -42,6 +42,7 @@ import uuid
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -534,6 +535,9 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> PolicyBundle | 
         hint = (
             f"; a save was interrupted while replacing it, and the previous bundle is intact at {str(previous)!r}"
             if previous.is_dir()
+            else "; for a shipped policy by name use agents.load_bundle(agents.default_policy_path("
+            f"{path.name!r})) or PolicyScheduler.from_pretrained({path.name!r}, ...)"
+            if "/" not in str(path) and (Path(str(resources.files("agents") / "policies")) / path.name).is_dir()
             else ""
         )
         raise BundleError(

@@ -288,6 +288,14 @@ class MetaAgentConfig:
             )
         if self.n_steps < 2:
             raise ValueError(f"MetaAgentConfig.n_steps must be >= 2 (GAE needs a next step), got {self.n_steps}")
+        rollout = self.n_steps * self.n_envs
+        if self.batch_size < 2 or rollout % self.batch_size == 1:
+            raise ValueError(
+                f"MetaAgentConfig.batch_size={self.batch_size} leaves a PPO minibatch of one timestep (a rollout of "
+                f"n_steps x n_envs = {rollout} cut into minibatches of {self.batch_size}), whose advantages cannot be "
+                "normalised (the standard deviation of one value): choose a batch size >= 2 that divides the rollout, "
+                f"e.g. {min((d for d in range(2, rollout + 1) if rollout % d == 0), key=lambda d: abs(d - self.batch_size))}"
+            )
         if self.learning_rate_end is not None and not 0 <= self.learning_rate_end <= self.learning_rate:
             raise ValueError(
                 f"MetaAgentConfig.learning_rate_end must lie in [0, learning_rate = {self.learning_rate}] (a decay), "

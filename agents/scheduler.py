@@ -76,6 +76,10 @@ def resolve_policy(path_or_name: str | os.PathLike) -> Path:
     shipped with hpo-meta (``"default"``), as ``from_pretrained``, ``hpo-bench --policy`` and the
     example and benchmark scripts accept them.
 
+    A plain name that is both a shipped policy's and a folder in the working directory means the folder
+    if it holds a bundle (with a warning: the shipped one is ``default_policy_path(name)``), else the
+    shipped policy (with a warning naming the folder it passed over).
+
     Raises:
         ValueError: neither an existing path nor a shipped policy's name.
     """
@@ -86,10 +90,32 @@ def resolve_policy(path_or_name: str | os.PathLike) -> Path:
             f"'default', got {path_or_name!r}"
         )
     path = Path(path_or_name)
-    if path.exists() or not isinstance(path_or_name, str) or "/" in path_or_name or os.sep in path_or_name:
+    name = (
+        path_or_name
+        if isinstance(path_or_name, str) and "/" not in path_or_name and os.sep not in path_or_name
+        else None
+    )
+    if name is not None and path.exists():
+        try:
+            shipped = default_policy_path(name)
+        except ValueError:
+            return path
+        if (path / "config.json").is_file():
+            warnings.warn(
+                f"{path_or_name!r} is a bundle folder here ({path.resolve()}) and the name of a shipped policy: "
+                f"loading the folder; for the shipped one pass agents.default_policy_path({path_or_name!r})",
+                stacklevel=_user_stacklevel(),
+            )
+            return path
+        warnings.warn(
+            f"{path.resolve()} holds no policy bundle: loading the shipped policy {path_or_name!r} instead",
+            stacklevel=_user_stacklevel(),
+        )
+        return shipped
+    if path.exists() or name is None:
         return path  # (a missing path is load_bundle's to report, with what a bundle holds)
     try:
-        return default_policy_path(path_or_name)
+        return default_policy_path(name)
     except ValueError as err:
         raise ValueError(f"{path_or_name!r} is not a policy bundle directory, and {err}") from None
 

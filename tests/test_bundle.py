@@ -541,3 +541,20 @@ def test_the_ensemble_error_says_what_differs_between_two_decoders():
     )
     capped = ActionDecoder(("lr",)).with_cap("lr", 1.5)
     assert _decoder_difference(ActionDecoder(("lr",)), capped) == "lr max_log10_above_initial None against 1.5"
+
+
+def test_a_folder_named_like_a_shipped_policy_is_used_only_if_it_holds_a_bundle(tmp_path, monkeypatch):
+
+    from agents import default_policy_path, load_bundle, resolve_policy
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BundleError, match=r"default_policy_path\('default'\)\) or PolicyScheduler.from_pretrained"):
+        load_bundle("default")  # load_bundle takes folders only, and says where the shipped one is
+    (tmp_path / "default").mkdir()  # e.g. an output folder of the user's that happens to be called so
+    with pytest.warns(UserWarning, match="holds no policy bundle: loading the shipped policy 'default' instead"):
+        assert resolve_policy("default") == default_policy_path("default")
+    shutil.rmtree(tmp_path / "default")
+    shutil.copytree(default_policy_path("default"), tmp_path / "default")  # a bundle of the user's
+    with pytest.warns(UserWarning, match="is a bundle folder here .* loading the folder"):
+        assert resolve_policy("default") == Path("default")
+    assert resolve_policy("./default") == Path("default")  # a path: no ambiguity, no warning

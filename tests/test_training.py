@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import os
 import random
 import re
 import shutil
@@ -42,6 +43,7 @@ from training.train import (
     RunFolderError,
     TrainSettings,
     _field_docs,
+    _lock_run_folder,
     load_checkpoint_agent,
     main,
     parse_settings,
@@ -219,6 +221,12 @@ def test_resume_refuses_to_change_the_run_identity(tmp_path):
         parse_settings(["--resume", str(run), "--seed", "4"])
     with pytest.raises(SystemExit):
         parse_settings(["--resume", str(tmp_path / "not-a-run")])
+    # Restating the value an option left to the preset resolved to is no change (settings.json records it).
+    resolved = {**TrainSettings().to_dict(), "run_name": "run", "agent_config": {"n_epochs": 4, "lr_step": 0.5}}
+    (run / "settings.json").write_text(json.dumps(resolved))
+    assert parse_settings(["--resume", str(run), "--n-epochs", "4"]).n_epochs is None  # the run's own, as before
+    with pytest.raises(SystemExit):
+        parse_settings(["--resume", str(run), "--n-epochs", "5"])
 
 
 def test_resume_before_the_first_checkpoint_starts_the_run_again(tmp_path, capsys):
@@ -730,6 +738,23 @@ def test_a_smaller_keep_checkpoints_prunes_on_resume(tmp_path):
     args = [*TINY, "--total-timesteps", "128", "--checkpoint-freq", "64", "--eval-freq", "0", "--keep-checkpoints", "0"]
     assert main([*args, "--logdir", str(tmp_path), "--run-name", "keep"]) == 0
     assert len(list((run / "checkpoints").glob("step_*"))) == 2
+    # A run folder another hpo-train holds is refused, not raced for its checkpoints.
+    held: list[int] = []
+    _lock_run_folder(run, held)
+    try:
+        with pytest.raises(RunFolderError, match="another hpo-train process is training .* wait for it to finish"):
+            train(parse_settings(["--resume", str(run), "--total-timesteps", "256"]))
+    finally:
+        os.close(held[0])
+    # A latest checkpoint that does not load: the error sends the user back to the one before, so a smaller
+    # --keep-checkpoints must not have deleted it.
+    model = find_latest_checkpoint(run / "checkpoints") / "model.zip"
+    good = model.read_bytes()
+    model.write_text("junk")
+    with pytest.raises(RunFolderError, match="cannot resume from"):
+        train(parse_settings(["--resume", str(run), "--total-timesteps", "256", "--keep-checkpoints", "1"]))
+    assert len(list((run / "checkpoints").glob("step_*"))) == 2
+    model.write_bytes(good)
     assert main(["--resume", str(run), "--keep-checkpoints", "1"]) == 0  # nothing left to train, still pruned
     assert [p.name for p in (run / "checkpoints").glob("step_*")] == [find_latest_checkpoint(run / "checkpoints").name]
     # A budget below what the run has done trains nothing, and is not written over the run's own.
@@ -804,6 +829,16 @@ def test_log_std_init_reaches_the_agent_and_is_checked():
     for bad in ("nan", "2"):
         with pytest.raises(ValueError, match="log_std_init must lie in"):
             parse_settings(["--log-std-init", bad]).agent_config()
+
+
+def test_a_batch_size_that_leaves_a_one_timestep_minibatch_is_refused_before_the_run_folder():
+    # quick's rollout is 512 timesteps: 511 leaves a last minibatch of 1, whose advantages normalise to NaN
+    for bad, nearest in (("1", "2"), ("511", "512")):
+        with pytest.raises(
+            ValueError, match=rf"batch_size={bad} leaves a PPO minibatch of one timestep .* e\.g\. {nearest}$"
+        ):
+            parse_settings(["--batch-size", bad]).agent_config()
+    assert parse_settings(["--batch-size", "3"]).agent_config().batch_size == 3  # (a last minibatch of 2)
 
 
 def test_ent_coef_reaches_the_agent_and_is_checked():

@@ -185,7 +185,7 @@ class TrainSettings:
     gae_lambda: float | None = None
     """GAE's lambda: 1 uses whole observed returns (the critic only as a baseline), lower values lean on the critic's estimates (default: the preset's: full 1.0, quick 0.95)."""
     n_steps: int | None = None
-    """Decisions per slot per rollout (default: the preset's; at least one whole episode)."""
+    """Decisions per slot per rollout, best at least one whole episode of 10-30 (default: the preset's)."""
     batch_size: int | None = None
     """PPO minibatch size in timesteps (default: the preset's)."""
     n_epochs: int | None = None
@@ -477,8 +477,13 @@ def _resumed_settings(run_dir: Path, given: dict[str, Any]) -> TrainSettings:
     # existed where the default has changed meaning since (the presets observe the epochs now).
     defaults = {f.name: f.default for f in dataclasses.fields(TrainSettings)} | _BEFORE_IT_EXISTED
     saved = {k: saved.get(k, v) for k, v in _BEFORE_IT_EXISTED.items()} | saved
+    resolved = saved.get("agent_config") or {}  # (runs made since settings.json records it)
     fixed = sorted(
-        k for k in given if k not in RESUMABLE_OVERRIDES | {"resume"} and given[k] != saved.get(k, defaults.get(k))
+        k
+        for k in given
+        if k not in RESUMABLE_OVERRIDES | {"resume"}
+        and given[k] != saved.get(k, defaults.get(k))
+        and not (k in resolved and given[k] == resolved[k])  # restating the value the run resolved to
     )
     if fixed:
         raise ValueError(
@@ -519,11 +524,40 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
 
     # Small tensors everywhere (a 64-unit LSTM, inner models of a few thousand weights): extra
     # threads cost more in synchronisation than they save.
-    with torch_threads(settings.threads):
-        return _train(settings, command)
+    held: list[int] = []  # the run folder's lock (see _lock_run_folder), released when training ends
+    try:
+        with torch_threads(settings.threads):
+            return _train(settings, command, held)
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
-def _train(settings: TrainSettings, command: str | None) -> TrainResult:
+def _lock_run_folder(run_dir: Path, held: list[int]) -> None:
+    """Lock the run folder for this training (the lock goes with the process, however it ends).
+
+    A second ``hpo-train`` on the same folder (a ``--resume`` while the run still trains) would race the
+    first for its checkpoints and mix two trajectories in its logs and bundles: it is refused. The lock is
+    an advisory ``flock`` on the folder itself (no file is added to it); where there is none (Windows),
+    nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise RunFolderError(
+            f"another hpo-train process is training {run_dir} (it holds the run folder's lock): wait for it to "
+            "finish or stop it before --resume, or pick another --run-name"
+        ) from None
+    held.append(fd)
+
+
+def _train(settings: TrainSettings, command: str | None, held: list[int]) -> TrainResult:
     import torch
     from stable_baselines3.common.callbacks import CallbackList
     from stable_baselines3.common.logger import CSVOutputFormat, Logger
@@ -555,6 +589,7 @@ def _train(settings: TrainSettings, command: str | None) -> TrainResult:
     checkpoint = None
     if settings.resume:
         run_dir = Path(settings.resume)
+        _lock_run_folder(run_dir, held)  # before anything of it is read or pruned
         checkpoint = find_latest_checkpoint(run_dir / "checkpoints")
         if checkpoint is None:
             done_before = [d for d in ("bundle", "best_bundle") if (run_dir / d / CONFIG_FILE).is_file()]
@@ -573,9 +608,6 @@ def _train(settings: TrainSettings, command: str | None) -> TrainResult:
                 "starting it again from the beginning with its settings",
                 flush=True,
             )
-        else:
-            # --keep-checkpoints given smaller on resume applies now, not only at the next checkpoint.
-            prune_checkpoints(run_dir / "checkpoints", settings.keep_checkpoints, protect=checkpoint)
         # Keep what this session changed (e.g. a longer --total-timesteps) for the next --resume; a
         # --total-timesteps below what the run has done trains nothing and is not recorded.
         saved = json.loads((run_dir / "settings.json").read_text())
@@ -588,10 +620,15 @@ def _train(settings: TrainSettings, command: str | None) -> TrainResult:
         done = int(state["num_timesteps"]) if checkpoint is not None else 0
         if settings.total_timesteps is not None and settings.total_timesteps < done:
             changed["total_timesteps"] = saved.get("total_timesteps")
-        _write_settings(run_dir, {**saved, **changed, "resume": None})
+        resumed_settings = {**saved, **changed, "resume": None}  # written once the checkpoint is known good
+        if checkpoint is None:
+            _write_settings(run_dir, resumed_settings)
         if checkpoint is not None and done >= budget.total_timesteps and _bundle_timesteps(run_dir / "bundle") == done:
             # A finished run with nothing left to train: no environment, agent or logger (which would add an
-            # empty events file and CSV), and its bundle stays byte for byte.
+            # empty events file and CSV), and its bundle stays byte for byte. A --keep-checkpoints given
+            # smaller on resume applies now, not only at the next checkpoint.
+            _write_settings(run_dir, resumed_settings)
+            prune_checkpoints(run_dir / "checkpoints", settings.keep_checkpoints, protect=checkpoint)
             if settings.verbose:
                 print(
                     f"hpo-train: {run_dir} already has {done:,} of {budget.total_timesteps:,} timesteps; nothing to "
@@ -623,6 +660,7 @@ def _train(settings: TrainSettings, command: str | None) -> TrainResult:
             raise RunFolderError(
                 f"the run folder {str(run_dir)!r} cannot be created ({err.strerror or err}): pass a writable --logdir"
             ) from err
+        _lock_run_folder(run_dir, held)
         # The options as given (None: the preset's value), and for the reader the values they resolve to.
         _write_settings(
             run_dir, {**settings.to_dict(), "run_name": name, "resume": None, "agent_config": config.to_dict()}
@@ -640,6 +678,11 @@ def _train(settings: TrainSettings, command: str | None) -> TrainResult:
             env, model = load_checkpoint_agent(checkpoint, config, env_seed, settings)
         except (ValueError, KeyError, EOFError, OSError, zipfile.BadZipFile) as err:
             raise _damaged_checkpoint(checkpoint, err) from err
+        # Only now that the checkpoint has loaded: a --keep-checkpoints given smaller on resume must not
+        # delete the older ones that a damaged latest checkpoint's error sends the user back to, and a
+        # resume that failed must not have changed the run's settings.
+        _write_settings(run_dir, resumed_settings)
+        prune_checkpoints(run_dir / "checkpoints", settings.keep_checkpoints, protect=checkpoint)
     else:
         state = {}
         env_seed = settings.seed
@@ -808,16 +851,22 @@ def _train(settings: TrainSettings, command: str | None) -> TrainResult:
                 )
             except KeyboardInterrupt:
                 last = find_latest_checkpoint(run_dir / "checkpoints")
+                saved = [d for d in ("bundle", "best_bundle") if (run_dir / d / CONFIG_FILE).is_file()]
                 hint = (
                     f"last checkpoint {last}; continue with: hpo-train --resume {run_dir}"
                     if last
                     else f"no checkpoint yet; hpo-train --resume {run_dir} starts it again"
+                    if not saved
+                    # (--resume will not overwrite a saved policy: see the refusal above)
+                    else f"no checkpoint yet, but an evaluation saved {saved[0]}/, which --resume would not overwrite: "
+                    f"start a new run (another --run-name), or delete {run_dir} to start this one again"
                 )
                 print(f"\ninterrupted ({hint})", file=sys.stderr)
                 raise
         elif settings.verbose:
             print(
-                f"{run_dir} already has {start_timesteps:,} of {budget.total_timesteps:,} timesteps; nothing to train"
+                f"hpo-train: {run_dir} already has {start_timesteps:,} of {budget.total_timesteps:,} timesteps; "
+                "nothing to train"
             )
 
         vecnorm = get_vec_normalize(env)
