@@ -289,7 +289,8 @@ class MetaAgentConfig:
         if self.n_steps < 2:
             raise ValueError(f"MetaAgentConfig.n_steps must be >= 2 (GAE needs a next step), got {self.n_steps}")
         rollout = self.n_steps * self.n_envs
-        if self.batch_size < 2 or rollout % self.batch_size == 1:
+        # (RecurrentPPO normalises every minibatch's advantages; SB3's PPO skips a minibatch of one)
+        if self.batch_size < 2 or (self.algorithm == "recurrent" and rollout % self.batch_size == 1):
             raise ValueError(
                 f"MetaAgentConfig.batch_size={self.batch_size} leaves a PPO minibatch of one timestep (a rollout of "
                 f"n_steps x n_envs = {rollout} cut into minibatches of {self.batch_size}), whose advantages cannot be "

@@ -220,6 +220,24 @@ def lightning_scheduler_config(
     }
 
 
+def _batch_size(batch: Any) -> int:
+    """How many samples a training batch holds, as Lightning counts them for its epoch means (1 where it
+    cannot tell)."""
+    try:
+        from lightning.pytorch.utilities.data import extract_batch_size
+    except ImportError:
+        try:
+            from pytorch_lightning.utilities.data import extract_batch_size
+        except ImportError:
+            return 1
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (its guess among several tensors: a warning per batch)
+            return max(int(extract_batch_size(batch)), 1)
+    except Exception:  # (Lightning raises a MisconfigurationException for a batch without tensors)
+        return 1
+
+
 class PolicySchedulerMixin:
     """Mix into a ``LightningModule`` (before it) to step :class:`PolicyScheduler` s with the metric.
 
@@ -296,11 +314,14 @@ class PolicySchedulerMixin:
             return  # under manual optimisation the loop calls step() with its own training loss
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            # Lightning hands over the loss divided by accumulate_grad_batches (the closure's); kept on its
-            # device, so that a GPU run does not wait for it at every batch.
+            # Lightning hands over the loss divided by accumulate_grad_batches (the closure's). Each batch
+            # weighs as many as it holds, as in Lightning's own epoch mean of a logged loss (a short last
+            # batch counts less). The sum stays on the loss's device: a GPU run does not wait at every batch.
             scale = max(int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1), 1)
+            size = _batch_size(batch)
             state = self._policy_state()
-            state["train"] = [state["train"][0] + loss.detach().reshape(()).double() * scale, state["train"][1] + 1]
+            total, count = state["train"]
+            state["train"] = [total + loss.detach().reshape(()).double() * (scale * size), count + size]
 
     def on_validation_epoch_end(self) -> None:
         parent = getattr(super(), "on_validation_epoch_end", None)
@@ -352,6 +373,12 @@ class PolicySchedulerMixin:
         parent = getattr(super(), "on_train_start", None)
         if parent is not None:
             parent()
+        if hasattr(self, "policy_train_loss_key"):  # the attribute of earlier versions
+            warnings.warn(
+                "PolicySchedulerMixin.policy_train_loss_key is gone: the mixin now shows the policy the mean of the "
+                "losses training_step returns, whatever is logged; set policy_train_loss = False to show none",
+                stacklevel=2,
+            )
         self._check_validation_lines_up()
         # A resumed run has logged nothing yet: the latest validation's values are those of the checkpoint.
         metrics = self.trainer.callback_metrics
@@ -660,6 +687,7 @@ def _hf_callback_class() -> type:
                 (i + 1 for i in range(len(state.log_history) - 1, -1, -1) if self.metric in state.log_history[i]), 0
             )
             self._start_step = state.global_step  # an evaluation before any new optimiser step is no decision
+            self._seen_metric, self._missing_at, self._warned_missing = False, None, False  # (per train() call)
             self._training = True
 
         def on_save(self, args, state, control, **kwargs):

@@ -345,8 +345,9 @@ class PolicyScheduler:
     at its clip, and a zero first loss is no reference (1.0 is used).
 
     **Divergence.** A NaN or infinite ``metrics`` (or ``train_loss``), or a ``metrics`` above
-    :data:`hpo_env.DIVERGENCE_FACTOR` (1000) times the run's first finite one (the environments' rule),
-    is treated as divergence: a warning is issued, the policy is *not* shown the value (it never saw
+    :data:`hpo_env.DIVERGENCE_FACTOR` (1000) times the run's first positive one, is treated as
+    divergence (the environments measure from the untrained model's loss, which a scheduler does not
+    see, so its threshold is the tighter one): a warning is issued, the policy is *not* shown the value (it never saw
     a diverged run continue in training), and the learning rate takes the largest decrease one
     decision allows (action -1 on ``lr``, other hyperparameters held; a policy that does not control
     ``lr`` holds them all). The next loss below that is shown to the policy as usual, with that
@@ -1115,8 +1116,8 @@ class PolicyScheduler:
         diverged = any(v is not None and not math.isfinite(v) for v in (val, train))
         # As in the environments, a finite validation loss far above the run's first one is a divergence too.
         ref = self._reference_val
-        exploded = not diverged and val is not None and ref is not None and val > DIVERGENCE_FACTOR * max(ref, 1e-8)
-        if ref is None and val is not None and math.isfinite(val):
+        exploded = not diverged and val is not None and ref is not None and val > DIVERGENCE_FACTOR * ref
+        if ref is None and val is not None and math.isfinite(val) and val > 0:  # (a zero is no reference)
             self._reference_val = val
         if train is not None and math.isfinite(train):
             total, count = self._group_train
@@ -1198,6 +1199,10 @@ class PolicyScheduler:
 
     def _update_lr(self, epoch: int | None = None) -> None:
         """What torch's ``SequentialLR`` calls on the scheduler it hands over to: refused with the reason."""
+        raise TypeError(_NEEDS_A_LOSS)
+
+    def _initial_step(self) -> None:
+        """What torch's ``SequentialLR`` calls on its first scheduler when it is built: refused with the reason."""
         raise TypeError(_NEEDS_A_LOSS)
 
     def _decides_at(self, t: int) -> bool:

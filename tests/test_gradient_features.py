@@ -296,3 +296,45 @@ def test_throughput_benchmark_measures_the_cost_of_the_gradient_features(load_sc
     (row,) = throughput.measure_gradient_cost([("teacher_regression", dist)], [1], seconds=0.0, seed=0, repeats=1)
     assert sorted(seen) == [False, True]
     assert row["plain_steps_per_s"] > 0 and row["gradient_features_steps_per_s"] > 0
+
+
+def test_a_loaded_state_forgets_the_gradients_of_optimizer_steps_before_the_load():
+    """Steps taken by the optimizer before load_state_dict belong to another run: the next decision sees only
+    the steps after the load, as a scheduler built fresh and loaded does."""
+    import copy
+    import warnings
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    decoder = ActionDecoder(("lr", "weight_decay"))
+
+    def sgd(m):
+        return torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+    def train_steps(m, opt, n, seed):
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(n):
+            opt.zero_grad()
+            m(torch.randn(8, 3, generator=gen)).pow(2).mean().backward()
+            opt.step()
+
+    opt = sgd(model)
+    sched = PolicyScheduler(opt, _Replay(decoder, np.zeros((20, 2), np.float32)), total_steps=12)
+    train_steps(model, opt, 3, seed=1)
+    sched.step(1.0, train_loss=1.0)
+    state, weights, moments = sched.state_dict(), copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the unsaved statistics of steps after the save: none here)
+        train_steps(model, opt, 5, seed=2)  # steps that the load below discards
+        sched.load_state_dict(state)
+    model.load_state_dict(weights)
+    opt.load_state_dict(copy.deepcopy(moments))  # (load_state_dict keeps the given tensors: one copy each)
+    fresh_model = copy.deepcopy(model)
+    fresh_opt = sgd(fresh_model)
+    fresh_opt.load_state_dict(copy.deepcopy(moments))
+    fresh = PolicyScheduler(fresh_opt, _Replay(decoder, np.zeros((20, 2), np.float32)), total_steps=12)
+    fresh.load_state_dict(state)
+    for m, o, s in ((model, opt, sched), (fresh_model, fresh_opt, fresh)):
+        train_steps(m, o, 2, seed=3)
+        s.step(0.9, train_loss=0.9)
+    np.testing.assert_array_equal(sched.last_observation, fresh.last_observation)

@@ -668,6 +668,8 @@ def test_step_without_a_loss_and_torch_scheduler_combinators_say_what_to_do():
     sequence = torch.optim.lr_scheduler.SequentialLR(opt, [warm_up, sched], milestones=[1])
     with pytest.raises(TypeError, match="SequentialLR.* cannot hold it"):
         sequence.step()  # the hand-over
+    with pytest.raises(TypeError, match="SequentialLR.* cannot hold it"):  # the policy first: refused when built
+        torch.optim.lr_scheduler.SequentialLR(opt, [sched, torch.optim.lr_scheduler.LinearLR(opt)], milestones=[1])
     assert sched.last_step == 0
 
 
@@ -1073,6 +1075,13 @@ def test_a_loss_far_above_the_runs_first_is_divergence_as_in_the_environment():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sched.step(5000.0, 5000.0)  # a new run: its first loss is the reference again
+    # A first loss of exactly 0 is no reference (as for the features): the next positive one is.
+    zero = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), ReplayPolicy(ActionDecoder(("lr",)), np.zeros((8, 1))), 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for loss in (0.0, 2e-3, 1e-2, 1.5):  # 1.5 is below 1000 x 2e-3
+            zero.step(loss, loss)
+    assert not zero.history["diverged"].any()
 
 
 def test_steps_beyond_total_steps_warn_and_hold():
@@ -1287,14 +1296,16 @@ def test_lightning_config_and_mixin_without_lightning():
         trainer = _Trainer()
 
     # The interval's training loss is the mean of what training_step returned (Lightning hands it over divided
-    # by accumulate_grad_batches), whether as a tensor or as a dict's "loss"; nothing else counts.
+    # by accumulate_grad_batches), whether as a tensor or as a dict's "loss", each batch weighing as many as
+    # it holds (as Lightning's epoch mean of a logged loss: a short last batch counts less); nothing else counts.
     module = Module()
-    for outputs in (torch.tensor(0.3), {"loss": torch.tensor(0.4), "extra": 1}, None):
-        module.on_train_batch_end(outputs, None, 0)
+    batches = ((torch.zeros(3, 2), torch.zeros(3)), {"x": torch.zeros(1, 2)}, None)
+    for outputs, batch in zip((torch.tensor(0.3), {"loss": torch.tensor(0.4), "extra": 1}, None), batches):
+        module.on_train_batch_end(outputs, batch, 0)
     module.lr_scheduler_step(sched, torch.tensor(1.0))
     names = sched.features.feature_names()
     assert sched.last_step == 1 and sched.last_observation[names.index("has_train_loss")] == 1.0
-    assert sched.history["train_loss"][1] == pytest.approx(0.7)
+    assert sched.history["train_loss"][1] == pytest.approx((3 * 0.6 + 1 * 0.8) / 4)
     module.lr_scheduler_step(sched, torch.tensor(0.9))  # no batch since: no training loss
     assert math.isnan(sched.history["train_loss"][2])
     other = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)

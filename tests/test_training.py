@@ -746,6 +746,18 @@ def test_a_smaller_keep_checkpoints_prunes_on_resume(tmp_path):
             train(parse_settings(["--resume", str(run), "--total-timesteps", "256"]))
     finally:
         os.close(held[0])
+    # A file system without locks: a warning, and the run goes on (unlocked).
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fcntl, "flock", no_locks)
+        with pytest.warns(UserWarning, match="cannot be locked \\(Operation not supported\\)"):
+            _lock_run_folder(run, held := [])
+        assert held == []
     # A latest checkpoint that does not load: the error sends the user back to the one before, so a smaller
     # --keep-checkpoints must not have deleted it.
     model = find_latest_checkpoint(run / "checkpoints") / "model.zip"

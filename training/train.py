@@ -548,12 +548,20 @@ def _lock_run_folder(run_dir: Path, held: list[int]) -> None:
     fd = os.open(run_dir, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         os.close(fd)
         raise RunFolderError(
             f"another hpo-train process is training {run_dir} (it holds the run folder's lock): wait for it to "
             "finish or stop it before --resume, or pick another --run-name"
         ) from None
+    except OSError as err:  # a file system without locks (some NFS or FUSE mounts): go on without one
+        os.close(fd)
+        warnings.warn(
+            f"the run folder {run_dir} cannot be locked ({err.strerror or err}): nothing stops a second hpo-train "
+            "on it while this one trains",
+            stacklevel=3,
+        )
+        return
     held.append(fd)
 
 
@@ -681,8 +689,12 @@ def _train(settings: TrainSettings, command: str | None, held: list[int]) -> Tra
         # Only now that the checkpoint has loaded: a --keep-checkpoints given smaller on resume must not
         # delete the older ones that a damaged latest checkpoint's error sends the user back to, and a
         # resume that failed must not have changed the run's settings.
-        _write_settings(run_dir, resumed_settings)
-        prune_checkpoints(run_dir / "checkpoints", settings.keep_checkpoints, protect=checkpoint)
+        try:
+            _write_settings(run_dir, resumed_settings)
+            prune_checkpoints(run_dir / "checkpoints", settings.keep_checkpoints, protect=checkpoint)
+        except BaseException:
+            env.close()  # (its workers, with --env-workers)
+            raise
     else:
         state = {}
         env_seed = settings.seed
