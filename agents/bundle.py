@@ -42,7 +42,6 @@ import uuid
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -522,6 +521,17 @@ def _write_config(directory: Path, config: Mapping[str, Any]) -> None:
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
 
 
+def _ships(name: str) -> bool:
+    """Whether a policy of that name ships with hpo-meta (:func:`agents.default_policy_path`)."""
+    from agents.scheduler import default_policy_path  # (the scheduler module imports this one)
+
+    try:
+        default_policy_path(name)
+    except ValueError:
+        return False
+    return True
+
+
 def load_bundle(path: str | os.PathLike, device: str = "cpu") -> PolicyBundle | EnsembleBundle:
     """Load and validate a bundle directory (a single policy, or an ensemble of saved bundles).
 
@@ -537,7 +547,7 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> PolicyBundle | 
             if previous.is_dir()
             else "; for a shipped policy by name use agents.load_bundle(agents.default_policy_path("
             f"{path.name!r})) or PolicyScheduler.from_pretrained({path.name!r}, ...)"
-            if "/" not in str(path) and (Path(str(resources.files("agents") / "policies")) / path.name).is_dir()
+            if str(path) == path.name and _ships(path.name)
             else ""
         )
         raise BundleError(

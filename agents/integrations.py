@@ -289,10 +289,10 @@ class PolicySchedulerMixin:
     # mixin makes any epoch-interval decision that is due but was not made, once per validation: a
     # validation's result feeds at most one decision, and a decision whose validation Lightning skipped is
     # lost, with a warning.
-    def _policy_configs(self, interval: str) -> list[Any]:
-        """Lightning's scheduler configs of the PolicySchedulers stepped per ``interval``."""
+    def _policy_configs(self, interval: str | None = None) -> list[Any]:
+        """Lightning's scheduler configs of the PolicySchedulers stepped per ``interval`` (None: all)."""
         configs = getattr(getattr(self, "trainer", None), "lr_scheduler_configs", None) or []
-        return [c for c in configs if isinstance(c.scheduler, PolicyScheduler) and c.interval == interval]
+        return [c for c in configs if isinstance(c.scheduler, PolicyScheduler) and interval in (None, c.interval)]
 
     def _policy_state(self) -> dict[str, Any]:
         state = getattr(self, "_policy_resume_state", None)
@@ -337,7 +337,7 @@ class PolicySchedulerMixin:
             parent(checkpoint)
         trainer: Any = getattr(self, "trainer", None)
         state, values = self._policy_state(), {}
-        for config in self._policy_configs("epoch") + self._policy_configs("step"):
+        for config in self._policy_configs():
             key = config.monitor
             value = trainer.callback_metrics.get(key) if key else None
             if value is None:
@@ -405,7 +405,7 @@ class PolicySchedulerMixin:
         trainer = self.trainer
         if not getattr(self, "automatic_optimization", True):
             return
-        for config in self._policy_configs("epoch") + self._policy_configs("step"):
+        for config in self._policy_configs():
             f, problems = int(config.frequency), []
             if getattr(trainer, "limit_val_batches", 1) == 0:
                 problems.append("limit_val_batches=0 runs no validation, whose loss the policy needs")
@@ -445,7 +445,7 @@ class PolicySchedulerMixin:
         )
         if not finished or getattr(trainer, "interrupted", False) or self._policy_state()["warned"]:
             return  # stopped early (EarlyStopping, Ctrl-C): fewer calls are expected; or a lost one was said
-        for config in self._policy_configs("epoch") + self._policy_configs("step"):
+        for config in self._policy_configs():
             sched = config.scheduler
             if sched.last_step < sched.total_steps:
                 count = (
@@ -490,8 +490,12 @@ class PolicySchedulerMixin:
 # -- Hugging Face transformers ---------------------------------------------------------------------
 def _eval_strategy(args: Any) -> str:
     """``TrainingArguments``' evaluation strategy as a string (``"steps"``, ``"epoch"``, ``"no"``)."""
-    strategy = getattr(args, "eval_strategy", None) or getattr(args, "evaluation_strategy", None)
-    return str(getattr(strategy, "value", strategy))
+    return _strategy(getattr(args, "eval_strategy", None) or getattr(args, "evaluation_strategy", None))
+
+
+def _strategy(value: Any) -> str:
+    """A ``TrainingArguments`` strategy (an enum, or its string) as a string."""
+    return str(getattr(value, "value", value))
 
 
 def _decisions_from_args(args: Any, state: Any, *, upto: float | None = None, final_eval: bool = False) -> int:
@@ -599,8 +603,7 @@ def _hf_callback_class() -> type:
             self.scheduler: PolicyScheduler | None = None
             self._log_index = 0
             self._training = False
-            self._warned_missing = False
-            self._seen_metric = False
+            self._metric_settled = False  # the metric was seen, or its absence said: nothing left to warn of
             self._missing_at: tuple[int, list[str]] | None = None
             self._start_step = 0
 
@@ -687,7 +690,7 @@ def _hf_callback_class() -> type:
                 (i + 1 for i in range(len(state.log_history) - 1, -1, -1) if self.metric in state.log_history[i]), 0
             )
             self._start_step = state.global_step  # an evaluation before any new optimiser step is no decision
-            self._seen_metric, self._missing_at, self._warned_missing = False, None, False  # (per train() call)
+            self._metric_settled, self._missing_at = False, None  # (per train() call)
             self._training = True
 
         def on_save(self, args, state, control, **kwargs):
@@ -698,7 +701,7 @@ def _hf_callback_class() -> type:
 
         def on_train_end(self, args, state, control, **kwargs):
             self._training = False  # a trainer.evaluate() afterwards is not a decision
-            if not self._seen_metric and not self._warned_missing and self._missing_at is not None:
+            if not self._metric_settled and self._missing_at is not None:
                 self._warn_missing()
 
         def _warn_missing(self) -> None:
@@ -710,7 +713,7 @@ def _hf_callback_class() -> type:
                 "Trainer names them 'eval_<name>_loss')",
                 stacklevel=3,
             )
-            self._warned_missing = True
+            self._metric_settled = True
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self.scheduler is not None:
@@ -725,13 +728,13 @@ def _hf_callback_class() -> type:
                 # With a dict of eval datasets each is evaluated on its own, and only one holds the metric: the
                 # others are no decision. Missing from every evaluation of a step, the metric is wrong: said at
                 # the next step's evaluations (or when training ends), once.
-                if not self._seen_metric and not self._warned_missing:
+                if not self._metric_settled:
                     if self._missing_at is None:
                         self._missing_at = (state.global_step, sorted(metrics or {}))
                     elif state.global_step != self._missing_at[0]:
                         self._warn_missing()
                 return
-            self._seen_metric = True
+            self._metric_settled = True
             losses = [e["loss"] for e in state.log_history[self._log_index :] if "loss" in e]
             self._log_index = len(state.log_history)
             train_loss = sum(losses) / len(losses) if losses else None
@@ -742,11 +745,14 @@ def _hf_callback_class() -> type:
             # With decisions= grouping the evaluations, a decision sees the losses logged since the previous one.
             sees_none = sched.next_step_decides and sched._group_train[1] == 0
             if train_loss is None and sees_none and not last and not sched._warned_no_train_loss:
-                logging = getattr(args, "logging_strategy", "steps")
                 advice = (
                     "logging_strategy='epoch' with eval_strategy='epoch'"
                     if _eval_strategy(args) == "epoch"
-                    else ("logging_strategy='steps' and " if str(getattr(logging, "value", logging)) != "steps" else "")
+                    else (
+                        "logging_strategy='steps' and "
+                        if _strategy(getattr(args, "logging_strategy", "steps")) != "steps"
+                        else ""
+                    )
                     + (
                         "logging_steps to at most eval_steps"
                         if sched.decisions == sched.total_steps

@@ -663,7 +663,8 @@ class PolicyScheduler:
         # of a torch scheduler does, and the policy, which no step changes; everything a step() changes in
         # place (the observation builder's averages, the sampler, the history, the gradient statistics)
         # is copied, so that stepping the copy leaves what the original observes and draws unchanged.
-        state = {key: value if key in _SHARED_BY_COPIES else copy.deepcopy(value, {}) for key, value in state.items()}
+        memo: dict[int, Any] = {}  # one memo: what two attributes share, their copies share too
+        state = {key: value if key in _SHARED_BY_COPIES else copy.deepcopy(value, memo) for key, value in state.items()}
         self.__dict__.update(state)
         # A copy or an unpickled scheduler comes with a copy of the optimiser (or shares it), and torch's
         # optimisers do not carry their hooks along: register this scheduler's on it again.

@@ -71,7 +71,7 @@ class EpisodeSettings:
         return self._task_distribution
 
     @task_distribution.setter
-    def task_distribution(self, value: TaskDistribution | str) -> None:
+    def task_distribution(self, value: TaskDistribution | str | None) -> None:
         self._task_distribution = make_distribution(value)
 
     @property
@@ -152,7 +152,7 @@ class HPOEnv(EpisodeSettings, gym.Env):
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
-        self.task_distribution = make_distribution(task_distribution)
+        self.task_distribution = task_distribution  # (through make_distribution: EpisodeSettings)
         decoder = ActionDecoder(hyperparameters, bounds, max_log10_change, max_log10_increase, max_log10_above_initial)
         self._batch = EpisodeBatch(
             1,

@@ -14,7 +14,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices
 from hpo_env.actions import ActionDecoder
 from hpo_env.checks import is_integer
 from hpo_env.core import EpisodeBatch
-from hpo_env.envs import EpisodeSettings, make_distribution
+from hpo_env.envs import EpisodeSettings
 from hpo_env.features import OBS_BOUND
 from hpo_env.tasks import TaskDistribution, TaskSpec
 
@@ -102,7 +102,7 @@ class HPOVecEnv(EpisodeSettings, VecEnv):
                 f" a task), got {task_group_size!r}"
             )
         self.task_group_size = task_group_size
-        self.task_distribution = make_distribution(task_distribution)
+        self.task_distribution = task_distribution  # (through make_distribution: EpisodeSettings)
         decoder = ActionDecoder(hyperparameters, bounds, max_log10_change, max_log10_increase, max_log10_above_initial)
         self._batch = EpisodeBatch(
             num_envs,

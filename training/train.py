@@ -570,7 +570,7 @@ def _train(settings: TrainSettings, command: str | None, held: list[int]) -> Tra
     from stable_baselines3.common.callbacks import CallbackList
     from stable_baselines3.common.logger import CSVOutputFormat, Logger
 
-    from agents.bundle import CONFIG_FILE, save_bundle
+    from agents.bundle import save_bundle
     from agents.factory import frame_stack_of, get_vec_normalize, make_meta_agent, make_meta_env
     from hpo_env import __version__ as hpo_version
     from training.callbacks import (
@@ -600,7 +600,7 @@ def _train(settings: TrainSettings, command: str | None, held: list[int]) -> Tra
         _lock_run_folder(run_dir, held)  # before anything of it is read or pruned
         checkpoint = find_latest_checkpoint(run_dir / "checkpoints")
         if checkpoint is None:
-            done_before = [d for d in ("bundle", "best_bundle") if (run_dir / d / CONFIG_FILE).is_file()]
+            done_before = _saved_policies(run_dir)
             if done_before:
                 # A run that got far enough to save a policy, whose checkpoints are gone: starting again
                 # would overwrite its policy.
@@ -863,14 +863,14 @@ def _train(settings: TrainSettings, command: str | None, held: list[int]) -> Tra
                 )
             except KeyboardInterrupt:
                 last = find_latest_checkpoint(run_dir / "checkpoints")
-                saved = [d for d in ("bundle", "best_bundle") if (run_dir / d / CONFIG_FILE).is_file()]
+                policies = _saved_policies(run_dir)
                 hint = (
                     f"last checkpoint {last}; continue with: hpo-train --resume {run_dir}"
                     if last
                     else f"no checkpoint yet; hpo-train --resume {run_dir} starts it again"
-                    if not saved
+                    if not policies
                     # (--resume will not overwrite a saved policy: see the refusal above)
-                    else f"no checkpoint yet, but an evaluation saved {saved[0]}/, which --resume would not overwrite: "
+                    else f"no checkpoint yet, but an evaluation saved {policies[0]}/, which --resume would not overwrite: "
                     f"start a new run (another --run-name), or delete {run_dir} to start this one again"
                 )
                 print(f"\ninterrupted ({hint})", file=sys.stderr)
@@ -915,6 +915,13 @@ def _train(settings: TrainSettings, command: str | None, held: list[int]) -> Tra
     if settings.verbose:
         print(_summary(result, settings, evaluator, start_timesteps))
     return result
+
+
+def _saved_policies(run_dir: Path) -> list[str]:
+    """The policy bundles a run folder holds (``bundle``, ``best_bundle``), which a restart would overwrite."""
+    from agents.bundle import CONFIG_FILE
+
+    return [d for d in ("bundle", "best_bundle") if (run_dir / d / CONFIG_FILE).is_file()]
 
 
 def _bundle_timesteps(bundle: Path) -> int | None:
