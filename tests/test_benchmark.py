@@ -310,6 +310,45 @@ def test_rollout_records_macro_f1_for_classification_only():
     assert 0.0 <= recs[0].test_macro_f1 <= 1.0 and math.isnan(recs[1].test_macro_f1)
 
 
+def test_end_of_run_metrics_match_sklearn_on_the_trained_models():
+    """Test loss, accuracy and macro-F1 (and the final validation loss) of finished runs are those sklearn
+    computes from the models' own outputs, for models batched with others of other class counts (padded
+    classes) and a regression table in the same stack."""
+    from sklearn.metrics import accuracy_score, f1_score, log_loss, mean_squared_error
+
+    from hpo_env import EpisodeBatch
+    from hpo_env.models import forward
+    from training.rollout import _macro_f1
+
+    dist = TaskDistribution.default("all")
+    rng = np.random.default_rng(4)
+    specs = [dist.sample_family(f, rng) for f in ("teacher_classification", "make_classification", "tabular")]
+    specs += [dist.sample_family("teacher_regression", rng)]
+    specs = [s.replace(hidden=(16,), total_steps=2 * s.steps_per_action) for s in specs]
+    assert len({s.n_classes for s in specs[:2]}) == 2, "two class counts: the stack pads classes"
+    batch = EpisodeBatch(len(specs), DECODER)
+    batch.start(list(range(len(specs))), specs)
+    _, _, done, infos = batch.step(list(range(len(specs))), np.zeros((len(specs), DECODER.num_actions)))
+    assert done.all() and not any(info["diverged"] for info in infos)
+    for slot, (spec, info) in enumerate(zip(specs, infos)):
+        data = build_splits(spec)
+        layout = ModelLayout.build(spec, data)
+        params = [p.double().unsqueeze(0) for p in batch.trainer.parameters(slot)]
+        val, test = (
+            forward(layout.arch, layout.activation, params, x.double().unsqueeze(0))[0]
+            for x in (data.x_val, data.x_test)
+        )
+        if data.task_type == "regression":
+            assert info["test_loss"] == pytest.approx(mean_squared_error(data.y_test, test), rel=1e-5)
+            assert info["final_val_loss"] == pytest.approx(mean_squared_error(data.y_val, val), rel=1e-5)
+            continue
+        labels = list(range(data.n_outputs))
+        assert info["test_loss"] == pytest.approx(log_loss(data.y_test, test.softmax(-1), labels=labels), rel=1e-5)
+        assert info["final_val_loss"] == pytest.approx(log_loss(data.y_val, val.softmax(-1), labels=labels), rel=1e-5)
+        assert info["test_accuracy"] == pytest.approx(accuracy_score(data.y_test, test.argmax(-1)), abs=1e-6)
+        assert _macro_f1(batch, slot) == pytest.approx(f1_score(data.y_test, test.argmax(-1), average="macro"))
+
+
 # -- the benchmark ----------------------------------------------------------------------------------
 
 

@@ -305,3 +305,24 @@ def test_text_tasks_evaluate_on_text_they_did_not_train_on(monkeypatch):
     monkeypatch.setattr(tasks_module, "TEXT_CORPUS_VERSION", 1)
     fresh = [TaskSpec.from_dict(spec.to_dict()) for spec in (text, tabular)]  # (ids are cached per spec)
     assert fresh[0].task_id != ids[0] and fresh[1].task_id == ids[1]
+
+
+@pytest.mark.parametrize("context_length", [1, 4, 8])
+def test_text_splits_share_no_character_position(monkeypatch, context_length):
+    """A text task's windows (context and target) of different splits cover disjoint stretches of the
+    corpus: with the corpus replaced by the positions themselves, no position is in two splits."""
+    import hpo_env.data as data_module
+
+    monkeypatch.setattr(data_module, "python_text_corpus", lambda: np.arange(200_000, dtype=np.int64))
+    spec = (
+        TaskDistribution(["charlm"])
+        .sample(np.random.default_rng(1))
+        .replace(context_length=context_length, n_samples=2_000)
+    )
+    splits = data_module._text_splits(spec, np.random.default_rng(spec.data_seed))
+    covered = []
+    for x, y in ((splits.x_train, splits.y_train), (splits.x_val, splits.y_val), (splits.x_test, splits.y_test)):
+        assert (x[:, 1:] - x[:, :-1] == 1).all() and (y - x[:, -1] == 1).all(), "a window is a contiguous stretch"
+        covered.append(set(x.flatten().tolist()) | set(y.tolist()))
+    train, val, test = covered
+    assert not train & val and not train & test and not val & test
