@@ -379,7 +379,8 @@ class PolicyScheduler:
     **Gradient features.** A policy trained with them (``bundle.gradient_features``) also sees how
     consecutive minibatch gradients of the interval agree and how large they are. The scheduler then
     reads the gradients at every ``optimizer.step()`` through a step post-hook (nothing to add to the
-    training loop; with ``optimizer.step(closure)`` it reads the gradients the closure computed),
+    training loop; with ``optimizer.step(closure)`` it reads the gradients the closure computed; a trainable parameter
+    without a gradient at a step counts as a zero gradient, a frozen one is left out),
     keeping the last two gradients as float32 (twice the parameters' size in memory, plus a temporary
     flat copy during each step, on the device of the first parameter with a gradient). A state dict saved in the middle of an interval (or, with ``decisions=``, between two decisions)
     does not hold that interval's gradient statistics: save it right after ``step()`` (with ``decisions=``, right
@@ -760,16 +761,25 @@ class PolicyScheduler:
     def _observe_gradients(self) -> None:
         if self._t >= self.total_steps:  # the schedule is over: no interval will be observed
             return
-        grads = [
-            p.grad.to_dense() if p.grad.is_sparse else p.grad
-            for group in self.optimizer.param_groups
-            for p in group["params"]
-            if p.grad is not None
+        # A trainable parameter without a gradient at this step (a branch the batch did not take, zero_grad()'s
+        # set_to_none) counts as a zero gradient, as zero_grad(set_to_none=False) leaves it: each parameter keeps
+        # its place in the flat gradient, so that consecutive steps are compared coordinate by coordinate.
+        # Frozen parameters (requires_grad False, no gradient) are left out.
+        params = [
+            p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None or p.requires_grad
         ]
-        if not grads:
+        with_grad = [p.grad for p in params if p.grad is not None]
+        if not with_grad:
             return
-        device = grads[0].device  # model-parallel or offloaded parameters: gathered on the first one's device
-        flat = torch.cat([g.detach().reshape(-1).to(device=device, dtype=torch.float32) for g in grads])
+        device = with_grad[0].device  # model-parallel or offloaded parameters: gathered on the first one's device
+        flat = torch.cat(
+            [
+                torch.zeros(p.numel(), device=device)
+                if p.grad is None
+                else (p.grad.to_dense() if p.grad.is_sparse else p.grad).detach().reshape(-1).to(device, torch.float32)
+                for p in params
+            ]
+        )
         if self._grad_stats is None or self._grad_stats.device != flat.device:
             self._grad_stats = GradientStats(1, flat.device)
         self._grad_stats.observe(flat[None])

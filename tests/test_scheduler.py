@@ -2070,6 +2070,34 @@ def test_a_shallow_copy_keeps_its_gradient_statistics_apart():
     assert twin._grad_stats is not sched._grad_stats
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+def test_gradient_features_do_not_depend_on_which_parameters_got_a_gradient(frozen):
+    """A parameter without a gradient at a step (a branch the batch skipped) is a zero gradient, as
+    zero_grad(set_to_none=False) leaves it: before, the flat gradients of two steps were compared
+    position by position with different parameters in each position. Frozen parameters are left out."""
+    seen = []
+    for set_to_none in (True, False):
+        torch.manual_seed(0)
+        shared, a, b, off = (torch.nn.Linear(4, 4), torch.nn.Linear(4, 1), torch.nn.Linear(4, 1), torch.nn.Linear(4, 4))
+        off.requires_grad_(not frozen)
+        params = [*shared.parameters(), *a.parameters(), *b.parameters(), *off.parameters()]
+        opt = torch.optim.SGD(params, lr=0.01)  # no update from a zero gradient (no momentum, no decay)
+        policy = _GradientReplay(ActionDecoder(("lr",)), np.zeros((3, 1)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sched = PolicyScheduler(opt, policy, total_steps=3)
+        x, y = torch.randn(8, 4), torch.randn(8, 1)
+        for _ in range(2):
+            for i in range(4):  # the heads take turns: half the parameters get no gradient at each step
+                opt.zero_grad(set_to_none=set_to_none)
+                ((a if i % 2 == 0 else b)(torch.relu(shared(x))) - y).pow(2).mean().backward()
+                opt.step()
+            sched.step(1.0, train_loss=1.0)
+        seen.append(sched.last_observation[-2:])
+        assert np.isfinite(seen[-1]).all()
+    np.testing.assert_allclose(seen[0], seen[1], rtol=1e-5)
+
+
 def test_tensor_hyperparameters_are_filled_in_place():
     """Tensor lr and betas stay tensors (torch wants both betas tensors or both floats), also when they
     require grad; a bfloat16 lr rounds the value, which is not mistaken for an outside write."""
