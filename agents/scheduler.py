@@ -774,7 +774,7 @@ class PolicyScheduler:
         device = with_grad[0].device  # model-parallel or offloaded parameters: gathered on the first one's device
         flat = torch.cat(
             [
-                torch.zeros(p.numel(), device=device)
+                torch.zeros(p.numel(), device=device, dtype=torch.float32)
                 if p.grad is None
                 else (p.grad.to_dense() if p.grad.is_sparse else p.grad).detach().reshape(-1).to(device, torch.float32)
                 for p in params
