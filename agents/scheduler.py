@@ -310,7 +310,8 @@ class PolicyScheduler:
 
     Call ``step(val_loss)`` after every decision interval: every K optimiser steps or every epoch,
     whatever you choose, as long as ``total_steps`` counts those calls. The first call comes after
-    the first interval, which runs with the optimiser's initial hyperparameters; call ``t`` shows the
+    the first interval, which runs with the optimiser's initial hyperparameters (a first call before any
+    ``optimizer.step()`` warns, as torch's schedulers do); call ``t`` shows the
     policy its progress ``t / total_steps`` and sets the hyperparameters of interval ``t + 1`` (the
     last call, ``t = total_steps``, only observes: no interval follows). This is exactly the
     protocol of the environment the policy was trained in (see :mod:`hpo_env.features`). With
@@ -551,8 +552,7 @@ class PolicyScheduler:
         self.epochs = self._check_epochs(epochs)
         self.features = self._observation_builder()
         self._grad_stats: GradientStats | None = None
-        if self.gradient_features:
-            self._register_gradient_hook(optimizer)
+        self._register_step_hook(optimizer)
         if "weight_decay" in decoder.names:
             self._register_sparse_check(optimizer)
         self._warned_outside_change = False
@@ -669,20 +669,22 @@ class PolicyScheduler:
         self.__dict__.update(state)
         # A copy or an unpickled scheduler comes with a copy of the optimiser (or shares it), and torch's
         # optimisers do not carry their hooks along: register this scheduler's on it again.
-        if self.gradient_features:
-            self._register_gradient_hook(self.optimizer)
+        self._register_step_hook(self.optimizer)
         if "weight_decay" in self.decoder.names:
             self._register_sparse_check(self.optimizer)
 
-    def _register_gradient_hook(self, optimizer: torch.optim.Optimizer) -> None:
-        """Observe the gradients of every optimiser step (on the innermost optimiser of a wrapper)."""
+    def _register_step_hook(self, optimizer: torch.optim.Optimizer) -> None:
+        """Note every optimiser step, and observe its gradients under a policy that sees them (on the innermost
+        optimiser of a wrapper)."""
         inner = _inner_optimizer(optimizer)
         ref = weakref.ref(self)
 
         def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             scheduler = ref()
             if scheduler is not None:
-                scheduler._observe_gradients()
+                scheduler._optimizer_stepped = True
+                if scheduler.gradient_features:
+                    scheduler._observe_gradients()
 
         # After the step: with optimizer.step(closure) the gradients exist only once the closure ran.
         handle = inner.register_step_post_hook(hook)
@@ -1043,6 +1045,7 @@ class PolicyScheduler:
         self._reference_val: float | None = None  # the run's first finite validation loss
         self._group_train = (0.0, 0)  # the finite training losses passed since the last decision: sum, count
         self._warned_no_train_loss = False
+        self._optimizer_stepped = False
         self._started = False
         self._base = self._initial_base.copy()
         self._last_action = np.zeros(self.decoder.num_actions)
@@ -1101,6 +1104,14 @@ class PolicyScheduler:
                 "scheduler.next_step_decides is False)"
             )
         self._warn_if_changed_outside()
+        if self._t == 0 and not self._optimizer_stepped:
+            warnings.warn(
+                "PolicyScheduler.step() was called before any optimizer.step() of the run: as with torch's schedulers, "
+                "call it after the interval it observes (train, evaluate, then step(val_loss, train_loss=...)). "
+                "Called first, the policy decides on the untrained model and its schedule runs one interval behind "
+                "(if a GradScaler skipped every optimizer step of the first interval, this warning is all it did)",
+                stacklevel=_user_stacklevel(),
+            )
         group_without_train = self._group_train[1] == 0 and train is None
         if group_without_train and self.next_step_decides and not self._warned_no_train_loss:
             warnings.warn(

@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     with warnings.catch_warnings():  # a run this long is only here so that it never runs out of decisions
         warnings.filterwarnings("ignore", message=HORIZON_WARNING)
         sched = PolicyScheduler(opt, bundle, total_steps=10 * n, epochs=10 * n)
+    opt.step()  # no gradients, no update: step() expects an optimizer step before its first call
     _time_calls(lambda i: sched.step(losses[i], train_loss=losses[i] * 0.9), args.warmup)
     step_ms = _time_calls(lambda i: sched.step(losses[i], train_loss=losses[i] * 0.9), args.calls)
 

@@ -558,6 +558,7 @@ def test_grouped_calls_resume_mid_group_exactly(default_bundle):
 def test_a_group_without_any_training_loss_warns_not_one_call_without(default_bundle):
     opt = _optimizer("sgd", 0.1, 1e-4, 0.9)
     sched = PolicyScheduler(opt, default_bundle, total_steps=40, epochs=40, decisions=20)  # decides every 2nd call
+    _train_once(opt)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sched.step(1.0)  # the group's other call brings a training loss
@@ -942,6 +943,7 @@ def test_another_lr_scheduler_is_reported_not_silently_overridden():
     # The scheduler's own writes, a tensor lr's float32 rounding included, are not outside changes.
     opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=torch.tensor(1e-3), foreach=False)
     sched = PolicyScheduler(opt, ReplayPolicy(ActionDecoder(("lr", "weight_decay")), [[0.3, 0.1]]), 4)
+    _train_once(opt)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for _ in range(3):
@@ -1072,11 +1074,13 @@ def test_a_loss_far_above_the_runs_first_is_divergence_as_in_the_environment():
     with pytest.warns(UserWarning, match=r"above 1000x the run's first one \(2\)"):
         old.step(2001.0, 2001.0)
     sched.reset()
+    _train_once(sched.optimizer)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sched.step(5000.0, 5000.0)  # a new run: its first loss is the reference again
     # A first loss of exactly 0 is no reference (as for the features): the next positive one is.
     zero = PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9), ReplayPolicy(ActionDecoder(("lr",)), np.zeros((8, 1))), 6)
+    _train_once(zero.optimizer)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for loss in (0.0, 2e-3, 1e-2, 1.5):  # 1.5 is below 1000 x 2e-3
@@ -1458,6 +1462,7 @@ def test_hf_callback_with_grouped_decisions(stand_in_transformers, default_bundl
         callback.on_train_begin(args, state, None, optimizer=opt, train_dataloader=list(range(10)))
         while state.global_step < 400:
             callback.on_step_begin(args, state, None)
+            opt.step()  # (no gradients: only the scheduler's hook sees it)
             state.global_step += 1
             if state.global_step % 20 == 0:
                 state.log_history.append({"loss": 1.0, "step": state.global_step})
@@ -2096,6 +2101,30 @@ def test_gradient_features_do_not_depend_on_which_parameters_got_a_gradient(froz
         seen.append(sched.last_observation[-2:])
         assert np.isfinite(seen[-1]).all()
     np.testing.assert_allclose(seen[0], seen[1], rtol=1e-5)
+
+
+def test_a_step_before_any_optimizer_step_warns(default_bundle):
+    """As torch's schedulers do: a loop that evaluates and steps the scheduler before training runs the
+    policy's schedule one interval behind, without an error or a warning at the end."""
+    message = "PolicyScheduler.step\\(\\) was called before any optimizer.step"
+    opt = torch.optim.AdamW(torch.nn.Linear(3, 1).parameters(), lr=1e-3, weight_decay=1e-4)
+    sched = PolicyScheduler(opt, default_bundle, total_steps=10, epochs=10)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", message=message)
+        with pytest.warns(UserWarning, match=message):
+            sched.step(1.0, train_loss=1.0)
+        sched.reset()  # a new run: again
+        with pytest.warns(UserWarning, match=message):
+            sched.step(1.0, train_loss=1.0)
+        sched.reset()
+        warnings.filterwarnings("error", message=message)
+        for t in range(3):  # train first, then step(): no warning
+            _train_once(opt)
+            sched.step(1.0 / (t + 1), train_loss=1.0)
+        twin = copy.deepcopy(sched)
+        twin.reset()  # a copy notes its own optimizer's steps
+        _train_once(twin.optimizer)
+        twin.step(1.0, train_loss=1.0)
 
 
 def test_tensor_hyperparameters_are_filled_in_place():
