@@ -667,6 +667,7 @@ class PolicyScheduler:
         memo: dict[int, Any] = {}  # one memo: what two attributes share, their copies share too
         state = {key: value if key in _SHARED_BY_COPIES else copy.deepcopy(value, memo) for key, value in state.items()}
         self.__dict__.update(state)
+        self.__dict__.setdefault("_optimizer_stepped", True)  # pickled before the scheduler noted optimizer steps
         # A copy or an unpickled scheduler comes with a copy of the optimiser (or shares it), and torch's
         # optimisers do not carry their hooks along: register this scheduler's on it again.
         self._register_step_hook(self.optimizer)
