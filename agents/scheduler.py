@@ -375,7 +375,7 @@ class PolicyScheduler:
     controlled value changed by anything else between two ``step()`` calls warns once, at the next one.
     **Sparse gradients** (``nn.Embedding(sparse=True)``) cannot take weight decay: under a policy that sets
     ``weight_decay``, put them in a param group of their own created with ``weight_decay=0`` (kept at 0);
-    otherwise the first ``optimizer.step()`` raises a ``ValueError`` that says so.
+    otherwise the first ``optimizer.step()`` with their gradients raises a ``ValueError`` that says so.
 
     **Gradient features.** A policy trained with them (``bundle.gradient_features``) also sees how
     consecutive minibatch gradients of the interval agree and how large they are. The scheduler then
@@ -692,30 +692,30 @@ class PolicyScheduler:
         weakref.finalize(self, handle.remove)  # the hook goes when the scheduler does
 
     def _register_sparse_check(self, optimizer: torch.optim.Optimizer) -> None:
-        """Before the first ``optimizer.step()``, check that no group with weight decay has sparse gradients."""
+        """Before every ``optimizer.step()``, check that no group with weight decay has sparse gradients: each
+        parameter at its first step with a gradient (not all get one at the first step: a branch the batch
+        skipped, a frozen layer)."""
         inner = _inner_optimizer(optimizer)
         ref = weakref.ref(self)
-
-        checked: list[bool] = []
+        # (group, parameter) not yet seen with a gradient: a gradient's layout does not change during a run. The
+        # hook stays registered when none is left (removing it here, while torch iterates the optimizer's hooks,
+        # breaks any other hook registered after it).
+        pending = [(g, p) for g, group in enumerate(inner.param_groups) for p in group["params"]]
 
         def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            # Once: the gradients' layout does not change during a run. The hook stays registered (removing
-            # it here, while torch iterates the optimizer's hooks, breaks any other hook registered after it).
-            if checked:
-                return
-            checked.append(True)
             scheduler = ref()
-            if scheduler is not None:
-                scheduler._check_sparse_gradients()
+            if pending and scheduler is not None:
+                scheduler._check_sparse_gradients(pending)
 
         handle = inner.register_step_pre_hook(hook)
         weakref.finalize(self, handle.remove)
 
-    def _check_sparse_gradients(self) -> None:
+    def _check_sparse_gradients(self, pending: list[tuple[int, torch.Tensor]]) -> None:
+        """Check the parameters of ``pending`` that have a gradient now, and leave only the others in it."""
         inner = _inner_optimizer(self.optimizer)
-        for g, group in enumerate(inner.param_groups):
-            decay = float(group.get("weight_decay", 0.0))
-            if decay > 0 and any(p.grad is not None and p.grad.is_sparse for p in group["params"]):
+        for g, p in pending:
+            decay = float(inner.param_groups[g].get("weight_decay", 0.0))
+            if decay > 0 and p.grad is not None and p.grad.is_sparse:
                 raise ValueError(
                     f"param group {g} has sparse gradients (e.g. nn.Embedding(sparse=True)), which "
                     f"{type(inner).__name__} cannot combine with weight decay, but the policy sets its "
@@ -724,6 +724,7 @@ class PolicyScheduler:
                     "their own with weight_decay=0 (kept at 0) beside a group with a non-zero weight_decay, use "
                     "dense gradients, or use a policy that does not control weight_decay"
                 )
+        pending[:] = [(g, p) for g, p in pending if p.grad is None]
 
     def _warn_if_lr_scheduled(self, optimizer: torch.optim.Optimizer, decoder: ActionDecoder) -> None:
         """Warn when a torch LR scheduler has already moved the learning rate the policy starts from."""

@@ -964,6 +964,15 @@ def test_sparse_gradients_with_a_policy_set_weight_decay_raise_a_clear_error():
         sched = PolicyScheduler(opt, policy, total_steps=3)  # kept: its check goes when the scheduler does
     with pytest.raises(ValueError, match=r"param group 0 has sparse gradients.*weight_decay=0 \(kept at 0\)"):
         train_step(opt)
+    # Also when the embedding got no gradient at the first step (before, torch's "add(sparse, dense)" came later).
+    opt = torch.optim.SGD([*emb.parameters(), *head.parameters()], lr=0.1, momentum=0.9, weight_decay=1e-4)
+    sched = PolicyScheduler(opt, policy, total_steps=3)
+    opt.zero_grad()
+    head(torch.randn(8, 4)).sum().backward()
+    opt.step()  # the head alone
+    for _ in range(2):  # raised at every step, not only once
+        with pytest.raises(ValueError, match=r"param group 0 has sparse gradients"):
+            train_step(opt)
     # The fix the message gives: the sparse parameters in a group of their own with no decay.
     opt = torch.optim.SGD(
         [{"params": head.parameters(), "weight_decay": 1e-4}, {"params": emb.parameters(), "weight_decay": 0.0}],
