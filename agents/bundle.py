@@ -724,19 +724,20 @@ def _load_model(file: Path, algorithm: str, device: str) -> Any:
     except ValueError as err:
         raise BundleError(str(err)) from err
     try:
-        with _global_state_untouched():
+        with global_state_untouched():
             return classes[algorithm].load(file, device=device)
     except (zipfile.BadZipFile, EOFError, KeyError, ValueError, RuntimeError, OSError) as err:
         raise BundleError(f"{file} is corrupted and cannot be loaded as a {algorithm} model: {err}") from err
 
 
 @contextlib.contextmanager
-def _global_state_untouched() -> Iterator[None]:
+def global_state_untouched() -> Iterator[None]:
     """Restore Python's, NumPy's and torch's global generators on exit, and build in float32.
 
     SB3's ``load`` re-seeds all three with the seed the model was trained with (``set_random_seed``) and
     building the network draws from torch's: without this, loading a policy would make every seed of the
-    user's own training loop (data order, dropout, initialisation) the same run. The network is built
+    user's own training loop (data order, dropout, initialisation) the same run (``hpo-train``'s
+    :func:`training.train.train` keeps them for the same reason). The network is built
     in float32 whatever the user's default dtype (``torch.set_default_dtype(torch.float64)`` would
     otherwise give float64 weights that refuse the float32 observations).
     """

@@ -1034,3 +1034,16 @@ def test_resuming_a_finished_run_leaves_its_bundle_as_it_was(tiny_meta_training)
     shutil.copytree(older, result.bundle_path)
     train(parse_settings(["--resume", str(result.run_dir), "--total-timesteps", "64", "--no-progress-bar"]))
     assert load_bundle(result.bundle_path).config["training"]["timesteps"] == 64
+
+
+def test_training_in_process_gives_back_the_callers_random_generators(tiny_meta_training):
+    """SB3 seeds the global generators with the run's seed: a script calling train() keeps its own draws."""
+    torch.manual_seed(123)
+    np.random.seed(123)  # noqa: NPY002 (the legacy global state is what SB3 seeds)
+    random.seed(123)
+    before = torch.get_rng_state(), np.random.get_state(), random.getstate()  # noqa: NPY002
+    tiny_meta_training()
+    after = torch.get_rng_state(), np.random.get_state(), random.getstate()  # noqa: NPY002
+    assert torch.equal(before[0], after[0])
+    assert all(np.array_equal(a, b) for a, b in zip(before[1], after[1]))
+    assert before[2] == after[2]

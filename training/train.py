@@ -519,14 +519,18 @@ def train(settings: TrainSettings, command: str | None = None) -> TrainResult:
     """Run (or resume) meta-training as described by ``settings``; see the module docstring.
 
     Torch runs on ``settings.threads`` threads meanwhile; the caller's thread count is restored after.
+    SB3 seeds Python's, NumPy's and torch's global generators with ``settings.seed`` (a resume restores
+    the checkpoint's states), so the run does not depend on the caller's: they are given back as they
+    were, so that a script's own draws after the call (data order, initialisation) stay its own.
     """
+    from agents.bundle import global_state_untouched
     from training.threads import torch_threads
 
     # Small tensors everywhere (a 64-unit LSTM, inner models of a few thousand weights): extra
     # threads cost more in synchronisation than they save.
     held: list[int] = []  # the run folder's lock (see _lock_run_folder), released when training ends
     try:
-        with torch_threads(settings.threads):
+        with torch_threads(settings.threads), global_state_untouched():
             return _train(settings, command, held)
     finally:
         for fd in held:
