@@ -99,7 +99,7 @@ from stable_baselines3.common.vec_env import (
 )
 
 from hpo_env import ActionDecoder, HPOVecEnv, TaskDistribution, make_distribution
-from hpo_env.checks import is_integer, is_number
+from hpo_env.checks import check_ordered, is_integer, is_number
 from hpo_env.features import OBS_BOUND
 from hpo_env.tasks import DEFAULT_LR_SPREAD, SPLITS, check_families
 
@@ -308,6 +308,7 @@ class MetaAgentConfig:
                 f"[-1, 1] action), got {self.log_std_init!r}"
             )
         object.__setattr__(self, "net_arch", tuple(int(w) for w in self.net_arch))
+        check_ordered(self.hyperparameters, "MetaAgentConfig.hyperparameters")  # in action order
         object.__setattr__(self, "hyperparameters", tuple(self.hyperparameters))
         for name in ("lr_step", "lr_step_up"):
             value = getattr(self, name)

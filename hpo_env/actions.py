@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from hpo_env.checks import as_real_array, is_number
+from hpo_env.checks import as_real_array, check_ordered, is_number
 
 __all__ = ["CONTROLLABLE", "DEFAULT_HYPERPARAMETERS", "ActionDecoder", "HyperparameterSpec"]
 
@@ -156,6 +156,7 @@ class ActionDecoder:
     ) -> None:
         if isinstance(hyperparameters, str):
             hyperparameters = (hyperparameters,)
+        check_ordered(hyperparameters, "hyperparameters")  # in action order
         names = tuple(hyperparameters)
         if not names:
             raise ValueError("at least one hyperparameter must be controlled")

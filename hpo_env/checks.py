@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["as_real_array", "check_device", "is_flag", "is_integer", "is_number"]
+__all__ = ["as_real_array", "check_device", "check_ordered", "is_flag", "is_integer", "is_number"]
 
 
 def is_integer(value: object) -> bool:
@@ -30,6 +30,19 @@ def is_number(value: object) -> bool:
 def is_flag(value: object) -> bool:
     """``True`` or ``False`` (Python's or NumPy's), not a truthy stand-in such as ``'no'`` or ``1``."""
     return isinstance(value, (bool, np.bool_))
+
+
+def check_ordered(values: object, label: str) -> None:
+    """Refuse a ``set`` of names where their order matters (which family or optimiser a seed draws, which
+    action entry sets which hyperparameter): a set of strings iterates in an order that changes from one
+    Python process to the next (string hashing is salted, ``PYTHONHASHSEED``), so the same seed would give
+    another run."""
+    if isinstance(values, (set, frozenset)):
+        raise TypeError(
+            f"{label} must be a list or tuple, got a {type(values).__name__} {sorted(map(str, values))}: a set's "
+            "order changes between Python processes, so the same seed would give other results; pass a list "
+            "(sorted(...) if the order does not matter to you)"
+        )
 
 
 def as_real_array(values: object, label: str = "actions") -> np.ndarray:

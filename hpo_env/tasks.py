@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from hpo_env.checks import check_ordered
 from hpo_env.data import SMALL_TABULAR_DATASETS, TABULAR_DATASETS, TEXT_CORPUS_VERSION
 
 __all__ = [
@@ -572,6 +573,7 @@ def check_families(families: Sequence[str], label: str) -> tuple[str, ...]:
     """``families`` as a tuple for meta-training, refusing an empty list, unknown names and repeats (tasks
     are drawn from each family equally often, so a repeat would silently double its share); ``label``
     names the setting in the message (``"--families"``)."""
+    check_ordered(families, label)
     families = tuple(families)
     unknown = [f for f in families if f not in FAMILIES]
     if not families or unknown:
@@ -620,6 +622,8 @@ class TaskDistribution:
         lr_center: float = 0.0,
         lr_gain_spread: float = 0.0,
     ) -> None:
+        check_ordered(families, "families")  # a seed draws family number k
+        check_ordered(optimizers, "optimizers")
         families = (families,) if isinstance(families, str) else tuple(families)  # one family by name
         optimizers = (optimizers,) if isinstance(optimizers, str) else tuple(optimizers)
         unknown = [f for f in families if f not in _SAMPLERS]

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from hpo_env import FAMILIES, SPLITS, TaskDistribution, TaskSpec, build_splits
+from agents import MetaAgentConfig
+from hpo_env import FAMILIES, SPLITS, ActionDecoder, TaskDistribution, TaskSpec, build_splits, check_families
 from hpo_env.data import CHAR_VOCAB
 from hpo_env.tasks import DEFAULT_HPARAMS, DEFAULT_LR_SPREAD
+from training.benchmark import BenchmarkConfig
 
 
 def test_splits_partition_families():
@@ -233,6 +235,26 @@ def test_a_data_field_the_family_does_not_read_is_refused(family):
 
 def test_one_family_by_name():
     assert TaskDistribution("tabular").families == ("tabular",)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda names: TaskDistribution(names),
+        lambda names: TaskDistribution(["tabular"], optimizers={"sgd", "adamw"}),
+        lambda names: check_families(names, "--families"),
+        lambda names: BenchmarkConfig(policy="p", families=names),
+        lambda names: MetaAgentConfig(task_families=names),
+        lambda names: ActionDecoder({"lr", "weight_decay"}),
+        lambda names: MetaAgentConfig(hyperparameters={"lr", "weight_decay"}),
+    ],
+)
+def test_a_set_of_names_is_refused_as_its_order_changes_between_processes(make):
+    """A seed draws family number k (and sets the hyperparameter of action entry k): with a set of
+    strings, whose order follows PYTHONHASHSEED, the same seed would give another run in another process."""
+    with pytest.raises(TypeError, match="must be a list or tuple, got a set .*order changes between Python processes"):
+        make({"tabular", "digits_mlp", "charlm"})
+    assert TaskDistribution({"tabular": 1, "charlm": 2}.keys()).families == ("tabular", "charlm")  # ordered: taken
 
 
 def test_bad_distributions_raise():

@@ -79,7 +79,7 @@ from hpo_env import (
 )
 from hpo_env import __version__ as HPO_VERSION
 from hpo_env.actions import DEFAULT_HYPERPARAMETERS
-from hpo_env.checks import is_integer
+from hpo_env.checks import check_ordered, is_integer
 from hpo_env.tasks import DEFAULT_HPARAMS
 from training.cli import HelpFormatter, NameList, readable_warnings
 from training.hypergradient import DEFAULT_HYPERGRADIENT_LR, run_hypergradient
@@ -156,6 +156,7 @@ class BenchmarkConfig:
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {self.split!r}")
+        check_ordered(self.families, "families")  # the tasks are drawn family by family from one generator
         self.families = tuple(self.families)
         if len(set(self.families)) != len(self.families):
             raise ValueError(f"families must not repeat (each is benchmarked once), got {list(self.families)}")
