@@ -918,3 +918,19 @@ def test_the_progress_bar_knows_its_total_from_the_start(tiny_bundle, tmp_path, 
     result = bench.run_benchmark(_tiny_config(tiny_bundle, tmp_path, families=("tabular",), seeds=1, progress=True))
     (bar,) = bars
     assert bar.first_total == bar.total == result.computed > 0
+
+
+def test_plots_leave_the_callers_matplotlib_backend_and_figures_alone(tiny_bundle, tmp_path):
+    """A notebook that runs the benchmark keeps its own backend (its plots keep showing) and figures."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        result = bench.run_benchmark(_tiny_config(tiny_bundle, tmp_path, families=("tabular",), seeds=1))
+        assert [p.name for p in result.plot_paths] == ["curves_tabular.png", "win_rates.png"]
+        assert all(p.stat().st_size > 0 for p in result.plot_paths)
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == []
+    finally:
+        matplotlib.use(before)

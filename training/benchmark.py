@@ -1218,11 +1218,13 @@ def jsonable(x: Any) -> Any:
 
 
 def make_plots(summary: dict, folder: Path) -> list[Path]:
-    """Schedules and validation curves per family, and the win-rate chart; returns the PNG paths."""
-    import matplotlib
+    """Schedules and validation curves per family, and the win-rate chart; returns the PNG paths.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    The figures are made without ``pyplot``: the caller's matplotlib backend and open figures are left alone
+    (a notebook that runs the benchmark keeps showing its own plots).
+    """
+    import matplotlib
+    from matplotlib.figure import Figure
     from matplotlib.ticker import ScalarFormatter
 
     def plain_numbers(axis, values) -> None:
@@ -1235,11 +1237,12 @@ def make_plots(summary: dict, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     labels = {r["name"]: r["label"] for r in summary["rows"]} | {"policy": "learned policy"}
-    colours = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]  # tab10 is a ListedColormap
+    colours = matplotlib.colormaps["tab10"].colors  # type: ignore[attr-defined]  # tab10 is a ListedColormap
     for family, info in summary["curves"].items():
         with_wd = bool(info["arms"].get("policy", {}).get("weight_decay"))
         panels = ["lr", "weight_decay", "val_loss"] if with_wd else ["lr", "val_loss"]
-        fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels) + 2.5, 4.8), squeeze=False)
+        fig = Figure(figsize=(5.4 * len(panels) + 2.5, 4.8))
+        axes = fig.subplots(1, len(panels), squeeze=False)
         ax = dict(zip(panels, axes[0]))
         schedules = controls = 0
         for name, c in info["arms"].items():
@@ -1270,11 +1273,11 @@ def make_plots(summary: dict, folder: Path) -> list[Path]:
         fig.tight_layout()
         path = folder / f"curves_{family}.png"
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         paths.append(path)
 
     rows_ = summary["rows"]
-    fig, (ax_w, ax_r) = plt.subplots(1, 2, figsize=(13, 0.45 * len(rows_) + 2.0), sharey=True)
+    fig = Figure(figsize=(13, 0.45 * len(rows_) + 2.0))
+    ax_w, ax_r = fig.subplots(1, 2, sharey=True)
     y = np.arange(len(rows_))[::-1]
     win = np.array([r["all"]["win_rate"] for r in rows_])
     low = np.array([r["all"]["win_rate_low"] for r in rows_])
@@ -1304,7 +1307,6 @@ def make_plots(summary: dict, folder: Path) -> list[Path]:
     fig.tight_layout()
     path = folder / "win_rates.png"
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     paths.append(path)
     return paths
 
