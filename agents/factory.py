@@ -575,8 +575,10 @@ def make_meta_agent(
         seed: seeds SB3's random generators (policy initialisation and action sampling). SB3 draws
             its actions from torch's *global* generator and seeds it (with Python's and NumPy's) through
             ``set_random_seed``, so a seed here re-seeds the process's global generators, as any SB3
-            model does; None leaves them alone. Loading a saved policy (:func:`agents.load_bundle`)
-            does not touch them.
+            model does. None does not seed them, but the policy's initialisation (and ``learn``'s
+            actions) still draw from torch's: the caller's state decides the model, and the draws
+            shift the caller's own. Loading a saved policy (:func:`agents.load_bundle`) does not
+            touch them.
         device: torch device of the policy: ``"auto"``, ``"cpu"``, ``"cuda"``...
         verbose: SB3's verbosity.
         policy_kwargs: extra arguments of the policy, merged over the config's.
