@@ -46,6 +46,29 @@ def test_different_seeds_different_tasks():
     assert len(ids) == 8
 
 
+def test_environments_leave_the_global_generators_alone():
+    """All randomness comes from reset(seed=) and the tasks' own generators: building, resetting and
+    stepping an environment neither shifts the caller's draws (data order, initialisation) nor depends on them."""
+    import pickle
+    import random
+
+    import torch
+
+    def state():
+        return torch.get_rng_state(), pickle.dumps(np.random.get_state()), random.getstate()  # noqa: NPY002
+
+    before = state()
+    env = HPOEnv("toy")
+    env.reset(seed=0)
+    env.step(np.zeros(2, np.float32))
+    env.reset()
+    venv = HPOVecEnv(2, "toy", seed=0)
+    venv.reset()
+    venv.step(np.zeros((2, 2), np.float32))
+    after = state()
+    assert torch.equal(before[0], after[0]) and before[1:] == after[1:]
+
+
 def test_reward_telescopes_to_log_loss_ratio():
     env = HPOEnv("toy")
     _, info = env.reset(seed=0)
