@@ -934,3 +934,23 @@ def test_plots_leave_the_callers_matplotlib_backend_and_figures_alone(tiny_bundl
         assert matplotlib.get_backend() == "svg" and plt.get_fignums() == []
     finally:
         matplotlib.use(before)
+
+
+@pytest.mark.parametrize(("low", "high"), [(0.82, 1.35), (1.6, 3.0)])
+def test_narrow_log_axes_label_round_numbers_across_their_range(low, high):
+    """A ratio axis from 0.82 to 1.35 used to be labelled only 0.9 and 1, and a loss axis from 1.6 to 3 only 2
+    and 3: nothing said where the upper half of the intervals ended."""
+    from matplotlib.figure import Figure
+
+    ax = Figure().subplots()
+    ax.plot([low, high], [0, 1])
+    ax.set_xscale("log")
+    bench._plain_log_ticks(ax.xaxis, [low, high])
+    ax.figure.canvas.draw()
+    vmin, vmax = ax.get_xlim()
+    labelled = [
+        float(t.get_text()) for t in ax.get_xticklabels() if t.get_text() and vmin <= t.get_position()[0] <= vmax
+    ]
+    assert len(labelled) >= 3
+    assert min(labelled) < low * 1.3 and max(labelled) > high / 1.3  # both ends can be read off the axis
+    assert not [t for t in ax.xaxis.get_minorticklabels() if t.get_text()]

@@ -1217,6 +1217,21 @@ def jsonable(x: Any) -> Any:
     return x
 
 
+def _plain_log_ticks(axis: Any, values: Sequence[float | None]) -> None:
+    """Tick a log axis whose ``values`` span less than a decade at round numbers, labelled as plain numbers.
+
+    Matplotlib's log ticks there are the decade's 1-9 multiples: a ratio axis from 0.8 to 1.3 is labelled
+    only 0.9 and 1, and a loss axis from 1.6 to 3 only 2 and 3.
+    """
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
+
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x) and x > 0], dtype=float)
+    if v.size and np.log10(v.max() / v.min()) < 1:
+        axis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+        axis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:.4g}"))
+        axis.set_minor_locator(NullLocator())
+
+
 def make_plots(summary: dict, folder: Path) -> list[Path]:
     """Schedules and validation curves per family, and the win-rate chart; returns the PNG paths.
 
@@ -1225,14 +1240,6 @@ def make_plots(summary: dict, folder: Path) -> list[Path]:
     """
     import matplotlib
     from matplotlib.figure import Figure
-    from matplotlib.ticker import ScalarFormatter
-
-    def plain_numbers(axis, values) -> None:
-        """A log axis spanning less than a decade gets few or no labelled decades: label its ticks as numbers."""
-        v = np.asarray([x for x in values if x is not None and np.isfinite(x) and x > 0], dtype=float)
-        if v.size and np.log10(v.max() / v.min()) < 1:
-            axis.set_major_formatter(ScalarFormatter())
-            axis.set_minor_formatter(ScalarFormatter())
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -1264,7 +1271,7 @@ def make_plots(summary: dict, folder: Path) -> list[Path]:
         if with_wd:
             ax["weight_decay"].set(yscale="log", xlabel=budget, ylabel="weight decay", title="weight decay")
         ax["val_loss"].set(yscale="log", xlabel=budget, ylabel="validation loss", title="validation loss")
-        plain_numbers(ax["val_loss"].yaxis, [x for c in info["arms"].values() for x in c["val_loss"]])
+        _plain_log_ticks(ax["val_loss"].yaxis, [x for c in info["arms"].values() for x in c["val_loss"]])
         ax["val_loss"].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
         fig.suptitle(
             f"{family}: every schedule on one task ({info['task_id']}, {info['optimizer']}), seed 0 "
@@ -1299,7 +1306,7 @@ def make_plots(summary: dict, folder: Path) -> list[Path]:
     ax_r.errorbar(ratio[finite], y[finite], xerr=np.stack([ratio - lo, hi - ratio])[:, finite], fmt="o", capsize=3)
     ax_r.axvline(1.0, color="k", lw=1, ls="--")
     ax_r.set(xscale="log", xlabel="median final validation loss, policy / baseline (95% CI)\nbelow 1: policy better")
-    plain_numbers(ax_r.xaxis, [*lo[finite], *hi[finite]])
+    _plain_log_ticks(ax_r.xaxis, [*lo[finite], *hi[finite]])
     for yi in y[~finite]:  # a median ratio of inf or n/a (divergences): said, not silently dropped
         ax_r.text(1.0, yi, "  n/a (divergences)", va="center", fontsize=8, color="tab:gray")
     pairs = rows_[0]["all"]["pairs"] if rows_ else 0
