@@ -285,8 +285,8 @@ class PolicySchedulerMixin:
     # validation; and a resumed run starts with no logged metrics, so a "step"-interval scheduler due at
     # the resumed batch found no monitored value (Lightning raised). So the checkpoint also records the
     # latest validation (its epoch, its monitored value and the training loss then), which a resumed run
-    # puts back among the trainer's metrics, and before every training batch (and when training ends) the
-    # mixin makes any epoch-interval decision that is due but was not made, once per validation: a
+    # puts back among the trainer's metrics; when training starts, before every training batch and when it
+    # ends the mixin makes any epoch-interval decision that is due but was not made, once per validation: a
     # validation's result feeds at most one decision, and a decision whose validation Lightning skipped is
     # lost, with a warning.
     def _policy_configs(self, interval: str | None = None) -> list[Any]:
@@ -385,6 +385,9 @@ class PolicySchedulerMixin:
         for key, value in self._policy_state()["values"].items():
             if key not in metrics:
                 metrics[key] = torch.tensor(value)
+        # Before the first batch, so that callbacks reading the rates there (LearningRateMonitor) see the
+        # made-up decision's, which the batch trains with.
+        self._make_due_decisions()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
         parent = getattr(super(), "on_train_batch_start", None)

@@ -1589,6 +1589,8 @@ def _lightning_fit(
     decisions=None,
     strict=False,
     save_on_train_epoch_end=None,
+    callbacks=(),
+    logger=False,
     **trainer_kw,
 ):
     """``epochs`` epochs of 4 batches of a linear model under the default policy (stepped per epoch, or every
@@ -1638,8 +1640,8 @@ def _lightning_fit(
     loader = torch.utils.data.DataLoader(data, batch_size=16)
     trainer = pl.Trainer(
         max_epochs=epochs,
-        logger=False,
-        callbacks=[checkpoints],
+        logger=logger,
+        callbacks=[checkpoints, *callbacks],
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -1661,6 +1663,34 @@ def test_lightning_trainer_end_to_end(tmp_path):
     # Lightning then skips on resuming; the mixin makes it), the run keeps the uninterrupted schedule.
     policy, resumed = _lightning_fit(pl, tmp_path, "resumed", ckpt=tmp_path / "full" / "step=8.ckpt", epochs=4)
     assert policy.last_step == 4 and resumed == full[8:]
+
+
+@_quiet_lightning
+def test_lightning_learning_rate_monitor_logs_the_made_up_decisions_rate_after_a_resume(tmp_path):
+    """LearningRateMonitor reads the rates in its on_train_batch_start, which Lightning calls before the
+    module's: the first batch of a run resumed from an epoch-end checkpoint was logged at the rate from before
+    the decision the mixin makes up, though it trained with the decision's."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _lightning_fit(pl, tmp_path, "full", epochs=4)
+    logger = pl.loggers.TensorBoardLogger(tmp_path / "tb", name="resumed", version=0)
+    monitor = pl.callbacks.LearningRateMonitor(logging_interval="step")
+    _, trained = _lightning_fit(
+        pl,
+        tmp_path,
+        "resumed",
+        ckpt=tmp_path / "full" / "step=8.ckpt",
+        epochs=4,
+        callbacks=[monitor],
+        logger=logger,
+        log_every_n_steps=1,
+    )
+    events = EventAccumulator(str(tmp_path / "tb" / "resumed" / "version_0"), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("policy")}  # lightning_scheduler_config's name
+    assert sorted(logged) == list(range(8, 16))
+    assert [logged[step] for step in range(8, 16)] == pytest.approx(trained)
 
 
 @_quiet_lightning
