@@ -1047,3 +1047,37 @@ def test_training_in_process_gives_back_the_callers_random_generators(tiny_meta_
     assert torch.equal(before[0], after[0])
     assert all(np.array_equal(a, b) for a, b in zip(before[1], after[1]))
     assert before[2] == after[2]
+
+
+@pytest.mark.parametrize("reader", ["event_accumulator", "plugin_event_accumulator"])
+def test_a_resumed_runs_tensorboard_hides_what_the_stopped_session_logged_after_its_checkpoint(tmp_path, reader):
+    """The TensorBoard app reads with plugin_event_accumulator, which takes a run folder's first SessionLog.START
+    for the run's start: a first resume's purge (a fresh run's writer marks no start) hid nothing in the app,
+    though the older EventAccumulator showed it working."""
+    import importlib
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from training.callbacks import PurgingTensorBoardFormat
+
+    with SummaryWriter(str(tmp_path)) as first:  # a fresh run: no purge step, as hpo-train writes it
+        for step in range(1, 11):
+            first.add_scalar("train/loss", float(step), step)
+    module = importlib.import_module(f"tensorboard.backend.event_processing.{reader}")
+
+    def resume(purge_step: int, last: int) -> list[tuple[int, float]]:
+        writer = PurgingTensorBoardFormat(str(tmp_path), purge_step=purge_step).writer
+        for step in range(purge_step, last + 1):
+            writer.add_scalar("train/loss", -float(step), step)
+        writer.close()
+        acc = module.EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "tensors": 0})
+        acc.Reload()
+        if reader == "event_accumulator":
+            return [(e.step, e.value) for e in acc.Scalars("train/loss")]
+        from tensorboard.util import tensor_util
+
+        return [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in acc.Tensors("train/loss")]
+
+    # resumed from a checkpoint at step 6 (the purge step is the next one), stopped at 8; then resumed at 3
+    assert resume(7, 8) == [*((s, float(s)) for s in range(1, 7)), (7, -7.0), (8, -8.0)]
+    assert resume(4, 5) == [(1, 1.0), (2, 2.0), (3, 3.0), (4, -4.0), (5, -5.0)]

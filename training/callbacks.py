@@ -118,9 +118,18 @@ class PurgingTensorBoardFormat(TensorBoardOutputFormat):
     """
 
     def __init__(self, folder: str, purge_step: int | None = None) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=folder, purge_step=purge_step)
+        if purge_step is not None:
+            # The writer marks the restart with a SessionLog.START at purge_step. The TensorBoard app's reader
+            # takes a run folder's first START for the run's own start and purges only at later ones, and a
+            # fresh run's writer writes none: marked once, the first resume would purge nothing. A second
+            # mark purges the same steps again wherever the first one did.
+            restart = Event(step=purge_step, session_log=SessionLog(status=SessionLog.START))
+            assert self.writer.file_writer is not None  # (opened by the constructor)
+            self.writer.file_writer.add_event(restart)
         self._is_closed = False
 
 
