@@ -1081,3 +1081,32 @@ def test_a_resumed_runs_tensorboard_hides_what_the_stopped_session_logged_after_
     # resumed from a checkpoint at step 6 (the purge step is the next one), stopped at 8; then resumed at 3
     assert resume(7, 8) == [*((s, float(s)) for s in range(1, 7)), (7, -7.0), (8, -8.0)]
     assert resume(4, 5) == [(1, 1.0), (2, 2.0), (3, 3.0), (4, -4.0), (5, -5.0)]
+
+
+def test_the_eval_schedules_figure_of_one_task_shows_its_whole_title():
+    """With one held-out task (--eval-tasks 1) the figure was one 3.2-inch column, narrower than its title,
+    which TensorBoard's eval/schedules image showed cut off at both sides."""
+    from training.callbacks import schedule_figure
+
+    task = callbacks_module.make_eval_tasks(1, split="toy")[0]
+    decoder = ActionDecoder(("lr", "weight_decay"))
+
+    def record(scale: float) -> EpisodeRecord:
+        steps = np.arange(1, 6)
+        return EpisodeRecord(
+            task=task,
+            seed_index=0,
+            hparams={"lr": list(1e-3 * scale**steps), "weight_decay": [1e-4] * 5},
+            val_loss=list(2.0 / steps),
+        )
+
+    fig = schedule_figure([record(0.9)], {"constant": [record(1.0)], "random": [record(1.2)]}, decoder, 4, 262_144)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    canvas = FigureCanvasAgg(fig)  # (a matplotlib Figure made without pyplot has no drawing canvas)
+    canvas.draw()
+    title = fig.get_suptitle()
+    (text,) = [c for c in fig.get_children() if isinstance(c, Text) and c.get_text() == title]
+    box = text.get_window_extent(canvas.get_renderer())
+    assert "262144" in title and 0 <= box.x0 and box.x1 <= fig.bbox.width

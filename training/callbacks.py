@@ -561,7 +561,8 @@ def schedule_figure(
     chosen += [i for i in range(len(records)) if i not in chosen]
     chosen = chosen[: max(1, n_tasks)]
     rows = [*decoder.names, "val_loss"]
-    fig = MplFigure(figsize=(3.2 * len(chosen), 2.2 * len(rows)), layout="constrained")
+    # (at least 5 inches: one task's column alone is narrower than the title)
+    fig = MplFigure(figsize=(max(3.2 * len(chosen), 5.0), 2.2 * len(rows)), layout="constrained")
     axes = fig.subplots(len(rows), len(chosen), squeeze=False)
     series = {"policy": records, **references}
     styles: dict[str, dict[str, Any]] = {
