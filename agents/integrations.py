@@ -100,7 +100,7 @@ from agents.scheduler import (
     PolicyScheduler,
     _warn_about_the_horizon,
 )
-from hpo_env.checks import is_integer
+from hpo_env.checks import is_flag, is_integer
 
 __all__ = ["PolicySchedulerMixin", "hf_trainer_callback", "lightning_scheduler_config"]
 
@@ -197,23 +197,29 @@ def lightning_scheduler_config(
         name: label for Lightning's ``LearningRateMonitor``.
 
     Raises:
-        TypeError: ``scheduler`` is not a :class:`PolicyScheduler`, or ``monitor`` is not a non-empty string.
-        ValueError: ``interval`` is not ``"epoch"`` or ``"step"``, ``frequency < 1``, or ``monitor`` names a
-            score (``"val_acc"``: higher is better) instead of a loss.
+        TypeError: ``scheduler`` is not a :class:`PolicyScheduler`, ``monitor`` is not a non-empty string, or
+            ``strict`` is not a bool.
+        ValueError: ``interval`` is not ``"epoch"`` or ``"step"``, ``frequency`` is not an integer >= 1, or
+            ``monitor`` names a score (``"val_acc"``: higher is better) instead of a loss.
     """
     if not isinstance(scheduler, PolicyScheduler):
         raise TypeError(f"scheduler must be a PolicyScheduler, got {type(scheduler).__name__}")
     if interval not in ("epoch", "step"):
         raise ValueError(f"interval must be 'epoch' or 'step', got {interval!r}")
-    if int(frequency) < 1:
-        raise ValueError(f"frequency must be >= 1, got {frequency}")
+    if not is_integer(frequency) or frequency < 1:
+        raise ValueError(
+            f"frequency must be an integer >= 1 (Lightning steps the scheduler every `frequency` {interval}s), "
+            f"got {frequency!r}"
+        )
+    if not is_flag(strict):
+        raise TypeError(f"strict must be True or False (Lightning's option), got {strict!r}")
     _check_loss_metric(monitor, "monitor")
     return {
         "scheduler": scheduler,
         "interval": interval,
         "frequency": int(frequency),
         "monitor": monitor,
-        "strict": strict,
+        "strict": bool(strict),
         # Makes Lightning pass the monitored value to lr_scheduler_step.
         "reduce_on_plateau": True,
         "name": name,

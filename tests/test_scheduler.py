@@ -1290,6 +1290,15 @@ def test_lightning_config_and_mixin_without_lightning():
         lightning_scheduler_config(torch.optim.lr_scheduler.StepLR(opt, 1))
     with pytest.raises(ValueError, match="interval"):
         lightning_scheduler_config(sched, interval="batch")
+    # frequency is a count: 1.5 is not truncated to 1 (nor "2" parsed), and strict is a flag; NumPy ints pass.
+    for frequency in (1.5, "2", None, True, 0):
+        with pytest.raises(
+            ValueError, match=rf"frequency must be an integer >= 1 .*, got {re.escape(repr(frequency))}"
+        ):
+            lightning_scheduler_config(sched, frequency=frequency)
+    assert lightning_scheduler_config(sched, frequency=np.int64(2))["frequency"] == 2
+    with pytest.raises(TypeError, match="strict must be True or False .*, got 'no'"):
+        lightning_scheduler_config(sched, strict="no")
     # A score is refused (the policy would read an improving model as a diverging one); losses pass.
     for score in ("val_acc", "val/accuracy", "val_f1", "val_auroc", "eval_rouge1", "val_mAP50-95", "valAcc"):
         with pytest.raises(ValueError, match=rf"monitor='{score}' names a score .* \(e\.g\. 'val_loss'\)"):
