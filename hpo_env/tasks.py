@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -608,8 +608,10 @@ class TaskDistribution:
             Drawn after the task, so 0 leaves every draw as it was.
 
     Raises:
-        ValueError: an unknown family or optimiser, an empty list, or a spread, centre or gain spread
-            outside ``[0, 3]``, ``[-3, 3]`` and ``[0, 2]``.
+        ValueError: an unknown or repeated family or optimiser, an empty list, or a spread, centre or gain
+            spread outside ``[0, 3]``, ``[-3, 3]`` and ``[0, 2]``.
+        TypeError: ``families`` or ``optimizers`` is not a name or an ordered list of names (a set), or a
+            spread or centre is not a number.
     """
 
     def __init__(
@@ -624,6 +626,9 @@ class TaskDistribution:
     ) -> None:
         check_ordered(families, "families")  # a seed draws family number k
         check_ordered(optimizers, "optimizers")
+        for arg, names, choices in (("families", families, FAMILIES), ("optimizers", optimizers, OPTIMIZERS)):
+            if not isinstance(names, Iterable):
+                raise TypeError(f"{arg} must be a name or an ordered list of names from {list(choices)}, got {names!r}")
         families = (families,) if isinstance(families, str) else tuple(families)  # one family by name
         optimizers = (optimizers,) if isinstance(optimizers, str) else tuple(optimizers)
         unknown = [f for f in families if f not in _SAMPLERS]
@@ -632,6 +637,15 @@ class TaskDistribution:
         bad_opt = [o for o in optimizers if o not in OPTIMIZERS]
         if not optimizers or bad_opt:
             raise ValueError(f"unknown or empty optimizers {bad_opt or optimizers!r}; choose from {list(OPTIMIZERS)}")
+        for arg, names in (("families", families), ("optimizers", optimizers)):
+            if len(set(names)) != len(names):
+                raise ValueError(
+                    f"{arg} must not repeat, got {list(names)}: each is drawn equally often, so a repeated name "
+                    "would double its share"
+                )
+        for arg, value in (("lr_spread", lr_spread), ("lr_center", lr_center), ("lr_gain_spread", lr_gain_spread)):
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise TypeError(f"{arg} must be a number of decades, got {value!r} ({type(value).__name__})")
         lr_spread = float(lr_spread)
         if not 0 <= lr_spread <= 3:
             raise ValueError(

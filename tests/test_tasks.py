@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -264,6 +266,33 @@ def test_bad_distributions_raise():
         TaskDistribution(["tabular"], optimizers=["lion"])
     with pytest.raises(ValueError, match="unknown split"):
         TaskDistribution.default("heldout")
+
+
+def test_distribution_arguments_of_the_wrong_kind_raise_saying_what_was_given():
+    # A repeated family or optimiser would silently double its share of the draws (as check_families says).
+    with pytest.raises(ValueError, match=r"families must not repeat, got \['tabular', 'tabular'\]"):
+        TaskDistribution(["tabular", "tabular"])
+    with pytest.raises(ValueError, match=r"optimizers must not repeat, got \['sgd', 'sgd'\]"):
+        TaskDistribution(["tabular"], optimizers=["sgd", "sgd"])
+    # A set's order (and so what a seed draws) changes between processes; None is no list of names.
+    for families in (None, 3):
+        with pytest.raises(
+            TypeError, match=rf"families must be a name or an ordered list .*, got {re.escape(repr(families))}"
+        ):
+            TaskDistribution(families)
+    with pytest.raises(TypeError, match=r"families must be a list or tuple, got a set \['charlm', 'tabular'\]"):
+        TaskDistribution({"tabular", "charlm"})
+    with pytest.raises(TypeError, match="--families must be a list or tuple, got a set"):
+        check_families({"tabular", "charlm"}, "--families")
+    # Spreads are numbers: "1" was parsed silently, None and "abc" failed inside float() with Python's message.
+    for value in ("1", None, True):
+        with pytest.raises(TypeError, match=rf"lr_spread must be a number of decades, got {re.escape(repr(value))}"):
+            TaskDistribution(["tabular"], lr_spread=value)
+    with pytest.raises(TypeError, match="lr_center must be a number of decades, got 'abc'"):
+        TaskDistribution(["tabular"], lr_center="abc")
+    # NumPy numbers and any ordered iterable of names pass.
+    dist = TaskDistribution((f for f in ["tabular", "charlm"]), lr_spread=np.float32(1.0), lr_gain_spread=np.int64(1))
+    assert dist.families == ("tabular", "charlm") and dist.lr_spread == 1.0 and dist.lr_gain_spread == 1.0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
