@@ -9,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 
 from hpo_env.actions import ActionDecoder
-from hpo_env.checks import as_real_array
+from hpo_env.checks import as_real_array, is_integer
 from hpo_env.core import EpisodeBatch
 from hpo_env.features import OBS_BOUND
 from hpo_env.tasks import DEFAULT_LR_SPREAD, SPLITS, TaskDistribution, TaskSpec, ToyTaskDistribution
@@ -175,7 +175,9 @@ class HPOEnv(EpisodeSettings, gym.Env):
         return None if ep is None else ep.spec
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        super().reset(seed=seed)
+        # A NumPy integer (a seed from np.arange, a config array) is a seed, as HPOVecEnv takes it; Gymnasium's
+        # seeding accepts Python ints only.
+        super().reset(seed=int(seed) if seed is not None and is_integer(seed) else seed)
         options = options or {}
         unknown = set(options) - {"task"}
         if unknown:

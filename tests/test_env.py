@@ -40,6 +40,18 @@ def test_same_seed_same_actions_same_trajectory():
         assert ra == rb and la == lb
 
 
+def test_numpy_integer_seed_is_a_seed():
+    # Gymnasium's seeding takes Python ints only ("Seed must be a python integer"); HPOVecEnv took NumPy ones already.
+    env = HPOEnv("toy")
+    for seed in np.arange(2):
+        obs, info = env.reset(seed=seed)
+        expected_obs, expected_info = HPOEnv("toy").reset(seed=int(seed))
+        np.testing.assert_array_equal(obs, expected_obs)
+        assert info["task_id"] == expected_info["task_id"]
+    with pytest.raises(gym.error.Error, match="Seed must be a python integer.*float"):
+        env.reset(seed=1.5)
+
+
 def test_different_seeds_different_tasks():
     env = HPOEnv()
     ids = {env.reset(seed=s)[1]["task_id"] for s in range(8)}
