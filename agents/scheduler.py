@@ -148,8 +148,9 @@ def _resolve_sync_ranks(sync_ranks: bool | None) -> bool:
     initialised = dist.is_available() and dist.is_initialized()
     if sync_ranks is None:
         return initialised and dist.get_world_size() > 1
-    if not isinstance(sync_ranks, bool):
+    if not is_flag(sync_ranks):
         raise TypeError(f"sync_ranks must be True, False or None (automatic), got {sync_ranks!r}")
+    sync_ranks = bool(sync_ranks)
     if sync_ranks and not initialised:
         raise ValueError(
             "sync_ranks=True needs an initialised torch.distributed process group "
@@ -1430,7 +1431,18 @@ class PolicyScheduler:
         Raises:
             ValueError: the state was saved for another policy (controlled hyperparameters or
                 bounds), another number of param groups, or is malformed.
+            TypeError: ``state_dict`` is not a mapping (a checkpoint's path, say).
         """
+        if not isinstance(state_dict, Mapping):
+            hint = (
+                f" {str(state_dict)!r}: load the file first, scheduler.load_state_dict(torch.load({str(state_dict)!r}))"
+                if isinstance(state_dict, (str, os.PathLike))
+                else ""
+            )
+            raise TypeError(
+                f"state_dict must be a dict, as PolicyScheduler.state_dict() returns, got {type(state_dict).__name__}"
+                f"{hint}"
+            )
         required = {"version", "decoder", "total_steps", "t", "base", "ratios", "features", "policy_state"}
         missing = required - set(state_dict)
         if missing:

@@ -84,3 +84,10 @@ def test_sync_ranks_without_a_process_group_is_refused():
     with pytest.raises(ValueError, match="sync_ranks=True needs an initialised torch.distributed process group"):
         PolicyScheduler.from_pretrained("default", opt, total_steps=6, epochs=6, sync_ranks=True)
     assert not PolicyScheduler.from_pretrained("default", opt, total_steps=6, epochs=6).sync_ranks
+    # A flag as the other flags take it: NumPy's bool too; a truthy stand-in is refused, naming it.
+    assert (
+        PolicyScheduler.from_pretrained("default", opt, total_steps=6, epochs=6, sync_ranks=np.False_).sync_ranks
+        is False
+    )
+    with pytest.raises(TypeError, match="sync_ranks must be True, False or None .*, got 'no'"):
+        PolicyScheduler.from_pretrained("default", opt, total_steps=6, epochs=6, sync_ranks="no")

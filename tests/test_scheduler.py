@@ -201,6 +201,13 @@ def test_load_state_dict_rejects_other_policy_or_groups(default_bundle):
         PolicyScheduler(_optimizer("sgd", 0.1, 1e-4, 0.9, groups=2), default_bundle, 4, epochs=4).load_state_dict(state)
     with pytest.raises(ValueError, match="missing"):
         sched.load_state_dict({"t": 3})
+    # Not a mapping at all: a checkpoint's path (a common slip) gets the fix; others their type, not an AttributeError.
+    with pytest.raises(
+        TypeError, match=r"state_dict must be a dict.*got str 'ckpt.pt': load the file first, .*torch.load"
+    ):
+        sched.load_state_dict("ckpt.pt")
+    with pytest.raises(TypeError, match="state_dict must be a dict, as PolicyScheduler.state_dict.. returns, got list"):
+        sched.load_state_dict([state])
 
 
 @pytest.mark.parametrize(
