@@ -113,15 +113,22 @@ def _lr_index(decoder: ActionDecoder) -> int:
     return decoder.names.index("lr")
 
 
+def _number(name: str, value: Any) -> float:
+    """``value`` as a float, or a TypeError: ``float()`` would parse ``"0.5"`` and take ``True`` as 1."""
+    if not is_number(value):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
 def _check_positive(name: str, value: float) -> float:
-    value = float(value)
+    value = _number(name, value)
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return value
 
 
 def _check_fraction(name: str, value: float, *, open_low: bool = False, open_high: bool = False) -> float:
-    value = float(value)
+    value = _number(name, value)
     low_ok = value > 0 if open_low else value >= 0
     high_ok = value < 1 if open_high else value <= 1
     if not (low_ok and high_ok):
@@ -237,7 +244,7 @@ class CosineSchedule(LRSchedule):
 
     def __init__(self, decoder: ActionDecoder, min_factor: float = 0.0) -> None:
         super().__init__(decoder)
-        min_factor = float(min_factor)
+        min_factor = _number("min_factor", min_factor)
         if not 0 <= min_factor < 1:
             raise ValueError(f"min_factor must lie in [0, 1), got {min_factor!r}")
         self.min_factor = min_factor
@@ -373,10 +380,10 @@ class ReduceLROnPlateau(LRSchedule):
         super().__init__(decoder)
         self.factor = _check_fraction("factor", factor, open_low=True, open_high=True)
         for name, value in (("patience", patience), ("cooldown", cooldown)):
-            if int(value) != value or value < 0:
+            if not is_number(value) or int(value) != value or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         self.patience, self.cooldown = int(patience), int(cooldown)
-        self.threshold = float(threshold)
+        self.threshold = _number("threshold", threshold)
         if not 0 <= self.threshold < 1:
             raise ValueError(f"threshold must lie in [0, 1), got {threshold!r}")
         self.min_factor = _check_positive("min_factor", min_factor)
@@ -533,6 +540,8 @@ class RandomPolicy:
             raise TypeError(f"decoder must be an hpo_env.ActionDecoder, got {type(decoder).__name__}")
         if rng is not None and not isinstance(rng, np.random.Generator):
             raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        if seed is not None and (not is_integer(seed) or seed < 0):
+            raise ValueError(f"seed must be an integer >= 0 or None (fresh entropy), got {seed!r}")
         self.decoder = decoder
         self.seed = seed
         self.rng = rng if rng is not None else np.random.default_rng(seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -175,6 +176,26 @@ def test_random_policy_is_reproducible_and_covers_the_box(tasks):
     assert np.all(np.abs(draws.mean(0)) < 0.06)
     with pytest.raises(TypeError, match="Generator"):
         RandomPolicy(DECODER, rng=3)
+    # A bad seed is refused here, not as NumPy's "expected non-negative integer"; NumPy ints are seeds.
+    for seed in (-1, 1.5, "3"):
+        with pytest.raises(ValueError, match=rf"seed must be an integer >= 0 or None .*, got {re.escape(repr(seed))}"):
+            RandomPolicy(DECODER, seed=seed)
+    assert RandomPolicy(DECODER, seed=np.int64(3)).predict(np.zeros(ObservationBuilder(DECODER).dim))[0].shape == (2,)
+
+
+def test_schedule_parameters_must_be_numbers():
+    # float() parsed "0.1" and took True as 1; "abc" and None failed inside float() with Python's message.
+    for make, name, value in [
+        (lambda v: CosineSchedule(EXACT, min_factor=v), "min_factor", "0.1"),
+        (lambda v: StepDecay(EXACT, gamma=v), "gamma", None),
+        (lambda v: LinearDecay(EXACT, end_factor=v), "end_factor", True),
+        (lambda v: ReduceLROnPlateau(EXACT, threshold=v), "threshold", "abc"),
+    ]:
+        with pytest.raises(TypeError, match=rf"{name} must be a number, got {re.escape(repr(value))}"):
+            make(value)
+    with pytest.raises(ValueError, match="patience must be a non-negative integer, got None"):
+        ReduceLROnPlateau(EXACT, patience=None)
+    assert CosineSchedule(EXACT, min_factor=np.float32(0.5)).min_factor == 0.5
 
 
 def test_replay_of_an_average_schedule(tasks):
