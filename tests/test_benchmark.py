@@ -663,6 +663,27 @@ def test_empty_or_repeated_families_are_refused(capsys):
         bench.config_from_args(args)
 
 
+def test_config_values_of_the_wrong_kind_are_refused_naming_them(tmp_path):
+    def config(**kw):
+        return bench.BenchmarkConfig(policy="p", out=str(tmp_path / "out"), **kw)
+
+    # One family by name, as TaskDistribution takes it: not split into letters (which read as repeats, or as
+    # unknown families once the bundle had loaded); an unknown name is refused here, with the choices.
+    assert config(families="tabular").families == ("tabular",)
+    with pytest.raises(ValueError, match=r"families has unknown names \['tabx'\]; choose from \['teacher_regression'"):
+        config(families=["tabx"])
+    # Numbers: a string or None failed on '>=' with Python's message; a bool is no count.
+    for name, value in (("grid_decades", "1.5"), ("hd_beta_sgd", None), ("hd_beta_adamw", "0")):
+        with pytest.raises(ValueError, match=rf"{name} must be a finite number >= 0, got {re.escape(repr(value))}"):
+            config(**{name: value})
+    for name in ("seeds", "tasks_per_family", "seed", "total_steps"):
+        with pytest.raises(ValueError, match=rf"{name} must be .*integer.*, got True"):
+            config(**{name: True})
+    assert config(seeds=np.int64(2), grid_decades=np.float32(1.0)).seeds == 2
+    with pytest.raises(TypeError, match="config must be a BenchmarkConfig, got dict"):
+        bench.run_benchmark({"policy": "default"})
+
+
 def test_workers_store_the_runs_one_process_stores(tiny_bundle, tmp_path, monkeypatch):
     """Batch for batch the same runs, also where two arms share a key (an odd K's middle rate and the default)."""
     config = _tiny_config(tiny_bundle, tmp_path / "one", grid_size=7, grid_decades=0.9, chunk_size=3, threads=1)

@@ -69,6 +69,7 @@ from agents.baselines import (
 )
 from agents.bundle import CONFIG_FILE, ENSEMBLE_KIND, MODEL_FILE, NORM_FILE, load_bundle
 from hpo_env import (
+    FAMILIES,
     FEATURE_SET_VERSION,
     OPTIONAL_FEATURES,
     SPLITS,
@@ -79,7 +80,7 @@ from hpo_env import (
 )
 from hpo_env import __version__ as HPO_VERSION
 from hpo_env.actions import DEFAULT_HYPERPARAMETERS
-from hpo_env.checks import check_ordered, is_integer
+from hpo_env.checks import check_ordered, is_integer, is_number
 from hpo_env.tasks import DEFAULT_HPARAMS
 from training.cli import HelpFormatter, NameList, readable_warnings
 from training.hypergradient import DEFAULT_HYPERGRADIENT_LR, run_hypergradient
@@ -157,13 +158,20 @@ class BenchmarkConfig:
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {self.split!r}")
         check_ordered(self.families, "families")  # the tasks are drawn family by family from one generator
-        self.families = tuple(self.families)
+        # One family by name, as TaskDistribution takes it (not its letters).
+        self.families = (self.families,) if isinstance(self.families, str) else tuple(self.families)
         if len(set(self.families)) != len(self.families):
             raise ValueError(f"families must not repeat (each is benchmarked once), got {list(self.families)}")
+        unknown = [f for f in self.families if f not in FAMILIES]
+        if unknown:
+            raise ValueError(f"families has unknown names {unknown}; choose from {list(FAMILIES)}")
         for name in ("tasks_per_family", "seeds", "grid_size", "chunk_size", "bootstrap", "workers"):
             value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("grid_decades", "hd_beta_sgd", "hd_beta_adamw"):
+            if not is_number(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
         if not (self.grid_decades >= 0 and math.isfinite(self.grid_decades)):
             raise ValueError(f"grid_decades must be a finite number >= 0, got {self.grid_decades!r}")
         if self.grid_decades == 0 and self.grid_size > 1:
@@ -177,11 +185,11 @@ class BenchmarkConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         for name in ("total_steps", "steps_per_action"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+            if value is not None and (not is_integer(value) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         for name in ("task_seed", "seed"):
             value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value < 0:
+            if not is_integer(value) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if self.threads is not None and (not is_integer(self.threads) or self.threads < 1):
             raise ValueError(f"threads must be a positive integer or None, got {self.threads!r}")
@@ -610,6 +618,8 @@ def run_benchmark(config: BenchmarkConfig, policy: Any = None, policy_hash: str 
         agents.BundleError: the policy bundle is missing or invalid.
         ValueError: inconsistent settings.
     """
+    if not isinstance(config, BenchmarkConfig):
+        raise TypeError(f"config must be a BenchmarkConfig, got {type(config).__name__}")
     if config.workers > 1:
         if policy is not None:
             raise ValueError(
