@@ -335,6 +335,31 @@ def test_parse_settings_types_and_validation():
 
 
 @pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("seed", 1.5, "an integer"),  # ran with seed 1.5
+        ("total_timesteps", 1e4, "an integer"),  # went on to SB3 as a float
+        ("threads", "2", "an integer"),  # failed on '<' with Python's message
+        ("preset", "medium", "one of ['quick', 'full']"),  # a KeyError once the budget was read
+        ("eval_distribution", "tst", "one of ['validation', 'test', 'train', 'all', 'toy']"),  # accepted
+        ("progress_bar", "no", "True or False"),  # a truthy string: a progress bar
+        ("gamma", "0.99", "a number"),
+    ],
+)
+def test_settings_built_in_python_are_checked_as_the_command_line_parses_them(field, value, expected):
+    with pytest.raises(
+        ValueError, match=rf"--{field.replace('_', '-')} must be {re.escape(expected)}, got {re.escape(repr(value))}"
+    ):
+        TrainSettings(**{field: value})
+
+
+def test_settings_take_numpy_numbers_and_one_name_for_a_list():
+    s = TrainSettings(seed=np.int64(3), total_timesteps=np.int64(64), gamma=np.float32(0.5), families="tabular")
+    assert s.seed == 3 and s.budget.total_timesteps == 64 and s.families == ("tabular",)
+    assert TrainSettings(hyperparameters="lr").hyperparameters == ("lr",)  # not ('l', 'r')
+
+
+@pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--algorithm", "framestack", "--lstm-hidden-size", "32"], "--lstm-hidden-size does not apply"),

@@ -206,6 +206,7 @@ class TrainSettings:
     """0: quiet; 1: a line per evaluation and the final summary."""
 
     def __post_init__(self) -> None:
+        self._check_types()
         for name in (
             "total_timesteps",
             "n_envs",
@@ -274,6 +275,35 @@ class TrainSettings:
                     f"--{_flag(name)} does not apply to --algorithm {self.algorithm} (it sets {what}): drop it, "
                     f"or choose --algorithm {needs}"
                 )
+
+    def _check_types(self) -> None:
+        """Each field of the kind its annotation says, as the command line parses it: settings built in Python
+        (or read back from settings.json) would otherwise fail late (a preset's budget, torch's thread count) or
+        run with nonsense (a seed of 1.5)."""
+        from hpo_env.checks import is_flag, is_integer, is_number
+
+        hints = typing.get_type_hints(TrainSettings)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind, optional = _unwrap_optional(hints[f.name])
+            if value is None and optional:
+                continue
+            if typing.get_origin(kind) is tuple:
+                if isinstance(value, str):  # one name (not its letters), as on the command line
+                    setattr(self, f.name, (value,))
+                continue
+            if typing.get_origin(kind) is Literal:
+                ok, expected = value in typing.get_args(kind), f"one of {list(typing.get_args(kind))}"
+            elif kind is bool:
+                ok, expected = is_flag(value), "True or False"
+            elif kind is int:
+                ok, expected = is_integer(value), "an integer"
+            elif kind is float:
+                ok, expected = is_number(value), "a number"
+            else:
+                continue
+            if not ok:
+                raise ValueError(f"--{_flag(f.name)} must be {expected}, got {value!r}")
 
     @property
     def budget(self) -> RunBudget:
