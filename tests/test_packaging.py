@@ -4,6 +4,8 @@ packages import only what the package declares."""
 from __future__ import annotations
 
 import ast
+import base64
+import json
 import re
 import shutil
 import subprocess
@@ -129,3 +131,19 @@ def test_the_packages_import_only_declared_dependencies():
                     if not dists & allowed:
                         wrong.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {module} ({sorted(dists)})")
     assert not wrong, "imports of packages hpo-meta does not declare:\n" + "\n".join(wrong)
+
+
+def test_the_declared_numpy_loads_the_shipped_policies():
+    """A policy saved under numpy 2 pickles its spaces with ``numpy._core`` modules, which numpy 1.x
+    lacks: there ``from_pretrained("default", ...)`` failed with "No module named 'numpy._core'"."""
+    declared = re.search(r'"numpy>=(\d+)', (ROOT / "pyproject.toml").read_text())
+    assert declared, "pyproject.toml names no lower bound for numpy"
+    needing_numpy_2 = []
+    for model in sorted((ROOT / "agents" / "policies").rglob("model.zip")):
+        with zipfile.ZipFile(model) as archive:
+            data = json.loads(archive.read("data"))
+        for key, value in data.items():
+            if isinstance(value, dict) and b"numpy._core" in base64.b64decode(value.get(":serialized:", "")):
+                needing_numpy_2.append(f"{model.relative_to(ROOT)}: {key}")
+    assert needing_numpy_2, "no shipped policy pickles numpy 2's modules: check what this test looks for"
+    assert int(declared.group(1)) >= 2, f"these need numpy >= 2 to load: {needing_numpy_2}"
