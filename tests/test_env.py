@@ -105,6 +105,7 @@ def test_huge_learning_rate_diverges_with_a_penalty_not_an_exception():
             break
     assert info["diverged"] and steps < 9
     assert total == pytest.approx(-1.5), "a diverged episode returns exactly -divergence_penalty"
+    assert math.isnan(info["final_val_loss"]) and "test_loss" not in info  # no final loss of a diverged run
     with pytest.raises(RuntimeError, match=r"the episode has ended .*: call reset\(\) before step\(\)"):
         env.step(np.zeros(2, np.float32))
 
@@ -137,6 +138,9 @@ def test_every_family_runs_a_full_episode(family):
     assert info["diverged"] or n == spec.num_decisions - 1
     assert set(info["hparams"]) == {"lr", "weight_decay", "momentum"}
     assert ("val_accuracy" in info) == (spec.task_type == "classification")
+    if not info["diverged"]:
+        assert np.isfinite(info["test_loss"]) and info["final_val_loss"] == info["val_loss"]
+        assert ("test_accuracy" in info) == (spec.task_type == "classification")
 
 
 def test_ansi_render():
