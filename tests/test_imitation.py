@@ -75,7 +75,7 @@ def test_cloning_fits_the_policy_to_the_teacher(toy_tasks):
     np.testing.assert_allclose(actions, demos.actions[:, 0], atol=0.3)
 
 
-def test_warm_start_summary_and_cli_checks():
+def test_warm_start_summary_and_cli_checks(capsys):
     config = get_preset("quick", task_distribution="toy", n_envs=2)
     env = make_meta_env(config, seed=0)
     model = make_meta_agent(env, config, seed=0, device="cpu")
@@ -87,8 +87,12 @@ def test_warm_start_summary_and_cli_checks():
     assert parse_settings(["--imitation-tasks", "64"]).imitation_tasks == 64
     with pytest.raises(SystemExit):
         parse_settings(["--imitation-tasks", "-1"])
+    assert "--imitation-tasks must be >= 0 (0 turns the warm start off), got -1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_settings(["--imitation-tasks", "8", "--algorithm", "framestack"])
+    assert "--imitation-tasks clones into the recurrent policy; use it with --algorithm recurrent" in (
+        capsys.readouterr().err
+    )
 
 
 def test_warm_start_refuses_a_policy_without_an_lstm():

@@ -211,22 +211,26 @@ def test_a_resumed_run_keeps_the_configuration_it_was_made_with(capsys):
     assert _run_config({}, today) is today  # a checkpoint from before the record: as resolved
 
 
-def test_resume_refuses_to_change_the_run_identity(tmp_path):
+def test_resume_refuses_to_change_the_run_identity(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "settings.json").write_text(json.dumps({**TrainSettings().to_dict(), "run_name": "run", "seed": 3}))
     settings = parse_settings(["--resume", str(run), "--total-timesteps", "99", "--threads", "2"])
     assert (settings.seed, settings.total_timesteps, settings.threads) == (3, 99, 2)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:
         parse_settings(["--resume", str(run), "--seed", "4"])
+    assert exc.value.code == 2
+    assert "these cannot change: --seed. Changeable: --checkpoint-freq" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_settings(["--resume", str(tmp_path / "not-a-run")])
+    assert "not-a-run': no settings.json there; is it a run folder made by hpo-train?" in capsys.readouterr().err
     # Restating the value an option left to the preset resolved to is no change (settings.json records it).
     resolved = {**TrainSettings().to_dict(), "run_name": "run", "agent_config": {"n_epochs": 4, "lr_step": 0.5}}
     (run / "settings.json").write_text(json.dumps(resolved))
     assert parse_settings(["--resume", str(run), "--n-epochs", "4"]).n_epochs is None  # the run's own, as before
     with pytest.raises(SystemExit):
         parse_settings(["--resume", str(run), "--n-epochs", "5"])
+    assert "these cannot change: --n-epochs." in capsys.readouterr().err
 
 
 def test_resume_before_the_first_checkpoint_starts_the_run_again(tmp_path, capsys):
@@ -320,7 +324,7 @@ def test_every_setting_is_documented_and_a_cli_option():
     assert f"(default: the preset's: quick {PRESETS['quick'].n_envs}, full {PRESETS['full'].n_envs})" in flat
 
 
-def test_parse_settings_types_and_validation():
+def test_parse_settings_types_and_validation(capsys):
     s = parse_settings(
         ["--preset", "full", "--n-envs", "8", "--hyperparameters", "lr", "momentum", "--no-progress-bar"]
     )
@@ -329,9 +333,15 @@ def test_parse_settings_types_and_validation():
     assert s.agent_config().n_envs == 8 and s.agent_config().hyperparameters == ("lr", "momentum")
     defaults = parse_settings([])
     assert defaults == TrainSettings() and defaults.logdir == "runs" and defaults.device == "auto"
-    for bad in (["--preset", "huge"], ["--n-envs", "0"], ["--total-timesteps", "x"], ["--eval-freq", "-1"]):
-        with pytest.raises(SystemExit):
+    for bad, message in (
+        (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+        (["--n-envs", "0"], "--n-envs must be >= 1, got 0"),
+        (["--total-timesteps", "x"], "argument --total-timesteps: invalid int value: 'x'"),
+        (["--eval-freq", "-1"], "--eval-freq must be >= 0 timesteps, got -1"),
+    ):
+        with pytest.raises(SystemExit) as exc:
             parse_settings(bad)
+        assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
