@@ -575,6 +575,7 @@ def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_pat
     assert better["geomean_ratio"] == pytest.approx(1 / 1.1) and "lower on 4 of 4" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         pool.main(["--paired", f"a={config.out}"])
+    assert "--paired compares two policies; got 1 labels" in capsys.readouterr().err
     # --settings: the mean and spread over runs of one setting (here the report and its doctored copy,
     # whose geometric mean is 1.1x the report's).
     grouped = pool.main([f"a={config.out}", f"b={worse}", "--settings", "both=a,b", "--settings", "one=a"])["settings"]
@@ -587,6 +588,7 @@ def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_pat
     assert "both  2 runs  both" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         pool.main([f"a={config.out}", "--settings", "x=a,nope"])
+    assert "--settings x: unknown labels ['nope']; the labels given are ['a']" in capsys.readouterr().err
     copy = shutil.copytree(worse, tmp_path / "worse-copy")
     with pytest.raises(ValueError, match="share 2 task"):  # the same tasks twice
         pool.compare_policies([config.out], [worse, copy])
@@ -813,8 +815,10 @@ def test_feature_ablation_holds_features_and_compares_on_the_same_pairs(tiny_bun
         # per policy row: its runs and its two replay controls (all runs, per task) on the 4 pairs
         assert len(policies) == 3 and len(store) == 3 * 2 * 2 + 2 * 2 * (3 + 4 + 4 + 1 + 1) + 3 * 2 * 2 * 2
     assert json.loads((out / "ablation.json").read_text())["loss_level"]["pairs"] == 4
+    capsys.readouterr()
     with pytest.raises(SystemExit):
         ablation.main([*argv[:-2], "no_such_group"])
+    assert "unknown groups ['no_such_group']; choose from" in capsys.readouterr().err
 
 
 def test_benchmark_runs_a_gradient_feature_policy_next_to_the_baselines(tiny_bundle, tmp_path):
@@ -914,8 +918,10 @@ def test_lr_gain_sweep_scales_the_rates_and_compares_pair_by_pair(tiny_bundle, t
     row = sweep.summarise(hand, n_boot=100)[1]
     assert row["gain"] == 2.0 and row["diverged"] == 1 and row["win_rate"] == 0.75
     assert row["family_median_ratio"]["a"] == 0.5 and row["geomean_ratio"] == pytest.approx(0.5)
+    capsys.readouterr()
     with pytest.raises(SystemExit):
         sweep.main([*argv[:-1], "--families", "no_such_family"])
+    assert "unknown or empty task families ['no_such_family']" in capsys.readouterr().err
 
 
 def test_bad_output_folder_and_device_are_usage_errors(tmp_path, capsys):

@@ -436,8 +436,9 @@ def test_ensemble_command_writes_a_loadable_bundle(good_bundle, second_bundle, t
     assert exc.value.code == 2 and (good_bundle / "model.zip").read_bytes() == before
     err = capsys.readouterr().err
     assert "exists (a policy bundle)" in err and "pass --force to replace it" in err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:
         ensemble_main([str(tmp_path / "ens"), str(good_bundle), str(second_bundle)])  # an existing ensemble too
+    assert exc.value.code == 2 and "exists (a policy bundle)" in capsys.readouterr().err
     assert ensemble_main([str(tmp_path / "ens"), str(good_bundle), str(second_bundle), "--force"]) == 0
     assert "description" not in load_bundle(tmp_path / "ens").config
     # The same bundle twice is not an ensemble.
