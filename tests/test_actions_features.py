@@ -128,6 +128,84 @@ def test_observations_are_scale_invariant_and_bounded():
     assert oa[0, names.index("lr_prev_action")] == pytest.approx(0.5)
     bad = a.update([0], [np.nan], [np.inf], hp, act, [0.3])
     assert np.all(np.isfinite(bad)) and np.all(np.abs(bad) <= OBS_BOUND)
+    # A diverged (non-finite) loss reads as bad as it gets, not as "unchanged".
+    assert bad[0, names.index("log_val_loss")] == OBS_BOUND and bad[0, names.index("log_train_loss")] == OBS_BOUND
+    beyond = a.update([0], [1.0], [1.0], hp, np.array([[3.0, -2.0]]), [0.4])  # a Gaussian head samples beyond
+    assert beyond[0, names.index("lr_prev_action")] == 1.0 and beyond[0, names.index("weight_decay_prev_action")] == -1
+
+
+def test_a_first_validation_loss_of_zero_is_no_reference():
+    """Losses are observed relative to the first one; a first loss of 0 (or NaN) would make every later
+    one infinitely large, so the reference is 1 there."""
+    for first in (0.0, np.nan):
+        b = ObservationBuilder(ActionDecoder())
+        hp = np.array([[1e-2, 1e-4]])
+        b.reset([0], [first], None, hp, [0.1], adaptive=False)
+        obs = b.update([0], [0.5], None, hp, np.zeros((1, 2)), [0.2])
+        assert obs[0, b.feature_names().index("log_val_loss")] == pytest.approx(np.log(0.5))
+
+
+def test_every_feature_is_the_documented_quantity():
+    """Each feature, computed by hand over three intervals (the scale-invariance and env/scheduler
+    agreement tests pass on any feature that the two share, whatever it computes)."""
+    dec = ActionDecoder(("lr", "weight_decay"), bounds={"lr": (1e-4, 1.0), "weight_decay": (1e-6, 1e-2)})
+    b = ObservationBuilder(dec)
+    names = b.feature_names()
+    hp = np.array([[1e-2, 1e-4]])  # lr halfway up its 4 decades in log space, weight decay halfway up its 4
+    val, train = [4.0, 2.0, 3.0], [5.0, 1.0, 1.5]
+    obs = b.reset([0], [val[0]], [train[0]], hp, [0.25], adaptive=False)[0]
+    expected = {"progress": 0.25, "log_val_loss": 0.0, "log_train_loss": np.log(5 / 4), "val_loss_change": 0.0}
+    expected |= {"val_loss_trend": 0.0, "train_loss_trend": 0.0, "train_val_gap": np.log(5 / 4), "val_above_best": 0}
+    expected |= {"lr_position": 0.0, "weight_decay_position": 0.0, "lr_log_change": 0.0, "lr_prev_action": 0.0}
+    for name, value in expected.items():
+        assert obs[names.index(name)] == pytest.approx(value, abs=1e-6), name
+    ema = np.log(np.array([val[0], val[0], train[0], train[0]]) / val[0])
+    actions = [np.array([[1.0, 0.0]]), np.array([[-0.5, 1.0]])]
+    for t, act in enumerate(actions, start=1):
+        new_hp = dec.decode(act, hp)
+        obs = b.update([0], [val[t]], [train[t]], new_hp, act, [0.25 * (t + 1)])[0]
+        x_val, x_tr = np.log(val[t] / val[0]), np.log(train[t] / val[0])
+        ema = np.array([0.5, 0.9, 0.5, 0.9]) * ema + np.array([0.5, 0.1, 0.5, 0.1]) * [x_val, x_val, x_tr, x_tr]
+        expected = {
+            "progress": 0.25 * (t + 1),
+            "log_val_loss": x_val,
+            "log_train_loss": x_tr,
+            "val_loss_change": x_val - np.log(val[t - 1] / val[0]),
+            "train_loss_change": x_tr - np.log(train[t - 1] / val[0]),
+            "val_loss_trend": ema[0] - ema[1],
+            "train_loss_trend": ema[2] - ema[3],
+            "train_val_gap": x_tr - x_val,
+            "val_above_best": x_val - np.log(min(val[: t + 1]) / val[0]),
+            "has_train_loss": 1.0,
+            "adaptive_optimizer": 0.0,
+            "lr_log_change": np.log10(new_hp[0, 0] / 1e-2),
+            "weight_decay_log_change": np.log10(new_hp[0, 1] / 1e-4),
+            "lr_position": 2 * (np.log10(new_hp[0, 0]) + 4) / 4 - 1,
+            "weight_decay_position": 2 * (np.log10(new_hp[0, 1]) + 6) / 4 - 1,
+            "lr_prev_action": act[0, 0],
+            "weight_decay_prev_action": act[0, 1],
+        }
+        assert set(expected) == set(names)
+        for name, value in expected.items():
+            assert obs[names.index(name)] == pytest.approx(value, abs=1e-6), (t, name)
+        hp = new_hp
+    assert obs[names.index("val_above_best")] > 0  # the third validation loss is above the second's
+
+
+def test_position_maps_the_bounds_to_plus_minus_one_in_the_actions_log_space():
+    dec = ActionDecoder(("lr", "momentum"), bounds={"lr": (1e-4, 1.0), "momentum": (0.0, 0.99)})
+    values = np.array([[1e-4, 0.0], [1e-2, 0.9], [1.0, 0.99], [10.0, 0.999]])  # the last row lies beyond: clipped
+    np.testing.assert_allclose(dec.position(values), [[-1, -1], [0, 0], [1, 1], [1, 1]], atol=1e-12)
+    # Changes are measured between the clipped values too: a start beyond the bounds moved nowhere.
+    np.testing.assert_allclose(dec.log_change(values[[3]], np.array([[0.5, 0.9]])), [[np.log10(2.0), 1.0]])
+
+
+def test_a_value_outside_its_bounds_moves_from_the_bound_it_lies_beyond():
+    """A user's optimiser may start above the upper bound (lr=2 against 1.0): one step down goes one
+    step below the bound, not one step below 2 (which the clip would hold at the bound)."""
+    dec = ActionDecoder(("lr", "weight_decay"), max_log10_change=0.25)
+    down = dec.decode(np.array([[-1.0, 1.0]]), np.array([[2.0, 1e-9]]))
+    np.testing.assert_allclose(down, [[10**-0.25, 1e-6 * 10**0.25]])
 
 
 def test_a_run_can_start_its_observations_from_a_cut_start():
