@@ -132,6 +132,26 @@ def test_divergence_is_reported_per_model_and_contained(small_mlp_spec):
     np.testing.assert_allclose(r.val_loss[0], ref.val_loss[0], rtol=1e-5)
 
 
+def test_a_finite_validation_loss_above_divergence_factor_times_the_untrained_one_is_a_divergence(small_mlp_spec):
+    """The threshold is ``divergence_factor`` times the untrained model's validation loss: a run whose
+    finite loss rose 1.49x diverges at factor 1.4, not at 1.6, and one that rose ~8,600x at the default 1e3."""
+
+    def first_chunk(lr: float, **kwargs) -> tuple[float, bool]:
+        trainer = BatchedTrainer(1, **kwargs)
+        trainer.load(0, small_mlp_spec)
+        untrained = trainer.evaluate([0], split="val")[0][0]
+        trainer.set_hparams(0, np.array([lr, 0.0, 0.9]))
+        res = trainer.train_chunk([0])
+        return float(res.val_loss[0] / untrained), bool(res.diverged[0])
+
+    ratio, _ = first_chunk(3.0, divergence_factor=1e30)
+    assert 1.45 < ratio < 1.55 and np.isfinite(ratio)
+    assert first_chunk(3.0, divergence_factor=1.4)[1] and not first_chunk(3.0, divergence_factor=1.6)[1]
+    ratio, diverged = first_chunk(10.0)
+    assert 2e3 < ratio < 5e4 and diverged  # finite, above the default 1e3
+    assert not first_chunk(10.0, divergence_factor=1e5)[1]
+
+
 def test_bad_slots_hyperparameters_and_settings_are_refused_clearly(small_mlp_spec):
     with pytest.raises(ValueError, match="n_slots must be an integer >= 1"):
         BatchedTrainer(2.5)
