@@ -847,11 +847,17 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     def draws():
         return torch.rand(3).tolist(), np.random.rand(), random.random()  # noqa: NPY002 (the legacy state SB3 seeds)
 
+    draws()  # the generators are no longer as seeding left them (a reseed would give these draws again)
     saved = save_checkpoint(root, model, keep=0)
     expected = draws()
     draws()
     assert restore_rng_state(saved) and draws() == expected
     assert not restore_rng_state(tmp_path)  # no rng_state.pt there
+    # Resuming restores them too (the model's load() reseeds them with the run's seed before).
+    draws()
+    resumed_env, _ = load_checkpoint_agent(saved, config, 5, TrainSettings(device="cpu"))
+    resumed_env.close()
+    assert draws() == expected
 
 
 def test_gamma_and_gae_lambda_reach_the_agent_and_the_cli():
