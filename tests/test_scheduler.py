@@ -1102,6 +1102,15 @@ def test_a_loss_far_above_the_runs_first_is_divergence_as_in_the_environment():
         for loss in (0.0, 2e-3, 1e-2, 1.5):  # 1.5 is below 1000 x 2e-3
             zero.step(loss, loss)
     assert not zero.history["diverged"].any()
+    # ...and that reference (not the features' 1, from the first loss of 0) is what a resumed run keeps.
+    resumed = PolicyScheduler(
+        _optimizer("sgd", 0.1, 1e-4, 0.9), ReplayPolicy(ActionDecoder(("lr",)), np.zeros((8, 1))), 6
+    )
+    resumed.load_state_dict(zero.state_dict())
+    with pytest.warns(
+        UserWarning, match=r"validation loss 2.5 at scheduler step 5, above 1000x the run's first one \(0.002\)"
+    ):
+        resumed.step(2.5, 2.5)
 
 
 def test_steps_beyond_total_steps_warn_and_hold():
