@@ -402,6 +402,32 @@ def _tiny_config(bundle, out, **kw) -> bench.BenchmarkConfig:
     return bench.BenchmarkConfig(**settings)
 
 
+def test_a_rerun_stopped_while_writing_its_report_leaves_the_previous_report_whole(tiny_bundle, tmp_path, monkeypatch):
+    """benchmark.json and report.md are replaced whole, and together: a full disk mid-write or a kill
+    between the two leaves the previous pair, not a truncated file or a json of another run than its report."""
+    import errno
+
+    config = _tiny_config(tiny_bundle, tmp_path / "out", families=("tabular",), seeds=1, grid_size=1, plots=False)
+    first = bench.run_benchmark(config)
+    before = {p.name: p.read_bytes() for p in (first.json_path, first.report_path)}
+    rerun = dataclasses.replace(config, bootstrap=300)  # (the stored runs, another summary)
+    real_write_text = Path.write_text
+
+    def disk_full(path, data, *args, **kwargs):
+        real_write_text(path, data[: len(data) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        bench.run_benchmark(rerun)
+    monkeypatch.setattr(Path, "write_text", real_write_text)
+    monkeypatch.setattr(bench, "render_report", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_benchmark(rerun)
+    assert {p.name: p.read_bytes() for p in (first.json_path, first.report_path)} == before
+    assert sorted(p.name for p in first.json_path.parent.iterdir()) == ["benchmark.json", "report.md", "results.sqlite"]
+
+
 def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_path, monkeypatch, capsys, load_script):
     config = _tiny_config(tiny_bundle, tmp_path / "out", threads=1)
     real_run_chunks = bench.run_chunks

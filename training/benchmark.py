@@ -752,11 +752,24 @@ def _run_benchmark(config: BenchmarkConfig, policy: Any, policy_hash: str | None
         "store": str(config.store_path),
     }
     plot_paths = make_plots(summary, out / "plots") if config.plots else []
-    json_path = out / "benchmark.json"
-    json_path.write_text(json.dumps(jsonable(summary), indent=1, allow_nan=False))
-    report_path = out / "report.md"
-    report_path.write_text(render_report(summary, plot_paths, out))
+    # Both rendered before either is replaced, each replaced whole: a kill or a full disk while they are
+    # written leaves the previous pair, never a truncated file or a report of another run than its json.
+    json_path, report_path = out / "benchmark.json", out / "report.md"
+    texts = json.dumps(jsonable(summary), indent=1, allow_nan=False), render_report(summary, plot_paths, out)
+    for path, text in zip((json_path, report_path), texts):
+        _replace_file(path, functools.partial(Path.write_text, data=text))
     return BenchmarkResult(summary, report_path, json_path, plot_paths, computed, reused)
+
+
+def _replace_file(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write a file with ``write(tmp)`` into a temporary sibling, then rename it over ``path`` (atomic)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _plan_replays(
@@ -1289,7 +1302,7 @@ def make_plots(summary: dict, folder: Path) -> list[Path]:
         )
         fig.tight_layout()
         path = folder / f"curves_{family}.png"
-        fig.savefig(path, dpi=110)
+        _replace_file(path, functools.partial(fig.savefig, dpi=110, format="png"))
         paths.append(path)
 
     rows_ = summary["rows"]
@@ -1323,7 +1336,7 @@ def make_plots(summary: dict, folder: Path) -> list[Path]:
     fig.suptitle(f"The learned policy against each baseline: {pairs} (task, seed) pairs, all families pooled")
     fig.tight_layout()
     path = folder / "win_rates.png"
-    fig.savefig(path, dpi=110)
+    _replace_file(path, functools.partial(fig.savefig, dpi=110, format="png"))
     paths.append(path)
     return paths
 
