@@ -170,3 +170,31 @@ def test_a_ctrl_c_while_a_command_imports_exits_130_without_a_traceback():
     for delay in ("0.05", "0.3"):
         done = subprocess.run([sys.executable, "-c", code, delay], capture_output=True, text=True, timeout=120)
         assert (done.returncode, done.stderr) == (130, "\nhpo-train: interrupted\n"), delay
+
+
+def test_sigterm_stops_hpo_train_and_hpo_bench_as_ctrl_c_does(monkeypatch, capsys):
+    """``kill PID`` or a cluster scheduler's SIGTERM raises KeyboardInterrupt in the commands, so their
+    cleanup and resume hint run (Python's default ends the process on the spot); status 143, as for a
+    process the signal ended. The previous handler is back afterwards."""
+    import os
+    import signal
+    import time
+
+    import training.benchmark
+    import training.train
+
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # (else the commands leave it to its handler)
+
+    def terminated(*args, **kwargs):
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # not handled: do not end the test run
+            return None
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler raises in the sleep
+        raise AssertionError("SIGTERM did not interrupt")
+
+    monkeypatch.setattr(training.train, "train", terminated)
+    assert training.train.main(["--preset", "quick"]) == 143
+    monkeypatch.setattr(training.benchmark, "run_benchmark", terminated)
+    assert training.benchmark.main(["--policy", "default"]) == 143
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

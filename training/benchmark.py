@@ -82,7 +82,7 @@ from hpo_env import __version__ as HPO_VERSION
 from hpo_env.actions import DEFAULT_HYPERPARAMETERS
 from hpo_env.checks import check_ordered, is_integer, is_number
 from hpo_env.tasks import DEFAULT_HPARAMS
-from training.cli import HelpFormatter, NameList, readable_warnings
+from training.cli import HelpFormatter, NameList, interrupted_status, readable_warnings, sigterm_as_interrupt
 from training.hypergradient import DEFAULT_HYPERGRADIENT_LR, run_hypergradient
 from training.rollout import EpisodeRecord, run_episodes
 from training.stats import beats_all_rate, divergence_rate, headroom, lr_level, paired_comparison
@@ -1619,11 +1619,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``hpo-bench`` and ``python -m training.benchmark``."""
     args = build_parser().parse_args(argv)
     try:
-        with readable_warnings("hpo-bench"):
+        # SIGTERM (kill, a cluster scheduler) stops it as Ctrl-C does: the workers stopped, the hint to resume
+        with readable_warnings("hpo-bench"), sigterm_as_interrupt():
             result = run_benchmark(config_from_args(args))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print("\ninterrupted: finished runs are in the store; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return interrupted_status(err)
     except ValueError as err:  # includes BundleError
         print(f"hpo-bench: error: {_as_flag(str(err))}", file=sys.stderr)
         return 2

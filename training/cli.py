@@ -31,12 +31,15 @@ from typing import Any
 __all__ = [
     "HelpFormatter",
     "NameList",
+    "Terminated",
+    "interrupted_status",
     "launch",
     "non_negative_int",
     "positive_float",
     "positive_int",
     "readable_warnings",
     "run_script",
+    "sigterm_as_interrupt",
 ]
 
 
@@ -177,6 +180,40 @@ def launch(module: str, prog: str) -> int:
     except KeyboardInterrupt:  # the commands that handle it themselves (hpo-train, hpo-bench) return 130 first
         return _interrupted(prog)
     return 0 if status is None else int(status)
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM, raised as Ctrl-C's ``KeyboardInterrupt`` is (see :func:`sigterm_as_interrupt`)."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Handle SIGTERM as Ctrl-C in this block: raise :class:`Terminated` (a ``KeyboardInterrupt``) in the
+    main thread.
+
+    ``kill PID`` and cluster schedulers (Slurm, Kubernetes) send SIGTERM before they stop a job. Python's
+    default for it ends the process on the spot: no ``finally`` runs, so the TensorBoard events not yet
+    flushed are lost, worker processes are left to finish their batch, and nothing says how to resume. A
+    command that handles Ctrl-C handles SIGTERM the same way with this. Outside the main thread, or where
+    SIGTERM already has a handler (the caller's own), it does nothing."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted_status(err: KeyboardInterrupt) -> int:
+    """The exit status of a command stopped by ``err``: 130 for Ctrl-C, 143 (128 + SIGTERM) for
+    :class:`Terminated`, as the shell reports a process that the signal ended."""
+    return 128 + signal.SIGTERM if isinstance(err, Terminated) else 130
 
 
 def _interrupted(prog: str) -> int:

@@ -60,7 +60,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from training.cli import NameList, readable_warnings
+from training.cli import NameList, interrupted_status, readable_warnings, sigterm_as_interrupt
 
 __all__ = [
     "BUDGETS",
@@ -1153,13 +1153,14 @@ def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
     command = shlex.join(["hpo-train", *(sys.argv[1:] if argv is None else argv)])
     try:
-        with readable_warnings("hpo-train"):
+        # SIGTERM (kill, a cluster scheduler) stops a run as Ctrl-C does: the hint to resume, logs flushed
+        with readable_warnings("hpo-train"), sigterm_as_interrupt():
             train(settings, command=command)
     except (RunFolderError, SettingsError) as err:
         print(f"hpo-train: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as err:
+        return interrupted_status(err)
     return 0
 
 
