@@ -968,6 +968,41 @@ def test_a_failing_run_closes_its_logger_and_environments(tiny_meta_training, mo
     assert threading.active_count() == before  # no TensorBoard writer thread left per failed run
 
 
+def test_a_full_disk_mid_run_stops_it_with_an_error_that_says_how_to_resume(tiny_meta_training, monkeypatch, tmp_path):
+    """A checkpoint that cannot be written (disk full, read-only folder) ends the run with a one-line error
+    naming the checkpoint it can resume from, not a traceback; that checkpoint is intact and resumes."""
+    import errno
+
+    real = callbacks_module._write_synced
+    writes = []
+
+    def disk_full(path, text):
+        writes.append(path.name)
+        if len(writes) == 3:  # the second checkpoint's state.json
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, text)
+
+    monkeypatch.setattr(callbacks_module, "_write_synced", disk_full)
+    run = tmp_path / "full"
+    with pytest.raises(RunFolderError) as stopped:
+        tiny_meta_training("--total-timesteps", "96", "--checkpoint-freq", "32", run_name="full")
+    first = run / "checkpoints" / "step_000000000032"
+    assert str(stopped.value) == (
+        f"the run stopped: it cannot write its files ([Errno 28] No space left on device: "
+        f"'{run / 'checkpoints' / '.tmp_step_000000000064_'}{os.getpid()}/state.json'); make room (or make {run} "
+        f"writable) and resume: last checkpoint {first}; continue with: hpo-train --resume {run}"
+    )
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest.json", first.name]
+    monkeypatch.setattr(callbacks_module, "_write_synced", real)
+    resumed = train(parse_settings(["--resume", str(run), "--no-progress-bar", "--verbose", "0"]))
+    assert (resumed.resumed_from, resumed.num_timesteps) == (32, 96)
+
+    # Other OS errors (a broken pipe to a worker, ...) are not dressed as a run folder's.
+    monkeypatch.setattr(callbacks_module, "_write_synced", lambda path, text: (_ for _ in ()).throw(BrokenPipeError()))
+    with pytest.raises(BrokenPipeError):
+        tiny_meta_training(run_name="pipe")
+
+
 def test_training_in_process_gives_back_the_callers_thread_count(tiny_meta_training):
     before = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import errno
 import inspect
 import json
 import os
@@ -896,19 +897,12 @@ def _train(settings: TrainSettings, command: str | None, held: list[int]) -> Tra
                     reset_num_timesteps=checkpoint is None,
                 )
             except KeyboardInterrupt:
-                last = find_latest_checkpoint(run_dir / "checkpoints")
-                policies = _saved_policies(run_dir)
-                hint = (
-                    f"last checkpoint {last}; continue with: hpo-train --resume {run_dir}"
-                    if last
-                    else f"no checkpoint yet; hpo-train --resume {run_dir} starts it again"
-                    if not policies
-                    # (--resume will not overwrite a saved policy: see the refusal above)
-                    else f"no checkpoint yet, but an evaluation saved {policies[0]}/, which --resume would not overwrite: "
-                    f"start a new run (another --run-name), or delete {run_dir} to start this one again"
-                )
-                print(f"\ninterrupted ({hint})", file=sys.stderr)
+                print(f"\ninterrupted ({_resume_hint(run_dir)})", file=sys.stderr)
                 raise
+            except OSError as err:
+                if err.errno not in _UNWRITABLE:  # (e.g. a broken pipe to a worker: as it is)
+                    raise
+                raise _unwritable(run_dir, err) from err
         elif settings.verbose:
             print(
                 f"hpo-train: {run_dir} already has {start_timesteps:,} of {budget.total_timesteps:,} timesteps; "
@@ -920,18 +914,23 @@ def _train(settings: TrainSettings, command: str | None, held: list[int]) -> Tra
         final_config["evaluation"] = _jsonable(evaluator.last_summary or {})
         # (A finished run whose bundle is up to date returned before building anything: its bundle stays
         # byte for byte, as a rewrite would change its fingerprint. One that is missing or stale is rewritten.)
-        bundle_path = save_bundle(
-            run_dir / "bundle",
-            model,
-            decoder,
-            obs_rms=vecnorm.obs_rms if vecnorm is not None and vecnorm.norm_obs else None,
-            clip_obs=vecnorm.clip_obs if vecnorm is not None else config.clip_obs,
-            epsilon=vecnorm.epsilon if vecnorm is not None else 1e-8,
-            frame_stack=frame_stack,
-            config=final_config,
-            gradient_features=config.gradient_features,
-            epochs_feature=config.epochs_feature,
-        )
+        try:
+            bundle_path = save_bundle(
+                run_dir / "bundle",
+                model,
+                decoder,
+                obs_rms=vecnorm.obs_rms if vecnorm is not None and vecnorm.norm_obs else None,
+                clip_obs=vecnorm.clip_obs if vecnorm is not None else config.clip_obs,
+                epsilon=vecnorm.epsilon if vecnorm is not None else 1e-8,
+                frame_stack=frame_stack,
+                config=final_config,
+                gradient_features=config.gradient_features,
+                epochs_feature=config.epochs_feature,
+            )
+        except OSError as err:
+            if err.errno not in _UNWRITABLE:
+                raise
+            raise _unwritable(run_dir, err) from err
     finally:  # a failed run too: no writer thread or open event file left behind
         logger.close()
         env.close()
@@ -949,6 +948,36 @@ def _train(settings: TrainSettings, command: str | None, held: list[int]) -> Tra
     if settings.verbose:
         print(_summary(result, settings, evaluator, start_timesteps))
     return result
+
+
+def _resume_hint(run_dir: Path) -> str:
+    """What a run stopped now leaves to resume from, and how."""
+    from training.callbacks import find_latest_checkpoint
+
+    last = find_latest_checkpoint(run_dir / "checkpoints")
+    policies = _saved_policies(run_dir)
+    if last:
+        return f"last checkpoint {last}; continue with: hpo-train --resume {run_dir}"
+    if not policies:
+        return f"no checkpoint yet; hpo-train --resume {run_dir} starts it again"
+    # (--resume will not overwrite a saved policy: see the refusal in _train)
+    return (
+        f"no checkpoint yet, but an evaluation saved {policies[0]}/, which --resume would not overwrite: "
+        f"start a new run (another --run-name), or delete {run_dir} to start this one again"
+    )
+
+
+#: The errors of a run folder that can no longer be written (full, read-only, over quota, permissions).
+_UNWRITABLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def _unwritable(run_dir: Path, err: OSError) -> RunFolderError:
+    """A write that failed in the middle of a run (one of :data:`_UNWRITABLE`): the error, with what is
+    left to resume and how."""
+    return RunFolderError(
+        f"the run stopped: it cannot write its files ({err}); make room (or make {run_dir} writable) and resume: "
+        f"{_resume_hint(run_dir)}"
+    )
 
 
 def _saved_policies(run_dir: Path) -> list[str]:
