@@ -1003,6 +1003,19 @@ def test_a_full_disk_mid_run_stops_it_with_an_error_that_says_how_to_resume(tiny
         tiny_meta_training(run_name="pipe")
 
 
+def test_a_ctrl_c_in_the_warm_start_says_how_to_resume(tiny_meta_training, monkeypatch, tmp_path, capsys):
+    import training.imitation
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.imitation, "warm_start", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_meta_training("--imitation-tasks", "1", run_name="warm")
+    hint = f"no checkpoint yet; hpo-train --resume {tmp_path / 'warm'} starts it again"
+    assert capsys.readouterr().err.endswith(f"\ninterrupted ({hint})\n")
+
+
 def test_training_in_process_gives_back_the_callers_thread_count(tiny_meta_training):
     before = torch.get_num_threads()
     torch.set_num_threads(2)

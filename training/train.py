@@ -871,43 +871,43 @@ def _train(settings: TrainSettings, command: str | None, held: list[int]) -> Tra
                 ),
                 flush=True,
             )
-        if checkpoint is None and settings.imitation_tasks > 0:
-            from training.imitation import warm_start
+        try:  # (the warm start and training: a stop says what is left to resume)
+            if checkpoint is None and settings.imitation_tasks > 0:
+                from training.imitation import warm_start
 
-            summary = warm_start(
-                model,
-                get_vec_normalize(env),
-                decoder,
-                n_tasks=settings.imitation_tasks,
-                seed=settings.seed,
-                gamma=config.gamma,
-                distribution=config.meta_task_distribution(),
-                log=print if settings.verbose else (lambda *a, **k: None),
-            )
-            (run_dir / "imitation.json").write_text(json.dumps(summary, indent=2))
-            for key, value in summary.items():
-                logger.record(f"imitation/{key}", value)
-            logger.dump(0)
-        if remaining > 0:
-            try:
+                summary = warm_start(
+                    model,
+                    get_vec_normalize(env),
+                    decoder,
+                    n_tasks=settings.imitation_tasks,
+                    seed=settings.seed,
+                    gamma=config.gamma,
+                    distribution=config.meta_task_distribution(),
+                    log=print if settings.verbose else (lambda *a, **k: None),
+                )
+                (run_dir / "imitation.json").write_text(json.dumps(summary, indent=2))
+                for key, value in summary.items():
+                    logger.record(f"imitation/{key}", value)
+                logger.dump(0)
+            if remaining > 0:
                 model.learn(
                     total_timesteps=remaining,
                     callback=callbacks,
                     progress_bar=settings.progress_bar,
                     reset_num_timesteps=checkpoint is None,
                 )
-            except KeyboardInterrupt:
-                print(f"\ninterrupted ({_resume_hint(run_dir)})", file=sys.stderr)
+            elif settings.verbose:
+                print(
+                    f"hpo-train: {run_dir} already has {start_timesteps:,} of {budget.total_timesteps:,} timesteps; "
+                    "nothing to train"
+                )
+        except KeyboardInterrupt:
+            print(f"\ninterrupted ({_resume_hint(run_dir)})", file=sys.stderr)
+            raise
+        except OSError as err:
+            if err.errno not in _UNWRITABLE:  # (e.g. a broken pipe to a worker: as it is)
                 raise
-            except OSError as err:
-                if err.errno not in _UNWRITABLE:  # (e.g. a broken pipe to a worker: as it is)
-                    raise
-                raise _unwritable(run_dir, err) from err
-        elif settings.verbose:
-            print(
-                f"hpo-train: {run_dir} already has {start_timesteps:,} of {budget.total_timesteps:,} timesteps; "
-                "nothing to train"
-            )
+            raise _unwritable(run_dir, err) from err
 
         vecnorm = get_vec_normalize(env)
         final_config = bundle_config()
