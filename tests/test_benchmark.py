@@ -428,6 +428,34 @@ def test_a_rerun_stopped_while_writing_its_report_leaves_the_previous_report_who
     assert sorted(p.name for p in first.json_path.parent.iterdir()) == ["benchmark.json", "report.md", "results.sqlite"]
 
 
+def test_a_read_only_output_is_refused_before_any_run(tiny_bundle, tmp_path, monkeypatch):
+    config = _tiny_config(tiny_bundle, tmp_path / "out", families=("tabular",), seeds=1, grid_size=1, plots=False)
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(bench.os, "access", lambda path, mode: Path(path) != tmp_path / "out")
+    monkeypatch.setattr(bench, "run_episodes", lambda *a, **k: pytest.fail("trained before the check"))
+    with pytest.raises(ValueError, match=r"^--out '.*out' is not writable \(a read-only folder or file system\)"):
+        bench.run_benchmark(config)
+
+
+def test_a_full_disk_or_read_only_store_ends_hpo_bench_with_a_line_that_says_how_to_resume(monkeypatch, capsys):
+    import errno
+
+    for err in (
+        sqlite3.OperationalError("database or disk is full"),
+        sqlite3.OperationalError("attempt to write a readonly database"),
+        OSError(errno.ENOSPC, "No space left on device"),
+    ):
+        monkeypatch.setattr(bench, "run_benchmark", lambda config, err=err: (_ for _ in ()).throw(err))
+        assert bench.main(["--policy", "default"]) == 1
+        assert capsys.readouterr().err == (
+            f"hpo-bench: error: the benchmark stopped: it cannot write its files ({err}); the finished runs are in "
+            "the store: make room (or pass a writable --out or --store) and rerun the same command to resume\n"
+        )
+    monkeypatch.setattr(bench, "run_benchmark", lambda config: (_ for _ in ()).throw(BrokenPipeError()))
+    with pytest.raises(BrokenPipeError):  # not a full disk: as it is
+        bench.main(["--policy", "default"])
+
+
 def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_path, monkeypatch, capsys, load_script):
     config = _tiny_config(tiny_bundle, tmp_path / "out", threads=1)
     real_run_chunks = bench.run_chunks

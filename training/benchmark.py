@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -45,6 +46,7 @@ import math
 import os
 import re
 import shlex
+import sqlite3
 import sys
 import time
 import warnings
@@ -687,6 +689,13 @@ def _run_benchmark(config: BenchmarkConfig, policy: Any, policy_hash: str | None
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ValueError(f"out={str(out)!r} cannot be created ({err.strerror or err}): pass a writable folder") from err
+    store_path = Path(config.store_path)
+    for path, flag in ((out, "--out"), (store_path.parent, "--store"), (store_path, "--store")):
+        if path.exists() and not os.access(path, os.W_OK):  # said now, not after the first batch of runs
+            raise ValueError(
+                f"{flag} {str(path)!r} is not writable (a read-only folder or file system): runs and reports "
+                f"could not be stored; pass a writable {flag}"
+            )
 
     from tqdm.auto import tqdm
 
@@ -1628,6 +1637,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:  # includes BundleError
         print(f"hpo-bench: error: {_as_flag(str(err))}", file=sys.stderr)
         return 2
+    except (OSError, sqlite3.OperationalError) as err:
+        if not _cannot_write(err):  # (a broken pipe to a worker, ...: as it is)
+            raise
+        print(
+            f"hpo-bench: error: the benchmark stopped: it cannot write its files ({err}); the finished runs are in "
+            "the store: make room (or pass a writable --out or --store) and rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 1
     t, k = result.summary["targets"], result.summary["config"]["grid_size"]
     print(
         f"benchmark done: {result.computed} runs computed, {result.reused} reused\n"
@@ -1638,6 +1656,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"win rate vs random {_pct(t['win_rate_vs_random'])}, vs replay {_pct(t['win_rate_vs_replay'])}"
     )
     return 0
+
+
+def _cannot_write(err: BaseException) -> bool:
+    """Whether ``err`` says that the output folder or the store can no longer be written: full, read-only,
+    over quota, no permission."""
+    if isinstance(err, sqlite3.OperationalError):
+        return any(words in str(err) for words in ("disk is full", "readonly database", "disk I/O error"))
+    return isinstance(err, OSError) and err.errno in {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+    }
 
 
 def _count(n: int, noun: str) -> str:
