@@ -1003,6 +1003,23 @@ def test_a_full_disk_mid_run_stops_it_with_an_error_that_says_how_to_resume(tiny
         tiny_meta_training(run_name="pipe")
 
 
+def test_a_run_folder_that_cannot_be_written_is_a_clean_error_before_training(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import training.train as train_module
+
+    def read_only(src, dst):
+        raise OSError(errno.EROFS, "Read-only file system", str(src))
+
+    monkeypatch.setattr(train_module.os, "replace", read_only)
+    assert train_module.main([*TINY, "--logdir", str(tmp_path), "--run-name", "ro"]) == 2
+    assert capsys.readouterr().err == (
+        f"hpo-train: error: cannot write the settings of the run in {tmp_path / 'ro'} (Read-only file system): the "
+        "run folder must be writable to train (a full disk, or a read-only folder or file system: copy it somewhere "
+        "writable)\n"
+    )
+
+
 def test_a_ctrl_c_in_the_warm_start_says_how_to_resume(tiny_meta_training, monkeypatch, tmp_path, capsys):
     import training.imitation
 

@@ -999,8 +999,16 @@ def _bundle_timesteps(bundle: Path) -> int | None:
 
 def _write_settings(run_dir: Path, values: dict[str, Any]) -> None:
     tmp = run_dir / ".settings.json.tmp"
-    tmp.write_text(json.dumps(values, indent=2))
-    os.replace(tmp, run_dir / "settings.json")
+    try:
+        tmp.write_text(json.dumps(values, indent=2))
+        os.replace(tmp, run_dir / "settings.json")
+    except OSError as err:  # (before any training: the first write of a run or of a resume)
+        if err.errno not in _UNWRITABLE:
+            raise
+        raise RunFolderError(
+            f"cannot write the settings of the run in {run_dir} ({err.strerror or err}): the run folder must be "
+            "writable to train (a full disk, or a read-only folder or file system: copy it somewhere writable)"
+        ) from err
 
 
 def _summary(result: TrainResult, settings: TrainSettings, evaluator: Any, start: int) -> str:
