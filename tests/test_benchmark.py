@@ -749,7 +749,7 @@ def test_config_values_of_the_wrong_kind_are_refused_naming_them(tmp_path):
     # One family by name, as TaskDistribution takes it: not split into letters (which read as repeats, or as
     # unknown families once the bundle had loaded); an unknown name is refused here, with the choices.
     assert config(families="tabular").families == ("tabular",)
-    with pytest.raises(ValueError, match=r"families has unknown names \['tabx'\]; choose from \['teacher_regression'"):
+    with pytest.raises(ValueError, match=r"unknown task families \['tabx'\]; choose from \['teacher_regression'"):
         config(families=["tabx"])
     # Numbers: a string or None failed on '>=' with Python's message; a bool is no count.
     for name, value in (("grid_decades", "1.5"), ("hd_beta_sgd", None), ("hd_beta_adamw", "0")):
@@ -975,7 +975,7 @@ def test_lr_gain_sweep_scales_the_rates_and_compares_pair_by_pair(tiny_bundle, t
     capsys.readouterr()
     with pytest.raises(SystemExit):
         sweep.main([*argv[:-1], "--families", "no_such_family"])
-    assert "unknown or empty task families ['no_such_family']" in capsys.readouterr().err
+    assert "unknown task families ['no_such_family']" in capsys.readouterr().err
 
 
 def test_bad_output_folder_and_device_are_usage_errors(tmp_path, capsys):

@@ -166,7 +166,7 @@ class BenchmarkConfig:
             raise ValueError(f"families must not repeat (each is benchmarked once), got {list(self.families)}")
         unknown = [f for f in self.families if f not in FAMILIES]
         if unknown:
-            raise ValueError(f"families has unknown names {unknown}; choose from {list(FAMILIES)}")
+            raise ValueError(f"unknown task families {unknown}; choose from {list(FAMILIES)}")
         for name in ("tasks_per_family", "seeds", "grid_size", "chunk_size", "bootstrap", "workers"):
             value = getattr(self, name)
             if not is_integer(value) or value < 1:
