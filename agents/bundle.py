@@ -403,6 +403,11 @@ def save_bundle(
     """
     path = Path(path)
     # What load_bundle would refuse is refused here, before anything is written.
+    if not all(hasattr(model, name) for name in ("save", "observation_space", "policy")):
+        raise BundleError(
+            f"model must be a trained SB3 RecurrentPPO or PPO (hpo-train's), got {type(model).__name__}: pass the "
+            "model itself (a bundle's is load_bundle(path).model)"
+        )
     if not is_integer(frame_stack) or frame_stack < 1:
         raise BundleError(f"frame_stack must be a positive integer (1: no stacking), got {frame_stack!r}")
     for name, value in (("clip_obs", clip_obs), ("epsilon", epsilon)):

@@ -813,5 +813,8 @@ def hf_trainer_callback(
     try:
         cls = _hf_callback_class()
     except ImportError as err:
-        raise ImportError("hf_trainer_callback needs the `transformers` package: pip install transformers") from err
+        raise ImportError(
+            "hf_trainer_callback needs the `transformers` package (and `accelerate`, which its Trainer needs): "
+            "pip install 'hpo-meta[hf]' or pip install transformers accelerate"
+        ) from err
     return cls(policy, total_steps=total_steps, metric=metric, **scheduler_kwargs)

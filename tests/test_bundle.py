@@ -285,6 +285,16 @@ def test_save_refuses_what_load_would_refuse_before_writing(good_bundle, tmp_pat
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("model", [None, "runs/x/bundle"])
+def test_save_refuses_what_is_not_a_model(good_bundle, tmp_path, model):
+    """save_bundle(None, ...) failed with an AttributeError from inside the feature check."""
+    with pytest.raises(
+        BundleError, match=rf"model must be a trained SB3 RecurrentPPO or PPO .*, got {type(model).__name__}"
+    ):
+        save_bundle(tmp_path / "bad", model, load_bundle(good_bundle).decoder)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_saved_bundle_is_readable_by_others(good_bundle, tmp_path):
     bundle = load_bundle(good_bundle)
     path = save_bundle(tmp_path / "shared", bundle.model, bundle.decoder)
