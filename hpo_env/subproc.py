@@ -32,7 +32,12 @@ from hpo_env.core import checked_actions
 from hpo_env.envs import make_distribution
 from hpo_env.vec_env import HPOVecEnv, _count, check_reset_options, checked_seed
 
-__all__ = ["HPOSubprocVecEnv", "ignore_sigint", "shard_sizes", "sigint_blocked"]
+__all__ = ["HPOSubprocVecEnv", "WorkerStoppedError", "ignore_sigint", "shard_sizes", "sigint_blocked"]
+
+
+class WorkerStoppedError(RuntimeError):
+    """A worker process of an :class:`HPOSubprocVecEnv` stopped (killed, or a signal sent to every process
+    of the program); the environment is closed."""
 
 
 def shard_sizes(num_envs: int, workers: int, task_group_size: int = 1) -> list[int]:
@@ -317,10 +322,10 @@ class HPOSubprocVecEnv(VecEnv):
         return [payload for _, payload in answers]
 
     def _worker_died(self, k: int, err: BaseException) -> NoReturn:
-        code = self._processes[k].exitcode if k < len(self._processes) else None
         self._closed_because = f"environment worker {k} stopped"
-        self.close()
-        raise RuntimeError(
+        self.close()  # (which also waits for it: its exit code is known after)
+        code = self._processes[k].exitcode if k < len(self._processes) else None
+        raise WorkerStoppedError(
             f"environment worker {k} of {len(self._pipes)} stopped (exit code {code}); the environment is closed"
         ) from err
 

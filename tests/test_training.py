@@ -1216,3 +1216,149 @@ def test_the_eval_schedules_figure_of_one_task_shows_its_whole_title():
     (text,) = [c for c in fig.get_children() if isinstance(c, Text) and c.get_text() == title]
     box = text.get_window_extent(canvas.get_renderer())
     assert "262144" in title and 0 <= box.x0 and box.x1 <= fig.bbox.width
+
+
+def _signal_at(monkeypatch, signals: dict[int, int]) -> None:
+    """Send this process ``signals[t]`` (SIGINT, SIGTERM) when meta-training reaches timestep ``t``, mid-rollout."""
+    step = callbacks_module.HPOEpisodeLogger._on_step
+
+    def on_step(self):
+        signum = signals.pop(self.model.num_timesteps, None)
+        if signum is not None:
+            os.kill(os.getpid(), signum)  # (its handler runs before the next bytecode)
+        return step(self)
+
+    monkeypatch.setattr(callbacks_module.HPOEpisodeLogger, "_on_step", on_step)
+
+
+def _policy(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return RecurrentPPO.load(checkpoint / "model.zip", device="cpu").policy.state_dict()
+
+
+# 2 slots x 16 decisions: rollouts of 32 timesteps
+STOPPABLE = [*TINY, "--n-envs", "2", "--batch-size", "16", "--total-timesteps", "128", "--eval-freq", "0"]
+
+
+def test_a_first_ctrl_c_stops_at_the_next_rollout_boundary_with_a_checkpoint(tmp_path, monkeypatch, capsys):
+    """A first Ctrl-C (or SIGTERM) finishes the rollout and its update, saves a checkpoint there (the same
+    as a periodic one at that step) and stops, status 130 (143); resuming reaches the full count, as
+    from a periodic checkpoint at that step."""
+    # an uninterrupted run's checkpoint at 64, resumed: the reference
+    whole = [*STOPPABLE, "--checkpoint-freq", "32", "--keep-checkpoints", "0", "--logdir", str(tmp_path)]
+    assert main([*whole, "--run-name", "whole"]) == 0
+    reference = tmp_path / "reference"
+    shutil.copytree(tmp_path / "whole", reference)
+    for later in ("checkpoints/step_000000000096", "checkpoints/step_000000000128", "bundle", "best_bundle"):
+        shutil.rmtree(reference / later)
+    assert main(["--resume", str(reference), "--no-progress-bar"]) == 0
+
+    for signum, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        name = f"stopped{signum}"
+        run = tmp_path / name
+        capsys.readouterr()
+        _signal_at(monkeypatch, {40: signum})  # in the second rollout (32-64)
+        assert main([*STOPPABLE, "--checkpoint-freq", "1000", "--logdir", str(tmp_path), "--run-name", name]) == status
+        err = capsys.readouterr().err
+        checkpoint = run / "checkpoints" / "step_000000000064"
+        assert (
+            "\nhpo-train: stopping after the current rollout to save a checkpoint; press Ctrl-C again to stop now\n"
+            in err
+        )
+        assert err.endswith(f"\nstopped (last checkpoint {checkpoint}; continue with: hpo-train --resume {run})\n")
+        assert find_latest_checkpoint(run / "checkpoints") == checkpoint
+        assert not (run / "bundle").exists()  # a stopped run is not a finished one
+        for key, value in _policy(tmp_path / "whole" / "checkpoints" / checkpoint.name).items():
+            assert torch.equal(_policy(checkpoint)[key], value), key
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+        assert main(["--resume", str(run), "--no-progress-bar"]) == 0
+        assert load_bundle(run / "bundle").config["training"]["timesteps"] == 128
+        last = find_latest_checkpoint(run / "checkpoints")
+        assert read_checkpoint_state(last)["segments"][1]["start"] == 64
+        for key, value in _policy(find_latest_checkpoint(reference / "checkpoints")).items():
+            assert torch.equal(_policy(last)[key], value), key
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path, monkeypatch, capsys):
+    _signal_at(monkeypatch, {40: signal.SIGINT, 44: signal.SIGINT})
+    args = [*STOPPABLE, "--checkpoint-freq", "32", "--logdir", str(tmp_path), "--run-name", "twice"]
+    assert main(args) == 130
+    run = tmp_path / "twice"
+    first = run / "checkpoints" / "step_000000000032"
+    assert find_latest_checkpoint(run / "checkpoints") == first  # none at 64: the rollout was cut short
+    err = capsys.readouterr().err
+    assert err.endswith(f"\ninterrupted (last checkpoint {first}; continue with: hpo-train --resume {run})\n")
+    assert main(["--resume", str(run), "--no-progress-bar", "--verbose", "0"]) == 0
+    assert load_bundle(run / "bundle").config["training"]["timesteps"] == 128
+
+
+def test_a_ctrl_c_to_the_process_group_stops_a_run_with_env_workers_at_a_checkpoint(tmp_path):
+    """A terminal's Ctrl-C goes to every process of the foreground group: the environment workers ignore
+    it, and keep stepping until the run's checkpoint at the next rollout boundary."""
+    run = tmp_path / "workers"
+    args = [*TINY, "--total-timesteps", "4096", "--eval-freq", "0", "--checkpoint-freq", "64", "--env-workers", "2"]
+    proc = subprocess.Popen(
+        [*_hpo_train(), *args, "--logdir", str(tmp_path), "--run-name", "workers"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # (its own process group, as a terminal's foreground job)
+    )
+    deadline = time.monotonic() + 240
+    try:
+        while find_latest_checkpoint(run / "checkpoints") is None:
+            assert proc.poll() is None, f"the run ended before its first checkpoint: {proc.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    last = find_latest_checkpoint(run / "checkpoints")
+    assert 64 < read_checkpoint_state(last)["num_timesteps"] < 4096  # (one past the first, at which it was sent)
+    assert err.endswith(f"\nstopped (last checkpoint {last}; continue with: hpo-train --resume {run})\n"), err[-3000:]
+
+
+def test_workers_stopped_by_the_same_signal_end_a_requested_stop_as_an_interrupt(tmp_path, monkeypatch, capsys):
+    """A SIGTERM sent to every process of the run (Slurm, systemd) stops the workers too: the run cannot
+    reach its checkpoint, and stops at once as a second signal would (status 143, the resume hint)."""
+    from hpo_env.subproc import WorkerStoppedError
+
+    _signal_at(monkeypatch, {40: signal.SIGTERM})
+    step = callbacks_module.HPOEpisodeLogger._on_step
+
+    def on_step(self):
+        if self.model.num_timesteps == 44:
+            raise WorkerStoppedError("environment worker 0 of 2 stopped (exit code -15); the environment is closed")
+        return step(self)
+
+    monkeypatch.setattr(callbacks_module.HPOEpisodeLogger, "_on_step", on_step)
+    args = [*STOPPABLE, "--checkpoint-freq", "32", "--logdir", str(tmp_path), "--run-name", "group"]
+    assert main(args) == 143
+    first = tmp_path / "group" / "checkpoints" / "step_000000000032"
+    assert capsys.readouterr().err.endswith(
+        f"\ninterrupted: the signal stopped the environment workers too (last checkpoint {first}; continue with: "
+        f"hpo-train --resume {tmp_path / 'group'})\n"
+    )
+
+
+def test_a_ctrl_c_during_an_evaluation_stops_after_it(tmp_path, monkeypatch, capsys):
+    """A stop asked for while the run evaluates (at a rollout boundary) stops there, after the evaluation,
+    with the checkpoint of that step (which holds it), not after one more rollout."""
+    evaluate = HeldOutEvalCallback.evaluate
+
+    def interrupted(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        return evaluate(self)
+
+    monkeypatch.setattr(HeldOutEvalCallback, "evaluate", interrupted)
+    args = [*STOPPABLE, "--eval-freq", "64", "--checkpoint-freq", "1000", "--logdir", str(tmp_path), "--run-name", "ev"]
+    assert main(args) == 130
+    checkpoint = find_latest_checkpoint(tmp_path / "ev" / "checkpoints")
+    assert checkpoint.name == "step_000000000064"
+    assert read_checkpoint_state(checkpoint)["last_eval"]["timesteps"] == 64
+    assert "\nstopped (last checkpoint" in capsys.readouterr().err

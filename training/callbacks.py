@@ -6,7 +6,8 @@ Three SB3 callbacks drive a run of :mod:`training.train`, each usable on its own
 * :class:`HeldOutEvalCallback` periodically runs the policy on a fixed set of held-out tasks with
   :func:`training.rollout.run_episodes`, next to the constant schedule and the random policy, and
   keeps the best policy bundle;
-* :class:`CheckpointCallback` writes atomic checkpoints that ``hpo-train --resume RUN_DIR`` continues.
+* :class:`CheckpointCallback` writes atomic checkpoints that ``hpo-train --resume RUN_DIR`` continues;
+  :class:`StopAtCheckpoint` ends training on request (a first Ctrl-C) at the next one it writes.
 
 TensorBoard tags (one run folder per run; the x axis is meta-training timesteps, i.e. decisions):
 
@@ -84,6 +85,7 @@ __all__ = [
     "HPOEpisodeLogger",
     "HeldOutEvalCallback",
     "PurgingTensorBoardFormat",
+    "StopAtCheckpoint",
     "bundle_from_model",
     "find_latest_checkpoint",
     "make_eval_tasks",
@@ -791,6 +793,8 @@ class CheckpointCallback(BaseCallback):
 
     def _on_training_start(self) -> None:
         self.last_saved = self.model.num_timesteps
+        resumed = self.checkpoint_dir / f"step_{self.last_saved:012d}"  # (the checkpoint a resumed run loaded)
+        self.last_path = resumed if (resumed / CHECKPOINT_STATE).is_file() else None
 
     def _on_rollout_start(self) -> None:
         if self.save_freq > 0 and self.model.num_timesteps - self.last_saved >= self.save_freq:
@@ -810,3 +814,44 @@ class CheckpointCallback(BaseCallback):
         if self.verbose:
             print(f"checkpoint: {self.last_path}", flush=True)
         return self.last_path
+
+
+class StopAtCheckpoint(BaseCallback):
+    """Ends training at the first rollout boundary (after a policy update, where checkpoints are consistent)
+    at which ``requested()`` returns an exception: writes a checkpoint there with ``checkpointer`` (unless it
+    has one at this step already, e.g. the one a resumed run started from), then raises the exception.
+
+    Put it before the callbacks that work at rollout boundaries (the held-out evaluation): a stopped run
+    leaves that work to the run that resumes from the checkpoint, at the same step. Put it after them too
+    (the same callback twice in the list): a stop asked for during that work stops at its end, with the
+    checkpoint of that step, rather than after one more rollout.
+
+    Args:
+        checkpointer: the run's :class:`CheckpointCallback` (also in the callback list, after this one).
+        requested: None to go on, or the exception (class) to stop with, e.g. a
+            :class:`training.cli.StopRequest`'s ``requested``.
+    """
+
+    def __init__(
+        self,
+        checkpointer: CheckpointCallback,
+        requested: Callable[[], BaseException | type[BaseException] | None],
+        verbose: int = 0,
+    ) -> None:
+        super().__init__(verbose)
+        self.checkpointer = checkpointer
+        self.requested = requested
+        self.stopped_at: Path | None = None  # the checkpoint the run stopped at
+
+    def _on_rollout_start(self) -> None:
+        stop = self.requested()
+        if stop is None:
+            return
+        saved = self.checkpointer
+        if saved.last_path is None or saved.last_saved != self.model.num_timesteps:
+            saved.save()
+        self.stopped_at = saved.last_path
+        raise stop
+
+    def _on_step(self) -> bool:
+        return True

@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import importlib
 import math
+import os
 import signal
 import sys
 import threading
@@ -31,6 +32,7 @@ from typing import Any
 __all__ = [
     "HelpFormatter",
     "NameList",
+    "StopRequest",
     "Terminated",
     "interrupted_status",
     "launch",
@@ -199,15 +201,55 @@ def sigterm_as_interrupt() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         yield
         return
-
-    def terminate(signum: int, frame: Any) -> None:
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, terminate)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+class StopRequest:
+    """A stop asked for by a first Ctrl-C or SIGTERM, for work that can only stop cleanly at some points.
+
+    Within :meth:`listening`, a first Ctrl-C (or SIGTERM, where :func:`sigterm_as_interrupt` handles it) prints
+    ``message`` and is only recorded in :attr:`requested`: the work checks it at its next clean stopping point
+    and raises it there. A second one raises at once, as without this (``KeyboardInterrupt``, :class:`Terminated`).
+    A signal whose handler is another one (the caller's own), or a block outside the main thread, is left as it is.
+    """
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        #: the exception the first signal would have raised (KeyboardInterrupt or Terminated); None: no request
+        self.requested: type[KeyboardInterrupt] | None = None
+
+    @contextlib.contextmanager
+    def listening(self) -> Iterator[StopRequest]:
+        handled: dict[int, type[KeyboardInterrupt]] = {}
+        if threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                handled[signal.SIGINT] = KeyboardInterrupt
+            if signal.getsignal(signal.SIGTERM) is _raise_terminated:
+                handled[signal.SIGTERM] = Terminated
+
+        def request(signum: int, frame: Any) -> None:
+            if self.requested is not None:
+                raise handled[signum]
+            self.requested = handled[signum]
+            try:
+                print(f"\n{self.message}", file=sys.stderr, flush=True)
+            except RuntimeError:  # (a reentrant write: the signal came in the middle of one to stderr)
+                os.write(2, f"\n{self.message}\n".encode())
+
+        previous = {signum: signal.signal(signum, request) for signum in handled}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 def interrupted_status(err: KeyboardInterrupt) -> int:

@@ -33,7 +33,7 @@ Examples::
     hpo-train --preset full --seed 1 --run-name full-s1
     hpo-train --algorithm framestack            # the MLP control
     hpo-train --preset full --imitation-tasks 256   # warm start by imitation of a tuned schedule
-    hpo-train --resume runs/full-s1             # continue a killed run from its last checkpoint
+    hpo-train --resume runs/full-s1             # continue a stopped run from its last checkpoint
     tensorboard --logdir runs
 """
 
@@ -61,7 +61,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from training.cli import NameList, interrupted_status, readable_warnings, sigterm_as_interrupt
+from training.cli import NameList, StopRequest, interrupted_status, readable_warnings, sigterm_as_interrupt
 
 __all__ = [
     "BUDGETS",
@@ -608,11 +608,13 @@ def _train(settings: TrainSettings, command: str | None, held: list[int]) -> Tra
     from agents.bundle import save_bundle
     from agents.factory import frame_stack_of, get_vec_normalize, make_meta_agent, make_meta_env
     from hpo_env import __version__ as hpo_version
+    from hpo_env.subproc import WorkerStoppedError
     from training.callbacks import (
         CheckpointCallback,
         HeldOutEvalCallback,
         HPOEpisodeLogger,
         PurgingTensorBoardFormat,
+        StopAtCheckpoint,
         find_latest_checkpoint,
         make_eval_tasks,
         prune_checkpoints,
@@ -837,7 +839,15 @@ def _train(settings: TrainSettings, command: str | None, held: list[int]) -> Tra
             },
             keep=settings.keep_checkpoints,
         )
-        callbacks = CallbackList([episode_logger, evaluator, checkpointer])
+        # A first Ctrl-C or SIGTERM in training stops the run at the next rollout boundary (after the update,
+        # where checkpoints are consistent) with a checkpoint there; a second one at once.
+        stop = StopRequest(
+            "hpo-train: stopping after the current rollout to save a checkpoint; press Ctrl-C again to stop now"
+        )
+        stopper = StopAtCheckpoint(checkpointer, lambda: stop.requested)
+        # (the stopper first: a stop leaves the evaluation due to the resumed run; and last: a stop asked
+        # for during that evaluation stops after it, not after one more rollout)
+        callbacks = CallbackList([episode_logger, stopper, evaluator, checkpointer, stopper])
 
         remaining = budget.total_timesteps - start_timesteps
         if settings.verbose:
@@ -890,19 +900,31 @@ def _train(settings: TrainSettings, command: str | None, held: list[int]) -> Tra
                     logger.record(f"imitation/{key}", value)
                 logger.dump(0)
             if remaining > 0:
-                model.learn(
-                    total_timesteps=remaining,
-                    callback=callbacks,
-                    progress_bar=settings.progress_bar,
-                    reset_num_timesteps=checkpoint is None,
-                )
+                with stop.listening():  # (not in the warm start: no checkpoint is consistent within it)
+                    model.learn(
+                        total_timesteps=remaining,
+                        callback=callbacks,
+                        progress_bar=settings.progress_bar,
+                        reset_num_timesteps=checkpoint is None,
+                    )
             elif settings.verbose:
                 print(
                     f"hpo-train: {run_dir} already has {start_timesteps:,} of {budget.total_timesteps:,} timesteps; "
                     "nothing to train"
                 )
+        except WorkerStoppedError as err:
+            if stop.requested is None:
+                raise
+            # The signal was sent to every process of the run (Slurm, systemd), and stopped the workers too.
+            print(
+                f"\ninterrupted: the signal stopped the environment workers too ({_resume_hint(run_dir)})",
+                file=sys.stderr,
+            )
+            raise stop.requested from err
         except KeyboardInterrupt:
-            print(f"\ninterrupted ({_resume_hint(run_dir)})", file=sys.stderr)
+            # stopped at a checkpoint it saved on request, or interrupted at once (since its last checkpoint: lost)
+            what = "stopped" if stopper.stopped_at is not None else "interrupted"
+            print(f"\n{what} ({_resume_hint(run_dir)})", file=sys.stderr)
             raise
         except OSError as err:
             if err.errno not in _UNWRITABLE:  # (e.g. a broken pipe to a worker: as it is)
