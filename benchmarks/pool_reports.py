@@ -77,9 +77,10 @@ _SHORT = {
 
 def _parse(arg: str) -> tuple[str, list[str]]:
     label, sep, folders = arg.partition("=")
-    if not sep or not label or not folders:
+    names = [f for f in folders.split(",") if f]
+    if not sep or not label or not names:
         raise argparse.ArgumentTypeError(f"expected LABEL=DIR[,DIR...], got {arg!r}")
-    return label, [f for f in folders.split(",") if f]
+    return label, names
 
 
 def _lr_level(level: dict) -> str:
@@ -195,10 +196,21 @@ def main(argv: list[str] | None = None) -> dict:
     if args.paired and len(args.policies) != 2:
         parser.error(f"--paired compares two policies; got {len(args.policies)} labels")
     labels = [label for label, _ in args.policies]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:  # one would silently replace the other in the printed lines and the JSON
+        parser.error(f"labels {repeated} given more than once; give each policy its own label")
+    reserved = [
+        name for name, used in (("paired", args.paired), ("settings", args.settings)) if used and name in labels
+    ]
+    if reserved:
+        parser.error(f"labels {reserved} name sections of the output with --{reserved[0]}; choose other labels")
     for name, members in args.settings:
         unknown = [m for m in members if m not in labels]
         if unknown:
             parser.error(f"--settings {name}: unknown labels {unknown}; the labels given are {labels}")
+    names = [name for name, _ in args.settings]
+    if len(set(names)) < len(names):
+        parser.error(f"--settings names {sorted({n for n in names if names.count(n) > 1})} given more than once")
     out = {label: pooled_summary(folders, seed=args.seed) for label, folders in args.policies}
     width = max(len(label) for label in out)
     for label, s in out.items():

@@ -659,6 +659,29 @@ def test_benchmark_end_to_end_interrupted_resumed_and_rerun(tiny_bundle, tmp_pat
         pool.main(["no-folders"])
 
 
+def test_pool_reports_refuses_empty_repeated_or_reserved_labels_and_unreadable_reports(tmp_path, load_script, capsys):
+    """Each mistake is a one-line usage error, not a traceback (``a=,``: KeyError 'policy') nor a silent
+    drop (``a=X a=Y`` printed and wrote only Y; a label ``paired`` was overwritten by the comparison)."""
+    pool = load_script("benchmarks/pool_reports.py")
+    for argv, message in [
+        (["a=,"], "expected LABEL=DIR[,DIR...], got 'a=,'"),
+        ([f"a={tmp_path}", f"a={tmp_path}"], "labels ['a'] given more than once"),
+        (["--paired", f"paired={tmp_path}", f"b={tmp_path}"], "labels ['paired'] name sections of the output"),
+        ([f"a={tmp_path}", "--settings", "s=a", "--settings", "s=a"], "--settings names ['s'] given more than once"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            pool.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    cut, other = tmp_path / "cut", tmp_path / "other"
+    for folder, text in ((cut, '{"per_run": {"pol'), (other, "[1, 2]")):
+        folder.mkdir()
+        (folder / "benchmark.json").write_text(text)
+    with pytest.raises(ValueError, match=r"cut.benchmark\.json is not readable JSON \(.*\); is it an hpo-bench report"):
+        pool.main([f"a={cut}"])
+    with pytest.raises(ValueError, match=r"other.benchmark\.json has no per-run results of a policy"):
+        pool.main([f"a={other}"])
+
+
 def test_benchmark_rejects_bad_settings(tiny_bundle, tmp_path, capsys):
     with pytest.raises(ValueError, match="split"):
         _tiny_config(tiny_bundle, tmp_path, split="holdout")

@@ -62,8 +62,11 @@ def load_pairs(folders: list[str | Path]) -> dict[str, dict]:
             # Its tasks would count twice as independent ones and narrow the interval.
             raise ValueError(f"{folder} is given twice (also as {seen[path.resolve()]}); pool each report once")
         seen[path.resolve()] = str(folder)
-        report = json.loads(path.read_text())
-        per_run = report.get("per_run")
+        try:
+            report = json.loads(path.read_text())
+        except ValueError as err:  # a report cut short (a copy interrupted, a full disk) or another file
+            raise ValueError(f"{path} is not readable JSON ({err}); is it an hpo-bench report?") from err
+        per_run = report.get("per_run") if isinstance(report, dict) else None
         if not isinstance(per_run, dict) or "policy" not in per_run:
             raise ValueError(f"{path} has no per-run results of a policy; is it an hpo-bench report?")
         # One policy, measured the same way: same bundle, grid and code version in every report.
