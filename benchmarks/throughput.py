@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument(
         "--naive-max",
-        type=int,
+        type=non_negative_int,
         default=None,
         metavar="N",
         help="largest N for the naive reference (default: every N on cpu, 32 on an accelerator, where N "
@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument(
         "--profile",
-        type=int,
+        type=non_negative_int,
         default=0,
         metavar="N",
         help="also profile the batched env at N slots per family (torch.profiler's top operators); 0: off",
@@ -523,7 +523,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument(
         "--env-workers",
-        type=int,
+        type=non_negative_int,
         default=0,
         metavar="W",
         help="also measure meta-training end to end with the full preset's PPO settings, its slots stepped in one "

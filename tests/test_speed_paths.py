@@ -244,3 +244,18 @@ def test_throughput_benchmark_compares_fast_and_reference_paths(load_script):
     with pytest.raises(RuntimeError), throughput.reference_paths(True):
         raise RuntimeError("a failed measurement")
     assert trainer_module._MANUAL_BACKWARD and trainer_module._FUSED_OPTIMIZERS
+
+
+@pytest.mark.parametrize("flag", ["--profile", "--naive-max", "--env-workers"])
+def test_throughput_benchmark_refuses_a_negative_count_before_measuring(flag, load_script, capsys, monkeypatch):
+    """A negative ``--profile`` used to be found out after every measurement (a ValueError traceback, the
+    JSON unwritten), and a negative ``--naive-max`` silently skipped the naive reference."""
+    throughput = load_script("benchmarks/throughput.py")
+    monkeypatch.setattr(throughput, "matmul_peak", lambda *args, **kwargs: 1.0)
+    with pytest.raises(SystemExit) as exit_info:
+        throughput.main(
+            ["--families", "teacher_regression", "--sizes", "1", "--seconds", "0.01", "--no-ppo", "--wide", "8"]
+            + [flag, "-1", "--out", "/nonexistent/throughput.json"]
+        )
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: must be an integer >= 0, got '-1'" in capsys.readouterr().err
