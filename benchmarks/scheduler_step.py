@@ -2,7 +2,7 @@
 
 Measures, in one run and side by side, per call:
 
-* ``PolicyScheduler.step`` with the shipped default policy (LSTM) on an AdamW optimiser;
+* ``PolicyScheduler.step`` with the shipped default policy (LSTM; or ``--policy``) on an AdamW optimiser;
 * the part of it spent in the policy (``PolicyBundle.predict``: normalisation + SB3 forward);
 * ``torch.optim.lr_scheduler.ReduceLROnPlateau.step`` as a familiar reference.
 
@@ -93,10 +93,11 @@ def main(argv: list[str] | None = None) -> dict:
     results["ratio_to_reduce_lr_on_plateau"] = (
         results["policy_scheduler_step_median_ms"] / results["reduce_lr_on_plateau_step_median_ms"]
     )
+    print(f"policy: {path}")
     print(f"torch threads: {results['torch_threads']}, {args.calls} timed calls each (after {args.warmup} warm-up)")
     print(f"{'measurement':42s} {'median ms':>10s} {'p90 ms':>10s}")
     for label, ms in (
-        ("PolicyScheduler.step (default policy)", step_ms),
+        ("PolicyScheduler.step", step_ms),
         ("  of which PolicyBundle.predict", predict_ms),
         ("ReduceLROnPlateau.step (reference)", plateau_ms),
     ):

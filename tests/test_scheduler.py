@@ -6,6 +6,7 @@ import io
 import json
 import math
 import re
+import shutil
 import warnings
 
 import numpy as np
@@ -2088,11 +2089,16 @@ def test_horizon_script_runs_the_policy_at_each_number_of_decisions(tmp_path, lo
     assert json.loads((tmp_path / "h.json").read_text()) == results
 
 
-def test_benchmark_script_reports_a_median(tmp_path, load_script):
+def test_benchmark_script_reports_a_median(tmp_path, load_script, capsys):
     bench = load_script("benchmarks/scheduler_step.py")
     results = bench.main(["--calls", "30", "--warmup", "5", "--json", str(tmp_path / "r.json")])
     assert results["policy_scheduler_step_median_ms"] > 0
     assert json.loads((tmp_path / "r.json").read_text()) == pytest.approx(results)
+    # The table names the policy timed (it said "default policy" whatever --policy was).
+    mine = shutil.copytree(default_policy_path(), tmp_path / "mine")
+    assert bench.main(["--calls", "3", "--warmup", "0", "--policy", str(mine)])["policy"] == str(mine)
+    printed = capsys.readouterr().out
+    assert f"policy: {mine}\n" in printed and "default policy" not in printed
 
 
 # -- optimisers and wrappers as users hold them ------------------------------------------------------
