@@ -12,21 +12,31 @@ from hpo_env.tasks import SPLITS
 
 
 def _action(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:  # argparse would say "invalid _action value"
+        value = math.nan
     if not (math.isfinite(value) and -1.0 <= value <= 1.0):
         raise argparse.ArgumentTypeError(f"must be a number in [-1, 1] (the action's range), got {text}")
     return value
 
 
 def _seed(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:  # argparse would say "invalid _seed value"
+        value = -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
     return value
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="hpo-demo", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="hpo-demo",
+        description="Run one episode of the environment with a constant action (python -m hpo_env).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument(
         "--distribution", default="train", choices=[*SPLITS, "toy"], help="task families to draw the task from"
     )

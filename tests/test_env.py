@@ -304,6 +304,8 @@ def test_hpo_demo_runs_an_episode_and_refuses_bad_options(capsys):
         (["--lr-action", "nan"], "--lr-action: must be a number in [-1, 1]"),
         (["--lr-action", "5"], "--lr-action: must be a number in [-1, 1]"),
         (["--seed", "-1"], "--seed: must be an integer >= 0"),
+        (["--seed", "x"], "--seed: must be an integer >= 0, got x"),  # not "invalid _seed value: 'x'"
+        (["--lr-action", "x"], "--lr-action: must be a number in [-1, 1] (the action's range), got x"),
     ):
         with pytest.raises(SystemExit):
             demo(argv)
