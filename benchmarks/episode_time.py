@@ -52,7 +52,7 @@ def vec_throughput(n: int, split: str, env_steps: int, seed: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--tasks", type=positive_int, default=5, help="tasks per family")
     parser.add_argument("--slots", type=positive_int, nargs="+", default=[1, 8, 32], help="HPOVecEnv sizes N")
     parser.add_argument("--split", default="train", choices=sorted(SPLITS), help="distribution of the HPOVecEnv runs")

@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None) -> dict:
     example = _example()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument(
-        "--problems", nargs="+", choices=sorted(example.PROBLEMS), default=["digits", "charlm", "transformer"]
+        "--problems",
+        nargs="+",
+        choices=sorted(example.PROBLEMS),
+        default=["digits", "charlm", "transformer"],
+        help="models to train (those of examples/deploy_policy.py)",
     )
     parser.add_argument("--seeds", type=positive_int, default=3, help="runs per problem and number of decisions")
     parser.add_argument(

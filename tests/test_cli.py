@@ -198,3 +198,27 @@ def test_sigterm_stops_hpo_train_and_hpo_bench_as_ctrl_c_does(monkeypatch, capsy
     assert training.benchmark.main(["--policy", "default"]) == 143
     assert "rerun the same command to resume" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+@pytest.mark.parametrize(
+    "script",
+    sorted(
+        str(p.relative_to(Path(__file__).resolve().parents[1]))
+        for folder in ("benchmarks", "examples")
+        for p in (Path(__file__).resolve().parents[1] / folder).glob("*.py")
+    ),
+)
+def test_script_help_is_readable(load_script, capsys, script):
+    """``--help`` exits 0, names every option's purpose, and does not run a docstring's command lines
+    together into one paragraph (episode_time.py printed "python benchmarks/episode_time.py # 5 tasks per
+    family; N = 1, 8, 32 python benchmarks/...")."""
+    with pytest.raises(SystemExit) as exc:
+        load_script(script).main(["--help"])
+    text = capsys.readouterr().out
+    assert exc.value.code == 0 and text.startswith("usage:")
+    assert "python benchmarks/" not in text and "python examples/" not in text
+    options = text.split("options:", 1)[1].splitlines()
+    # An option line whose help is missing is followed directly by the next option (or nothing).
+    for line, after in zip(options, options[1:] + [""]):
+        if line.lstrip().startswith("--") and "  " not in line.strip():
+            assert after.startswith(" " * 10) and not after.lstrip().startswith("-"), f"no help for {line.strip()}"
