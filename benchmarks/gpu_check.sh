@@ -5,7 +5,8 @@
 #
 # Needs a CUDA build of torch and the project's dependencies (installed or on PYTHONPATH). Each stage
 # has its own time limit, so one that hangs or fails leaves the others' results; logs and the JSON
-# land in OUT_DIR. Set GPU_CHECK_QUICK=1 for a smaller sweep.
+# land in OUT_DIR. Set GPU_CHECK_QUICK=1 for a smaller sweep. The exit status is 1 if the tests or the
+# benchmark failed or ran out of time (each stage still runs), 0 otherwise.
 set -u
 cd "$(dirname "$0")/.."  # the repository root: its packages import from there, installed or not
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -18,7 +19,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 $py -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" 2>&1 | tee "$out/versions.txt"
 
 echo "== CUDA tests"
+failed=()
+stage() {  # stage NAME STATUS: remember a failed stage
+    if [ "$2" = 124 ]; then failed+=("$1 (out of time)"); elif [ "$2" != 0 ]; then failed+=("$1 (status $2)"); fi
+}
 timeout "${GPU_TESTS_LIMIT:-170}" $py -m pytest tests/test_cuda.py -q -p no:cacheprovider -rA 2>&1 | tee "$out/cuda_tests.log"
+stage "CUDA tests" "${PIPESTATUS[0]}"
 
 echo "== throughput on the GPU"
 if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
@@ -28,4 +34,9 @@ else
 fi
 timeout "${GPU_BENCH_LIMIT:-300}" $py benchmarks/throughput.py --device cuda "${sweep[@]}" --out "$out/throughput_cuda.json" \
     2>&1 | tee "$out/throughput_cuda.log"
+stage "throughput" "${PIPESTATUS[0]}"
+if [ ${#failed[@]} -gt 0 ]; then
+    printf '== failed: %s\n' "${failed[@]}"
+    exit 1
+fi
 echo "== done"

@@ -222,3 +222,35 @@ def test_script_help_is_readable(load_script, capsys, script):
     for line, after in zip(options, options[1:] + [""]):
         if line.lstrip().startswith("--") and "  " not in line.strip():
             assert after.startswith(" " * 10) and not after.lstrip().startswith("-"), f"no help for {line.strip()}"
+
+
+@pytest.mark.parametrize(("tests_status", "bench_status", "expected"), [(0, 0, 0), (1, 0, 1), (0, 2, 1)])
+def test_gpu_check_exits_non_zero_when_a_stage_fails(tmp_path, tests_status, bench_status, expected):
+    """``benchmarks/gpu_check.sh`` ran every stage through ``| tee`` and ended with ``echo``: it exited 0
+    with failed CUDA tests or a crashed benchmark, so a job running it could not tell. Each stage still
+    runs; the status says whether all passed. (Stub ``python`` and ``nvidia-smi``: no GPU needed.)"""
+    import shutil
+    import subprocess
+
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("needs bash and coreutils' timeout")
+    root = Path(__file__).resolve().parents[1]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho stub-gpu\n")
+    # The stub python: the pytest stage exits tests_status, the benchmark stage bench_status.
+    (bin_dir / "python").write_text(
+        f'#!/bin/sh\ncase "$1 $2" in *throughput.py*) exit {bench_status};; "-m pytest") exit {tests_status};; esac\n'
+    )
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHON": str(bin_dir / "python"), "GPU_CHECK_QUICK": "1"}
+    done = subprocess.run(
+        ["bash", str(root / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == expected, done.stdout + done.stderr
+    assert ("== failed:" in done.stdout) == bool(expected) and (tmp_path / "out" / "cuda_tests.log").is_file()
