@@ -107,14 +107,16 @@ def main(argv: list[str] | None = None) -> dict:
     bad = sorted(set(chosen) - set(groups))
     if bad:
         parser.error(f"unknown groups {bad}; choose from {sorted(groups)}")
+    # Built before any run: a bundle that cannot hold features (an ensemble) is refused before the
+    # intact benchmark, not after it.
+    held_by_group = {group: HeldFeatures(bundle, groups[group]) for group in chosen}
     out = Path(base.out)
     store = base.store or str(out / "results.sqlite")
     fingerprint = bundle_fingerprint(base.policy)
 
     folders = {"intact": out / "intact"}
     run_benchmark(replace(base, out=str(folders["intact"]), store=store))
-    for group in chosen:
-        held = HeldFeatures(bundle, groups[group])
+    for group, held in held_by_group.items():
         tag = hashlib.sha1(f"{fingerprint}|held:{','.join(held.names)}".encode()).hexdigest()[:12]
         folders[group] = out / group
         run_benchmark(replace(base, out=str(folders[group]), store=store), policy=held, policy_hash=tag)

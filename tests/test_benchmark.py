@@ -862,7 +862,9 @@ def test_random_policy_runs_are_stored_per_action_space():
     assert len(tags) == 3 and "" not in tags
 
 
-def test_feature_ablation_holds_features_and_compares_on_the_same_pairs(tiny_bundle, tmp_path, load_script, capsys):
+def test_feature_ablation_holds_features_and_compares_on_the_same_pairs(
+    tiny_bundle, tmp_path, load_script, capsys, monkeypatch
+):
     ablation = load_script("benchmarks/feature_ablation.py")
     bundle = load_bundle(tiny_bundle)
     held = ablation.HeldFeatures(bundle, ("log_val_loss", "log_train_loss"))
@@ -896,6 +898,14 @@ def test_feature_ablation_holds_features_and_compares_on_the_same_pairs(tiny_bun
     with pytest.raises(SystemExit):
         ablation.main([*argv[:-2], "no_such_group"])
     assert "unknown groups ['no_such_group']; choose from" in capsys.readouterr().err
+    # An ensemble cannot hold features: refused before the intact benchmark runs (it ran it first).
+    from agents import save_ensemble
+
+    twin = shutil.copytree(tiny_bundle, tmp_path / "twin")
+    ensemble = save_ensemble(tmp_path / "ensemble", [tiny_bundle, twin])
+    monkeypatch.setattr(ablation, "run_benchmark", lambda *a, **k: pytest.fail("benchmarked before refusing"))
+    with pytest.raises(ValueError, match="needs a single-policy bundle"):
+        ablation.main(["--policy", str(ensemble), *argv[2:]])
 
 
 def test_benchmark_runs_a_gradient_feature_policy_next_to_the_baselines(tiny_bundle, tmp_path):
