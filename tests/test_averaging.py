@@ -117,3 +117,16 @@ def test_average_run_refuses_runs_it_cannot_average(tiny_meta_training):
     shutil.rmtree(result.bundle_path)
     with pytest.raises(ValueError, match="no final bundle"):
         average_run(result.run_dir, last=2)
+
+
+def test_hpo_average_says_when_the_run_folder_does_not_exist(tmp_path, capsys):
+    """A mistyped run folder read "is not an hpo-train run folder (no settings.json)", as if it existed."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "typo"), "--last", "2"])
+    assert exit_info.value.code == 2
+    assert f"run folder '{tmp_path / 'typo'}' does not exist: pass the folder of an hpo-train run" in (
+        capsys.readouterr().err
+    )
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="run folder .* is a file"):
+        average_run(tmp_path / "file", last=2)

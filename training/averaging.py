@@ -123,6 +123,12 @@ def average_run(
     if last is not None and last < 2:
         raise ValueError(f"last must be >= 2 checkpoints to average, got {last}")
     final_dir = run_dir / "bundle"
+    if not run_dir.is_dir():
+        raise ValueError(
+            f"run folder {str(run_dir)!r} "
+            + ("is a file" if run_dir.exists() else "does not exist")
+            + ": pass the folder of an hpo-train run (--logdir/--run-name, e.g. runs/NAME)"
+        )
     if not (run_dir / "settings.json").is_file():
         bundle = (run_dir / "config.json").is_file()
         raise ValueError(
