@@ -53,13 +53,20 @@ from training.stats import as_losses, geomean_ratio, loss_ratios, paired_compari
 from training.store import ResultStore, RunKey
 from training.threads import torch_threads
 
+#: ``hpo-bench`` options that do not apply here (no oracle grid, no hypergradient baselines, one process):
+#: hidden from ``--help`` and refused if given.
+UNUSED_OPTIONS = ("grid_size", "grid_decades", "hd_beta_sgd", "hd_beta_adamw", "workers")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    """``hpo-bench``'s options (task set, seeds, chunk size, bootstrap, store...; the oracle options go
-    unused), with this script's defaults and ``--gains``."""
+    """``hpo-bench``'s options (task set, seeds, chunk size, bootstrap, store...; not those of
+    :data:`UNUSED_OPTIONS`), with this script's defaults and ``--gains``."""
     p = bench_parser()
     p.prog = "lr_gain_sweep.py"
     p.description = __doc__.split("\n\n")[0]
+    for action in p._actions:
+        if action.dest in UNUSED_OPTIONS:
+            action.help = argparse.SUPPRESS
     p.set_defaults(task_seed=7, tasks_per_family=8, seeds=4, out="lr_gain_sweep")  # task seed 7: not a benchmark set
     p.add_argument("--gains", type=float, nargs="+", default=[0.5, 0.71, 1.0, 1.41, 2.0], help="factors; 1 is added")
     return p
@@ -186,6 +193,16 @@ def plot(rows: list[dict], path: Path) -> Path:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = build_parser()
     args = parser.parse_args(argv)
+    given = [
+        action.option_strings[0]
+        for action in parser._actions
+        if action.dest in UNUSED_OPTIONS and getattr(args, action.dest) != action.default
+    ]
+    if given:  # silently ignored, they would read as part of the measurement
+        parser.error(
+            f"lr_gain_sweep.py does not use {', '.join(given)}: it trains no oracle grid or hypergradient "
+            "baseline, and computes its runs in one process"
+        )
     try:
         gains = check_gains(args.gains)
         config = config_from_args(args)

@@ -1009,6 +1009,13 @@ def test_lr_gain_sweep_scales_the_rates_and_compares_pair_by_pair(tiny_bundle, t
     with pytest.raises(SystemExit):
         sweep.main([*argv[:-1], "--families", "no_such_family"])
     assert "unknown task families ['no_such_family']" in capsys.readouterr().err
+    # hpo-bench's options that the sweep does not use are refused, not silently ignored, and not in --help.
+    with pytest.raises(SystemExit):
+        sweep.main([*argv, "-K", "16", "--workers", "2"])
+    assert "lr_gain_sweep.py does not use --grid-size, --workers: it trains no oracle grid" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sweep.main(["--help"])
+    assert "--grid-size" not in capsys.readouterr().out
 
 
 def test_bad_output_folder_and_device_are_usage_errors(tmp_path, capsys):
