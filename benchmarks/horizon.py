@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--policy", default="default", help="policy bundle directory or shipped name")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
+    if args.json is not None and args.json.is_dir():  # found out only when the numbers are written, at the end
+        parser.error(
+            f"--json {str(args.json)!r} is a folder; give the JSON file's path, e.g. {args.json / 'horizon.json'}"
+        )
     if args.grouped is not None:
         uneven = [t for t in args.calls if t > args.grouped and t % args.grouped]
         if args.grouped not in args.calls or uneven:

@@ -536,6 +536,10 @@ def main(argv: list[str] | None = None) -> dict:
         "env, per family and N (with and without, interleaved)",
     )
     args = parser.parse_args(argv)
+    if args.out.is_dir():  # found out only when the numbers are written, after every measurement
+        parser.error(
+            f"--out {str(args.out)!r} is a folder; give the JSON file's path, e.g. {args.out / DEFAULT_OUT.name}"
+        )
     if args.env_workers < 0 or args.env_workers == 1:
         parser.error(f"--env-workers must be 0 (off) or at least 2 (compared with 1), got {args.env_workers}")
 

@@ -410,6 +410,8 @@ def main(argv: list[str] | None = None) -> list[Run]:
     )
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (tiny models run best on one)")
     args = parser.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():  # found out only when the plot is saved, after every run
+        parser.error(f"--out {str(args.out)!r} is a file; give a folder for the plot")
     torch.set_num_threads(args.threads)
 
     path = resolve_policy(args.policy)

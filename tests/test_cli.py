@@ -254,3 +254,25 @@ def test_gpu_check_exits_non_zero_when_a_stage_fails(tmp_path, tests_status, ben
     )
     assert done.returncode == expected, done.stdout + done.stderr
     assert ("== failed:" in done.stdout) == bool(expected) and (tmp_path / "out" / "cuda_tests.log").is_file()
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "message"),
+    [
+        ("examples/deploy_policy.py", ["--problems", "digits", "--seeds", "1", "--decisions", "2", "--out"], "is a file"),
+        ("benchmarks/horizon.py", ["--problems", "digits", "--seeds", "1", "--calls", "2", "--steps", "2", "--json"],
+         "is a folder; give the JSON file's path"),
+        ("benchmarks/throughput.py", ["--families", "teacher_regression", "--sizes", "1", "--seconds", "0.01",
+         "--no-ppo", "--no-naive", "--wide", "4", "--out"], "is a folder; give the JSON file's path"),
+    ],
+)  # fmt: skip
+def test_scripts_refuse_an_output_path_they_cannot_write_before_any_work(
+    load_script, capsys, tmp_path, script, argv, message
+):
+    """A file given for the plot folder, or a folder for the JSON file, ended in a FileExistsError or
+    IsADirectoryError traceback after every run (throughput.py printed its table only after the JSON)."""
+    target = tmp_path / "a-file"
+    target.write_text("")
+    with torch_threads(None), pytest.raises(SystemExit) as exc:  # the scripts set their own thread counts
+        run_script(load_script(script).main, [*argv, str(target if "deploy" in script else tmp_path)])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
