@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from training.benchmark import jsonable
-from training.cli import HelpFormatter, run_script
+from training.cli import HelpFormatter, non_negative_int, run_script
 from training.pooling import (
     DESCRIPTORS,
     OUTCOMES,
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="a label for a policy and the hpo-bench output folders of its task sets (comma-separated)",
     )
     parser.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the bootstrap resampling")
     parser.add_argument(
         "--headroom",
         action="store_true",

@@ -668,6 +668,7 @@ def test_pool_reports_refuses_empty_repeated_or_reserved_labels_and_unreadable_r
         ([f"a={tmp_path}", f"a={tmp_path}"], "labels ['a'] given more than once"),
         (["--paired", f"paired={tmp_path}", f"b={tmp_path}"], "labels ['paired'] name sections of the output"),
         ([f"a={tmp_path}", "--settings", "s=a", "--settings", "s=a"], "--settings names ['s'] given more than once"),
+        ([f"a={tmp_path}", "--seed", "-1"], "argument --seed: must be an integer >= 0"),  # numpy's words, no flag
     ]:
         with pytest.raises(SystemExit) as exit_info:
             pool.main(argv)
