@@ -681,6 +681,9 @@ def test_pool_reports_refuses_empty_repeated_or_reserved_labels_and_unreadable_r
         pool.main([f"a={cut}"])
     with pytest.raises(ValueError, match=r"other.benchmark\.json has no per-run results of a policy"):
         pool.main([f"a={other}"])
+    # A folder of reports (feature_ablation.py's --out) is not one: the message names the reports inside.
+    with pytest.raises(FileNotFoundError, match=rf"; the reports inside it are {re.escape(str(cut))}, "):
+        pool.main([f"a={tmp_path}"])
 
 
 def test_benchmark_rejects_bad_settings(tiny_bundle, tmp_path, capsys):

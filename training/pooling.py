@@ -57,7 +57,12 @@ def load_pairs(folders: list[str | Path]) -> dict[str, dict]:
     for k, folder in enumerate(folders):
         path = Path(folder) / "benchmark.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: pass folders written by `hpo-bench --out FOLDER`")
+            # feature_ablation.py's --out holds one report per row: name them.
+            inside = sorted(str(p.parent) for p in Path(folder).glob("*/benchmark.json"))
+            raise FileNotFoundError(
+                f"{path} not found: pass folders written by `hpo-bench --out FOLDER`"
+                + (f"; the reports inside it are {', '.join(inside)}" if inside else "")
+            )
         if path.resolve() in seen:
             # Its tasks would count twice as independent ones and narrow the interval.
             raise ValueError(f"{folder} is given twice (also as {seen[path.resolve()]}); pool each report once")
