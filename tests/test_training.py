@@ -152,6 +152,15 @@ def test_tiny_run_writes_bundle_and_documented_tensorboard_tags(tmp_path):
     assert all(row["time/total_timesteps"] for row in rows)
 
 
+def _wait_for_a_checkpoint(proc: subprocess.Popen, run: Path, timeout: float = 240) -> None:
+    """Wait until the hpo-train process ``proc`` has written a first checkpoint in ``run``."""
+    deadline = time.monotonic() + timeout
+    while find_latest_checkpoint(run / "checkpoints") is None:
+        assert proc.poll() is None, f"the run ended before its first checkpoint: {proc.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, f"no checkpoint within {timeout:.0f} s"
+        time.sleep(0.05)
+
+
 def test_killed_run_resumes_to_the_full_timestep_count(tmp_path):
     run = tmp_path / "killed"
     args = [*TINY, "--total-timesteps", "1024", "--eval-freq", "0", "--checkpoint-freq", "64"]
@@ -160,12 +169,8 @@ def test_killed_run_resumes_to_the_full_timestep_count(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 240
     try:
-        while find_latest_checkpoint(run / "checkpoints") is None:
-            assert proc.poll() is None, f"the run ended before its first checkpoint: {proc.stderr.read()[-2000:]}"
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.05)
+        _wait_for_a_checkpoint(proc, run)
         proc.send_signal(signal.SIGKILL)  # kill -9: no chance to clean up
     finally:
         proc.wait(timeout=60)
@@ -1305,12 +1310,8 @@ def test_a_ctrl_c_to_the_process_group_stops_a_run_with_env_workers_at_a_checkpo
         text=True,
         start_new_session=True,  # (its own process group, as a terminal's foreground job)
     )
-    deadline = time.monotonic() + 240
     try:
-        while find_latest_checkpoint(run / "checkpoints") is None:
-            assert proc.poll() is None, f"the run ended before its first checkpoint: {proc.stderr.read()[-2000:]}"
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.05)
+        _wait_for_a_checkpoint(proc, run)
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
