@@ -1410,6 +1410,7 @@ class PolicyScheduler:
             "t": self._t,
             "group_train": torch.tensor(self._group_train, dtype=torch.float64),
             "started": self._started,
+            "optimizer_stepped": self._optimizer_stepped,
             "episode_start": self._episode_start,
             "adaptive": self.adaptive,
             "deterministic": self.deterministic,
@@ -1622,6 +1623,9 @@ class PolicyScheduler:
         self._group_train = (float(group_train[0]), int(group_train[1]))
         self._t = int(state_dict["t"])
         self._started = bool(state_dict.get("started", self._t > 0))
+        # (a state saved after the first interval's optimiser steps, before its step(): a Lightning checkpoint at
+        # the first epoch's end; one saved before this was recorded is taken as stepped, as an unpickled one is)
+        self._optimizer_stepped = bool(state_dict.get("optimizer_stepped", True))
         self._episode_start = bool(state_dict.get("episode_start", self._t == 0))
         if "adaptive" in state_dict and bool(state_dict["adaptive"]) != self.adaptive:
             kinds = {True: "an adaptive (AdamW-like) optimizer", False: "an SGD-like optimizer"}

@@ -2249,6 +2249,28 @@ def test_a_step_before_any_optimizer_step_warns(default_bundle):
         twin.step(1.0, train_loss=1.0)
 
 
+def test_a_state_saved_after_the_first_intervals_training_resumes_without_the_early_step_warning(default_bundle):
+    """A checkpoint saved after the first interval's optimizer steps, before its step() (Lightning's at the
+    first epoch's end, whose decision the resumed run then makes before any optimizer step of its own), is
+    not a loop stepping the scheduler first; one saved before any training still is."""
+    message = "PolicyScheduler.step\\(\\) was called before any optimizer.step"
+    opt = torch.optim.AdamW(torch.nn.Linear(3, 1).parameters(), lr=1e-3, weight_decay=1e-4)
+    sched = PolicyScheduler(opt, default_bundle, total_steps=10, epochs=10)
+    untrained = sched.state_dict()
+    _train_once(opt)
+    trained = sched.state_dict()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=message)
+        resumed = PolicyScheduler(opt, default_bundle, total_steps=10, epochs=10)
+        resumed.load_state_dict(trained)
+        resumed.step(1.0, train_loss=1.0)
+        warnings.filterwarnings("always", message=message)
+        resumed = PolicyScheduler(opt, default_bundle, total_steps=10, epochs=10)
+        resumed.load_state_dict(untrained)
+        with pytest.warns(UserWarning, match=message):
+            resumed.step(1.0, train_loss=1.0)
+
+
 def test_tensor_hyperparameters_are_filled_in_place():
     """Tensor lr and betas stay tensors (torch wants both betas tensors or both floats), also when they
     require grad; a bfloat16 lr rounds the value, which is not mistaken for an outside write."""
