@@ -144,6 +144,7 @@ class ActionDecoder:
 
     Raises:
         ValueError: unknown or repeated names, bounds that are not positive or not ordered.
+        TypeError: ``hyperparameters`` given as a set (its order, the actions', changes between processes).
     """
 
     def __init__(

@@ -571,7 +571,8 @@ assert set(_SAMPLERS) == set(FAMILIES)
 
 def check_families(families: Sequence[str], label: str) -> tuple[str, ...]:
     """``families`` as a tuple for meta-training, refusing an empty list, unknown names and repeats (tasks
-    are drawn from each family equally often, so a repeat would silently double its share); ``label``
+    are drawn from each family equally often, so a repeat would silently double its share), and a set (a
+    TypeError: its order, which decides the draws, changes between processes); ``label``
     names the setting in the message (``"--families"``)."""
     check_ordered(families, label)
     families = tuple(families)

@@ -618,7 +618,8 @@ def run_benchmark(config: BenchmarkConfig, policy: Any = None, policy_hash: str 
 
     Raises:
         agents.BundleError: the policy bundle is missing or invalid.
-        ValueError: inconsistent settings.
+        ValueError: inconsistent settings, or an ``out`` or store that cannot be written (said before any run).
+        TypeError: ``config`` is not a :class:`BenchmarkConfig`.
     """
     if not isinstance(config, BenchmarkConfig):
         raise TypeError(f"config must be a BenchmarkConfig, got {type(config).__name__}")

@@ -174,7 +174,7 @@ class TrainSettings:
     eval_seeds: int | None = None
     """Runs per held-out task, with different initialisation seeds (default: the preset's)."""
     checkpoint_freq: int | None = None
-    """Timesteps between checkpoints, rounded up to whole rollouts; 0: only at the end (default: the preset's)."""
+    """Timesteps between checkpoints, rounded up to whole rollouts; 0: only at the end (default: the preset's). A first Ctrl-C or SIGTERM also writes one, at the end of the current rollout."""
     keep_checkpoints: int = 2
     """How many of the most recent checkpoints to keep; 0 keeps them all (to average late policies with hpo-average). On resume, a smaller number prunes the older ones."""
     learning_rate: float | None = None
