@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from hpo_env.checks import check_ordered
+from hpo_env.checks import check_ordered, is_number
 from hpo_env.data import SMALL_TABULAR_DATASETS, TABULAR_DATASETS, TEXT_CORPUS_VERSION
 
 __all__ = [
@@ -195,7 +195,7 @@ class TaskSpec:
             object.__setattr__(self, name, int(value))  # numpy integers hash like Python ones in task_id
         for name in _FLOAT_FIELDS:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            if not is_number(value):
                 raise bad(name, value, "a number")
             if not np.isfinite(value):
                 raise bad(name, value, "a finite number")
@@ -645,7 +645,7 @@ class TaskDistribution:
                     "would double its share"
                 )
         for arg, value in (("lr_spread", lr_spread), ("lr_center", lr_center), ("lr_gain_spread", lr_gain_spread)):
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            if not is_number(value):
                 raise TypeError(f"{arg} must be a number of decades, got {value!r} ({type(value).__name__})")
         lr_spread = float(lr_spread)
         if not 0 <= lr_spread <= 3:

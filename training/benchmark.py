@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import functools
 import hashlib
 import json
@@ -84,7 +83,15 @@ from hpo_env import __version__ as HPO_VERSION
 from hpo_env.actions import DEFAULT_HYPERPARAMETERS
 from hpo_env.checks import check_ordered, is_integer, is_number
 from hpo_env.tasks import DEFAULT_HPARAMS
-from training.cli import HelpFormatter, NameList, interrupted_status, readable_warnings, sigterm_as_interrupt
+from training.cli import (
+    HelpFormatter,
+    NameList,
+    cannot_write,
+    interrupted_status,
+    readable_warnings,
+    replace_file,
+    sigterm_as_interrupt,
+)
 from training.hypergradient import DEFAULT_HYPERGRADIENT_LR, run_hypergradient
 from training.rollout import EpisodeRecord, run_episodes
 from training.stats import beats_all_rate, divergence_rate, headroom, lr_level, paired_comparison
@@ -767,19 +774,8 @@ def _run_benchmark(config: BenchmarkConfig, policy: Any, policy_hash: str | None
     json_path, report_path = out / "benchmark.json", out / "report.md"
     texts = json.dumps(jsonable(summary), indent=1, allow_nan=False), render_report(summary, plot_paths, out)
     for path, text in zip((json_path, report_path), texts):
-        _replace_file(path, functools.partial(Path.write_text, data=text))
+        replace_file(path, functools.partial(Path.write_text, data=text))
     return BenchmarkResult(summary, report_path, json_path, plot_paths, computed, reused)
-
-
-def _replace_file(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write a file with ``write(tmp)`` into a temporary sibling, then rename it over ``path`` (atomic)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _plan_replays(
@@ -1312,7 +1308,7 @@ def make_plots(summary: dict, folder: Path) -> list[Path]:
         )
         fig.tight_layout()
         path = folder / f"curves_{family}.png"
-        _replace_file(path, functools.partial(fig.savefig, dpi=110, format="png"))
+        replace_file(path, functools.partial(fig.savefig, dpi=110, format="png"))
         paths.append(path)
 
     rows_ = summary["rows"]
@@ -1346,7 +1342,7 @@ def make_plots(summary: dict, folder: Path) -> list[Path]:
     fig.suptitle(f"The learned policy against each baseline: {pairs} (task, seed) pairs, all families pooled")
     fig.tight_layout()
     path = folder / "win_rates.png"
-    _replace_file(path, functools.partial(fig.savefig, dpi=110, format="png"))
+    replace_file(path, functools.partial(fig.savefig, dpi=110, format="png"))
     paths.append(path)
     return paths
 
@@ -1664,13 +1660,7 @@ def _cannot_write(err: BaseException) -> bool:
     over quota, no permission."""
     if isinstance(err, sqlite3.OperationalError):
         return any(words in str(err) for words in ("disk is full", "readonly database", "disk I/O error"))
-    return isinstance(err, OSError) and err.errno in {
-        errno.ENOSPC,
-        errno.EDQUOT,
-        errno.EROFS,
-        errno.EACCES,
-        errno.EPERM,
-    }
+    return cannot_write(err)
 
 
 def _count(n: int, noun: str) -> str:

@@ -620,6 +620,11 @@ def _jsonable(value: Any) -> Any:
 # checkpoints
 
 
+def _checkpoint_path(root: Path, step: int) -> Path:
+    """The folder of the checkpoint at timestep ``step`` under ``root``."""
+    return root / f"step_{step:012d}"
+
+
 def save_checkpoint(
     checkpoint_dir: str | os.PathLike,
     model: Any,
@@ -639,7 +644,7 @@ def save_checkpoint(
     root = Path(checkpoint_dir)
     root.mkdir(parents=True, exist_ok=True)
     step = int(model.num_timesteps)
-    final = root / f"step_{step:012d}"
+    final = _checkpoint_path(root, step)
     tmp = root / f".tmp_step_{step:012d}_{os.getpid()}"
     for stale in root.glob(".tmp_step_*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
@@ -793,7 +798,7 @@ class CheckpointCallback(BaseCallback):
 
     def _on_training_start(self) -> None:
         self.last_saved = self.model.num_timesteps
-        resumed = self.checkpoint_dir / f"step_{self.last_saved:012d}"  # (the checkpoint a resumed run loaded)
+        resumed = _checkpoint_path(self.checkpoint_dir, self.last_saved)  # (the one a resumed run loaded)
         self.last_path = resumed if (resumed / CHECKPOINT_STATE).is_file() else None
 
     def _on_rollout_start(self) -> None:

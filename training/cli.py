@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import math
 import os
@@ -34,12 +35,14 @@ __all__ = [
     "NameList",
     "StopRequest",
     "Terminated",
+    "cannot_write",
     "interrupted_status",
     "launch",
     "non_negative_int",
     "positive_float",
     "positive_int",
     "readable_warnings",
+    "replace_file",
     "run_script",
     "sigterm_as_interrupt",
 ]
@@ -256,6 +259,28 @@ def interrupted_status(err: KeyboardInterrupt) -> int:
     """The exit status of a command stopped by ``err``: 130 for Ctrl-C, 143 (128 + SIGTERM) for
     :class:`Terminated`, as the shell reports a process that the signal ended."""
     return 128 + signal.SIGTERM if isinstance(err, Terminated) else 130
+
+
+#: ``errno`` values of an output that can no longer be written: full, read-only, over quota, no permission.
+UNWRITABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def cannot_write(err: BaseException) -> bool:
+    """Whether ``err`` is an ``OSError`` saying the output can no longer be written (:data:`UNWRITABLE_ERRNOS`),
+    which a command reports in a line (what is saved, how to go on) rather than a traceback."""
+    return isinstance(err, OSError) and err.errno in UNWRITABLE_ERRNOS
+
+
+def replace_file(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write a file with ``write(tmp)`` into a temporary sibling, then rename it over ``path`` (atomic): a kill
+    or a full disk meanwhile leaves the previous file, never a truncated one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _interrupted(prog: str) -> int:

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import errno
 import inspect
 import json
 import os
@@ -61,7 +60,15 @@ from typing import Any, Literal
 
 import numpy as np
 
-from training.cli import NameList, StopRequest, interrupted_status, readable_warnings, sigterm_as_interrupt
+from training.cli import (
+    NameList,
+    StopRequest,
+    cannot_write,
+    interrupted_status,
+    readable_warnings,
+    replace_file,
+    sigterm_as_interrupt,
+)
 
 __all__ = [
     "BUDGETS",
@@ -927,7 +934,7 @@ def _train(settings: TrainSettings, command: str | None, held: list[int]) -> Tra
             print(f"\n{what} ({_resume_hint(run_dir)})", file=sys.stderr)
             raise
         except OSError as err:
-            if err.errno not in _UNWRITABLE:  # (e.g. a broken pipe to a worker: as it is)
+            if not cannot_write(err):  # (e.g. a broken pipe to a worker: as it is)
                 raise
             raise _unwritable(run_dir, err) from err
 
@@ -950,7 +957,7 @@ def _train(settings: TrainSettings, command: str | None, held: list[int]) -> Tra
                 epochs_feature=config.epochs_feature,
             )
         except OSError as err:
-            if err.errno not in _UNWRITABLE:
+            if not cannot_write(err):
                 raise
             raise _unwritable(run_dir, err) from err
     finally:  # a failed run too: no writer thread or open event file left behind
@@ -989,12 +996,8 @@ def _resume_hint(run_dir: Path) -> str:
     )
 
 
-#: The errors of a run folder that can no longer be written (full, read-only, over quota, permissions).
-_UNWRITABLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
-
-
 def _unwritable(run_dir: Path, err: OSError) -> RunFolderError:
-    """A write that failed in the middle of a run (one of :data:`_UNWRITABLE`): the error, with what is
+    """A write that failed in the middle of a run (:func:`training.cli.cannot_write`): the error, with what is
     left to resume and how."""
     return RunFolderError(
         f"the run stopped: it cannot write its files ({err}); make room (or make {run_dir} writable) and resume: "
@@ -1020,12 +1023,10 @@ def _bundle_timesteps(bundle: Path) -> int | None:
 
 
 def _write_settings(run_dir: Path, values: dict[str, Any]) -> None:
-    tmp = run_dir / ".settings.json.tmp"
     try:
-        tmp.write_text(json.dumps(values, indent=2))
-        os.replace(tmp, run_dir / "settings.json")
+        replace_file(run_dir / "settings.json", lambda tmp: tmp.write_text(json.dumps(values, indent=2)))
     except OSError as err:  # (before any training: the first write of a run or of a resume)
-        if err.errno not in _UNWRITABLE:
+        if not cannot_write(err):
             raise
         raise RunFolderError(
             f"cannot write the settings of the run in {run_dir} ({err.strerror or err}): the run folder must be "
